@@ -1,0 +1,189 @@
+//! Atomic page bitmaps: dirty logs, round sets, known-zero pages.
+//!
+//! Words are atomics so that writers (a guest, the bench's writer threads, lane workers
+//! re-marking pages) and the engine can share a bitmap without locks.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// A fixed-size bitmap of pages, one bit per page, in atomic 64-bit words.
+#[derive(Debug)]
+pub struct AtomicBitmap {
+    words: Vec<AtomicU64>,
+    bits: u64,
+}
+
+impl AtomicBitmap {
+    /// A bitmap of `bits` pages, all clear.
+    pub fn new(bits: u64) -> Self {
+        let n = bits.div_ceil(64) as usize;
+        AtomicBitmap {
+            words: (0..n).map(|_| AtomicU64::new(0)).collect(),
+            bits,
+        }
+    }
+
+    /// A bitmap of `bits` pages, all set.
+    pub fn new_full(bits: u64) -> Self {
+        let b = Self::new(bits);
+        b.set_range(0, bits);
+        b
+    }
+
+    /// Number of pages covered.
+    pub fn len(&self) -> u64 {
+        self.bits
+    }
+
+    /// Whether it covers no page.
+    pub fn is_empty(&self) -> bool {
+        self.bits == 0
+    }
+
+    /// The words, for scanning.
+    pub fn words(&self) -> &[AtomicU64] {
+        &self.words
+    }
+
+    /// Sets bit `i` (release: a reader that sees the bit sees the writes before it).
+    #[inline]
+    pub fn set(&self, i: u64) {
+        debug_assert!(i < self.bits);
+        self.words[(i / 64) as usize].fetch_or(1 << (i % 64), Ordering::Release);
+    }
+
+    /// Clears bit `i`.
+    #[inline]
+    pub fn clear(&self, i: u64) {
+        self.words[(i / 64) as usize].fetch_and(!(1 << (i % 64)), Ordering::AcqRel);
+    }
+
+    /// Whether bit `i` is set.
+    #[inline]
+    pub fn test(&self, i: u64) -> bool {
+        self.words[(i / 64) as usize].load(Ordering::Acquire) & (1 << (i % 64)) != 0
+    }
+
+    /// Mask of the valid bits of word `w`.
+    fn word_mask(&self, w: usize) -> u64 {
+        let last = (self.bits / 64) as usize;
+        if w < last || self.bits % 64 == 0 {
+            u64::MAX
+        } else {
+            (1u64 << (self.bits % 64)) - 1
+        }
+    }
+
+    /// Applies `f(word, mask)` to the words covering `first..first+n`.
+    fn range_words(&self, first: u64, n: u64, mut f: impl FnMut(&AtomicU64, u64)) {
+        if n == 0 {
+            return;
+        }
+        let end = (first + n).min(self.bits);
+        let mut i = first;
+        while i < end {
+            let w = (i / 64) as usize;
+            let lo = i % 64;
+            let hi = ((w as u64 + 1) * 64).min(end) - w as u64 * 64;
+            let mask = if hi - lo == 64 {
+                u64::MAX
+            } else {
+                ((1u64 << (hi - lo)) - 1) << lo
+            };
+            f(&self.words[w], mask);
+            i = w as u64 * 64 + hi;
+        }
+    }
+
+    /// Sets bits `first..first+n`.
+    pub fn set_range(&self, first: u64, n: u64) {
+        self.range_words(first, n, |w, m| {
+            w.fetch_or(m, Ordering::Release);
+        });
+    }
+
+    /// Clears bits `first..first+n`.
+    pub fn clear_range(&self, first: u64, n: u64) {
+        self.range_words(first, n, |w, m| {
+            w.fetch_and(!m, Ordering::AcqRel);
+        });
+    }
+
+    /// Whether all of `first..first+n` are set.
+    pub fn all_set(&self, first: u64, n: u64) -> bool {
+        let mut all = true;
+        self.range_words(first, n, |w, m| {
+            all &= w.load(Ordering::Acquire) & m == m;
+        });
+        all
+    }
+
+    /// Number of set bits.
+    pub fn count(&self) -> u64 {
+        self.words
+            .iter()
+            .enumerate()
+            .map(|(i, w)| (w.load(Ordering::Relaxed) & self.word_mask(i)).count_ones() as u64)
+            .sum()
+    }
+
+    /// ORs `other` into `self` and clears `other`, word by word; returns how many bits were
+    /// taken from `other`.
+    pub fn take_from(&self, other: &AtomicBitmap) -> u64 {
+        assert_eq!(self.bits, other.bits, "bitmaps of different sizes");
+        let mut n = 0;
+        for (i, (d, s)) in self.words.iter().zip(&other.words).enumerate() {
+            let v = s.swap(0, Ordering::AcqRel) & self.word_mask(i);
+            if v != 0 {
+                n += v.count_ones() as u64;
+                d.fetch_or(v, Ordering::AcqRel);
+            }
+        }
+        n
+    }
+
+    /// ORs plain words (an embedder's dirty log) into `self`; returns the number of bits set
+    /// in `src`.
+    pub fn or_words(&self, src: &[u64]) -> u64 {
+        let mut n = 0;
+        for (i, (d, &v)) in self.words.iter().zip(src).enumerate() {
+            let v = v & self.word_mask(i);
+            if v != 0 {
+                n += v.count_ones() as u64;
+                d.fetch_or(v, Ordering::AcqRel);
+            }
+        }
+        n
+    }
+
+    /// Clears every bit.
+    pub fn clear_all(&self) {
+        for w in &self.words {
+            w.store(0, Ordering::Release);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_counts_and_take() {
+        let b = AtomicBitmap::new(200);
+        b.set_range(60, 10);
+        assert_eq!(b.count(), 10);
+        assert!(b.test(60) && b.test(69) && !b.test(70) && !b.test(59));
+        assert!(b.all_set(60, 10) && !b.all_set(59, 2));
+        b.clear_range(62, 3);
+        assert_eq!(b.count(), 7);
+        let f = AtomicBitmap::new_full(200);
+        assert_eq!(f.count(), 200);
+        let d = AtomicBitmap::new(200);
+        assert_eq!(d.take_from(&f), 200);
+        assert_eq!(f.count(), 0);
+        assert_eq!(d.count(), 200);
+        assert_eq!(d.or_words(&[u64::MAX; 4]), 200);
+        b.clear_all();
+        assert_eq!(b.count(), 0);
+    }
+}

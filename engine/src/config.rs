@@ -1,0 +1,108 @@
+//! Configuration of both ends of a migration.
+
+use std::time::Duration;
+
+use rmig_transport::FaultPlan;
+
+use crate::control::auth::Key;
+use crate::control::link::Liveness;
+use crate::converge::ConvergePolicy;
+use crate::protocol::{PROTOCOL_MAX, PROTOCOL_MIN};
+
+/// Which transport to use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TransportChoice {
+    /// The best both ends can use.
+    #[default]
+    Auto,
+    /// TCP lanes only.
+    Tcp,
+}
+
+/// Configuration of a source.
+#[derive(Debug, Clone)]
+pub struct SourceConfig {
+    /// Destination address, `host:port` (IPv4, `[IPv6]:port` or a host name).
+    pub dest: String,
+    /// Pre-shared key.
+    pub key: Key,
+    /// Data lanes (default: one per CPU).
+    pub lanes: usize,
+    /// Transport preference.
+    pub transport: TransportChoice,
+    /// Convergence policy (downtime limit, rounds, auto-converge).
+    pub policy: ConvergePolicy,
+    /// Bandwidth ceiling in bytes/s; 0 is unlimited.
+    pub max_bandwidth: u64,
+    /// End-to-end verification.
+    pub verify: bool,
+    /// Heartbeats.
+    pub liveness: Liveness,
+    /// Limit for each step of the handshake and for connecting.
+    pub handshake_timeout: Duration,
+    /// Protocol versions spoken (tests change this).
+    pub versions: (u16, u16),
+    /// Faults to inject per lane (tests).
+    pub lane_faults: Vec<FaultPlan>,
+}
+
+impl SourceConfig {
+    /// Defaults for a migration to `dest` with `key`.
+    pub fn new(dest: impl Into<String>, key: Key) -> Self {
+        SourceConfig {
+            dest: dest.into(),
+            key,
+            lanes: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            transport: TransportChoice::Auto,
+            policy: ConvergePolicy::default(),
+            max_bandwidth: 0,
+            verify: true,
+            liveness: Liveness::default(),
+            handshake_timeout: Duration::from_secs(10),
+            versions: (PROTOCOL_MIN, PROTOCOL_MAX),
+            lane_faults: Vec::new(),
+        }
+    }
+}
+
+/// Faults to inject into a destination (tests).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DestFault {
+    /// Drop every connection without a word once this many payload bytes have landed, as if
+    /// the process had died.
+    pub die_after_bytes: Option<u64>,
+}
+
+/// Configuration of a destination.
+#[derive(Debug, Clone)]
+pub struct DestConfig {
+    /// Pre-shared key.
+    pub key: Key,
+    /// Transport preference.
+    pub transport: TransportChoice,
+    /// Most lanes accepted.
+    pub max_lanes: u16,
+    /// Heartbeats.
+    pub liveness: Liveness,
+    /// Limit for each step of the handshake, and for the lanes to join.
+    pub handshake_timeout: Duration,
+    /// Protocol versions spoken (tests change this).
+    pub versions: (u16, u16),
+    /// Faults to inject (tests).
+    pub fault: DestFault,
+}
+
+impl DestConfig {
+    /// Defaults for a destination with `key`.
+    pub fn new(key: Key) -> Self {
+        DestConfig {
+            key,
+            transport: TransportChoice::Auto,
+            max_lanes: 64,
+            liveness: Liveness::default(),
+            handshake_timeout: Duration::from_secs(10),
+            versions: (PROTOCOL_MIN, PROTOCOL_MAX),
+            fault: DestFault::default(),
+        }
+    }
+}

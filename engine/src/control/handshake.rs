@@ -1,0 +1,256 @@
+//! The opening exchange of a session: version, mutual authentication, region table and
+//! transport, each refused with a clear error message to the peer when it does not fit.
+
+use std::time::Duration;
+
+use tokio::net::TcpStream;
+
+use super::auth::{self, Key, SessionAuth};
+use crate::protocol::{codec, Message, TransportKind};
+use crate::region::{self, RegionDesc};
+use crate::EngineError;
+
+/// What the handshake settled.
+#[derive(Debug, Clone)]
+pub struct Agreed {
+    /// Protocol version.
+    pub version: u16,
+    /// Authentication state (for lanes).
+    pub auth: SessionAuth,
+    /// Transport.
+    pub transport: TransportKind,
+    /// Lanes.
+    pub lanes: u16,
+    /// Whether the destination hashes what lands.
+    pub verify: bool,
+}
+
+/// What a source proposes.
+#[derive(Debug, Clone)]
+pub struct SourceOffer {
+    /// Versions spoken, lowest and highest.
+    pub versions: (u16, u16),
+    /// Key.
+    pub key: Key,
+    /// Regions, in table order.
+    pub regions: Vec<RegionDesc>,
+    /// Transports, best first.
+    pub transports: Vec<TransportKind>,
+    /// Lanes wanted.
+    pub lanes: u16,
+    /// End-to-end verification.
+    pub verify: bool,
+}
+
+/// What a destination accepts.
+#[derive(Debug, Clone)]
+pub struct DestAccept {
+    /// Versions spoken, lowest and highest.
+    pub versions: (u16, u16),
+    /// Key.
+    pub key: Key,
+    /// Its own regions, in table order.
+    pub regions: Vec<RegionDesc>,
+    /// Transports it can use.
+    pub transports: Vec<TransportKind>,
+    /// Most lanes it accepts.
+    pub max_lanes: u16,
+}
+
+async fn recv(s: &mut TcpStream, d: Duration, what: &str) -> Result<Message, EngineError> {
+    match tokio::time::timeout(d, codec::read_async(s)).await {
+        Err(_) => Err(EngineError::Protocol(format!(
+            "no {what} within {} ms",
+            d.as_millis()
+        ))),
+        Ok(Ok(Some(Message::Error { message }))) => Err(EngineError::PeerError(message)),
+        Ok(Ok(Some(Message::Cancel { reason }))) => Err(EngineError::PeerCancelled(reason)),
+        Ok(Ok(Some(m))) => Ok(m),
+        Ok(Ok(None)) => Err(EngineError::PeerClosed),
+        Ok(Err(e)) => Err(e),
+    }
+}
+
+fn unexpected(what: &str, m: &Message) -> EngineError {
+    EngineError::Protocol(format!("expected {what}, got {}", m.name()))
+}
+
+/// Tells the peer why we give up (best effort), then returns the error.
+async fn refuse<T>(s: &mut TcpStream, e: EngineError) -> Result<T, EngineError> {
+    let _ = codec::write_async(
+        s,
+        &Message::Error {
+            message: e.to_string(),
+        },
+    )
+    .await;
+    Err(e)
+}
+
+/// The source's side of the handshake.
+pub async fn source(
+    s: &mut TcpStream,
+    offer: &SourceOffer,
+    timeout: Duration,
+) -> Result<Agreed, EngineError> {
+    codec::write_async(
+        s,
+        &Message::Hello {
+            min_version: offer.versions.0,
+            max_version: offer.versions.1,
+        },
+    )
+    .await?;
+    let (version, dnonce) = match recv(s, timeout, "HelloAck").await? {
+        Message::HelloAck { version, nonce } => (version, nonce),
+        m => return refuse(s, unexpected("HelloAck", &m)).await,
+    };
+    if version < offer.versions.0 || version > offer.versions.1 {
+        return refuse(
+            s,
+            EngineError::Protocol(format!("peer picked version {version}, which we do not speak")),
+        )
+        .await;
+    }
+    let snonce = auth::nonce()?;
+    let a = SessionAuth::new(offer.key.clone(), dnonce, snonce);
+    codec::write_async(
+        s,
+        &Message::AuthProof {
+            nonce: snonce,
+            mac: a.source_proof(),
+        },
+    )
+    .await?;
+    match recv(s, timeout, "AuthOk").await? {
+        Message::AuthOk { mac } if a.check_dest(&mac) => {}
+        Message::AuthOk { .. } => {
+            return refuse(
+                s,
+                EngineError::Auth("the destination could not prove the pre-shared key".into()),
+            )
+            .await
+        }
+        m => return refuse(s, unexpected("AuthOk", &m)).await,
+    }
+    codec::write_async(
+        s,
+        &Message::RegionTable {
+            regions: offer.regions.clone(),
+        },
+    )
+    .await?;
+    match recv(s, timeout, "RegionsOk").await? {
+        Message::RegionsOk => {}
+        m => return refuse(s, unexpected("RegionsOk", &m)).await,
+    }
+    codec::write_async(
+        s,
+        &Message::TransportOffer {
+            kinds: offer.transports.clone(),
+            lanes: offer.lanes,
+            verify: offer.verify,
+        },
+    )
+    .await?;
+    let (transport, lanes) = match recv(s, timeout, "TransportAccept").await? {
+        Message::TransportAccept { kind, lanes }
+            if offer.transports.contains(&kind) && lanes >= 1 && lanes <= offer.lanes =>
+        {
+            (kind, lanes)
+        }
+        m => return refuse(s, unexpected("an acceptable TransportAccept", &m)).await,
+    };
+    Ok(Agreed {
+        version,
+        auth: a,
+        transport,
+        lanes,
+        verify: offer.verify,
+    })
+}
+
+/// The destination's side of the handshake.
+pub async fn dest(
+    s: &mut TcpStream,
+    acc: &DestAccept,
+    timeout: Duration,
+) -> Result<Agreed, EngineError> {
+    let (pmin, pmax) = match recv(s, timeout, "Hello").await? {
+        Message::Hello {
+            min_version,
+            max_version,
+        } => (min_version, max_version),
+        m => return refuse(s, unexpected("Hello", &m)).await,
+    };
+    let version = pmax.min(acc.versions.1);
+    if version < pmin.max(acc.versions.0) {
+        let e = EngineError::Version {
+            ours_min: acc.versions.0,
+            ours_max: acc.versions.1,
+            peer_min: pmin,
+            peer_max: pmax,
+        };
+        return refuse(s, e).await;
+    }
+    let dnonce = auth::nonce()?;
+    codec::write_async(
+        s,
+        &Message::HelloAck {
+            version,
+            nonce: dnonce,
+        },
+    )
+    .await?;
+    let a = match recv(s, timeout, "AuthProof").await? {
+        Message::AuthProof { nonce, mac } => {
+            let a = SessionAuth::new(acc.key.clone(), dnonce, nonce);
+            if !a.check_source(&mac) {
+                return refuse(
+                    s,
+                    EngineError::Auth("the source could not prove the pre-shared key".into()),
+                )
+                .await;
+            }
+            a
+        }
+        m => return refuse(s, unexpected("AuthProof", &m)).await,
+    };
+    codec::write_async(s, &Message::AuthOk { mac: a.dest_proof() }).await?;
+    match recv(s, timeout, "RegionTable").await? {
+        Message::RegionTable { regions } => {
+            if let Err(e) = region::compare(&acc.regions, &regions) {
+                return refuse(s, e).await;
+            }
+        }
+        m => return refuse(s, unexpected("RegionTable", &m)).await,
+    }
+    codec::write_async(s, &Message::RegionsOk).await?;
+    let (kinds, lanes, verify) = match recv(s, timeout, "TransportOffer").await? {
+        Message::TransportOffer {
+            kinds,
+            lanes,
+            verify,
+        } => (kinds, lanes, verify),
+        m => return refuse(s, unexpected("TransportOffer", &m)).await,
+    };
+    let Some(&transport) = kinds.iter().find(|k| acc.transports.contains(k)) else {
+        return refuse(
+            s,
+            EngineError::Protocol("no transport both ends can use".into()),
+        )
+        .await;
+    };
+    if lanes == 0 {
+        return refuse(s, EngineError::Protocol("zero lanes requested".into())).await;
+    }
+    let lanes = lanes.min(acc.max_lanes.max(1));
+    codec::write_async(s, &Message::TransportAccept { kind: transport, lanes }).await?;
+    Ok(Agreed {
+        version,
+        auth: a,
+        transport,
+        lanes,
+        verify,
+    })
+}

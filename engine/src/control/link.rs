@@ -1,0 +1,165 @@
+//! A running control connection: a writer task (messages and heartbeats) and a reader task
+//! (frames, silence detection), bridged to the engine's threads by channels.
+
+use std::time::Duration;
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use tokio::net::TcpStream;
+use tokio::runtime::Handle;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use crate::protocol::{codec, Message};
+use crate::EngineError;
+
+/// Heartbeat timing of a control connection.
+#[derive(Debug, Clone, Copy)]
+pub struct Liveness {
+    /// How often we send a heartbeat.
+    pub heartbeat: Duration,
+    /// How long the peer may stay silent before it is declared gone.
+    pub peer_timeout: Duration,
+}
+
+impl Default for Liveness {
+    fn default() -> Self {
+        Liveness {
+            heartbeat: Duration::from_millis(500),
+            peer_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// A control connection after its handshake.
+pub struct ControlLink {
+    out: Option<mpsc::UnboundedSender<Message>>,
+    inbox: Receiver<Result<Message, EngineError>>,
+    reader: JoinHandle<()>,
+    writer_done: Receiver<()>,
+}
+
+impl ControlLink {
+    /// Starts the reader and writer tasks on `rt` for `stream`.
+    pub fn start(rt: &Handle, stream: TcpStream, live: Liveness) -> ControlLink {
+        let (rd, wr) = stream.into_split();
+        let (in_tx, inbox) = crossbeam_channel::unbounded();
+        let (out, out_rx) = mpsc::unbounded_channel();
+        let (done_tx, writer_done) = crossbeam_channel::bounded(1);
+        let reader = rt.spawn(read_loop(rd, in_tx.clone(), live));
+        rt.spawn(write_loop(wr, out_rx, in_tx, live, done_tx));
+        ControlLink {
+            out: Some(out),
+            inbox,
+            reader,
+            writer_done,
+        }
+    }
+
+    /// Queues a message for the peer.
+    pub fn send(&self, m: Message) {
+        if let Some(o) = &self.out {
+            let _ = o.send(m);
+        }
+    }
+
+    /// The channel of what arrives (for `select!` with other channels).
+    pub fn inbox(&self) -> &Receiver<Result<Message, EngineError>> {
+        &self.inbox
+    }
+
+    /// Waits up to `d` for a message. `Ok(None)` on timeout. A `Cancel` or `Error` from the
+    /// peer, and a failed connection, come back as errors.
+    pub fn recv_timeout(&self, d: Duration) -> Result<Option<Message>, EngineError> {
+        match self.inbox.recv_timeout(d) {
+            Ok(r) => Self::screen(r).map(Some),
+            Err(RecvTimeoutError::Timeout) => Ok(None),
+            Err(RecvTimeoutError::Disconnected) => Err(EngineError::PeerClosed),
+        }
+    }
+
+    /// Turns the peer's `Cancel` and `Error` into errors.
+    pub fn screen(r: Result<Message, EngineError>) -> Result<Message, EngineError> {
+        match r? {
+            Message::Cancel { reason } => Err(EngineError::PeerCancelled(reason)),
+            Message::Error { message } => Err(EngineError::PeerError(message)),
+            m => Ok(m),
+        }
+    }
+
+    /// Waits up to `d` for the message that `want` accepts; anything else is a protocol error.
+    pub fn expect<T>(
+        &self,
+        d: Duration,
+        what: &str,
+        want: impl FnOnce(Message) -> Result<T, Message>,
+    ) -> Result<T, EngineError> {
+        match self.recv_timeout(d)? {
+            None => Err(EngineError::Protocol(format!(
+                "no {what} within {} ms",
+                d.as_millis()
+            ))),
+            Some(m) => want(m).map_err(|m| {
+                EngineError::Protocol(format!("expected {what}, got {}", m.name()))
+            }),
+        }
+    }
+
+    /// Sends what is queued, then closes the connection (waits at most `d`).
+    pub fn close(&mut self, d: Duration) {
+        self.out = None;
+        let _ = self.writer_done.recv_timeout(d);
+        self.reader.abort();
+    }
+}
+
+impl Drop for ControlLink {
+    fn drop(&mut self) {
+        self.close(Duration::from_millis(500));
+    }
+}
+
+async fn read_loop(
+    mut rd: tokio::net::tcp::OwnedReadHalf,
+    tx: Sender<Result<Message, EngineError>>,
+    live: Liveness,
+) {
+    loop {
+        let r = match tokio::time::timeout(live.peer_timeout, codec::read_async(&mut rd)).await {
+            Err(_) => Err(EngineError::PeerSilent(live.peer_timeout.as_millis() as u64)),
+            Ok(Ok(Some(Message::Heartbeat))) => continue,
+            Ok(Ok(Some(m))) => Ok(m),
+            Ok(Ok(None)) => Err(EngineError::PeerClosed),
+            Ok(Err(e)) => Err(e),
+        };
+        let end = r.is_err();
+        if tx.send(r).is_err() || end {
+            return;
+        }
+    }
+}
+
+async fn write_loop(
+    mut wr: tokio::net::tcp::OwnedWriteHalf,
+    mut rx: mpsc::UnboundedReceiver<Message>,
+    errs: Sender<Result<Message, EngineError>>,
+    live: Liveness,
+    done: Sender<()>,
+) {
+    use tokio::io::AsyncWriteExt;
+    let mut tick = tokio::time::interval(live.heartbeat);
+    loop {
+        let m = tokio::select! {
+            m = rx.recv() => match m {
+                Some(m) => m,
+                None => break,
+            },
+            _ = tick.tick() => Message::Heartbeat,
+        };
+        if let Err(e) = codec::write_async(&mut wr, &m).await {
+            let _ = errs.send(Err(e));
+            break;
+        }
+    }
+    let _ = wr.shutdown().await;
+    let _ = done.send(());
+}

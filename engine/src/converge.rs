@@ -1,0 +1,188 @@
+//! When to stop iterating: the convergence policy of the pre-copy loop.
+//!
+//! Expected downtime is what is still dirty divided by the bandwidth measured in the last
+//! round. The downtime limit is a ceiling, not a target: while rounds keep shrinking the dirty
+//! set by a good factor, another round is cheap and lowers the downtime further, so the loop
+//! goes on; once under the limit and no longer shrinking, it switches over. Above the limit
+//! and not shrinking, it asks the embedder to throttle the guest (auto-converge) and, past the
+//! round limit, fails or forces the switchover as configured.
+
+use std::time::Duration;
+
+/// What to do when the round limit is reached above the downtime limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NoConvergence {
+    /// Give up with a clear reason; the source carries on.
+    Fail,
+    /// Switch over anyway, accepting a longer downtime.
+    ForceSwitchover,
+}
+
+/// The policy's knobs.
+#[derive(Debug, Clone, Copy)]
+pub struct ConvergePolicy {
+    /// Ceiling for the downtime.
+    pub downtime_limit: Duration,
+    /// Most pre-copy rounds (round 0 included).
+    pub max_rounds: u32,
+    /// What happens at `max_rounds` above the limit.
+    pub on_no_convergence: NoConvergence,
+    /// Whether to ask the embedder to throttle when rounds stop shrinking.
+    pub auto_converge: bool,
+    /// First throttle percentage.
+    pub throttle_initial: u8,
+    /// Added on each further stall.
+    pub throttle_increment: u8,
+}
+
+impl Default for ConvergePolicy {
+    fn default() -> Self {
+        ConvergePolicy {
+            downtime_limit: Duration::from_millis(300),
+            max_rounds: 30,
+            on_no_convergence: NoConvergence::Fail,
+            auto_converge: true,
+            throttle_initial: 20,
+            throttle_increment: 10,
+        }
+    }
+}
+
+/// The policy's verdict after a round.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Decision {
+    /// Run another round.
+    Iterate,
+    /// Run another round, with the guest throttled to this percentage.
+    Throttle(u8),
+    /// Pause the guest and copy the rest.
+    Switchover,
+    /// Stop: the migration cannot meet the limit.
+    Fail(String),
+}
+
+/// A dirty set that shrank to at most this fraction of the previous round is "shrinking well".
+const GOOD_SHRINK: f64 = 0.5;
+/// A dirty set above this fraction of the previous round is "not shrinking".
+const STALL: f64 = 0.8;
+/// Rounds that are this cheap (expected downtime) switch over at once.
+const NEGLIGIBLE: Duration = Duration::from_millis(1);
+
+/// Convergence state across rounds.
+#[derive(Debug, Clone)]
+pub struct Converge {
+    policy: ConvergePolicy,
+    stalls: u32,
+    throttle: u8,
+}
+
+impl Converge {
+    /// A fresh state.
+    pub fn new(policy: ConvergePolicy) -> Self {
+        Converge {
+            policy,
+            stalls: 0,
+            throttle: 0,
+        }
+    }
+
+    /// The throttle percentage asked for so far.
+    pub fn throttle(&self) -> u8 {
+        self.throttle
+    }
+
+    /// Expected downtime for `remaining` bytes at `bandwidth` bytes/s.
+    pub fn expected_downtime(remaining: u64, bandwidth: f64) -> Duration {
+        if remaining == 0 {
+            return Duration::ZERO;
+        }
+        if bandwidth <= 0.0 {
+            return Duration::MAX;
+        }
+        Duration::from_secs_f64((remaining as f64 / bandwidth).min(1e9))
+    }
+
+    /// Decides after round `round` (0-based) that sent `sent` bytes, leaving `remaining`
+    /// dirty bytes, at a measured `bandwidth` in bytes/s.
+    pub fn after_round(&mut self, round: u32, sent: u64, remaining: u64, bandwidth: f64) -> Decision {
+        let expected = Self::expected_downtime(remaining, bandwidth);
+        let ratio = if sent == 0 {
+            1.0
+        } else {
+            remaining as f64 / sent as f64
+        };
+        let last_round = round + 1 >= self.policy.max_rounds;
+        if expected <= self.policy.downtime_limit {
+            if expected <= NEGLIGIBLE || ratio > GOOD_SHRINK || last_round {
+                return Decision::Switchover;
+            }
+            return Decision::Iterate;
+        }
+        if last_round {
+            return match self.policy.on_no_convergence {
+                NoConvergence::ForceSwitchover => Decision::Switchover,
+                NoConvergence::Fail => Decision::Fail(format!(
+                    "after {} rounds the expected downtime is {} ms, above the limit of {} ms",
+                    round + 1,
+                    expected.as_millis(),
+                    self.policy.downtime_limit.as_millis()
+                )),
+            };
+        }
+        if ratio > STALL && round > 0 {
+            self.stalls += 1;
+            if self.policy.auto_converge && self.stalls >= 2 && self.throttle < 99 {
+                self.throttle = if self.throttle == 0 {
+                    self.policy.throttle_initial
+                } else {
+                    self.throttle.saturating_add(self.policy.throttle_increment)
+                }
+                .min(99);
+                self.stalls = 0;
+                return Decision::Throttle(self.throttle);
+            }
+        } else {
+            self.stalls = 0;
+        }
+        Decision::Iterate
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GB: f64 = 1e9;
+
+    #[test]
+    fn iterates_while_shrinking_then_switches() {
+        let mut c = Converge::new(ConvergePolicy::default());
+        // 100 MB left at 1 GB/s = 100 ms (under 300 ms) but shrank 20x: go on.
+        assert_eq!(c.after_round(0, 2_000_000_000, 100_000_000, GB), Decision::Iterate);
+        // Shrank only to 0.9: switch over.
+        assert_eq!(c.after_round(1, 100_000_000, 90_000_000, GB), Decision::Switchover);
+        // Almost nothing left: switch over.
+        assert_eq!(c.after_round(2, 1_000_000, 100, GB), Decision::Switchover);
+    }
+
+    #[test]
+    fn throttles_when_stalled_and_fails_at_the_round_limit() {
+        let p = ConvergePolicy {
+            max_rounds: 6,
+            ..Default::default()
+        };
+        let mut c = Converge::new(p);
+        assert_eq!(c.after_round(0, 4 << 30, 2 << 30, GB), Decision::Iterate);
+        assert_eq!(c.after_round(1, 2 << 30, 2 << 30, GB), Decision::Iterate);
+        assert_eq!(c.after_round(2, 2 << 30, 2 << 30, GB), Decision::Throttle(20));
+        assert_eq!(c.after_round(3, 2 << 30, 2 << 30, GB), Decision::Iterate);
+        assert_eq!(c.after_round(4, 2 << 30, 2 << 30, GB), Decision::Throttle(30));
+        assert!(matches!(c.after_round(5, 2 << 30, 2 << 30, GB), Decision::Fail(_)));
+        let mut f = Converge::new(ConvergePolicy {
+            max_rounds: 1,
+            on_no_convergence: NoConvergence::ForceSwitchover,
+            ..Default::default()
+        });
+        assert_eq!(f.after_round(0, 1 << 30, 1 << 30, GB), Decision::Switchover);
+    }
+}

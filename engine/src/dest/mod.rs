@@ -1,0 +1,336 @@
+//! The destination side: waits for a source, checks everything it is sent, receives the
+//! data on its lanes, verifies, and hands over to its embedder only when all is well.
+//!
+//! A destination never reports completion unless every round was fenced, every checksum
+//! matched (when verifying) and the source said `Complete`. On any error it tells the source
+//! why, closes everything and returns the error; the guest is not resumed.
+
+mod lanes;
+mod sink;
+
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::select;
+use rmig_transport::tcp::{DestLaneSummary, TcpDestLane};
+use rmig_transport::LaneError;
+use tokio::net::TcpListener;
+
+use crate::control::handshake::{self, DestAccept};
+use crate::control::link::ControlLink;
+use crate::embedder::DestEmbedder;
+use crate::monitor::Monitor;
+use crate::protocol::{Message, TransportKind};
+use crate::region::{self, Region};
+use crate::stats::MigrationStats;
+use crate::verify::{self, RegionHashes};
+use crate::{DestConfig, EngineError};
+use sink::DestSink;
+
+/// Most device state a destination accepts.
+const MAX_DEVICE_STATE: usize = 1 << 30;
+
+/// A destination waiting for its source, like a VMM started with `-incoming`.
+pub struct DestListener {
+    listener: TcpListener,
+    cfg: DestConfig,
+    // Dropped last: the listener needs the runtime.
+    rt: tokio::runtime::Runtime,
+}
+
+/// What a completed incoming migration hands back.
+#[derive(Debug, Clone)]
+pub struct DestOutcome {
+    /// Statistics of the destination's side.
+    pub stats: MigrationStats,
+    /// Per-lane figures.
+    pub lanes: Vec<DestLaneSummary>,
+}
+
+impl DestListener {
+    /// Listens on `addr` (`host:port`; port 0 picks one).
+    pub fn bind(addr: &str, cfg: DestConfig) -> Result<DestListener, EngineError> {
+        let rt = crate::control::runtime()?;
+        let listener = rt
+            .block_on(TcpListener::bind(addr))
+            .map_err(|e| EngineError::Io(format!("cannot listen on {addr}: {e}")))?;
+        Ok(DestListener { listener, cfg, rt })
+    }
+
+    /// The address actually bound.
+    pub fn local_addr(&self) -> Result<SocketAddr, EngineError> {
+        Ok(self.listener.local_addr()?)
+    }
+
+    /// Waits for one source and receives its migration into `regions`.
+    pub fn serve(
+        self,
+        regions: Vec<Region>,
+        mut embedder: Box<dyn DestEmbedder>,
+        monitor: Arc<Monitor>,
+    ) -> Result<DestOutcome, EngineError> {
+        let started = Instant::now();
+        let r = self.serve_inner(&regions, embedder.as_mut(), &monitor, started);
+        let total = started.elapsed().as_secs_f64() * 1e3;
+        match r {
+            Ok(lanes) => {
+                monitor.update(|s| {
+                    s.status = "completed".into();
+                    s.total_time_ms = total;
+                });
+                Ok(DestOutcome {
+                    stats: monitor.stats(),
+                    lanes,
+                })
+            }
+            Err(e) => {
+                let status = if e.is_cancel() { "cancelled" } else { "failed" };
+                monitor.update(|s| {
+                    s.status = status.into();
+                    s.error = Some(e.to_string());
+                    s.total_time_ms = total;
+                });
+                Err(e)
+            }
+        }
+    }
+
+    fn serve_inner(
+        &self,
+        regions: &[Region],
+        embedder: &mut dyn DestEmbedder,
+        monitor: &Arc<Monitor>,
+        started: Instant,
+    ) -> Result<Vec<DestLaneSummary>, EngineError> {
+        region::validate(regions)?;
+        let cfg = &self.cfg;
+        let accept = DestAccept {
+            versions: cfg.versions,
+            key: cfg.key.clone(),
+            regions: regions.iter().map(Region::desc).collect(),
+            transports: vec![TransportKind::Tcp],
+            max_lanes: cfg.max_lanes,
+        };
+        let cancel = monitor.cancel.clone();
+        let (stream, agreed) = self.rt.block_on(async {
+            // Wait for a source, but keep an eye on cancellation.
+            let mut s = loop {
+                tokio::select! {
+                    r = self.listener.accept() => break r?.0,
+                    _ = tokio::time::sleep(Duration::from_millis(100)) => {
+                        if cancel.is_cancelled() {
+                            return Err(EngineError::Cancelled(cancel.reason()));
+                        }
+                    }
+                }
+            };
+            s.set_nodelay(true)?;
+            let a = handshake::dest(&mut s, &accept, cfg.handshake_timeout).await?;
+            Ok((s, a))
+        })?;
+        let t_handshake = Instant::now();
+        let mut link = ControlLink::start(self.rt.handle(), stream, cfg.liveness);
+        let joined = self.rt.block_on(lanes::join(
+            &self.listener,
+            &agreed.auth,
+            agreed.lanes,
+            cfg.handshake_timeout,
+        ));
+        let sockets = match joined {
+            Ok(s) => s,
+            Err(e) => {
+                link.send(Message::Error {
+                    message: e.to_string(),
+                });
+                return Err(e);
+            }
+        };
+        monitor.update(|s| {
+            s.status = "active".into();
+            s.transport = agreed.transport.name().into();
+            s.lanes = sockets.len();
+            s.setup_time_ms = (t_handshake - started).as_secs_f64() * 1e3;
+            s.ram.total = regions.iter().map(Region::len).sum();
+        });
+        let sink = Arc::new(DestSink::new(regions, agreed.verify));
+        let mut session = Receiving {
+            sink: sink.clone(),
+            monitor,
+            link: &mut link,
+            verify: agreed.verify,
+            shutdowns: Vec::new(),
+        };
+        let (res_tx, res_rx) = crossbeam_channel::unbounded();
+        let pool = rmig_numa::WorkerPool::flat();
+        let mut joins = Vec::new();
+        for (i, s) in sockets.into_iter().enumerate() {
+            let mut lane = TcpDestLane::new(s, sink.map().clone()).map_err(|e| EngineError::lane(i, &e))?;
+            session.shutdowns.push(lane.shutdown_handle()?);
+            let sink = sink.clone();
+            let tx = res_tx.clone();
+            joins.push(pool.spawn(rmig_numa::Role::DestLane, i, move || {
+                let r = lane.run(sink.as_ref());
+                let _ = tx.send((i, r));
+            })?);
+        }
+        drop(res_tx);
+        let r = session.run(&res_rx, embedder, cfg.fault.die_after_bytes);
+        let mut summaries = vec![DestLaneSummary::default(); joins.len()];
+        // After `Complete` (or a failure) no lane carries anything more: stop them all.
+        for s in &session.shutdowns {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+        for j in joins {
+            let _ = j.join();
+        }
+        while let Ok((i, Ok(s))) = res_rx.try_recv() {
+            summaries[i] = s;
+        }
+        match r {
+            Ok(()) => {
+                link.close(Duration::from_secs(1));
+                Ok(summaries)
+            }
+            Err((e, tell_peer)) => {
+                if tell_peer {
+                    link.send(Message::Error {
+                        message: e.to_string(),
+                    });
+                    link.close(Duration::from_millis(500));
+                }
+                Err(e)
+            }
+        }
+    }
+}
+
+/// The receiving phase of a session.
+struct Receiving<'a> {
+    sink: Arc<DestSink>,
+    monitor: &'a Arc<Monitor>,
+    link: &'a mut ControlLink,
+    verify: bool,
+    shutdowns: Vec<TcpStream>,
+}
+
+type LaneResult = (usize, Result<DestLaneSummary, LaneError>);
+
+impl Receiving<'_> {
+    /// Serves control messages until `Complete`. An error comes with whether the peer still
+    /// needs to be told.
+    fn run(
+        &mut self,
+        lanes: &crossbeam_channel::Receiver<LaneResult>,
+        embedder: &mut dyn DestEmbedder,
+        die_after: Option<u64>,
+    ) -> Result<(), (EngineError, bool)> {
+        let proto = |s: String| (EngineError::Protocol(s), true);
+        let mut device = Vec::new();
+        let mut device_done = false;
+        let mut verified: Option<bool> = None;
+        let mut round: Option<u32> = None;
+        loop {
+            select! {
+                recv(lanes) -> r => {
+                    let Ok((i, r)) = r else { continue };
+                    match r {
+                        Ok(_) => {}
+                        Err(LaneError::Malformed(m)) => {
+                            return Err(proto(format!("lane {i}: {m}")));
+                        }
+                        Err(_) => {
+                            // The source lost this lane; it re-sends its pages elsewhere.
+                            self.monitor.update(|s| s.lanes_failed += 1);
+                        }
+                    }
+                }
+                recv(self.link.inbox()) -> m => {
+                    let m = m
+                        .map_err(|_| EngineError::PeerClosed)
+                        .and_then(ControlLink::screen)
+                        .map_err(|e| (e, false))?;
+                    match m {
+                        Message::RoundStart { round: r, .. } => {
+                            if round.is_some() || device_done {
+                                return Err(proto(format!("RoundStart {r} out of order")));
+                            }
+                            round = Some(r);
+                            self.monitor.round.store(r, Ordering::Relaxed);
+                        }
+                        Message::RoundEnd { round: r } => {
+                            if round != Some(r) {
+                                return Err(proto(format!("RoundEnd {r} without its RoundStart")));
+                            }
+                            round = None;
+                            self.link.send(Message::RoundEndAck { round: r });
+                            let landed = self.sink.landed.load(Ordering::Relaxed);
+                            self.monitor.update(|s| {
+                                s.ram.dirty_sync_count += 1;
+                                s.ram.normal_bytes = landed;
+                            });
+                        }
+                        Message::DeviceState { data, last } => {
+                            if round.is_some() || device_done {
+                                return Err(proto("DeviceState out of order".into()));
+                            }
+                            if device.len() + data.len() > MAX_DEVICE_STATE {
+                                return Err(proto("device state too large".into()));
+                            }
+                            device.extend_from_slice(&data);
+                            device_done = last;
+                        }
+                        Message::Checksums { regions } => {
+                            if !self.verify || !device_done || verified.is_some() {
+                                return Err(proto("Checksums out of order".into()));
+                            }
+                            let ours: Vec<Vec<u64>> = self
+                                .sink
+                                .hashes
+                                .as_ref()
+                                .expect("verify on")
+                                .iter()
+                                .map(RegionHashes::chunk_digests)
+                                .collect();
+                            let mism = verify::mismatches(&ours, &regions, 16);
+                            let ok = mism.is_empty();
+                            verified = Some(ok);
+                            self.monitor.update(|s| s.verified = Some(ok));
+                            self.link.send(Message::Verified { ok, mismatches: mism.clone() });
+                        }
+                        Message::Complete => {
+                            if !device_done || round.is_some() || (self.verify && verified != Some(true)) {
+                                return Err(proto("Complete before the migration was verified".into()));
+                            }
+                            embedder
+                                .load_device_state(std::mem::take(&mut device))
+                                .map_err(|e| (EngineError::Embedder(e), true))?;
+                            embedder.resume().map_err(|e| (EngineError::Embedder(e), true))?;
+                            self.link.send(Message::Done);
+                            return Ok(());
+                        }
+                        m => return Err(proto(format!("unexpected {}", m.name()))),
+                    }
+                }
+                default(Duration::from_millis(20)) => {
+                    if self.monitor.cancel.is_cancelled() {
+                        let reason = self.monitor.cancel.reason();
+                        self.link.send(Message::Cancel { reason: reason.clone() });
+                        return Err((EngineError::Cancelled(reason), false));
+                    }
+                    if let Some(n) = die_after {
+                        if self.sink.landed.load(Ordering::Relaxed) >= n {
+                            // Simulated crash: every connection drops without a word.
+                            for s in &self.shutdowns {
+                                let _ = s.shutdown(Shutdown::Both);
+                            }
+                            self.link.close(Duration::ZERO);
+                            return Err((EngineError::Io("injected crash".into()), false));
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,192 @@
+//! Control-plane messages.
+
+use crate::region::RegionDesc;
+
+/// Lowest protocol version this build speaks.
+pub const PROTOCOL_MIN: u16 = 1;
+/// Highest protocol version this build speaks.
+pub const PROTOCOL_MAX: u16 = 1;
+
+/// A data transport that a session may use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TransportKind {
+    /// TCP lanes.
+    Tcp,
+}
+
+impl TransportKind {
+    /// Wire code.
+    pub fn code(self) -> u8 {
+        match self {
+            TransportKind::Tcp => 1,
+        }
+    }
+
+    /// From a wire code.
+    pub fn from_code(c: u8) -> Option<Self> {
+        match c {
+            1 => Some(TransportKind::Tcp),
+            _ => None,
+        }
+    }
+
+    /// Name as shown in statistics.
+    pub fn name(self) -> &'static str {
+        match self {
+            TransportKind::Tcp => "tcp",
+        }
+    }
+}
+
+/// Every message of the control connection (and the first frame of a data lane).
+///
+/// Order of a migration (S = source, D = destination):
+/// `Hello` S→D, `HelloAck` D→S, `AuthProof` S→D, `AuthOk` D→S, `RegionTable` S→D, `RegionsOk`
+/// D→S, `TransportOffer` S→D, `TransportAccept` D→S, lanes join (`LaneJoin` / `LaneAccepted`
+/// on each lane socket), then per round `RoundStart`, data on the lanes, `RoundEnd` S→D,
+/// `RoundEndAck` D→S; after the final round `DeviceState`, `Checksums` S→D, `Verified` D→S,
+/// `Complete` S→D, `Done` D→S. `Heartbeat`, `Cancel` and `Error` may come at any time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Message {
+    /// Opens a session: the versions the source speaks.
+    Hello {
+        /// Lowest version.
+        min_version: u16,
+        /// Highest version.
+        max_version: u16,
+    },
+    /// The version picked and the destination's challenge.
+    HelloAck {
+        /// The highest version both speak.
+        version: u16,
+        /// Destination's random challenge.
+        nonce: [u8; 32],
+    },
+    /// The source's answer to the challenge and its own challenge.
+    AuthProof {
+        /// Source's random challenge.
+        nonce: [u8; 32],
+        /// HMAC of both challenges under the pre-shared key.
+        mac: [u8; 32],
+    },
+    /// The destination proves the key too (mutual authentication).
+    AuthOk {
+        /// HMAC of both challenges under the key, other label.
+        mac: [u8; 32],
+    },
+    /// The source's regions.
+    RegionTable {
+        /// In table order.
+        regions: Vec<RegionDesc>,
+    },
+    /// The destination's regions match.
+    RegionsOk,
+    /// Transports the source can use, best first, and the lanes it wants.
+    TransportOffer {
+        /// Best first.
+        kinds: Vec<TransportKind>,
+        /// Lanes wanted.
+        lanes: u16,
+        /// Whether the destination must hash what lands (end-to-end verification).
+        verify: bool,
+    },
+    /// The transport and lane count the destination picked.
+    TransportAccept {
+        /// Picked transport.
+        kind: TransportKind,
+        /// Lanes to open.
+        lanes: u16,
+    },
+    /// First frame on a data lane: proves it belongs to the session.
+    LaneJoin {
+        /// Session identifier.
+        session: [u8; 16],
+        /// Lane number.
+        lane: u16,
+        /// HMAC over the session's challenges and the lane number.
+        mac: [u8; 32],
+    },
+    /// The lane may carry data.
+    LaneAccepted,
+    /// A pre-copy round begins.
+    RoundStart {
+        /// Round number (0 sends everything).
+        round: u32,
+        /// Whether this is the final (stop-and-copy) round.
+        last: bool,
+    },
+    /// All data of the round is acknowledged by the destination.
+    RoundEnd {
+        /// Round number.
+        round: u32,
+    },
+    /// The destination closed the round.
+    RoundEndAck {
+        /// Round number.
+        round: u32,
+    },
+    /// A piece of the embedder's own state (device state), after the final round.
+    DeviceState {
+        /// Bytes.
+        data: Vec<u8>,
+        /// Whether this is the last piece.
+        last: bool,
+    },
+    /// The source's chunk digests, per region.
+    Checksums {
+        /// Per region, one digest per chunk.
+        regions: Vec<Vec<u64>>,
+    },
+    /// The destination's verdict.
+    Verified {
+        /// Whether every chunk matched.
+        ok: bool,
+        /// (region, chunk) pairs that differ (first few).
+        mismatches: Vec<(u32, u64)>,
+    },
+    /// The source is done; the destination may resume the guest.
+    Complete,
+    /// The destination took over.
+    Done,
+    /// Liveness.
+    Heartbeat,
+    /// Either side gives up on purpose.
+    Cancel {
+        /// Why.
+        reason: String,
+    },
+    /// Either side failed.
+    Error {
+        /// What went wrong.
+        message: String,
+    },
+}
+
+impl Message {
+    /// A short name for error messages.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Message::Hello { .. } => "Hello",
+            Message::HelloAck { .. } => "HelloAck",
+            Message::AuthProof { .. } => "AuthProof",
+            Message::AuthOk { .. } => "AuthOk",
+            Message::RegionTable { .. } => "RegionTable",
+            Message::RegionsOk => "RegionsOk",
+            Message::TransportOffer { .. } => "TransportOffer",
+            Message::TransportAccept { .. } => "TransportAccept",
+            Message::LaneJoin { .. } => "LaneJoin",
+            Message::LaneAccepted => "LaneAccepted",
+            Message::RoundStart { .. } => "RoundStart",
+            Message::RoundEnd { .. } => "RoundEnd",
+            Message::RoundEndAck { .. } => "RoundEndAck",
+            Message::DeviceState { .. } => "DeviceState",
+            Message::Checksums { .. } => "Checksums",
+            Message::Verified { .. } => "Verified",
+            Message::Complete => "Complete",
+            Message::Done => "Done",
+            Message::Heartbeat => "Heartbeat",
+            Message::Cancel { .. } => "Cancel",
+            Message::Error { .. } => "Error",
+        }
+    }
+}

@@ -1,0 +1,600 @@
+//! The source side of a migration as a state machine an embedder drives step by step.
+//!
+//! `setup` connects and authenticates; each `iterate` runs one pre-copy round and says whether
+//! the migration is ready to switch over; `complete` pauses the guest, copies the rest,
+//! hands over device state and verifies. QEMU calls its `save_live_setup`,
+//! `save_live_iterate` and `save_live_complete_precopy` handlers in the same order. Any
+//! failure leaves the source's memory untouched and, past the pause, resumes the guest.
+
+mod connect;
+mod worker;
+
+use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{select, Receiver, Sender};
+use rmig_numa::{Role, WorkerPool};
+use rmig_transport::MemoryMap;
+
+use crate::bitmap::AtomicBitmap;
+use crate::control::handshake::{self, SourceOffer};
+use crate::control::link::ControlLink;
+use crate::converge::{Converge, Decision};
+use crate::dirty::DirtySource;
+use crate::embedder::SourceEmbedder;
+use crate::monitor::Monitor;
+use crate::protocol::{Message, TransportKind};
+use crate::region::{self, Region};
+use crate::stats::{MigrationStats, RoundStats};
+use crate::verify::RegionHashes;
+use crate::{EngineError, SourceConfig};
+use worker::{Cmd, Item, Report, Shared, Worker, ITEM_PAGES};
+
+/// What `iterate` found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// Another round is worth it.
+    Continue,
+    /// Under the downtime limit and no longer shrinking: call `complete`.
+    ReadyForSwitchover,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Iterating,
+    Ready,
+    Done,
+    Failed,
+}
+
+struct LaneWorker {
+    cmd: Sender<Cmd>,
+    join: Option<JoinHandle<()>>,
+    alive: bool,
+}
+
+/// Rounds smaller than this do not measure bandwidth well; the previous figure is kept.
+const MIN_BW_SAMPLE: u64 = 4 << 20;
+/// Device state travels in pieces of at most this size.
+const DEVICE_PIECE: usize = 1 << 20;
+
+/// A source migration in progress.
+pub struct SourceSession {
+    cfg: SourceConfig,
+    regions: Vec<Region>,
+    dirty: Box<dyn DirtySource>,
+    embedder: Box<dyn SourceEmbedder>,
+    link: ControlLink,
+    // Field order matters for drop: the link and workers go before the runtime.
+    _rt: tokio::runtime::Runtime,
+    shared: Arc<Shared>,
+    workers: Vec<LaneWorker>,
+    reports: Receiver<Report>,
+    monitor: Arc<Monitor>,
+    converge: Converge,
+    state: State,
+    round: u32,
+    bandwidth: f64,
+    started: Instant,
+    paused_at: Option<Instant>,
+    sync_count: u64,
+}
+
+impl SourceSession {
+    /// Connects to the destination, authenticates, agrees on regions and transport and opens
+    /// the data lanes. `monitor` lets other threads watch, steer and cancel the migration.
+    pub fn setup(
+        cfg: SourceConfig,
+        regions: Vec<Region>,
+        dirty: Box<dyn DirtySource>,
+        embedder: Box<dyn SourceEmbedder>,
+        monitor: Arc<Monitor>,
+    ) -> Result<SourceSession, EngineError> {
+        let started = Instant::now();
+        let fail = |e: EngineError| {
+            monitor.update(|s| {
+                s.status = "failed".into();
+                s.error = Some(e.to_string());
+            });
+            e
+        };
+        region::validate(&regions).map_err(fail)?;
+        if cfg.lanes == 0 || cfg.lanes > u16::MAX as usize {
+            return Err(fail(EngineError::Config("lanes must be 1..=65535".into())));
+        }
+        monitor.pacer.set_rate(cfg.max_bandwidth);
+        let total: u64 = regions.iter().map(|r| r.len()).sum();
+        monitor.total.store(total, Ordering::Relaxed);
+        let rt = crate::control::runtime().map_err(fail)?;
+        let offer = SourceOffer {
+            versions: cfg.versions,
+            key: cfg.key.clone(),
+            regions: regions.iter().map(Region::desc).collect(),
+            transports: vec![TransportKind::Tcp],
+            lanes: cfg.lanes as u16,
+            verify: cfg.verify,
+        };
+        let timeout = cfg.handshake_timeout;
+        let dest = cfg.dest.clone();
+        let cancel = monitor.cancel.clone();
+        let (stream, peer, agreed) = rt
+            .block_on(async {
+                let connect = tokio::net::TcpStream::connect(dest.as_str());
+                let mut s = match tokio::time::timeout(timeout, connect).await {
+                    Err(_) => {
+                        return Err(EngineError::Io(format!("connecting to {dest} timed out")))
+                    }
+                    Ok(r) => r.map_err(|e| EngineError::Io(format!("connecting to {dest}: {e}")))?,
+                };
+                s.set_nodelay(true)?;
+                let peer = s.peer_addr()?;
+                let a = handshake::source(&mut s, &offer, timeout).await?;
+                Ok((s, peer, a))
+            })
+            .map_err(fail)?;
+        let link = ControlLink::start(rt.handle(), stream, cfg.liveness);
+        if cancel.is_cancelled() {
+            link.send(Message::Cancel {
+                reason: cancel.reason(),
+            });
+            return Err(fail(EngineError::Cancelled(cancel.reason())));
+        }
+
+        let map = MemoryMap::new(regions.iter().map(|r| r.mem).collect());
+        let shared = Arc::new(Shared {
+            map: map.clone(),
+            round: regions.iter().map(|r| AtomicBitmap::new(r.pages())).collect(),
+            pending: regions.iter().map(|r| AtomicBitmap::new(r.pages())).collect(),
+            hashes: cfg.verify.then(|| {
+                regions
+                    .iter()
+                    .map(|r| RegionHashes::new(r.pages(), r.page_size()))
+                    .collect()
+            }),
+            abort: Default::default(),
+            monitor: monitor.clone(),
+        });
+        let pool = WorkerPool::flat();
+        let (rep_tx, reports) = crossbeam_channel::unbounded();
+        let mut workers = Vec::new();
+        for i in 0..agreed.lanes {
+            let fault = cfg.lane_faults.get(i as usize).copied().unwrap_or_default();
+            let lane = connect::open_tcp_lane(
+                peer,
+                &agreed.auth,
+                i,
+                map.clone(),
+                monitor.pacer.clone(),
+                fault,
+                timeout,
+            )
+            .map_err(fail)?;
+            let w = Worker {
+                lane_idx: i as usize,
+                lane,
+                shared: shared.clone(),
+                seq: 0,
+                unacked: VecDeque::new(),
+            };
+            let (cmd, cmd_rx) = crossbeam_channel::unbounded();
+            let rt2 = rep_tx.clone();
+            let join = pool
+                .spawn(Role::SourceLane, i as usize, move || w.main(cmd_rx, rt2))
+                .map_err(|e| fail(e.into()))?;
+            workers.push(LaneWorker {
+                cmd,
+                join: Some(join),
+                alive: true,
+            });
+        }
+        let setup_ms = started.elapsed().as_secs_f64() * 1e3;
+        monitor.update(|s| {
+            s.status = "active".into();
+            s.setup_time_ms = setup_ms;
+            s.transport = agreed.transport.name().into();
+            s.lanes = agreed.lanes as usize;
+            s.ram.total = total;
+            s.ram.page_size = regions[0].page_size();
+        });
+        Ok(SourceSession {
+            converge: Converge::new(cfg.policy),
+            cfg,
+            regions,
+            dirty,
+            embedder,
+            link,
+            _rt: rt,
+            shared,
+            workers,
+            reports,
+            monitor,
+            state: State::Iterating,
+            round: 0,
+            bandwidth: 0.0,
+            started,
+            paused_at: None,
+            sync_count: 0,
+        })
+    }
+
+    /// The monitor given at setup.
+    pub fn monitor(&self) -> &Arc<Monitor> {
+        &self.monitor
+    }
+
+    /// Runs one pre-copy round (round 0 sends everything) and applies the convergence policy.
+    pub fn iterate(&mut self) -> Result<Step, EngineError> {
+        match self.state {
+            State::Iterating => {}
+            State::Ready => return Ok(Step::ReadyForSwitchover),
+            s => return Err(EngineError::State(format!("iterate called in state {s:?}"))),
+        }
+        let r = self.iterate_inner();
+        r.map_err(|e| self.fail(e))
+    }
+
+    fn iterate_inner(&mut self) -> Result<Step, EngineError> {
+        self.check_cancel()?;
+        self.fill_round_set()?;
+        let rs = self.run_round(false)?;
+        let remaining = rs.remaining;
+        let sent_bytes = rs.pages * self.regions[0].page_size();
+        let decision = self
+            .converge
+            .after_round(self.round, sent_bytes, remaining, self.bandwidth);
+        self.round += 1;
+        match decision {
+            Decision::Iterate => Ok(Step::Continue),
+            Decision::Throttle(p) => {
+                self.embedder.throttle(p);
+                self.monitor.update(|s| s.cpu_throttle_percentage = p);
+                Ok(Step::Continue)
+            }
+            Decision::Switchover => {
+                self.state = State::Ready;
+                Ok(Step::ReadyForSwitchover)
+            }
+            Decision::Fail(why) => Err(EngineError::NotConverged(why)),
+        }
+    }
+
+    /// Pauses the guest, copies what is left, hands over device state, verifies and finishes.
+    /// May be called before the policy is ready (a forced switchover).
+    pub fn complete(&mut self) -> Result<MigrationStats, EngineError> {
+        match self.state {
+            State::Iterating | State::Ready => {}
+            s => return Err(EngineError::State(format!("complete called in state {s:?}"))),
+        }
+        let r = self.complete_inner();
+        match r {
+            Ok(()) => Ok(self.monitor.stats()),
+            Err(e) => Err(self.fail(e)),
+        }
+    }
+
+    fn complete_inner(&mut self) -> Result<(), EngineError> {
+        self.check_cancel()?;
+        let expected = self.monitor.stats().expected_downtime_ms;
+        self.monitor.update(|s| s.status = "device".into());
+        let t0 = Instant::now();
+        self.embedder.pause().map_err(EngineError::Embedder)?;
+        self.paused_at = Some(t0);
+        // Stop-and-copy, repeated only if a lane failure left pages unconfirmed.
+        loop {
+            self.fill_round_set()?;
+            self.run_round(true)?;
+            self.round += 1;
+            if self.sync_pending()? == 0 {
+                break;
+            }
+        }
+        let dev = self.embedder.device_state().map_err(EngineError::Embedder)?;
+        let mut pieces = dev.chunks(DEVICE_PIECE).peekable();
+        if pieces.peek().is_none() {
+            self.link.send(Message::DeviceState {
+                data: Vec::new(),
+                last: true,
+            });
+        }
+        while let Some(p) = pieces.next() {
+            self.link.send(Message::DeviceState {
+                data: p.to_vec(),
+                last: pieces.peek().is_none(),
+            });
+        }
+        let wait = self.cfg.liveness.peer_timeout * 2;
+        let mut verified = None;
+        if let Some(h) = &self.shared.hashes {
+            let digests: Vec<Vec<u64>> = h.iter().map(RegionHashes::chunk_digests).collect();
+            self.link.send(Message::Checksums { regions: digests });
+            let (ok, mism) = self.link.expect(wait, "Verified", |m| match m {
+                Message::Verified { ok, mismatches } => Ok((ok, mismatches)),
+                m => Err(m),
+            })?;
+            if !ok {
+                self.monitor.update(|s| s.verified = Some(false));
+                let list: Vec<String> = mism
+                    .iter()
+                    .map(|(r, c)| format!("region {r} chunk {c}"))
+                    .collect();
+                return Err(EngineError::VerifyFailed(format!(
+                    "destination differs in {}",
+                    list.join(", ")
+                )));
+            }
+            verified = Some(true);
+        }
+        self.link.send(Message::Complete);
+        self.link.expect(wait, "Done", |m| match m {
+            Message::Done => Ok(()),
+            m => Err(m),
+        })?;
+        let downtime = t0.elapsed().as_secs_f64() * 1e3;
+        self.close_workers();
+        self.link.close(Duration::from_secs(1));
+        self.state = State::Done;
+        let total = self.started.elapsed().as_secs_f64() * 1e3;
+        self.monitor.update(|s| {
+            s.status = "completed".into();
+            s.verified = verified;
+            s.downtime_ms = downtime;
+            s.expected_downtime_ms = expected;
+            s.total_time_ms = total;
+            s.ram.remaining = 0;
+            let secs = (total - s.setup_time_ms) / 1e3;
+            if secs > 0.0 {
+                s.ram.mbps = s.ram.transferred as f64 * 8.0 / 1e6 / secs;
+            }
+        });
+        Ok(())
+    }
+
+    /// Moves what is pending into the round set (round 0: every page).
+    fn fill_round_set(&mut self) -> Result<(), EngineError> {
+        if self.round == 0 {
+            for (b, r) in self.shared.round.iter().zip(&self.regions) {
+                b.set_range(0, r.pages());
+            }
+            // Writes before round 0 are covered by it: drop what the log holds already.
+            for i in 0..self.regions.len() {
+                let scratch = &self.shared.pending[i];
+                self.dirty.sync(i, scratch)?;
+                scratch.clear_all();
+            }
+            self.sync_count += 1;
+        } else {
+            self.sync_pending()?;
+            for (b, p) in self.shared.round.iter().zip(&self.shared.pending) {
+                b.clear_all();
+                b.take_from(p);
+            }
+        }
+        Ok(())
+    }
+
+    /// Syncs the dirty log into the pending set; returns the dirty bytes now pending.
+    fn sync_pending(&mut self) -> Result<u64, EngineError> {
+        let mut bytes = 0;
+        for (i, r) in self.regions.iter().enumerate() {
+            self.dirty.sync(i, &self.shared.pending[i])?;
+            bytes += self.shared.pending[i].count() * r.page_size();
+        }
+        self.sync_count += 1;
+        Ok(bytes)
+    }
+
+    fn alive(&self) -> usize {
+        self.workers.iter().filter(|w| w.alive).count()
+    }
+
+    /// Sends the round set over every live lane; returns the round's figures.
+    fn run_round(&mut self, last: bool) -> Result<RoundStats, EngineError> {
+        let t0 = Instant::now();
+        let round_pages: u64 = self.shared.round.iter().map(AtomicBitmap::count).sum();
+        let psize = self.regions[0].page_size();
+        let m = &self.monitor;
+        m.round.store(self.round, Ordering::Relaxed);
+        m.round_start_bytes
+            .store(m.bytes_acked.load(Ordering::Relaxed), Ordering::Relaxed);
+        m.round_dirty.store(round_pages * psize, Ordering::Relaxed);
+        self.link.send(Message::RoundStart {
+            round: self.round,
+            last,
+        });
+        let (tx, rx) = crossbeam_channel::unbounded();
+        for (ri, r) in self.regions.iter().enumerate() {
+            let mut first = 0;
+            while first < r.pages() {
+                let end = (first + ITEM_PAGES).min(r.pages());
+                let _ = tx.send(Item {
+                    region: ri as u32,
+                    first,
+                    end,
+                });
+                first = end;
+            }
+        }
+        drop(tx);
+        let mut waiting = 0;
+        for w in self.workers.iter().filter(|w| w.alive) {
+            if w.cmd.send(Cmd::Round(rx.clone())).is_ok() {
+                waiting += 1;
+            }
+        }
+        let mut rs = RoundStats {
+            round: self.round,
+            last,
+            ..Default::default()
+        };
+        let mut last_err = String::new();
+        let mut failure: Option<EngineError> = None;
+        while waiting > 0 {
+            select! {
+                recv(self.reports) -> r => {
+                    let Ok(r) = r else { break };
+                    waiting -= 1;
+                    rs.pages += r.data_pages + r.zero_pages;
+                    rs.zero_pages += r.zero_pages;
+                    rs.bytes += r.wire_bytes;
+                    self.monitor.update(|s| {
+                        s.ram.duplicate += r.zero_pages;
+                        s.ram.normal += r.data_pages;
+                        s.ram.normal_bytes += r.payload;
+                        s.ram.transferred += r.wire_bytes;
+                    });
+                    if let Some(e) = r.error {
+                        if !self.shared.abort.load(Ordering::Relaxed) {
+                            self.workers[r.lane].alive = false;
+                            self.monitor.update(|s| s.lanes_failed += 1);
+                            last_err = format!("lane {}: {e}", r.lane);
+                        }
+                    }
+                }
+                recv(self.link.inbox()) -> m => {
+                    let r = m.map_err(|_| EngineError::PeerClosed).and_then(ControlLink::screen);
+                    let e = match r {
+                        Ok(m) => EngineError::Protocol(format!("unexpected {} during a round", m.name())),
+                        Err(e) => e,
+                    };
+                    self.shared.abort.store(true, Ordering::Relaxed);
+                    failure.get_or_insert(e);
+                }
+                default(Duration::from_millis(50)) => {
+                    if self.monitor.cancel.is_cancelled() && failure.is_none() {
+                        self.shared.abort.store(true, Ordering::Relaxed);
+                        failure = Some(EngineError::Cancelled(self.monitor.cancel.reason()));
+                    }
+                }
+            }
+        }
+        if let Some(e) = failure {
+            return Err(e);
+        }
+        if self.alive() == 0 {
+            return Err(EngineError::AllLanesFailed(last_err));
+        }
+        self.link.send(Message::RoundEnd { round: self.round });
+        let round = self.round;
+        self.link
+            .expect(self.cfg.liveness.peer_timeout * 2, "RoundEndAck", |m| match m {
+                Message::RoundEndAck { round: r } if r == round => Ok(()),
+                m => Err(m),
+            })?;
+        let secs = t0.elapsed().as_secs_f64();
+        let mut bw = if secs > 0.0 { rs.bytes as f64 / secs } else { 0.0 };
+        if rs.bytes < MIN_BW_SAMPLE && self.bandwidth > 0.0 {
+            bw = self.bandwidth;
+        }
+        let cap = self.monitor.pacer.rate();
+        if cap > 0 {
+            bw = bw.min(cap as f64);
+        }
+        self.bandwidth = bw;
+        // Dirty rate: what the log gathered while the round ran.
+        let remaining = if last { 0 } else { self.sync_pending()? };
+        let dirty_rate = if secs > 0.0 { remaining as f64 / secs } else { 0.0 };
+        let expected = crate::converge::Converge::expected_downtime(remaining, bw);
+        rs.duration_ms = secs * 1e3;
+        rs.dirty_rate = dirty_rate;
+        rs.remaining = remaining;
+        rs.mbps = bw * 8.0 / 1e6;
+        rs.expected_downtime_ms = expected.as_secs_f64() * 1e3;
+        rs.lanes = self.alive();
+        *self.monitor.bandwidth.lock().unwrap_or_else(|e| e.into_inner()) = (bw, dirty_rate);
+        let rsc = rs.clone();
+        let syncs = self.sync_count;
+        self.monitor.update(|s| {
+            s.rounds.push(rsc);
+            s.ram.remaining = remaining;
+            s.ram.dirty_sync_count = syncs;
+            s.ram.dirty_pages_rate = dirty_rate / psize as f64;
+            if !last {
+                s.expected_downtime_ms = rs.expected_downtime_ms;
+            }
+        });
+        Ok(rs)
+    }
+
+    fn check_cancel(&mut self) -> Result<(), EngineError> {
+        if self.monitor.cancel.is_cancelled() {
+            return Err(EngineError::Cancelled(self.monitor.cancel.reason()));
+        }
+        while let Ok(m) = self.link.inbox().try_recv() {
+            let m = ControlLink::screen(m)?;
+            return Err(EngineError::Protocol(format!(
+                "unexpected {} between rounds",
+                m.name()
+            )));
+        }
+        Ok(())
+    }
+
+    fn close_workers(&mut self) {
+        for w in &mut self.workers {
+            let _ = w.cmd.send(Cmd::Close);
+        }
+        for w in &mut self.workers {
+            if let Some(j) = w.join.take() {
+                let _ = j.join();
+            }
+            w.alive = false;
+        }
+    }
+
+    /// Records a failure, tells the peer, stops the lanes and resumes the guest if paused.
+    fn fail(&mut self, e: EngineError) -> EngineError {
+        if self.state == State::Failed {
+            return e;
+        }
+        self.state = State::Failed;
+        self.shared.abort.store(true, Ordering::Relaxed);
+        match &e {
+            EngineError::Cancelled(r) => self.link.send(Message::Cancel { reason: r.clone() }),
+            EngineError::PeerCancelled(_)
+            | EngineError::PeerError(_)
+            | EngineError::PeerClosed
+            | EngineError::PeerSilent(_) => {}
+            other => self.link.send(Message::Error {
+                message: other.to_string(),
+            }),
+        }
+        self.link.close(Duration::from_millis(500));
+        // Dropping the command channels ends idle workers; busy ones see `abort`.
+        for w in &mut self.workers {
+            let (dead, _) = crossbeam_channel::bounded(0);
+            w.cmd = dead;
+        }
+        for w in &mut self.workers {
+            if let Some(j) = w.join.take() {
+                let _ = j.join();
+            }
+        }
+        if self.paused_at.is_some() {
+            self.embedder.resume();
+        }
+        let status = if e.is_cancel() { "cancelled" } else { "failed" };
+        let total = self.started.elapsed().as_secs_f64() * 1e3;
+        self.monitor.update(|s| {
+            s.status = status.into();
+            s.error = Some(e.to_string());
+            s.total_time_ms = total;
+        });
+        e
+    }
+
+    /// Gives up on purpose (from the driving thread; other threads use the monitor).
+    pub fn cancel(&mut self, reason: &str) -> EngineError {
+        self.fail(EngineError::Cancelled(reason.to_string()))
+    }
+}
+
+impl Drop for SourceSession {
+    fn drop(&mut self) {
+        if matches!(self.state, State::Iterating | State::Ready) {
+            self.cancel("source session dropped");
+        }
+    }
+}

@@ -1,0 +1,88 @@
+//! Migration statistics, named after QEMU's `query-migrate` (in snake_case).
+
+use serde::Serialize;
+
+/// One pre-copy round.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct RoundStats {
+    /// Round number (0 sends everything).
+    pub round: u32,
+    /// Whether this was the stop-and-copy round (or a re-send inside it).
+    pub last: bool,
+    /// Pages sent (data and zero).
+    pub pages: u64,
+    /// Of which zero pages (sent as markers).
+    pub zero_pages: u64,
+    /// Bytes put on the wire (payload and framing).
+    pub bytes: u64,
+    /// Wall time of the round.
+    pub duration_ms: f64,
+    /// Pages dirtied while the round ran, per second, in bytes/s.
+    pub dirty_rate: f64,
+    /// Bytes still dirty after the round.
+    pub remaining: u64,
+    /// Bandwidth of the round in megabits/s.
+    pub mbps: f64,
+    /// Expected downtime after the round.
+    pub expected_downtime_ms: f64,
+    /// Lanes that carried the round.
+    pub lanes: usize,
+}
+
+/// RAM figures (QEMU's `ram` object).
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct RamStats {
+    /// Bytes of guest memory.
+    pub total: u64,
+    /// Bytes put on the wire.
+    pub transferred: u64,
+    /// Bytes still dirty.
+    pub remaining: u64,
+    /// Zero pages sent as markers.
+    pub duplicate: u64,
+    /// Pages sent with their bytes.
+    pub normal: u64,
+    /// Payload bytes of those pages.
+    pub normal_bytes: u64,
+    /// Dirty-log syncs.
+    pub dirty_sync_count: u64,
+    /// Average bandwidth in megabits/s over the migration (setup excluded).
+    pub mbps: f64,
+    /// Pages dirtied per second in the last round.
+    pub dirty_pages_rate: f64,
+    /// Page size of the first region.
+    pub page_size: u64,
+}
+
+/// A migration's statistics.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct MigrationStats {
+    /// `setup`, `active`, `device`, `completed`, `failed` or `cancelled`.
+    pub status: String,
+    /// From start to completion (setup included).
+    pub total_time_ms: f64,
+    /// Connecting, handshake, lanes.
+    pub setup_time_ms: f64,
+    /// From the pause to the destination's `Done`.
+    pub downtime_ms: f64,
+    /// Expected downtime before the switchover.
+    pub expected_downtime_ms: f64,
+    /// `tcp`.
+    pub transport: String,
+    /// Why the preferred transport was not used, if it was not.
+    pub fallback_reason: Option<String>,
+    /// Lanes opened.
+    pub lanes: usize,
+    /// Lanes that failed on the way.
+    pub lanes_failed: usize,
+    /// `true`/`false` after verification; `null` when verification is off or did not run.
+    pub verified: Option<bool>,
+    /// The guest throttle asked for (auto-converge), in percent.
+    pub cpu_throttle_percentage: u8,
+    /// RAM figures.
+    pub ram: RamStats,
+    /// Every round.
+    pub rounds: Vec<RoundStats>,
+    /// What went wrong, for `failed` and `cancelled`.
+    pub error: Option<String>,
+}

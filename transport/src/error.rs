@@ -1,0 +1,24 @@
+//! Errors of one data lane.
+
+use std::io;
+
+/// Why a lane stopped. A failed lane never takes the migration down by itself: the engine
+/// re-marks the pages it could not confirm and carries on over the remaining lanes.
+#[derive(Debug, thiserror::Error)]
+pub enum LaneError {
+    /// The socket or device reported an I/O error.
+    #[error("lane I/O error: {0}")]
+    Io(#[from] io::Error),
+    /// The peer closed the lane.
+    #[error("peer closed the lane")]
+    Closed,
+    /// The peer sent a frame that does not fit the protocol or the region table.
+    #[error("malformed lane frame: {0}")]
+    Malformed(String),
+    /// No acknowledgement arrived in time.
+    #[error("no acknowledgement within {0:?}")]
+    AckTimeout(std::time::Duration),
+    /// A fault injected on purpose (tests) ended the lane.
+    #[error("injected fault: {0}")]
+    Injected(&'static str),
+}

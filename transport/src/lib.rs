@@ -1,0 +1,49 @@
+//! The data plane of rmig: lanes that move runs of guest pages from source memory into
+//! destination memory.
+//!
+//! The engine decides *what* to send and *when* (dirty tracking, rounds, convergence); a
+//! transport only knows *how* to move a [`Batch`] of page runs and to say when the other side
+//! has it. That split is what lets one round plan feed a TCP `writev`, an RDMA scatter-gather
+//! list or a checksum alike.
+//!
+//! A source lane is driven by exactly one thread (no locks on the hot path): it sends batches
+//! and learns, through acknowledgements, which of them have landed in destination memory. A
+//! TCP send is not a receipt, so the engine counts pages as delivered only once acknowledged,
+//! and marks the pages of unacknowledged batches dirty again when a lane dies.
+
+pub mod batch;
+pub mod error;
+pub mod fault;
+pub mod mem;
+pub mod pace;
+pub mod tcp;
+
+pub use batch::{Batch, Run, RunKind};
+pub use error::LaneError;
+pub use fault::FaultPlan;
+pub use mem::{MemRegion, MemoryMap};
+pub use pace::Pacer;
+
+use std::time::Duration;
+
+/// The sending end of one data lane.
+pub trait SourceLane: Send {
+    /// Sends every run of `batch` and returns once the bytes are handed to the transport.
+    /// Returns the number of bytes put on the wire (payload and framing).
+    fn send(&mut self, batch: &Batch) -> Result<u64, LaneError>;
+    /// The highest batch sequence number that the destination has acknowledged.
+    fn acked(&self) -> u64;
+    /// Blocks until batch `seq` (and every earlier one) is acknowledged or `timeout` passes.
+    fn wait_acked(&mut self, seq: u64, timeout: Duration) -> Result<(), LaneError>;
+    /// Ends the lane in an orderly way (the destination sees a clean end of stream).
+    fn close(&mut self);
+}
+
+/// Receives what a destination lane wrote, so the engine can keep its per-page state
+/// (checksums, known-zero pages) current while the data is still in cache.
+pub trait PageSink: Sync {
+    /// `npages` pages from `first_page` of region `region` now hold the source's bytes.
+    fn data_landed(&self, region: usize, first_page: u64, npages: u64);
+    /// The source says these pages are all zero; the sink makes them so (or knows they are).
+    fn zero_pages(&self, region: usize, first_page: u64, npages: u64);
+}

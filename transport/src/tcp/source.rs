@@ -1,0 +1,233 @@
+//! The sending end of a TCP lane.
+
+use std::io::{IoSlice, Read, Write};
+use std::net::{Shutdown, TcpStream};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use super::wire::{self, Header, ACK_LEN, HEADER_LEN};
+use crate::{Batch, FaultPlan, LaneError, MemoryMap, Pacer, RunKind, SourceLane};
+
+/// Most slices one `writev` takes (Linux's IOV_MAX).
+const IOV_MAX: usize = 1024;
+
+/// What the acknowledgement reader has learnt.
+#[derive(Debug, Default)]
+struct AckInner {
+    seq: u64,
+    /// Set once the reader stopped; the reason why.
+    closed: Option<String>,
+}
+
+#[derive(Debug, Default)]
+struct Acks {
+    inner: Mutex<AckInner>,
+    cv: Condvar,
+}
+
+/// A TCP source lane: vectored writes from guest memory, acknowledgements read on a helper
+/// thread so that sending never waits for them.
+pub struct TcpSourceLane {
+    stream: TcpStream,
+    map: MemoryMap,
+    pacer: Arc<Pacer>,
+    acks: Arc<Acks>,
+    reader: Option<JoinHandle<()>>,
+    fault: FaultPlan,
+    payload_sent: u64,
+    headers: Vec<[u8; HEADER_LEN]>,
+}
+
+impl TcpSourceLane {
+    /// Takes over a connected, authenticated lane socket.
+    pub fn new(
+        stream: TcpStream,
+        map: MemoryMap,
+        pacer: Arc<Pacer>,
+        fault: FaultPlan,
+    ) -> Result<Self, LaneError> {
+        stream.set_nodelay(true)?;
+        let acks = Arc::new(Acks::default());
+        let mut rd = stream.try_clone()?;
+        let a = acks.clone();
+        let reader = std::thread::Builder::new()
+            .name("rmig-ack".into())
+            .spawn(move || read_acks(&mut rd, &a))?;
+        Ok(TcpSourceLane {
+            stream,
+            map,
+            pacer,
+            acks,
+            reader: Some(reader),
+            fault,
+            payload_sent: 0,
+            headers: Vec::new(),
+        })
+    }
+
+    fn closed_reason(&self) -> Option<String> {
+        lock(&self.acks.inner).closed.clone()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn read_acks(rd: &mut TcpStream, acks: &Acks) {
+    let mut b = [0u8; ACK_LEN];
+    let reason = loop {
+        match rd.read_exact(&mut b) {
+            Ok(()) => match wire::decode_ack(&b) {
+                Ok(seq) => {
+                    let mut g = lock(&acks.inner);
+                    g.seq = g.seq.max(seq);
+                    acks.cv.notify_all();
+                }
+                Err(e) => break e,
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                break "peer closed the lane".to_string()
+            }
+            Err(e) => break e.to_string(),
+        }
+    };
+    lock(&acks.inner).closed = Some(reason);
+    acks.cv.notify_all();
+}
+
+/// Writes all of `bufs`, in `writev` calls of at most [`IOV_MAX`] slices.
+fn write_all_vectored(s: &mut TcpStream, mut bufs: &mut [IoSlice<'_>]) -> std::io::Result<()> {
+    while !bufs.is_empty() {
+        let n = bufs.len().min(IOV_MAX);
+        match s.write_vectored(&bufs[..n]) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(w) => IoSlice::advance_slices(&mut bufs, w),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+impl SourceLane for TcpSourceLane {
+    fn send(&mut self, batch: &Batch) -> Result<u64, LaneError> {
+        if let Some(r) = self.closed_reason() {
+            return Err(LaneError::Io(std::io::Error::other(r)));
+        }
+        self.headers.clear();
+        for run in &batch.runs {
+            let kind = match run.kind {
+                RunKind::Data => wire::KIND_DATA,
+                RunKind::Zero => wire::KIND_ZERO,
+            };
+            self.headers.push(
+                Header {
+                    kind,
+                    region: run.region,
+                    first_page: run.first_page,
+                    count: run.npages as u64,
+                }
+                .encode(),
+            );
+        }
+        self.headers.push(
+            Header {
+                kind: wire::KIND_BATCH_END,
+                region: 0,
+                first_page: 0,
+                count: batch.seq,
+            }
+            .encode(),
+        );
+        let mut iov: Vec<IoSlice<'_>> = Vec::with_capacity(batch.runs.len() * 2 + 1);
+        let mut total = 0u64;
+        for (run, h) in batch.runs.iter().zip(&self.headers) {
+            iov.push(IoSlice::new(h));
+            total += HEADER_LEN as u64;
+            if run.kind == RunKind::Data {
+                let region = self
+                    .map
+                    .get(run.region as usize)
+                    .ok_or_else(|| LaneError::Malformed(format!("no region {}", run.region)))?;
+                let s = region.io_slice(run.first_page, run.npages as u64);
+                total += s.len() as u64;
+                iov.push(s);
+            }
+        }
+        iov.push(IoSlice::new(self.headers.last().expect("batch end header")));
+        total += HEADER_LEN as u64;
+
+        self.pacer.take(total);
+        if let Some(limit) = self.fault.fail_after_bytes {
+            if self.payload_sent + batch.data_bytes > limit {
+                // Die mid-batch: half the bytes reach the peer, then the connection drops.
+                let mut half = total / 2;
+                let mut partial = Vec::new();
+                for s in &iov {
+                    if half == 0 {
+                        break;
+                    }
+                    let take = (s.len() as u64).min(half) as usize;
+                    partial.push(IoSlice::new(&s[..take]));
+                    half -= take as u64;
+                }
+                let _ = write_all_vectored(&mut self.stream, &mut partial);
+                let _ = self.stream.shutdown(Shutdown::Both);
+                return Err(LaneError::Injected("lane killed mid-batch"));
+            }
+        }
+        write_all_vectored(&mut self.stream, &mut iov)?;
+        self.payload_sent += batch.data_bytes;
+        Ok(total)
+    }
+
+    fn acked(&self) -> u64 {
+        lock(&self.acks.inner).seq
+    }
+
+    fn wait_acked(&mut self, seq: u64, timeout: Duration) -> Result<(), LaneError> {
+        let deadline = Instant::now() + timeout;
+        let mut g = lock(&self.acks.inner);
+        loop {
+            if g.seq >= seq {
+                return Ok(());
+            }
+            if let Some(r) = &g.closed {
+                return Err(LaneError::Io(std::io::Error::other(r.clone())));
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(LaneError::AckTimeout(timeout));
+            }
+            g = self
+                .acks
+                .cv
+                .wait_timeout(g, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    fn close(&mut self) {
+        let h = Header {
+            kind: wire::KIND_CLOSE,
+            region: 0,
+            first_page: 0,
+            count: 0,
+        }
+        .encode();
+        let _ = self.stream.write_all(&h);
+        let _ = self.stream.shutdown(Shutdown::Write);
+    }
+}
+
+impl Drop for TcpSourceLane {
+    fn drop(&mut self) {
+        let _ = self.stream.shutdown(Shutdown::Both);
+        if let Some(r) = self.reader.take() {
+            let _ = r.join();
+        }
+    }
+}
