@@ -1,1 +1,504 @@
-fn main() {}
+//! `rmig-bench`: rmig's standalone throughput tool.
+//!
+//! `loopback` runs a source and a destination in one process over 127.0.0.1 with a synthetic
+//! guest (memory filled as asked, writer threads dirtying it), migrates, verifies, compares
+//! both memories byte for byte, and reports. `source` and `dest` do the same across two hosts.
+
+mod mem;
+mod report;
+mod workload;
+
+use std::io::IsTerminal;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use rmig_engine::{
+    driver, ConvergePolicy, DestConfig, DestEmbedder, DestListener, Key, Monitor, NoConvergence,
+    Region, SharedDirtyLog, SourceConfig, PAGE_2M, PAGE_4K,
+};
+
+use mem::{parse_size, Fill, Mapping};
+use report::{Report, RunInfo};
+use workload::{Workload, WorkloadSpec};
+
+#[derive(Parser)]
+#[command(name = "rmig-bench", version, about = "Measure rmig live-migration throughput")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Source and destination in one process over 127.0.0.1 (the default).
+    Loopback(LoopbackArgs),
+    /// Migrate this host's synthetic guest to a destination.
+    Source(SourceArgs),
+    /// Receive a migration from a source.
+    Dest(DestArgs),
+}
+
+#[derive(Args, Clone)]
+struct GuestArgs {
+    /// Guest memory size (e.g. 2GiB, 512MiB).
+    #[arg(long, default_value = "2GiB", value_parser = parse_size)]
+    size: u64,
+    /// Page size of the region: 4KiB or 2MiB.
+    #[arg(long, default_value = "4KiB", value_parser = parse_size)]
+    page_size: u64,
+}
+
+#[derive(Args, Clone)]
+struct WorkloadArgs {
+    /// How to fill source memory.
+    #[arg(long, value_enum, default_value_t = Fill::Random)]
+    fill: Fill,
+    /// Fraction of zero pages for `--fill mixed`.
+    #[arg(long, default_value_t = 0.5)]
+    zero_fraction: f64,
+    /// Rate at which writer threads dirty pages, MB/s (0: no writers).
+    #[arg(long, default_value_t = 0.0)]
+    dirty_rate: f64,
+    /// Fraction of memory the writers touch.
+    #[arg(long, default_value_t = 0.1)]
+    hot_set: f64,
+    /// Writer threads.
+    #[arg(long, default_value_t = 1)]
+    writers: usize,
+    /// Seed of the generated data.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum OnOff {
+    On,
+    Off,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum OnNoConvergence {
+    Fail,
+    Switchover,
+}
+
+#[derive(Args, Clone)]
+struct MigrateArgs {
+    /// Data lanes (default: one per CPU).
+    #[arg(long)]
+    lanes: Option<usize>,
+    /// Downtime ceiling in milliseconds.
+    #[arg(long, default_value_t = 300)]
+    downtime_limit: u64,
+    /// Bandwidth ceiling in bytes/s (e.g. 500MB); 0 is unlimited.
+    #[arg(long, default_value = "0", value_parser = parse_size)]
+    max_bandwidth: u64,
+    /// Most pre-copy rounds.
+    #[arg(long, default_value_t = 30)]
+    max_rounds: u32,
+    /// What to do when the round limit is reached above the downtime limit.
+    #[arg(long, value_enum, default_value_t = OnNoConvergence::Fail)]
+    on_no_convergence: OnNoConvergence,
+    /// Throttle the guest when rounds stop shrinking.
+    #[arg(long, value_enum, default_value_t = OnOff::On)]
+    auto_converge: OnOff,
+    /// End-to-end verification of every page.
+    #[arg(long, value_enum, default_value_t = OnOff::On)]
+    verify: OnOff,
+}
+
+#[derive(Args, Clone)]
+struct OutputArgs {
+    /// Print one JSON object instead of the table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args, Clone)]
+struct PreallocArgs {
+    /// Populate destination memory before the migration (like QEMU's -mem-prealloc).
+    #[arg(long, overrides_with = "no_prealloc", default_value_t = true)]
+    prealloc: bool,
+    /// Leave destination memory to be faulted in during the migration.
+    #[arg(long)]
+    no_prealloc: bool,
+}
+
+impl PreallocArgs {
+    fn on(&self) -> bool {
+        !self.no_prealloc
+    }
+}
+
+#[derive(Args, Clone)]
+struct LoopbackArgs {
+    #[command(flatten)]
+    guest: GuestArgs,
+    #[command(flatten)]
+    workload: WorkloadArgs,
+    #[command(flatten)]
+    migrate: MigrateArgs,
+    #[command(flatten)]
+    prealloc: PreallocArgs,
+    #[command(flatten)]
+    out: OutputArgs,
+}
+
+#[derive(Args, Clone)]
+struct KeyArgs {
+    /// File holding the pre-shared key (else the RMIG_KEY environment variable).
+    #[arg(long)]
+    key_file: Option<std::path::PathBuf>,
+}
+
+impl KeyArgs {
+    fn load(&self) -> Result<Key> {
+        let bytes = match &self.key_file {
+            Some(p) => std::fs::read(p).with_context(|| format!("reading {}", p.display()))?,
+            None => std::env::var("RMIG_KEY")
+                .context("no key: pass --key-file or set RMIG_KEY")?
+                .into_bytes(),
+        };
+        Ok(Key::new(&bytes)?)
+    }
+}
+
+#[derive(Args, Clone)]
+struct SourceArgs {
+    /// Destination address (host:port).
+    #[arg(long)]
+    connect: String,
+    #[command(flatten)]
+    key: KeyArgs,
+    #[command(flatten)]
+    guest: GuestArgs,
+    #[command(flatten)]
+    workload: WorkloadArgs,
+    #[command(flatten)]
+    migrate: MigrateArgs,
+    #[command(flatten)]
+    out: OutputArgs,
+}
+
+#[derive(Args, Clone)]
+struct DestArgs {
+    /// Address to listen on (host:port).
+    #[arg(long)]
+    listen: String,
+    #[command(flatten)]
+    key: KeyArgs,
+    #[command(flatten)]
+    guest: GuestArgs,
+    #[command(flatten)]
+    prealloc: PreallocArgs,
+    #[command(flatten)]
+    out: OutputArgs,
+}
+
+/// Device state the bench's guest "has": bytes derived from the seed, checked at the far end.
+fn device_state(seed: u64) -> Vec<u8> {
+    let mut r = mem::Rng::new(seed ^ 0xdead_beef);
+    (0..64 * 1024).map(|_| r.next_u64() as u8).collect()
+}
+
+/// A destination embedder that keeps the device state it is handed.
+struct BenchDest {
+    got: Arc<std::sync::Mutex<Option<Vec<u8>>>>,
+}
+
+impl DestEmbedder for BenchDest {
+    fn load_device_state(&mut self, state: Vec<u8>) -> Result<(), String> {
+        *self.got.lock().unwrap_or_else(|e| e.into_inner()) = Some(state);
+        Ok(())
+    }
+}
+
+fn check_guest(g: &GuestArgs) -> Result<()> {
+    if g.page_size != PAGE_4K && g.page_size != PAGE_2M {
+        bail!("--page-size must be 4KiB or 2MiB");
+    }
+    if g.size == 0 || g.size % g.page_size != 0 {
+        bail!("--size must be a non-zero multiple of the page size");
+    }
+    Ok(())
+}
+
+fn source_config(dest: String, key: Key, m: &MigrateArgs) -> SourceConfig {
+    let mut c = SourceConfig::new(dest, key);
+    if let Some(l) = m.lanes {
+        c.lanes = l;
+    }
+    c.policy = ConvergePolicy {
+        downtime_limit: Duration::from_millis(m.downtime_limit),
+        max_rounds: m.max_rounds,
+        on_no_convergence: match m.on_no_convergence {
+            OnNoConvergence::Fail => NoConvergence::Fail,
+            OnNoConvergence::Switchover => NoConvergence::ForceSwitchover,
+        },
+        auto_converge: m.auto_converge == OnOff::On,
+        ..Default::default()
+    };
+    c.max_bandwidth = m.max_bandwidth;
+    c.verify = m.verify == OnOff::On;
+    c
+}
+
+/// Prepared source side: memory, writers, region.
+struct SourceGuest {
+    mem: Mapping,
+    log: SharedDirtyLog,
+    workload: Workload,
+    prepare_ms: f64,
+}
+
+fn prepare_source(g: &GuestArgs, w: &WorkloadArgs) -> Result<SourceGuest> {
+    let t = Instant::now();
+    let mut mem = Mapping::new(g.size as usize, true)?;
+    mem::fill(mem.bytes_mut(), g.page_size as usize, w.fill, w.zero_fraction, w.seed);
+    let pages = g.size / g.page_size;
+    let log = SharedDirtyLog::new(&[pages]);
+    let workload = Workload::start(
+        mem.ptr(),
+        pages,
+        g.page_size,
+        WorkloadSpec {
+            dirty_rate: w.dirty_rate * 1e6,
+            hot_set: w.hot_set,
+            writers: w.writers,
+            seed: w.seed,
+        },
+        log.clone(),
+    );
+    Ok(SourceGuest {
+        mem,
+        log,
+        workload,
+        prepare_ms: t.elapsed().as_secs_f64() * 1e3,
+    })
+}
+
+fn region_of(m: &Mapping, g: &GuestArgs, known_zero: bool) -> Result<Region> {
+    // SAFETY: the mapping outlives the migration (it is dropped at the end of the command),
+    // and on a destination nothing but rmig writes it while the migration runs.
+    let r = unsafe { Region::new(0, "bench.ram", m.ptr(), m.len() as u64, g.page_size) }?;
+    Ok(r.with_gpa(0).with_known_zero(known_zero))
+}
+
+/// Shows a progress bar on stderr (when it is a terminal) until the migration ends.
+fn watch(monitor: &Monitor, done: impl Fn() -> bool) {
+    if !std::io::stderr().is_terminal() {
+        while !done() {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        return;
+    }
+    let bar = indicatif::ProgressBar::new(1);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{spinner} round {prefix} [{bar:30}] {bytes}/{total_bytes} {msg}",
+        )
+        .expect("template")
+        .progress_chars("=> "),
+    );
+    while !done() {
+        let p = monitor.progress();
+        bar.set_length(p.total.max(p.transferred).max(1));
+        bar.set_position(p.transferred);
+        bar.set_prefix(p.round.to_string());
+        bar.set_message(format!(
+            "{:.2} GB/s, {:.1} MB dirty left",
+            p.bandwidth / 1e9,
+            p.remaining as f64 / 1e6
+        ));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    bar.finish_and_clear();
+}
+
+fn print(report: &Report, json: bool) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string(report)?);
+    } else {
+        print!("{}", report.table());
+    }
+    Ok(())
+}
+
+fn loopback(a: LoopbackArgs) -> Result<bool> {
+    check_guest(&a.guest)?;
+    let mut src = prepare_source(&a.guest, &a.workload)?;
+    let t = Instant::now();
+    let dst = Mapping::new(a.guest.size as usize, a.prealloc.on())?;
+    let dest_ms = t.elapsed().as_secs_f64() * 1e3;
+
+    let mut keyb = [0u8; 32];
+    for (i, b) in keyb.iter_mut().enumerate() {
+        *b = (mem::Rng::new(std::process::id() as u64 + i as u64).next_u64() % 94 + 33) as u8;
+    }
+    let key = Key::new(&keyb)?;
+    let listener = DestListener::bind("127.0.0.1:0", DestConfig::new(key.clone()))?;
+    let addr = listener.local_addr()?;
+    let dregion = region_of(&dst, &a.guest, true)?;
+    let got = Arc::new(std::sync::Mutex::new(None));
+    let dest_embedder = BenchDest { got: got.clone() };
+    let dest_monitor = Monitor::new();
+    let dm = dest_monitor.clone();
+    let dest = std::thread::Builder::new()
+        .name("bench-dest".into())
+        .spawn(move || listener.serve(vec![dregion], Box::new(dest_embedder), dm))?;
+
+    let cfg = source_config(addr.to_string(), key, &a.migrate);
+    let dev = device_state(a.workload.seed);
+    let monitor = Monitor::new();
+    let h = driver::spawn(
+        cfg,
+        vec![region_of(&src.mem, &a.guest, false)?],
+        Box::new(src.log.clone()),
+        Box::new(src.workload.embedder(dev.clone())),
+        monitor.clone(),
+    )?;
+    watch(&monitor, || h.is_finished());
+    let result = h.wait();
+    // The source guest stays paused after a successful switchover; stop its writers for good.
+    src.workload.stop();
+    let dest_result = dest.join().map_err(|_| anyhow::anyhow!("destination thread panicked"))?;
+    let stats = match &result {
+        Ok(s) => s.clone(),
+        Err(_) => monitor.stats(),
+    };
+    let completed = result.is_ok() && dest_result.is_ok();
+    let memory_equal = completed.then(|| {
+        src.mem.bytes() == dst.bytes()
+            && got.lock().unwrap_or_else(|e| e.into_inner()).as_deref() == Some(&dev[..])
+    });
+    let report = Report::new(
+        stats,
+        memory_equal,
+        RunInfo {
+            mode: "loopback",
+            size: a.guest.size,
+            page_size: a.guest.page_size,
+            fill: a.workload.fill,
+            zero_fraction: a.workload.zero_fraction,
+            dirty_rate_mbs: a.workload.dirty_rate,
+            hot_set: a.workload.hot_set,
+            prealloc: a.prealloc.on(),
+            verify: a.migrate.verify == OnOff::On,
+            source_prepare_ms: src.prepare_ms,
+            dest_prepare_ms: dest_ms,
+        },
+    );
+    print(&report, a.out.json)?;
+    if let Err(e) = &dest_result {
+        eprintln!("destination: {e}");
+    }
+    Ok(report.ok() && dest_result.is_ok())
+}
+
+fn source(a: SourceArgs) -> Result<bool> {
+    check_guest(&a.guest)?;
+    let key = a.key.load()?;
+    let mut src = prepare_source(&a.guest, &a.workload)?;
+    let cfg = source_config(a.connect.clone(), key, &a.migrate);
+    let monitor = Monitor::new();
+    let h = driver::spawn(
+        cfg,
+        vec![region_of(&src.mem, &a.guest, false)?],
+        Box::new(src.log.clone()),
+        Box::new(src.workload.embedder(device_state(a.workload.seed))),
+        monitor.clone(),
+    )?;
+    watch(&monitor, || h.is_finished());
+    let result = h.wait();
+    src.workload.stop();
+    let stats = result.as_ref().map_or_else(|_| monitor.stats(), Clone::clone);
+    let report = Report::new(
+        stats,
+        None,
+        RunInfo {
+            mode: "source",
+            size: a.guest.size,
+            page_size: a.guest.page_size,
+            fill: a.workload.fill,
+            zero_fraction: a.workload.zero_fraction,
+            dirty_rate_mbs: a.workload.dirty_rate,
+            hot_set: a.workload.hot_set,
+            prealloc: false,
+            verify: a.migrate.verify == OnOff::On,
+            source_prepare_ms: src.prepare_ms,
+            dest_prepare_ms: 0.0,
+        },
+    );
+    print(&report, a.out.json)?;
+    Ok(report.ok())
+}
+
+fn dest(a: DestArgs) -> Result<bool> {
+    check_guest(&a.guest)?;
+    let key = a.key.load()?;
+    let t = Instant::now();
+    let dst = Mapping::new(a.guest.size as usize, a.prealloc.on())?;
+    let prep = t.elapsed().as_secs_f64() * 1e3;
+    let listener = DestListener::bind(&a.listen, DestConfig::new(key))?;
+    eprintln!("listening on {}", listener.local_addr()?);
+    let monitor = Monitor::new();
+    let got = Arc::new(std::sync::Mutex::new(None));
+    let r = listener.serve(
+        vec![region_of(&dst, &a.guest, true)?],
+        Box::new(BenchDest { got: got.clone() }),
+        monitor.clone(),
+    );
+    let report = Report::new(
+        monitor.stats(),
+        None,
+        RunInfo {
+            mode: "dest",
+            size: a.guest.size,
+            page_size: a.guest.page_size,
+            fill: Fill::Random,
+            zero_fraction: 0.0,
+            dirty_rate_mbs: 0.0,
+            hot_set: 0.0,
+            prealloc: a.prealloc.on(),
+            verify: monitor.stats().verified.is_some(),
+            source_prepare_ms: 0.0,
+            dest_prepare_ms: prep,
+        },
+    );
+    print(&report, a.out.json)?;
+    if let Err(e) = &r {
+        eprintln!("migration failed: {e}");
+    }
+    Ok(r.is_ok() && report.ok())
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let cmd = cli.cmd.unwrap_or_else(|| {
+        Cmd::Loopback(
+            LoopbackArgs::try_parse_from_defaults().expect("defaults parse"),
+        )
+    });
+    let ok = match cmd {
+        Cmd::Loopback(a) => loopback(a)?,
+        Cmd::Source(a) => source(a)?,
+        Cmd::Dest(a) => dest(a)?,
+    };
+    if !ok {
+        std::process::exit(1);
+    }
+    Ok(())
+}
+
+impl LoopbackArgs {
+    fn try_parse_from_defaults() -> Result<LoopbackArgs> {
+        #[derive(Parser)]
+        struct Only {
+            #[command(flatten)]
+            a: LoopbackArgs,
+        }
+        Ok(Only::try_parse_from(["rmig-bench"])?.a)
+    }
+}

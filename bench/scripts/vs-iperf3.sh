@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Runs `iperf3 -P N` and `rmig-bench loopback --lanes N` on this machine in one run, alternately
+# (RUNS times each), and prints both rates, their medians and the ratio.
+# Usage: bench/scripts/vs-iperf3.sh [N] [extra rmig-bench args...]
+# Environment: RUNS (default 3), SIZE (default 2GiB), BENCH (path of rmig-bench).
+set -euo pipefail
+n=${1:-2}
+shift || true
+runs=${RUNS:-3}
+size=${SIZE:-2GiB}
+here=$(cd "$(dirname "$0")/../.." && pwd)
+bench=${BENCH:-$here/target/release/rmig-bench}
+command -v iperf3 >/dev/null || { echo "iperf3 missing (apt-get install iperf3)" >&2; exit 1; }
+[ -x "$bench" ] || (cd "$here" && cargo build --release -q -p rmig-bench)
+port=$((20000 + RANDOM % 20000))
+iperf3 -s -p "$port" -D --pidfile /tmp/rmig-iperf3.$$.pid >/dev/null
+trap 'kill $(cat /tmp/rmig-iperf3.$$.pid) 2>/dev/null; rm -f /tmp/rmig-iperf3.$$.pid' EXIT
+sleep 0.5
+ips=(); rms=()
+for i in $(seq "$runs"); do
+  ip=$(iperf3 -c 127.0.0.1 -p "$port" -P "$n" -t 3 -l 1M -J |
+       python3 -c 'import json,sys; print(json.load(sys.stdin)["end"]["sum_received"]["bits_per_second"]/8)')
+  js=$("$bench" loopback --size "$size" --lanes "$n" --json "$@" | tail -1)
+  rm_rate=$(printf '%s' "$js" | python3 -c 'import json,sys; j=json.load(sys.stdin); assert j["status"]=="completed" and j["memory_equal"], j.get("error"); print(j["data_rate"])')
+  printf 'run %d: iperf3 -P %d %.2f GB/s   rmig %.2f GB/s   ratio %.2f\n' "$i" "$n" \
+    "$(python3 -c "print($ip/1e9)")" "$(python3 -c "print($rm_rate/1e9)")" "$(python3 -c "print($rm_rate/$ip)")"
+  ips+=("$ip"); rms+=("$rm_rate")
+done
+python3 - "${ips[*]}" "${rms[*]}" <<'PY'
+import statistics, sys
+ip = statistics.median(map(float, sys.argv[1].split()))
+rm = statistics.median(map(float, sys.argv[2].split()))
+print(f"median: iperf3 {ip/1e9:.2f} GB/s, rmig {rm/1e9:.2f} GB/s, ratio {rm/ip:.2f}")
+PY

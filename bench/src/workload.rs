@@ -1,0 +1,196 @@
+//! The guest stand-in: writer threads that dirty pages at a set rate over a hot set, marking
+//! a dirty log as KVM's would (write first, then set the bit), and that stop for a pause.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Condvar, Mutex, RwLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use rmig_engine::{SharedDirtyLog, SourceEmbedder};
+
+use crate::mem::Rng;
+
+/// What the writers do.
+#[derive(Debug, Clone, Copy)]
+pub struct WorkloadSpec {
+    /// Bytes dirtied per second (pages × page size), over all writers.
+    pub dirty_rate: f64,
+    /// Fraction of memory the writers touch (a window at the start of memory).
+    pub hot_set: f64,
+    /// Writer threads.
+    pub writers: usize,
+    /// Seed.
+    pub seed: u64,
+}
+
+struct Gate {
+    paused: AtomicBool,
+    /// Writers hold it shared while writing; the pause takes it exclusively to wait them out.
+    inflight: RwLock<()>,
+    resume: (Mutex<bool>, Condvar),
+    stop: AtomicBool,
+    throttle: AtomicU8,
+    pages_written: AtomicU64,
+}
+
+/// Running writers.
+pub struct Workload {
+    gate: Arc<Gate>,
+    joins: Vec<JoinHandle<()>>,
+}
+
+/// The memory the writers dirty.
+#[derive(Clone, Copy)]
+struct Target {
+    ptr: *mut u8,
+    pages: u64,
+    page: u64,
+}
+// SAFETY: a plain address range of guest memory that outlives the writers (the bench joins
+// them before unmapping).
+unsafe impl Send for Target {}
+
+impl Workload {
+    /// Starts the writers over `pages` pages of `page` bytes at `ptr`.
+    ///
+    /// The memory must outlive the workload (it is stopped on drop).
+    pub fn start(ptr: *mut u8, pages: u64, page: u64, spec: WorkloadSpec, log: SharedDirtyLog) -> Workload {
+        let gate = Arc::new(Gate {
+            paused: AtomicBool::new(false),
+            inflight: RwLock::new(()),
+            resume: (Mutex::new(false), Condvar::new()),
+            stop: AtomicBool::new(false),
+            throttle: AtomicU8::new(0),
+            pages_written: AtomicU64::new(0),
+        });
+        let mut joins = Vec::new();
+        if spec.dirty_rate > 0.0 && spec.writers > 0 {
+            let hot = ((pages as f64 * spec.hot_set.clamp(0.0, 1.0)) as u64).max(1);
+            let per_writer = spec.dirty_rate / spec.writers as f64 / page as f64; // pages/s
+            for w in 0..spec.writers {
+                let g = gate.clone();
+                let log = log.clone();
+                let t = Target { ptr, pages, page };
+                let seed = spec.seed.wrapping_add(w as u64 * 7919);
+                joins.push(
+                    std::thread::Builder::new()
+                        .name(format!("bench-writer-{w}"))
+                        .spawn(move || writer(t, hot, per_writer, seed, &g, &log))
+                        .expect("spawn writer"),
+                );
+            }
+        }
+        Workload { gate, joins }
+    }
+
+    /// Pages written so far.
+    pub fn pages_written(&self) -> u64 {
+        self.gate.pages_written.load(Ordering::Relaxed)
+    }
+
+    /// An embedder handle for the engine.
+    pub fn embedder(&self, device_state: Vec<u8>) -> BenchEmbedder {
+        BenchEmbedder {
+            gate: self.gate.clone(),
+            device_state,
+        }
+    }
+
+    /// Stops the writers for good.
+    pub fn stop(&mut self) {
+        self.gate.stop.store(true, Ordering::Release);
+        resume(&self.gate);
+        for j in self.joins.drain(..) {
+            let _ = j.join();
+        }
+    }
+}
+
+impl Drop for Workload {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn resume(g: &Gate) {
+    g.paused.store(false, Ordering::Release);
+    let (m, cv) = &g.resume;
+    *m.lock().unwrap_or_else(|e| e.into_inner()) = true;
+    cv.notify_all();
+}
+
+fn writer(t: Target, hot: u64, pages_per_sec: f64, seed: u64, g: &Gate, log: &SharedDirtyLog) {
+    let mut rng = Rng::new(seed);
+    let hot = hot.min(t.pages);
+    let start = Instant::now();
+    let mut done = 0f64;
+    let words = t.page / 8;
+    while !g.stop.load(Ordering::Acquire) {
+        if g.paused.load(Ordering::Acquire) {
+            let (m, cv) = &g.resume;
+            let mut r = m.lock().unwrap_or_else(|e| e.into_inner());
+            while g.paused.load(Ordering::Acquire) && !g.stop.load(Ordering::Acquire) {
+                r = cv
+                    .wait_timeout(r, Duration::from_millis(50))
+                    .unwrap_or_else(|e| e.into_inner())
+                    .0;
+            }
+            continue;
+        }
+        let throttle = g.throttle.load(Ordering::Relaxed) as f64 / 100.0;
+        let target = start.elapsed().as_secs_f64() * pages_per_sec * (1.0 - throttle);
+        let due = (target - done).min(4096.0);
+        if due < 1.0 {
+            std::thread::sleep(Duration::from_micros(500));
+            continue;
+        }
+        let n = due as u64;
+        {
+            let _in = g.inflight.read().unwrap_or_else(|e| e.into_inner());
+            if g.paused.load(Ordering::Acquire) {
+                continue;
+            }
+            for _ in 0..n {
+                let p = rng.below(hot);
+                let off = p * t.page + rng.below(words) * 8;
+                let v = rng.next_u64() | 1;
+                // SAFETY: `off` is inside the mapping (p < pages, word < page/8) and 8-aligned;
+                // the guest's writes race with the engine's reads by design (see the engine's
+                // memory module), and a volatile store keeps the compiler from eliding it.
+                unsafe { std::ptr::write_volatile(t.ptr.add(off as usize).cast::<u64>(), v) };
+                log.mark(0, p);
+            }
+        }
+        done += n as f64;
+        g.pages_written.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+/// The bench as the engine's embedder: pause and throttle the writers, give device state.
+pub struct BenchEmbedder {
+    gate: Arc<Gate>,
+    device_state: Vec<u8>,
+}
+
+impl SourceEmbedder for BenchEmbedder {
+    fn pause(&mut self) -> Result<(), String> {
+        let (m, _) = &self.gate.resume;
+        *m.lock().unwrap_or_else(|e| e.into_inner()) = false;
+        self.gate.paused.store(true, Ordering::Release);
+        // Wait out the writers that are in the middle of a burst.
+        drop(self.gate.inflight.write().unwrap_or_else(|e| e.into_inner()));
+        Ok(())
+    }
+
+    fn resume(&mut self) {
+        resume(&self.gate);
+    }
+
+    fn throttle(&mut self, percent: u8) {
+        self.gate.throttle.store(percent.min(99), Ordering::Relaxed);
+    }
+
+    fn device_state(&mut self) -> Result<Vec<u8>, String> {
+        Ok(self.device_state.clone())
+    }
+}
