@@ -359,8 +359,10 @@ fn loopback(a: LoopbackArgs) -> Result<bool> {
         Box::new(src.workload.embedder(dev.clone())),
         monitor.clone(),
     )?;
+    let cpu0 = cpu_time();
     watch(&monitor, || h.is_finished());
     let result = h.wait();
+    let cpu = cpu_time() - cpu0;
     // The source guest stays paused after a successful switchover; stop its writers for good.
     src.workload.stop();
     let dest_result = dest.join().map_err(|_| anyhow::anyhow!("destination thread panicked"))?;
@@ -376,6 +378,7 @@ fn loopback(a: LoopbackArgs) -> Result<bool> {
     let report = Report::new(
         stats,
         memory_equal,
+        cpu,
         RunInfo {
             mode: "loopback",
             size: a.guest.size,
@@ -384,6 +387,7 @@ fn loopback(a: LoopbackArgs) -> Result<bool> {
             zero_fraction: a.workload.zero_fraction,
             dirty_rate_mbs: a.workload.dirty_rate,
             hot_set: a.workload.hot_set,
+            pages_dirtied: src.workload.pages_written(),
             prealloc: a.prealloc.on(),
             verify: a.migrate.verify == OnOff::On,
             source_prepare_ms: src.prepare_ms,
@@ -410,13 +414,16 @@ fn source(a: SourceArgs) -> Result<bool> {
         Box::new(src.workload.embedder(device_state(a.workload.seed))),
         monitor.clone(),
     )?;
+    let cpu0 = cpu_time();
     watch(&monitor, || h.is_finished());
     let result = h.wait();
+    let cpu = cpu_time() - cpu0;
     src.workload.stop();
     let stats = result.as_ref().map_or_else(|_| monitor.stats(), Clone::clone);
     let report = Report::new(
         stats,
         None,
+        cpu,
         RunInfo {
             mode: "source",
             size: a.guest.size,
@@ -425,6 +432,7 @@ fn source(a: SourceArgs) -> Result<bool> {
             zero_fraction: a.workload.zero_fraction,
             dirty_rate_mbs: a.workload.dirty_rate,
             hot_set: a.workload.hot_set,
+            pages_dirtied: src.workload.pages_written(),
             prealloc: false,
             verify: a.migrate.verify == OnOff::On,
             source_prepare_ms: src.prepare_ms,
@@ -445,6 +453,7 @@ fn dest(a: DestArgs) -> Result<bool> {
     eprintln!("listening on {}", listener.local_addr()?);
     let monitor = Monitor::new();
     let got = Arc::new(std::sync::Mutex::new(None));
+    let cpu0 = cpu_time();
     let r = listener.serve(
         vec![region_of(&dst, &a.guest, true)?],
         Box::new(BenchDest { got: got.clone() }),
@@ -453,6 +462,7 @@ fn dest(a: DestArgs) -> Result<bool> {
     let report = Report::new(
         monitor.stats(),
         None,
+        cpu_time() - cpu0,
         RunInfo {
             mode: "dest",
             size: a.guest.size,
@@ -461,6 +471,7 @@ fn dest(a: DestArgs) -> Result<bool> {
             zero_fraction: 0.0,
             dirty_rate_mbs: 0.0,
             hot_set: 0.0,
+            pages_dirtied: 0,
             prealloc: a.prealloc.on(),
             verify: monitor.stats().verified.is_some(),
             source_prepare_ms: 0.0,
@@ -501,4 +512,14 @@ impl LoopbackArgs {
         }
         Ok(Only::try_parse_from(["rmig-bench"])?.a)
     }
+}
+
+/// CPU time (user and system) of this process so far, in seconds.
+fn cpu_time() -> f64 {
+    // SAFETY: rusage is plain data; all zeroes is a valid value.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: getrusage fills the struct we own.
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
+    let t = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    t(ru.ru_utime) + t(ru.ru_stime)
 }

@@ -4,6 +4,9 @@ use std::thread;
 
 use anyhow::{bail, Result};
 
+/// `madvise` advice that faults a range in for writing (Linux 5.14).
+const MADV_POPULATE_WRITE: libc::c_int = 23;
+
 /// An anonymous private mapping, unmapped on drop.
 pub struct Mapping {
     ptr: *mut u8,
@@ -20,10 +23,7 @@ impl Mapping {
     /// Maps `len` bytes; with `populate`, every page is faulted in now (like QEMU's
     /// `-mem-prealloc`), otherwise on first touch.
     pub fn new(len: usize, populate: bool) -> Result<Mapping> {
-        let mut flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
-        if populate {
-            flags |= libc::MAP_POPULATE;
-        }
+        let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
         // SAFETY: a fresh anonymous mapping; no existing memory is touched.
         let p = unsafe {
             libc::mmap(
@@ -41,10 +41,18 @@ impl Mapping {
                 std::io::Error::last_os_error()
             );
         }
-        Ok(Mapping {
+        let m = Mapping {
             ptr: p.cast(),
             len,
-        })
+        };
+        if populate {
+            // SAFETY: populating our own mapping; contents stay zero.
+            let r = unsafe { libc::madvise(p, len, MADV_POPULATE_WRITE) };
+            if r != 0 {
+                bail!("populating {len} bytes failed: {}", std::io::Error::last_os_error());
+            }
+        }
+        Ok(m)
     }
 
     /// Start address.

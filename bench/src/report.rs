@@ -26,6 +26,8 @@ pub struct RunInfo {
     pub prealloc: bool,
     /// Whether end-to-end verification was on.
     pub verify: bool,
+    /// Pages the writers dirtied while the migration ran.
+    pub pages_dirtied: u64,
     /// Time to allocate and fill the source (not part of the migration).
     pub source_prepare_ms: f64,
     /// Time to allocate the destination (not part of the migration).
@@ -42,13 +44,21 @@ pub struct Report {
     pub memory_equal: Option<bool>,
     /// Data rate in bytes/s: `ram.transferred` over `total_time_ms - setup_time_ms`.
     pub data_rate: f64,
+    /// CPU seconds (user and system, all threads of this process) spent while the migration
+    /// ran; in `loopback` that is both ends.
+    pub cpu_seconds: f64,
     /// How the run was set up.
     pub run: RunInfo,
 }
 
 impl Report {
     /// Builds a report, computing the data rate.
-    pub fn new(stats: MigrationStats, memory_equal: Option<bool>, run: RunInfo) -> Report {
+    pub fn new(
+        stats: MigrationStats,
+        memory_equal: Option<bool>,
+        cpu_seconds: f64,
+        run: RunInfo,
+    ) -> Report {
         let secs = (stats.total_time_ms - stats.setup_time_ms) / 1e3;
         let data_rate = if secs > 0.0 {
             stats.ram.transferred as f64 / secs
@@ -59,6 +69,7 @@ impl Report {
             stats,
             memory_equal,
             data_rate,
+            cpu_seconds,
             run,
         }
     }
@@ -102,6 +113,7 @@ impl Report {
         );
         row("transport", format!("{} x {} lanes ({} failed)", s.transport, s.lanes, s.lanes_failed));
         row("total time", format!("{:.1} ms", s.total_time_ms));
+        row("cpu time", format!("{:.2} s (this process, during the migration)", self.cpu_seconds));
         row("setup time", format!("{:.1} ms", s.setup_time_ms));
         row(
             "downtime",
