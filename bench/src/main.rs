@@ -24,7 +24,11 @@ use report::{Report, RunInfo};
 use workload::{Workload, WorkloadSpec};
 
 #[derive(Parser)]
-#[command(name = "rmig-bench", version, about = "Measure rmig live-migration throughput")]
+#[command(
+    name = "rmig-bench",
+    version,
+    about = "Measure rmig live-migration throughput"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Option<Cmd>,
@@ -256,7 +260,13 @@ struct SourceGuest {
 fn prepare_source(g: &GuestArgs, w: &WorkloadArgs) -> Result<SourceGuest> {
     let t = Instant::now();
     let mut mem = Mapping::new(g.size as usize, true)?;
-    mem::fill(mem.bytes_mut(), g.page_size as usize, w.fill, w.zero_fraction, w.seed);
+    mem::fill(
+        mem.bytes_mut(),
+        g.page_size as usize,
+        w.fill,
+        w.zero_fraction,
+        w.seed,
+    );
     let pages = g.size / g.page_size;
     let log = SharedDirtyLog::new(&[pages]);
     let workload = Workload::start(
@@ -365,7 +375,9 @@ fn loopback(a: LoopbackArgs) -> Result<bool> {
     let cpu = cpu_time() - cpu0;
     // The source guest stays paused after a successful switchover; stop its writers for good.
     src.workload.stop();
-    let dest_result = dest.join().map_err(|_| anyhow::anyhow!("destination thread panicked"))?;
+    let dest_result = dest
+        .join()
+        .map_err(|_| anyhow::anyhow!("destination thread panicked"))?;
     let stats = match &result {
         Ok(s) => s.clone(),
         Err(_) => monitor.stats(),
@@ -419,7 +431,9 @@ fn source(a: SourceArgs) -> Result<bool> {
     let result = h.wait();
     let cpu = cpu_time() - cpu0;
     src.workload.stop();
-    let stats = result.as_ref().map_or_else(|_| monitor.stats(), Clone::clone);
+    let stats = result
+        .as_ref()
+        .map_or_else(|_| monitor.stats(), Clone::clone);
     let report = Report::new(
         stats,
         None,
@@ -488,9 +502,7 @@ fn dest(a: DestArgs) -> Result<bool> {
 fn main() -> Result<()> {
     let cli = Cli::parse();
     let cmd = cli.cmd.unwrap_or_else(|| {
-        Cmd::Loopback(
-            LoopbackArgs::try_parse_from_defaults().expect("defaults parse"),
-        )
+        Cmd::Loopback(LoopbackArgs::try_parse_from_defaults().expect("defaults parse"))
     });
     let ok = match cmd {
         Cmd::Loopback(a) => loopback(a)?,

@@ -41,15 +41,15 @@ impl Mapping {
                 std::io::Error::last_os_error()
             );
         }
-        let m = Mapping {
-            ptr: p.cast(),
-            len,
-        };
+        let m = Mapping { ptr: p.cast(), len };
         if populate {
             // SAFETY: populating our own mapping; contents stay zero.
             let r = unsafe { libc::madvise(p, len, MADV_POPULATE_WRITE) };
             if r != 0 {
-                bail!("populating {len} bytes failed: {}", std::io::Error::last_os_error());
+                bail!(
+                    "populating {len} bytes failed: {}",
+                    std::io::Error::last_os_error()
+                );
             }
         }
         Ok(m)
@@ -155,7 +155,9 @@ pub fn fill(mem: &mut [u8], page: usize, fill: Fill, zero_fraction: f64, seed: u
 /// Parses sizes such as `2GiB`, `512M`, `64KiB` or `4096`.
 pub fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(t.len());
+    let split = t
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
     let n: f64 = num.parse().map_err(|_| format!("bad size '{s}'"))?;
     let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {

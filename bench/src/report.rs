@@ -111,13 +111,28 @@ impl Report {
                 "not preallocated (faulted in during the migration)".into()
             },
         );
-        row("transport", format!("{} x {} lanes ({} failed)", s.transport, s.lanes, s.lanes_failed));
+        row(
+            "transport",
+            format!(
+                "{} x {} lanes ({} failed)",
+                s.transport, s.lanes, s.lanes_failed
+            ),
+        );
         row("total time", format!("{:.1} ms", s.total_time_ms));
-        row("cpu time", format!("{:.2} s (this process, during the migration)", self.cpu_seconds));
+        row(
+            "cpu time",
+            format!(
+                "{:.2} s (this process, during the migration)",
+                self.cpu_seconds
+            ),
+        );
         row("setup time", format!("{:.1} ms", s.setup_time_ms));
         row(
             "downtime",
-            format!("{:.1} ms (expected {:.1} ms)", s.downtime_ms, s.expected_downtime_ms),
+            format!(
+                "{:.1} ms (expected {:.1} ms)",
+                s.downtime_ms, s.expected_downtime_ms
+            ),
         );
         row(
             "transferred",
@@ -130,7 +145,10 @@ impl Report {
         );
         row(
             "pages",
-            format!("{} normal, {} zero (markers)", s.ram.normal, s.ram.duplicate),
+            format!(
+                "{} normal, {} zero (markers)",
+                s.ram.normal, s.ram.duplicate
+            ),
         );
         row(
             "verified",

@@ -54,7 +54,13 @@ impl Workload {
     /// Starts the writers over `pages` pages of `page` bytes at `ptr`.
     ///
     /// The memory must outlive the workload (it is stopped on drop).
-    pub fn start(ptr: *mut u8, pages: u64, page: u64, spec: WorkloadSpec, log: SharedDirtyLog) -> Workload {
+    pub fn start(
+        ptr: *mut u8,
+        pages: u64,
+        page: u64,
+        spec: WorkloadSpec,
+        log: SharedDirtyLog,
+    ) -> Workload {
         let gate = Arc::new(Gate {
             paused: AtomicBool::new(false),
             inflight: RwLock::new(()),
@@ -178,7 +184,12 @@ impl SourceEmbedder for BenchEmbedder {
         *m.lock().unwrap_or_else(|e| e.into_inner()) = false;
         self.gate.paused.store(true, Ordering::Release);
         // Wait out the writers that are in the middle of a burst.
-        drop(self.gate.inflight.write().unwrap_or_else(|e| e.into_inner()));
+        drop(
+            self.gate
+                .inflight
+                .write()
+                .unwrap_or_else(|e| e.into_inner()),
+        );
         Ok(())
     }
 

@@ -23,6 +23,10 @@ impl CancelToken {
 
     /// The reason given.
     pub fn reason(&self) -> String {
-        self.inner.1.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.inner
+            .1
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 }

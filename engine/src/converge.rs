@@ -63,8 +63,9 @@ pub enum Decision {
 
 /// A dirty set that shrank to at most this fraction of the previous round is "shrinking well".
 const GOOD_SHRINK: f64 = 0.5;
-/// A dirty set above this fraction of the previous round is "not shrinking".
-const STALL: f64 = 0.8;
+/// A dirty set above this fraction of what the round sent counts as a stall (QEMU's
+/// auto-converge uses the same 50 % test, twice in a row, before it throttles).
+const STALL: f64 = 0.5;
 /// Rounds that are this cheap (expected downtime) switch over at once.
 const NEGLIGIBLE: Duration = Duration::from_millis(1);
 
@@ -104,7 +105,13 @@ impl Converge {
 
     /// Decides after round `round` (0-based) that sent `sent` bytes, leaving `remaining`
     /// dirty bytes, at a measured `bandwidth` in bytes/s.
-    pub fn after_round(&mut self, round: u32, sent: u64, remaining: u64, bandwidth: f64) -> Decision {
+    pub fn after_round(
+        &mut self,
+        round: u32,
+        sent: u64,
+        remaining: u64,
+        bandwidth: f64,
+    ) -> Decision {
         let expected = Self::expected_downtime(remaining, bandwidth);
         let ratio = if sent == 0 {
             1.0
@@ -158,9 +165,15 @@ mod tests {
     fn iterates_while_shrinking_then_switches() {
         let mut c = Converge::new(ConvergePolicy::default());
         // 100 MB left at 1 GB/s = 100 ms (under 300 ms) but shrank 20x: go on.
-        assert_eq!(c.after_round(0, 2_000_000_000, 100_000_000, GB), Decision::Iterate);
+        assert_eq!(
+            c.after_round(0, 2_000_000_000, 100_000_000, GB),
+            Decision::Iterate
+        );
         // Shrank only to 0.9: switch over.
-        assert_eq!(c.after_round(1, 100_000_000, 90_000_000, GB), Decision::Switchover);
+        assert_eq!(
+            c.after_round(1, 100_000_000, 90_000_000, GB),
+            Decision::Switchover
+        );
         // Almost nothing left: switch over.
         assert_eq!(c.after_round(2, 1_000_000, 100, GB), Decision::Switchover);
     }
@@ -174,10 +187,19 @@ mod tests {
         let mut c = Converge::new(p);
         assert_eq!(c.after_round(0, 4 << 30, 2 << 30, GB), Decision::Iterate);
         assert_eq!(c.after_round(1, 2 << 30, 2 << 30, GB), Decision::Iterate);
-        assert_eq!(c.after_round(2, 2 << 30, 2 << 30, GB), Decision::Throttle(20));
+        assert_eq!(
+            c.after_round(2, 2 << 30, 2 << 30, GB),
+            Decision::Throttle(20)
+        );
         assert_eq!(c.after_round(3, 2 << 30, 2 << 30, GB), Decision::Iterate);
-        assert_eq!(c.after_round(4, 2 << 30, 2 << 30, GB), Decision::Throttle(30));
-        assert!(matches!(c.after_round(5, 2 << 30, 2 << 30, GB), Decision::Fail(_)));
+        assert_eq!(
+            c.after_round(4, 2 << 30, 2 << 30, GB),
+            Decision::Throttle(30)
+        );
+        assert!(matches!(
+            c.after_round(5, 2 << 30, 2 << 30, GB),
+            Decision::Fail(_)
+        ));
         let mut f = Converge::new(ConvergePolicy {
             max_rounds: 1,
             on_no_convergence: NoConvergence::ForceSwitchover,

@@ -40,3 +40,10 @@ pub use monitor::{Monitor, Progress};
 pub use region::{Region, RegionDesc, PAGE_2M, PAGE_4K};
 pub use source::{SourceSession, Step};
 pub use stats::{MigrationStats, RamStats, RoundStats};
+
+/// A fault plan that kills a lane once `bytes` of payload went out on it (tests).
+pub fn fail_after(bytes: u64) -> rmig_transport::FaultPlan {
+    rmig_transport::FaultPlan {
+        fail_after_bytes: Some(bytes),
+    }
+}

@@ -82,7 +82,10 @@ impl Monitor {
         Progress {
             round: self.round.load(Ordering::Relaxed),
             transferred,
-            remaining: self.round_dirty.load(Ordering::Relaxed).saturating_sub(since),
+            remaining: self
+                .round_dirty
+                .load(Ordering::Relaxed)
+                .saturating_sub(since),
             total: self.total.load(Ordering::Relaxed),
             bandwidth,
             dirty_rate,

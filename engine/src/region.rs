@@ -185,16 +185,7 @@ mod tests {
 
     fn region(buf: &mut [u8], id: u32, off: usize, len: usize) -> Region {
         // SAFETY: the test's buffer outlives the region.
-        unsafe {
-            Region::new(
-                id,
-                "r",
-                buf.as_mut_ptr().add(off),
-                len as u64,
-                PAGE_4K,
-            )
-        }
-        .unwrap()
+        unsafe { Region::new(id, "r", buf.as_mut_ptr().add(off), len as u64, PAGE_4K) }.unwrap()
     }
 
     #[test]

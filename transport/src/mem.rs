@@ -72,10 +72,7 @@ impl MemRegion {
     /// Byte offset and length of a page range; the range must be inside the region.
     fn span(&self, first: u64, n: u64) -> (usize, usize) {
         assert!(self.contains(first, n), "page range outside the region");
-        (
-            first as usize * self.page_size,
-            n as usize * self.page_size,
-        )
+        (first as usize * self.page_size, n as usize * self.page_size)
     }
 
     /// The bytes of pages `first..first+n`, for reading.

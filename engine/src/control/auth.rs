@@ -98,7 +98,8 @@ impl SessionAuth {
 
     /// The destination's proof.
     pub fn dest_proof(&self) -> [u8; 32] {
-        self.key.sign(label::DEST, &[&self.source_nonce, &self.dest_nonce])
+        self.key
+            .sign(label::DEST, &[&self.source_nonce, &self.dest_nonce])
     }
 
     /// The session's identifier.

@@ -57,16 +57,18 @@ pub struct DestAccept {
     pub max_lanes: u16,
 }
 
+/// Reads the next message; a timeout or a malformed frame is reported to the peer too.
 async fn recv(s: &mut TcpStream, d: Duration, what: &str) -> Result<Message, EngineError> {
     match tokio::time::timeout(d, codec::read_async(s)).await {
-        Err(_) => Err(EngineError::Protocol(format!(
-            "no {what} within {} ms",
-            d.as_millis()
-        ))),
+        Err(_) => {
+            let e = EngineError::Protocol(format!("no {what} within {} ms", d.as_millis()));
+            refuse(s, e).await
+        }
         Ok(Ok(Some(Message::Error { message }))) => Err(EngineError::PeerError(message)),
         Ok(Ok(Some(Message::Cancel { reason }))) => Err(EngineError::PeerCancelled(reason)),
         Ok(Ok(Some(m))) => Ok(m),
         Ok(Ok(None)) => Err(EngineError::PeerClosed),
+        Ok(Err(e @ EngineError::Protocol(_))) => refuse(s, e).await,
         Ok(Err(e)) => Err(e),
     }
 }
@@ -108,7 +110,9 @@ pub async fn source(
     if version < offer.versions.0 || version > offer.versions.1 {
         return refuse(
             s,
-            EngineError::Protocol(format!("peer picked version {version}, which we do not speak")),
+            EngineError::Protocol(format!(
+                "peer picked version {version}, which we do not speak"
+            )),
         )
         .await;
     }
@@ -216,7 +220,13 @@ pub async fn dest(
         }
         m => return refuse(s, unexpected("AuthProof", &m)).await,
     };
-    codec::write_async(s, &Message::AuthOk { mac: a.dest_proof() }).await?;
+    codec::write_async(
+        s,
+        &Message::AuthOk {
+            mac: a.dest_proof(),
+        },
+    )
+    .await?;
     match recv(s, timeout, "RegionTable").await? {
         Message::RegionTable { regions } => {
             if let Err(e) = region::compare(&acc.regions, &regions) {
@@ -245,7 +255,14 @@ pub async fn dest(
         return refuse(s, EngineError::Protocol("zero lanes requested".into())).await;
     }
     let lanes = lanes.min(acc.max_lanes.max(1));
-    codec::write_async(s, &Message::TransportAccept { kind: transport, lanes }).await?;
+    codec::write_async(
+        s,
+        &Message::TransportAccept {
+            kind: transport,
+            lanes,
+        },
+    )
+    .await?;
     Ok(Agreed {
         version,
         auth: a,

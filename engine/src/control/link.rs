@@ -98,9 +98,8 @@ impl ControlLink {
                 "no {what} within {} ms",
                 d.as_millis()
             ))),
-            Some(m) => want(m).map_err(|m| {
-                EngineError::Protocol(format!("expected {what}, got {}", m.name()))
-            }),
+            Some(m) => want(m)
+                .map_err(|m| EngineError::Protocol(format!("expected {what}, got {}", m.name()))),
         }
     }
 

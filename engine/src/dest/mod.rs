@@ -154,7 +154,11 @@ impl DestListener {
             s.setup_time_ms = (t_handshake - started).as_secs_f64() * 1e3;
             s.ram.total = regions.iter().map(Region::len).sum();
         });
-        let sink = Arc::new(DestSink::new(regions, agreed.verify));
+        let sink = Arc::new(DestSink::new(
+            regions,
+            agreed.verify,
+            cfg.fault.die_after_bytes,
+        ));
         let mut session = Receiving {
             sink: sink.clone(),
             monitor,
@@ -166,8 +170,13 @@ impl DestListener {
         let pool = rmig_numa::WorkerPool::flat();
         let mut joins = Vec::new();
         for (i, s) in sockets.into_iter().enumerate() {
-            let mut lane = TcpDestLane::new(s, sink.map().clone()).map_err(|e| EngineError::lane(i, &e))?;
+            let mut lane =
+                TcpDestLane::new(s, sink.map().clone()).map_err(|e| EngineError::lane(i, &e))?;
             session.shutdowns.push(lane.shutdown_handle()?);
+            sink.crash_handles
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(lane.shutdown_handle()?);
             let sink = sink.clone();
             let tx = res_tx.clone();
             joins.push(pool.spawn(rmig_numa::Role::DestLane, i, move || {
@@ -176,7 +185,7 @@ impl DestListener {
             })?);
         }
         drop(res_tx);
-        let r = session.run(&res_rx, embedder, cfg.fault.die_after_bytes);
+        let r = session.run(&res_rx, embedder);
         let mut summaries = vec![DestLaneSummary::default(); joins.len()];
         // After `Complete` (or a failure) no lane carries anything more: stop them all.
         for s in &session.shutdowns {
@@ -224,7 +233,6 @@ impl Receiving<'_> {
         &mut self,
         lanes: &crossbeam_channel::Receiver<LaneResult>,
         embedder: &mut dyn DestEmbedder,
-        die_after: Option<u64>,
     ) -> Result<(), (EngineError, bool)> {
         let proto = |s: String| (EngineError::Protocol(s), true);
         let mut device = Vec::new();
@@ -232,6 +240,11 @@ impl Receiving<'_> {
         let mut verified: Option<bool> = None;
         let mut round: Option<u32> = None;
         loop {
+            if self.sink.crashed.load(Ordering::Acquire) {
+                // Injected crash: the control connection drops without a word too.
+                self.link.close(Duration::ZERO);
+                return Err((EngineError::Io("injected crash".into()), false));
+            }
             select! {
                 recv(lanes) -> r => {
                     let Ok((i, r)) = r else { continue };
@@ -318,16 +331,6 @@ impl Receiving<'_> {
                         let reason = self.monitor.cancel.reason();
                         self.link.send(Message::Cancel { reason: reason.clone() });
                         return Err((EngineError::Cancelled(reason), false));
-                    }
-                    if let Some(n) = die_after {
-                        if self.sink.landed.load(Ordering::Relaxed) >= n {
-                            // Simulated crash: every connection drops without a word.
-                            for s in &self.shutdowns {
-                                let _ = s.shutdown(Shutdown::Both);
-                            }
-                            self.link.close(Duration::ZERO);
-                            return Err((EngineError::Io("injected crash".into()), false));
-                        }
                     }
                 }
             }

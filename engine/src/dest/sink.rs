@@ -1,7 +1,9 @@
 //! What the destination does with each run as it lands: keep page hashes and the set of pages
 //! known to be zero current, and zero pages only where needed.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::net::{Shutdown, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
 
 use rmig_transport::{MemoryMap, PageSink};
 
@@ -14,10 +16,16 @@ pub(crate) struct DestSink {
     pub hashes: Option<Vec<RegionHashes>>,
     known_zero: Vec<AtomicBitmap>,
     pub landed: AtomicU64,
+    /// Injected crash: once this many bytes landed, every lane socket is shut down.
+    die_after: Option<u64>,
+    /// Lane sockets to shut down for an injected crash.
+    pub crash_handles: Mutex<Vec<TcpStream>>,
+    /// Set when the injected crash happened.
+    pub crashed: AtomicBool,
 }
 
 impl DestSink {
-    pub fn new(regions: &[Region], verify: bool) -> Self {
+    pub fn new(regions: &[Region], verify: bool, die_after: Option<u64>) -> Self {
         DestSink {
             map: MemoryMap::new(regions.iter().map(|r| r.mem).collect()),
             hashes: verify.then(|| {
@@ -37,6 +45,23 @@ impl DestSink {
                 })
                 .collect(),
             landed: AtomicU64::new(0),
+            die_after,
+            crash_handles: Mutex::new(Vec::new()),
+            crashed: AtomicBool::new(false),
+        }
+    }
+
+    fn maybe_crash(&self, landed: u64) {
+        if self.die_after.is_some_and(|n| landed >= n) && !self.crashed.swap(true, Ordering::AcqRel)
+        {
+            for s in self
+                .crash_handles
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter()
+            {
+                let _ = s.shutdown(Shutdown::Both);
+            }
         }
     }
 
@@ -55,8 +80,9 @@ impl PageSink for DestSink {
             }
         }
         self.known_zero[region].clear_range(first, n);
-        self.landed
-            .fetch_add(n * r.page_size() as u64, Ordering::Relaxed);
+        let bytes = n * r.page_size() as u64;
+        let landed = self.landed.fetch_add(bytes, Ordering::Relaxed) + bytes;
+        self.maybe_crash(landed);
     }
 
     fn zero_pages(&self, region: usize, first: u64, n: u64) {

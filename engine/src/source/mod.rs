@@ -127,7 +127,9 @@ impl SourceSession {
                     Err(_) => {
                         return Err(EngineError::Io(format!("connecting to {dest} timed out")))
                     }
-                    Ok(r) => r.map_err(|e| EngineError::Io(format!("connecting to {dest}: {e}")))?,
+                    Ok(r) => {
+                        r.map_err(|e| EngineError::Io(format!("connecting to {dest}: {e}")))?
+                    }
                 };
                 s.set_nodelay(true)?;
                 let peer = s.peer_addr()?;
@@ -146,8 +148,14 @@ impl SourceSession {
         let map = MemoryMap::new(regions.iter().map(|r| r.mem).collect());
         let shared = Arc::new(Shared {
             map: map.clone(),
-            round: regions.iter().map(|r| AtomicBitmap::new(r.pages())).collect(),
-            pending: regions.iter().map(|r| AtomicBitmap::new(r.pages())).collect(),
+            round: regions
+                .iter()
+                .map(|r| AtomicBitmap::new(r.pages()))
+                .collect(),
+            pending: regions
+                .iter()
+                .map(|r| AtomicBitmap::new(r.pages()))
+                .collect(),
             hashes: cfg.verify.then(|| {
                 regions
                     .iter()
@@ -266,7 +274,11 @@ impl SourceSession {
     pub fn complete(&mut self) -> Result<MigrationStats, EngineError> {
         match self.state {
             State::Iterating | State::Ready => {}
-            s => return Err(EngineError::State(format!("complete called in state {s:?}"))),
+            s => {
+                return Err(EngineError::State(format!(
+                    "complete called in state {s:?}"
+                )))
+            }
         }
         let r = self.complete_inner();
         match r {
@@ -291,7 +303,10 @@ impl SourceSession {
                 break;
             }
         }
-        let dev = self.embedder.device_state().map_err(EngineError::Embedder)?;
+        let dev = self
+            .embedder
+            .device_state()
+            .map_err(EngineError::Embedder)?;
         let mut pieces = dev.chunks(DEVICE_PIECE).peekable();
         if pieces.peek().is_none() {
             self.link.send(Message::DeviceState {
@@ -478,13 +493,20 @@ impl SourceSession {
         }
         self.link.send(Message::RoundEnd { round: self.round });
         let round = self.round;
-        self.link
-            .expect(self.cfg.liveness.peer_timeout * 2, "RoundEndAck", |m| match m {
+        self.link.expect(
+            self.cfg.liveness.peer_timeout * 2,
+            "RoundEndAck",
+            |m| match m {
                 Message::RoundEndAck { round: r } if r == round => Ok(()),
                 m => Err(m),
-            })?;
+            },
+        )?;
         let secs = t0.elapsed().as_secs_f64();
-        let mut bw = if secs > 0.0 { rs.bytes as f64 / secs } else { 0.0 };
+        let mut bw = if secs > 0.0 {
+            rs.bytes as f64 / secs
+        } else {
+            0.0
+        };
         if rs.bytes < MIN_BW_SAMPLE && self.bandwidth > 0.0 {
             bw = self.bandwidth;
         }
@@ -495,7 +517,11 @@ impl SourceSession {
         self.bandwidth = bw;
         // Dirty rate: what the log gathered while the round ran.
         let remaining = if last { 0 } else { self.sync_pending()? };
-        let dirty_rate = if secs > 0.0 { remaining as f64 / secs } else { 0.0 };
+        let dirty_rate = if secs > 0.0 {
+            remaining as f64 / secs
+        } else {
+            0.0
+        };
         let expected = crate::converge::Converge::expected_downtime(remaining, bw);
         rs.duration_ms = secs * 1e3;
         rs.dirty_rate = dirty_rate;
@@ -503,7 +529,11 @@ impl SourceSession {
         rs.mbps = bw * 8.0 / 1e6;
         rs.expected_downtime_ms = expected.as_secs_f64() * 1e3;
         rs.lanes = self.alive();
-        *self.monitor.bandwidth.lock().unwrap_or_else(|e| e.into_inner()) = (bw, dirty_rate);
+        *self
+            .monitor
+            .bandwidth
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = (bw, dirty_rate);
         let rsc = rs.clone();
         let syncs = self.sync_count;
         self.monitor.update(|s| {

@@ -200,7 +200,13 @@ impl Worker {
         Ok(())
     }
 
-    fn push(&mut self, batch: &mut Batch, r: Run, psize: u64, rep: &mut Report) -> Result<(), LaneError> {
+    fn push(
+        &mut self,
+        batch: &mut Batch,
+        r: Run,
+        psize: u64,
+        rep: &mut Report,
+    ) -> Result<(), LaneError> {
         if r.kind == RunKind::Data {
             batch.data_bytes += r.npages as u64 * psize;
         }
@@ -237,7 +243,10 @@ impl Worker {
         let acked = self.lane.acked();
         while self.unacked.front().is_some_and(|(s, _, _)| *s <= acked) {
             let (_, wire, _) = self.unacked.pop_front().expect("front");
-            self.shared.monitor.bytes_acked.fetch_add(wire, Ordering::Relaxed);
+            self.shared
+                .monitor
+                .bytes_acked
+                .fetch_add(wire, Ordering::Relaxed);
         }
     }
 

@@ -1,0 +1,278 @@
+//! Migrations that must fail cleanly: a clear error on both ends, the destination never
+//! complete, the source's memory untouched and able to migrate again.
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use rmig_engine::{DestFault, EngineError, Key, SharedDirtyLog};
+use rmig_tests::{assert_same, Mem, Setup, Writer};
+
+const MIB: usize = 1 << 20;
+
+/// After a failure the source can still migrate to a fresh destination.
+fn migrate_again(src: &Mem, len: usize) {
+    let dst = Mem::new(len);
+    let (s, d) = Setup::new(src, &dst, len).run();
+    s.expect("second migration");
+    d.expect("second destination");
+    assert_same(src.bytes(), dst.bytes());
+}
+
+fn snapshot(m: &Mem) -> Vec<u8> {
+    m.bytes().to_vec()
+}
+
+#[test]
+fn wrong_key_is_refused_on_both_ends() {
+    let len = 4 * MIB;
+    let src = Mem::random(len, 0.0, 1);
+    let dst = Mem::new(len);
+    let mut setup = Setup::new(&src, &dst, len);
+    setup.src.key = Key::new(b"not the key").unwrap();
+    let (s, d) = setup.run();
+    let de = d.unwrap_err();
+    assert!(matches!(de, EngineError::Auth(_)), "{de}");
+    let se = s.unwrap_err();
+    assert!(se.to_string().contains("pre-shared key"), "{se}");
+    assert!(dst.bytes().iter().all(|&b| b == 0), "nothing may land");
+}
+
+#[test]
+fn version_mismatch_names_both_ranges() {
+    let len = 4 * MIB;
+    let src = Mem::random(len, 0.0, 1);
+    let dst = Mem::new(len);
+    let mut setup = Setup::new(&src, &dst, len);
+    setup.src.versions = (7, 9);
+    let (s, d) = setup.run();
+    let de = d.unwrap_err();
+    assert!(
+        matches!(
+            de,
+            EngineError::Version {
+                peer_min: 7,
+                peer_max: 9,
+                ..
+            }
+        ),
+        "{de}"
+    );
+    let se = s.unwrap_err();
+    assert!(
+        se.to_string().contains("no common protocol version"),
+        "{se}"
+    );
+}
+
+#[test]
+fn region_table_mismatch_is_refused() {
+    let len = 8 * MIB;
+    let src = Mem::random(len, 0.0, 1);
+    let dst = Mem::new(len);
+    let mut setup = Setup::new(&src, &dst, len);
+    setup.dst_regions = vec![dst.region(0, 0, 4 * MIB, 4096)];
+    let (s, d) = setup.run();
+    assert!(matches!(d.unwrap_err(), EngineError::RegionMismatch(_)));
+    let se = s.unwrap_err();
+    assert!(se.to_string().contains("region table mismatch"), "{se}");
+}
+
+#[test]
+fn overlapping_regions_are_refused_before_connecting() {
+    let len = 8 * MIB;
+    let src = Mem::random(len, 0.0, 1);
+    let dst = Mem::new(len);
+    let mut setup = Setup::new(&src, &dst, len);
+    setup.src_regions = vec![
+        src.region(0, 0, 4 * MIB, 4096),
+        src.region(1, 2 * MIB, 4 * MIB, 4096),
+    ];
+    let m = setup.dst_monitor.clone();
+    let c = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(300));
+        m.cancel("no source came");
+    });
+    let (s, d) = setup.run();
+    c.join().unwrap();
+    assert!(matches!(s.unwrap_err(), EngineError::Config(_)));
+    assert!(d.is_err());
+}
+
+#[test]
+fn cancel_from_the_source() {
+    let len = 64 * MIB;
+    let src = Mem::random(len, 0.0, 2);
+    let before = snapshot(&src);
+    let dst = Mem::new(len);
+    let mut setup = Setup::new(&src, &dst, len);
+    setup.src.max_bandwidth = 20_000_000;
+    let m = setup.src_monitor.clone();
+    let c = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(300));
+        m.cancel("operator said so");
+    });
+    let (s, d) = setup.run();
+    c.join().unwrap();
+    let se = s.unwrap_err();
+    assert!(matches!(se, EngineError::Cancelled(_)), "{se}");
+    let de = d.unwrap_err();
+    assert!(
+        matches!(de, EngineError::PeerCancelled(ref r) if r == "operator said so"),
+        "{de}"
+    );
+    assert_same(&before, src.bytes());
+    migrate_again(&src, len);
+}
+
+#[test]
+fn cancel_from_the_destination() {
+    let len = 64 * MIB;
+    let src = Mem::random(len, 0.0, 3);
+    let before = snapshot(&src);
+    let dst = Mem::new(len);
+    let mut setup = Setup::new(&src, &dst, len);
+    setup.src.max_bandwidth = 20_000_000;
+    let m = setup.dst_monitor.clone();
+    let sm = setup.src_monitor.clone();
+    let rec = setup.dest_embedder.clone();
+    let c = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(300));
+        m.cancel("destination host is going down");
+    });
+    let (s, d) = setup.run();
+    c.join().unwrap();
+    assert!(matches!(d.unwrap_err(), EngineError::Cancelled(_)));
+    let se = s.unwrap_err();
+    assert!(matches!(se, EngineError::PeerCancelled(_)), "{se}");
+    assert_eq!(sm.stats().status, "cancelled");
+    assert!(
+        !rec.resumed.load(Ordering::Acquire),
+        "destination must not resume"
+    );
+    assert_same(&before, src.bytes());
+    migrate_again(&src, len);
+}
+
+#[test]
+fn destination_dying_mid_round_leaves_the_source_intact() {
+    let len = 64 * MIB;
+    let src = Mem::random(len, 0.0, 4);
+    let before = snapshot(&src);
+    let dst = Mem::new(len);
+    let mut setup = Setup::new(&src, &dst, len);
+    setup.dst.fault = DestFault {
+        die_after_bytes: Some(16 * MIB as u64),
+    };
+    let rec = setup.dest_embedder.clone();
+    let (s, d) = setup.run();
+    assert!(d.is_err());
+    let se = s.unwrap_err();
+    assert!(
+        matches!(
+            se,
+            EngineError::PeerClosed | EngineError::AllLanesFailed(_) | EngineError::Io(_)
+        ),
+        "{se}"
+    );
+    assert!(!rec.resumed.load(Ordering::Acquire));
+    assert_same(&before, src.bytes());
+    migrate_again(&src, len);
+}
+
+#[test]
+fn destination_dying_after_the_pause_resumes_the_guest() {
+    let len = 32 * MIB;
+    let src = Mem::random(len, 0.0, 5);
+    let dst = Mem::new(len);
+    let log = SharedDirtyLog::new(&[(len / 4096) as u64]);
+    let mut w = Writer::start(&src, log.clone(), 2048, 20);
+    let mut setup = Setup::new(&src, &dst, len);
+    setup.dirty = Box::new(log);
+    setup.embedder = w.embedder(Vec::new());
+    // The destination dies once everything landed once: in a later round.
+    setup.dst.fault = DestFault {
+        die_after_bytes: Some(len as u64 + 64 * 1024),
+    };
+    let (s, d) = setup.run();
+    assert!(s.is_err());
+    assert!(d.is_err());
+    assert!(
+        !w.is_paused(),
+        "a failed migration leaves the guest running"
+    );
+    w.stop();
+}
+
+#[test]
+fn a_lane_dying_mid_round_is_survived() {
+    let len = 64 * MIB;
+    let src = Mem::random(len, 0.0, 6);
+    let dst = Mem::new(len);
+    let mut setup = Setup::new(&src, &dst, len);
+    setup.src.lanes = 3;
+    setup.src.lane_faults = vec![Default::default(), rmig_engine::fail_after(8 * MIB as u64)];
+    let (s, d) = setup.run();
+    let s = s.expect("completes over the other lanes");
+    d.expect("destination");
+    assert_eq!(s.lanes_failed, 1);
+    assert_eq!(s.verified, Some(true));
+    assert_same(src.bytes(), dst.bytes());
+}
+
+#[test]
+fn every_lane_dying_fails_cleanly() {
+    let len = 32 * MIB;
+    let src = Mem::random(len, 0.0, 7);
+    let before = snapshot(&src);
+    let dst = Mem::new(len);
+    let mut setup = Setup::new(&src, &dst, len);
+    setup.src.lanes = 2;
+    setup.src.lane_faults = vec![rmig_engine::fail_after(MIB as u64); 2];
+    let (s, d) = setup.run();
+    let se = s.unwrap_err();
+    assert!(matches!(se, EngineError::AllLanesFailed(_)), "{se}");
+    assert!(d.is_err());
+    assert_same(&before, src.bytes());
+}
+
+#[test]
+fn not_converging_fails_with_a_reason_and_the_guest_runs_on() {
+    let len = 32 * MIB;
+    let src = Mem::random(len, 0.0, 8);
+    let dst = Mem::new(len);
+    let log = SharedDirtyLog::new(&[(len / 4096) as u64]);
+    let mut w = Writer::start(&src, log.clone(), 8192, 300);
+    let mut setup = Setup::new(&src, &dst, len);
+    setup.dirty = Box::new(log);
+    setup.embedder = w.embedder(Vec::new());
+    setup.src.policy.downtime_limit = Duration::from_micros(1);
+    setup.src.policy.max_rounds = 5;
+    let (s, d) = setup.run();
+    let se = s.unwrap_err();
+    assert!(matches!(se, EngineError::NotConverged(_)), "{se}");
+    assert!(se.to_string().contains("after 5 rounds"), "{se}");
+    assert!(d.is_err());
+    assert!(!w.is_paused());
+    assert!(
+        w.throttle.load(Ordering::Relaxed) > 0,
+        "auto-converge throttled the guest"
+    );
+    w.stop();
+}
+
+#[test]
+fn a_silent_peer_is_detected_within_seconds() {
+    let len = 64 * MIB;
+    let src = Mem::random(len, 0.0, 9);
+    let dst = Mem::new(len);
+    let mut setup = Setup::new(&src, &dst, len);
+    // The destination sends no heartbeat; the source waits at most one second for one.
+    setup.dst.liveness.heartbeat = Duration::from_secs(3600);
+    setup.src.liveness.peer_timeout = Duration::from_secs(1);
+    setup.src.max_bandwidth = 10_000_000;
+    let t = std::time::Instant::now();
+    let (s, _) = setup.run();
+    let se = s.unwrap_err();
+    assert!(matches!(se, EngineError::PeerSilent(_)), "{se}");
+    assert!(t.elapsed() < Duration::from_secs(5));
+}

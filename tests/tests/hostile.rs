@@ -1,0 +1,169 @@
+//! A destination facing a hostile or broken peer: every malformed input gets a clear error and
+//! a clean shutdown, and nothing lands in guest memory.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use rmig_engine::protocol::{codec, Message, PROTOCOL_MAX, PROTOCOL_MIN};
+use rmig_engine::{DestListener, EngineError, Monitor, NullDest};
+use rmig_tests::{key, Mem, Setup};
+
+const MIB: usize = 1 << 20;
+
+/// Starts a destination, lets `peer` talk to it over a raw socket, and returns the
+/// destination's result and whatever it sent back.
+fn against_raw_peer(peer: impl FnOnce(&mut TcpStream)) -> (EngineError, Vec<u8>, Mem) {
+    let dst = Mem::new(4 * MIB);
+    let src = Mem::new(4 * MIB);
+    let setup = Setup::new(&src, &dst, 4 * MIB);
+    let mut cfg = setup.dst.clone();
+    cfg.handshake_timeout = Duration::from_secs(2);
+    let l = DestListener::bind("127.0.0.1:0", cfg).unwrap();
+    let addr = l.local_addr().unwrap();
+    let regions = setup.dst_regions.clone();
+    let d =
+        std::thread::spawn(move || l.serve(regions, Box::new(NullDest::default()), Monitor::new()));
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    peer(&mut s);
+    let mut back = Vec::new();
+    let _ = s.read_to_end(&mut back);
+    let e = d.join().unwrap().unwrap_err();
+    (e, back, dst)
+}
+
+fn error_text(back: &[u8]) -> String {
+    let mut r = back;
+    loop {
+        match codec::read_sync(&mut r) {
+            Ok(Message::Error { message }) => return message,
+            Ok(_) => continue,
+            Err(_) => return String::new(),
+        }
+    }
+}
+
+#[test]
+fn garbage_is_refused() {
+    let (e, back, dst) = against_raw_peer(|s| {
+        s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    });
+    assert!(matches!(e, EngineError::Protocol(_)), "{e}");
+    assert!(!error_text(&back).is_empty(), "the peer is told why");
+    assert!(dst.bytes().iter().all(|&b| b == 0));
+}
+
+#[test]
+fn oversized_frames_are_refused_before_allocation() {
+    let (e, _, _) = against_raw_peer(|s| {
+        s.write_all(&u32::MAX.to_le_bytes()).unwrap();
+        s.write_all(&[1, 2, 3]).unwrap();
+    });
+    assert!(e.to_string().contains("exceeds the maximum"), "{e}");
+}
+
+#[test]
+fn truncated_frames_are_refused() {
+    let (e, _, _) = against_raw_peer(|s| {
+        let f = codec::encode(&Message::Hello {
+            min_version: PROTOCOL_MIN,
+            max_version: PROTOCOL_MAX,
+        });
+        s.write_all(&f[..f.len() - 1]).unwrap();
+        s.shutdown(std::net::Shutdown::Write).unwrap();
+    });
+    assert!(e.to_string().contains("truncated"), "{e}");
+}
+
+#[test]
+fn out_of_order_messages_are_refused() {
+    let (e, back, _) = against_raw_peer(|s| {
+        codec::write_sync(
+            s,
+            &Message::RoundStart {
+                round: 0,
+                last: false,
+            },
+        )
+        .unwrap();
+    });
+    assert!(e.to_string().contains("expected Hello"), "{e}");
+    assert!(error_text(&back).contains("expected Hello"));
+}
+
+#[test]
+fn a_forged_auth_proof_is_refused() {
+    let (e, back, _) = against_raw_peer(|s| {
+        codec::write_sync(
+            s,
+            &Message::Hello {
+                min_version: PROTOCOL_MIN,
+                max_version: PROTOCOL_MAX,
+            },
+        )
+        .unwrap();
+        let m = codec::read_sync(s).unwrap();
+        assert!(matches!(m, Message::HelloAck { .. }));
+        codec::write_sync(
+            s,
+            &Message::AuthProof {
+                nonce: [0; 32],
+                mac: [0; 32],
+            },
+        )
+        .unwrap();
+    });
+    assert!(matches!(e, EngineError::Auth(_)), "{e}");
+    assert!(error_text(&back).contains("pre-shared key"));
+}
+
+#[test]
+fn a_lane_that_cannot_prove_membership_is_refused() {
+    // A genuine source authenticates; a stranger then tries to join as a lane.
+    let dst = Mem::new(4 * MIB);
+    let setup = Setup::new(&dst, &dst, 4 * MIB);
+    let mut cfg = setup.dst.clone();
+    cfg.handshake_timeout = Duration::from_millis(800);
+    let l = DestListener::bind("127.0.0.1:0", cfg).unwrap();
+    let addr = l.local_addr().unwrap();
+    let regions = setup.dst_regions.clone();
+    let d =
+        std::thread::spawn(move || l.serve(regions, Box::new(NullDest::default()), Monitor::new()));
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let offer = rmig_engine::control::handshake::SourceOffer {
+        versions: (PROTOCOL_MIN, PROTOCOL_MAX),
+        key: key(),
+        regions: setup.src_regions.iter().map(|r| r.desc()).collect(),
+        transports: vec![rmig_engine::protocol::TransportKind::Tcp],
+        lanes: 1,
+        verify: true,
+    };
+    let _ctl = rt.block_on(async {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        rmig_engine::control::handshake::source(&mut s, &offer, Duration::from_secs(2))
+            .await
+            .unwrap();
+        s
+    });
+    let mut lane = TcpStream::connect(addr).unwrap();
+    codec::write_sync(
+        &mut lane,
+        &Message::LaneJoin {
+            session: [1; 16],
+            lane: 0,
+            mac: [2; 32],
+        },
+    )
+    .unwrap();
+    let reply = codec::read_sync(&mut lane).unwrap();
+    assert!(
+        matches!(&reply, Message::Error { message } if message.contains("could not prove")),
+        "{reply:?}"
+    );
+    let e = d.join().unwrap().unwrap_err();
+    assert!(e.to_string().contains("data lanes joined"), "{e}");
+}

@@ -1,0 +1,246 @@
+//! Migrations that must succeed, each checked byte for byte.
+
+use std::time::{Duration, Instant};
+
+use rmig_engine::{NoConvergence, SharedDirtyLog, PAGE_2M};
+use rmig_tests::{assert_same, Mem, Setup, Writer};
+
+const MIB: usize = 1 << 20;
+
+fn migrate_memory(zero_fraction: f64) {
+    let len = 64 * MIB;
+    let src = Mem::random(len, zero_fraction, 42);
+    let dst = Mem::new(len);
+    let (s, d) = Setup::new(&src, &dst, len).run();
+    let s = s.expect("source");
+    let d = d.expect("destination");
+    assert_eq!(s.status, "completed");
+    assert_eq!(s.verified, Some(true));
+    assert_eq!(d.stats.status, "completed");
+    assert_eq!(s.ram.normal + s.ram.duplicate, (len / 4096) as u64);
+    assert_same(src.bytes(), dst.bytes());
+}
+
+#[test]
+fn random_memory() {
+    migrate_memory(0.0);
+}
+
+#[test]
+fn zero_memory_is_sent_as_markers() {
+    let len = 64 * MIB;
+    let src = Mem::new(len);
+    let dst = Mem::new(len);
+    // Destination memory that is not known to be zero must really be zeroed.
+    let mut dirty_dst = Mem::random(len, 0.0, 9);
+    let mut setup = Setup::new(&src, &dirty_dst, len);
+    setup.dst_regions = vec![dirty_dst.region(0, 0, len, 4096)];
+    let (s, _) = setup.run();
+    let s = s.unwrap();
+    assert_eq!(s.ram.normal, 0);
+    assert_eq!(s.ram.duplicate, (len / 4096) as u64);
+    assert!(
+        s.ram.transferred < (len / 100) as u64,
+        "{}",
+        s.ram.transferred
+    );
+    assert_same(src.bytes(), dirty_dst.bytes_mut());
+    let (s, _) = Setup::new(&src, &dst, len).run();
+    assert_eq!(s.unwrap().verified, Some(true));
+    assert_same(src.bytes(), dst.bytes());
+}
+
+#[test]
+fn mixed_memory() {
+    migrate_memory(0.5);
+}
+
+#[test]
+fn live_writer_converges_and_lands_every_write() {
+    let len = 128 * MIB;
+    let src = Mem::random(len, 0.1, 1);
+    let dst = Mem::new(len);
+    let log = SharedDirtyLog::new(&[(len / 4096) as u64]);
+    let mut w = Writer::start(&src, log.clone(), 4096, 40);
+    std::thread::sleep(Duration::from_millis(20));
+    let mut setup = Setup::new(&src, &dst, len);
+    setup.dirty = Box::new(log);
+    setup.embedder = w.embedder(b"device state".to_vec());
+    setup.src.policy.downtime_limit = Duration::from_millis(50);
+    let rec = setup.dest_embedder.clone();
+    let (s, d) = setup.run();
+    let s = s.expect("source");
+    d.expect("destination");
+    assert!(w.is_paused(), "the guest stays paused after a switchover");
+    w.stop();
+    assert!(w.written.load(std::sync::atomic::Ordering::Relaxed) > 0);
+    assert!(s.rounds.len() >= 2, "{:?}", s.rounds);
+    assert_eq!(s.verified, Some(true));
+    assert_same(src.bytes(), dst.bytes());
+    assert_eq!(
+        rec.device_state.lock().unwrap().as_deref(),
+        Some(&b"device state"[..])
+    );
+    assert!(rec.resumed.load(std::sync::atomic::Ordering::Acquire));
+}
+
+#[test]
+fn forced_switchover_when_not_converging() {
+    let len = 32 * MIB;
+    let src = Mem::random(len, 0.0, 3);
+    let dst = Mem::new(len);
+    let log = SharedDirtyLog::new(&[(len / 4096) as u64]);
+    let mut w = Writer::start(&src, log.clone(), 8192, 200);
+    let mut setup = Setup::new(&src, &dst, len);
+    setup.dirty = Box::new(log);
+    setup.embedder = w.embedder(Vec::new());
+    setup.src.policy.downtime_limit = Duration::from_micros(1);
+    setup.src.policy.max_rounds = 3;
+    setup.src.policy.on_no_convergence = NoConvergence::ForceSwitchover;
+    let (s, _) = setup.run();
+    let s = s.expect("forced switchover completes");
+    w.stop();
+    assert_eq!(s.rounds.iter().filter(|r| !r.last).count(), 3);
+    assert_same(src.bytes(), dst.bytes());
+}
+
+#[test]
+fn verify_off_reports_null() {
+    let len = 16 * MIB;
+    let src = Mem::random(len, 0.2, 5);
+    let dst = Mem::new(len);
+    let mut setup = Setup::new(&src, &dst, len);
+    setup.src.verify = false;
+    let (s, d) = setup.run();
+    assert_eq!(s.unwrap().verified, None);
+    assert_eq!(d.unwrap().stats.verified, None);
+    assert_same(src.bytes(), dst.bytes());
+}
+
+#[test]
+fn several_regions_and_huge_pages() {
+    let len = 24 * MIB;
+    let src = Mem::random(len, 0.3, 11);
+    let dst = Mem::new(len);
+    let mut setup = Setup::new(&src, &dst, len);
+    setup.src_regions = vec![
+        src.region(1, 0, 4 * MIB, 4096).with_gpa(0),
+        src.region(2, 4 * MIB, 16 * MIB, PAGE_2M).with_gpa(1 << 32),
+        src.region(3, 20 * MIB, 4 * MIB, 4096),
+    ];
+    setup.dst_regions = vec![
+        dst.region(1, 0, 4 * MIB, 4096).with_gpa(0),
+        dst.region(2, 4 * MIB, 16 * MIB, PAGE_2M).with_gpa(1 << 32),
+        dst.region(3, 20 * MIB, 4 * MIB, 4096),
+    ];
+    setup.dirty = Box::new(SharedDirtyLog::new(&[1024, 8, 1024]));
+    setup.src.lanes = 3;
+    let (s, _) = setup.run();
+    let s = s.unwrap();
+    assert_eq!(s.lanes, 3);
+    assert_same(src.bytes(), dst.bytes());
+}
+
+#[test]
+fn bandwidth_ceiling_paces_the_lanes() {
+    let len = 24 * MIB;
+    let src = Mem::random(len, 0.0, 6);
+    let dst = Mem::new(len);
+    let mut setup = Setup::new(&src, &dst, len);
+    setup.src.max_bandwidth = 40_000_000; // 40 MB/s: 25 MB take over half a second
+    let t = Instant::now();
+    let (s, _) = setup.run();
+    s.unwrap();
+    assert!(
+        t.elapsed() > Duration::from_millis(500),
+        "{:?}",
+        t.elapsed()
+    );
+    assert_same(src.bytes(), dst.bytes());
+}
+
+#[test]
+fn bandwidth_ceiling_can_be_lifted_while_running() {
+    let len = 64 * MIB;
+    let src = Mem::random(len, 0.0, 8);
+    let dst = Mem::new(len);
+    let mut setup = Setup::new(&src, &dst, len);
+    setup.src.max_bandwidth = 5_000_000; // 64 MiB would take 13 s
+    let m = setup.src_monitor.clone();
+    let t = Instant::now();
+    let lifter = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(300));
+        m.set_max_bandwidth(0);
+    });
+    let (s, _) = setup.run();
+    lifter.join().unwrap();
+    s.unwrap();
+    assert!(t.elapsed() < Duration::from_secs(8), "{:?}", t.elapsed());
+    assert_same(src.bytes(), dst.bytes());
+}
+
+#[test]
+fn host_names_work() {
+    let len = 8 * MIB;
+    let src = Mem::random(len, 0.0, 12);
+    let dst = Mem::new(len);
+    let setup = Setup::new(&src, &dst, len);
+    let l = rmig_engine::DestListener::bind("localhost:0", setup.dst.clone()).unwrap();
+    let port = l.local_addr().unwrap().port();
+    let mut src_cfg = setup.src.clone();
+    src_cfg.dest = format!("localhost:{port}");
+    let regions = setup.dst_regions.clone();
+    let d = std::thread::spawn(move || {
+        l.serve(
+            regions,
+            Box::new(rmig_engine::NullDest::default()),
+            rmig_engine::Monitor::new(),
+        )
+    });
+    let s = rmig_engine::driver::migrate(
+        src_cfg,
+        setup.src_regions.clone(),
+        Box::new(SharedDirtyLog::new(&[2048])),
+        Box::new(rmig_engine::StaticSource),
+        rmig_engine::Monitor::new(),
+    );
+    s.unwrap();
+    d.join().unwrap().unwrap();
+    assert_same(src.bytes(), dst.bytes());
+}
+
+#[test]
+fn step_by_step_api() {
+    let len = 16 * MIB;
+    let src = Mem::random(len, 0.2, 13);
+    let dst = Mem::new(len);
+    let setup = Setup::new(&src, &dst, len);
+    let l = rmig_engine::DestListener::bind("[::1]:0", setup.dst.clone())
+        .or_else(|_| rmig_engine::DestListener::bind("127.0.0.1:0", setup.dst.clone()))
+        .unwrap();
+    let mut cfg = setup.src.clone();
+    cfg.dest = l.local_addr().unwrap().to_string();
+    let regions = setup.dst_regions.clone();
+    let d = std::thread::spawn(move || {
+        l.serve(
+            regions,
+            Box::new(rmig_engine::NullDest::default()),
+            rmig_engine::Monitor::new(),
+        )
+    });
+    let mut s = rmig_engine::SourceSession::setup(
+        cfg,
+        setup.src_regions.clone(),
+        Box::new(SharedDirtyLog::new(&[4096])),
+        Box::new(rmig_engine::StaticSource),
+        rmig_engine::Monitor::new(),
+    )
+    .unwrap();
+    // Nothing is dirty after round 0, so the policy is ready at once.
+    assert_eq!(s.iterate().unwrap(), rmig_engine::Step::ReadyForSwitchover);
+    let stats = s.complete().unwrap();
+    assert!(s.iterate().is_err(), "no step after completion");
+    assert_eq!(stats.status, "completed");
+    d.join().unwrap().unwrap();
+    assert_same(src.bytes(), dst.bytes());
+}

@@ -1,0 +1,165 @@
+//! A TCP lane end to end: runs land where they belong, acknowledgements come back, and a
+//! hostile header is refused before a byte of its payload is written.
+
+use std::io::Write;
+use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rmig_transport::tcp::wire::{Header, KIND_DATA};
+use rmig_transport::tcp::{TcpDestLane, TcpSourceLane};
+use rmig_transport::{
+    Batch, FaultPlan, LaneError, MemRegion, MemoryMap, Pacer, PageSink, Run, RunKind, SourceLane,
+};
+
+struct Count {
+    data: AtomicU64,
+    zero: AtomicU64,
+}
+
+impl PageSink for Count {
+    fn data_landed(&self, _: usize, _: u64, n: u64) {
+        self.data.fetch_add(n, Ordering::Relaxed);
+    }
+    fn zero_pages(&self, _: usize, _: u64, n: u64) {
+        self.zero.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+fn pair() -> (TcpStream, TcpStream) {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let a = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+    let (b, _) = l.accept().unwrap();
+    (a, b)
+}
+
+fn aligned(pages: usize) -> Vec<u64> {
+    vec![0u64; pages * 512]
+}
+
+fn map_of(buf: &mut [u64]) -> MemoryMap {
+    // SAFETY: the buffer outlives the lanes of each test, which join before returning.
+    let r = unsafe { MemRegion::new(buf.as_mut_ptr().cast(), buf.len() * 8, 4096) };
+    MemoryMap::new(vec![r])
+}
+
+#[test]
+fn runs_land_and_are_acknowledged() {
+    let mut src = aligned(16);
+    for (i, w) in src.iter_mut().enumerate() {
+        *w = i as u64 * 0x0101_0101;
+    }
+    let mut dst = aligned(16);
+    let (a, b) = pair();
+    let smap = map_of(&mut src);
+    let dmap = map_of(&mut dst);
+    let count = Arc::new(Count {
+        data: AtomicU64::new(0),
+        zero: AtomicU64::new(0),
+    });
+    let c2 = count.clone();
+    let recv = std::thread::spawn(move || TcpDestLane::new(b, dmap).unwrap().run(c2.as_ref()));
+    let mut lane =
+        TcpSourceLane::new(a, smap, Arc::new(Pacer::new(0)), FaultPlan::default()).unwrap();
+    let batch = Batch {
+        seq: 1,
+        runs: vec![
+            Run {
+                region: 0,
+                first_page: 0,
+                npages: 10,
+                kind: RunKind::Data,
+            },
+            Run {
+                region: 0,
+                first_page: 10,
+                npages: 2,
+                kind: RunKind::Zero,
+            },
+            Run {
+                region: 0,
+                first_page: 12,
+                npages: 4,
+                kind: RunKind::Data,
+            },
+        ],
+        data_bytes: 14 * 4096,
+    };
+    lane.send(&batch).unwrap();
+    lane.wait_acked(1, Duration::from_secs(5)).unwrap();
+    assert_eq!(lane.acked(), 1);
+    lane.close();
+    let sum = recv.join().unwrap().unwrap();
+    assert_eq!(sum.data_pages, 14);
+    assert_eq!(sum.zero_pages, 2);
+    assert_eq!(count.data.load(Ordering::Relaxed), 14);
+    assert_eq!(count.zero.load(Ordering::Relaxed), 2);
+    assert_eq!(&src[..10 * 512], &dst[..10 * 512]);
+    assert_eq!(&src[12 * 512..], &dst[12 * 512..]);
+}
+
+#[test]
+fn a_header_outside_the_region_is_refused_before_writing() {
+    let mut dst = aligned(4);
+    let (mut a, b) = pair();
+    let dmap = map_of(&mut dst);
+    let recv = std::thread::spawn(move || {
+        let c = Count {
+            data: AtomicU64::new(0),
+            zero: AtomicU64::new(0),
+        };
+        TcpDestLane::new(b, dmap).unwrap().run(&c)
+    });
+    let h = Header {
+        kind: KIND_DATA,
+        region: 0,
+        first_page: 3,
+        count: 2,
+    };
+    a.write_all(&h.encode()).unwrap();
+    a.write_all(&[0xff; 8192]).unwrap();
+    let r = recv.join().unwrap();
+    assert!(
+        matches!(r, Err(LaneError::Malformed(ref m)) if m.contains("outside")),
+        "{r:?}"
+    );
+    assert!(dst.iter().all(|&w| w == 0));
+}
+
+#[test]
+fn unknown_regions_and_kinds_are_refused() {
+    for bad in [
+        Header {
+            kind: KIND_DATA,
+            region: 5,
+            first_page: 0,
+            count: 1,
+        }
+        .encode(),
+        {
+            let mut b = Header {
+                kind: KIND_DATA,
+                region: 0,
+                first_page: 0,
+                count: 1,
+            }
+            .encode();
+            b[0] = 77;
+            b
+        },
+    ] {
+        let mut dst = aligned(4);
+        let (mut a, b) = pair();
+        let dmap = map_of(&mut dst);
+        let recv = std::thread::spawn(move || {
+            let c = Count {
+                data: AtomicU64::new(0),
+                zero: AtomicU64::new(0),
+            };
+            TcpDestLane::new(b, dmap).unwrap().run(&c)
+        });
+        a.write_all(&bad).unwrap();
+        assert!(matches!(recv.join().unwrap(), Err(LaneError::Malformed(_))));
+    }
+}
