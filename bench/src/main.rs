@@ -223,7 +223,7 @@ fn check_guest(g: &GuestArgs) -> Result<()> {
     if g.page_size != PAGE_4K && g.page_size != PAGE_2M {
         bail!("--page-size must be 4KiB or 2MiB");
     }
-    if g.size == 0 || g.size % g.page_size != 0 {
+    if g.size == 0 || !g.size.is_multiple_of(g.page_size) {
         bail!("--size must be a non-zero multiple of the page size");
     }
     Ok(())

@@ -66,7 +66,7 @@ impl AtomicBitmap {
     /// Mask of the valid bits of word `w`.
     fn word_mask(&self, w: usize) -> u64 {
         let last = (self.bits / 64) as usize;
-        if w < last || self.bits % 64 == 0 {
+        if w < last || self.bits.is_multiple_of(64) {
             u64::MAX
         } else {
             (1u64 << (self.bits % 64)) - 1

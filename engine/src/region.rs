@@ -48,7 +48,7 @@ impl Region {
                 "region {id}: null address or zero length"
             )));
         }
-        if len % page_size != 0 || (ptr as u64) % PAGE_4K != 0 {
+        if !len.is_multiple_of(page_size) || !(ptr as u64).is_multiple_of(PAGE_4K) {
             return Err(EngineError::Config(format!(
                 "region {id}: address and length must be page-aligned"
             )));

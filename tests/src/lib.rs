@@ -45,11 +45,11 @@ impl Mem {
         let mut m = Mem::new(len);
         let mut r = Rng(seed);
         for p in m.bytes_mut().chunks_mut(4096) {
-            if (r.next() % 1000) as f64 / 1000.0 < zero_fraction {
+            if (r.next_u64() % 1000) as f64 / 1000.0 < zero_fraction {
                 continue;
             }
             for w in p.chunks_exact_mut(8) {
-                w.copy_from_slice(&r.next().to_ne_bytes());
+                w.copy_from_slice(&r.next_u64().to_ne_bytes());
             }
         }
         m
@@ -112,7 +112,7 @@ pub struct Rng(pub u64);
 
 impl Rng {
     /// Next value (splitmix64).
-    pub fn next(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
@@ -156,14 +156,14 @@ impl Writer {
                     let _g = b.lock().unwrap();
                     if !p.load(Ordering::Acquire) {
                         for _ in 0..pages_per_ms {
-                            let page = r.next() % hot_pages;
-                            let off = page * 4096 + (r.next() % 512) * 8;
+                            let page = r.next_u64() % hot_pages;
+                            let off = page * 4096 + (r.next_u64() % 512) * 8;
                             // SAFETY: inside the test's memory, which outlives the writer;
                             // racing the engine's reads is what a guest does.
                             unsafe {
                                 std::ptr::write_volatile(
                                     (addr + off as usize) as *mut u64,
-                                    r.next(),
+                                    r.next_u64(),
                                 )
                             };
                             log.mark(0, page);

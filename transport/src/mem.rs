@@ -31,7 +31,7 @@ impl MemRegion {
     /// while a migration runs. `len` must be a multiple of `page_size`, which must be a power
     /// of two.
     pub unsafe fn new(ptr: *mut u8, len: usize, page_size: usize) -> Self {
-        debug_assert!(page_size.is_power_of_two() && len % page_size == 0);
+        debug_assert!(page_size.is_power_of_two() && len.is_multiple_of(page_size));
         MemRegion {
             ptr,
             len,

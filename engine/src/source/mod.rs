@@ -552,7 +552,7 @@ impl SourceSession {
         if self.monitor.cancel.is_cancelled() {
             return Err(EngineError::Cancelled(self.monitor.cancel.reason()));
         }
-        while let Ok(m) = self.link.inbox().try_recv() {
+        if let Ok(m) = self.link.inbox().try_recv() {
             let m = ControlLink::screen(m)?;
             return Err(EngineError::Protocol(format!(
                 "unexpected {} between rounds",
