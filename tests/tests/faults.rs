@@ -210,7 +210,7 @@ fn a_lane_dying_mid_round_is_survived() {
     let dst = Mem::new(len);
     let mut setup = Setup::new(&src, &dst, len);
     setup.src.lanes = 3;
-    setup.src.lane_faults = vec![Default::default(), rmig_engine::fail_after(8 * MIB as u64)];
+    setup.src.lane_faults = vec![Default::default(), rmig_engine::fail_after(2 * MIB as u64)];
     let (s, d) = setup.run();
     let s = s.expect("completes over the other lanes");
     d.expect("destination");
@@ -237,15 +237,17 @@ fn every_lane_dying_fails_cleanly() {
 
 #[test]
 fn not_converging_fails_with_a_reason_and_the_guest_runs_on() {
-    let len = 32 * MIB;
+    // The writer dirties all 8 MiB far faster than the 40 MB/s ceiling lets rounds send them.
+    let len = 8 * MIB;
     let src = Mem::random(len, 0.0, 8);
     let dst = Mem::new(len);
     let log = SharedDirtyLog::new(&[(len / 4096) as u64]);
-    let mut w = Writer::start(&src, log.clone(), 8192, 300);
+    let mut w = Writer::start(&src, log.clone(), 2048, 300);
     let mut setup = Setup::new(&src, &dst, len);
     setup.dirty = Box::new(log);
     setup.embedder = w.embedder(Vec::new());
-    setup.src.policy.downtime_limit = Duration::from_micros(1);
+    setup.src.max_bandwidth = 40_000_000;
+    setup.src.policy.downtime_limit = Duration::from_millis(1);
     setup.src.policy.max_rounds = 5;
     let (s, d) = setup.run();
     let se = s.unwrap_err();

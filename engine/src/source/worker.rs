@@ -25,7 +25,7 @@ const BATCH_RUNS: usize = 256;
 /// Longest data run in bytes.
 const MAX_DATA_RUN: u64 = 1 << 20;
 /// Pages in one work item (aligned to bitmap words).
-pub(crate) const ITEM_PAGES: u64 = 8192;
+pub(crate) const ITEM_PAGES: u64 = 1024;
 /// How long a lane may wait for its last acknowledgement before it is declared dead.
 const ACK_TIMEOUT: Duration = Duration::from_secs(15);
 
