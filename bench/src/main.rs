@@ -312,14 +312,21 @@ fn watch(monitor: &Monitor, done: impl Fn() -> bool) {
         .expect("template")
         .progress_chars("=> "),
     );
+    let (mut t0, mut b0) = (Instant::now(), 0u64);
+    let mut rate = 0.0;
     while !done() {
         let p = monitor.progress();
+        let dt = t0.elapsed().as_secs_f64();
+        if dt >= 0.25 {
+            rate = p.transferred.saturating_sub(b0) as f64 / dt;
+            (t0, b0) = (Instant::now(), p.transferred);
+        }
         bar.set_length(p.total.max(p.transferred).max(1));
         bar.set_position(p.transferred);
         bar.set_prefix(p.round.to_string());
         bar.set_message(format!(
-            "{:.2} GB/s, {:.1} MB dirty left",
-            p.bandwidth / 1e9,
+            "{:.2} GB/s, {:.1} MB of this round left",
+            rate / 1e9,
             p.remaining as f64 / 1e6
         ));
         std::thread::sleep(Duration::from_millis(100));
