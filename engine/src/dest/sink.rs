@@ -9,7 +9,7 @@ use rmig_transport::{MemoryMap, PageSink};
 
 use crate::bitmap::AtomicBitmap;
 use crate::region::Region;
-use crate::verify::{hash_page, RegionHashes};
+use crate::verify::{hash_page, is_zero, RegionHashes};
 
 pub(crate) struct DestSink {
     map: MemoryMap,
@@ -91,9 +91,13 @@ impl PageSink for DestSink {
         if !kz.all_set(first, n) {
             for p in first..first + n {
                 if !kz.test(p) {
-                    // SAFETY: the page belongs to this round's run on the calling lane, which
-                    // is its only writer while the round runs.
-                    unsafe { r.pages_slice_mut(p, 1) }.fill(0);
+                    // Read before writing: a page that is zero already stays untouched (and,
+                    // if never faulted in, unallocated).
+                    if !is_zero(r.pages_slice(p, 1)) {
+                        // SAFETY: the page belongs to this round's run on the calling lane,
+                        // which is its only writer while the round runs.
+                        unsafe { r.pages_slice_mut(p, 1) }.fill(0);
+                    }
                     kz.set(p);
                 }
             }

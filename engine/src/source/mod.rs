@@ -540,8 +540,8 @@ impl SourceSession {
             s.rounds.push(rsc);
             s.ram.remaining = remaining;
             s.ram.dirty_sync_count = syncs;
-            s.ram.dirty_pages_rate = dirty_rate / psize as f64;
             if !last {
+                s.ram.dirty_pages_rate = dirty_rate / psize as f64;
                 s.expected_downtime_ms = rs.expected_downtime_ms;
             }
         });

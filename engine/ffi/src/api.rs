@@ -1,0 +1,588 @@
+//! The `rmig_` functions.
+
+use std::ffi::{c_char, CStr};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::time::Duration;
+
+use rmig_engine::{
+    ConvergePolicy, DestConfig, DestListener, Key, NoConvergence, Region, SourceConfig,
+    SourceSession, Step, TransportChoice, PAGE_2M, PAGE_4K,
+};
+
+use crate::embedder::{CDirty, C};
+use crate::handles::{self, Entry, Inner, Phase};
+use crate::status::{fail, from_engine, RmigStatus};
+use crate::types::*;
+
+use RmigStatus::*;
+
+/// Runs `f`, turning a panic into `RMIG_ERR_INTERNAL`.
+fn guard(f: impl FnOnce() -> Result<(), RmigStatus>) -> RmigStatus {
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(Ok(())) => RmigOk,
+        Ok(Err(s)) => s,
+        Err(_) => fail(
+            RmigErrInternal,
+            "internal error: a panic was caught at the C boundary",
+        ),
+    }
+}
+
+/// Borrows a `T` from a C pointer, refusing null and misaligned ones.
+///
+/// # Safety
+/// A non-null, aligned `p` must point to a valid `T` for the returned lifetime.
+unsafe fn borrow<'a, T>(p: *const T, what: &str) -> Result<&'a T, RmigStatus> {
+    if p.is_null() {
+        return Err(fail(RmigErrInvalidArgument, &format!("{what} is NULL")));
+    }
+    if !p
+        .cast::<u8>()
+        .align_offset(std::mem::align_of::<T>())
+        .eq(&0)
+    {
+        return Err(fail(
+            RmigErrInvalidArgument,
+            &format!("{what} is misaligned"),
+        ));
+    }
+    // SAFETY: non-null and aligned (checked); validity is the caller's contract.
+    Ok(unsafe { &*p })
+}
+
+/// Writes the default configuration into `out` (address and key still to be set).
+///
+/// # Safety
+/// `out` must be NULL or point to writable memory for an `rmig_config`.
+#[no_mangle]
+pub unsafe extern "C" fn rmig_config_default(out: *mut RmigConfig) -> RmigStatus {
+    guard(|| {
+        // SAFETY: the caller's contract; null and alignment are checked by `borrow`.
+        unsafe { borrow(out.cast_const(), "out")? };
+        let d = ConvergePolicy::default();
+        let c = RmigConfig {
+            address: std::ptr::null(),
+            key: std::ptr::null(),
+            key_len: 0,
+            lanes: 0,
+            transport: RmigTransport::RmigTransportAuto,
+            downtime_limit_ms: d.downtime_limit.as_millis() as u64,
+            max_bandwidth: 0,
+            max_rounds: d.max_rounds,
+            force_switchover: 0,
+            auto_converge: 1,
+            verify: 1,
+        };
+        // SAFETY: checked non-null and aligned above; writable by the caller's contract.
+        unsafe { out.write(c) };
+        Ok(())
+    })
+}
+
+struct Parsed {
+    address: String,
+    key: Key,
+}
+
+/// # Safety
+/// `cfg` must satisfy `borrow`'s contract, and its `address`/`key` point to valid memory.
+unsafe fn parse(cfg: *const RmigConfig) -> Result<(RmigConfig, Parsed), RmigStatus> {
+    // SAFETY: forwarded contract.
+    let c = *unsafe { borrow(cfg, "config")? };
+    if c.address.is_null() {
+        return Err(fail(RmigErrInvalidArgument, "config.address is NULL"));
+    }
+    // SAFETY: non-null; a NUL-terminated string by the caller's contract.
+    let address = unsafe { CStr::from_ptr(c.address) }
+        .to_str()
+        .map_err(|_| fail(RmigErrInvalidArgument, "config.address is not UTF-8"))?
+        .to_string();
+    if c.key.is_null() || c.key_len == 0 {
+        return Err(fail(RmigErrInvalidArgument, "config.key is NULL or empty"));
+    }
+    // SAFETY: non-null, `key_len` bytes by the caller's contract.
+    let kb = unsafe { std::slice::from_raw_parts(c.key, c.key_len) };
+    let key = Key::new(kb).map_err(|e| from_engine(&e))?;
+    if c.transport != RmigTransport::RmigTransportAuto
+        && c.transport != RmigTransport::RmigTransportTcp
+    {
+        return Err(fail(RmigErrInvalidArgument, "unknown transport"));
+    }
+    Ok((c, Parsed { address, key }))
+}
+
+fn transport(t: RmigTransport) -> TransportChoice {
+    match t {
+        RmigTransport::RmigTransportTcp => TransportChoice::Tcp,
+        RmigTransport::RmigTransportAuto => TransportChoice::Auto,
+    }
+}
+
+/// Creates a source session that will migrate to `config->address`.
+///
+/// # Safety
+/// `config` must point to a valid `rmig_config` whose strings are valid; `callbacks` to a valid
+/// `rmig_callbacks` (copied); `out` to writable memory for an `rmig_session`.
+#[no_mangle]
+pub unsafe extern "C" fn rmig_source_new(
+    config: *const RmigConfig,
+    callbacks: *const RmigCallbacks,
+    out: *mut RmigSession,
+) -> RmigStatus {
+    guard(|| {
+        // SAFETY: the caller's contract (checked for null and alignment).
+        let (c, p) = unsafe { parse(config)? };
+        // SAFETY: as above.
+        let cb = *unsafe { borrow(callbacks, "callbacks")? };
+        // SAFETY: as above.
+        unsafe { borrow(out.cast_const(), "out")? };
+        if cb.dirty_sync.is_none() {
+            return Err(fail(
+                RmigErrInvalidArgument,
+                "a source needs a dirty_sync callback",
+            ));
+        }
+        let mut s = SourceConfig::new(p.address, p.key);
+        if c.lanes > 0 {
+            s.lanes = c.lanes as usize;
+        }
+        s.transport = transport(c.transport);
+        s.max_bandwidth = c.max_bandwidth;
+        s.verify = c.verify != 0;
+        s.policy = ConvergePolicy {
+            downtime_limit: Duration::from_millis(c.downtime_limit_ms),
+            max_rounds: c.max_rounds.max(1),
+            on_no_convergence: if c.force_switchover != 0 {
+                NoConvergence::ForceSwitchover
+            } else {
+                NoConvergence::Fail
+            },
+            auto_converge: c.auto_converge != 0,
+            ..Default::default()
+        };
+        let h = handles::insert(Entry {
+            role: RmigRole::RmigSource,
+            monitor: rmig_engine::Monitor::new(),
+            inner: std::sync::Mutex::new(Inner {
+                source_cfg: Some(s),
+                callbacks: C(cb),
+                regions: Vec::new(),
+                phase: Phase::New(None),
+            }),
+        });
+        // SAFETY: checked above.
+        unsafe { out.write(h) };
+        Ok(())
+    })
+}
+
+/// Creates a destination session listening on `config->address` now (before any source
+/// connects, like a VMM started with `-incoming`).
+///
+/// # Safety
+/// As `rmig_source_new`.
+#[no_mangle]
+pub unsafe extern "C" fn rmig_dest_new(
+    config: *const RmigConfig,
+    callbacks: *const RmigCallbacks,
+    out: *mut RmigSession,
+) -> RmigStatus {
+    guard(|| {
+        // SAFETY: the caller's contract.
+        let (c, p) = unsafe { parse(config)? };
+        // SAFETY: as above.
+        let cb = *unsafe { borrow(callbacks, "callbacks")? };
+        // SAFETY: as above.
+        unsafe { borrow(out.cast_const(), "out")? };
+        let mut d = DestConfig::new(p.key);
+        d.transport = transport(c.transport);
+        let l = DestListener::bind(&p.address, d).map_err(|e| from_engine(&e))?;
+        let h = handles::insert(Entry {
+            role: RmigRole::RmigDestination,
+            monitor: rmig_engine::Monitor::new(),
+            inner: std::sync::Mutex::new(Inner {
+                source_cfg: None,
+                callbacks: C(cb),
+                regions: Vec::new(),
+                phase: Phase::New(Some(l)),
+            }),
+        });
+        // SAFETY: checked above.
+        unsafe { out.write(h) };
+        Ok(())
+    })
+}
+
+/// The port a destination listens on.
+///
+/// # Safety
+/// `port` must point to writable memory for a `uint16_t`.
+#[no_mangle]
+pub unsafe extern "C" fn rmig_dest_port(session: RmigSession, port: *mut u16) -> RmigStatus {
+    guard(|| {
+        // SAFETY: the caller's contract.
+        unsafe { borrow(port.cast_const(), "port")? };
+        let e = handles::get(session)?;
+        let g = e.lock()?;
+        match &g.phase {
+            Phase::New(Some(l)) => {
+                let p = l.local_addr().map_err(|e| from_engine(&e))?.port();
+                // SAFETY: checked above.
+                unsafe { port.write(p) };
+                Ok(())
+            }
+            _ => Err(fail(
+                RmigErrState,
+                "not a destination waiting for its source",
+            )),
+        }
+    })
+}
+
+/// Adds a region of guest memory: `len` bytes at `host` (4 KiB aligned), `page_size` 4096 or
+/// 2097152, guest physical address `gpa` (`UINT64_MAX` for none), a name (copied). Regions go in
+/// table order; both ends must add the same table. Only before the migration starts.
+/// The memory stays the caller's and must stay mapped until `rmig_free` returns.
+///
+/// # Safety
+/// `host..host+len` must be mapped memory of the caller; `name` NULL or a valid C string.
+#[no_mangle]
+pub unsafe extern "C" fn rmig_add_region(
+    session: RmigSession,
+    id: u32,
+    name: *const c_char,
+    host: *mut u8,
+    len: u64,
+    gpa: u64,
+    page_size: u64,
+) -> RmigStatus {
+    guard(|| {
+        let e = handles::get(session)?;
+        let mut g = e.lock()?;
+        if !matches!(g.phase, Phase::New(_)) {
+            return Err(fail(
+                RmigErrState,
+                "regions can only be added before the migration starts",
+            ));
+        }
+        if host.is_null() || len == 0 {
+            return Err(fail(RmigErrInvalidArgument, "host is NULL or len is 0"));
+        }
+        if page_size != PAGE_4K && page_size != PAGE_2M {
+            return Err(fail(
+                RmigErrInvalidArgument,
+                "page_size must be 4096 or 2097152",
+            ));
+        }
+        if !(host as usize).is_multiple_of(PAGE_4K as usize) || !len.is_multiple_of(page_size) {
+            return Err(fail(
+                RmigErrInvalidArgument,
+                "host must be 4 KiB aligned and len a multiple of page_size",
+            ));
+        }
+        let name = if name.is_null() {
+            format!("region{id}")
+        } else {
+            // SAFETY: non-null C string by the caller's contract.
+            unsafe { CStr::from_ptr(name) }
+                .to_string_lossy()
+                .into_owned()
+        };
+        // SAFETY: the caller keeps the memory mapped until rmig_free (documented contract).
+        let mut r =
+            unsafe { Region::new(id, name, host, len, page_size) }.map_err(|e| from_engine(&e))?;
+        if gpa != u64::MAX {
+            r = r.with_gpa(gpa);
+        }
+        let mut all = g.regions.clone();
+        all.push(r);
+        rmig_engine::region::validate(&all).map_err(|e| from_engine(&e))?;
+        g.regions = all;
+        Ok(())
+    })
+}
+
+fn run_source_step(
+    g: &mut Inner,
+    e: &Entry,
+    step: impl FnOnce(&mut SourceSession) -> Result<Option<Step>, rmig_engine::EngineError>,
+) -> Result<Option<Step>, RmigStatus> {
+    if let Phase::New(_) = g.phase {
+        let cfg = g.source_cfg.clone().expect("source");
+        if g.regions.is_empty() {
+            return Err(fail(RmigErrState, "add regions before starting"));
+        }
+        let s = SourceSession::setup(
+            cfg,
+            g.regions.clone(),
+            Box::new(CDirty {
+                c: g.callbacks,
+                buf: Vec::new(),
+            }),
+            Box::new(g.callbacks),
+            e.monitor.clone(),
+        )
+        .map_err(|err| {
+            g.phase = Phase::Ended;
+            from_engine(&err)
+        })?;
+        g.phase = Phase::Running(Box::new(s));
+    }
+    let Phase::Running(s) = &mut g.phase else {
+        return Err(fail(RmigErrState, "the migration has ended"));
+    };
+    match step(s) {
+        Ok(r) => Ok(r),
+        Err(err) => {
+            g.phase = Phase::Ended;
+            Err(from_engine(&err))
+        }
+    }
+}
+
+fn source_entry(session: RmigSession) -> Result<std::sync::Arc<Entry>, RmigStatus> {
+    let e = handles::get(session)?;
+    if e.role != RmigRole::RmigSource {
+        return Err(fail(RmigErrState, "this call is for a source session"));
+    }
+    Ok(e)
+}
+
+/// Source step 1 (QEMU's `save_live_setup`): connect, authenticate, agree on regions and
+/// transport, open the lanes.
+#[no_mangle]
+pub extern "C" fn rmig_setup(session: RmigSession) -> RmigStatus {
+    guard(|| {
+        let e = source_entry(session)?;
+        let mut g = e.lock()?;
+        if !matches!(g.phase, Phase::New(_)) {
+            return Err(fail(RmigErrState, "setup was already called"));
+        }
+        run_source_step(&mut g, &e, |_| Ok(None)).map(|_| ())
+    })
+}
+
+/// Source step 2 (QEMU's `save_live_iterate`): one pre-copy round. `*ready` becomes 1 when the
+/// convergence policy says to switch over (call `rmig_complete`), else 0.
+///
+/// # Safety
+/// `ready` must point to writable memory for an `int32_t`.
+#[no_mangle]
+pub unsafe extern "C" fn rmig_iterate(session: RmigSession, ready: *mut i32) -> RmigStatus {
+    guard(|| {
+        // SAFETY: the caller's contract.
+        unsafe { borrow(ready.cast_const(), "ready")? };
+        let e = source_entry(session)?;
+        let mut g = e.lock()?;
+        if matches!(g.phase, Phase::New(_)) {
+            return Err(fail(RmigErrState, "call rmig_setup first"));
+        }
+        let r = run_source_step(&mut g, &e, |s| s.iterate().map(Some))?;
+        // SAFETY: checked above.
+        unsafe { ready.write((r == Some(Step::ReadyForSwitchover)) as i32) };
+        Ok(())
+    })
+}
+
+/// Source step 3 (QEMU's `save_live_complete_precopy`): pause (callback), final copy, device
+/// state, verification, completion.
+#[no_mangle]
+pub extern "C" fn rmig_complete(session: RmigSession) -> RmigStatus {
+    guard(|| {
+        let e = source_entry(session)?;
+        let mut g = e.lock()?;
+        if matches!(g.phase, Phase::New(_)) {
+            return Err(fail(RmigErrState, "call rmig_setup first"));
+        }
+        run_source_step(&mut g, &e, |s| s.complete().map(|_| None))?;
+        g.phase = Phase::Ended;
+        Ok(())
+    })
+}
+
+/// Runs a whole migration and returns when it ended: on a source, setup, every round and the
+/// completion; on a destination, waiting for the source and receiving everything.
+#[no_mangle]
+pub extern "C" fn rmig_migrate(session: RmigSession) -> RmigStatus {
+    guard(|| {
+        let e = handles::get(session)?;
+        let mut g = e.lock()?;
+        match e.role {
+            RmigRole::RmigSource => {
+                run_source_step(&mut g, &e, |s| {
+                    while s.iterate()? == Step::Continue {}
+                    s.complete().map(|_| None)
+                })?;
+                g.phase = Phase::Ended;
+                Ok(())
+            }
+            RmigRole::RmigDestination => {
+                let Phase::New(l) = &mut g.phase else {
+                    return Err(fail(RmigErrState, "the migration has ended"));
+                };
+                let l = l.take().expect("destinations start with a listener");
+                if g.regions.is_empty() {
+                    g.phase = Phase::New(Some(l));
+                    return Err(fail(RmigErrState, "add regions before starting"));
+                }
+                let regions = g.regions.clone();
+                g.phase = Phase::Ended;
+                l.serve(regions, Box::new(g.callbacks), e.monitor.clone())
+                    .map(|_| ())
+                    .map_err(|err| from_engine(&err))
+            }
+        }
+    })
+}
+
+/// Cancels the migration from any thread; the call driving it returns `RMIG_ERR_CANCELLED`
+/// and the peer is told `reason` (NULL: "cancelled").
+///
+/// # Safety
+/// `reason` must be NULL or a valid C string.
+#[no_mangle]
+pub unsafe extern "C" fn rmig_cancel(session: RmigSession, reason: *const c_char) -> RmigStatus {
+    guard(|| {
+        let e = handles::get(session)?;
+        let r = if reason.is_null() {
+            "cancelled".to_string()
+        } else {
+            // SAFETY: non-null C string by the caller's contract.
+            unsafe { CStr::from_ptr(reason) }
+                .to_string_lossy()
+                .into_owned()
+        };
+        e.monitor.cancel(&r);
+        Ok(())
+    })
+}
+
+/// Changes the bandwidth ceiling (bytes/s, 0 unlimited) from any thread, also mid-migration.
+#[no_mangle]
+pub extern "C" fn rmig_set_max_bandwidth(session: RmigSession, bytes_per_sec: u64) -> RmigStatus {
+    guard(|| {
+        handles::get(session)?
+            .monitor
+            .set_max_bandwidth(bytes_per_sec);
+        Ok(())
+    })
+}
+
+/// Fills `out` with the statistics as they stand; any thread, any time.
+///
+/// # Safety
+/// `out` must point to writable memory for an `rmig_stats`.
+#[no_mangle]
+pub unsafe extern "C" fn rmig_get_stats(session: RmigSession, out: *mut RmigStats) -> RmigStatus {
+    guard(|| {
+        // SAFETY: the caller's contract.
+        unsafe { borrow(out.cast_const(), "out")? };
+        let e = handles::get(session)?;
+        let s = e.monitor.stats();
+        let state = match s.status.as_str() {
+            "setup" if s.total_time_ms == 0.0 && s.setup_time_ms == 0.0 => RmigState::RmigStateNew,
+            "setup" => RmigState::RmigStateSetup,
+            "active" => RmigState::RmigStateActive,
+            "device" => RmigState::RmigStateDevice,
+            "completed" => RmigState::RmigStateCompleted,
+            "cancelled" => RmigState::RmigStateCancelled,
+            _ => RmigState::RmigStateFailed,
+        };
+        let st = RmigStats {
+            state,
+            verified: s.verified.map_or(-1, i32::from),
+            lanes: s.lanes as u32,
+            rounds: s.rounds.len() as u32,
+            total_time_ms: s.total_time_ms,
+            setup_time_ms: s.setup_time_ms,
+            downtime_ms: s.downtime_ms,
+            expected_downtime_ms: s.expected_downtime_ms,
+            mbps: s.ram.mbps,
+            ram_total: s.ram.total,
+            ram_transferred: s.ram.transferred,
+            ram_remaining: s.ram.remaining,
+            ram_duplicate: s.ram.duplicate,
+            ram_normal: s.ram.normal,
+            ram_normal_bytes: s.ram.normal_bytes,
+            dirty_sync_count: s.ram.dirty_sync_count,
+        };
+        // SAFETY: checked above.
+        unsafe { out.write(st) };
+        Ok(())
+    })
+}
+
+/// Writes the statistics as one JSON object (NUL-terminated) into `buf` of `len` bytes.
+/// `*needed` (if not NULL) receives the size required, NUL included; a `buf` too small gives
+/// `RMIG_ERR_BUFFER_TOO_SMALL` and writes nothing.
+///
+/// # Safety
+/// `buf` must be NULL (with `len` 0) or writable for `len` bytes; `needed` NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn rmig_stats_json(
+    session: RmigSession,
+    buf: *mut c_char,
+    len: usize,
+    needed: *mut usize,
+) -> RmigStatus {
+    guard(|| {
+        let e = handles::get(session)?;
+        let j = serde_json::to_string(&e.monitor.stats())
+            .map_err(|x| fail(RmigErrInternal, &x.to_string()))?;
+        let n = j.len() + 1;
+        if !needed.is_null() {
+            // SAFETY: checked for null; alignment of usize by `borrow`.
+            unsafe { borrow(needed.cast_const(), "needed")? };
+            // SAFETY: as above.
+            unsafe { needed.write(n) };
+        }
+        if buf.is_null() || len < n {
+            return Err(fail(
+                RmigErrBufferTooSmall,
+                &format!("the JSON needs {n} bytes"),
+            ));
+        }
+        // SAFETY: `buf` is writable for `len >= n` bytes by the caller's contract.
+        unsafe {
+            std::ptr::copy_nonoverlapping(j.as_ptr(), buf.cast::<u8>(), j.len());
+            buf.add(j.len()).write(0);
+        }
+        Ok(())
+    })
+}
+
+/// Appends `len` bytes at `data` to `out` (inside `save_device_state` only).
+///
+/// # Safety
+/// `out` must be the pointer handed to the callback; `data` readable for `len` bytes.
+#[no_mangle]
+pub unsafe extern "C" fn rmig_bytes_append(
+    out: *mut RmigBytes,
+    data: *const u8,
+    len: usize,
+) -> RmigStatus {
+    guard(|| {
+        if out.is_null() || (data.is_null() && len > 0) {
+            return Err(fail(RmigErrInvalidArgument, "out or data is NULL"));
+        }
+        if len > 0 {
+            // SAFETY: the caller's contract.
+            let d = unsafe { std::slice::from_raw_parts(data, len) };
+            // SAFETY: `out` is the library's own buffer handed to the callback.
+            unsafe { (*out).data.extend_from_slice(d) };
+        }
+        Ok(())
+    })
+}
+
+/// Frees a session (cancelling it if it still runs between steps). Freeing twice, or a
+/// handle that never existed, returns `RMIG_ERR_INVALID_HANDLE`; freeing a session another
+/// thread is inside returns `RMIG_ERR_STATE`.
+#[no_mangle]
+pub extern "C" fn rmig_free(session: RmigSession) -> RmigStatus {
+    guard(|| {
+        let e = handles::remove(session)?;
+        drop(e);
+        Ok(())
+    })
+}

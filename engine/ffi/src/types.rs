@@ -1,0 +1,152 @@
+//! The plain C types of the ABI.
+
+use std::ffi::{c_char, c_int, c_void};
+
+/// A session: a handle, not a pointer. 0 is never a valid session.
+pub type RmigSession = u64;
+
+/// Which end a session is.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RmigRole {
+    /// Sends memory.
+    RmigSource = 0,
+    /// Receives memory.
+    RmigDestination = 1,
+}
+
+/// Transport preference.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RmigTransport {
+    /// The best both ends can use.
+    RmigTransportAuto = 0,
+    /// TCP lanes.
+    RmigTransportTcp = 1,
+}
+
+/// Configuration of a session; start from `rmig_config_default`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct RmigConfig {
+    /// Source: the destination's `host:port`. Destination: the address to listen on
+    /// (`host:0` picks a port; see `rmig_dest_port`). Borrowed during `rmig_*_new` only.
+    pub address: *const c_char,
+    /// The pre-shared key; borrowed during `rmig_*_new` only.
+    pub key: *const u8,
+    /// Length of `key` in bytes (at least 1).
+    pub key_len: usize,
+    /// Data lanes; 0 means one per CPU.
+    pub lanes: u32,
+    /// Transport preference.
+    pub transport: RmigTransport,
+    /// Downtime ceiling in milliseconds (default 300).
+    pub downtime_limit_ms: u64,
+    /// Bandwidth ceiling in bytes/s; 0 is unlimited.
+    pub max_bandwidth: u64,
+    /// Most pre-copy rounds (default 30).
+    pub max_rounds: u32,
+    /// At the round limit above the downtime limit: 0 fails, 1 forces the switchover.
+    pub force_switchover: u32,
+    /// Ask the embedder to throttle when rounds stop shrinking (default 1).
+    pub auto_converge: u32,
+    /// End-to-end verification (default 1).
+    pub verify: u32,
+}
+
+/// Growable bytes owned by the library, filled by a callback with `rmig_bytes_append`.
+pub struct RmigBytes {
+    pub(crate) data: Vec<u8>,
+}
+
+/// Callbacks into the embedder, all called on the thread that drives the session.
+/// Each returning `int` returns 0 for success.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct RmigCallbacks {
+    /// Handed back to every callback.
+    pub opaque: *mut c_void,
+    /// Source: set the bit of every page of region `region` (in `rmig_add_region` order)
+    /// written since the previous call, in `bitmap` (`words` 64-bit words, zeroed by the
+    /// library, bit i of word w = page w*64+i). Required on a source.
+    pub dirty_sync: Option<
+        unsafe extern "C" fn(
+            opaque: *mut c_void,
+            region: u32,
+            bitmap: *mut u64,
+            words: usize,
+        ) -> c_int,
+    >,
+    /// Source: stop the guest for the final copy; return only when no guest write can land.
+    pub pause: Option<unsafe extern "C" fn(opaque: *mut c_void) -> c_int>,
+    /// Source: the migration failed after `pause`; let the guest run again.
+    /// Destination: everything landed and verified; start the guest.
+    pub resume: Option<unsafe extern "C" fn(opaque: *mut c_void)>,
+    /// Source: slow the guest by `percent` (auto-converge); 0 lifts the throttle.
+    pub throttle: Option<unsafe extern "C" fn(opaque: *mut c_void, percent: u32)>,
+    /// Source: after the pause, append the device state to `out` with `rmig_bytes_append`.
+    pub save_device_state:
+        Option<unsafe extern "C" fn(opaque: *mut c_void, out: *mut RmigBytes) -> c_int>,
+    /// Destination: the source's device state, before `resume`. `data` is valid during the
+    /// call only.
+    pub load_device_state:
+        Option<unsafe extern "C" fn(opaque: *mut c_void, data: *const u8, len: usize) -> c_int>,
+}
+
+/// Outcome of a migration as `rmig_get_stats` reports it.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RmigState {
+    /// Created, regions being added.
+    RmigStateNew = 0,
+    /// Connecting or negotiating.
+    RmigStateSetup = 1,
+    /// Pre-copy rounds.
+    RmigStateActive = 2,
+    /// Stop-and-copy and device state.
+    RmigStateDevice = 3,
+    /// Done.
+    RmigStateCompleted = 4,
+    /// Failed.
+    RmigStateFailed = 5,
+    /// Cancelled.
+    RmigStateCancelled = 6,
+}
+
+/// Statistics (QEMU `query-migrate` names).
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct RmigStats {
+    /// Where the migration stands.
+    pub state: RmigState,
+    /// 1 verified, 0 failed verification, -1 not verified (off, or not yet).
+    pub verified: i32,
+    /// Lanes opened.
+    pub lanes: u32,
+    /// Rounds so far (the stop-and-copy included).
+    pub rounds: u32,
+    /// Milliseconds from start to completion.
+    pub total_time_ms: f64,
+    /// Milliseconds of setup.
+    pub setup_time_ms: f64,
+    /// Milliseconds the guest was paused.
+    pub downtime_ms: f64,
+    /// Expected downtime before the switchover.
+    pub expected_downtime_ms: f64,
+    /// Average bandwidth in Mbit/s.
+    pub mbps: f64,
+    /// Bytes of guest memory.
+    pub ram_total: u64,
+    /// Bytes put on the wire.
+    pub ram_transferred: u64,
+    /// Dirty bytes still to send.
+    pub ram_remaining: u64,
+    /// Zero pages sent as markers.
+    pub ram_duplicate: u64,
+    /// Pages sent with their bytes.
+    pub ram_normal: u64,
+    /// Bytes of those pages.
+    pub ram_normal_bytes: u64,
+    /// Dirty-log syncs.
+    pub dirty_sync_count: u64,
+}

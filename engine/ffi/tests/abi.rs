@@ -1,0 +1,334 @@
+//! The C ABI called as C would: bad input gets an error code and a message, never undefined
+//! behaviour; a whole migration works through it.
+
+use std::ffi::{c_void, CStr};
+use std::ptr::{null, null_mut};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use rmig::*;
+use RmigStatus::*;
+
+const KEY: &[u8] = b"abi test key";
+
+fn last_error() -> String {
+    // SAFETY: rmig_last_error returns a valid NUL-terminated string owned by the library.
+    unsafe { CStr::from_ptr(rmig_last_error()) }
+        .to_string_lossy()
+        .into_owned()
+}
+
+fn config(addr: &CStr) -> RmigConfig {
+    let mut c = std::mem::MaybeUninit::<RmigConfig>::uninit();
+    // SAFETY: a valid, aligned out pointer.
+    assert_eq!(unsafe { rmig_config_default(c.as_mut_ptr()) }, RmigOk);
+    // SAFETY: initialised by rmig_config_default.
+    let mut c = unsafe { c.assume_init() };
+    c.address = addr.as_ptr();
+    c.key = KEY.as_ptr();
+    c.key_len = KEY.len();
+    c.lanes = 2;
+    c
+}
+
+unsafe extern "C" fn no_dirt(_: *mut c_void, _: u32, _: *mut u64, _: usize) -> i32 {
+    0
+}
+
+fn callbacks() -> RmigCallbacks {
+    RmigCallbacks {
+        opaque: null_mut(),
+        dirty_sync: Some(no_dirt),
+        pause: None,
+        resume: None,
+        throttle: None,
+        save_device_state: None,
+        load_device_state: None,
+    }
+}
+
+fn source(addr: &CStr) -> RmigSession {
+    let mut s = 0;
+    // SAFETY: valid pointers to live values.
+    let r = unsafe { rmig_source_new(&config(addr), &callbacks(), &mut s) };
+    assert_eq!(r, RmigOk);
+    s
+}
+
+fn mem(len: usize) -> Vec<u64> {
+    // Page alignment: over-allocate and let callers use an aligned offset.
+    vec![0u64; len / 8 + 512]
+}
+
+fn aligned(v: &mut [u64]) -> *mut u8 {
+    let p = v.as_mut_ptr().cast::<u8>();
+    // SAFETY: the offset stays inside the vector (512 spare words).
+    unsafe { p.add(p.align_offset(4096)) }
+}
+
+#[test]
+fn null_and_misaligned_pointers_are_refused() {
+    let addr = c"127.0.0.1:1";
+    let mut s = 0;
+    // SAFETY: the library must check these pointers itself.
+    unsafe {
+        assert_eq!(
+            rmig_source_new(null(), &callbacks(), &mut s),
+            RmigErrInvalidArgument
+        );
+        assert!(last_error().contains("config is NULL"));
+        assert_eq!(
+            rmig_source_new(&config(addr), null(), &mut s),
+            RmigErrInvalidArgument
+        );
+        assert_eq!(
+            rmig_source_new(&config(addr), &callbacks(), null_mut()),
+            RmigErrInvalidArgument
+        );
+        let mut words = [0u64; 2];
+        let odd = words.as_mut_ptr().cast::<u8>().add(1).cast::<u64>();
+        assert_eq!(
+            rmig_source_new(&config(addr), &callbacks(), odd),
+            RmigErrInvalidArgument
+        );
+        assert!(last_error().contains("misaligned"));
+        assert_eq!(rmig_config_default(null_mut()), RmigErrInvalidArgument);
+        let mut c = config(addr);
+        c.key_len = 0;
+        assert_eq!(
+            rmig_source_new(&c, &callbacks(), &mut s),
+            RmigErrInvalidArgument
+        );
+        let mut cb = callbacks();
+        cb.dirty_sync = None;
+        assert_eq!(
+            rmig_source_new(&config(addr), &cb, &mut s),
+            RmigErrInvalidArgument
+        );
+        assert!(last_error().contains("dirty_sync"));
+    }
+}
+
+#[test]
+fn bad_regions_are_refused() {
+    let s = source(c"127.0.0.1:1");
+    let mut v = mem(1 << 20);
+    let p = aligned(&mut v);
+    // SAFETY: the memory is live; the library must reject the bad arguments itself.
+    unsafe {
+        assert_eq!(
+            rmig_add_region(s, 0, null(), null_mut(), 4096, u64::MAX, 4096),
+            RmigErrInvalidArgument
+        );
+        assert_eq!(
+            rmig_add_region(s, 0, null(), p, 0, u64::MAX, 4096),
+            RmigErrInvalidArgument
+        );
+        assert_eq!(
+            rmig_add_region(s, 0, null(), p.add(8), 4096, u64::MAX, 4096),
+            RmigErrInvalidArgument
+        );
+        assert_eq!(
+            rmig_add_region(s, 0, null(), p, 4096, u64::MAX, 8192),
+            RmigErrInvalidArgument
+        );
+        assert_eq!(
+            rmig_add_region(s, 0, c"a".as_ptr(), p, 65536, u64::MAX, 4096),
+            RmigOk
+        );
+        assert_eq!(
+            rmig_add_region(s, 1, c"b".as_ptr(), p.add(32768), 65536, u64::MAX, 4096),
+            RmigErrConfig
+        );
+        assert!(last_error().contains("overlap"), "{}", last_error());
+        assert_eq!(
+            rmig_add_region(s, 0, c"c".as_ptr(), p.add(65536), 65536, u64::MAX, 4096),
+            RmigErrConfig
+        );
+        assert!(last_error().contains("duplicate"));
+    }
+    assert_eq!(rmig_free(s), RmigOk);
+}
+
+#[test]
+fn calls_in_the_wrong_order_and_double_free() {
+    let s = source(c"127.0.0.1:1");
+    let mut ready = 0;
+    // SAFETY: valid out pointer.
+    assert_eq!(unsafe { rmig_iterate(s, &mut ready) }, RmigErrState);
+    assert_eq!(rmig_complete(s), RmigErrState);
+    assert_eq!(rmig_setup(s), RmigErrState, "no regions yet");
+    assert!(last_error().contains("add regions"));
+    let mut port = 0u16;
+    // SAFETY: valid out pointer.
+    assert_eq!(unsafe { rmig_dest_port(s, &mut port) }, RmigErrState);
+    assert_eq!(rmig_free(s), RmigOk);
+    assert_eq!(rmig_free(s), RmigErrInvalidHandle);
+    assert_eq!(rmig_setup(s), RmigErrInvalidHandle);
+    assert_eq!(rmig_free(0), RmigErrInvalidHandle);
+    assert_eq!(rmig_set_max_bandwidth(0xdead_beef, 1), RmigErrInvalidHandle);
+}
+
+#[test]
+fn unreachable_destination_fails_setup_cleanly() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = std::ffi::CString::new(format!("127.0.0.1:{port}")).unwrap();
+    let s = source(&addr);
+    let mut v = mem(1 << 20);
+    // SAFETY: the memory outlives the session.
+    let r = unsafe { rmig_add_region(s, 0, null(), aligned(&mut v), 1 << 20, 0, 4096) };
+    assert_eq!(r, RmigOk);
+    assert_eq!(rmig_setup(s), RmigErrIo);
+    assert!(last_error().contains("connecting"), "{}", last_error());
+    assert_eq!(rmig_free(s), RmigOk);
+}
+
+static DEVICE_LOADED: AtomicU64 = AtomicU64::new(0);
+
+unsafe extern "C" fn load_dev(_: *mut c_void, data: *const u8, len: usize) -> i32 {
+    // SAFETY: the library hands `len` readable bytes.
+    let d = unsafe { std::slice::from_raw_parts(data, len) };
+    if d == b"state" {
+        DEVICE_LOADED.fetch_add(1, Ordering::Relaxed);
+    }
+    0
+}
+
+unsafe extern "C" fn save_dev(_: *mut c_void, out: *mut RmigBytes) -> i32 {
+    // SAFETY: `out` is the library's buffer for this call.
+    unsafe { rmig_bytes_append(out, b"state".as_ptr(), 5) as i32 }
+}
+
+#[test]
+fn a_whole_migration_through_the_abi() {
+    let len = 8 << 20;
+    let mut sv = mem(len);
+    let mut dv = mem(len);
+    let sp = aligned(&mut sv);
+    let dp = aligned(&mut dv);
+    for i in 0..len / 8 {
+        // SAFETY: inside the aligned buffer.
+        unsafe {
+            sp.cast::<u64>()
+                .add(i)
+                .write((i as u64).wrapping_mul(0x9e37_79b9))
+        };
+    }
+    let mut d = 0;
+    let mut cb = callbacks();
+    cb.load_device_state = Some(load_dev);
+    // SAFETY: valid pointers.
+    let r = unsafe { rmig_dest_new(&config(c"127.0.0.1:0"), &cb, &mut d) };
+    assert_eq!(r, RmigOk);
+    let mut port = 0u16;
+    // SAFETY: valid pointers; the memory outlives the session.
+    unsafe {
+        assert_eq!(rmig_dest_port(d, &mut port), RmigOk);
+        assert_eq!(
+            rmig_add_region(d, 7, c"ram".as_ptr(), dp, len as u64, 0, 4096),
+            RmigOk
+        );
+    }
+    let dt = std::thread::spawn(move || rmig_migrate(d));
+    let addr = std::ffi::CString::new(format!("127.0.0.1:{port}")).unwrap();
+    let mut s = 0;
+    let mut scb = callbacks();
+    scb.save_device_state = Some(save_dev);
+    // SAFETY: valid pointers; the memory outlives the session.
+    unsafe {
+        assert_eq!(rmig_source_new(&config(&addr), &scb, &mut s), RmigOk);
+        assert_eq!(
+            rmig_add_region(s, 7, c"ram".as_ptr(), sp, len as u64, 0, 4096),
+            RmigOk
+        );
+    }
+    assert_eq!(rmig_migrate(s), RmigOk, "{}", last_error());
+    assert_eq!(dt.join().unwrap(), RmigOk);
+    // SAFETY: both buffers are live and no longer written.
+    unsafe {
+        assert_eq!(
+            std::slice::from_raw_parts(sp, len),
+            std::slice::from_raw_parts(dp, len)
+        );
+    }
+    assert_eq!(DEVICE_LOADED.load(Ordering::Relaxed), 1);
+    let mut st = std::mem::MaybeUninit::<RmigStats>::uninit();
+    // SAFETY: valid out pointer.
+    assert_eq!(unsafe { rmig_get_stats(s, st.as_mut_ptr()) }, RmigOk);
+    // SAFETY: written by rmig_get_stats.
+    let st = unsafe { st.assume_init() };
+    assert_eq!(st.state, RmigState::RmigStateCompleted);
+    assert_eq!(st.verified, 1);
+    assert_eq!(st.ram_total, len as u64);
+    let mut need = 0usize;
+    let mut small = [0i8; 4];
+    // SAFETY: valid buffers of the stated sizes.
+    unsafe {
+        assert_eq!(
+            rmig_stats_json(s, small.as_mut_ptr(), small.len(), &mut need),
+            RmigErrBufferTooSmall
+        );
+        let mut buf = vec![0i8; need];
+        assert_eq!(
+            rmig_stats_json(s, buf.as_mut_ptr(), buf.len(), null_mut()),
+            RmigOk
+        );
+        let j = CStr::from_ptr(buf.as_ptr()).to_str().unwrap();
+        assert!(j.contains("\"status\":\"completed\""), "{j}");
+    }
+    assert_eq!(rmig_complete(s), RmigErrState, "nothing after the end");
+    assert_eq!(rmig_free(s), RmigOk);
+    assert_eq!(rmig_free(d), RmigOk);
+}
+
+#[test]
+fn cancel_from_another_thread() {
+    let len = 64 << 20;
+    let mut sv = mem(len);
+    let mut dv = mem(len);
+    let sp = aligned(&mut sv);
+    let dp = aligned(&mut dv);
+    for i in 0..len / 8 {
+        // SAFETY: inside the aligned buffer.
+        unsafe { sp.cast::<u64>().add(i).write(i as u64 | 1) };
+    }
+    let mut d = 0;
+    let mut port = 0u16;
+    // SAFETY: valid pointers; the memory outlives the sessions.
+    unsafe {
+        assert_eq!(
+            rmig_dest_new(&config(c"127.0.0.1:0"), &callbacks(), &mut d),
+            RmigOk
+        );
+        assert_eq!(rmig_dest_port(d, &mut port), RmigOk);
+        assert_eq!(
+            rmig_add_region(d, 0, null(), dp, len as u64, u64::MAX, 4096),
+            RmigOk
+        );
+    }
+    let dt = std::thread::spawn(move || rmig_migrate(d));
+    let addr = std::ffi::CString::new(format!("127.0.0.1:{port}")).unwrap();
+    let mut c = config(&addr);
+    c.max_bandwidth = 20_000_000;
+    let mut s = 0;
+    // SAFETY: as above.
+    unsafe {
+        assert_eq!(rmig_source_new(&c, &callbacks(), &mut s), RmigOk);
+        assert_eq!(
+            rmig_add_region(s, 0, null(), sp, len as u64, u64::MAX, 4096),
+            RmigOk
+        );
+    }
+    let st = std::thread::spawn(move || rmig_migrate(s));
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert_eq!(rmig_free(s), RmigErrState, "busy sessions cannot be freed");
+    // SAFETY: a valid C string.
+    assert_eq!(unsafe { rmig_cancel(s, c"operator".as_ptr()) }, RmigOk);
+    assert_eq!(st.join().unwrap(), RmigErrCancelled);
+    assert_eq!(dt.join().unwrap(), RmigErrCancelled);
+    assert_eq!(rmig_free(s), RmigOk);
+    assert_eq!(rmig_free(d), RmigOk);
+}
