@@ -5,10 +5,11 @@
 //! both memories byte for byte, and reports. `source` and `dest` do the same across two hosts.
 
 mod mem;
+mod plot;
+mod progress;
 mod report;
 mod workload;
 
-use std::io::IsTerminal;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -42,6 +43,17 @@ enum Cmd {
     Source(SourceArgs),
     /// Receive a migration from a source.
     Dest(DestArgs),
+    /// Draw a result (`--json` output) round by round into an SVG or PNG file.
+    Plot(PlotArgs),
+}
+
+#[derive(Args, Clone)]
+struct PlotArgs {
+    /// A file holding the JSON output of loopback or source.
+    result: std::path::PathBuf,
+    /// The picture to write (.svg or .png).
+    #[arg(short, long)]
+    out: std::path::PathBuf,
 }
 
 #[derive(Args, Clone)]
@@ -118,6 +130,26 @@ struct OutputArgs {
     /// Print one JSON object instead of the table.
     #[arg(long)]
     json: bool,
+    /// Write progress as JSON lines to this file (one per round, at least one a second).
+    #[arg(long)]
+    progress_json: Option<std::path::PathBuf>,
+    /// Serve metrics in Prometheus text format on this address (e.g. 127.0.0.1:9100) while
+    /// the command runs.
+    #[arg(long)]
+    metrics_addr: Option<std::net::SocketAddr>,
+}
+
+impl OutputArgs {
+    /// Starts the Prometheus endpoint if one was asked for.
+    fn start_metrics(&self) -> Result<()> {
+        if let Some(a) = self.metrics_addr {
+            metrics_exporter_prometheus::PrometheusBuilder::new()
+                .with_http_listener(a)
+                .install()
+                .with_context(|| format!("serving metrics on {a}"))?;
+        }
+        Ok(())
+    }
 }
 
 #[derive(Args, Clone)]
@@ -296,44 +328,6 @@ fn region_of(m: &Mapping, g: &GuestArgs, known_zero: bool) -> Result<Region> {
     Ok(r.with_gpa(0).with_known_zero(known_zero))
 }
 
-/// Shows a progress bar on stderr (when it is a terminal) until the migration ends.
-fn watch(monitor: &Monitor, done: impl Fn() -> bool) {
-    if !std::io::stderr().is_terminal() {
-        while !done() {
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        return;
-    }
-    let bar = indicatif::ProgressBar::new(1);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{spinner} round {prefix} [{bar:30}] {bytes}/{total_bytes} {msg}",
-        )
-        .expect("template")
-        .progress_chars("=> "),
-    );
-    let (mut t0, mut b0) = (Instant::now(), 0u64);
-    let mut rate = 0.0;
-    while !done() {
-        let p = monitor.progress();
-        let dt = t0.elapsed().as_secs_f64();
-        if dt >= 0.25 {
-            rate = p.transferred.saturating_sub(b0) as f64 / dt;
-            (t0, b0) = (Instant::now(), p.transferred);
-        }
-        bar.set_length(p.total.max(p.transferred).max(1));
-        bar.set_position(p.transferred);
-        bar.set_prefix(p.round.to_string());
-        bar.set_message(format!(
-            "{:.2} GB/s, {:.1} MB of this round left",
-            rate / 1e9,
-            p.remaining as f64 / 1e6
-        ));
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    bar.finish_and_clear();
-}
-
 fn print(report: &Report, json: bool) -> Result<()> {
     if json {
         println!("{}", serde_json::to_string(report)?);
@@ -345,6 +339,7 @@ fn print(report: &Report, json: bool) -> Result<()> {
 
 fn loopback(a: LoopbackArgs) -> Result<bool> {
     check_guest(&a.guest)?;
+    a.out.start_metrics()?;
     let mut src = prepare_source(&a.guest, &a.workload)?;
     let t = Instant::now();
     let dst = Mapping::new(a.guest.size as usize, a.prealloc.on())?;
@@ -377,7 +372,7 @@ fn loopback(a: LoopbackArgs) -> Result<bool> {
         monitor.clone(),
     )?;
     let cpu0 = cpu_time();
-    watch(&monitor, || h.is_finished());
+    progress::watch(&monitor, a.out.progress_json.as_deref(), || h.is_finished())?;
     let result = h.wait();
     let cpu = cpu_time() - cpu0;
     // The source guest stays paused after a successful switchover; stop its writers for good.
@@ -409,6 +404,7 @@ fn loopback(a: LoopbackArgs) -> Result<bool> {
             pages_dirtied: src.workload.pages_written(),
             prealloc: a.prealloc.on(),
             verify: a.migrate.verify == OnOff::On,
+            downtime_limit_ms: a.migrate.downtime_limit,
             source_prepare_ms: src.prepare_ms,
             dest_prepare_ms: dest_ms,
         },
@@ -422,6 +418,7 @@ fn loopback(a: LoopbackArgs) -> Result<bool> {
 
 fn source(a: SourceArgs) -> Result<bool> {
     check_guest(&a.guest)?;
+    a.out.start_metrics()?;
     let key = a.key.load()?;
     let mut src = prepare_source(&a.guest, &a.workload)?;
     let cfg = source_config(a.connect.clone(), key, &a.migrate);
@@ -434,7 +431,7 @@ fn source(a: SourceArgs) -> Result<bool> {
         monitor.clone(),
     )?;
     let cpu0 = cpu_time();
-    watch(&monitor, || h.is_finished());
+    progress::watch(&monitor, a.out.progress_json.as_deref(), || h.is_finished())?;
     let result = h.wait();
     let cpu = cpu_time() - cpu0;
     src.workload.stop();
@@ -456,6 +453,7 @@ fn source(a: SourceArgs) -> Result<bool> {
             pages_dirtied: src.workload.pages_written(),
             prealloc: false,
             verify: a.migrate.verify == OnOff::On,
+            downtime_limit_ms: a.migrate.downtime_limit,
             source_prepare_ms: src.prepare_ms,
             dest_prepare_ms: 0.0,
         },
@@ -466,6 +464,7 @@ fn source(a: SourceArgs) -> Result<bool> {
 
 fn dest(a: DestArgs) -> Result<bool> {
     check_guest(&a.guest)?;
+    a.out.start_metrics()?;
     let key = a.key.load()?;
     let t = Instant::now();
     let dst = Mapping::new(a.guest.size as usize, a.prealloc.on())?;
@@ -495,6 +494,7 @@ fn dest(a: DestArgs) -> Result<bool> {
             pages_dirtied: 0,
             prealloc: a.prealloc.on(),
             verify: monitor.stats().verified.is_some(),
+            downtime_limit_ms: 0,
             source_prepare_ms: 0.0,
             dest_prepare_ms: prep,
         },
@@ -515,6 +515,10 @@ fn main() -> Result<()> {
         Cmd::Loopback(a) => loopback(a)?,
         Cmd::Source(a) => source(a)?,
         Cmd::Dest(a) => dest(a)?,
+        Cmd::Plot(a) => {
+            plot::plot(&a.result, &a.out)?;
+            true
+        }
     };
     if !ok {
         std::process::exit(1);

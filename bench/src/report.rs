@@ -28,6 +28,8 @@ pub struct RunInfo {
     pub verify: bool,
     /// Pages the writers dirtied while the migration ran.
     pub pages_dirtied: u64,
+    /// The downtime ceiling asked for, ms.
+    pub downtime_limit_ms: u64,
     /// Time to allocate and fill the source (not part of the migration).
     pub source_prepare_ms: f64,
     /// Time to allocate the destination (not part of the migration).

@@ -189,3 +189,138 @@ fn wrong_key_fails_on_both_ends() {
         .unwrap()
         .contains("authentication failed"));
 }
+
+fn http_get(addr: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut body = String::new();
+    s.read_to_string(&mut body).unwrap();
+    body
+}
+
+/// Sums every sample of `name` (all label sets) in Prometheus text.
+fn metric_sum(text: &str, name: &str) -> Option<f64> {
+    let v: Vec<f64> = text
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+        .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
+        .collect();
+    (!v.is_empty()).then(|| v.iter().sum())
+}
+
+#[test]
+fn metrics_are_served_while_migrating() {
+    let addr = format!("127.0.0.1:{}", free_port());
+    let mut child = bench()
+        .args([
+            "loopback",
+            "--size",
+            "128MiB",
+            "--max-bandwidth",
+            "50MB",
+            "--json",
+            "--metrics-addr",
+            &addr,
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Mid-migration: 128 MiB at 50 MB/s take about 2.7 s.
+    std::thread::sleep(Duration::from_millis(1300));
+    let body = http_get(&addr, "/metrics");
+    let sent = metric_sum(&body, "rmig_sent_bytes_total").expect("rmig_sent_bytes_total");
+    assert!(sent > 10e6 && sent < 128e6, "sent {sent}\n{body}");
+    let pages = metric_sum(&body, "rmig_sent_pages_total").expect("pages");
+    assert!(pages > 1000.0);
+    assert_eq!(
+        metric_sum(&body, "rmig_ram_total_bytes"),
+        Some((128u64 << 20) as f64)
+    );
+    assert!(metric_sum(&body, "rmig_lanes").is_some_and(|l| l >= 1.0));
+    assert!(
+        body.contains("rmig_sent_bytes_total{transport=\"tcp\",lane=\"0\"}"),
+        "{body}"
+    );
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    assert_eq!(json_of(&out)["status"], "completed");
+}
+
+#[test]
+fn progress_json_has_rounds_and_a_line_a_second() {
+    let dir = std::env::temp_dir().join(format!("rmig-progress-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let prog = dir.join("p.jsonl");
+    let out = bench()
+        .args([
+            "loopback",
+            "--size",
+            "96MiB",
+            "--max-bandwidth",
+            "40MB",
+            "--dirty-rate",
+            "5",
+            "--json",
+            "--progress-json",
+        ])
+        .arg(&prog)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let result = json_of(&out);
+    let lines: Vec<Value> = std::fs::read_to_string(&prog)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let rounds = lines.iter().filter(|l| l["kind"] == "round").count();
+    assert_eq!(rounds, result["rounds"].as_array().unwrap().len());
+    let ticks: Vec<f64> = lines
+        .iter()
+        .filter(|l| l["kind"] == "tick")
+        .map(|l| l["t_ms"].as_f64().unwrap())
+        .collect();
+    assert!(ticks.len() >= 3, "{ticks:?}");
+    for w in ticks.windows(2) {
+        assert!(
+            w[1] - w[0] <= 1200.0,
+            "a gap of {} ms between progress lines",
+            w[1] - w[0]
+        );
+    }
+    let mid = lines
+        .iter()
+        .find(|l| l["kind"] == "tick" && l["status"] == "active")
+        .unwrap();
+    assert!(mid["remaining"].as_u64().unwrap() > 0);
+    assert!(
+        mid["eta_switchover_s"].is_number() || mid["bandwidth"] == 0.0,
+        "{mid}"
+    );
+    assert_eq!(lines.last().unwrap()["status"], "completed");
+
+    // The plot of the same run, in both formats.
+    let res = dir.join("r.json");
+    std::fs::write(&res, &out.stdout).unwrap();
+    for ext in ["svg", "png"] {
+        let pic = dir.join(format!("plot.{ext}"));
+        let st = bench()
+            .arg("plot")
+            .arg(&res)
+            .arg("-o")
+            .arg(&pic)
+            .status()
+            .unwrap();
+        assert!(st.success());
+        assert!(std::fs::metadata(&pic).unwrap().len() > 10_000);
+    }
+    let svg = std::fs::read_to_string(dir.join("plot.svg")).unwrap();
+    assert!(svg.contains("expected downtime after the round vs the limit"));
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -21,6 +21,7 @@ pub mod dirty;
 pub mod driver;
 pub mod embedder;
 mod error;
+mod metrics;
 pub mod monitor;
 pub mod protocol;
 pub mod region;

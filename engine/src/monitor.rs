@@ -24,6 +24,13 @@ pub struct Progress {
     pub bandwidth: f64,
     /// Dirty rate measured in the last round, bytes/s.
     pub dirty_rate: f64,
+    /// Dirty bytes found by the last sync (what the next round will send).
+    pub dirty_at_last_sync: u64,
+    /// Estimated seconds until the switchover, from measured bandwidth and dirty rate; `None`
+    /// while nothing is measured yet or while dirtying outpaces sending.
+    pub eta_switchover_s: Option<f64>,
+    /// Dirtying outpaces sending: the dirty set grows from round to round.
+    pub growing: bool,
 }
 
 /// Shared state of one migration (either end).
@@ -38,6 +45,8 @@ pub struct Monitor {
     pub(crate) round_dirty: AtomicU64,
     pub(crate) total: AtomicU64,
     pub(crate) bandwidth: Mutex<(f64, f64)>,
+    pub(crate) dirty_bytes: AtomicU64,
+    pub(crate) round_started: Mutex<Option<std::time::Instant>>,
 }
 
 impl Default for Monitor {
@@ -55,6 +64,8 @@ impl Default for Monitor {
             round_dirty: AtomicU64::new(0),
             total: AtomicU64::new(0),
             bandwidth: Mutex::new((0.0, 0.0)),
+            dirty_bytes: AtomicU64::new(0),
+            round_started: Mutex::new(None),
         }
     }
 }
@@ -75,20 +86,40 @@ impl Monitor {
     }
 
     /// Live progress.
+    ///
+    /// `remaining` is what the current round has still to send plus what the guest is
+    /// estimated to have dirtied since the round began (last measured dirty rate times the
+    /// round's age), so it can grow: when it does, `growing` says so and no time to switchover
+    /// is promised.
     pub fn progress(&self) -> Progress {
         let transferred = self.bytes_acked.load(Ordering::Relaxed);
         let since = transferred.saturating_sub(self.round_start_bytes.load(Ordering::Relaxed));
         let (bandwidth, dirty_rate) = *self.bandwidth.lock().unwrap_or_else(|e| e.into_inner());
+        let age = self
+            .round_started
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .map_or(0.0, |t| t.elapsed().as_secs_f64());
+        let left = self
+            .round_dirty
+            .load(Ordering::Relaxed)
+            .saturating_sub(since);
+        let remaining = left + (dirty_rate * age) as u64;
+        let growing = bandwidth > 0.0 && dirty_rate >= bandwidth;
+        // Each round sends what the previous one left at bandwidth B while the guest dirties
+        // at D: the remainder shrinks by D/B per round, so the rounds add up to R / (B - D).
+        let eta_switchover_s =
+            (bandwidth > 0.0 && !growing).then(|| remaining as f64 / (bandwidth - dirty_rate));
         Progress {
             round: self.round.load(Ordering::Relaxed),
             transferred,
-            remaining: self
-                .round_dirty
-                .load(Ordering::Relaxed)
-                .saturating_sub(since),
+            remaining,
             total: self.total.load(Ordering::Relaxed),
             bandwidth,
             dirty_rate,
+            dirty_at_last_sync: self.dirty_bytes.load(Ordering::Relaxed),
+            eta_switchover_s,
+            growing,
         }
     }
 

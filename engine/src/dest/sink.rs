@@ -82,6 +82,7 @@ impl PageSink for DestSink {
         self.known_zero[region].clear_range(first, n);
         let bytes = n * r.page_size() as u64;
         let landed = self.landed.fetch_add(bytes, Ordering::Relaxed) + bytes;
+        crate::metrics::received(bytes);
         self.maybe_crash(landed);
     }
 

@@ -182,6 +182,7 @@ impl SourceSession {
             .map_err(fail)?;
             let w = Worker {
                 lane_idx: i as usize,
+                metrics: crate::metrics::LaneMetrics::new(agreed.transport.name(), i as usize),
                 lane,
                 shared: shared.clone(),
                 seq: 0,
@@ -199,6 +200,7 @@ impl SourceSession {
             });
         }
         let setup_ms = started.elapsed().as_secs_f64() * 1e3;
+        crate::metrics::setup_done(setup_ms / 1e3, agreed.lanes as usize, total);
         monitor.update(|s| {
             s.status = "active".into();
             s.setup_time_ms = setup_ms;
@@ -258,6 +260,7 @@ impl SourceSession {
             Decision::Iterate => Ok(Step::Continue),
             Decision::Throttle(p) => {
                 self.embedder.throttle(p);
+                crate::metrics::throttle(p);
                 self.monitor.update(|s| s.cpu_throttle_percentage = p);
                 Ok(Step::Continue)
             }
@@ -348,6 +351,7 @@ impl SourceSession {
             m => Err(m),
         })?;
         let downtime = t0.elapsed().as_secs_f64() * 1e3;
+        crate::metrics::finished("completed", Some(downtime / 1e3));
         self.close_workers();
         self.link.close(Duration::from_secs(1));
         self.state = State::Done;
@@ -415,6 +419,8 @@ impl SourceSession {
         m.round_start_bytes
             .store(m.bytes_acked.load(Ordering::Relaxed), Ordering::Relaxed);
         m.round_dirty.store(round_pages * psize, Ordering::Relaxed);
+        *m.round_started.lock().unwrap_or_else(|e| e.into_inner()) = Some(t0);
+        crate::metrics::round_started(self.round, round_pages * psize);
         self.link.send(Message::RoundStart {
             round: self.round,
             last,
@@ -463,6 +469,7 @@ impl SourceSession {
                     if let Some(e) = r.error {
                         if !self.shared.abort.load(Ordering::Relaxed) {
                             self.workers[r.lane].alive = false;
+                            crate::metrics::lane_failed("tcp");
                             self.monitor.update(|s| s.lanes_failed += 1);
                             last_err = format!("lane {}: {e}", r.lane);
                         }
@@ -534,6 +541,8 @@ impl SourceSession {
             .bandwidth
             .lock()
             .unwrap_or_else(|e| e.into_inner()) = (bw, dirty_rate);
+        self.monitor.dirty_bytes.store(remaining, Ordering::Relaxed);
+        crate::metrics::round_done(dirty_rate, bw, expected.as_secs_f64(), remaining, secs);
         let rsc = rs.clone();
         let syncs = self.sync_count;
         self.monitor.update(|s| {
@@ -606,6 +615,7 @@ impl SourceSession {
             self.embedder.resume();
         }
         let status = if e.is_cancel() { "cancelled" } else { "failed" };
+        crate::metrics::finished(status, None);
         let total = self.started.elapsed().as_secs_f64() * 1e3;
         self.monitor.update(|s| {
             s.status = status.into();

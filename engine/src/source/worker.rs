@@ -74,6 +74,7 @@ pub(crate) struct Report {
 
 pub(crate) struct Worker {
     pub lane_idx: usize,
+    pub metrics: crate::metrics::LaneMetrics,
     pub lane: Box<dyn SourceLane>,
     pub shared: Arc<Shared>,
     pub seq: u64,
@@ -242,11 +243,20 @@ impl Worker {
     fn collect_acked(&mut self) {
         let acked = self.lane.acked();
         while self.unacked.front().is_some_and(|(s, _, _)| *s <= acked) {
-            let (_, wire, _) = self.unacked.pop_front().expect("front");
+            let (_, wire, runs) = self.unacked.pop_front().expect("front");
             self.shared
                 .monitor
                 .bytes_acked
                 .fetch_add(wire, Ordering::Relaxed);
+            let m = &self.metrics;
+            m.bytes.increment(wire);
+            m.batches.increment(1);
+            for r in &runs {
+                match r.kind {
+                    RunKind::Data => m.normal_pages.increment(r.npages as u64),
+                    RunKind::Zero => m.zero_pages.increment(r.npages as u64),
+                }
+            }
         }
     }
 
