@@ -217,7 +217,7 @@ fn metric_sum(text: &str, name: &str) -> Option<f64> {
 #[test]
 fn metrics_are_served_while_migrating() {
     let addr = format!("127.0.0.1:{}", free_port());
-    let mut child = bench()
+    let child = bench()
         .args([
             "loopback",
             "--size",
