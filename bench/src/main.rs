@@ -337,6 +337,60 @@ fn print(report: &Report, json: bool) -> Result<()> {
     Ok(())
 }
 
+/// Runs the source side on the driver's thread while showing progress; returns the result,
+/// the statistics either way, and the CPU time spent meanwhile.
+fn run_source(
+    src: &mut SourceGuest,
+    cfg: SourceConfig,
+    g: &GuestArgs,
+    dev: Vec<u8>,
+    out: &OutputArgs,
+) -> Result<(bool, rmig_engine::MigrationStats, f64)> {
+    let monitor = Monitor::new();
+    let h = driver::spawn(
+        cfg,
+        vec![region_of(&src.mem, g, false)?],
+        Box::new(src.log.clone()),
+        Box::new(src.workload.embedder(dev)),
+        monitor.clone(),
+    )?;
+    let cpu0 = cpu_time();
+    progress::watch(&monitor, out.progress_json.as_deref(), || h.is_finished())?;
+    let result = h.wait();
+    let cpu = cpu_time() - cpu0;
+    // The source guest stays paused after a successful switchover; stop its writers for good.
+    src.workload.stop();
+    let ok = result.is_ok();
+    let stats = result.unwrap_or_else(|_| monitor.stats());
+    Ok((ok, stats, cpu))
+}
+
+impl RunInfo {
+    fn of(
+        mode: &'static str,
+        g: &GuestArgs,
+        w: &WorkloadArgs,
+        m: &MigrateArgs,
+        src: &SourceGuest,
+    ) -> RunInfo {
+        RunInfo {
+            mode,
+            size: g.size,
+            page_size: g.page_size,
+            fill: w.fill,
+            zero_fraction: w.zero_fraction,
+            dirty_rate_mbs: w.dirty_rate,
+            hot_set: w.hot_set,
+            pages_dirtied: src.workload.pages_written(),
+            prealloc: false,
+            verify: m.verify == OnOff::On,
+            downtime_limit_ms: m.downtime_limit,
+            source_prepare_ms: src.prepare_ms,
+            dest_prepare_ms: 0.0,
+        }
+    }
+}
+
 fn loopback(a: LoopbackArgs) -> Result<bool> {
     check_guest(&a.guest)?;
     a.out.start_metrics()?;
@@ -363,52 +417,19 @@ fn loopback(a: LoopbackArgs) -> Result<bool> {
 
     let cfg = source_config(addr.to_string(), key, &a.migrate);
     let dev = device_state(a.workload.seed);
-    let monitor = Monitor::new();
-    let h = driver::spawn(
-        cfg,
-        vec![region_of(&src.mem, &a.guest, false)?],
-        Box::new(src.log.clone()),
-        Box::new(src.workload.embedder(dev.clone())),
-        monitor.clone(),
-    )?;
-    let cpu0 = cpu_time();
-    progress::watch(&monitor, a.out.progress_json.as_deref(), || h.is_finished())?;
-    let result = h.wait();
-    let cpu = cpu_time() - cpu0;
-    // The source guest stays paused after a successful switchover; stop its writers for good.
-    src.workload.stop();
+    let (src_ok, stats, cpu) = run_source(&mut src, cfg, &a.guest, dev.clone(), &a.out)?;
     let dest_result = dest
         .join()
         .map_err(|_| anyhow::anyhow!("destination thread panicked"))?;
-    let stats = match &result {
-        Ok(s) => s.clone(),
-        Err(_) => monitor.stats(),
-    };
-    let completed = result.is_ok() && dest_result.is_ok();
+    let completed = src_ok && dest_result.is_ok();
     let memory_equal = completed.then(|| {
         src.mem.bytes() == dst.bytes()
             && got.lock().unwrap_or_else(|e| e.into_inner()).as_deref() == Some(&dev[..])
     });
-    let report = Report::new(
-        stats,
-        memory_equal,
-        cpu,
-        RunInfo {
-            mode: "loopback",
-            size: a.guest.size,
-            page_size: a.guest.page_size,
-            fill: a.workload.fill,
-            zero_fraction: a.workload.zero_fraction,
-            dirty_rate_mbs: a.workload.dirty_rate,
-            hot_set: a.workload.hot_set,
-            pages_dirtied: src.workload.pages_written(),
-            prealloc: a.prealloc.on(),
-            verify: a.migrate.verify == OnOff::On,
-            downtime_limit_ms: a.migrate.downtime_limit,
-            source_prepare_ms: src.prepare_ms,
-            dest_prepare_ms: dest_ms,
-        },
-    );
+    let mut run = RunInfo::of("loopback", &a.guest, &a.workload, &a.migrate, &src);
+    run.prealloc = a.prealloc.on();
+    run.dest_prepare_ms = dest_ms;
+    let report = Report::new(stats, memory_equal, cpu, run);
     print(&report, a.out.json)?;
     if let Err(e) = &dest_result {
         eprintln!("destination: {e}");
@@ -422,42 +443,10 @@ fn source(a: SourceArgs) -> Result<bool> {
     let key = a.key.load()?;
     let mut src = prepare_source(&a.guest, &a.workload)?;
     let cfg = source_config(a.connect.clone(), key, &a.migrate);
-    let monitor = Monitor::new();
-    let h = driver::spawn(
-        cfg,
-        vec![region_of(&src.mem, &a.guest, false)?],
-        Box::new(src.log.clone()),
-        Box::new(src.workload.embedder(device_state(a.workload.seed))),
-        monitor.clone(),
-    )?;
-    let cpu0 = cpu_time();
-    progress::watch(&monitor, a.out.progress_json.as_deref(), || h.is_finished())?;
-    let result = h.wait();
-    let cpu = cpu_time() - cpu0;
-    src.workload.stop();
-    let stats = result
-        .as_ref()
-        .map_or_else(|_| monitor.stats(), Clone::clone);
-    let report = Report::new(
-        stats,
-        None,
-        cpu,
-        RunInfo {
-            mode: "source",
-            size: a.guest.size,
-            page_size: a.guest.page_size,
-            fill: a.workload.fill,
-            zero_fraction: a.workload.zero_fraction,
-            dirty_rate_mbs: a.workload.dirty_rate,
-            hot_set: a.workload.hot_set,
-            pages_dirtied: src.workload.pages_written(),
-            prealloc: false,
-            verify: a.migrate.verify == OnOff::On,
-            downtime_limit_ms: a.migrate.downtime_limit,
-            source_prepare_ms: src.prepare_ms,
-            dest_prepare_ms: 0.0,
-        },
-    );
+    let dev = device_state(a.workload.seed);
+    let (_, stats, cpu) = run_source(&mut src, cfg, &a.guest, dev, &a.out)?;
+    let run = RunInfo::of("source", &a.guest, &a.workload, &a.migrate, &src);
+    let report = Report::new(stats, None, cpu, run);
     print(&report, a.out.json)?;
     Ok(report.ok())
 }

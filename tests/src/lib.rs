@@ -302,6 +302,29 @@ impl Setup {
         }
     }
 
+    /// Starts the destination alone on `bind` (e.g. `localhost:0`); returns its thread and
+    /// its port, for tests that drive the source themselves.
+    pub fn spawn_dest(
+        &self,
+        bind: &str,
+    ) -> Result<
+        (
+            std::thread::JoinHandle<Result<DestOutcome, EngineError>>,
+            u16,
+        ),
+        EngineError,
+    > {
+        let l = DestListener::bind(bind, self.dst.clone())?;
+        let port = l.local_addr()?.port();
+        let regions = self.dst_regions.clone();
+        let emb = self.dest_embedder.clone();
+        let dm = self.dst_monitor.clone();
+        Ok((
+            std::thread::spawn(move || l.serve(regions, Box::new(emb), dm)),
+            port,
+        ))
+    }
+
     /// Runs both ends; returns the source's and the destination's results.
     pub fn run(
         mut self,

@@ -185,20 +185,11 @@ fn host_names_work() {
     let src = Mem::random(len, 0.0, 12);
     let dst = Mem::new(len);
     let setup = Setup::new(&src, &dst, len);
-    let l = rmig_engine::DestListener::bind("localhost:0", setup.dst.clone()).unwrap();
-    let port = l.local_addr().unwrap().port();
-    let mut src_cfg = setup.src.clone();
-    src_cfg.dest = format!("localhost:{port}");
-    let regions = setup.dst_regions.clone();
-    let d = std::thread::spawn(move || {
-        l.serve(
-            regions,
-            Box::new(rmig_engine::NullDest::default()),
-            rmig_engine::Monitor::new(),
-        )
-    });
+    let (d, port) = setup.spawn_dest("localhost:0").unwrap();
+    let mut cfg = setup.src.clone();
+    cfg.dest = format!("localhost:{port}");
     let s = rmig_engine::driver::migrate(
-        src_cfg,
+        cfg,
         setup.src_regions.clone(),
         Box::new(SharedDirtyLog::new(&[2048])),
         Box::new(rmig_engine::StaticSource),
@@ -210,24 +201,21 @@ fn host_names_work() {
 }
 
 #[test]
-fn step_by_step_api() {
+fn step_by_step_api_over_ipv6() {
     let len = 16 * MIB;
     let src = Mem::random(len, 0.2, 13);
     let dst = Mem::new(len);
     let setup = Setup::new(&src, &dst, len);
-    let l = rmig_engine::DestListener::bind("[::1]:0", setup.dst.clone())
-        .or_else(|_| rmig_engine::DestListener::bind("127.0.0.1:0", setup.dst.clone()))
-        .unwrap();
+    // IPv6 loopback where the machine has it, else IPv4.
+    let (d, port, host) = match setup.spawn_dest("[::1]:0") {
+        Ok((d, p)) => (d, p, "[::1]"),
+        Err(_) => {
+            let (d, p) = setup.spawn_dest("127.0.0.1:0").unwrap();
+            (d, p, "127.0.0.1")
+        }
+    };
     let mut cfg = setup.src.clone();
-    cfg.dest = l.local_addr().unwrap().to_string();
-    let regions = setup.dst_regions.clone();
-    let d = std::thread::spawn(move || {
-        l.serve(
-            regions,
-            Box::new(rmig_engine::NullDest::default()),
-            rmig_engine::Monitor::new(),
-        )
-    });
+    cfg.dest = format!("{host}:{port}");
     let mut s = rmig_engine::SourceSession::setup(
         cfg,
         setup.src_regions.clone(),
