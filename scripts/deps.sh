@@ -5,7 +5,7 @@ set -euo pipefail
 
 need=()
 have_pkg() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
-for p in gcc libc6-dev make pkg-config valgrind iperf3 python3 fonts-dejavu-core ca-certificates; do
+for p in gcc libc6-dev make pkg-config libhwloc-dev libudev-dev valgrind iperf3 python3 fonts-dejavu-core ca-certificates; do
   have_pkg "$p" || need+=("$p")
 done
 if [ ${#need[@]} -gt 0 ]; then

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite: installs what is missing, checks formatting and lints, then runs every
 # unit and end-to-end test (release build: the tests move real amounts of memory), then the C
-# example against the installed librmig under valgrind.
+# example against the installed librmig under valgrind, then a migration in a two-node NUMA
+# guest (QEMU; installed by tests/vm/vm.sh if missing).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/deps.sh
@@ -9,3 +10,5 @@ cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --release -q -- -D warnings
 cargo test --workspace --release
 bash scripts/test-c-example.sh
+# A migration on a real two-node NUMA machine: a QEMU guest with two nodes.
+bash tests/vm/numa-guest.sh

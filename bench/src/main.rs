@@ -45,6 +45,84 @@ enum Cmd {
     Dest(DestArgs),
     /// Draw a result (`--json` output) round by round into an SVG or PNG file.
     Plot(PlotArgs),
+    /// Print the NUMA topology and the placement plan for a migration.
+    Topology(TopologyArgs),
+}
+
+#[derive(Args, Clone)]
+struct TopologyArgs {
+    /// Guest memory size to plan for.
+    #[arg(long, default_value = "2GiB", value_parser = parse_size)]
+    size: u64,
+    /// Lanes to plan for (default: one per CPU).
+    #[arg(long)]
+    lanes: Option<usize>,
+    /// Read the topology from an hwloc XML file instead of this machine.
+    #[arg(long)]
+    hwloc_xml: Option<std::path::PathBuf>,
+    /// Use an hwloc synthetic topology (e.g. "pack:2 numa:2 core:4 pu:2").
+    #[arg(long, conflicts_with = "hwloc_xml")]
+    hwloc_synthetic: Option<String>,
+    /// The network or RDMA device the migration uses (its NUMA node attracts lanes).
+    #[arg(long)]
+    nic: Option<String>,
+    /// Assume the guest memory sits on this node (default: spread evenly over all nodes).
+    #[arg(long)]
+    memory_node: Option<usize>,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+fn topology(a: TopologyArgs) -> Result<bool> {
+    use rmig_numa::{MemSpan, Plan, Topology, TopologySource};
+    let (topo, why) = match (&a.hwloc_xml, &a.hwloc_synthetic) {
+        (Some(x), _) => (Topology::load(&TopologySource::Xml(x.clone()))?, None),
+        (_, Some(s)) => (Topology::load(&TopologySource::Synthetic(s.clone()))?, None),
+        _ => Topology::detect(),
+    };
+    let pages = a.size / PAGE_4K;
+    let spans: Vec<MemSpan> = match a.memory_node {
+        Some(n) => vec![MemSpan {
+            region: 0,
+            first_page: 0,
+            npages: pages,
+            node: Some(n),
+        }],
+        None => {
+            let k = topo.nodes.len().max(1) as u64;
+            topo.nodes
+                .iter()
+                .enumerate()
+                .map(|(i, n)| {
+                    let first = pages * i as u64 / k;
+                    MemSpan {
+                        region: 0,
+                        first_page: first,
+                        npages: pages * (i as u64 + 1) / k - first,
+                        node: Some(n.os_index),
+                    }
+                })
+                .collect()
+        }
+    };
+    let lanes = a
+        .lanes
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let nic_node = a.nic.as_deref().and_then(|n| topo.nic_node(n));
+    let plan = Plan::build(&topo, lanes, &spans, nic_node);
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({ "topology": topo, "fallback": why, "plan": plan })
+        );
+    } else {
+        if let Some(w) = why {
+            println!("NUMA: falling back to a flat pool: {w}");
+        }
+        print!("{topo}{plan}");
+    }
+    Ok(true)
 }
 
 #[derive(Args, Clone)]
@@ -123,6 +201,15 @@ struct MigrateArgs {
     /// End-to-end verification of every page.
     #[arg(long, value_enum, default_value_t = OnOff::On)]
     verify: OnOff,
+    /// Place and pin lanes next to the memory they serve (`off`: let the scheduler decide).
+    #[arg(long, value_enum, default_value_t = NumaArg::Auto)]
+    numa: NumaArg,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum NumaArg {
+    Auto,
+    Off,
 }
 
 #[derive(Args, Clone)]
@@ -278,6 +365,10 @@ fn source_config(dest: String, key: Key, m: &MigrateArgs) -> SourceConfig {
     };
     c.max_bandwidth = m.max_bandwidth;
     c.verify = m.verify == OnOff::On;
+    c.numa = match m.numa {
+        NumaArg::Auto => rmig_engine::NumaMode::Auto,
+        NumaArg::Off => rmig_engine::NumaMode::Off,
+    };
     c
 }
 
@@ -362,6 +453,9 @@ fn run_source(
     src.workload.stop();
     let ok = result.is_ok();
     let stats = result.unwrap_or_else(|_| monitor.stats());
+    if let Some(w) = stats.numa.as_ref().and_then(|n| n.fallback.as_ref()) {
+        eprintln!("rmig-bench: NUMA placement: {w}; using a flat pool");
+    }
     Ok((ok, stats, cpu))
 }
 
@@ -504,6 +598,7 @@ fn main() -> Result<()> {
         Cmd::Loopback(a) => loopback(a)?,
         Cmd::Source(a) => source(a)?,
         Cmd::Dest(a) => dest(a)?,
+        Cmd::Topology(a) => topology(a)?,
         Cmd::Plot(a) => {
             plot::plot(&a.result, &a.out)?;
             true

@@ -324,3 +324,54 @@ fn progress_json_has_rounds_and_a_line_a_second() {
     assert!(svg.contains("expected downtime after the round vs the limit"));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn numa_auto_reports_plan_and_placement() {
+    let out = bench()
+        .args([
+            "loopback", "--size", "32MiB", "--numa", "auto", "--lanes", "2", "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let j = json_of(&out);
+    let n = &j["numa"];
+    assert!(n["nodes"].as_u64().unwrap() >= 1);
+    let lanes = n["plan"]["lanes"].as_array().unwrap();
+    assert_eq!(lanes.len(), 2);
+    for o in n["observed"].as_array().unwrap() {
+        let planned = o["planned_node"].as_u64().unwrap();
+        let nodes: Vec<u64> = o["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap())
+            .collect();
+        if n["fallback"].is_null() {
+            assert_eq!(nodes, vec![planned], "lane ran off its node: {o}");
+        }
+    }
+    let spans = n["plan"]["spans"].as_array().unwrap();
+    let pages: u64 = spans
+        .iter()
+        .map(|s| s["span"]["npages"].as_u64().unwrap())
+        .sum();
+    assert_eq!(pages, (32 << 20) / 4096);
+    // And the plan alone, for a synthetic machine.
+    let out = bench()
+        .args([
+            "topology",
+            "--hwloc-synthetic",
+            "pack:2 numa:2 core:2 pu:1",
+            "--lanes",
+            "4",
+            "--memory-node",
+            "2",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let s = String::from_utf8_lossy(&out.stdout);
+    assert!(s.contains("4 NUMA node(s)"), "{s}");
+    assert_eq!(s.matches("on node 2 (CPUs [4, 5])").count(), 4, "{s}");
+}

@@ -19,6 +19,16 @@ pub enum TransportChoice {
     Tcp,
 }
 
+/// NUMA placement of the data-plane workers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum NumaMode {
+    /// Place and pin lanes next to the memory they serve (flat when there is one node).
+    #[default]
+    Auto,
+    /// Let the scheduler place them.
+    Off,
+}
+
 /// Configuration of a source.
 #[derive(Debug, Clone)]
 pub struct SourceConfig {
@@ -44,6 +54,8 @@ pub struct SourceConfig {
     pub versions: (u16, u16),
     /// Faults to inject per lane (tests).
     pub lane_faults: Vec<FaultPlan>,
+    /// NUMA placement.
+    pub numa: NumaMode,
 }
 
 impl SourceConfig {
@@ -61,6 +73,7 @@ impl SourceConfig {
             handshake_timeout: Duration::from_secs(10),
             versions: (PROTOCOL_MIN, PROTOCOL_MAX),
             lane_faults: Vec::new(),
+            numa: NumaMode::Auto,
         }
     }
 }

@@ -30,7 +30,7 @@ pub mod stats;
 pub mod verify;
 
 pub use cancel::CancelToken;
-pub use config::{DestConfig, DestFault, SourceConfig, TransportChoice};
+pub use config::{DestConfig, DestFault, NumaMode, SourceConfig, TransportChoice};
 pub use control::auth::Key;
 pub use converge::{ConvergePolicy, NoConvergence};
 pub use dest::{DestListener, DestOutcome};
@@ -40,7 +40,7 @@ pub use error::EngineError;
 pub use monitor::{Monitor, Progress};
 pub use region::{Region, RegionDesc, PAGE_2M, PAGE_4K};
 pub use source::{SourceSession, Step};
-pub use stats::{MigrationStats, RamStats, RoundStats};
+pub use stats::{LaneObserved, MigrationStats, NumaReport, RamStats, RoundStats};
 
 /// A fault plan that kills a lane once `bytes` of payload went out on it (tests).
 pub fn fail_after(bytes: u64) -> rmig_transport::FaultPlan {

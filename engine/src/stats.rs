@@ -85,4 +85,36 @@ pub struct MigrationStats {
     pub rounds: Vec<RoundStats>,
     /// What went wrong, for `failed` and `cancelled`.
     pub error: Option<String>,
+    /// NUMA placement: topology, plan, and where each lane really ran (source only).
+    pub numa: Option<NumaReport>,
+}
+
+/// Where a lane was planned and where it ran.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct LaneObserved {
+    /// Lane number.
+    pub lane: usize,
+    /// The node the plan put it on.
+    pub planned_node: usize,
+    /// CPUs it was seen running on (sampled at every batch).
+    pub cpus: Vec<usize>,
+    /// The nodes of those CPUs.
+    pub nodes: Vec<usize>,
+}
+
+/// NUMA placement of a migration.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct NumaReport {
+    /// Where the topology came from (`hwloc`, or `flat (why)`).
+    pub topology: String,
+    /// NUMA nodes.
+    pub nodes: usize,
+    /// The network interface of the control connection.
+    pub nic: Option<String>,
+    /// Why placement fell back to a flat pool, if it did.
+    pub fallback: Option<String>,
+    /// The plan.
+    pub plan: rmig_numa::Plan,
+    /// What the lanes did.
+    pub observed: Vec<LaneObserved>,
 }

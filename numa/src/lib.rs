@@ -1,75 +1,34 @@
-//! The worker pool that runs rmig's data-plane threads.
+//! Where rmig's data-plane threads run, and which memory each one serves.
 //!
-//! Lanes and scanners are plain OS threads (no async on the data path). The pool is the one
-//! place that decides where such a thread runs, so that a NUMA-aware placement can replace
-//! this flat one without the engine changing: the engine asks for a worker by role and index
-//! and gets a named thread.
+//! On a migration host the guest's RAM is spread over NUMA nodes and the NIC hangs off one of
+//! them; copying, hashing or posting pages from a remote node costs bandwidth. This crate reads
+//! the machine's topology through hwloc ([`topology`]), finds where a region's pages really are
+//! ([`placement`]), turns both into a plain, printable [`Plan`] (which lane runs on which node
+//! and serves which spans of memory), and runs workers pinned to the plan's CPUs ([`pool`]).
+//! Where hwloc or NUMA is missing it falls back to one flat node and says so once.
 
-use std::io;
-use std::thread::JoinHandle;
+pub mod placement;
+pub mod plan;
+pub mod pool;
+pub mod topology;
 
-/// What a worker is for; placement may differ by role (lanes near the NIC, scanners near
-/// memory).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Role {
-    /// Sends a lane's batches (source).
-    SourceLane,
-    /// Receives a lane's batches (destination).
-    DestLane,
-    /// Background work such as hashing.
-    Helper,
-}
+pub use placement::{region_spans, MemSpan};
+pub use plan::{LanePlacement, Plan, SpanAssignment};
+pub use pool::{current_cpu, Role, WorkerPool};
+pub use topology::{netdev_of, Nic, Node, Topology, TopologySource};
 
-impl Role {
-    fn tag(self) -> &'static str {
-        match self {
-            Role::SourceLane => "src-lane",
-            Role::DestLane => "dst-lane",
-            Role::Helper => "helper",
-        }
-    }
-}
-
-/// A flat pool: every worker may run on any CPU.
-#[derive(Debug, Clone, Default)]
-pub struct WorkerPool {}
-
-impl WorkerPool {
-    /// A pool over every CPU of the machine.
-    pub fn flat() -> Self {
-        WorkerPool {}
-    }
-
-    /// How many CPUs the pool may use.
-    pub fn cpus(&self) -> usize {
-        std::thread::available_parallelism().map_or(1, |n| n.get())
-    }
-
-    /// Starts worker `index` of `role` running `f`.
-    pub fn spawn<F, T>(&self, role: Role, index: usize, f: F) -> io::Result<JoinHandle<T>>
-    where
-        F: FnOnce() -> T + Send + 'static,
-        T: Send + 'static,
-    {
-        std::thread::Builder::new()
-            .name(format!("rmig-{}-{index}", role.tag()))
-            .spawn(f)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn workers_run_and_are_named() {
-        let p = WorkerPool::flat();
-        assert!(p.cpus() >= 1);
-        let h = p
-            .spawn(Role::SourceLane, 3, || {
-                std::thread::current().name().map(str::to_owned)
-            })
-            .unwrap();
-        assert_eq!(h.join().unwrap().as_deref(), Some("rmig-src-lane-3"));
-    }
+/// Errors of topology discovery.
+#[derive(Debug, thiserror::Error)]
+pub enum NumaError {
+    /// hwloc could not load the topology.
+    #[error("hwloc: {0}")]
+    Hwloc(String),
+    /// A topology file could not be read.
+    #[error("reading {path}: {err}")]
+    Io {
+        /// The file.
+        path: String,
+        /// What went wrong.
+        err: std::io::Error,
+    },
 }

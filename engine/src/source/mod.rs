@@ -7,6 +7,7 @@
 //! failure leaves the source's memory untouched and, past the pause, resumes the guest.
 
 mod connect;
+mod placement;
 mod worker;
 
 use std::collections::VecDeque;
@@ -81,6 +82,8 @@ pub struct SourceSession {
     started: Instant,
     paused_at: Option<Instant>,
     sync_count: u64,
+    placement: placement::Placement,
+    cpus_seen: Vec<Vec<usize>>,
 }
 
 impl SourceSession {
@@ -120,7 +123,7 @@ impl SourceSession {
         let timeout = cfg.handshake_timeout;
         let dest = cfg.dest.clone();
         let cancel = monitor.cancel.clone();
-        let (stream, peer, agreed) = rt
+        let (stream, peer, local, agreed) = rt
             .block_on(async {
                 let connect = tokio::net::TcpStream::connect(dest.as_str());
                 let mut s = match tokio::time::timeout(timeout, connect).await {
@@ -133,8 +136,9 @@ impl SourceSession {
                 };
                 s.set_nodelay(true)?;
                 let peer = s.peer_addr()?;
+                let local = s.local_addr()?;
                 let a = handshake::source(&mut s, &offer, timeout).await?;
-                Ok((s, peer, a))
+                Ok((s, peer, local, a))
             })
             .map_err(fail)?;
         let link = ControlLink::start(rt.handle(), stream, cfg.liveness);
@@ -165,6 +169,8 @@ impl SourceSession {
             abort: Default::default(),
             monitor: monitor.clone(),
         });
+        let placement =
+            placement::Placement::new(cfg.numa, &regions, agreed.lanes as usize, Some(local.ip()));
         let pool = WorkerPool::flat();
         let (rep_tx, reports) = crossbeam_channel::unbounded();
         let mut workers = Vec::new();
@@ -182,6 +188,7 @@ impl SourceSession {
             .map_err(fail)?;
             let w = Worker {
                 lane_idx: i as usize,
+                order: placement.order_for(i as usize),
                 metrics: crate::metrics::LaneMetrics::new(agreed.transport.name(), i as usize),
                 lane,
                 shared: shared.clone(),
@@ -190,8 +197,11 @@ impl SourceSession {
             };
             let (cmd, cmd_rx) = crossbeam_channel::unbounded();
             let rt2 = rep_tx.clone();
+            let cpus = placement.cpus_for(i as usize);
             let join = pool
-                .spawn(Role::SourceLane, i as usize, move || w.main(cmd_rx, rt2))
+                .spawn_on(Role::SourceLane, i as usize, &cpus, move || {
+                    w.main(cmd_rx, rt2)
+                })
                 .map_err(|e| fail(e.into()))?;
             workers.push(LaneWorker {
                 cmd,
@@ -208,6 +218,7 @@ impl SourceSession {
             s.lanes = agreed.lanes as usize;
             s.ram.total = total;
             s.ram.page_size = regions[0].page_size();
+            s.numa = Some(placement.report(&[]));
         });
         Ok(SourceSession {
             converge: Converge::new(cfg.policy),
@@ -227,6 +238,8 @@ impl SourceSession {
             started,
             paused_at: None,
             sync_count: 0,
+            cpus_seen: vec![Vec::new(); agreed.lanes as usize],
+            placement,
         })
     }
 
@@ -425,23 +438,47 @@ impl SourceSession {
             round: self.round,
             last,
         });
-        let (tx, rx) = crossbeam_channel::unbounded();
+        // One queue per node that has lanes, plus a shared one; each span of memory goes to
+        // the queue of its node, so that lanes serve local memory first.
+        let nq = self.placement.queues();
+        let (txs, rxs): (Vec<_>, Vec<_>) = (0..nq).map(|_| crossbeam_channel::unbounded()).unzip();
         for (ri, r) in self.regions.iter().enumerate() {
-            let mut first = 0;
-            while first < r.pages() {
-                let end = (first + ITEM_PAGES).min(r.pages());
-                let _ = tx.send(Item {
-                    region: ri as u32,
-                    first,
-                    end,
-                });
-                first = end;
+            let mut spans: Vec<(u64, u64, Option<usize>)> = self
+                .placement
+                .plan
+                .spans
+                .iter()
+                .filter(|a| a.span.region == ri as u32)
+                .map(|a| {
+                    (
+                        a.span.first_page,
+                        a.span.first_page + a.span.npages,
+                        a.span.node,
+                    )
+                })
+                .collect();
+            if spans.is_empty() {
+                spans.push((0, r.pages(), None));
+            }
+            for (start, stop, node) in spans {
+                let q = self.placement.queue_of(node);
+                let mut first = start;
+                while first < stop {
+                    let end = (first + ITEM_PAGES).min(stop);
+                    let _ = txs[q].send(Item {
+                        region: ri as u32,
+                        first,
+                        end,
+                    });
+                    first = end;
+                }
             }
         }
-        drop(tx);
+        drop(txs);
+        let rxs = Arc::new(rxs);
         let mut waiting = 0;
         for w in self.workers.iter().filter(|w| w.alive) {
-            if w.cmd.send(Cmd::Round(rx.clone())).is_ok() {
+            if w.cmd.send(Cmd::Round(rxs.clone())).is_ok() {
                 waiting += 1;
             }
         }
@@ -457,6 +494,12 @@ impl SourceSession {
                 recv(self.reports) -> r => {
                     let Ok(r) = r else { break };
                     waiting -= 1;
+                    let seen = &mut self.cpus_seen[r.lane];
+                    for c in &r.cpus {
+                        if !seen.contains(c) {
+                            seen.push(*c);
+                        }
+                    }
                     rs.pages += r.data_pages + r.zero_pages;
                     rs.zero_pages += r.zero_pages;
                     rs.bytes += r.wire_bytes;
@@ -545,7 +588,9 @@ impl SourceSession {
         crate::metrics::round_done(dirty_rate, bw, expected.as_secs_f64(), remaining, secs);
         let rsc = rs.clone();
         let syncs = self.sync_count;
+        let numa = self.placement.report(&self.cpus_seen);
         self.monitor.update(|s| {
+            s.numa = Some(numa);
             s.rounds.push(rsc);
             s.ram.remaining = remaining;
             s.ram.dirty_sync_count = syncs;

@@ -54,8 +54,8 @@ pub(crate) struct Item {
 
 /// Orders from the session to a worker.
 pub(crate) enum Cmd {
-    /// Serve a round from this queue until it is empty.
-    Round(Receiver<Item>),
+    /// Serve a round from these queues (in the worker's order) until all are empty.
+    Round(Arc<Vec<Receiver<Item>>>),
     /// Close the lane and exit.
     Close,
 }
@@ -70,10 +70,14 @@ pub(crate) struct Report {
     pub wire_bytes: u64,
     /// Set when the lane failed (and its worker exited).
     pub error: Option<String>,
+    /// CPUs the worker was seen on during the round.
+    pub cpus: Vec<usize>,
 }
 
 pub(crate) struct Worker {
     pub lane_idx: usize,
+    /// Queue indices in the order this worker takes from them (its own node's first).
+    pub order: Vec<usize>,
     pub metrics: crate::metrics::LaneMetrics,
     pub lane: Box<dyn SourceLane>,
     pub shared: Arc<Shared>,
@@ -101,7 +105,14 @@ impl Worker {
         }
     }
 
-    fn round(&mut self, items: &Receiver<Item>) -> Report {
+    /// The next item: from the worker's own queue first, then the others.
+    fn next_item(&self, queues: &[Receiver<Item>]) -> Option<Item> {
+        self.order
+            .iter()
+            .find_map(|&q| queues.get(q).and_then(|r| r.try_recv().ok()))
+    }
+
+    fn round(&mut self, queues: &[Receiver<Item>]) -> Report {
         let mut rep = Report {
             lane: self.lane_idx,
             ..Default::default()
@@ -109,7 +120,7 @@ impl Worker {
         let mut batch = Batch::default();
         let mut current: Option<Item> = None;
         let res = (|| -> Result<(), LaneError> {
-            for item in items.iter() {
+            while let Some(item) = self.next_item(queues) {
                 current = Some(item);
                 if self.shared.abort.load(Ordering::Relaxed) {
                     return Err(LaneError::Injected("aborted"));
@@ -225,6 +236,11 @@ impl Worker {
         self.seq += 1;
         batch.seq = self.seq;
         let wire = self.lane.send(batch)?;
+        if let Some(c) = rmig_numa::current_cpu() {
+            if !rep.cpus.contains(&c) {
+                rep.cpus.push(c);
+            }
+        }
         rep.wire_bytes += wire;
         rep.payload += batch.data_bytes;
         for r in &batch.runs {

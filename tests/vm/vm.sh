@@ -1,0 +1,97 @@
+#!/usr/bin/env bash
+# Runs a command as root inside a throw-away QEMU guest booted with virtme-ng over this host's
+# root filesystem, so that binaries built here run there unchanged. Used for tests that need
+# what this host's kernel lacks: several NUMA nodes (and, later, soft-RoCE).
+#
+#   usage: tests/vm/vm.sh [--numa] 'command'
+#     --numa   two NUMA nodes: CPU 0 and half the memory on node 0, CPU 1 and the rest on node 1
+#
+# The host root is shared read-only with copy-on-write overlays (/tmp, /etc, /usr, /var...);
+# to bring files back set VM_RWDIR=/host/dir. Uses KVM when it works, else QEMU's TCG.
+# Installs what is missing (qemu-system-x86, a Debian kernel with modules, virtme-ng in a venv).
+# Exit status: the command's; 124 on VM_TIMEOUT; 96 when the host prerequisites failed.
+set -euo pipefail
+
+numa=0
+if [ "${1:-}" = "--numa" ]; then numa=1; shift; fi
+[ $# -ge 1 ] || { sed -n '2,12p' "$0" >&2; exit 2; }
+CMD=$*
+CPUS=${VM_CPUS:-2}
+MEM=${VM_MEM:-1G}
+TIMEOUT=${VM_TIMEOUT:-900}
+VENV=${VM_VENV:-/opt/rmig-vng}
+VNG_SPEC=${VM_VNG_SPEC:-virtme-ng==1.42}
+# Modules whose loading only slows a TCG boot down.
+BLACKLIST=kvm,kvm_amd,kvm_intel,irqbypass,ahci,libahci,libata,scsi_mod,sr_mod,cdrom,sg,i2c_i801,i2c_smbus,lpc_ich,iTCO_wdt,iTCO_vendor_support,i6300esb,pcspkr,psmouse,evdev,button,serio_raw,joydev,qemu_fw_cfg
+
+log() { echo "[vm] $*" >&2; }
+die() { echo "[vm] error: $*" >&2; exit 96; }
+SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+
+pick_kernel() {   # newest Debian kernel image that has its modules installed
+  local k best=
+  for k in $(ls /boot/vmlinuz-*-amd64 2>/dev/null | sort -V); do
+    [ -d "/lib/modules/${k#/boot/vmlinuz-}/kernel" ] && best=$k
+  done
+  echo "$best"
+}
+
+ensure() {
+  local need=() p
+  for p in qemu-system-x86 kmod iproute2 python3-venv numactl busybox-static; do
+    [ "$(dpkg-query -W -f='${Status}' "$p" 2>/dev/null)" = "install ok installed" ] || need+=("$p")
+  done
+  [ -n "$(pick_kernel)" ] || need+=(linux-image-amd64)
+  if [ ${#need[@]} -gt 0 ]; then
+    log "installing ${need[*]}"
+    $SUDO apt-get -o DPkg::Lock::Timeout=600 update -qq >&2
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get -o DPkg::Lock::Timeout=600 install -y -qq \
+      --no-install-recommends "${need[@]}" >&2 || die "apt-get install failed"
+  fi
+  if ! "$VENV/bin/vng" --version >/dev/null 2>&1; then
+    log "installing $VNG_SPEC into $VENV"
+    $SUDO rm -rf "$VENV"
+    $SUDO /usr/bin/python3 -m venv "$VENV" || die "python3 -m venv failed"
+    $SUDO "$VENV/bin/pip" install -q "$VNG_SPEC" >&2 || die "pip install $VNG_SPEC failed"
+  fi
+}
+
+exec 9>/tmp/.rmig-vm.lock
+flock 9
+ensure
+flock -u 9
+
+export PATH="$VENV/bin:$PATH"
+KERNEL=${VM_KERNEL:-$(pick_kernel)}
+[ -r "$KERNEL" ] || die "no kernel image"
+WORK=$(mktemp -d /tmp/rmig-vm.XXXXXX)
+trap 'rm -rf "$WORK"' EXIT
+printf '%s\n' "$CMD" > "$WORK/cmd.sh"
+# vng puts --exec on the 2 KiB kernel command line: pass a script file.
+ARGS=(--run "$KERNEL" --cpus "$CPUS" --memory "$MEM" --exec "bash $WORK/cmd.sh"
+      --append "module_blacklist=$BLACKLIST")
+# /dev/kvm may exist yet be unable to run guests (nested virtualisation): probe it.
+if ! { [ -w /dev/kvm ] && timeout 20 qemu-system-x86_64 -accel kvm -machine none -nographic \
+        -monitor none -serial none -S -daemonize -pidfile "$WORK/probe.pid" >/dev/null 2>&1; }; then
+  ARGS+=(--disable-kvm)
+else
+  kill "$(cat "$WORK/probe.pid")" 2>/dev/null || true
+  ARGS+=(--disable-kvm)   # a guest that boots under KVM here still aborts on MSR writes
+fi
+if [ $numa = 1 ]; then
+  half=$(( $(numfmt --from=iec "${MEM}") / 2 / 1048576 ))M
+  ARGS+=(--numa "$half,cpus=0-0" --numa "$half,cpus=1-1")
+fi
+if [ -n "${VM_RWDIR:-}" ]; then
+  IFS=: read -r -a rw <<< "$VM_RWDIR"
+  for d in "${rw[@]}"; do mkdir -p "$d"; ARGS+=("--rwdir=$d"); done
+fi
+log "booting $(basename "$KERNEL") (cpus=$CPUS mem=$MEM numa=$numa)"
+t0=$(date +%s)
+set +e
+# QEMU reopens stdout/stderr: keep them pipes so that its writes do not clobber each other.
+( timeout "$TIMEOUT" vng "${ARGS[@]}" </dev/null 2> >(cat >&2) ) | cat
+rc=${PIPESTATUS[0]}
+set -e
+log "guest exited with $rc after $(( $(date +%s) - t0 )) s"
+exit "$rc"
