@@ -85,11 +85,14 @@ impl Topology {
                 format!("hwloc-synthetic {s}"),
             ),
         };
-        let t = b
-            .with_io_type_filter(TypeFilter::KeepImportant)
-            .map_err(hw)?
-            .build()
-            .map_err(hw)?;
+        // I/O discovery on a live system goes through plugins (PCI, udev) that leak; sysfs
+        // tells the same for network devices. Files carry their I/O objects with them.
+        let b = if *src == TopologySource::System {
+            b
+        } else {
+            b.with_io_type_filter(TypeFilter::KeepImportant).map_err(hw)?
+        };
+        let t = b.build().map_err(hw)?;
         let count = |ty| t.objects_with_type(ty).count();
         let mut nodes: Vec<Node> = t
             .objects_with_type(ObjectType::NUMANode)
@@ -139,6 +142,10 @@ impl Topology {
                 }
             })
             .collect();
+        let mut nics: Vec<Nic> = nics;
+        if *src == TopologySource::System {
+            nics = sysfs_nics();
+        }
         Ok(Topology {
             source: name,
             packages: count(ObjectType::Package),
@@ -235,6 +242,25 @@ impl std::fmt::Display for Topology {
         }
         Ok(())
     }
+}
+
+/// Network and RDMA devices of this machine with their NUMA nodes, from sysfs.
+fn sysfs_nics() -> Vec<Nic> {
+    let mut out = Vec::new();
+    for class in ["/sys/class/net", "/sys/class/infiniband"] {
+        let Ok(dir) = std::fs::read_dir(class) else { continue };
+        for e in dir.flatten() {
+            let numa = e.path().join("device/numa_node");
+            let Ok(text) = std::fs::read_to_string(&numa) else { continue };
+            let node = text.trim().parse::<i64>().ok().filter(|&n| n >= 0).map(|n| n as usize);
+            out.push(Nic {
+                name: e.file_name().to_string_lossy().into_owned(),
+                node,
+            });
+        }
+    }
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    out
 }
 
 /// The name of the local network interface that holds address `ip` (`None` if none does).
