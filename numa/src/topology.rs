@@ -90,7 +90,8 @@ impl Topology {
         let b = if *src == TopologySource::System {
             b
         } else {
-            b.with_io_type_filter(TypeFilter::KeepImportant).map_err(hw)?
+            b.with_io_type_filter(TypeFilter::KeepImportant)
+                .map_err(hw)?
         };
         let t = b.build().map_err(hw)?;
         let count = |ty| t.objects_with_type(ty).count();
@@ -248,11 +249,20 @@ impl std::fmt::Display for Topology {
 fn sysfs_nics() -> Vec<Nic> {
     let mut out = Vec::new();
     for class in ["/sys/class/net", "/sys/class/infiniband"] {
-        let Ok(dir) = std::fs::read_dir(class) else { continue };
+        let Ok(dir) = std::fs::read_dir(class) else {
+            continue;
+        };
         for e in dir.flatten() {
             let numa = e.path().join("device/numa_node");
-            let Ok(text) = std::fs::read_to_string(&numa) else { continue };
-            let node = text.trim().parse::<i64>().ok().filter(|&n| n >= 0).map(|n| n as usize);
+            let Ok(text) = std::fs::read_to_string(&numa) else {
+                continue;
+            };
+            let node = text
+                .trim()
+                .parse::<i64>()
+                .ok()
+                .filter(|&n| n >= 0)
+                .map(|n| n as usize);
             out.push(Nic {
                 name: e.file_name().to_string_lossy().into_owned(),
                 node,
