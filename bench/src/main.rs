@@ -382,6 +382,8 @@ struct SourceGuest {
 
 fn prepare_source(g: &GuestArgs, w: &WorkloadArgs) -> Result<SourceGuest> {
     let t = Instant::now();
+    // Like a VMM at start-up: read the machine's topology before any migration.
+    let _ = rmig_numa::Topology::system();
     let mut mem = Mapping::new(g.size as usize, true)?;
     mem::fill(
         mem.bytes_mut(),

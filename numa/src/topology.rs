@@ -190,6 +190,14 @@ impl Topology {
         }
     }
 
+    /// This machine's topology, detected once per process and kept: loading it costs
+    /// milliseconds that a migration's setup should not pay, so an embedder may call this at
+    /// start-up to have it ready.
+    pub fn system() -> &'static (Topology, Option<String>) {
+        static SYSTEM: std::sync::OnceLock<(Topology, Option<String>)> = std::sync::OnceLock::new();
+        SYSTEM.get_or_init(Topology::detect)
+    }
+
     /// The NUMA node of network or RDMA device `name`.
     pub fn nic_node(&self, name: &str) -> Option<usize> {
         self.nics

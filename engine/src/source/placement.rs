@@ -31,7 +31,7 @@ impl Placement {
     ) -> Placement {
         let (topo, fallback) = match mode {
             NumaMode::Off => (Topology::flat("placement off"), None),
-            NumaMode::Auto => Topology::detect(),
+            NumaMode::Auto => Topology::system().clone(),
         };
         let spans: Vec<_> = if mode == NumaMode::Auto {
             regions
