@@ -167,3 +167,57 @@ fn a_lane_that_cannot_prove_membership_is_refused() {
     let e = d.join().unwrap().unwrap_err();
     assert!(e.to_string().contains("data lanes joined"), "{e}");
 }
+
+#[test]
+fn an_authenticated_lane_sending_a_run_outside_the_region_ends_the_migration() {
+    // A source that passes every check and then writes past the end of guest memory.
+    let dst = Mem::new(4 * MIB);
+    let setup = Setup::new(&dst, &dst, 4 * MIB);
+    let l = DestListener::bind("127.0.0.1:0", setup.dst.clone()).unwrap();
+    let addr = l.local_addr().unwrap();
+    let regions = setup.dst_regions.clone();
+    let d =
+        std::thread::spawn(move || l.serve(regions, Box::new(NullDest::default()), Monitor::new()));
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let offer = rmig_engine::control::handshake::SourceOffer {
+        versions: (PROTOCOL_MIN, PROTOCOL_MAX),
+        key: key(),
+        regions: setup.src_regions.iter().map(|r| r.desc()).collect(),
+        transports: vec![rmig_engine::protocol::TransportKind::Tcp],
+        lanes: 1,
+        verify: true,
+    };
+    let (_ctl, agreed) = rt.block_on(async {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let a = rmig_engine::control::handshake::source(&mut s, &offer, Duration::from_secs(2))
+            .await
+            .unwrap();
+        (s, a)
+    });
+    let mut lane = TcpStream::connect(addr).unwrap();
+    codec::write_sync(
+        &mut lane,
+        &Message::LaneJoin {
+            session: agreed.auth.session_id(),
+            lane: 0,
+            mac: agreed.auth.lane_proof(0),
+        },
+    )
+    .unwrap();
+    assert_eq!(codec::read_sync(&mut lane).unwrap(), Message::LaneAccepted);
+    let h = rmig_transport::tcp::wire::Header {
+        kind: rmig_transport::tcp::wire::KIND_DATA,
+        region: 0,
+        first_page: 1023,
+        count: 2,
+    };
+    lane.write_all(&h.encode()).unwrap();
+    lane.write_all(&[0xAB; 8192]).unwrap();
+    let e = d.join().unwrap().unwrap_err();
+    assert!(matches!(e, EngineError::Protocol(_)), "{e}");
+    assert!(e.to_string().contains("outside region 0"), "{e}");
+    assert!(dst.bytes().iter().all(|&b| b == 0), "nothing may land");
+}
