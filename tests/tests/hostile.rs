@@ -118,9 +118,16 @@ fn a_forged_auth_proof_is_refused() {
     assert!(error_text(&back).contains("pre-shared key"));
 }
 
-#[test]
-fn a_lane_that_cannot_prove_membership_is_refused() {
-    // A genuine source authenticates; a stranger then tries to join as a lane.
+/// A destination for 4 MiB and a genuine source that has passed the handshake (one lane
+/// agreed), for tests of what comes after.
+fn authenticated() -> (
+    std::net::SocketAddr,
+    std::thread::JoinHandle<Result<rmig_engine::DestOutcome, EngineError>>,
+    tokio::net::TcpStream,
+    rmig_engine::control::handshake::Agreed,
+    Mem,
+    tokio::runtime::Runtime,
+) {
     let dst = Mem::new(4 * MIB);
     let setup = Setup::new(&dst, &dst, 4 * MIB);
     let mut cfg = setup.dst.clone();
@@ -128,12 +135,6 @@ fn a_lane_that_cannot_prove_membership_is_refused() {
     let l = DestListener::bind("127.0.0.1:0", cfg).unwrap();
     let addr = l.local_addr().unwrap();
     let regions = setup.dst_regions.clone();
-    let d =
-        std::thread::spawn(move || l.serve(regions, Box::new(NullDest::default()), Monitor::new()));
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
     let offer = rmig_engine::control::handshake::SourceOffer {
         versions: (PROTOCOL_MIN, PROTOCOL_MAX),
         key: key(),
@@ -142,13 +143,27 @@ fn a_lane_that_cannot_prove_membership_is_refused() {
         lanes: 1,
         verify: true,
     };
-    let _ctl = rt.block_on(async {
+    drop(setup);
+    let d =
+        std::thread::spawn(move || l.serve(regions, Box::new(NullDest::default()), Monitor::new()));
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let (ctl, agreed) = rt.block_on(async {
         let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-        rmig_engine::control::handshake::source(&mut s, &offer, Duration::from_secs(2))
+        let a = rmig_engine::control::handshake::source(&mut s, &offer, Duration::from_secs(2))
             .await
             .unwrap();
-        s
+        (s, a)
     });
+    (addr, d, ctl, agreed, dst, rt)
+}
+
+#[test]
+fn a_lane_that_cannot_prove_membership_is_refused() {
+    // A genuine source authenticates; a stranger then tries to join as a lane.
+    let (addr, d, _ctl, _agreed, _dst, _rt) = authenticated();
     let mut lane = TcpStream::connect(addr).unwrap();
     codec::write_sync(
         &mut lane,
@@ -171,32 +186,7 @@ fn a_lane_that_cannot_prove_membership_is_refused() {
 #[test]
 fn an_authenticated_lane_sending_a_run_outside_the_region_ends_the_migration() {
     // A source that passes every check and then writes past the end of guest memory.
-    let dst = Mem::new(4 * MIB);
-    let setup = Setup::new(&dst, &dst, 4 * MIB);
-    let l = DestListener::bind("127.0.0.1:0", setup.dst.clone()).unwrap();
-    let addr = l.local_addr().unwrap();
-    let regions = setup.dst_regions.clone();
-    let d =
-        std::thread::spawn(move || l.serve(regions, Box::new(NullDest::default()), Monitor::new()));
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let offer = rmig_engine::control::handshake::SourceOffer {
-        versions: (PROTOCOL_MIN, PROTOCOL_MAX),
-        key: key(),
-        regions: setup.src_regions.iter().map(|r| r.desc()).collect(),
-        transports: vec![rmig_engine::protocol::TransportKind::Tcp],
-        lanes: 1,
-        verify: true,
-    };
-    let (_ctl, agreed) = rt.block_on(async {
-        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let a = rmig_engine::control::handshake::source(&mut s, &offer, Duration::from_secs(2))
-            .await
-            .unwrap();
-        (s, a)
-    });
+    let (addr, d, _ctl, agreed, dst, _rt) = authenticated();
     let mut lane = TcpStream::connect(addr).unwrap();
     codec::write_sync(
         &mut lane,

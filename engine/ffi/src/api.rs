@@ -118,6 +118,31 @@ fn transport(t: RmigTransport) -> TransportChoice {
     }
 }
 
+/// Registers a new session and writes its handle to `out`.
+///
+/// # Safety
+/// `out` must be non-null, aligned and writable (checked by the callers with `borrow`).
+unsafe fn register(
+    out: *mut RmigSession,
+    role: RmigRole,
+    source_cfg: Option<SourceConfig>,
+    cb: RmigCallbacks,
+    phase: Phase,
+) {
+    let h = handles::insert(Entry {
+        role,
+        monitor: rmig_engine::Monitor::new(),
+        inner: std::sync::Mutex::new(Inner {
+            source_cfg,
+            callbacks: C(cb),
+            regions: Vec::new(),
+            phase,
+        }),
+    });
+    // SAFETY: the caller's contract.
+    unsafe { out.write(h) };
+}
+
 /// Creates a source session that will migrate to `config->address`.
 ///
 /// # Safety
@@ -160,18 +185,8 @@ pub unsafe extern "C" fn rmig_source_new(
             auto_converge: c.auto_converge != 0,
             ..Default::default()
         };
-        let h = handles::insert(Entry {
-            role: RmigRole::RmigSource,
-            monitor: rmig_engine::Monitor::new(),
-            inner: std::sync::Mutex::new(Inner {
-                source_cfg: Some(s),
-                callbacks: C(cb),
-                regions: Vec::new(),
-                phase: Phase::New(None),
-            }),
-        });
-        // SAFETY: checked above.
-        unsafe { out.write(h) };
+        // SAFETY: `out` was checked above.
+        unsafe { register(out, RmigRole::RmigSource, Some(s), cb, Phase::New(None)) };
         Ok(())
     })
 }
@@ -197,18 +212,16 @@ pub unsafe extern "C" fn rmig_dest_new(
         let mut d = DestConfig::new(p.key);
         d.transport = transport(c.transport);
         let l = DestListener::bind(&p.address, d).map_err(|e| from_engine(&e))?;
-        let h = handles::insert(Entry {
-            role: RmigRole::RmigDestination,
-            monitor: rmig_engine::Monitor::new(),
-            inner: std::sync::Mutex::new(Inner {
-                source_cfg: None,
-                callbacks: C(cb),
-                regions: Vec::new(),
-                phase: Phase::New(Some(l)),
-            }),
-        });
-        // SAFETY: checked above.
-        unsafe { out.write(h) };
+        // SAFETY: `out` was checked above.
+        unsafe {
+            register(
+                out,
+                RmigRole::RmigDestination,
+                None,
+                cb,
+                Phase::New(Some(l)),
+            )
+        };
         Ok(())
     })
 }
