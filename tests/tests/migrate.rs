@@ -18,6 +18,9 @@ fn migrate_memory(zero_fraction: f64) {
     assert_eq!(s.verified, Some(true));
     assert_eq!(d.stats.status, "completed");
     assert_eq!(s.ram.normal + s.ram.duplicate, (len / 4096) as u64);
+    // The destination's lanes account for every page too.
+    let landed: u64 = d.lanes.iter().map(|l| l.data_pages + l.zero_pages).sum();
+    assert_eq!(landed, (len / 4096) as u64, "{:?}", d.lanes);
     assert_same(src.bytes(), dst.bytes());
 }
 

@@ -187,15 +187,26 @@ impl DestListener {
         drop(res_tx);
         let r = session.run(&res_rx, embedder);
         let mut summaries = vec![DestLaneSummary::default(); joins.len()];
-        // After `Complete` (or a failure) no lane carries anything more: stop them all.
+        if r.is_ok() {
+            // The source closes its lanes once it has our `Done`: collect their figures.
+            let deadline = Instant::now() + Duration::from_secs(2);
+            while let Ok((i, res)) = res_rx.recv_deadline(deadline) {
+                if let Ok(s) = res {
+                    summaries[i] = s;
+                }
+            }
+        }
+        // No lane carries anything more now: stop whatever is still open.
         for s in &session.shutdowns {
             let _ = s.shutdown(Shutdown::Both);
         }
         for j in joins {
             let _ = j.join();
         }
-        while let Ok((i, Ok(s))) = res_rx.try_recv() {
-            summaries[i] = s;
+        while let Ok((i, res)) = res_rx.try_recv() {
+            if let Ok(s) = res {
+                summaries[i] = s;
+            }
         }
         match r {
             Ok(()) => {
