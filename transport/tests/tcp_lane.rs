@@ -99,11 +99,15 @@ fn runs_land_and_are_acknowledged() {
     assert_eq!(&src[12 * 512..], &dst[12 * 512..]);
 }
 
-#[test]
-fn a_header_outside_the_region_is_refused_before_writing() {
-    let mut dst = aligned(4);
-    let (mut a, b) = pair();
-    let dmap = map_of(&mut dst);
+/// A destination lane receiving into `dst` on its own thread; returns the sending socket.
+fn receiver(
+    dst: &mut [u64],
+) -> (
+    TcpStream,
+    std::thread::JoinHandle<Result<rmig_transport::tcp::DestLaneSummary, LaneError>>,
+) {
+    let (a, b) = pair();
+    let dmap = map_of(dst);
     let recv = std::thread::spawn(move || {
         let c = Count {
             data: AtomicU64::new(0),
@@ -111,6 +115,13 @@ fn a_header_outside_the_region_is_refused_before_writing() {
         };
         TcpDestLane::new(b, dmap).unwrap().run(&c)
     });
+    (a, recv)
+}
+
+#[test]
+fn a_header_outside_the_region_is_refused_before_writing() {
+    let mut dst = aligned(4);
+    let (mut a, recv) = receiver(&mut dst);
     let h = Header {
         kind: KIND_DATA,
         region: 0,
@@ -150,15 +161,7 @@ fn unknown_regions_and_kinds_are_refused() {
         },
     ] {
         let mut dst = aligned(4);
-        let (mut a, b) = pair();
-        let dmap = map_of(&mut dst);
-        let recv = std::thread::spawn(move || {
-            let c = Count {
-                data: AtomicU64::new(0),
-                zero: AtomicU64::new(0),
-            };
-            TcpDestLane::new(b, dmap).unwrap().run(&c)
-        });
+        let (mut a, recv) = receiver(&mut dst);
         a.write_all(&bad).unwrap();
         assert!(matches!(recv.join().unwrap(), Err(LaneError::Malformed(_))));
     }
