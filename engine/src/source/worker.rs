@@ -26,6 +26,25 @@ const BATCH_RUNS: usize = 256;
 const MAX_DATA_RUN: u64 = 1 << 20;
 /// Pages in one work item (aligned to bitmap words).
 pub(crate) const ITEM_PAGES: u64 = 1024;
+/// Pages ahead of the scan that are prefetched. Hardware prefetchers stop at 4 KiB page
+/// boundaries, so without this every page starts with a cache miss that the zero check and the
+/// hash wait for in full.
+const PREFETCH_PAGES: u64 = 2;
+
+/// Asks the CPU to bring `page` into cache (a hint: it never faults).
+#[inline]
+fn prefetch_page(page: &[u8]) {
+    #[cfg(target_arch = "x86_64")]
+    for line in page.chunks(64) {
+        // SAFETY: a prefetch is a hint that never faults; the address is inside the page.
+        unsafe {
+            core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T0 }>(
+                line.as_ptr().cast(),
+            )
+        };
+    }
+}
+
 /// How long a lane may wait for its last acknowledgement before it is declared dead.
 const ACK_TIMEOUT: Duration = Duration::from_secs(15);
 
@@ -171,6 +190,9 @@ impl Worker {
                 let p = wi as u64 * 64 + b;
                 if p < it.first || p >= it.end {
                     continue;
+                }
+                if p + PREFETCH_PAGES < region.pages() && std::env::var_os("NOPF").is_none() {
+                    prefetch_page(region.pages_slice(p + PREFETCH_PAGES, 1));
                 }
                 let bytes = region.pages_slice(p, 1);
                 let zero = is_zero(bytes);
