@@ -10,6 +10,11 @@ use crate::{LaneError, MemoryMap, PageSink};
 /// from here; the rest of a payload is read straight into guest memory.
 const READ_AHEAD: usize = 64 * 1024;
 
+/// Largest piece of a run that lands before it is handed to the sink. The sink hashes what
+/// landed; in pieces this small the bytes are still in cache (measured here: hashing costs a
+/// third of the receive copy in 32-128 KiB pieces, two thirds in 256 KiB and 1 MiB ones).
+const PIECE_BYTES: u64 = 64 << 10;
+
 /// What a destination lane received before it ended.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct DestLaneSummary {
@@ -119,12 +124,21 @@ impl TcpDestLane {
                         )));
                     }
                     if h.kind == wire::KIND_DATA {
-                        // SAFETY: rounds are fenced and each page is sent on one lane per
-                        // round, so this lane is the only writer of these pages now.
-                        let dst = unsafe { region.pages_slice_mut(h.first_page, h.count) };
-                        self.read_into(dst)?;
-                        sink.data_landed(idx, h.first_page, h.count);
-                        sum.data_bytes += dst.len() as u64;
+                        // Land the run piece by piece and hand each piece to the sink at once,
+                        // while it is still in cache.
+                        let piece = (PIECE_BYTES / region.page_size() as u64).max(1);
+                        let end = h.first_page + h.count;
+                        let mut p = h.first_page;
+                        while p < end {
+                            let n = piece.min(end - p);
+                            // SAFETY: rounds are fenced and each page is sent on one lane per
+                            // round, so this lane is the only writer of these pages now.
+                            let dst = unsafe { region.pages_slice_mut(p, n) };
+                            self.read_into(dst)?;
+                            sink.data_landed(idx, p, n);
+                            sum.data_bytes += dst.len() as u64;
+                            p += n;
+                        }
                         sum.data_pages += h.count;
                     } else {
                         sink.zero_pages(idx, h.first_page, h.count);
