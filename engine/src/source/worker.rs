@@ -191,7 +191,7 @@ impl Worker {
                 if p < it.first || p >= it.end {
                     continue;
                 }
-                if p + PREFETCH_PAGES < region.pages() && std::env::var_os("NOPF").is_none() {
+                if p + PREFETCH_PAGES < region.pages() {
                     prefetch_page(region.pages_slice(p + PREFETCH_PAGES, 1));
                 }
                 let bytes = region.pages_slice(p, 1);
