@@ -46,4 +46,9 @@ pub trait PageSink: Sync {
     fn data_landed(&self, region: usize, first_page: u64, npages: u64);
     /// The source says these pages are all zero; the sink makes them so (or knows they are).
     fn zero_pages(&self, region: usize, first_page: u64, npages: u64);
+    /// The largest piece of a run the sink wants handed over at once, if it reads what landed
+    /// (a sink that hashes wants pieces small enough to still be in cache). `None`: whole runs.
+    fn piece_bytes(&self) -> Option<u64> {
+        None
+    }
 }

@@ -250,6 +250,8 @@ impl Receiving<'_> {
         let mut device_done = false;
         let mut verified: Option<bool> = None;
         let mut round: Option<u32> = None;
+        let never = crossbeam_channel::never();
+        let mut lanes = lanes;
         loop {
             if self.sink.crashed.load(Ordering::Acquire) {
                 // Injected crash: the control connection drops without a word too.
@@ -258,7 +260,11 @@ impl Receiving<'_> {
             }
             select! {
                 recv(lanes) -> r => {
-                    let Ok((i, r)) = r else { continue };
+                    let Ok((i, r)) = r else {
+                        // Every lane has ended: wait for the control connection alone.
+                        lanes = &never;
+                        continue;
+                    };
                     match r {
                         Ok(_) => {}
                         Err(LaneError::Malformed(m)) => {

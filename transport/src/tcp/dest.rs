@@ -10,11 +10,6 @@ use crate::{LaneError, MemoryMap, PageSink};
 /// from here; the rest of a payload is read straight into guest memory.
 const READ_AHEAD: usize = 64 * 1024;
 
-/// Largest piece of a run that lands before it is handed to the sink. The sink hashes what
-/// landed; in pieces this small the bytes are still in cache (measured here: hashing costs a
-/// third of the receive copy in 32-128 KiB pieces, two thirds in 256 KiB and 1 MiB ones).
-const PIECE_BYTES: u64 = 64 << 10;
-
 /// What a destination lane received before it ended.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct DestLaneSummary {
@@ -124,9 +119,11 @@ impl TcpDestLane {
                         )));
                     }
                     if h.kind == wire::KIND_DATA {
-                        // Land the run piece by piece and hand each piece to the sink at once,
-                        // while it is still in cache.
-                        let piece = (PIECE_BYTES / region.page_size() as u64).max(1);
+                        // Land the run piece by piece if the sink wants to read each piece
+                        // while it is still in cache; else in one read.
+                        let piece = sink
+                            .piece_bytes()
+                            .map_or(h.count, |b| (b / region.page_size() as u64).max(1));
                         let end = h.first_page + h.count;
                         let mut p = h.first_page;
                         while p < end {
