@@ -192,7 +192,10 @@ impl Worker {
                     continue;
                 }
                 if p + PREFETCH_PAGES < region.pages() {
-                    prefetch_page(region.pages_slice(p + PREFETCH_PAGES, 1));
+                    // Hashing reads the whole page; the zero check alone only its start.
+                    let ahead = region.pages_slice(p + PREFETCH_PAGES, 1);
+                    let lines = if hashes.is_some() { ahead.len() } else { 64 };
+                    prefetch_page(&ahead[..lines]);
                 }
                 let bytes = region.pages_slice(p, 1);
                 let zero = is_zero(bytes);
