@@ -73,7 +73,7 @@ impl DestSink {
 /// Pieces in which a hashing destination wants runs to land: small enough that the hash reads
 /// them from cache (measured here: hashing costs a third of the receive copy in 32-128 KiB
 /// pieces, two thirds in 256 KiB and 1 MiB ones).
-const HASH_PIECE: u64 = 64 << 10;
+const HASH_PIECE: u64 = 128 << 10;
 
 impl PageSink for DestSink {
     fn piece_bytes(&self) -> Option<u64> {
