@@ -150,7 +150,7 @@ impl Worker {
             if !batch.is_empty() {
                 self.send(&mut batch, &mut rep)?;
             }
-            self.wait_all_acked(&mut rep)
+            self.wait_all_acked()
         })();
         if let Err(e) = res {
             // Everything this lane could not confirm goes back to the dirty set.
@@ -301,7 +301,7 @@ impl Worker {
         }
     }
 
-    fn wait_all_acked(&mut self, _rep: &mut Report) -> Result<(), LaneError> {
+    fn wait_all_acked(&mut self) -> Result<(), LaneError> {
         let start = Instant::now();
         while !self.unacked.is_empty() {
             if self.shared.abort.load(Ordering::Relaxed) {
