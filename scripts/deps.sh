@@ -5,7 +5,9 @@ set -euo pipefail
 
 need=()
 have_pkg() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
-for p in gcc libc6-dev make pkg-config libhwloc-dev libudev-dev valgrind iperf3 python3 fonts-dejavu-core ca-certificates; do
+# cmake and libclang-dev build the verbs shim of sideway (RDMA); no RDMA library is needed to
+# build or run: libibverbs is loaded at run time when present.
+for p in gcc libc6-dev make pkg-config cmake libclang-dev libhwloc-dev libudev-dev valgrind iperf3 python3 fonts-dejavu-core ca-certificates; do
   have_pkg "$p" || need+=("$p")
 done
 if [ ${#need[@]} -gt 0 ]; then

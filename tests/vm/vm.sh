@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Runs a command as root inside a throw-away QEMU guest booted with virtme-ng over this host's
 # root filesystem, so that binaries built here run there unchanged. Used for tests that need
-# what this host's kernel lacks: several NUMA nodes (and, later, soft-RoCE).
+# what this host's kernel lacks: several NUMA nodes, soft-RoCE.
 #
-#   usage: tests/vm/vm.sh [--numa] 'command'
+#   usage: tests/vm/vm.sh [--numa] [--rxe] 'command'
 #     --numa   two NUMA nodes: CPU 0 and half the memory on node 0, CPU 1 and the rest on node 1
+#     --rxe    soft-RoCE: device rxe0 on a veth v0 with 198.18.0.1/24 (RoCEv2); the command sees
+#              RMIG_RDMA_IP, RMIG_RDMA_DEV and RMIG_RDMA_GID_INDEX
 #
 # The host root is shared read-only with copy-on-write overlays (/tmp, /etc, /usr, /var...);
 # to bring files back set VM_RWDIR=/host/dir. QEMU's TCG unless VM_KVM=1.
@@ -12,9 +14,15 @@
 # Exit status: the command's; 124 on VM_TIMEOUT; 96 when the host prerequisites failed.
 set -euo pipefail
 
-numa=0
-if [ "${1:-}" = "--numa" ]; then numa=1; shift; fi
-[ $# -ge 1 ] || { sed -n '2,12p' "$0" >&2; exit 2; }
+numa=0 rxe=0
+while :; do
+  case "${1:-}" in
+    --numa) numa=1; shift ;;
+    --rxe) rxe=1; shift ;;
+    *) break ;;
+  esac
+done
+[ $# -ge 1 ] || { sed -n '2,14p' "$0" >&2; exit 2; }
 CMD=$*
 CPUS=${VM_CPUS:-2}
 MEM=${VM_MEM:-1G}
@@ -28,17 +36,24 @@ log() { echo "[vm] $*" >&2; }
 die() { echo "[vm] error: $*" >&2; exit 96; }
 SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 
-pick_kernel() {   # newest Debian kernel image that has its modules installed
+pick_kernel() {   # newest Debian kernel image with its modules installed (and rdma_rxe for --rxe)
   local k best=
   for k in $(ls /boot/vmlinuz-*-amd64 2>/dev/null | sort -V); do
-    [ -d "/lib/modules/${k#/boot/vmlinuz-}/kernel" ] && best=$k
+    [ -d "/lib/modules/${k#/boot/vmlinuz-}/kernel" ] || continue
+    if [ $rxe = 1 ]; then
+      ls "/lib/modules/${k#/boot/vmlinuz-}"/kernel/drivers/infiniband/sw/rxe/rdma_rxe.ko* >/dev/null 2>&1 || continue
+    fi
+    best=$k
   done
   echo "$best"
 }
 
 ensure() {
   local need=() p
-  for p in qemu-system-x86 kmod iproute2 python3-venv numactl busybox-static; do
+  local pkgs=(qemu-system-x86 kmod iproute2 python3-venv numactl busybox-static)
+  # rdma-core's verbs library and providers (rxe), and perftest for ib_write_bw.
+  [ $rxe = 1 ] && pkgs+=(rdma-core libibverbs1 ibverbs-providers ibverbs-utils perftest)
+  for p in "${pkgs[@]}"; do
     [ "$(dpkg-query -W -f='${Status}' "$p" 2>/dev/null)" = "install ok installed" ] || need+=("$p")
   done
   [ -n "$(pick_kernel)" ] || need+=(linux-image-amd64)
@@ -66,7 +81,36 @@ KERNEL=${VM_KERNEL:-$(pick_kernel)}
 [ -r "$KERNEL" ] || die "no kernel image"
 WORK=$(mktemp -d /tmp/rmig-vm.XXXXXX)
 trap 'rm -rf "$WORK"' EXIT
-printf '%s\n' "$CMD" > "$WORK/cmd.sh"
+if [ $rxe = 1 ]; then
+  # Soft-RoCE on a veth pair; rxe's ICRC needs a crc32 hash, hence crc32_generic first.
+  cat > "$WORK/cmd.sh" <<'RXE'
+set -e
+fail() { echo "[vm] rxe setup failed: $*" >&2; dmesg | tail -20 >&2; exit 97; }
+modprobe crc32_generic 2>/dev/null || true
+modprobe rdma_rxe || fail "modprobe rdma_rxe"
+ip link set lo up
+ip link add v0 type veth peer name v1 || fail veth
+ip addr add 198.18.0.1/24 dev v0
+ip link set v1 up; ip link set v0 up
+rdma link add rxe0 type rxe netdev v0 || fail "rdma link add"
+gidx=
+for i in $(seq 1 100); do
+  if [ "$(cat /sys/class/infiniband/rxe0/ports/1/state 2>/dev/null)" = "4: ACTIVE" ]; then
+    for g in /sys/class/infiniband/rxe0/ports/1/gids/*; do
+      [ "$(cat "$g" 2>/dev/null)" = "0000:0000:0000:0000:0000:ffff:c612:0001" ] && gidx=${g##*/} && break
+    done
+    [ -n "$gidx" ] && break
+  fi
+  sleep 0.2
+done
+[ -n "$gidx" ] || fail "rxe0 not active"
+export RMIG_RDMA_IP=198.18.0.1 RMIG_RDMA_DEV=rxe0 RMIG_RDMA_GID_INDEX=$gidx
+echo "[vm] rxe0 active on v0 198.18.0.1, RoCEv2 GID index $gidx" >&2
+ulimit -l unlimited
+set +e
+RXE
+fi
+printf '%s\n' "$CMD" >> "$WORK/cmd.sh"
 # vng puts --exec on the 2 KiB kernel command line: pass a script file.
 ARGS=(--run "$KERNEL" --cpus "$CPUS" --memory "$MEM" --exec "bash $WORK/cmd.sh"
       --append "module_blacklist=$BLACKLIST")
@@ -81,7 +125,7 @@ if [ -n "${VM_RWDIR:-}" ]; then
   IFS=: read -r -a rw <<< "$VM_RWDIR"
   for d in "${rw[@]}"; do mkdir -p "$d"; ARGS+=("--rwdir=$d"); done
 fi
-log "booting $(basename "$KERNEL") (cpus=$CPUS mem=$MEM numa=$numa)"
+log "booting $(basename "$KERNEL") (cpus=$CPUS mem=$MEM numa=$numa rxe=$rxe)"
 t0=$(date +%s)
 set +e
 # QEMU reopens stdout/stderr: keep them pipes so that its writes do not clobber each other.

@@ -18,6 +18,9 @@ pub enum LaneError {
     /// No acknowledgement arrived in time.
     #[error("no acknowledgement within {0:?}")]
     AckTimeout(std::time::Duration),
+    /// The RDMA device reported a failed work request or verbs call.
+    #[error("RDMA: {0}")]
+    Rdma(String),
     /// A fault injected on purpose (tests) ended the lane.
     #[error("injected fault: {0}")]
     Injected(&'static str),

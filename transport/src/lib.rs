@@ -16,6 +16,7 @@ pub mod error;
 pub mod fault;
 pub mod mem;
 pub mod pace;
+pub mod rdma;
 pub mod tcp;
 
 pub use batch::{Batch, Run, RunKind};

@@ -1,0 +1,41 @@
+//! RDMA lanes: the source writes guest pages straight into the destination's registered memory
+//! with one-sided RDMA WRITEs, so the destination's CPU is not on the data path.
+//!
+//! Each lane is one reliable-connected (RC) queue pair plus the authenticated TCP socket the
+//! lane joined the session with. The socket carries what is small and rare: the queue pair's
+//! address at setup and the destination's replies (batch acknowledgements, keys of chunks it
+//! registered on request). The queue pair carries the data:
+//!
+//! ```text
+//!   source                                     destination
+//!   WRITE run 1 ──────────────────────────────▶ guest memory (no CPU)
+//!   WRITE run 2 ──────────────────────────────▶ guest memory
+//!   SEND  batch descriptor (runs, zero runs) ──▶ receive buffer: hash the runs, zero the zero
+//!                                               runs, repost the buffer
+//!                       ◀──────── ack (TCP) ──── batch n has landed
+//! ```
+//!
+//! An RC queue pair executes its work requests in order, so when the descriptor's receive
+//! completes on the destination, every WRITE posted before it has been placed in memory. That
+//! is the per-batch fence; the engine's round fence (`RoundEnd` on the control connection)
+//! follows once every batch of the round is acknowledged.
+//!
+//! The verbs come from [`sideway`], which loads `libibverbs` at run time: one binary runs with
+//! or without rdma-core installed, and a missing library or a kernel without RDMA (where
+//! `ibv_get_device_list` fails with `ENOSYS`) is simply "no device".
+
+mod device;
+mod error;
+mod memory;
+mod queue;
+mod wire;
+
+mod dest;
+mod source;
+
+pub use dest::{DestPrepared, RdmaDestLane};
+pub use device::RdmaDevice;
+pub use error::RdmaError;
+pub use memory::{LocalMemory, Registration, RemoteRegion};
+pub use queue::QpEndpoint;
+pub use source::{RdmaSourceLane, RemoteMemory, SourcePrepared};

@@ -1,0 +1,623 @@
+//! The sending end of an RDMA lane: dirty runs become RDMA WRITEs straight from guest memory,
+//! then one SEND describes the batch.
+//!
+//! Work requests are posted in chains of up to [`SIGNAL_EVERY`]; only the last of a chain asks
+//! for a completion (selective signalling), which also frees the send-queue slots of the
+//! unsignalled ones before it. At most `send_depth` work requests are outstanding, and at most
+//! [`SLOTS`] descriptors, the number of receives the destination keeps posted.
+
+use std::collections::VecDeque;
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpStream};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use rdma_mummy_sys::ibv_sge;
+use sideway::ibverbs::memory_region::MemoryRegion;
+use sideway::ibverbs::queue_pair::{
+    PostSendGuard, QueuePair, SetScatterGatherEntry, WorkRequestFlags,
+};
+
+use super::memory::{chunk_span, register, ChunkCache, LocalMemory, Registration, RemoteRegion};
+use super::queue::{Completion, QpEndpoint, Queue};
+use super::wire::{self, Reply, REPLY_LEN, SLOT_BYTES};
+use super::{RdmaDevice, RdmaError};
+use crate::{Batch, FaultPlan, LaneError, Pacer, RunKind, SourceLane};
+
+/// Most scatter-gather entries rmig puts in one WRITE (the device may allow fewer).
+pub const MAX_SGE: u32 = 16;
+/// Descriptor buffers; the destination keeps as many receives posted.
+pub const SLOTS: usize = 32;
+/// Work requests in one posted chain; the last is signalled.
+const SIGNAL_EVERY: usize = 64;
+/// Outstanding work requests per queue pair (bounded by the device).
+const SEND_DEPTH: u32 = 512;
+/// How long a lane waits for the destination's answer to a registration request.
+const REPLY_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// The destination's memory as the source sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RemoteMemory {
+    /// Registered whole, one key per region.
+    PinAll(Vec<RemoteRegion>),
+    /// Registered by chunk on request.
+    Chunked {
+        /// Chunk size.
+        chunk_bytes: u64,
+        /// Chunks the destination keeps registered for one lane.
+        max_chunks: u32,
+    },
+}
+
+#[derive(Default)]
+struct RepliesInner {
+    acked: u64,
+    key: Option<Reply>,
+    closed: Option<String>,
+}
+
+#[derive(Default)]
+struct Replies {
+    inner: Mutex<RepliesInner>,
+    cv: Condvar,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A source queue pair created and waiting for the destination's end.
+pub struct SourcePrepared {
+    queue: Queue,
+    mem: Arc<LocalMemory>,
+}
+
+impl SourcePrepared {
+    /// Creates the lane's queue pair on `dev`; `mem` holds (or will hold) the source's
+    /// registrations.
+    pub fn new(dev: Arc<RdmaDevice>, mem: Arc<LocalMemory>) -> Result<SourcePrepared, RdmaError> {
+        let depth = SEND_DEPTH.min(dev.max_qp_wr);
+        Ok(SourcePrepared {
+            queue: Queue::new(dev, depth, 1, false)?,
+            mem,
+        })
+    }
+
+    /// Our end of the queue pair, for the destination.
+    pub fn endpoint(&self) -> QpEndpoint {
+        self.queue.endpoint()
+    }
+
+    /// Connects to the destination's end and starts the lane on its (authenticated) socket.
+    pub fn connect(
+        mut self,
+        peer: &QpEndpoint,
+        remote: RemoteMemory,
+        stream: TcpStream,
+        pacer: Arc<Pacer>,
+        fault: FaultPlan,
+    ) -> Result<RdmaSourceLane, RdmaError> {
+        let nregions = self.mem.map.regions().len();
+        match &remote {
+            RemoteMemory::PinAll(r) if r.len() != nregions => {
+                return Err(RdmaError::Setup(format!(
+                    "destination registered {} regions, the table has {nregions}",
+                    r.len()
+                )))
+            }
+            RemoteMemory::Chunked {
+                chunk_bytes,
+                max_chunks,
+            } => {
+                let page = self
+                    .mem
+                    .map
+                    .regions()
+                    .iter()
+                    .map(|r| r.page_size() as u64)
+                    .max();
+                if !chunk_bytes.is_power_of_two()
+                    || page.is_some_and(|p| *chunk_bytes < p)
+                    || *max_chunks < 2
+                {
+                    return Err(RdmaError::Setup(format!(
+                        "unusable chunking from the destination: {chunk_bytes} bytes × {max_chunks}"
+                    )));
+                }
+            }
+            _ => {}
+        }
+        self.queue.connect(peer)?;
+        let dev = self.queue.dev.clone();
+        let mut slots = vec![0u8; SLOTS * SLOT_BYTES];
+        let slots_mr = register(&dev, slots.as_mut_ptr(), slots.len(), false)?;
+        let replies = Arc::new(Replies::default());
+        let mut rd = stream
+            .try_clone()
+            .map_err(|e| RdmaError::verbs("lane socket", e))?;
+        let r = replies.clone();
+        let reader = std::thread::Builder::new()
+            .name("rmig-rdma-ack".into())
+            .spawn(move || read_replies(&mut rd, &r))
+            .map_err(|e| RdmaError::verbs("spawning the reply reader", e))?;
+        let sge_max = dev.max_sge.min(MAX_SGE) as usize;
+        let local_cache = match self.mem.mode {
+            Registration::Chunked { max_chunks, .. } => max_chunks as usize,
+            Registration::PinAll => 1,
+        };
+        let remote_cache = match remote {
+            RemoteMemory::Chunked { max_chunks, .. } => max_chunks as usize,
+            RemoteMemory::PinAll(_) => 1,
+        };
+        Ok(RdmaSourceLane {
+            queue: self.queue,
+            slots_mr,
+            slots,
+            local_chunks: ChunkCache::new(local_cache),
+            remote_chunks: ChunkCache::new(remote_cache),
+            mem: self.mem,
+            remote,
+            stream,
+            replies,
+            reader: Some(reader),
+            pacer,
+            fault,
+            sge_max,
+            pending: Vec::new(),
+            sges: Vec::new(),
+            next_sig: 1,
+            done_sig: 0,
+            inflight: VecDeque::new(),
+            outstanding: 0,
+            slot_sig: [0; SLOTS],
+            msgs: 0,
+            seq_posted: 0,
+            payload_sent: 0,
+            comps: Vec::new(),
+            failed: None,
+        })
+    }
+}
+
+fn read_replies(rd: &mut TcpStream, r: &Replies) {
+    let mut b = [0u8; REPLY_LEN];
+    let reason = loop {
+        match rd.read_exact(&mut b) {
+            Ok(()) => match wire::decode_reply(&b) {
+                Ok(Reply::Ack(s)) => {
+                    let mut g = lock(&r.inner);
+                    g.acked = g.acked.max(s);
+                    r.cv.notify_all();
+                }
+                Ok(k) => {
+                    lock(&r.inner).key = Some(k);
+                    r.cv.notify_all();
+                }
+                Err(e) => break e,
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                break "peer closed the lane".to_string()
+            }
+            Err(e) => break e.to_string(),
+        }
+    };
+    lock(&r.inner).closed = Some(reason);
+    r.cv.notify_all();
+}
+
+/// One WRITE waiting to be posted: a remote span and its local pieces (`sges[first..end]`).
+#[derive(Debug, Clone, Copy)]
+struct PendingWrite {
+    addr: u64,
+    rkey: u32,
+    first: usize,
+    end: usize,
+}
+
+/// An RDMA source lane.
+pub struct RdmaSourceLane {
+    // Dropped first: the queue pair goes before the memory it may still point at.
+    queue: Queue,
+    slots_mr: Arc<MemoryRegion>,
+    slots: Vec<u8>,
+    local_chunks: ChunkCache<Arc<MemoryRegion>>,
+    remote_chunks: ChunkCache<(u64, u32)>,
+    mem: Arc<LocalMemory>,
+    remote: RemoteMemory,
+    stream: TcpStream,
+    replies: Arc<Replies>,
+    reader: Option<JoinHandle<()>>,
+    pacer: Arc<Pacer>,
+    fault: FaultPlan,
+    sge_max: usize,
+    pending: Vec<PendingWrite>,
+    sges: Vec<ibv_sge>,
+    /// Number of the next signalled work request (its wr_id).
+    next_sig: u64,
+    /// Highest signalled work request known complete.
+    done_sig: u64,
+    /// Signalled work requests outstanding, with how many work requests each completes.
+    inflight: VecDeque<(u64, usize)>,
+    outstanding: usize,
+    /// The signalled SEND that last used each descriptor buffer.
+    slot_sig: [u64; SLOTS],
+    msgs: u64,
+    seq_posted: u64,
+    payload_sent: u64,
+    comps: Vec<Completion>,
+    failed: Option<String>,
+}
+
+impl RdmaSourceLane {
+    fn fail<T>(&mut self, e: LaneError) -> Result<T, LaneError> {
+        self.failed.get_or_insert_with(|| e.to_string());
+        Err(e)
+    }
+
+    /// Takes in completions; a failed one fails the lane.
+    fn reap(&mut self) -> Result<(), LaneError> {
+        if let Some(f) = &self.failed {
+            return Err(LaneError::Rdma(f.clone()));
+        }
+        self.comps.clear();
+        self.queue.poll(&mut self.comps);
+        for i in 0..self.comps.len() {
+            let c = self.comps[i];
+            if !c.ok() {
+                let e = c.error("RDMA WRITE/SEND");
+                return self.fail(e);
+            }
+            if c.wr_id != 0 {
+                self.done_sig = self.done_sig.max(c.wr_id);
+                while self.inflight.front().is_some_and(|(s, _)| *s <= c.wr_id) {
+                    let (_, n) = self.inflight.pop_front().expect("front");
+                    self.outstanding -= n;
+                }
+            }
+        }
+        let closed = lock(&self.replies.inner).closed.clone();
+        if let Some(r) = closed {
+            return self.fail(LaneError::Io(std::io::Error::other(r)));
+        }
+        Ok(())
+    }
+
+    /// Polls until `done` holds, failing after `timeout`.
+    fn poll_until(
+        &mut self,
+        timeout: Duration,
+        what: &str,
+        mut done: impl FnMut(&Self) -> bool,
+    ) -> Result<(), LaneError> {
+        let deadline = Instant::now() + timeout;
+        let mut spins = 0u32;
+        loop {
+            self.reap()?;
+            if done(self) {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return self.fail(LaneError::Rdma(format!("timed out waiting for {what}")));
+            }
+            spins += 1;
+            if spins > 64 {
+                std::thread::sleep(Duration::from_micros(50));
+            } else {
+                std::hint::spin_loop();
+            }
+        }
+    }
+
+    /// Posts the pending WRITEs (and `send`, a descriptor of `len` bytes in buffer `slot`),
+    /// in signalled chains.
+    fn post(&mut self, send: Option<(usize, usize)>) -> Result<(), LaneError> {
+        let total = self.pending.len() + send.is_some() as usize;
+        let mut done = 0;
+        while done < total {
+            let n = (total - done).min(SIGNAL_EVERY);
+            let cap = SEND_DEPTH.min(self.queue.dev.max_qp_wr) as usize;
+            self.poll_until(REPLY_TIMEOUT, "send queue room", |s| {
+                s.outstanding + n <= cap
+            })?;
+            let sig = self.next_sig;
+            self.next_sig += 1;
+            let bad_rkey = self
+                .fault
+                .bad_rkey_after_bytes
+                .is_some_and(|l| self.payload_sent >= l);
+            let mut guard = self.queue.qp.start_post_send();
+            for i in done..done + n {
+                let last = i + 1 == done + n;
+                let (id, flags) = if last {
+                    (sig, WorkRequestFlags::Signaled)
+                } else {
+                    (0, WorkRequestFlags::none())
+                };
+                if i < self.pending.len() {
+                    let w = self.pending[i];
+                    let rkey = if bad_rkey { w.rkey ^ 0x5a } else { w.rkey };
+                    let h = guard.construct_wr(id, flags).setup_write(rkey, w.addr);
+                    // SAFETY: every entry points into guest memory or the descriptor buffers,
+                    // registered (lkey) and alive until this work request completes: the
+                    // queue pair is destroyed before either.
+                    unsafe { h.setup_sge_list(&self.sges[w.first..w.end]) };
+                } else {
+                    let (slot, len) = send.expect("descriptor");
+                    let h = guard.construct_wr(id, flags).setup_send();
+                    // SAFETY: the descriptor buffer is registered and outlives the queue pair.
+                    unsafe {
+                        h.setup_sge(
+                            self.slots_mr.lkey(),
+                            self.slots.as_ptr().add(slot * SLOT_BYTES) as u64,
+                            len as u32,
+                        )
+                    };
+                    self.slot_sig[slot] = sig;
+                }
+            }
+            if let Err(e) = guard.post() {
+                return self.fail(LaneError::Rdma(format!("ibv_post_send: {e}")));
+            }
+            self.inflight.push_back((sig, n));
+            self.outstanding += n;
+            done += n;
+        }
+        self.pending.clear();
+        self.sges.clear();
+        Ok(())
+    }
+
+    /// Posts what is pending and waits until nothing is outstanding.
+    fn drain(&mut self) -> Result<(), LaneError> {
+        self.post(None)?;
+        self.poll_until(REPLY_TIMEOUT, "outstanding writes", |s| s.outstanding == 0)
+    }
+
+    /// A free descriptor buffer for the next message.
+    fn slot(&mut self) -> Result<usize, LaneError> {
+        let slot = (self.msgs % SLOTS as u64) as usize;
+        self.msgs += 1;
+        let need = self.slot_sig[slot];
+        self.poll_until(REPLY_TIMEOUT, "a descriptor buffer", |s| s.done_sig >= need)?;
+        Ok(slot)
+    }
+
+    /// The local key covering `len` bytes at page offset `off` of region `ri`, and how many of
+    /// them it covers.
+    fn local_key(&mut self, ri: u32, off: u64, len: u64) -> Result<(u32, u64), LaneError> {
+        match self.mem.mode {
+            Registration::PinAll => Ok((self.mem.regions[ri as usize].lkey(), len)),
+            Registration::Chunked { chunk_bytes, .. } => {
+                let chunk = off / chunk_bytes;
+                let covers = ((chunk + 1) * chunk_bytes - off).min(len);
+                if let Some(m) = self.local_chunks.get((ri, chunk)) {
+                    return Ok((m.lkey(), covers));
+                }
+                if self.local_chunks.is_full() {
+                    let v = self.local_chunks.victim().expect("full cache has a victim");
+                    self.drain()?;
+                    self.local_chunks.remove(v);
+                }
+                let region = *self.mem.map.get(ri as usize).expect("region");
+                let (p, l) = chunk_span(&region, chunk, chunk_bytes).expect("chunk in region");
+                let mr = match register(&self.queue.dev, p, l, false) {
+                    Ok(m) => m,
+                    Err(e) => return self.fail(LaneError::Rdma(e.to_string())),
+                };
+                let lkey = mr.lkey();
+                self.local_chunks.insert((ri, chunk), mr);
+                Ok((lkey, covers))
+            }
+        }
+    }
+
+    /// The remote address and key for byte `off` of region `ri`, and how many bytes from
+    /// there the key covers.
+    fn remote_key(&mut self, ri: u32, off: u64, len: u64) -> Result<(u64, u32, u64), LaneError> {
+        let (chunk_bytes, _) = match &self.remote {
+            RemoteMemory::PinAll(r) => {
+                let r = r[ri as usize];
+                return Ok((r.addr + off, r.rkey, len));
+            }
+            RemoteMemory::Chunked {
+                chunk_bytes,
+                max_chunks,
+            } => (*chunk_bytes, *max_chunks),
+        };
+        let chunk = off / chunk_bytes;
+        let within = off - chunk * chunk_bytes;
+        let covers = (chunk_bytes - within).min(len);
+        if let Some(&(addr, rkey)) = self.remote_chunks.get((ri, chunk)) {
+            return Ok((addr + within, rkey, covers));
+        }
+        let evict = if self.remote_chunks.is_full() {
+            let v = self
+                .remote_chunks
+                .victim()
+                .expect("full cache has a victim");
+            // No WRITE to the victim may be outstanding when the destination drops it.
+            self.drain()?;
+            self.remote_chunks.remove(v);
+            Some(v)
+        } else {
+            None
+        };
+        // Keep one receive free for this request: at most SLOTS - 1 batches unacknowledged.
+        self.wait_credit(1)?;
+        let slot = self.slot()?;
+        let len_msg = {
+            let buf = &mut self.slots[slot * SLOT_BYTES..(slot + 1) * SLOT_BYTES];
+            wire::encode_register(buf, ri, chunk, evict)
+        };
+        lock(&self.replies.inner).key = None;
+        self.post(Some((slot, len_msg)))?;
+        let deadline = Instant::now() + REPLY_TIMEOUT;
+        let reply = loop {
+            self.reap()?;
+            let mut g = lock(&self.replies.inner);
+            if let Some(k) = g.key.take() {
+                break k;
+            }
+            if Instant::now() >= deadline {
+                drop(g);
+                return self.fail(LaneError::Rdma(
+                    "no answer to a registration request".into(),
+                ));
+            }
+            let _ = self.replies.cv.wait_timeout(g, Duration::from_millis(1));
+        };
+        match reply {
+            Reply::Key { addr, rkey } => {
+                self.remote_chunks.insert((ri, chunk), (addr, rkey));
+                Ok((addr + within, rkey, covers))
+            }
+            Reply::Refused(e) => self.fail(LaneError::Rdma(format!(
+                "the destination could not register chunk {chunk} of region {ri}: {}",
+                std::io::Error::from_raw_os_error(e as i32)
+            ))),
+            Reply::Ack(_) => unreachable!("acks are not keys"),
+        }
+    }
+
+    /// Waits until at most `SLOTS - 1 - reserve` batches are unacknowledged.
+    fn wait_credit(&mut self, reserve: u64) -> Result<(), LaneError> {
+        let limit = SLOTS as u64 - 1 - reserve;
+        let deadline = Instant::now() + REPLY_TIMEOUT;
+        loop {
+            self.reap()?;
+            let g = lock(&self.replies.inner);
+            if self.seq_posted - g.acked <= limit {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                drop(g);
+                return self.fail(LaneError::AckTimeout(REPLY_TIMEOUT));
+            }
+            let _ = self.replies.cv.wait_timeout(g, Duration::from_millis(1));
+        }
+    }
+
+    /// Queues the WRITEs of `len` bytes at byte `off` of region `ri`.
+    fn queue_writes(&mut self, ri: u32, off: u64, len: u64) -> Result<(), LaneError> {
+        let region = *self.mem.map.get(ri as usize).expect("region");
+        let mut pos = off;
+        let end = off + len;
+        while pos < end {
+            let (addr, rkey, rcover) = self.remote_key(ri, pos, end - pos)?;
+            let first = self.sges.len();
+            let wend = pos + rcover;
+            while pos < wend && self.sges.len() - first < self.sge_max {
+                let (lkey, lcover) = self.local_key(ri, pos, wend - pos)?;
+                self.sges.push(ibv_sge {
+                    // SAFETY: pos < region length (the run is inside the region).
+                    addr: unsafe { region.as_ptr().add(pos as usize) } as u64,
+                    length: lcover as u32,
+                    lkey,
+                });
+                pos += lcover;
+            }
+            // A WRITE cut short by the gather limit goes on in the next one, from `pos`.
+            self.pending.push(PendingWrite {
+                addr,
+                rkey,
+                first,
+                end: self.sges.len(),
+            });
+            if self.pending.len() >= SIGNAL_EVERY {
+                self.post(None)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl SourceLane for RdmaSourceLane {
+    fn send(&mut self, batch: &Batch) -> Result<u64, LaneError> {
+        self.reap()?;
+        if batch.runs.len() > wire::MAX_DESC_RUNS {
+            return Err(LaneError::Malformed(format!(
+                "{} runs do not fit one descriptor",
+                batch.runs.len()
+            )));
+        }
+        let kill = self
+            .fault
+            .fail_after_bytes
+            .is_some_and(|l| self.payload_sent + batch.data_bytes > l);
+        for run in &batch.runs {
+            if run.kind == RunKind::Data {
+                let region = *self
+                    .mem
+                    .map
+                    .get(run.region as usize)
+                    .ok_or_else(|| LaneError::Malformed(format!("no region {}", run.region)))?;
+                let ps = region.page_size() as u64;
+                self.queue_writes(run.region, run.first_page * ps, run.npages as u64 * ps)?;
+            }
+        }
+        if kill {
+            // Post half of the writes, then force the queue pair into the error state.
+            self.pending.truncate(self.pending.len() / 2);
+            let _ = self.post(None);
+            self.queue.set_error();
+            let r = self.poll_until(Duration::from_secs(5), "the flush", |_| false);
+            return r.and(Err(LaneError::Injected("queue pair forced into error")));
+        }
+        self.wait_credit(0)?;
+        let slot = self.slot()?;
+        let seq = batch.seq;
+        let len = {
+            let buf = &mut self.slots[slot * SLOT_BYTES..(slot + 1) * SLOT_BYTES];
+            wire::encode_batch(buf, seq, &batch.runs)
+        };
+        let total = batch.data_bytes + len as u64;
+        self.pacer.take(total);
+        self.post(Some((slot, len)))?;
+        self.seq_posted = seq;
+        self.payload_sent += batch.data_bytes;
+        Ok(total)
+    }
+
+    fn acked(&self) -> u64 {
+        lock(&self.replies.inner).acked
+    }
+
+    fn wait_acked(&mut self, seq: u64, timeout: Duration) -> Result<(), LaneError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            self.reap()?;
+            let g = lock(&self.replies.inner);
+            if g.acked >= seq {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(LaneError::AckTimeout(timeout));
+            }
+            let _ = self.replies.cv.wait_timeout(g, Duration::from_millis(2));
+        }
+    }
+
+    fn close(&mut self) {
+        if self.failed.is_none() {
+            if let Ok(slot) = self.slot() {
+                let len = wire::encode_close(&mut self.slots[slot * SLOT_BYTES..]);
+                if self.post(Some((slot, len))).is_ok() {
+                    let _ = self
+                        .poll_until(Duration::from_secs(2), "the close", |s| s.outstanding == 0);
+                }
+            }
+        }
+        let _ = self.stream.flush();
+        let _ = self.stream.shutdown(Shutdown::Write);
+    }
+}
+
+impl Drop for RdmaSourceLane {
+    fn drop(&mut self) {
+        let _ = self.stream.shutdown(Shutdown::Both);
+        if let Some(r) = self.reader.take() {
+            let _ = r.join();
+        }
+    }
+}
