@@ -61,6 +61,8 @@ typedef enum {
   RMIG_TRANSPORT_AUTO = 0,
   // TCP lanes.
   RMIG_TRANSPORT_TCP = 1,
+  // RDMA lanes only (an error without a usable device).
+  RMIG_TRANSPORT_RDMA = 2,
 } rmig_transport;
 
 // Outcome of a migration as `rmig_get_stats` reports it.

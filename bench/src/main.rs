@@ -204,6 +204,73 @@ struct MigrateArgs {
     /// Place and pin lanes next to the memory they serve (`off`: let the scheduler decide).
     #[arg(long, value_enum, default_value_t = NumaArg::Auto)]
     numa: NumaArg,
+    #[command(flatten)]
+    transport: TransportArgs,
+}
+
+/// Transport choice and RDMA settings (both ends).
+#[derive(Args, Clone)]
+struct TransportArgs {
+    /// `auto`: RDMA when both ends have a device for the control connection's address, else
+    /// TCP (saying why); `rdma`: RDMA or fail; `tcp`: TCP only.
+    #[arg(long, value_enum, default_value_t = TransportArg::Auto)]
+    transport: TransportArg,
+    /// RDMA device (default: the one whose GID table holds the address used).
+    #[arg(long)]
+    rdma_dev: Option<String>,
+    /// How guest memory is registered with the RDMA device: all of it up front, or chunks on
+    /// demand with a bounded cache (for hosts that cannot pin all guest RAM).
+    #[arg(long, value_enum, default_value_t = RegArg::PinAll)]
+    rdma_registration: RegArg,
+    /// Chunk size of chunked registration.
+    #[arg(long, default_value = "1MiB", value_parser = parse_size)]
+    rdma_chunk: u64,
+    /// Registrations kept per lane with chunked registration.
+    #[arg(long, default_value_t = 256)]
+    rdma_max_chunks: u32,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum TransportArg {
+    Auto,
+    Tcp,
+    Rdma,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum RegArg {
+    PinAll,
+    Chunked,
+}
+
+impl TransportArgs {
+    fn choice(&self) -> rmig_engine::TransportChoice {
+        match self.transport {
+            TransportArg::Auto => rmig_engine::TransportChoice::Auto,
+            TransportArg::Tcp => rmig_engine::TransportChoice::Tcp,
+            TransportArg::Rdma => rmig_engine::TransportChoice::Rdma,
+        }
+    }
+
+    fn rdma(&self) -> rmig_engine::RdmaConfig {
+        rmig_engine::RdmaConfig {
+            device: self.rdma_dev.clone(),
+            registration: match self.rdma_registration {
+                RegArg::PinAll => rmig_engine::Registration::PinAll,
+                RegArg::Chunked => rmig_engine::Registration::Chunked {
+                    chunk_bytes: self.rdma_chunk,
+                    max_chunks: self.rdma_max_chunks,
+                },
+            },
+        }
+    }
+
+    fn dest_config(&self, key: Key) -> DestConfig {
+        let mut d = DestConfig::new(key);
+        d.transport = self.choice();
+        d.rdma = self.rdma();
+        d
+    }
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -257,6 +324,9 @@ impl PreallocArgs {
 
 #[derive(Args, Clone)]
 struct LoopbackArgs {
+    /// Address both ends use (an RDMA device's address for `--transport rdma`).
+    #[arg(long, default_value = "127.0.0.1")]
+    addr: String,
     #[command(flatten)]
     guest: GuestArgs,
     #[command(flatten)]
@@ -317,6 +387,8 @@ struct DestArgs {
     #[command(flatten)]
     prealloc: PreallocArgs,
     #[command(flatten)]
+    transport: TransportArgs,
+    #[command(flatten)]
     out: OutputArgs,
 }
 
@@ -365,6 +437,8 @@ fn source_config(dest: String, key: Key, m: &MigrateArgs) -> SourceConfig {
     };
     c.max_bandwidth = m.max_bandwidth;
     c.verify = m.verify == OnOff::On;
+    c.transport = m.transport.choice();
+    c.rdma = m.transport.rdma();
     c.numa = match m.numa {
         NumaArg::Auto => rmig_engine::NumaMode::Auto,
         NumaArg::Off => rmig_engine::NumaMode::Off,
@@ -500,7 +574,12 @@ fn loopback(a: LoopbackArgs) -> Result<bool> {
         *b = (mem::Rng::new(std::process::id() as u64 + i as u64).next_u64() % 94 + 33) as u8;
     }
     let key = Key::new(&keyb)?;
-    let listener = DestListener::bind("127.0.0.1:0", DestConfig::new(key.clone()))?;
+    let bind = if a.addr.contains(':') {
+        format!("[{}]:0", a.addr)
+    } else {
+        format!("{}:0", a.addr)
+    };
+    let listener = DestListener::bind(&bind, a.migrate.transport.dest_config(key.clone()))?;
     let addr = listener.local_addr()?;
     let dregion = region_of(&dst, &a.guest, true)?;
     let got = Arc::new(std::sync::Mutex::new(None));
@@ -554,7 +633,7 @@ fn dest(a: DestArgs) -> Result<bool> {
     let t = Instant::now();
     let dst = Mapping::new(a.guest.size as usize, a.prealloc.on())?;
     let prep = t.elapsed().as_secs_f64() * 1e3;
-    let listener = DestListener::bind(&a.listen, DestConfig::new(key))?;
+    let listener = DestListener::bind(&a.listen, a.transport.dest_config(key))?;
     eprintln!("listening on {}", listener.local_addr()?);
     let monitor = Monitor::new();
     let got = Arc::new(std::sync::Mutex::new(None));

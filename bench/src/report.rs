@@ -120,6 +120,18 @@ impl Report {
                 s.transport, s.lanes, s.lanes_failed
             ),
         );
+        if let Some(f) = &s.fallback_reason {
+            row("fallback reason", f.clone());
+        }
+        if let Some(r) = &s.rdma {
+            row(
+                "rdma",
+                format!(
+                    "{} port {} GID index {}, {} registration ({:.1} ms)",
+                    r.device, r.port, r.gid_index, r.registration, r.registration_ms
+                ),
+            );
+        }
         row("total time", format!("{:.1} ms", s.total_time_ms));
         row(
             "cpu time",

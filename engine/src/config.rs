@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use rmig_transport::rdma::Registration;
 use rmig_transport::FaultPlan;
 
 use crate::control::auth::Key;
@@ -12,11 +13,24 @@ use crate::protocol::{PROTOCOL_MAX, PROTOCOL_MIN};
 /// Which transport to use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum TransportChoice {
-    /// The best both ends can use.
+    /// RDMA when both ends have a device for the session's addresses, else TCP (and the
+    /// statistics say why in `fallback_reason`).
     #[default]
     Auto,
     /// TCP lanes only.
     Tcp,
+    /// RDMA lanes only: an error when either end has no usable device.
+    Rdma,
+}
+
+/// RDMA settings of one end.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RdmaConfig {
+    /// Device name (`rxe0`, `mlx5_0`); `None` picks the device whose GID table holds the
+    /// address of the control connection.
+    pub device: Option<String>,
+    /// How this end registers its guest memory.
+    pub registration: Registration,
 }
 
 /// NUMA placement of the data-plane workers.
@@ -40,6 +54,8 @@ pub struct SourceConfig {
     pub lanes: usize,
     /// Transport preference.
     pub transport: TransportChoice,
+    /// RDMA device and registration.
+    pub rdma: RdmaConfig,
     /// Convergence policy (downtime limit, rounds, auto-converge).
     pub policy: ConvergePolicy,
     /// Bandwidth ceiling in bytes/s; 0 is unlimited.
@@ -66,6 +82,7 @@ impl SourceConfig {
             key,
             lanes: std::thread::available_parallelism().map_or(1, |n| n.get()),
             transport: TransportChoice::Auto,
+            rdma: RdmaConfig::default(),
             policy: ConvergePolicy::default(),
             max_bandwidth: 0,
             verify: true,
@@ -93,6 +110,8 @@ pub struct DestConfig {
     pub key: Key,
     /// Transport preference.
     pub transport: TransportChoice,
+    /// RDMA device and registration.
+    pub rdma: RdmaConfig,
     /// Most lanes accepted.
     pub max_lanes: u16,
     /// Heartbeats.
@@ -111,6 +130,7 @@ impl DestConfig {
         DestConfig {
             key,
             transport: TransportChoice::Auto,
+            rdma: RdmaConfig::default(),
             max_lanes: 64,
             liveness: Liveness::default(),
             handshake_timeout: Duration::from_secs(10),

@@ -52,6 +52,9 @@ pub enum EngineError {
         /// What went wrong.
         reason: String,
     },
+    /// RDMA could not be set up (no device, registration, queue pairs).
+    #[error("RDMA: {0}")]
+    Rdma(String),
     /// The migration did not converge under the configured policy.
     #[error("did not converge: {0}")]
     NotConverged(String),
@@ -93,5 +96,11 @@ impl EngineError {
 impl From<std::io::Error> for EngineError {
     fn from(e: std::io::Error) -> Self {
         EngineError::Io(e.to_string())
+    }
+}
+
+impl From<rmig_transport::rdma::RdmaError> for EngineError {
+    fn from(e: rmig_transport::rdma::RdmaError) -> Self {
+        EngineError::Rdma(e.to_string())
     }
 }

@@ -30,7 +30,7 @@ pub mod stats;
 pub mod verify;
 
 pub use cancel::CancelToken;
-pub use config::{DestConfig, DestFault, NumaMode, SourceConfig, TransportChoice};
+pub use config::{DestConfig, DestFault, NumaMode, RdmaConfig, SourceConfig, TransportChoice};
 pub use control::auth::Key;
 pub use converge::{ConvergePolicy, NoConvergence};
 pub use dest::{DestListener, DestOutcome};
@@ -39,12 +39,23 @@ pub use embedder::{DestEmbedder, NullDest, SourceEmbedder, StaticSource};
 pub use error::EngineError;
 pub use monitor::{Monitor, Progress};
 pub use region::{Region, RegionDesc, PAGE_2M, PAGE_4K};
+pub use rmig_transport::rdma::Registration;
 pub use source::{SourceSession, Step};
-pub use stats::{LaneObserved, MigrationStats, NumaReport, RamStats, RoundStats};
+pub use stats::{LaneObserved, MigrationStats, NumaReport, RamStats, RdmaReport, RoundStats};
 
 /// A fault plan that kills a lane once `bytes` of payload went out on it (tests).
 pub fn fail_after(bytes: u64) -> rmig_transport::FaultPlan {
     rmig_transport::FaultPlan {
         fail_after_bytes: Some(bytes),
+        ..Default::default()
+    }
+}
+
+/// A fault plan that, on RDMA, writes with a wrong remote key once `bytes` of payload went
+/// out on the lane (tests).
+pub fn bad_rkey_after(bytes: u64) -> rmig_transport::FaultPlan {
+    rmig_transport::FaultPlan {
+        bad_rkey_after_bytes: Some(bytes),
+        ..Default::default()
     }
 }

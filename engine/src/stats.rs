@@ -71,6 +71,8 @@ pub struct MigrationStats {
     pub transport: String,
     /// Why the preferred transport was not used, if it was not.
     pub fallback_reason: Option<String>,
+    /// The RDMA device and registration, when the transport is RDMA.
+    pub rdma: Option<RdmaReport>,
     /// Lanes opened.
     pub lanes: usize,
     /// Lanes that failed on the way.
@@ -117,4 +119,19 @@ pub struct NumaReport {
     pub plan: rmig_numa::Plan,
     /// What the lanes did.
     pub observed: Vec<LaneObserved>,
+}
+
+/// The RDMA side of a session: which device, and how memory was registered.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct RdmaReport {
+    /// Device name.
+    pub device: String,
+    /// Port.
+    pub port: u8,
+    /// RoCEv2 GID index of the control connection's address.
+    pub gid_index: u8,
+    /// `pin-all` or `chunked`.
+    pub registration: String,
+    /// Time spent registering memory up front (part of `setup_time_ms`).
+    pub registration_ms: f64,
 }

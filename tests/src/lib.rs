@@ -282,6 +282,8 @@ pub struct Setup {
     pub src_monitor: Arc<Monitor>,
     /// Destination monitor.
     pub dst_monitor: Arc<Monitor>,
+    /// Where the destination listens (`127.0.0.1:0` unless a test needs an RDMA address).
+    pub bind: String,
 }
 
 impl Setup {
@@ -299,6 +301,7 @@ impl Setup {
             dest_embedder: RecordingDest::default(),
             src_monitor: Monitor::new(),
             dst_monitor: Monitor::new(),
+            bind: "127.0.0.1:0".into(),
         }
     }
 
@@ -332,7 +335,7 @@ impl Setup {
         Result<MigrationStats, EngineError>,
         Result<DestOutcome, EngineError>,
     ) {
-        let l = DestListener::bind("127.0.0.1:0", self.dst).expect("bind");
+        let l = DestListener::bind(&self.bind, self.dst).expect("bind");
         self.src.dest = l.local_addr().unwrap().to_string();
         let emb = self.dest_embedder.clone();
         let dm = self.dst_monitor.clone();

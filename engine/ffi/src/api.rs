@@ -103,9 +103,12 @@ unsafe fn parse(cfg: *const RmigConfig) -> Result<(RmigConfig, Parsed), RmigStat
     // SAFETY: non-null, `key_len` bytes by the caller's contract.
     let kb = unsafe { std::slice::from_raw_parts(c.key, c.key_len) };
     let key = Key::new(kb).map_err(|e| from_engine(&e))?;
-    if c.transport != RmigTransport::RmigTransportAuto
-        && c.transport != RmigTransport::RmigTransportTcp
-    {
+    if !matches!(
+        c.transport,
+        RmigTransport::RmigTransportAuto
+            | RmigTransport::RmigTransportTcp
+            | RmigTransport::RmigTransportRdma
+    ) {
         return Err(fail(RmigErrInvalidArgument, "unknown transport"));
     }
     Ok((c, Parsed { address, key }))
@@ -115,6 +118,7 @@ fn transport(t: RmigTransport) -> TransportChoice {
     match t {
         RmigTransport::RmigTransportTcp => TransportChoice::Tcp,
         RmigTransport::RmigTransportAuto => TransportChoice::Auto,
+        RmigTransport::RmigTransportRdma => TransportChoice::Rdma,
     }
 }
 
@@ -219,7 +223,7 @@ pub unsafe extern "C" fn rmig_dest_new(
                 RmigRole::RmigDestination,
                 None,
                 cb,
-                Phase::New(Some(l)),
+                Phase::New(Some(Box::new(l))),
             )
         };
         Ok(())

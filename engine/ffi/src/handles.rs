@@ -14,7 +14,7 @@ use crate::types::{RmigRole, RmigSession};
 /// Where a session stands.
 pub(crate) enum Phase {
     /// Regions may be added. A destination is already listening.
-    New(Option<DestListener>),
+    New(Option<Box<DestListener>>),
     /// A source between steps.
     Running(Box<SourceSession>),
     /// Finished (completed or failed); only statistics and `rmig_free` remain.

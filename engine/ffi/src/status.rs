@@ -69,7 +69,8 @@ pub(crate) fn from_engine(e: &EngineError) -> RmigStatus {
         | EngineError::PeerClosed
         | EngineError::PeerError(_)
         | EngineError::AllLanesFailed(_)
-        | EngineError::Lane { .. } => RmigStatus::RmigErrIo,
+        | EngineError::Lane { .. }
+        | EngineError::Rdma(_) => RmigStatus::RmigErrIo,
         EngineError::Cancelled(_) | EngineError::PeerCancelled(_) => RmigStatus::RmigErrCancelled,
         EngineError::NotConverged(_) => RmigStatus::RmigErrNotConverged,
         EngineError::VerifyFailed(_) => RmigStatus::RmigErrVerify,

@@ -23,6 +23,8 @@ pub enum RmigTransport {
     RmigTransportAuto = 0,
     /// TCP lanes.
     RmigTransportTcp = 1,
+    /// RDMA lanes only (an error without a usable device).
+    RmigTransportRdma = 2,
 }
 
 /// Configuration of a session; start from `rmig_config_default`.

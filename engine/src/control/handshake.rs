@@ -23,6 +23,8 @@ pub struct Agreed {
     pub lanes: u16,
     /// Whether the destination hashes what lands.
     pub verify: bool,
+    /// Why the destination did not pick the source's first choice (empty if it did).
+    pub note: String,
 }
 
 /// What a source proposes.
@@ -55,6 +57,8 @@ pub struct DestAccept {
     pub transports: Vec<TransportKind>,
     /// Most lanes it accepts.
     pub max_lanes: u16,
+    /// Why a transport is missing from `transports` (told to the source).
+    pub note: String,
 }
 
 /// Reads the next message; a timeout or a malformed frame is reported to the peer too.
@@ -157,11 +161,11 @@ pub async fn source(
         },
     )
     .await?;
-    let (transport, lanes) = match recv(s, timeout, "TransportAccept").await? {
-        Message::TransportAccept { kind, lanes }
+    let (transport, lanes, note) = match recv(s, timeout, "TransportAccept").await? {
+        Message::TransportAccept { kind, lanes, note }
             if offer.transports.contains(&kind) && lanes >= 1 && lanes <= offer.lanes =>
         {
-            (kind, lanes)
+            (kind, lanes, note)
         }
         m => return refuse(s, unexpected("an acceptable TransportAccept", &m)).await,
     };
@@ -171,6 +175,7 @@ pub async fn source(
         transport,
         lanes,
         verify: offer.verify,
+        note,
     })
 }
 
@@ -245,9 +250,14 @@ pub async fn dest(
         m => return refuse(s, unexpected("TransportOffer", &m)).await,
     };
     let Some(&transport) = kinds.iter().find(|k| acc.transports.contains(k)) else {
+        let why = if acc.note.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", acc.note)
+        };
         return refuse(
             s,
-            EngineError::Protocol("no transport both ends can use".into()),
+            EngineError::Protocol(format!("no transport both ends can use{why}")),
         )
         .await;
     };
@@ -260,6 +270,11 @@ pub async fn dest(
         &Message::TransportAccept {
             kind: transport,
             lanes,
+            note: if kinds.first() == Some(&transport) {
+                String::new()
+            } else {
+                acc.note.clone()
+            },
         },
     )
     .await?;
@@ -269,5 +284,6 @@ pub async fn dest(
         transport,
         lanes,
         verify,
+        note: String::new(),
     })
 }

@@ -18,6 +18,7 @@ use rmig_transport::tcp::{DestLaneSummary, TcpDestLane};
 use rmig_transport::LaneError;
 use tokio::net::TcpListener;
 
+use crate::config::{RdmaConfig, TransportChoice};
 use crate::control::handshake::{self, DestAccept};
 use crate::control::link::ControlLink;
 use crate::embedder::DestEmbedder;
@@ -27,6 +28,8 @@ use crate::region::{self, Region};
 use crate::stats::MigrationStats;
 use crate::verify::{self, RegionHashes};
 use crate::{DestConfig, EngineError};
+use rmig_transport::rdma::{DestPrepared, LocalMemory, RdmaDestLane, RdmaDevice};
+use rmig_transport::{MemoryMap, PageSink};
 use sink::DestSink;
 
 /// Most device state a destination accepts.
@@ -106,14 +109,16 @@ impl DestListener {
     ) -> Result<Vec<DestLaneSummary>, EngineError> {
         region::validate(regions)?;
         let cfg = &self.cfg;
-        let accept = DestAccept {
+        let mut accept = DestAccept {
             versions: cfg.versions,
             key: cfg.key.clone(),
             regions: regions.iter().map(Region::desc).collect(),
-            transports: vec![TransportKind::Tcp],
+            transports: Vec::new(),
             max_lanes: cfg.max_lanes,
+            note: String::new(),
         };
         let cancel = monitor.cancel.clone();
+        let mut device = None;
         let (stream, agreed) = self.rt.block_on(async {
             // Wait for a source, but keep an eye on cancellation.
             let mut s = loop {
@@ -127,6 +132,21 @@ impl DestListener {
                 }
             };
             s.set_nodelay(true)?;
+            // RDMA is possible when a device serves the address the source reached us on.
+            if cfg.transport != TransportChoice::Tcp {
+                match RdmaDevice::open(cfg.rdma.device.as_deref(), s.local_addr()?.ip()) {
+                    Ok(d) => {
+                        accept.transports.push(TransportKind::Rdma);
+                        device = Some(Arc::new(d));
+                    }
+                    Err(e) => accept.note = e.to_string(),
+                }
+            } else {
+                accept.note = "the destination uses TCP only".into();
+            }
+            if cfg.transport != TransportChoice::Rdma {
+                accept.transports.push(TransportKind::Tcp);
+            }
             let a = handshake::dest(&mut s, &accept, cfg.handshake_timeout).await?;
             Ok((s, a))
         })?;
@@ -147,8 +167,39 @@ impl DestListener {
                 return Err(e);
             }
         };
+        // RDMA: register guest memory (pin-all: all of it, now) and connect each lane's queue
+        // pair over its socket.
+        let rdma = match (agreed.transport, &device) {
+            (TransportKind::Rdma, Some(dev)) => {
+                match rdma_setup(
+                    dev,
+                    sink_map(regions),
+                    &cfg.rdma,
+                    &sockets,
+                    cfg.handshake_timeout,
+                ) {
+                    Ok(r) => Some(r),
+                    Err(e) => {
+                        link.send(Message::Error {
+                            message: e.to_string(),
+                        });
+                        return Err(e);
+                    }
+                }
+            }
+            _ => None,
+        };
         monitor.update(|s| {
             s.status = "active".into();
+            if let (Some((mem, _)), Some(dev)) = (&rdma, &device) {
+                s.rdma = Some(crate::stats::RdmaReport {
+                    device: dev.name().to_string(),
+                    port: dev.port(),
+                    gid_index: dev.gid_index(),
+                    registration: mem.mode().name().to_string(),
+                    registration_ms: mem.took().as_secs_f64() * 1e3,
+                });
+            }
             s.transport = agreed.transport.name().into();
             s.lanes = sockets.len();
             s.setup_time_ms = (t_handshake - started).as_secs_f64() * 1e3;
@@ -169,9 +220,15 @@ impl DestListener {
         let (res_tx, res_rx) = crossbeam_channel::unbounded();
         let pool = rmig_numa::WorkerPool::flat();
         let mut joins = Vec::new();
+        let mut rdma_lanes = rdma.map(|(_, l)| l.into_iter());
         for (i, s) in sockets.into_iter().enumerate() {
-            let mut lane =
-                TcpDestLane::new(s, sink.map().clone()).map_err(|e| EngineError::lane(i, &e))?;
+            let mut lane: DestLane = match rdma_lanes.as_mut().and_then(Iterator::next) {
+                Some(l) => DestLane::Rdma(l),
+                None => DestLane::Tcp(
+                    TcpDestLane::new(s, sink.map().clone())
+                        .map_err(|e| EngineError::lane(i, &e))?,
+                ),
+            };
             session.shutdowns.push(lane.shutdown_handle()?);
             sink.crash_handles
                 .lock()
@@ -353,4 +410,78 @@ impl Receiving<'_> {
             }
         }
     }
+}
+
+/// A destination lane of either transport.
+enum DestLane {
+    Tcp(TcpDestLane),
+    Rdma(RdmaDestLane),
+}
+
+impl DestLane {
+    fn shutdown_handle(&self) -> std::io::Result<TcpStream> {
+        match self {
+            DestLane::Tcp(l) => l.shutdown_handle(),
+            DestLane::Rdma(l) => l.shutdown_handle(),
+        }
+    }
+
+    fn run(&mut self, sink: &dyn PageSink) -> Result<DestLaneSummary, LaneError> {
+        match self {
+            DestLane::Tcp(l) => l.run(sink),
+            DestLane::Rdma(l) => l.run(sink),
+        }
+    }
+}
+
+fn sink_map(regions: &[Region]) -> MemoryMap {
+    MemoryMap::new(regions.iter().map(|r| r.mem).collect())
+}
+
+/// Registers the destination's memory and connects one queue pair per lane socket: reads the
+/// source's `RdmaConnect`, answers `RdmaAccept` with our queue pair and memory keys.
+fn rdma_setup(
+    dev: &Arc<RdmaDevice>,
+    map: MemoryMap,
+    cfg: &RdmaConfig,
+    sockets: &[TcpStream],
+    timeout: Duration,
+) -> Result<(Arc<LocalMemory>, Vec<RdmaDestLane>), EngineError> {
+    let mem = Arc::new(LocalMemory::register(dev, &map, cfg.registration, true)?);
+    let (chunk_bytes, max_chunks) = match cfg.registration {
+        rmig_transport::rdma::Registration::PinAll => (0, 0),
+        rmig_transport::rdma::Registration::Chunked {
+            chunk_bytes,
+            max_chunks,
+        } => (chunk_bytes, max_chunks),
+    };
+    let mut lanes = Vec::new();
+    for s in sockets {
+        let mut s = s.try_clone()?;
+        s.set_read_timeout(Some(timeout))?;
+        let peer = match crate::protocol::codec::read_sync(&mut s)? {
+            Message::RdmaConnect { endpoint } => endpoint,
+            m => {
+                return Err(EngineError::Protocol(format!(
+                    "expected RdmaConnect, got {}",
+                    m.name()
+                )))
+            }
+        };
+        s.set_read_timeout(None)?;
+        let prep = DestPrepared::new(dev.clone(), mem.clone())?;
+        let endpoint = prep.endpoint();
+        let lane = prep.connect(&peer, s.try_clone()?)?;
+        crate::protocol::codec::write_sync(
+            &mut s,
+            &Message::RdmaAccept {
+                endpoint,
+                regions: mem.remote_regions(),
+                chunk_bytes,
+                max_chunks,
+            },
+        )?;
+        lanes.push(lane);
+    }
+    Ok((mem, lanes))
 }

@@ -4,7 +4,7 @@
 //! [`decode`] is the only way in: it refuses unknown tags, truncated or trailing bytes,
 //! invalid UTF-8, counts that cannot fit in the frame, and frames above [`MAX_FRAME`].
 
-use super::{Message, TransportKind};
+use super::{Message, QpEndpoint, RemoteRegion, TransportKind};
 use crate::region::RegionDesc;
 use crate::EngineError;
 
@@ -35,6 +35,8 @@ mod tag {
     pub const HEARTBEAT: u8 = 19;
     pub const CANCEL: u8 = 20;
     pub const ERROR: u8 = 21;
+    pub const RDMA_CONNECT: u8 = 22;
+    pub const RDMA_ACCEPT: u8 = 23;
 }
 
 struct W(Vec<u8>);
@@ -58,6 +60,11 @@ impl W {
     }
     fn str(&mut self, s: &str) {
         self.bytes(s.as_bytes());
+    }
+    fn endpoint(&mut self, e: &QpEndpoint) {
+        self.u32(e.qpn);
+        self.u32(e.psn);
+        self.0.extend_from_slice(&e.gid);
     }
 }
 
@@ -90,6 +97,13 @@ impl<'a> R<'a> {
     }
     fn u64(&mut self) -> Result<u64, EngineError> {
         Ok(u64::from_le_bytes(self.arr()?))
+    }
+    fn endpoint(&mut self) -> Result<QpEndpoint, EngineError> {
+        Ok(QpEndpoint {
+            qpn: self.u32()?,
+            psn: self.u32()?,
+            gid: self.arr()?,
+        })
     }
     fn bool(&mut self) -> Result<bool, EngineError> {
         match self.u8()? {
@@ -176,10 +190,31 @@ pub fn encode(m: &Message) -> Vec<u8> {
             w.u16(*lanes);
             w.u8(*verify as u8);
         }
-        Message::TransportAccept { kind, lanes } => {
+        Message::TransportAccept { kind, lanes, note } => {
             w.u8(tag::TRANSPORT_ACCEPT);
             w.u8(kind.code());
             w.u16(*lanes);
+            w.str(note);
+        }
+        Message::RdmaConnect { endpoint } => {
+            w.u8(tag::RDMA_CONNECT);
+            w.endpoint(endpoint);
+        }
+        Message::RdmaAccept {
+            endpoint,
+            regions,
+            chunk_bytes,
+            max_chunks,
+        } => {
+            w.u8(tag::RDMA_ACCEPT);
+            w.endpoint(endpoint);
+            w.u32(regions.len() as u32);
+            for r in regions {
+                w.u64(r.addr);
+                w.u32(r.rkey);
+            }
+            w.u64(*chunk_bytes);
+            w.u32(*max_chunks);
         }
         Message::LaneJoin { session, lane, mac } => {
             w.u8(tag::LANE_JOIN);
@@ -315,7 +350,28 @@ pub fn decode(body: &[u8]) -> Result<Message, EngineError> {
         tag::TRANSPORT_ACCEPT => Message::TransportAccept {
             kind: TransportKind::from_code(r.u8()?).ok_or_else(|| bad("unknown transport"))?,
             lanes: r.u16()?,
+            note: r.str()?,
         },
+        tag::RDMA_CONNECT => Message::RdmaConnect {
+            endpoint: r.endpoint()?,
+        },
+        tag::RDMA_ACCEPT => {
+            let endpoint = r.endpoint()?;
+            let n = r.count(12)?;
+            let mut regions = Vec::with_capacity(n);
+            for _ in 0..n {
+                regions.push(RemoteRegion {
+                    addr: r.u64()?,
+                    rkey: r.u32()?,
+                });
+            }
+            Message::RdmaAccept {
+                endpoint,
+                regions,
+                chunk_bytes: r.u64()?,
+                max_chunks: r.u32()?,
+            }
+        }
         tag::LANE_JOIN => Message::LaneJoin {
             session: r.arr()?,
             lane: r.u16()?,
@@ -454,6 +510,32 @@ mod tests {
             Message::TransportAccept {
                 kind: TransportKind::Tcp,
                 lanes: 2,
+                note: "destination: no RDMA device".into(),
+            },
+            Message::TransportOffer {
+                kinds: vec![TransportKind::Rdma, TransportKind::Tcp],
+                lanes: 4,
+                verify: false,
+            },
+            Message::RdmaConnect {
+                endpoint: QpEndpoint {
+                    qpn: 17,
+                    psn: 0xabcdef,
+                    gid: [3; 16],
+                },
+            },
+            Message::RdmaAccept {
+                endpoint: QpEndpoint {
+                    qpn: 18,
+                    psn: 1,
+                    gid: [4; 16],
+                },
+                regions: vec![RemoteRegion {
+                    addr: 1 << 40,
+                    rkey: 99,
+                }],
+                chunk_bytes: 0,
+                max_chunks: 0,
             },
             Message::LaneJoin {
                 session: [9; 16],

@@ -1,6 +1,7 @@
 //! Control-plane messages.
 
 use crate::region::RegionDesc;
+pub use rmig_transport::rdma::{QpEndpoint, RemoteRegion};
 
 /// Lowest protocol version this build speaks.
 pub const PROTOCOL_MIN: u16 = 1;
@@ -12,6 +13,8 @@ pub const PROTOCOL_MAX: u16 = 1;
 pub enum TransportKind {
     /// TCP lanes.
     Tcp,
+    /// RDMA lanes (RC queue pairs, one-sided WRITEs).
+    Rdma,
 }
 
 impl TransportKind {
@@ -19,6 +22,7 @@ impl TransportKind {
     pub fn code(self) -> u8 {
         match self {
             TransportKind::Tcp => 1,
+            TransportKind::Rdma => 2,
         }
     }
 
@@ -26,6 +30,7 @@ impl TransportKind {
     pub fn from_code(c: u8) -> Option<Self> {
         match c {
             1 => Some(TransportKind::Tcp),
+            2 => Some(TransportKind::Rdma),
             _ => None,
         }
     }
@@ -34,6 +39,7 @@ impl TransportKind {
     pub fn name(self) -> &'static str {
         match self {
             TransportKind::Tcp => "tcp",
+            TransportKind::Rdma => "rdma",
         }
     }
 }
@@ -96,6 +102,8 @@ pub enum Message {
         kind: TransportKind,
         /// Lanes to open.
         lanes: u16,
+        /// Why the destination did not pick the source's first choice (empty if it did).
+        note: String,
     },
     /// First frame on a data lane: proves it belongs to the session.
     LaneJoin {
@@ -108,6 +116,23 @@ pub enum Message {
     },
     /// The lane may carry data.
     LaneAccepted,
+    /// RDMA: the source's queue pair for this lane (on the lane's socket, after
+    /// `LaneAccepted`).
+    RdmaConnect {
+        /// Queue pair number, first packet sequence number, GID.
+        endpoint: QpEndpoint,
+    },
+    /// RDMA: the destination's queue pair, and where the source may write.
+    RdmaAccept {
+        /// Queue pair number, first packet sequence number, GID.
+        endpoint: QpEndpoint,
+        /// Pin-all: address and remote key of each region, in table order. Empty: chunked.
+        regions: Vec<RemoteRegion>,
+        /// Chunked: the chunk size.
+        chunk_bytes: u64,
+        /// Chunked: registrations the destination keeps per lane.
+        max_chunks: u32,
+    },
     /// A pre-copy round begins.
     RoundStart {
         /// Round number (0 sends everything).
@@ -176,6 +201,8 @@ impl Message {
             Message::TransportAccept { .. } => "TransportAccept",
             Message::LaneJoin { .. } => "LaneJoin",
             Message::LaneAccepted => "LaneAccepted",
+            Message::RdmaConnect { .. } => "RdmaConnect",
+            Message::RdmaAccept { .. } => "RdmaAccept",
             Message::RoundStart { .. } => "RoundStart",
             Message::RoundEnd { .. } => "RoundEnd",
             Message::RoundEndAck { .. } => "RoundEndAck",

@@ -7,4 +7,4 @@
 pub mod codec;
 mod messages;
 
-pub use messages::{Message, TransportKind, PROTOCOL_MAX, PROTOCOL_MIN};
+pub use messages::{Message, QpEndpoint, RemoteRegion, TransportKind, PROTOCOL_MAX, PROTOCOL_MIN};

@@ -1,26 +1,66 @@
-//! Opening a source session: control connection, handshake, and one data lane per worker.
+//! Opening a source session's data lanes: each joins the session over TCP and proves that it
+//! belongs; an RDMA lane then exchanges queue pair addresses on that same socket.
 
-use std::net::{SocketAddr, TcpStream};
+use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::time::Duration;
 
+use rmig_transport::rdma::{LocalMemory, RdmaDevice, RemoteMemory, SourcePrepared};
 use rmig_transport::tcp::TcpSourceLane;
 use rmig_transport::{FaultPlan, MemoryMap, Pacer, SourceLane};
 
+use crate::config::{RdmaConfig, TransportChoice};
 use crate::control::auth::SessionAuth;
-use crate::protocol::{codec, Message};
+use crate::protocol::{codec, Message, TransportKind};
 use crate::EngineError;
 
+/// The transports a source offers, best first, the device that makes RDMA possible, and why
+/// RDMA is not offered when `auto` leaves it out.
+pub(crate) struct Offer {
+    pub kinds: Vec<TransportKind>,
+    pub device: Option<Arc<RdmaDevice>>,
+    pub fallback: Option<String>,
+}
+
+/// Decides what to offer for a control connection from `local`.
+pub(crate) fn offer(
+    choice: TransportChoice,
+    rdma: &RdmaConfig,
+    local: IpAddr,
+) -> Result<Offer, EngineError> {
+    if choice == TransportChoice::Tcp {
+        return Ok(Offer {
+            kinds: vec![TransportKind::Tcp],
+            device: None,
+            fallback: None,
+        });
+    }
+    match RdmaDevice::open(rdma.device.as_deref(), local) {
+        Ok(d) => Ok(Offer {
+            kinds: if choice == TransportChoice::Rdma {
+                vec![TransportKind::Rdma]
+            } else {
+                vec![TransportKind::Rdma, TransportKind::Tcp]
+            },
+            device: Some(Arc::new(d)),
+            fallback: None,
+        }),
+        Err(e) if choice == TransportChoice::Auto => Ok(Offer {
+            kinds: vec![TransportKind::Tcp],
+            device: None,
+            fallback: Some(format!("source: {e}")),
+        }),
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// Connects lane `lane` to `addr` and proves that it belongs to the session.
-pub(crate) fn open_tcp_lane(
+pub(crate) fn join_lane(
     addr: SocketAddr,
     auth: &SessionAuth,
     lane: u16,
-    map: MemoryMap,
-    pacer: Arc<Pacer>,
-    fault: FaultPlan,
     timeout: Duration,
-) -> Result<Box<dyn SourceLane>, EngineError> {
+) -> Result<TcpStream, EngineError> {
     let mut s = TcpStream::connect_timeout(&addr, timeout)?;
     s.set_read_timeout(Some(timeout))?;
     codec::write_sync(
@@ -41,8 +81,67 @@ pub(crate) fn open_tcp_lane(
             )))
         }
     }
+    Ok(s)
+}
+
+/// A TCP lane on a joined socket.
+pub(crate) fn tcp_lane(
+    s: TcpStream,
+    lane: u16,
+    map: MemoryMap,
+    pacer: Arc<Pacer>,
+    fault: FaultPlan,
+) -> Result<Box<dyn SourceLane>, EngineError> {
     s.set_read_timeout(None)?;
-    let lane = TcpSourceLane::new(s, map, pacer, fault)
+    let l = TcpSourceLane::new(s, map, pacer, fault)
         .map_err(|e| EngineError::lane(lane as usize, &e))?;
-    Ok(Box::new(lane))
+    Ok(Box::new(l))
+}
+
+/// An RDMA lane on a joined socket: queue pair addresses and the destination's memory keys
+/// are exchanged on it. `wait` bounds the destination's answer (it registers its memory
+/// first).
+pub(crate) fn rdma_lane(
+    mut s: TcpStream,
+    dev: &Arc<RdmaDevice>,
+    mem: &Arc<LocalMemory>,
+    pacer: Arc<Pacer>,
+    fault: FaultPlan,
+    wait: Duration,
+) -> Result<Box<dyn SourceLane>, EngineError> {
+    let prep = SourcePrepared::new(dev.clone(), mem.clone())?;
+    codec::write_sync(
+        &mut s,
+        &Message::RdmaConnect {
+            endpoint: prep.endpoint(),
+        },
+    )?;
+    s.set_read_timeout(Some(wait))?;
+    let (peer, remote) = match codec::read_sync(&mut s)? {
+        Message::RdmaAccept {
+            endpoint,
+            regions,
+            chunk_bytes,
+            max_chunks,
+        } => {
+            let remote = if regions.is_empty() {
+                RemoteMemory::Chunked {
+                    chunk_bytes,
+                    max_chunks,
+                }
+            } else {
+                RemoteMemory::PinAll(regions)
+            };
+            (endpoint, remote)
+        }
+        Message::Error { message } => return Err(EngineError::PeerError(message)),
+        m => {
+            return Err(EngineError::Protocol(format!(
+                "expected RdmaAccept, got {}",
+                m.name()
+            )))
+        }
+    };
+    s.set_read_timeout(None)?;
+    Ok(Box::new(prep.connect(&peer, remote, s, pacer, fault)?))
 }

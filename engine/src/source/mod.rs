@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{select, Receiver, Sender};
 use rmig_numa::{Role, WorkerPool};
+use rmig_transport::rdma::LocalMemory;
 use rmig_transport::MemoryMap;
 
 use crate::bitmap::AtomicBitmap;
@@ -84,6 +85,7 @@ pub struct SourceSession {
     sync_count: u64,
     placement: placement::Placement,
     cpus_seen: Vec<Vec<usize>>,
+    transport: TransportKind,
 }
 
 impl SourceSession {
@@ -112,18 +114,19 @@ impl SourceSession {
         let total: u64 = regions.iter().map(|r| r.len()).sum();
         monitor.total.store(total, Ordering::Relaxed);
         let rt = crate::control::runtime().map_err(fail)?;
-        let offer = SourceOffer {
+        let mut offer = SourceOffer {
             versions: cfg.versions,
             key: cfg.key.clone(),
             regions: regions.iter().map(Region::desc).collect(),
-            transports: vec![TransportKind::Tcp],
+            transports: Vec::new(),
             lanes: cfg.lanes as u16,
             verify: cfg.verify,
         };
         let timeout = cfg.handshake_timeout;
         let dest = cfg.dest.clone();
         let cancel = monitor.cancel.clone();
-        let (stream, peer, local, agreed) = rt
+        let (choice, rdma_cfg) = (cfg.transport, cfg.rdma.clone());
+        let (stream, peer, local, agreed, offered) = rt
             .block_on(async {
                 let connect = tokio::net::TcpStream::connect(dest.as_str());
                 let mut s = match tokio::time::timeout(timeout, connect).await {
@@ -137,8 +140,11 @@ impl SourceSession {
                 s.set_nodelay(true)?;
                 let peer = s.peer_addr()?;
                 let local = s.local_addr()?;
+                // RDMA is offered when a device serves the address this connection uses.
+                let offered = connect::offer(choice, &rdma_cfg, local.ip())?;
+                offer.transports = offered.kinds.clone();
                 let a = handshake::source(&mut s, &offer, timeout).await?;
-                Ok((s, peer, local, a))
+                Ok((s, peer, local, a, offered))
             })
             .map_err(fail)?;
         let link = ControlLink::start(rt.handle(), stream, cfg.liveness);
@@ -171,20 +177,50 @@ impl SourceSession {
         });
         let placement =
             placement::Placement::new(cfg.numa, &regions, agreed.lanes as usize, Some(local.ip()));
+        let fallback = match (&offered.fallback, agreed.transport) {
+            (Some(f), _) => Some(f.clone()),
+            (None, TransportKind::Tcp) if offered.kinds[0] == TransportKind::Rdma => {
+                Some(if agreed.note.is_empty() {
+                    "destination: RDMA not offered".to_string()
+                } else {
+                    format!("destination: {}", agreed.note)
+                })
+            }
+            _ => None,
+        };
+        if let Some(f) = &fallback {
+            eprintln!("rmig: using TCP: {f}");
+        }
+        // RDMA: the source's memory is registered before the lanes open (pin-all), and the
+        // time counts in the setup time.
+        let rdma = match (agreed.transport, &offered.device) {
+            (TransportKind::Rdma, Some(dev)) => {
+                let mem = LocalMemory::register(dev, &map, cfg.rdma.registration, false)
+                    .map_err(|e| fail(e.into()))?;
+                Some((dev.clone(), Arc::new(mem)))
+            }
+            (TransportKind::Rdma, None) => {
+                return Err(fail(EngineError::Protocol(
+                    "destination picked RDMA, which was not offered".into(),
+                )))
+            }
+            _ => None,
+        };
+        // Every lane joins first: the destination answers RDMA setup once all have joined.
+        let sockets = (0..agreed.lanes)
+            .map(|i| connect::join_lane(peer, &agreed.auth, i, timeout))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(fail)?;
         let pool = WorkerPool::flat();
         let (rep_tx, reports) = crossbeam_channel::unbounded();
         let mut workers = Vec::new();
-        for i in 0..agreed.lanes {
+        for (i, sock) in (0..agreed.lanes).zip(sockets) {
             let fault = cfg.lane_faults.get(i as usize).copied().unwrap_or_default();
-            let lane = connect::open_tcp_lane(
-                peer,
-                &agreed.auth,
-                i,
-                map.clone(),
-                monitor.pacer.clone(),
-                fault,
-                timeout,
-            )
+            let pacer = monitor.pacer.clone();
+            let lane = match &rdma {
+                Some((dev, mem)) => connect::rdma_lane(sock, dev, mem, pacer, fault, timeout * 6),
+                None => connect::tcp_lane(sock, i, map.clone(), pacer, fault),
+            }
             .map_err(fail)?;
             let w = Worker {
                 lane_idx: i as usize,
@@ -215,6 +251,16 @@ impl SourceSession {
             s.status = "active".into();
             s.setup_time_ms = setup_ms;
             s.transport = agreed.transport.name().into();
+            s.fallback_reason = fallback;
+            if let Some((dev, mem)) = &rdma {
+                s.rdma = Some(crate::stats::RdmaReport {
+                    device: dev.name().to_string(),
+                    port: dev.port(),
+                    gid_index: dev.gid_index(),
+                    registration: mem.mode().name().to_string(),
+                    registration_ms: mem.took().as_secs_f64() * 1e3,
+                });
+            }
             s.lanes = agreed.lanes as usize;
             s.ram.total = total;
             s.ram.page_size = regions[0].page_size();
@@ -239,6 +285,7 @@ impl SourceSession {
             paused_at: None,
             sync_count: 0,
             cpus_seen: vec![Vec::new(); agreed.lanes as usize],
+            transport: agreed.transport,
             placement,
         })
     }
@@ -512,7 +559,7 @@ impl SourceSession {
                     if let Some(e) = r.error {
                         if !self.shared.abort.load(Ordering::Relaxed) {
                             self.workers[r.lane].alive = false;
-                            crate::metrics::lane_failed("tcp");
+                            crate::metrics::lane_failed(self.transport.name());
                             self.monitor.update(|s| s.lanes_failed += 1);
                             last_err = format!("lane {}: {e}", r.lane);
                         }

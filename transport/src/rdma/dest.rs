@@ -128,6 +128,15 @@ impl RdmaDestLane {
             if comps.is_empty() {
                 let sock = self.queue.wait(fd, Duration::from_secs(1), &mut comps)?;
                 if sock && comps.is_empty() {
+                    // The source closes its socket right after its last SEND completed on its
+                    // side; that receive's completion may still be on its way here.
+                    let until = std::time::Instant::now() + Duration::from_millis(500);
+                    while comps.is_empty() && std::time::Instant::now() < until {
+                        std::thread::sleep(Duration::from_millis(1));
+                        self.queue.poll(&mut comps);
+                    }
+                }
+                if sock && comps.is_empty() {
                     // The source sends nothing on the socket: this is its end.
                     let mut b = [0u8; 1];
                     return match self.stream.read(&mut b) {

@@ -49,13 +49,31 @@ impl RdmaError {
 pub(crate) fn io_of(e: &(dyn std::error::Error + 'static)) -> io::Error {
     let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(c) = cur {
+        // sideway's kinds are `#[error(transparent)]` over the io::Error, so the chain of
+        // sources skips it: look inside the two whose errno matters.
+        use sideway::ibverbs::device::GetDeviceListErrorKind;
+        use sideway::ibverbs::memory_region::RegisterMemoryRegionErrorKind;
+        if let Some(GetDeviceListErrorKind::Ibverbs(io)) =
+            c.downcast_ref::<GetDeviceListErrorKind>()
+        {
+            return same(io);
+        }
+        if let Some(RegisterMemoryRegionErrorKind::Ibverbs(io)) =
+            c.downcast_ref::<RegisterMemoryRegionErrorKind>()
+        {
+            return same(io);
+        }
         if let Some(io) = c.downcast_ref::<io::Error>() {
-            return match io.raw_os_error() {
-                Some(code) => io::Error::from_raw_os_error(code),
-                None => io::Error::new(io.kind(), io.to_string()),
-            };
+            return same(io);
         }
         cur = c.source();
     }
     io::Error::other(e.to_string())
+}
+
+fn same(io: &io::Error) -> io::Error {
+    match io.raw_os_error() {
+        Some(code) => io::Error::from_raw_os_error(code),
+        None => io::Error::new(io.kind(), io.to_string()),
+    }
 }

@@ -1,0 +1,146 @@
+//! Migrations over RDMA. The ones marked `ignore` need an RDMA device whose address is in
+//! `RMIG_RDMA_IP`: `tests/vm/rdma.sh` brings soft-RoCE up (natively where the kernel has
+//! `rdma_rxe`, else in a QEMU guest) and runs them with `--ignored`.
+
+use rmig_engine::{bad_rkey_after, fail_after, Registration, SharedDirtyLog, TransportChoice};
+use rmig_tests::{assert_same, Mem, Setup, Writer};
+
+const MIB: usize = 1 << 20;
+
+fn rdma_setup(src: &Mem, dst: &Mem, len: usize) -> Setup {
+    let ip = std::env::var("RMIG_RDMA_IP")
+        .expect("RMIG_RDMA_IP must name an RDMA device's address (tests/vm/rdma.sh sets it)");
+    let mut s = Setup::new(src, dst, len);
+    s.bind = format!("{ip}:0");
+    s.src.transport = TransportChoice::Rdma;
+    s.dst.transport = TransportChoice::Rdma;
+    s
+}
+
+#[test]
+#[ignore = "needs an RDMA device: tests/vm/rdma.sh"]
+fn live_writer_over_rdma_lands_every_write() {
+    let len = 256 * MIB;
+    let src = Mem::random(len, 0.1, 11);
+    let dst = Mem::new(len);
+    let log = SharedDirtyLog::new(&[(len / 4096) as u64]);
+    let mut w = Writer::start(&src, log.clone(), 4096, 2);
+    let mut setup = rdma_setup(&src, &dst, len);
+    setup.dirty = Box::new(log);
+    setup.embedder = w.embedder(b"device".to_vec());
+    let (s, d) = setup.run();
+    w.stop();
+    let s = s.expect("source");
+    d.expect("destination");
+    assert_eq!(s.transport, "rdma");
+    assert_eq!(s.verified, Some(true));
+    assert!(
+        s.rounds.len() >= 2,
+        "the writer dirtied pages: more than one round"
+    );
+    let r = s.rdma.expect("RDMA report");
+    assert_eq!(r.registration, "pin-all");
+    assert_same(src.bytes(), dst.bytes());
+}
+
+#[test]
+#[ignore = "needs an RDMA device: tests/vm/rdma.sh"]
+fn chunked_registration_with_three_lanes() {
+    let len = 64 * MIB;
+    let src = Mem::random(len, 0.3, 12);
+    let dst = Mem::new(len);
+    let mut setup = rdma_setup(&src, &dst, len);
+    let c = Registration::Chunked {
+        chunk_bytes: 256 << 10,
+        max_chunks: 8,
+    };
+    setup.src.rdma.registration = c;
+    setup.dst.rdma.registration = c;
+    setup.src.lanes = 3;
+    let (s, d) = setup.run();
+    let s = s.expect("source");
+    let d = d.expect("destination");
+    assert_eq!((s.transport.as_str(), s.lanes), ("rdma", 3));
+    assert_eq!(s.rdma.unwrap().registration, "chunked");
+    assert_eq!(d.stats.rdma.unwrap().registration, "chunked");
+    assert_eq!(s.verified, Some(true));
+    assert_same(src.bytes(), dst.bytes());
+}
+
+#[test]
+#[ignore = "needs an RDMA device: tests/vm/rdma.sh"]
+fn queue_pair_forced_into_error_mid_round_completes_over_the_other_lane() {
+    let len = 64 * MIB;
+    let src = Mem::random(len, 0.0, 13);
+    let dst = Mem::new(len);
+    let mut setup = rdma_setup(&src, &dst, len);
+    setup.src.lane_faults = vec![fail_after(8 * MIB as u64)];
+    let (s, d) = setup.run();
+    let s = s.expect("source");
+    d.expect("destination");
+    assert_eq!(s.lanes_failed, 1);
+    assert_eq!(s.verified, Some(true));
+    assert_same(src.bytes(), dst.bytes());
+}
+
+#[test]
+#[ignore = "needs an RDMA device: tests/vm/rdma.sh"]
+fn wrong_rkey_fails_its_lane_and_the_pages_go_elsewhere() {
+    let len = 64 * MIB;
+    let src = Mem::random(len, 0.0, 14);
+    let dst = Mem::new(len);
+    let mut setup = rdma_setup(&src, &dst, len);
+    setup.src.lane_faults = vec![bad_rkey_after(8 * MIB as u64)];
+    let (s, d) = setup.run();
+    let s = s.expect("source");
+    d.expect("destination");
+    assert_eq!(s.lanes_failed, 1);
+    assert_eq!(s.verified, Some(true));
+    assert_same(src.bytes(), dst.bytes());
+}
+
+#[test]
+#[ignore = "needs an RDMA device: tests/vm/rdma.sh"]
+fn destination_on_tcp_makes_auto_fall_back_and_say_why() {
+    let len = 32 * MIB;
+    let src = Mem::random(len, 0.2, 15);
+    let dst = Mem::new(len);
+    let mut setup = rdma_setup(&src, &dst, len);
+    setup.src.transport = TransportChoice::Auto;
+    setup.dst.transport = TransportChoice::Tcp;
+    let (s, d) = setup.run();
+    let s = s.expect("source");
+    d.expect("destination");
+    assert_eq!(s.transport, "tcp");
+    let why = s.fallback_reason.expect("a fallback reason");
+    assert!(
+        why.contains("destination") && why.contains("TCP only"),
+        "{why}"
+    );
+    assert_same(src.bytes(), dst.bytes());
+}
+
+#[test]
+fn rdma_without_a_device_is_a_clear_error_and_auto_falls_back() {
+    // 127.0.0.1 is in no GID table: no RDMA for it on any machine.
+    let len = 8 * MIB;
+    let src = Mem::random(len, 0.0, 16);
+    let dst = Mem::new(len);
+    let mut setup = Setup::new(&src, &dst, len);
+    setup.src.transport = TransportChoice::Rdma;
+    let (s, _) = setup.run();
+    let e = s.unwrap_err().to_string();
+    assert!(e.contains("no RDMA device"), "{e}");
+    let src2 = snapshot_equal(&src);
+    let dst = Mem::new(len);
+    let (s, d) = Setup::new(&src, &dst, len).run();
+    let s = s.expect("auto migrates over TCP");
+    d.expect("destination");
+    assert_eq!(s.transport, "tcp");
+    assert!(s.fallback_reason.unwrap().contains("no RDMA device"));
+    assert_same(&src2, dst.bytes());
+}
+
+fn snapshot_equal(m: &Mem) -> Vec<u8> {
+    m.bytes().to_vec()
+}
