@@ -2,7 +2,7 @@
 # The whole test suite: installs what is missing, checks formatting and lints, then runs every
 # unit and end-to-end test (release build: the tests move real amounts of memory), then the C
 # example against the installed librmig under valgrind, then a migration in a two-node NUMA
-# guest (QEMU; installed by tests/vm/vm.sh if missing).
+# guest and the RDMA tests on soft-RoCE (QEMU guests; tests/vm/vm.sh installs what is missing).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/deps.sh
@@ -12,3 +12,5 @@ cargo test --workspace --release
 bash scripts/test-c-example.sh
 # A migration on a real two-node NUMA machine: a QEMU guest with two nodes.
 bash tests/vm/numa-guest.sh
+# RDMA on soft-RoCE: natively where the kernel has rdma_rxe, else in a QEMU guest.
+bash tests/vm/rdma.sh
