@@ -8,14 +8,15 @@
 # rxe device on an ordinary Linux host. Without them the script runs itself in a soft-RoCE QEMU
 # guest (tests/vm/vm.sh --rxe), as on machines whose kernel has no RDMA.
 # Environment: RUNS (3), SIZE (rmig's memory, 128MiB), ITERS (ib_write_bw -n, 2000: the
-# same 125 MiB), LANES (1), BENCH (path of rmig-bench).
+# same 125 MiB), LANES (1), BENCH (path of rmig-bench), RMIG_ARGS (more rmig-bench flags,
+# e.g. "--verify off").
 set -euo pipefail
 here=$(cd "$(dirname "$0")/../.." && pwd)
 bench=${BENCH:-$here/target/release/rmig-bench}
 [ -x "$bench" ] || (cd "$here" && cargo build --release -q -p rmig-bench)
 if [ -z "${RMIG_RDMA_IP:-}" ]; then
   exec env VM_MEM="${VM_MEM:-2G}" bash "$here/tests/vm/vm.sh" --rxe \
-    "RUNS=${RUNS:-3} SIZE=${SIZE:-128MiB} ITERS=${ITERS:-2000} LANES=${LANES:-1} BENCH=$bench bash $here/bench/scripts/vs-ib_write_bw.sh"
+    "RMIG_ARGS='${RMIG_ARGS:-}' RUNS=${RUNS:-3} SIZE=${SIZE:-128MiB} ITERS=${ITERS:-2000} LANES=${LANES:-1} BENCH=$bench bash $here/bench/scripts/vs-ib_write_bw.sh"
 fi
 runs=${RUNS:-3}; size=${SIZE:-128MiB}; iters=${ITERS:-2000}; lanes=${LANES:-1}
 dev=${RMIG_RDMA_DEV:?set RMIG_RDMA_DEV}; ip=$RMIG_RDMA_IP
@@ -37,12 +38,12 @@ ibw() {
 rmig() {   # prints "bytes/s cpu_seconds bytes transport"
   local t=$1 b0 js
   b0=$(busy)
-  js=$("$bench" loopback --addr "$ip" --transport "$t" --size "$size" --lanes "$lanes" --json | tail -1)
+  js=$("$bench" loopback --addr "$ip" --transport "$t" --size "$size" --lanes "$lanes" --json ${RMIG_ARGS:-} | tail -1)
   printf '%s %s\n' "$js" "$(( $(busy) - b0 ))" | python3 -c '
 import json, sys
 line = sys.stdin.read().rsplit(" ", 1)
 j = json.loads(line[0]); ticks = int(line[1])
-assert j["status"] == "completed" and j["memory_equal"] and j["verified"], j.get("error")
+assert j["status"] == "completed" and j["memory_equal"] and j["verified"] is not False, j.get("error")
 print(j["data_rate"], ticks / '"$hz"', j["ram"]["transferred"], j["transport"])'
 }
 ibs=(); rms=()

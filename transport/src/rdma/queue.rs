@@ -180,7 +180,7 @@ impl Queue {
     }
 
     /// Waits until a completion may be there, `other_fd` becomes readable or `timeout`
-    /// passes; returns whether `other_fd` is readable. Completions found while arming the
+    /// passes; returns whether `other_fd` (ignored when negative) is readable. Completions found while arming the
     /// queue are appended to `out`. Needs `events` at creation.
     pub fn wait(
         &self,
@@ -234,7 +234,7 @@ impl Queue {
                 unsafe { rdma_mummy_sys::ibv_ack_cq_events(cq, 1) };
             }
         }
-        Ok(fds[1].revents != 0)
+        Ok(other_fd >= 0 && fds[1].revents != 0)
     }
 }
 

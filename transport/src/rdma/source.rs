@@ -79,7 +79,7 @@ impl SourcePrepared {
     pub fn new(dev: Arc<RdmaDevice>, mem: Arc<LocalMemory>) -> Result<SourcePrepared, RdmaError> {
         let depth = SEND_DEPTH.min(dev.max_qp_wr);
         Ok(SourcePrepared {
-            queue: Queue::new(dev, depth, 1, false)?,
+            queue: Queue::new(dev, depth, 1, true)?,
             mem,
         })
     }
@@ -260,10 +260,22 @@ impl RdmaSourceLane {
         if let Some(f) = &self.failed {
             return Err(LaneError::Rdma(f.clone()));
         }
-        self.comps.clear();
-        self.queue.poll(&mut self.comps);
-        for i in 0..self.comps.len() {
-            let c = self.comps[i];
+        let mut comps = std::mem::take(&mut self.comps);
+        comps.clear();
+        self.queue.poll(&mut comps);
+        let r = self.take(&comps);
+        self.comps = comps;
+        r?;
+        let closed = lock(&self.replies.inner).closed.clone();
+        if let Some(r) = closed {
+            return self.fail(LaneError::Io(std::io::Error::other(r)));
+        }
+        Ok(())
+    }
+
+    /// Accounts for completed work requests; a failed one fails the lane.
+    fn take(&mut self, comps: &[Completion]) -> Result<(), LaneError> {
+        for c in comps {
             if !c.ok() {
                 let e = c.error("RDMA WRITE/SEND");
                 return self.fail(e);
@@ -275,10 +287,6 @@ impl RdmaSourceLane {
                     self.outstanding -= n;
                 }
             }
-        }
-        let closed = lock(&self.replies.inner).closed.clone();
-        if let Some(r) = closed {
-            return self.fail(LaneError::Io(std::io::Error::other(r)));
         }
         Ok(())
     }
@@ -302,7 +310,11 @@ impl RdmaSourceLane {
             }
             spins += 1;
             if spins > 64 {
-                std::thread::sleep(Duration::from_micros(50));
+                // Sleep on the completion channel rather than poll: on soft-RoCE the device is
+                // this machine's CPUs, and a spinning lane takes them from it.
+                let mut early = Vec::new();
+                self.queue.wait(-1, Duration::from_millis(5), &mut early)?;
+                self.take(&early)?;
             } else {
                 std::hint::spin_loop();
             }
