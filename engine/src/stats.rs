@@ -135,3 +135,19 @@ pub struct RdmaReport {
     /// Time spent registering memory up front (part of `setup_time_ms`).
     pub registration_ms: f64,
 }
+
+impl RdmaReport {
+    /// The report of a device and this end's registrations.
+    pub fn of(
+        dev: &rmig_transport::rdma::RdmaDevice,
+        mem: &rmig_transport::rdma::LocalMemory,
+    ) -> Self {
+        RdmaReport {
+            device: dev.name().to_string(),
+            port: dev.port(),
+            gid_index: dev.gid_index(),
+            registration: mem.mode().name().to_string(),
+            registration_ms: mem.took().as_secs_f64() * 1e3,
+        }
+    }
+}

@@ -192,13 +192,7 @@ impl DestListener {
         monitor.update(|s| {
             s.status = "active".into();
             if let (Some((mem, _)), Some(dev)) = (&rdma, &device) {
-                s.rdma = Some(crate::stats::RdmaReport {
-                    device: dev.name().to_string(),
-                    port: dev.port(),
-                    gid_index: dev.gid_index(),
-                    registration: mem.mode().name().to_string(),
-                    registration_ms: mem.took().as_secs_f64() * 1e3,
-                });
+                s.rdma = Some(crate::stats::RdmaReport::of(dev, mem));
             }
             s.transport = agreed.transport.name().into();
             s.lanes = sockets.len();

@@ -253,13 +253,7 @@ impl SourceSession {
             s.transport = agreed.transport.name().into();
             s.fallback_reason = fallback;
             if let Some((dev, mem)) = &rdma {
-                s.rdma = Some(crate::stats::RdmaReport {
-                    device: dev.name().to_string(),
-                    port: dev.port(),
-                    gid_index: dev.gid_index(),
-                    registration: mem.mode().name().to_string(),
-                    registration_ms: mem.took().as_secs_f64() * 1e3,
-                });
+                s.rdma = Some(crate::stats::RdmaReport::of(dev, mem));
             }
             s.lanes = agreed.lanes as usize;
             s.ram.total = total;

@@ -573,8 +573,7 @@ impl SourceLane for RdmaSourceLane {
             self.pending.truncate(self.pending.len() / 2);
             let _ = self.post(None);
             self.queue.set_error();
-            let r = self.poll_until(Duration::from_secs(5), "the flush", |_| false);
-            return r.and(Err(LaneError::Injected("queue pair forced into error")));
+            return self.fail(LaneError::Injected("queue pair forced into error"));
         }
         self.wait_credit(0)?;
         let slot = self.slot()?;
