@@ -40,6 +40,27 @@ pub trait SourceLane: Send {
     fn close(&mut self);
 }
 
+/// What a destination lane received before it ended.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct DestLaneSummary {
+    /// Payload bytes written into guest memory.
+    pub data_bytes: u64,
+    /// Pages received as data.
+    pub data_pages: u64,
+    /// Pages received as zero markers.
+    pub zero_pages: u64,
+    /// Batches acknowledged.
+    pub batches: u64,
+}
+
+/// The receiving end of one data lane, run by one thread until the source closes it.
+pub trait DestLane: Send {
+    /// Receives until the source closes the lane (`Ok`, with what landed) or the lane fails.
+    fn run(&mut self, sink: &dyn PageSink) -> Result<DestLaneSummary, LaneError>;
+    /// A handle that can shut the lane's socket down from another thread (which ends `run`).
+    fn shutdown_handle(&self) -> std::io::Result<std::net::TcpStream>;
+}
+
 /// Receives what a destination lane wrote, so the engine can keep its per-page state
 /// (checksums, known-zero pages) current while the data is still in cache.
 pub trait PageSink: Sync {

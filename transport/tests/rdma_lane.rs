@@ -5,9 +5,7 @@ use std::net::{IpAddr, TcpListener, TcpStream};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use rmig_transport::rdma::{
-    DestPrepared, LocalMemory, RdmaDevice, Registration, RemoteMemory, SourcePrepared,
-};
+use rmig_transport::rdma::{DestPrepared, LocalMemory, RdmaDevice, Registration, SourcePrepared};
 use rmig_transport::{
     Batch, FaultPlan, LaneError, MemRegion, MemoryMap, Pacer, PageSink, Run, RunKind, SourceLane,
 };
@@ -66,16 +64,7 @@ fn run(
     let dmap = map_of(dst);
     let smem = Arc::new(LocalMemory::register(&dev_s, &smap, src_mode, false).unwrap());
     let dmem = Arc::new(LocalMemory::register(&dev_d, &dmap, dst_mode, true).unwrap());
-    let remote = match dst_mode {
-        Registration::PinAll => RemoteMemory::PinAll(dmem.remote_regions()),
-        Registration::Chunked {
-            chunk_bytes,
-            max_chunks,
-        } => RemoteMemory::Chunked {
-            chunk_bytes,
-            max_chunks,
-        },
-    };
+    let remote = dmem.remote();
     let sp = SourcePrepared::new(dev_s, smem).unwrap();
     let dp = DestPrepared::new(dev_d, dmem).unwrap();
     let (se, de) = (sp.endpoint(), dp.endpoint());

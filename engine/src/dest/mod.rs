@@ -29,7 +29,7 @@ use crate::stats::MigrationStats;
 use crate::verify::{self, RegionHashes};
 use crate::{DestConfig, EngineError};
 use rmig_transport::rdma::{DestPrepared, LocalMemory, RdmaDestLane, RdmaDevice};
-use rmig_transport::{MemoryMap, PageSink};
+use rmig_transport::{DestLane, MemoryMap};
 use sink::DestSink;
 
 /// Most device state a destination accepts.
@@ -167,17 +167,16 @@ impl DestListener {
                 return Err(e);
             }
         };
+        let sink = Arc::new(DestSink::new(
+            regions,
+            agreed.verify,
+            cfg.fault.die_after_bytes,
+        ));
         // RDMA: register guest memory (pin-all: all of it, now) and connect each lane's queue
         // pair over its socket.
         let rdma = match (agreed.transport, &device) {
             (TransportKind::Rdma, Some(dev)) => {
-                match rdma_setup(
-                    dev,
-                    sink_map(regions),
-                    &cfg.rdma,
-                    &sockets,
-                    cfg.handshake_timeout,
-                ) {
+                match rdma_setup(dev, sink.map(), &cfg.rdma, &sockets, cfg.handshake_timeout) {
                     Ok(r) => Some(r),
                     Err(e) => {
                         link.send(Message::Error {
@@ -199,11 +198,6 @@ impl DestListener {
             s.setup_time_ms = (t_handshake - started).as_secs_f64() * 1e3;
             s.ram.total = regions.iter().map(Region::len).sum();
         });
-        let sink = Arc::new(DestSink::new(
-            regions,
-            agreed.verify,
-            cfg.fault.die_after_bytes,
-        ));
         let mut session = Receiving {
             sink: sink.clone(),
             monitor,
@@ -216,9 +210,9 @@ impl DestListener {
         let mut joins = Vec::new();
         let mut rdma_lanes = rdma.map(|(_, l)| l.into_iter());
         for (i, s) in sockets.into_iter().enumerate() {
-            let mut lane: DestLane = match rdma_lanes.as_mut().and_then(Iterator::next) {
-                Some(l) => DestLane::Rdma(l),
-                None => DestLane::Tcp(
+            let mut lane: Box<dyn DestLane> = match rdma_lanes.as_mut().and_then(Iterator::next) {
+                Some(l) => Box::new(l),
+                None => Box::new(
                     TcpDestLane::new(s, sink.map().clone())
                         .map_err(|e| EngineError::lane(i, &e))?,
                 ),
@@ -406,49 +400,17 @@ impl Receiving<'_> {
     }
 }
 
-/// A destination lane of either transport.
-enum DestLane {
-    Tcp(TcpDestLane),
-    Rdma(RdmaDestLane),
-}
-
-impl DestLane {
-    fn shutdown_handle(&self) -> std::io::Result<TcpStream> {
-        match self {
-            DestLane::Tcp(l) => l.shutdown_handle(),
-            DestLane::Rdma(l) => l.shutdown_handle(),
-        }
-    }
-
-    fn run(&mut self, sink: &dyn PageSink) -> Result<DestLaneSummary, LaneError> {
-        match self {
-            DestLane::Tcp(l) => l.run(sink),
-            DestLane::Rdma(l) => l.run(sink),
-        }
-    }
-}
-
-fn sink_map(regions: &[Region]) -> MemoryMap {
-    MemoryMap::new(regions.iter().map(|r| r.mem).collect())
-}
-
 /// Registers the destination's memory and connects one queue pair per lane socket: reads the
 /// source's `RdmaConnect`, answers `RdmaAccept` with our queue pair and memory keys.
 fn rdma_setup(
     dev: &Arc<RdmaDevice>,
-    map: MemoryMap,
+    map: &MemoryMap,
     cfg: &RdmaConfig,
     sockets: &[TcpStream],
     timeout: Duration,
 ) -> Result<(Arc<LocalMemory>, Vec<RdmaDestLane>), EngineError> {
-    let mem = Arc::new(LocalMemory::register(dev, &map, cfg.registration, true)?);
-    let (chunk_bytes, max_chunks) = match cfg.registration {
-        rmig_transport::rdma::Registration::PinAll => (0, 0),
-        rmig_transport::rdma::Registration::Chunked {
-            chunk_bytes,
-            max_chunks,
-        } => (chunk_bytes, max_chunks),
-    };
+    let mem = Arc::new(LocalMemory::register(dev, map, cfg.registration, true)?);
+    let memory = mem.remote();
     let mut lanes = Vec::new();
     for s in sockets {
         let mut s = s.try_clone()?;
@@ -470,9 +432,7 @@ fn rdma_setup(
             &mut s,
             &Message::RdmaAccept {
                 endpoint,
-                regions: mem.remote_regions(),
-                chunk_bytes,
-                max_chunks,
+                memory: memory.clone(),
             },
         )?;
         lanes.push(lane);

@@ -4,7 +4,7 @@
 //! [`decode`] is the only way in: it refuses unknown tags, truncated or trailing bytes,
 //! invalid UTF-8, counts that cannot fit in the frame, and frames above [`MAX_FRAME`].
 
-use super::{Message, QpEndpoint, RemoteRegion, TransportKind};
+use super::{Message, QpEndpoint, RemoteMemory, RemoteRegion, TransportKind};
 use crate::region::RegionDesc;
 use crate::EngineError;
 
@@ -200,21 +200,27 @@ pub fn encode(m: &Message) -> Vec<u8> {
             w.u8(tag::RDMA_CONNECT);
             w.endpoint(endpoint);
         }
-        Message::RdmaAccept {
-            endpoint,
-            regions,
-            chunk_bytes,
-            max_chunks,
-        } => {
+        Message::RdmaAccept { endpoint, memory } => {
             w.u8(tag::RDMA_ACCEPT);
             w.endpoint(endpoint);
-            w.u32(regions.len() as u32);
-            for r in regions {
-                w.u64(r.addr);
-                w.u32(r.rkey);
+            match memory {
+                RemoteMemory::PinAll(regions) => {
+                    w.u8(1);
+                    w.u32(regions.len() as u32);
+                    for r in regions {
+                        w.u64(r.addr);
+                        w.u32(r.rkey);
+                    }
+                }
+                RemoteMemory::Chunked {
+                    chunk_bytes,
+                    max_chunks,
+                } => {
+                    w.u8(2);
+                    w.u64(*chunk_bytes);
+                    w.u32(*max_chunks);
+                }
             }
-            w.u64(*chunk_bytes);
-            w.u32(*max_chunks);
         }
         Message::LaneJoin { session, lane, mac } => {
             w.u8(tag::LANE_JOIN);
@@ -357,20 +363,25 @@ pub fn decode(body: &[u8]) -> Result<Message, EngineError> {
         },
         tag::RDMA_ACCEPT => {
             let endpoint = r.endpoint()?;
-            let n = r.count(12)?;
-            let mut regions = Vec::with_capacity(n);
-            for _ in 0..n {
-                regions.push(RemoteRegion {
-                    addr: r.u64()?,
-                    rkey: r.u32()?,
-                });
-            }
-            Message::RdmaAccept {
-                endpoint,
-                regions,
-                chunk_bytes: r.u64()?,
-                max_chunks: r.u32()?,
-            }
+            let memory = match r.u8()? {
+                1 => {
+                    let n = r.count(12)?;
+                    let mut regions = Vec::with_capacity(n);
+                    for _ in 0..n {
+                        regions.push(RemoteRegion {
+                            addr: r.u64()?,
+                            rkey: r.u32()?,
+                        });
+                    }
+                    RemoteMemory::PinAll(regions)
+                }
+                2 => RemoteMemory::Chunked {
+                    chunk_bytes: r.u64()?,
+                    max_chunks: r.u32()?,
+                },
+                _ => return Err(bad("unknown registration mode")),
+            };
+            Message::RdmaAccept { endpoint, memory }
         }
         tag::LANE_JOIN => Message::LaneJoin {
             session: r.arr()?,
@@ -530,12 +541,21 @@ mod tests {
                     psn: 1,
                     gid: [4; 16],
                 },
-                regions: vec![RemoteRegion {
+                memory: RemoteMemory::PinAll(vec![RemoteRegion {
                     addr: 1 << 40,
                     rkey: 99,
-                }],
-                chunk_bytes: 0,
-                max_chunks: 0,
+                }]),
+            },
+            Message::RdmaAccept {
+                endpoint: QpEndpoint {
+                    qpn: 19,
+                    psn: 2,
+                    gid: [5; 16],
+                },
+                memory: RemoteMemory::Chunked {
+                    chunk_bytes: 1 << 20,
+                    max_chunks: 256,
+                },
             },
             Message::LaneJoin {
                 session: [9; 16],

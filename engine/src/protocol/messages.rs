@@ -1,7 +1,7 @@
 //! Control-plane messages.
 
 use crate::region::RegionDesc;
-pub use rmig_transport::rdma::{QpEndpoint, RemoteRegion};
+pub use rmig_transport::rdma::{QpEndpoint, RemoteMemory, RemoteRegion};
 
 /// Lowest protocol version this build speaks.
 pub const PROTOCOL_MIN: u16 = 1;
@@ -126,12 +126,8 @@ pub enum Message {
     RdmaAccept {
         /// Queue pair number, first packet sequence number, GID.
         endpoint: QpEndpoint,
-        /// Pin-all: address and remote key of each region, in table order. Empty: chunked.
-        regions: Vec<RemoteRegion>,
-        /// Chunked: the chunk size.
-        chunk_bytes: u64,
-        /// Chunked: registrations the destination keeps per lane.
-        max_chunks: u32,
+        /// Pin-all: address and remote key of each region; or the chunking.
+        memory: RemoteMemory,
     },
     /// A pre-copy round begins.
     RoundStart {

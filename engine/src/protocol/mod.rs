@@ -7,4 +7,6 @@
 pub mod codec;
 mod messages;
 
-pub use messages::{Message, QpEndpoint, RemoteRegion, TransportKind, PROTOCOL_MAX, PROTOCOL_MIN};
+pub use messages::{
+    Message, QpEndpoint, RemoteMemory, RemoteRegion, TransportKind, PROTOCOL_MAX, PROTOCOL_MIN,
+};

@@ -5,7 +5,7 @@ use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::time::Duration;
 
-use rmig_transport::rdma::{LocalMemory, RdmaDevice, RemoteMemory, SourcePrepared};
+use rmig_transport::rdma::{LocalMemory, RdmaDevice, SourcePrepared};
 use rmig_transport::tcp::TcpSourceLane;
 use rmig_transport::{FaultPlan, MemoryMap, Pacer, SourceLane};
 
@@ -118,22 +118,7 @@ pub(crate) fn rdma_lane(
     )?;
     s.set_read_timeout(Some(wait))?;
     let (peer, remote) = match codec::read_sync(&mut s)? {
-        Message::RdmaAccept {
-            endpoint,
-            regions,
-            chunk_bytes,
-            max_chunks,
-        } => {
-            let remote = if regions.is_empty() {
-                RemoteMemory::Chunked {
-                    chunk_bytes,
-                    max_chunks,
-                }
-            } else {
-                RemoteMemory::PinAll(regions)
-            };
-            (endpoint, remote)
-        }
+        Message::RdmaAccept { endpoint, memory } => (endpoint, memory),
         Message::Error { message } => return Err(EngineError::PeerError(message)),
         m => {
             return Err(EngineError::Protocol(format!(

@@ -20,8 +20,7 @@ use super::queue::{QpEndpoint, Queue};
 use super::source::SLOTS;
 use super::wire::{self, Reply, Request, SLOT_BYTES};
 use super::{RdmaDevice, RdmaError};
-use crate::tcp::DestLaneSummary;
-use crate::{LaneError, PageSink, RunKind};
+use crate::{DestLane, DestLaneSummary, LaneError, PageSink, RunKind};
 
 /// A destination queue pair with its receives posted, waiting for the source's end.
 pub struct DestPrepared {
@@ -269,5 +268,15 @@ impl RdmaDestLane {
             )),
             Err(e) => Err(LaneError::Rdma(e.to_string())),
         }
+    }
+}
+
+impl DestLane for RdmaDestLane {
+    fn run(&mut self, sink: &dyn PageSink) -> Result<DestLaneSummary, LaneError> {
+        RdmaDestLane::run(self, sink)
+    }
+
+    fn shutdown_handle(&self) -> std::io::Result<TcpStream> {
+        RdmaDestLane::shutdown_handle(self)
     }
 }

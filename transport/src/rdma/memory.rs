@@ -60,6 +60,20 @@ pub struct RemoteRegion {
     pub rkey: u32,
 }
 
+/// The destination's memory as the source sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RemoteMemory {
+    /// Registered whole, one key per region.
+    PinAll(Vec<RemoteRegion>),
+    /// Registered by chunk on request.
+    Chunked {
+        /// Chunk size.
+        chunk_bytes: u64,
+        /// Chunks the destination keeps registered for one lane.
+        max_chunks: u32,
+    },
+}
+
 /// Registers `len` bytes at `ptr`.
 pub(crate) fn register(
     dev: &RdmaDevice,
@@ -143,15 +157,26 @@ impl LocalMemory {
         self.mode
     }
 
-    /// The remote view of each region (pin-all; empty when chunked).
-    pub fn remote_regions(&self) -> Vec<RemoteRegion> {
-        self.regions
-            .iter()
-            .map(|m| RemoteRegion {
-                addr: m.get_ptr() as u64,
-                rkey: m.rkey(),
-            })
-            .collect()
+    /// This memory as the peer writing into it sees it.
+    pub fn remote(&self) -> RemoteMemory {
+        match self.mode {
+            Registration::PinAll => RemoteMemory::PinAll(
+                self.regions
+                    .iter()
+                    .map(|m| RemoteRegion {
+                        addr: m.get_ptr() as u64,
+                        rkey: m.rkey(),
+                    })
+                    .collect(),
+            ),
+            Registration::Chunked {
+                chunk_bytes,
+                max_chunks,
+            } => RemoteMemory::Chunked {
+                chunk_bytes,
+                max_chunks,
+            },
+        }
     }
 }
 

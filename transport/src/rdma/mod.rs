@@ -36,6 +36,6 @@ mod source;
 pub use dest::{DestPrepared, RdmaDestLane};
 pub use device::RdmaDevice;
 pub use error::RdmaError;
-pub use memory::{LocalMemory, Registration, RemoteRegion};
+pub use memory::{LocalMemory, Registration, RemoteMemory, RemoteRegion};
 pub use queue::QpEndpoint;
-pub use source::{RdmaSourceLane, RemoteMemory, SourcePrepared};
+pub use source::{RdmaSourceLane, SourcePrepared};

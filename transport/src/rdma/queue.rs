@@ -107,7 +107,7 @@ impl Queue {
         qp.modify(&attr)
             .map_err(|e| RdmaError::verbs("queue pair to INIT", io_of(&e)))?;
         let mut r = [0u8; 4];
-        let _ = getrandom_psn(&mut r);
+        getrandom::fill(&mut r).map_err(|e| RdmaError::Setup(format!("no randomness: {e}")))?;
         Ok(Queue {
             dev,
             qp,
@@ -236,9 +236,4 @@ impl Queue {
         }
         Ok(other_fd >= 0 && fds[1].revents != 0)
     }
-}
-
-fn getrandom_psn(b: &mut [u8; 4]) -> std::io::Result<()> {
-    use std::io::Read;
-    std::fs::File::open("/dev/urandom")?.read_exact(b)
 }

@@ -19,7 +19,7 @@ use sideway::ibverbs::queue_pair::{
     PostSendGuard, QueuePair, SetScatterGatherEntry, WorkRequestFlags,
 };
 
-use super::memory::{chunk_span, register, ChunkCache, LocalMemory, Registration, RemoteRegion};
+use super::memory::{chunk_span, register, ChunkCache, LocalMemory, Registration, RemoteMemory};
 use super::queue::{Completion, QpEndpoint, Queue};
 use super::wire::{self, Reply, REPLY_LEN, SLOT_BYTES};
 use super::{RdmaDevice, RdmaError};
@@ -35,20 +35,6 @@ const SIGNAL_EVERY: usize = 64;
 const SEND_DEPTH: u32 = 512;
 /// How long a lane waits for the destination's answer to a registration request.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(15);
-
-/// The destination's memory as the source sees it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum RemoteMemory {
-    /// Registered whole, one key per region.
-    PinAll(Vec<RemoteRegion>),
-    /// Registered by chunk on request.
-    Chunked {
-        /// Chunk size.
-        chunk_bytes: u64,
-        /// Chunks the destination keeps registered for one lane.
-        max_chunks: u32,
-    },
-}
 
 #[derive(Default)]
 struct RepliesInner {
@@ -312,9 +298,12 @@ impl RdmaSourceLane {
             if spins > 64 {
                 // Sleep on the completion channel rather than poll: on soft-RoCE the device is
                 // this machine's CPUs, and a spinning lane takes them from it.
-                let mut early = Vec::new();
-                self.queue.wait(-1, Duration::from_millis(5), &mut early)?;
-                self.take(&early)?;
+                let mut early = std::mem::take(&mut self.comps);
+                early.clear();
+                let r = self.queue.wait(-1, Duration::from_millis(5), &mut early);
+                let r = r.and_then(|_| self.take(&early));
+                self.comps = early;
+                r?;
             } else {
                 std::hint::spin_loop();
             }
@@ -464,20 +453,10 @@ impl RdmaSourceLane {
         };
         lock(&self.replies.inner).key = None;
         self.post(Some((slot, len_msg)))?;
-        let deadline = Instant::now() + REPLY_TIMEOUT;
-        let reply = loop {
-            self.reap()?;
-            let mut g = lock(&self.replies.inner);
-            if let Some(k) = g.key.take() {
-                break k;
-            }
-            if Instant::now() >= deadline {
-                drop(g);
-                return self.fail(LaneError::Rdma(
-                    "no answer to a registration request".into(),
-                ));
-            }
-            let _ = self.replies.cv.wait_timeout(g, Duration::from_millis(1));
+        let Some(reply) = self.wait_reply(REPLY_TIMEOUT, |r| r.key.take())? else {
+            return self.fail(LaneError::Rdma(
+                "no answer to a registration request".into(),
+            ));
         };
         match reply {
             Reply::Key { addr, rkey } => {
@@ -495,16 +474,29 @@ impl RdmaSourceLane {
     /// Waits until at most `SLOTS - 1 - reserve` batches are unacknowledged.
     fn wait_credit(&mut self, reserve: u64) -> Result<(), LaneError> {
         let limit = SLOTS as u64 - 1 - reserve;
-        let deadline = Instant::now() + REPLY_TIMEOUT;
+        let floor = self.seq_posted.saturating_sub(limit);
+        match self.wait_reply(REPLY_TIMEOUT, |r| (r.acked >= floor).then_some(()))? {
+            Some(()) => Ok(()),
+            None => self.fail(LaneError::AckTimeout(REPLY_TIMEOUT)),
+        }
+    }
+
+    /// Takes in completions and waits for the reply reader until `got` finds what it wants
+    /// (`None` after `timeout`).
+    fn wait_reply<T>(
+        &mut self,
+        timeout: Duration,
+        mut got: impl FnMut(&mut RepliesInner) -> Option<T>,
+    ) -> Result<Option<T>, LaneError> {
+        let deadline = Instant::now() + timeout;
         loop {
             self.reap()?;
-            let g = lock(&self.replies.inner);
-            if self.seq_posted - g.acked <= limit {
-                return Ok(());
+            let mut g = lock(&self.replies.inner);
+            if let Some(v) = got(&mut g) {
+                return Ok(Some(v));
             }
             if Instant::now() >= deadline {
-                drop(g);
-                return self.fail(LaneError::AckTimeout(REPLY_TIMEOUT));
+                return Ok(None);
             }
             let _ = self.replies.cv.wait_timeout(g, Duration::from_millis(1));
         }
@@ -595,17 +587,9 @@ impl SourceLane for RdmaSourceLane {
     }
 
     fn wait_acked(&mut self, seq: u64, timeout: Duration) -> Result<(), LaneError> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            self.reap()?;
-            let g = lock(&self.replies.inner);
-            if g.acked >= seq {
-                return Ok(());
-            }
-            if Instant::now() >= deadline {
-                return Err(LaneError::AckTimeout(timeout));
-            }
-            let _ = self.replies.cv.wait_timeout(g, Duration::from_millis(2));
+        match self.wait_reply(timeout, |r| (r.acked >= seq).then_some(()))? {
+            Some(()) => Ok(()),
+            None => Err(LaneError::AckTimeout(timeout)),
         }
     }
 

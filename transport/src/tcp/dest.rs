@@ -4,25 +4,12 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 
 use super::wire::{self, Header, HEADER_LEN};
-use crate::{LaneError, MemoryMap, PageSink};
+use crate::{DestLane, DestLaneSummary, LaneError, MemoryMap, PageSink};
 
 /// Bytes read ahead when looking for a header. Payload bytes that come along are copied once
 /// from here (so this stays small: 16 KiB is under 2 % of a 1 MiB run); the rest of a payload
 /// is read straight into guest memory. Runs of single pages still arrive several per read.
 const READ_AHEAD: usize = 16 * 1024;
-
-/// What a destination lane received before it ended.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct DestLaneSummary {
-    /// Payload bytes written into guest memory.
-    pub data_bytes: u64,
-    /// Pages received as data.
-    pub data_pages: u64,
-    /// Pages received as zero markers.
-    pub zero_pages: u64,
-    /// Batches acknowledged.
-    pub batches: u64,
-}
 
 /// A TCP destination lane.
 pub struct TcpDestLane {
@@ -151,5 +138,15 @@ impl TcpDestLane {
                 _ => unreachable!("Header::decode accepts only known kinds"),
             }
         }
+    }
+}
+
+impl DestLane for TcpDestLane {
+    fn run(&mut self, sink: &dyn PageSink) -> Result<DestLaneSummary, LaneError> {
+        TcpDestLane::run(self, sink)
+    }
+
+    fn shutdown_handle(&self) -> std::io::Result<TcpStream> {
+        TcpDestLane::shutdown_handle(self)
     }
 }

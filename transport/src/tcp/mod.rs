@@ -10,5 +10,6 @@ mod dest;
 mod source;
 pub mod wire;
 
-pub use dest::{DestLaneSummary, TcpDestLane};
+pub use crate::DestLaneSummary;
+pub use dest::TcpDestLane;
 pub use source::TcpSourceLane;
