@@ -8,17 +8,19 @@
 # rxe device on an ordinary Linux host. Without them the script runs itself in a soft-RoCE QEMU
 # guest (tests/vm/vm.sh --rxe), as on machines whose kernel has no RDMA.
 # Environment: RUNS (3), SIZE (rmig's memory, 128MiB), ITERS (ib_write_bw -n, 2000: the
-# same 125 MiB), LANES (1), BENCH (path of rmig-bench), RMIG_ARGS (more rmig-bench flags,
-# e.g. "--verify off").
+# same 125 MiB), LANES (rmig's lanes; default: rmig's own default, one per CPU), IB_ARGS
+# (more ib_write_bw flags, e.g. "-q 2" for as many QPs as rmig has lanes), BENCH (path of
+# rmig-bench), RMIG_ARGS (more rmig-bench flags, e.g. "--verify off").
 set -euo pipefail
 here=$(cd "$(dirname "$0")/../.." && pwd)
 bench=${BENCH:-$here/target/release/rmig-bench}
 [ -x "$bench" ] || (cd "$here" && cargo build --release -q -p rmig-bench)
 if [ -z "${RMIG_RDMA_IP:-}" ]; then
   exec env VM_MEM="${VM_MEM:-2G}" bash "$here/tests/vm/vm.sh" --rxe \
-    "RMIG_ARGS='${RMIG_ARGS:-}' RUNS=${RUNS:-3} SIZE=${SIZE:-128MiB} ITERS=${ITERS:-2000} LANES=${LANES:-1} BENCH=$bench bash $here/bench/scripts/vs-ib_write_bw.sh"
+    "RMIG_ARGS='${RMIG_ARGS:-}' RUNS=${RUNS:-3} SIZE=${SIZE:-128MiB} ITERS=${ITERS:-2000} LANES=${LANES:-} IB_ARGS='${IB_ARGS:-}' BENCH=$bench bash $here/bench/scripts/vs-ib_write_bw.sh"
 fi
-runs=${RUNS:-3}; size=${SIZE:-128MiB}; iters=${ITERS:-2000}; lanes=${LANES:-1}
+runs=${RUNS:-3}; size=${SIZE:-128MiB}; iters=${ITERS:-2000}; lanes=()
+[ -n "${LANES:-}" ] && lanes=(--lanes "$LANES")
 dev=${RMIG_RDMA_DEV:?set RMIG_RDMA_DEV}; ip=$RMIG_RDMA_IP
 gid=${RMIG_RDMA_GID_INDEX:-}
 command -v ib_write_bw >/dev/null || { echo "ib_write_bw missing (apt-get install perftest)" >&2; exit 1; }
@@ -28,17 +30,17 @@ hz=$(getconf CLK_TCK)
 ibw() {
   local port=$((20000 + RANDOM % 20000)) g=()
   [ -n "$gid" ] && g=(-x "$gid")
-  ib_write_bw -d "$dev" "${g[@]}" -s 65536 -n "$iters" -p "$port" >/dev/null 2>&1 &
+  ib_write_bw -d "$dev" "${g[@]}" -s 65536 -n "$iters" -p "$port" ${IB_ARGS:-} >/dev/null 2>&1 &
   local srv=$!
   sleep 1
-  ib_write_bw -d "$dev" "${g[@]}" -s 65536 -n "$iters" -p "$port" "$ip" 2>/dev/null |
+  ib_write_bw -d "$dev" "${g[@]}" -s 65536 -n "$iters" -p "$port" ${IB_ARGS:-} "$ip" 2>/dev/null |
     awk '$1 == 65536 {print $4 * 1048576}'   # BW average [MiB/s] -> bytes/s
   wait $srv || true
 }
 rmig() {   # prints "bytes/s cpu_seconds bytes transport"
   local t=$1 b0 js
   b0=$(busy)
-  js=$("$bench" loopback --addr "$ip" --transport "$t" --size "$size" --lanes "$lanes" --json ${RMIG_ARGS:-} | tail -1)
+  js=$("$bench" loopback --addr "$ip" --transport "$t" --size "$size" "${lanes[@]}" --json ${RMIG_ARGS:-} | tail -1)
   printf '%s %s\n' "$js" "$(( $(busy) - b0 ))" | python3 -c '
 import json, sys
 line = sys.stdin.read().rsplit(" ", 1)
