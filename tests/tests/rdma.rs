@@ -97,6 +97,28 @@ fn wrong_rkey_fails_its_lane_and_the_pages_go_elsewhere() {
 
 #[test]
 #[ignore = "needs an RDMA device: tests/vm/rdma.sh"]
+fn the_only_rdma_lane_failing_mid_round_hands_over_to_tcp_lanes() {
+    let len = 64 * MIB;
+    let src = Mem::random(len, 0.1, 17);
+    let dst = Mem::new(len);
+    let mut setup = rdma_setup(&src, &dst, len);
+    setup.src.transport = TransportChoice::Auto;
+    setup.dst.transport = TransportChoice::Auto;
+    setup.src.lanes = 1;
+    setup.src.lane_faults = vec![fail_after(8 * MIB as u64)];
+    let (s, d) = setup.run();
+    let s = s.expect("source");
+    let d = d.expect("destination");
+    assert_eq!((s.transport.as_str(), s.lanes_failed), ("tcp", 1));
+    let why = s.fallback_reason.expect("a fallback reason");
+    assert!(why.contains("every RDMA lane failed"), "{why}");
+    assert_eq!(d.stats.transport, "tcp");
+    assert_eq!(s.verified, Some(true));
+    assert_same(src.bytes(), dst.bytes());
+}
+
+#[test]
+#[ignore = "needs an RDMA device: tests/vm/rdma.sh"]
 fn destination_on_tcp_makes_auto_fall_back_and_say_why() {
     let len = 32 * MIB;
     let src = Mem::random(len, 0.2, 15);

@@ -37,7 +37,7 @@ const MAX_DEVICE_STATE: usize = 1 << 30;
 
 /// A destination waiting for its source, like a VMM started with `-incoming`.
 pub struct DestListener {
-    listener: TcpListener,
+    listener: Arc<TcpListener>,
     cfg: DestConfig,
     // Dropped last: the listener needs the runtime.
     rt: tokio::runtime::Runtime,
@@ -59,7 +59,11 @@ impl DestListener {
         let listener = rt
             .block_on(TcpListener::bind(addr))
             .map_err(|e| EngineError::Io(format!("cannot listen on {addr}: {e}")))?;
-        Ok(DestListener { listener, cfg, rt })
+        Ok(DestListener {
+            listener: Arc::new(listener),
+            cfg,
+            rt,
+        })
     }
 
     /// The address actually bound.
@@ -198,60 +202,84 @@ impl DestListener {
             s.setup_time_ms = (t_handshake - started).as_secs_f64() * 1e3;
             s.ram.total = regions.iter().map(Region::len).sum();
         });
+        // Over RDMA the source may replace failed lanes with TCP ones: admit them while running.
+        let (more_tx, more_rx) = crossbeam_channel::unbounded();
+        let may_fall_back =
+            agreed.transport == TransportKind::Rdma && cfg.transport == TransportChoice::Auto;
+        let admit = may_fall_back.then(|| {
+            self.rt.spawn(lanes::fallback(
+                self.listener.clone(),
+                agreed.auth.clone(),
+                agreed.lanes,
+                more_tx,
+            ))
+        });
+        let (res_tx, res_rx) = crossbeam_channel::unbounded();
         let mut session = Receiving {
             sink: sink.clone(),
             monitor,
             link: &mut link,
             verify: agreed.verify,
-            shutdowns: Vec::new(),
+            lanes: LaneThreads {
+                pool: rmig_numa::WorkerPool::flat(),
+                sink: sink.clone(),
+                results: res_tx,
+                joins: Vec::new(),
+                shutdowns: Vec::new(),
+            },
+            more: more_rx,
         };
-        let (res_tx, res_rx) = crossbeam_channel::unbounded();
-        let pool = rmig_numa::WorkerPool::flat();
-        let mut joins = Vec::new();
         let mut rdma_lanes = rdma.map(|(_, l)| l.into_iter());
         for (i, s) in sockets.into_iter().enumerate() {
-            let mut lane: Box<dyn DestLane> = match rdma_lanes.as_mut().and_then(Iterator::next) {
+            let lane: Box<dyn DestLane> = match rdma_lanes.as_mut().and_then(Iterator::next) {
                 Some(l) => Box::new(l),
                 None => Box::new(
                     TcpDestLane::new(s, sink.map().clone())
                         .map_err(|e| EngineError::lane(i, &e))?,
                 ),
             };
-            session.shutdowns.push(lane.shutdown_handle()?);
-            sink.crash_handles
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push(lane.shutdown_handle()?);
-            let sink = sink.clone();
-            let tx = res_tx.clone();
-            joins.push(pool.spawn(rmig_numa::Role::DestLane, i, move || {
-                let r = lane.run(sink.as_ref());
-                let _ = tx.send((i, r));
-            })?);
+            session.lanes.start(i, lane)?;
         }
-        drop(res_tx);
         let r = session.run(&res_rx, embedder);
-        let mut summaries = vec![DestLaneSummary::default(); joins.len()];
+        if let Some(a) = admit {
+            a.abort();
+        }
+        let Receiving {
+            lanes:
+                LaneThreads {
+                    joins,
+                    shutdowns,
+                    results,
+                    ..
+                },
+            ..
+        } = session;
+        drop(results);
+        let mut summaries = Vec::new();
+        let mut put = |i: usize, res: Result<DestLaneSummary, LaneError>| {
+            if i >= summaries.len() {
+                summaries.resize(i + 1, DestLaneSummary::default());
+            }
+            if let Ok(s) = res {
+                summaries[i] = s;
+            }
+        };
         if r.is_ok() {
             // The source closes its lanes once it has our `Done`: collect their figures.
             let deadline = Instant::now() + Duration::from_secs(2);
             while let Ok((i, res)) = res_rx.recv_deadline(deadline) {
-                if let Ok(s) = res {
-                    summaries[i] = s;
-                }
+                put(i, res);
             }
         }
         // No lane carries anything more now: stop whatever is still open.
-        for s in &session.shutdowns {
+        for s in &shutdowns {
             let _ = s.shutdown(Shutdown::Both);
         }
         for j in joins {
             let _ = j.join();
         }
         while let Ok((i, res)) = res_rx.try_recv() {
-            if let Ok(s) = res {
-                summaries[i] = s;
-            }
+            put(i, res);
         }
         match r {
             Ok(()) => {
@@ -271,13 +299,45 @@ impl DestListener {
     }
 }
 
+/// The threads that run a session's destination lanes.
+struct LaneThreads {
+    pool: rmig_numa::WorkerPool,
+    sink: Arc<DestSink>,
+    results: crossbeam_channel::Sender<LaneResult>,
+    joins: Vec<std::thread::JoinHandle<()>>,
+    /// Handles that end each lane's `run` (its socket, shut down).
+    shutdowns: Vec<TcpStream>,
+}
+
+impl LaneThreads {
+    /// Runs lane `i` on a thread of its own; its result goes to `results`.
+    fn start(&mut self, i: usize, mut lane: Box<dyn DestLane>) -> Result<(), EngineError> {
+        self.shutdowns.push(lane.shutdown_handle()?);
+        self.sink
+            .crash_handles
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(lane.shutdown_handle()?);
+        let sink = self.sink.clone();
+        let tx = self.results.clone();
+        self.joins
+            .push(self.pool.spawn(rmig_numa::Role::DestLane, i, move || {
+                let r = lane.run(sink.as_ref());
+                let _ = tx.send((i, r));
+            })?);
+        Ok(())
+    }
+}
+
 /// The receiving phase of a session.
 struct Receiving<'a> {
     sink: Arc<DestSink>,
     monitor: &'a Arc<Monitor>,
     link: &'a mut ControlLink,
     verify: bool,
-    shutdowns: Vec<TcpStream>,
+    lanes: LaneThreads,
+    /// TCP lanes that replace failed RDMA lanes (lane number, socket).
+    more: crossbeam_channel::Receiver<(u16, TcpStream)>,
 }
 
 type LaneResult = (usize, Result<DestLaneSummary, LaneError>);
@@ -320,6 +380,22 @@ impl Receiving<'_> {
                             self.monitor.update(|s| s.lanes_failed += 1);
                         }
                     }
+                }
+                recv(self.more) -> m => {
+                    let Ok((lane, sock)) = m else {
+                        // No fallback lanes in this session (or no more): stop looking.
+                        self.more = crossbeam_channel::never();
+                        continue;
+                    };
+                    let start = TcpDestLane::new(sock, self.sink.map().clone())
+                        .map_err(|e| EngineError::lane(lane as usize, &e))
+                        .and_then(|l| self.lanes.start(lane as usize, Box::new(l)));
+                    start.map_err(|e| (e, true))?;
+                    self.monitor.update(|s| {
+                        s.transport = "tcp".into();
+                        s.fallback_reason = Some("the source replaced its failed RDMA lanes with TCP lanes".into());
+                        s.lanes += 1;
+                    });
                 }
                 recv(self.link.inbox()) -> m => {
                     let m = m

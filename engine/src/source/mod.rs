@@ -32,7 +32,7 @@ use crate::protocol::{Message, TransportKind};
 use crate::region::{self, Region};
 use crate::stats::{MigrationStats, RoundStats};
 use crate::verify::RegionHashes;
-use crate::{EngineError, SourceConfig};
+use crate::{EngineError, SourceConfig, TransportChoice};
 use worker::{Cmd, Item, Report, Shared, Worker, ITEM_PAGES};
 
 /// What `iterate` found.
@@ -86,6 +86,57 @@ pub struct SourceSession {
     placement: placement::Placement,
     cpus_seen: Vec<Vec<usize>>,
     transport: TransportKind,
+    crew: Crew,
+    /// What it takes to open TCP lanes when every RDMA lane has failed (used once).
+    fallback_kit: Option<FallbackKit>,
+}
+
+/// Starts lane workers: the pool they run on, the state they share, where they report.
+struct Crew {
+    pool: WorkerPool,
+    shared: Arc<Shared>,
+    reports: Sender<Report>,
+}
+
+impl Crew {
+    /// Starts the worker of lane `idx` on `lane`, placed as lane `slot` of the NUMA plan.
+    fn start(
+        &self,
+        placement: &placement::Placement,
+        idx: usize,
+        slot: usize,
+        transport: TransportKind,
+        lane: Box<dyn rmig_transport::SourceLane>,
+    ) -> Result<LaneWorker, EngineError> {
+        let w = Worker {
+            lane_idx: idx,
+            order: placement.order_for(slot),
+            metrics: crate::metrics::LaneMetrics::new(transport.name(), idx),
+            lane,
+            shared: self.shared.clone(),
+            seq: 0,
+            unacked: VecDeque::new(),
+        };
+        let (cmd, cmd_rx) = crossbeam_channel::unbounded();
+        let reports = self.reports.clone();
+        let cpus = placement.cpus_for(slot);
+        let join = self.pool.spawn_on(Role::SourceLane, idx, &cpus, move || {
+            w.main(cmd_rx, reports)
+        })?;
+        Ok(LaneWorker {
+            cmd,
+            join: Some(join),
+            alive: true,
+        })
+    }
+}
+
+/// The session's lanes' addresses and keys, for opening TCP lanes in place of RDMA ones.
+struct FallbackKit {
+    peer: std::net::SocketAddr,
+    auth: crate::control::auth::SessionAuth,
+    lanes: u16,
+    map: MemoryMap,
 }
 
 impl SourceSession {
@@ -211,8 +262,12 @@ impl SourceSession {
             .map(|i| connect::join_lane(peer, &agreed.auth, i, timeout))
             .collect::<Result<Vec<_>, _>>()
             .map_err(fail)?;
-        let pool = WorkerPool::flat();
         let (rep_tx, reports) = crossbeam_channel::unbounded();
+        let crew = Crew {
+            pool: WorkerPool::flat(),
+            shared: shared.clone(),
+            reports: rep_tx,
+        };
         let mut workers = Vec::new();
         for (i, sock) in (0..agreed.lanes).zip(sockets) {
             let fault = cfg.lane_faults.get(i as usize).copied().unwrap_or_default();
@@ -222,29 +277,19 @@ impl SourceSession {
                 None => connect::tcp_lane(sock, i, map.clone(), pacer, fault),
             }
             .map_err(fail)?;
-            let w = Worker {
-                lane_idx: i as usize,
-                order: placement.order_for(i as usize),
-                metrics: crate::metrics::LaneMetrics::new(agreed.transport.name(), i as usize),
-                lane,
-                shared: shared.clone(),
-                seq: 0,
-                unacked: VecDeque::new(),
-            };
-            let (cmd, cmd_rx) = crossbeam_channel::unbounded();
-            let rt2 = rep_tx.clone();
-            let cpus = placement.cpus_for(i as usize);
-            let join = pool
-                .spawn_on(Role::SourceLane, i as usize, &cpus, move || {
-                    w.main(cmd_rx, rt2)
-                })
-                .map_err(|e| fail(e.into()))?;
-            workers.push(LaneWorker {
-                cmd,
-                join: Some(join),
-                alive: true,
-            });
+            let w = crew
+                .start(&placement, i as usize, i as usize, agreed.transport, lane)
+                .map_err(fail)?;
+            workers.push(w);
         }
+        // Over RDMA with `auto`, TCP lanes take over once every RDMA lane has failed.
+        let may_fall_back = rdma.is_some() && cfg.transport == TransportChoice::Auto;
+        let fallback_kit = may_fall_back.then(|| FallbackKit {
+            peer,
+            auth: agreed.auth.clone(),
+            lanes: agreed.lanes,
+            map: map.clone(),
+        });
         let setup_ms = started.elapsed().as_secs_f64() * 1e3;
         crate::metrics::setup_done(setup_ms / 1e3, agreed.lanes as usize, total);
         monitor.update(|s| {
@@ -280,6 +325,8 @@ impl SourceSession {
             sync_count: 0,
             cpus_seen: vec![Vec::new(); agreed.lanes as usize],
             transport: agreed.transport,
+            crew,
+            fallback_kit,
             placement,
         })
     }
@@ -530,7 +577,18 @@ impl SourceSession {
         };
         let mut last_err = String::new();
         let mut failure: Option<EngineError> = None;
-        while waiting > 0 {
+        let mut all_failed = false;
+        while waiting > 0 || all_failed {
+            if std::mem::take(&mut all_failed) && failure.is_none() {
+                match self.fall_back_to_tcp(&last_err, &rxs) {
+                    Ok(n) => waiting += n,
+                    Err(e) => {
+                        self.shared.abort.store(true, Ordering::Relaxed);
+                        failure = Some(e);
+                    }
+                }
+                continue;
+            }
             select! {
                 recv(self.reports) -> r => {
                     let Ok(r) = r else { break };
@@ -556,6 +614,7 @@ impl SourceSession {
                             crate::metrics::lane_failed(self.transport.name());
                             self.monitor.update(|s| s.lanes_failed += 1);
                             last_err = format!("lane {}: {e}", r.lane);
+                            all_failed = self.alive() == 0 && self.fallback_kit.is_some();
                         }
                     }
                 }
@@ -641,6 +700,42 @@ impl SourceSession {
             }
         });
         Ok(rs)
+    }
+
+    /// Every RDMA lane has failed: opens as many TCP lanes in their place and sets them on the
+    /// round's remaining work (the failed lanes' unconfirmed pages are pending again). Returns
+    /// how many lanes started; 0 if this session cannot fall back (again).
+    fn fall_back_to_tcp(
+        &mut self,
+        why: &str,
+        queues: &Arc<Vec<Receiver<Item>>>,
+    ) -> Result<usize, EngineError> {
+        let Some(kit) = self.fallback_kit.take() else {
+            return Ok(0);
+        };
+        eprintln!("rmig: every RDMA lane failed ({why}); continuing over TCP");
+        let timeout = self.cfg.handshake_timeout;
+        for j in 0..kit.lanes {
+            let n = kit.lanes + j;
+            let sock = connect::join_lane(kit.peer, &kit.auth, n, timeout)?;
+            let pacer = self.monitor.pacer.clone();
+            let lane = connect::tcp_lane(sock, n, kit.map.clone(), pacer, Default::default())?;
+            let idx = self.workers.len();
+            let w = self
+                .crew
+                .start(&self.placement, idx, j as usize, TransportKind::Tcp, lane)?;
+            let _ = w.cmd.send(Cmd::Round(queues.clone()));
+            self.workers.push(w);
+            self.cpus_seen.push(Vec::new());
+        }
+        self.transport = TransportKind::Tcp;
+        let reason = format!("every RDMA lane failed (last: {why}); continued over TCP");
+        self.monitor.update(|s| {
+            s.transport = "tcp".into();
+            s.fallback_reason = Some(reason);
+            s.lanes += kit.lanes as usize;
+        });
+        Ok(kit.lanes as usize)
     }
 
     fn check_cancel(&mut self) -> Result<(), EngineError> {
