@@ -23,6 +23,6 @@ if ! command -v cargo >/dev/null 2>&1; then
   done
 fi
 if ! command -v cargo >/dev/null 2>&1; then
-  echo "rmig: no Rust toolchain found. Install Rust 1.87 or newer (https://rustup.rs), then run this again." >&2
+  echo "rmig: no Rust toolchain found. Install Rust 1.89 or newer (https://rustup.rs), then run this again." >&2
   exit 1
 fi

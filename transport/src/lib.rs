@@ -17,6 +17,7 @@ pub mod fault;
 pub mod mem;
 pub mod pace;
 pub mod rdma;
+pub mod stream_copy;
 pub mod tcp;
 
 pub use batch::{Batch, Run, RunKind};
@@ -66,11 +67,19 @@ pub trait DestLane: Send {
 pub trait PageSink: Sync {
     /// `npages` pages from `first_page` of region `region` now hold the source's bytes.
     fn data_landed(&self, region: usize, first_page: u64, npages: u64);
+    /// As [`data_landed`](Self::data_landed), with `bytes`, equal to what landed, to read
+    /// instead of guest memory: a lane that staged the run in a cached buffer passes it.
+    fn data_landed_from(&self, region: usize, first_page: u64, npages: u64, bytes: &[u8]) {
+        let _ = bytes;
+        self.data_landed(region, first_page, npages)
+    }
     /// The source says these pages are all zero; the sink makes them so (or knows they are).
     fn zero_pages(&self, region: usize, first_page: u64, npages: u64);
-    /// The largest piece of a run the sink wants handed over at once, if it reads what landed
-    /// (a sink that hashes wants pieces small enough to still be in cache). `None`: whole runs.
-    fn piece_bytes(&self) -> Option<u64> {
-        None
+    /// Whether the sink reads the bytes that land (to hash them). A lane that copies the data
+    /// itself then stages it in a cached buffer and calls
+    /// [`data_landed_from`](Self::data_landed_from), so that the sink reads from cache and
+    /// not from guest memory.
+    fn reads_landed(&self) -> bool {
+        false
     }
 }

@@ -166,3 +166,76 @@ fn unknown_regions_and_kinds_are_refused() {
         assert!(matches!(recv.join().unwrap(), Err(LaneError::Malformed(_))));
     }
 }
+
+/// A sink that reads what lands, as a verifying destination does: it keeps a copy of the bytes
+/// it is handed for each page.
+struct Reader {
+    pages: std::sync::Mutex<Vec<Option<Vec<u8>>>>,
+}
+
+impl PageSink for Reader {
+    fn data_landed(&self, _: usize, _: u64, _: u64) {
+        panic!("a reading sink is handed the staged bytes");
+    }
+    fn data_landed_from(&self, _: usize, first: u64, n: u64, bytes: &[u8]) {
+        assert_eq!(bytes.len() as u64, n * 4096);
+        let mut pages = self.pages.lock().unwrap();
+        for (i, pg) in bytes.chunks(4096).enumerate() {
+            pages[first as usize + i] = Some(pg.to_vec());
+        }
+    }
+    fn zero_pages(&self, _: usize, _: u64, _: u64) {}
+    fn reads_landed(&self) -> bool {
+        true
+    }
+}
+
+#[test]
+fn a_reading_sink_gets_the_staged_bytes_of_runs_longer_than_the_stage() {
+    const PAGES: usize = 600; // one run of 2.3 MiB: three staged pieces
+    let mut src = aligned(PAGES);
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    for w in src.iter_mut() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        *w = x;
+    }
+    let mut dst = aligned(PAGES);
+    let (a, b) = pair();
+    let smap = map_of(&mut src);
+    let dmap = map_of(&mut dst);
+    let sink = Arc::new(Reader {
+        pages: std::sync::Mutex::new(vec![None; PAGES]),
+    });
+    let s2 = sink.clone();
+    let recv = std::thread::spawn(move || TcpDestLane::new(b, dmap).unwrap().run(s2.as_ref()));
+    let mut lane =
+        TcpSourceLane::new(a, smap, Arc::new(Pacer::new(0)), FaultPlan::default()).unwrap();
+    let batch = Batch {
+        seq: 1,
+        runs: vec![Run {
+            region: 0,
+            first_page: 0,
+            npages: PAGES as u32,
+            kind: RunKind::Data,
+        }],
+        data_bytes: (PAGES * 4096) as u64,
+    };
+    lane.send(&batch).unwrap();
+    lane.wait_acked(1, Duration::from_secs(5)).unwrap();
+    lane.close();
+    let sum = recv.join().unwrap().unwrap();
+    assert_eq!(sum.data_pages, PAGES as u64);
+    assert_eq!(src, dst);
+    let bytes: &[u8] =
+        // SAFETY: a u64 slice viewed as its bytes.
+        unsafe { std::slice::from_raw_parts(src.as_ptr().cast(), src.len() * 8) };
+    for (i, seen) in sink.pages.lock().unwrap().iter().enumerate() {
+        assert_eq!(
+            seen.as_deref(),
+            Some(&bytes[i * 4096..(i + 1) * 4096]),
+            "page {i}"
+        );
+    }
+}

