@@ -142,6 +142,10 @@ struct GuestArgs {
     /// Page size of the region: 4KiB or 2MiB.
     #[arg(long, default_value = "4KiB", value_parser = parse_size)]
     page_size: u64,
+    /// Back guest memory with transparent huge pages (`MADV_HUGEPAGE`), as QEMU does for
+    /// guest RAM; `off` keeps 4 KiB host pages.
+    #[arg(long, value_enum, default_value_t = OnOff::On)]
+    thp: OnOff,
 }
 
 #[derive(Args, Clone)]
@@ -452,13 +456,15 @@ struct SourceGuest {
     log: SharedDirtyLog,
     workload: Workload,
     prepare_ms: f64,
+    /// Bytes of source memory in transparent huge pages once filled.
+    huge_bytes: u64,
 }
 
 fn prepare_source(g: &GuestArgs, w: &WorkloadArgs) -> Result<SourceGuest> {
     let t = Instant::now();
     // Like a VMM at start-up: read the machine's topology before any migration.
     let _ = rmig_numa::Topology::system();
-    let mut mem = Mapping::new(g.size as usize, true)?;
+    let mut mem = Mapping::new(g.size as usize, true, g.thp == OnOff::On)?;
     mem::fill(
         mem.bytes_mut(),
         g.page_size as usize,
@@ -481,6 +487,7 @@ fn prepare_source(g: &GuestArgs, w: &WorkloadArgs) -> Result<SourceGuest> {
         log.clone(),
     );
     Ok(SourceGuest {
+        huge_bytes: mem.huge_bytes(),
         mem,
         log,
         workload,
@@ -557,6 +564,9 @@ impl RunInfo {
             downtime_limit_ms: m.downtime_limit,
             source_prepare_ms: src.prepare_ms,
             dest_prepare_ms: 0.0,
+            thp: g.thp == OnOff::On,
+            source_huge_bytes: src.huge_bytes,
+            dest_huge_bytes: 0,
         }
     }
 }
@@ -566,8 +576,13 @@ fn loopback(a: LoopbackArgs) -> Result<bool> {
     a.out.start_metrics()?;
     let mut src = prepare_source(&a.guest, &a.workload)?;
     let t = Instant::now();
-    let dst = Mapping::new(a.guest.size as usize, a.prealloc.on())?;
+    let dst = Mapping::new(
+        a.guest.size as usize,
+        a.prealloc.on(),
+        a.guest.thp == OnOff::On,
+    )?;
     let dest_ms = t.elapsed().as_secs_f64() * 1e3;
+    let dest_huge = dst.huge_bytes();
 
     let mut keyb = [0u8; 32];
     for (i, b) in keyb.iter_mut().enumerate() {
@@ -604,6 +619,7 @@ fn loopback(a: LoopbackArgs) -> Result<bool> {
     let mut run = RunInfo::of("loopback", &a.guest, &a.workload, &a.migrate, &src);
     run.prealloc = a.prealloc.on();
     run.dest_prepare_ms = dest_ms;
+    run.dest_huge_bytes = dest_huge;
     let report = Report::new(stats, memory_equal, cpu, run);
     print(&report, a.out.json)?;
     if let Err(e) = &dest_result {
@@ -631,8 +647,13 @@ fn dest(a: DestArgs) -> Result<bool> {
     a.out.start_metrics()?;
     let key = a.key.load()?;
     let t = Instant::now();
-    let dst = Mapping::new(a.guest.size as usize, a.prealloc.on())?;
+    let dst = Mapping::new(
+        a.guest.size as usize,
+        a.prealloc.on(),
+        a.guest.thp == OnOff::On,
+    )?;
     let prep = t.elapsed().as_secs_f64() * 1e3;
+    let dest_huge = dst.huge_bytes();
     let listener = DestListener::bind(&a.listen, a.transport.dest_config(key))?;
     eprintln!("listening on {}", listener.local_addr()?);
     let monitor = Monitor::new();
@@ -661,6 +682,9 @@ fn dest(a: DestArgs) -> Result<bool> {
             downtime_limit_ms: 0,
             source_prepare_ms: 0.0,
             dest_prepare_ms: prep,
+            thp: a.guest.thp == OnOff::On,
+            source_huge_bytes: 0,
+            dest_huge_bytes: dest_huge,
         },
     );
     print(&report, a.out.json)?;

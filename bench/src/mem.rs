@@ -21,8 +21,9 @@ unsafe impl Sync for Mapping {}
 
 impl Mapping {
     /// Maps `len` bytes; with `populate`, every page is faulted in now (like QEMU's
-    /// `-mem-prealloc`), otherwise on first touch.
-    pub fn new(len: usize, populate: bool) -> Result<Mapping> {
+    /// `-mem-prealloc`), otherwise on first touch. With `huge`, the mapping asks for
+    /// transparent huge pages (`MADV_HUGEPAGE`), as QEMU does for guest RAM.
+    pub fn new(len: usize, populate: bool, huge: bool) -> Result<Mapping> {
         let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
         // SAFETY: a fresh anonymous mapping; no existing memory is touched.
         let p = unsafe {
@@ -42,6 +43,11 @@ impl Mapping {
             );
         }
         let m = Mapping { ptr: p.cast(), len };
+        if huge {
+            // SAFETY: advice on our own fresh mapping; it changes no contents. A kernel
+            // without THP refuses it, and the mapping keeps small pages.
+            unsafe { libc::madvise(p, len, libc::MADV_HUGEPAGE) };
+        }
         if populate {
             // SAFETY: populating our own mapping; contents stay zero.
             let r = unsafe { libc::madvise(p, len, MADV_POPULATE_WRITE) };
@@ -53,6 +59,22 @@ impl Mapping {
             }
         }
         Ok(m)
+    }
+
+    /// Bytes of the mapping backed by transparent huge pages now (from `/proc/self/smaps`).
+    pub fn huge_bytes(&self) -> u64 {
+        let start = format!("{:x}-", self.ptr as usize);
+        let Ok(smaps) = std::fs::read_to_string("/proc/self/smaps") else {
+            return 0;
+        };
+        smaps
+            .lines()
+            .skip_while(|l| !l.starts_with(&start))
+            .skip(1)
+            .take_while(|l| !l.contains('-') || l.contains(':'))
+            .find_map(|l| l.strip_prefix("AnonHugePages:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .map_or(0, |kb| kb * 1024)
     }
 
     /// Start address.

@@ -34,6 +34,12 @@ pub struct RunInfo {
     pub source_prepare_ms: f64,
     /// Time to allocate the destination (not part of the migration).
     pub dest_prepare_ms: f64,
+    /// Whether guest memory asked for transparent huge pages (`--thp`).
+    pub thp: bool,
+    /// Bytes of source memory in huge pages when the migration started (0 when not known).
+    pub source_huge_bytes: u64,
+    /// Bytes of destination memory in huge pages when the migration started.
+    pub dest_huge_bytes: u64,
 }
 
 /// One bench result.
@@ -104,6 +110,20 @@ impl Report {
                 self.run.dirty_rate_mbs,
                 self.run.hot_set * 100.0
             ),
+        );
+        let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+        row(
+            "host pages",
+            if self.run.thp {
+                format!(
+                    "transparent huge pages asked for: {:.2} GiB of the source and {:.2} GiB of \
+                     the destination in huge pages",
+                    gib(self.run.source_huge_bytes),
+                    gib(self.run.dest_huge_bytes)
+                )
+            } else {
+                "4 KiB (--thp off)".into()
+            },
         );
         row(
             "destination memory",
