@@ -3,7 +3,10 @@
 # (RUNS times each), and prints both rates, their medians and the ratio.
 # Usage: bench/scripts/vs-iperf3.sh [N] [extra rmig-bench args...]
 # Environment: RUNS (default 3), SIZE (default 2GiB), BENCH (path of rmig-bench),
-# IPERF_SECONDS (default 1: about as long as rmig moving 2 GiB, so both see the same noise).
+# IPERF_SECONDS (default 1: about as long as rmig moving 2 GiB, so both see the same noise),
+# IPERF_ARGS (default "-l 1M": iperf3's own default of 128 KiB writes reaches only about half
+# of this machine's loopback TCP rate, so 1 MiB writes make the stricter yardstick; set it to ""
+# for iperf3's defaults).
 set -euo pipefail
 n=${1:-2}
 shift || true
@@ -19,7 +22,7 @@ trap 'kill $(cat /tmp/rmig-iperf3.$$.pid) 2>/dev/null; rm -f /tmp/rmig-iperf3.$$
 sleep 0.5
 ips=(); rms=()
 for i in $(seq "$runs"); do
-  ip=$(iperf3 -c 127.0.0.1 -p "$port" -P "$n" -t "${IPERF_SECONDS:-1}" -l 1M -J |
+  ip=$(iperf3 -c 127.0.0.1 -p "$port" -P "$n" -t "${IPERF_SECONDS:-1}" ${IPERF_ARGS--l 1M} -J |
        python3 -c 'import json,sys; print(json.load(sys.stdin)["end"]["sum_received"]["bits_per_second"]/8)')
   js=$("$bench" loopback --size "$size" --lanes "$n" --json "$@" | tail -1)
   rm_rate=$(printf '%s' "$js" | python3 -c 'import json,sys; j=json.load(sys.stdin); assert j["status"]=="completed" and j["memory_equal"], j.get("error"); print(j["data_rate"])')
