@@ -2,7 +2,7 @@
 # Runs `iperf3 -P N` and `rmig-bench loopback --lanes N` on this machine in one run, alternately
 # (RUNS times each), and prints both rates, their medians and the ratio.
 # Usage: bench/scripts/vs-iperf3.sh [N] [extra rmig-bench args...]
-# Environment: RUNS (default 3), SIZE (default 2GiB), BENCH (path of rmig-bench),
+# Environment: RUNS (default 5), SIZE (default 2GiB), BENCH (path of rmig-bench),
 # IPERF_SECONDS (default 1: about as long as rmig moving 2 GiB, so both see the same noise),
 # IPERF_ARGS (default "-l 1M": iperf3's own default of 128 KiB writes reaches only about half
 # of this machine's loopback TCP rate, so 1 MiB writes make the stricter yardstick; set it to ""
@@ -10,7 +10,7 @@
 set -euo pipefail
 n=${1:-2}
 shift || true
-runs=${RUNS:-3}
+runs=${RUNS:-5}
 size=${SIZE:-2GiB}
 here=$(cd "$(dirname "$0")/../.." && pwd)
 bench=${BENCH:-$here/target/release/rmig-bench}
