@@ -17,7 +17,8 @@ use crate::{DestLane, DestLaneSummary, LaneError, MemRegion, MemoryMap, PageSink
 
 /// Bytes read ahead when looking for a header. Payload bytes that come along are copied once
 /// from here (so this stays small: 16 KiB is under 2 % of a 1 MiB run); the rest of a payload
-/// is read straight into guest memory or the staging buffer. Runs of single pages still arrive several per read.
+/// is read straight into guest memory or the staging buffer. Runs of single pages still arrive
+/// several per read.
 const READ_AHEAD: usize = 16 * 1024;
 
 /// A TCP destination lane.
