@@ -34,8 +34,8 @@ pub struct RunInfo {
     pub source_prepare_ms: f64,
     /// Time to allocate the destination (not part of the migration).
     pub dest_prepare_ms: f64,
-    /// Whether guest memory asked for transparent huge pages (`--thp`).
-    pub thp: bool,
+    /// Where guest memory asked for transparent huge pages (`--thp`).
+    pub thp: crate::Thp,
     /// Bytes of source memory in huge pages when the migration started (0 when not known).
     pub source_huge_bytes: u64,
     /// Bytes of destination memory in huge pages when the migration started.
@@ -114,15 +114,20 @@ impl Report {
         let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
         row(
             "host pages",
-            if self.run.thp {
+            if self.run.thp == crate::Thp::Off {
+                "4 KiB (--thp off)".into()
+            } else {
                 format!(
-                    "transparent huge pages asked for: {:.2} GiB of the source and {:.2} GiB of \
-                     the destination in huge pages",
+                    "transparent huge pages (--thp {}): {:.2} GiB of the source and {:.2} GiB \
+                     of the destination in huge pages",
+                    if self.run.thp == crate::Thp::On {
+                        "on"
+                    } else {
+                        "auto"
+                    },
                     gib(self.run.source_huge_bytes),
                     gib(self.run.dest_huge_bytes)
                 )
-            } else {
-                "4 KiB (--thp off)".into()
             },
         );
         row(
