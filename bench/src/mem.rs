@@ -67,11 +67,10 @@ impl Mapping {
         let Ok(smaps) = std::fs::read_to_string("/proc/self/smaps") else {
             return 0;
         };
+        // The first AnonHugePages line after the mapping's header is the mapping's own.
         smaps
             .lines()
             .skip_while(|l| !l.starts_with(&start))
-            .skip(1)
-            .take_while(|l| !l.contains('-') || l.contains(':'))
             .find_map(|l| l.strip_prefix("AnonHugePages:"))
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
             .map_or(0, |kb| kb * 1024)

@@ -17,6 +17,7 @@ pub mod fault;
 pub mod mem;
 pub mod pace;
 pub mod rdma;
+mod replies;
 pub mod stream_copy;
 pub mod tcp;
 

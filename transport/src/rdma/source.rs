@@ -7,7 +7,7 @@
 //! [`SLOTS`] descriptors, the number of receives the destination keeps posted.
 
 use std::collections::VecDeque;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::{Shutdown, TcpStream};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
@@ -23,6 +23,7 @@ use super::memory::{chunk_span, register, ChunkCache, LocalMemory, Registration,
 use super::queue::{Completion, QpEndpoint, Queue};
 use super::wire::{self, Reply, REPLY_LEN, SLOT_BYTES};
 use super::{RdmaDevice, RdmaError};
+use crate::replies::{lock, read_records};
 use crate::{Batch, FaultPlan, LaneError, Pacer, RunKind, SourceLane};
 
 /// Most scatter-gather entries rmig puts in one WRITE (the device may allow fewer).
@@ -47,10 +48,6 @@ struct RepliesInner {
 struct Replies {
     inner: Mutex<RepliesInner>,
     cv: Condvar,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// A source queue pair created and waiting for the destination's end.
@@ -167,27 +164,17 @@ impl SourcePrepared {
 }
 
 fn read_replies(rd: &mut TcpStream, r: &Replies) {
-    let mut b = [0u8; REPLY_LEN];
-    let reason = loop {
-        match rd.read_exact(&mut b) {
-            Ok(()) => match wire::decode_reply(&b) {
-                Ok(Reply::Ack(s)) => {
-                    let mut g = lock(&r.inner);
-                    g.acked = g.acked.max(s);
-                    r.cv.notify_all();
-                }
-                Ok(k) => {
-                    lock(&r.inner).key = Some(k);
-                    r.cv.notify_all();
-                }
-                Err(e) => break e,
-            },
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
-                break "peer closed the lane".to_string()
+    let reason = read_records::<REPLY_LEN>(rd, |b| {
+        match wire::decode_reply(b)? {
+            Reply::Ack(s) => {
+                let mut g = lock(&r.inner);
+                g.acked = g.acked.max(s);
             }
-            Err(e) => break e.to_string(),
+            k => lock(&r.inner).key = Some(k),
         }
-    };
+        r.cv.notify_all();
+        Ok(())
+    });
     lock(&r.inner).closed = Some(reason);
     r.cv.notify_all();
 }

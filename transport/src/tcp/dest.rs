@@ -23,12 +23,17 @@ const READ_AHEAD: usize = 16 * 1024;
 
 /// A TCP destination lane.
 pub struct TcpDestLane {
-    stream: TcpStream,
+    rx: Incoming,
     map: MemoryMap,
+    stage: Vec<Line>,
+}
+
+/// The lane socket with its read-ahead buffer (`buf[start..end]` is read but not consumed).
+struct Incoming {
+    stream: TcpStream,
     buf: Vec<u8>,
     start: usize,
     end: usize,
-    stage: Vec<Line>,
 }
 
 /// Bytes of a run staged at once when the sink reads what lands: the source's largest run,
@@ -51,25 +56,7 @@ fn lines_as_bytes(v: &mut [Line]) -> &mut [u8] {
     unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr().cast::<u8>(), v.len() * LINE) }
 }
 
-impl TcpDestLane {
-    /// Takes over a connected, authenticated lane socket.
-    pub fn new(stream: TcpStream, map: MemoryMap) -> Result<Self, LaneError> {
-        stream.set_nodelay(true)?;
-        Ok(TcpDestLane {
-            stream,
-            map,
-            buf: vec![0u8; READ_AHEAD],
-            start: 0,
-            end: 0,
-            stage: Vec::new(),
-        })
-    }
-
-    /// A handle that can shut the lane's socket down from another thread (to stop `run`).
-    pub fn shutdown_handle(&self) -> std::io::Result<TcpStream> {
-        self.stream.try_clone()
-    }
-
+impl Incoming {
     /// Reads at least `n` buffered bytes. `Ok(false)` on a clean end of stream before any.
     fn fill(&mut self, n: usize) -> Result<bool, LaneError> {
         if self.end - self.start >= n {
@@ -107,6 +94,28 @@ impl TcpDestLane {
         }
         Ok(())
     }
+}
+
+impl TcpDestLane {
+    /// Takes over a connected, authenticated lane socket.
+    pub fn new(stream: TcpStream, map: MemoryMap) -> Result<Self, LaneError> {
+        stream.set_nodelay(true)?;
+        Ok(TcpDestLane {
+            rx: Incoming {
+                stream,
+                buf: vec![0u8; READ_AHEAD],
+                start: 0,
+                end: 0,
+            },
+            map,
+            stage: Vec::new(),
+        })
+    }
+
+    /// A handle that can shut the lane's socket down from another thread (to stop `run`).
+    pub fn shutdown_handle(&self) -> std::io::Result<TcpStream> {
+        self.rx.stream.try_clone()
+    }
 
     /// Lands a data run for a sink that reads what lands: each piece is received into the
     /// staging buffer (which stays in cache), streamed into guest memory without reading it
@@ -121,31 +130,24 @@ impl TcpDestLane {
     ) -> Result<(), LaneError> {
         let psize = region.page_size() as u64;
         let per = (STAGE_BYTES as u64 / psize).max(1);
-        let mut stage = std::mem::take(&mut self.stage);
         let mut p = first;
-        let res = loop {
-            if p >= first + count {
-                break Ok(());
-            }
+        while p < first + count {
             let n = per.min(first + count - p);
             let len = (n * psize) as usize;
-            if stage.len() * LINE < len {
-                // A page larger than the staging buffer (a 2 MiB page).
-                stage.resize(len.div_ceil(LINE), Line([0; LINE]));
+            if self.stage.len() * LINE < len {
+                // Grown on first use, and for a page larger than STAGE_BYTES (2 MiB).
+                self.stage.resize(len.div_ceil(LINE), Line([0; LINE]));
             }
-            let staged = &mut lines_as_bytes(&mut stage)[..len];
-            if let Err(e) = self.read_into(staged) {
-                break Err(e);
-            }
+            let staged = &mut lines_as_bytes(&mut self.stage)[..len];
+            self.rx.read_into(staged)?;
             // SAFETY: rounds are fenced and each page is sent on one lane per round, so this
             // lane is the only writer of these pages now.
             let dst = unsafe { region.pages_slice_mut(p, n) };
             copy_streaming(dst, staged);
             sink.data_landed_from(idx, p, n, staged);
             p += n;
-        };
-        self.stage = stage;
-        res
+        }
+        Ok(())
     }
 
     /// Receives until the source closes the lane, handing every run to `sink`.
@@ -155,13 +157,14 @@ impl TcpDestLane {
     pub fn run(&mut self, sink: &dyn PageSink) -> Result<DestLaneSummary, LaneError> {
         let mut sum = DestLaneSummary::default();
         loop {
-            if !self.fill(HEADER_LEN)? {
+            if !self.rx.fill(HEADER_LEN)? {
                 return Err(LaneError::Closed);
             }
-            let hb: [u8; HEADER_LEN] = self.buf[self.start..self.start + HEADER_LEN]
+            let rx = &mut self.rx;
+            let hb: [u8; HEADER_LEN] = rx.buf[rx.start..rx.start + HEADER_LEN]
                 .try_into()
                 .expect("header length");
-            self.start += HEADER_LEN;
+            rx.start += HEADER_LEN;
             let h = Header::decode(&hb).map_err(LaneError::Malformed)?;
             match h.kind {
                 wire::KIND_DATA | wire::KIND_ZERO => {
@@ -185,7 +188,7 @@ impl TcpDestLane {
                             // SAFETY: rounds are fenced and each page is sent on one lane per
                             // round, so this lane is the only writer of these pages now.
                             let dst = unsafe { region.pages_slice_mut(h.first_page, h.count) };
-                            self.read_into(dst)?;
+                            self.rx.read_into(dst)?;
                             sink.data_landed(idx, h.first_page, h.count);
                         }
                         sum.data_bytes += h.count * region.page_size() as u64;
@@ -196,7 +199,7 @@ impl TcpDestLane {
                     }
                 }
                 wire::KIND_BATCH_END => {
-                    self.stream.write_all(&wire::encode_ack(h.count))?;
+                    self.rx.stream.write_all(&wire::encode_ack(h.count))?;
                     sum.batches += 1;
                 }
                 wire::KIND_CLOSE => return Ok(sum),

@@ -1,12 +1,13 @@
 //! The sending end of a TCP lane.
 
-use std::io::{IoSlice, Read, Write};
+use std::io::{IoSlice, Write};
 use std::net::{Shutdown, TcpStream};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use super::wire::{self, Header, ACK_LEN, HEADER_LEN};
+use crate::replies::{lock, read_records};
 use crate::{Batch, FaultPlan, LaneError, MemoryMap, Pacer, RunKind, SourceLane};
 
 /// Most slices one `writev` takes (Linux's IOV_MAX).
@@ -71,28 +72,14 @@ impl TcpSourceLane {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 fn read_acks(rd: &mut TcpStream, acks: &Acks) {
-    let mut b = [0u8; ACK_LEN];
-    let reason = loop {
-        match rd.read_exact(&mut b) {
-            Ok(()) => match wire::decode_ack(&b) {
-                Ok(seq) => {
-                    let mut g = lock(&acks.inner);
-                    g.seq = g.seq.max(seq);
-                    acks.cv.notify_all();
-                }
-                Err(e) => break e,
-            },
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
-                break "peer closed the lane".to_string()
-            }
-            Err(e) => break e.to_string(),
-        }
-    };
+    let reason = read_records::<ACK_LEN>(rd, |b| {
+        let seq = wire::decode_ack(b)?;
+        let mut g = lock(&acks.inner);
+        g.seq = g.seq.max(seq);
+        acks.cv.notify_all();
+        Ok(())
+    });
     lock(&acks.inner).closed = Some(reason);
     acks.cv.notify_all();
 }
