@@ -128,8 +128,9 @@ impl RdmaDestLane {
                 let sock = self.queue.wait(fd, Duration::from_secs(1), &mut comps)?;
                 if sock && comps.is_empty() {
                     // The source closes its socket right after its last SEND completed on its
-                    // side; that receive's completion may still be on its way here.
-                    let until = std::time::Instant::now() + Duration::from_millis(500);
+                    // side (or after CLOSE_WAIT); that receive's completion may still be on its
+                    // way here.
+                    let until = std::time::Instant::now() + super::CLOSE_WAIT;
                     while comps.is_empty() && std::time::Instant::now() < until {
                         std::thread::sleep(Duration::from_millis(1));
                         self.queue.poll(&mut comps);

@@ -39,3 +39,9 @@ pub use error::RdmaError;
 pub use memory::{LocalMemory, Registration, RemoteMemory, RemoteRegion};
 pub use queue::QpEndpoint;
 pub use source::{RdmaSourceLane, SourcePrepared};
+
+/// How long the end of a lane may take under a slow device (soft-RoCE under emulation): the
+/// source waits this long for its close message's completion before it shuts the socket, and
+/// the destination, seeing the socket end with no completion, waits this long for the
+/// receive that may still be on its way.
+pub(crate) const CLOSE_WAIT: std::time::Duration = std::time::Duration::from_secs(3);

@@ -585,8 +585,7 @@ impl SourceLane for RdmaSourceLane {
             if let Ok(slot) = self.slot() {
                 let len = wire::encode_close(&mut self.slots[slot * SLOT_BYTES..]);
                 if self.post(Some((slot, len))).is_ok() {
-                    let _ = self
-                        .poll_until(Duration::from_secs(2), "the close", |s| s.outstanding == 0);
+                    let _ = self.poll_until(super::CLOSE_WAIT, "the close", |s| s.outstanding == 0);
                 }
             }
         }
