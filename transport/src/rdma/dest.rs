@@ -127,27 +127,32 @@ impl RdmaDestLane {
             if comps.is_empty() {
                 let sock = self.queue.wait(fd, Duration::from_secs(1), &mut comps)?;
                 if sock && comps.is_empty() {
-                    // The source closes its socket right after its last SEND completed on its
-                    // side (or after CLOSE_WAIT); that receive's completion may still be on its
-                    // way here.
-                    let until = std::time::Instant::now() + super::CLOSE_WAIT;
+                    // The source says nothing on the socket but that it is closing; else the
+                    // socket's end means the source is gone. Either way a receive may still be
+                    // on its way here.
+                    let mut b = [0u8; 1];
+                    let grace = match self.stream.read(&mut b) {
+                        Ok(1) if b[0] == wire::CLOSING => super::CLOSE_WAIT,
+                        Ok(0) => super::EOF_GRACE,
+                        Ok(_) => {
+                            return Err(LaneError::Malformed(
+                                "unexpected bytes on an RDMA lane socket".into(),
+                            ))
+                        }
+                        Err(e) => return Err(e.into()),
+                    };
+                    let until = std::time::Instant::now() + grace;
                     while comps.is_empty() && std::time::Instant::now() < until {
                         std::thread::sleep(Duration::from_millis(1));
                         self.queue.poll(&mut comps);
                     }
+                    if comps.is_empty() {
+                        return Err(LaneError::Closed);
+                    }
                 }
-                if sock && comps.is_empty() {
-                    // The source sends nothing on the socket: this is its end.
-                    let mut b = [0u8; 1];
-                    return match self.stream.read(&mut b) {
-                        Ok(0) => Err(LaneError::Closed),
-                        Ok(_) => Err(LaneError::Malformed(
-                            "unexpected bytes on an RDMA lane socket".into(),
-                        )),
-                        Err(e) => Err(e.into()),
-                    };
+                if comps.is_empty() {
+                    continue;
                 }
-                continue;
             }
             for c in &comps {
                 if !c.ok() {

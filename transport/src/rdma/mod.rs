@@ -42,6 +42,9 @@ pub use source::{RdmaSourceLane, SourcePrepared};
 
 /// How long the end of a lane may take under a slow device (soft-RoCE under emulation): the
 /// source waits this long for its close message's completion before it shuts the socket, and
-/// the destination, seeing the socket end with no completion, waits this long for the
-/// receive that may still be on its way.
-pub(crate) const CLOSE_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+/// a destination told [`wire::CLOSING`] waits this long for that message.
+pub(crate) const CLOSE_WAIT: std::time::Duration = std::time::Duration::from_secs(15);
+
+/// How long a destination whose lane socket ended without [`wire::CLOSING`] (the source is
+/// gone) still polls for a receive already on its way.
+pub(crate) const EOF_GRACE: std::time::Duration = std::time::Duration::from_millis(500);

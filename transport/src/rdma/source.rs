@@ -156,6 +156,8 @@ impl SourcePrepared {
             slot_sig: [0; SLOTS],
             msgs: 0,
             seq_posted: 0,
+            sent: VecDeque::new(),
+            done_seq: 0,
             payload_sent: 0,
             comps: Vec::new(),
             failed: None,
@@ -217,6 +219,10 @@ pub struct RdmaSourceLane {
     slot_sig: [u64; SLOTS],
     msgs: u64,
     seq_posted: u64,
+    /// Batches posted and not yet complete here: (signal id of their SEND, sequence number).
+    sent: VecDeque<(u64, u64)>,
+    /// The highest batch whose work requests have all completed on this side.
+    done_seq: u64,
     payload_sent: u64,
     comps: Vec<Completion>,
     failed: Option<String>,
@@ -255,6 +261,9 @@ impl RdmaSourceLane {
             }
             if c.wr_id != 0 {
                 self.done_sig = self.done_sig.max(c.wr_id);
+                while self.sent.front().is_some_and(|(s, _)| *s <= self.done_sig) {
+                    self.done_seq = self.sent.pop_front().expect("front").1;
+                }
                 while self.inflight.front().is_some_and(|(s, _)| *s <= c.wr_id) {
                     let (_, n) = self.inflight.pop_front().expect("front");
                     self.outstanding -= n;
@@ -564,18 +573,23 @@ impl SourceLane for RdmaSourceLane {
         let total = batch.data_bytes + len as u64;
         self.pacer.take(total);
         self.post(Some((slot, len)))?;
+        self.sent.push_back((self.slot_sig[slot], seq));
         self.seq_posted = seq;
         self.payload_sent += batch.data_bytes;
         Ok(total)
     }
 
     fn acked(&self) -> u64 {
-        lock(&self.replies.inner).acked
+        lock(&self.replies.inner).acked.min(self.done_seq)
     }
 
     fn wait_acked(&mut self, seq: u64, timeout: Duration) -> Result<(), LaneError> {
         match self.wait_reply(timeout, |r| (r.acked >= seq).then_some(()))? {
-            Some(()) => Ok(()),
+            // The destination's acknowledgement can overtake the transport's own: until the
+            // batch's work requests have completed here, the device may still retransmit one
+            // of its WRITEs, with the page's bytes as they are then, after a later round wrote
+            // that page over another lane. So a batch counts only once it is complete here too.
+            Some(()) => self.poll_until(REPLY_TIMEOUT, "outstanding writes", |s| s.done_seq >= seq),
             None => Err(LaneError::AckTimeout(timeout)),
         }
     }
@@ -585,6 +599,7 @@ impl SourceLane for RdmaSourceLane {
             if let Ok(slot) = self.slot() {
                 let len = wire::encode_close(&mut self.slots[slot * SLOT_BYTES..]);
                 if self.post(Some((slot, len))).is_ok() {
+                    let _ = self.stream.write_all(&[wire::CLOSING]);
                     let _ = self.poll_until(super::CLOSE_WAIT, "the close", |s| s.outstanding == 0);
                 }
             }

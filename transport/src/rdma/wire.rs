@@ -1,8 +1,9 @@
 //! The small messages of an RDMA lane.
 //!
 //! Source → destination, as SENDs on the queue pair (so they arrive after the WRITEs posted
-//! before them): batch descriptors, chunk registration requests and the close. Destination →
-//! source, on the lane's TCP socket: fixed 24-byte replies. All little-endian.
+//! before them): batch descriptors, chunk registration requests and the close, announced on
+//! the lane's TCP socket by the one byte [`CLOSING`]. Destination → source, on that socket:
+//! fixed 24-byte replies. All little-endian.
 
 use crate::{Run, RunKind};
 
@@ -16,6 +17,10 @@ const RUN_BYTES: usize = 16;
 pub const MAX_DESC_RUNS: usize = (SLOT_BYTES - DESC_HEAD) / RUN_BYTES;
 /// Length of a reply.
 pub const REPLY_LEN: usize = 24;
+/// The one byte a source sends on the lane socket: it has posted its close message and will
+/// end the socket once that completed (so the destination waits for the message, however
+/// slow the device, instead of taking the socket's end for a crash).
+pub const CLOSING: u8 = 0xC1;
 
 const KIND_BATCH: u8 = 1;
 const KIND_REGISTER: u8 = 2;
