@@ -379,12 +379,12 @@ struct KeyArgs {
 
 impl KeyArgs {
     fn load(&self) -> Result<Key> {
-        let bytes = match &self.key_file {
-            Some(p) => std::fs::read(p).with_context(|| format!("reading {}", p.display()))?,
-            None => std::env::var("RMIG_KEY")
-                .context("no key: pass --key-file or set RMIG_KEY")?
-                .into_bytes(),
-        };
+        if let Some(p) = &self.key_file {
+            return Ok(Key::from_file(p)?);
+        }
+        let bytes = std::env::var("RMIG_KEY")
+            .context("no key: pass --key-file or set RMIG_KEY")?
+            .into_bytes();
         Ok(Key::new(&bytes)?)
     }
 }
@@ -611,11 +611,7 @@ fn loopback(a: LoopbackArgs) -> Result<bool> {
     let dest_ms = t.elapsed().as_secs_f64() * 1e3;
     let dest_huge = dst.huge_bytes();
 
-    let mut keyb = [0u8; 32];
-    for (i, b) in keyb.iter_mut().enumerate() {
-        *b = (mem::Rng::new(std::process::id() as u64 + i as u64).next_u64() % 94 + 33) as u8;
-    }
-    let key = Key::new(&keyb)?;
+    let key = Key::random()?;
     let bind = if a.addr.contains(':') {
         format!("[{}]:0", a.addr)
     } else {

@@ -96,7 +96,7 @@ pub fn watch(
                 let line = Line {
                     kind: "round",
                     t_ms: start.elapsed().as_secs_f64() * 1e3,
-                    status: &stats.status,
+                    status: stats.status.name(),
                     round: r.round,
                     transferred: p.transferred,
                     total: p.total,
@@ -115,7 +115,7 @@ pub fn watch(
                 let line = Line {
                     kind: "tick",
                     t_ms: start.elapsed().as_secs_f64() * 1e3,
-                    status: &status,
+                    status: status.name(),
                     round: p.round,
                     transferred: p.transferred,
                     total: p.total,

@@ -84,7 +84,7 @@ impl Report {
 
     /// Whether the run succeeded: completed, verified (when on), memories equal (when known).
     pub fn ok(&self) -> bool {
-        self.stats.status == "completed"
+        self.stats.status == rmig_engine::MigrationStatus::Completed
             && self.stats.verified != Some(false)
             && (!self.run.verify || self.stats.verified == Some(true) || self.run.mode == "dest")
             && self.memory_equal != Some(false)
@@ -96,7 +96,7 @@ impl Report {
         let gb = |b: f64| b / 1e9;
         let mut o = String::new();
         let mut row = |k: &str, v: String| o.push_str(&format!("{k:<22} {v}\n"));
-        row("status", s.status.clone());
+        row("status", s.status.to_string());
         if let Some(e) = &s.error {
             row("error", e.clone());
         }

@@ -145,7 +145,7 @@ fn two_hosts(dest_size: &str, dest_key: &str) -> (std::process::Output, std::pro
             "random",
             "--json",
         ])
-        .env("RMIG_KEY", "two-host key")
+        .env("RMIG_KEY", "two-host key, 16+ bytes")
         .output()
         .unwrap();
     (src, dest.wait_with_output().unwrap())
@@ -153,7 +153,7 @@ fn two_hosts(dest_size: &str, dest_key: &str) -> (std::process::Output, std::pro
 
 #[test]
 fn source_and_dest_across_processes() {
-    let (src, dst) = two_hosts("32MiB", "two-host key");
+    let (src, dst) = two_hosts("32MiB", "two-host key, 16+ bytes");
     assert!(
         src.status.success(),
         "{}",
@@ -170,7 +170,7 @@ fn source_and_dest_across_processes() {
 
 #[test]
 fn mismatched_sizes_fail_on_both_ends() {
-    let (src, dst) = two_hosts("64MiB", "two-host key");
+    let (src, dst) = two_hosts("64MiB", "two-host key, 16+ bytes");
     assert!(!src.status.success());
     assert!(!dst.status.success());
     assert!(json_of(&src)["error"]
@@ -181,7 +181,7 @@ fn mismatched_sizes_fail_on_both_ends() {
 
 #[test]
 fn wrong_key_fails_on_both_ends() {
-    let (src, dst) = two_hosts("32MiB", "another key");
+    let (src, dst) = two_hosts("32MiB", "another key, 16+ bytes");
     assert!(!src.status.success());
     assert!(!dst.status.success());
     assert!(json_of(&dst)["error"]

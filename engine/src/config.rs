@@ -66,6 +66,9 @@ pub struct SourceConfig {
     pub liveness: Liveness,
     /// Limit for each step of the handshake and for connecting.
     pub handshake_timeout: Duration,
+    /// How long the destination may take to verify and load the device state before it says
+    /// `Ready`; past it the source resumes its guest and the destination discards.
+    pub ready_timeout: Duration,
     /// Protocol versions spoken (tests change this).
     pub versions: (u16, u16),
     /// Faults to inject per lane (tests).
@@ -88,6 +91,7 @@ impl SourceConfig {
             verify: true,
             liveness: Liveness::default(),
             handshake_timeout: Duration::from_secs(10),
+            ready_timeout: Duration::from_secs(10),
             versions: (PROTOCOL_MIN, PROTOCOL_MAX),
             lane_faults: Vec::new(),
             numa: NumaMode::Auto,
@@ -118,6 +122,11 @@ pub struct DestConfig {
     pub liveness: Liveness,
     /// Limit for each step of the handshake, and for the lanes to join.
     pub handshake_timeout: Duration,
+    /// How long to wait for a source to complete the handshake; `None` waits until cancelled
+    /// (as QEMU's `-incoming` does). Connections that fail the handshake do not end the wait.
+    pub incoming_timeout: Option<Duration>,
+    /// Most device state accepted, in bytes.
+    pub max_device_state: usize,
     /// Protocol versions spoken (tests change this).
     pub versions: (u16, u16),
     /// Faults to inject (tests).
@@ -134,6 +143,8 @@ impl DestConfig {
             max_lanes: 64,
             liveness: Liveness::default(),
             handshake_timeout: Duration::from_secs(10),
+            incoming_timeout: None,
+            max_device_state: 1 << 30,
             versions: (PROTOCOL_MIN, PROTOCOL_MAX),
             fault: DestFault::default(),
         }

@@ -70,6 +70,20 @@ pub enum EngineError {
     /// Cancelled by the peer.
     #[error("cancelled by peer: {0}")]
     PeerCancelled(String),
+    /// The link failed during the handover, so this end cannot know whether the other end
+    /// runs the guest: its own copy stays paused until an operator decides.
+    #[error("handover unknown: {0}; this end's guest stays paused until an operator decides which end runs it")]
+    HandoverUnknown(String),
+    /// No source completed the handshake before the destination's incoming timeout.
+    #[error("no source completed the handshake within {waited_ms} ms ({refused} connections refused{})", last.as_ref().map(|l| format!("; last: {l}")).unwrap_or_default())]
+    NoSource {
+        /// How long the destination waited.
+        waited_ms: u64,
+        /// Connections dropped because they failed the handshake.
+        refused: u64,
+        /// Why the last one was dropped.
+        last: Option<Box<EngineError>>,
+    },
     /// A step was called in a state that does not allow it.
     #[error("invalid state: {0}")]
     State(String),

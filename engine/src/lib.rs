@@ -41,7 +41,9 @@ pub use monitor::{Monitor, Progress};
 pub use region::{Region, RegionDesc, PAGE_2M, PAGE_4K};
 pub use rmig_transport::rdma::Registration;
 pub use source::{SourceSession, Step};
-pub use stats::{LaneObserved, MigrationStats, NumaReport, RamStats, RdmaReport, RoundStats};
+pub use stats::{
+    LaneObserved, MigrationStats, MigrationStatus, NumaReport, RamStats, RdmaReport, RoundStats,
+};
 
 /// A fault plan that kills a lane once `bytes` of payload went out on it (tests).
 pub fn fail_after(bytes: u64) -> rmig_transport::FaultPlan {

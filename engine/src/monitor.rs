@@ -52,10 +52,7 @@ pub struct Monitor {
 impl Default for Monitor {
     fn default() -> Self {
         Monitor {
-            stats: Mutex::new(MigrationStats {
-                status: "setup".into(),
-                ..Default::default()
-            }),
+            stats: Mutex::new(MigrationStats::default()),
             cancel: CancelToken::default(),
             pacer: Arc::new(Pacer::new(0)),
             bytes_acked: AtomicU64::new(0),

@@ -54,11 +54,65 @@ pub struct RamStats {
     pub page_size: u64,
 }
 
+/// Where a migration stands, on either end. Serialised with QEMU's `query-migrate` names
+/// where QEMU has one.
+#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum MigrationStatus {
+    /// Connecting, handshake, lanes.
+    #[default]
+    Setup,
+    /// Pre-copy rounds.
+    Active,
+    /// The guest is paused: stop-and-copy, device state, verification, handover.
+    Device,
+    /// The destination's guest runs.
+    Completed,
+    /// Failed before the handover: the source's guest runs, the destination discarded.
+    Failed,
+    /// Cancelled by either side before the handover.
+    Cancelled,
+    /// The link failed during the handover (after `Ready` on the destination, after `Commit`
+    /// on the source): this end's guest stays paused until an operator decides which end
+    /// runs it.
+    HandoverUnknown,
+}
+
+impl MigrationStatus {
+    /// The name used in the JSON and in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            MigrationStatus::Setup => "setup",
+            MigrationStatus::Active => "active",
+            MigrationStatus::Device => "device",
+            MigrationStatus::Completed => "completed",
+            MigrationStatus::Failed => "failed",
+            MigrationStatus::Cancelled => "cancelled",
+            MigrationStatus::HandoverUnknown => "handover-unknown",
+        }
+    }
+
+    /// The status a failure with `e` leaves behind.
+    pub fn of_error(e: &crate::EngineError) -> MigrationStatus {
+        match e {
+            e if e.is_cancel() => MigrationStatus::Cancelled,
+            crate::EngineError::HandoverUnknown(_) => MigrationStatus::HandoverUnknown,
+            _ => MigrationStatus::Failed,
+        }
+    }
+}
+
+impl std::fmt::Display for MigrationStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// A migration's statistics.
 #[derive(Debug, Clone, Default, Serialize, PartialEq)]
 pub struct MigrationStats {
-    /// `setup`, `active`, `device`, `completed`, `failed` or `cancelled`.
-    pub status: String,
+    /// Where the migration stands.
+    pub status: MigrationStatus,
     /// From start to completion (setup included).
     pub total_time_ms: f64,
     /// Connecting, handshake, lanes.
@@ -77,6 +131,9 @@ pub struct MigrationStats {
     pub lanes: usize,
     /// Lanes that failed on the way.
     pub lanes_failed: usize,
+    /// Destination: connections dropped because they failed the handshake or could not
+    /// prove that they belong to the session (scanners, wrong key or version, idle).
+    pub connections_refused: u64,
     /// `true`/`false` after verification; `null` when verification is off or did not run.
     pub verified: Option<bool>,
     /// The guest throttle asked for (auto-converge), in percent.

@@ -123,7 +123,7 @@ impl Rng {
 
 /// The key every test uses (unless it tests a wrong one).
 pub fn key() -> Key {
-    Key::new(b"rmig test key").unwrap()
+    Key::new(b"rmig test key, 16+ bytes").unwrap()
 }
 
 /// A writer thread dirtying random pages of region 0, marking a shared dirty log.

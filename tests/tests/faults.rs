@@ -28,7 +28,7 @@ fn wrong_key_is_refused_on_both_ends() {
     let src = Mem::random(len, 0.0, 1);
     let dst = Mem::new(len);
     let mut setup = Setup::new(&src, &dst, len);
-    setup.src.key = Key::new(b"not the key").unwrap();
+    setup.src.key = Key::new(b"not the key, 16+ bytes").unwrap();
     let (s, d) = setup.run();
     let de = d.unwrap_err();
     assert!(matches!(de, EngineError::Auth(_)), "{de}");
@@ -144,7 +144,7 @@ fn cancel_from_the_destination() {
     assert!(matches!(d.unwrap_err(), EngineError::Cancelled(_)));
     let se = s.unwrap_err();
     assert!(matches!(se, EngineError::PeerCancelled(_)), "{se}");
-    assert_eq!(sm.stats().status, "cancelled");
+    assert_eq!(sm.stats().status, rmig_engine::MigrationStatus::Cancelled);
     assert!(
         !rec.resumed.load(Ordering::Acquire),
         "destination must not resume"

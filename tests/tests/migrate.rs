@@ -14,9 +14,9 @@ fn migrate_memory(zero_fraction: f64) {
     let (s, d) = Setup::new(&src, &dst, len).run();
     let s = s.expect("source");
     let d = d.expect("destination");
-    assert_eq!(s.status, "completed");
+    assert_eq!(s.status, rmig_engine::MigrationStatus::Completed);
     assert_eq!(s.verified, Some(true));
-    assert_eq!(d.stats.status, "completed");
+    assert_eq!(d.stats.status, rmig_engine::MigrationStatus::Completed);
     assert_eq!(s.ram.normal + s.ram.duplicate, (len / 4096) as u64);
     // The destination's lanes account for every page too.
     let landed: u64 = d.lanes.iter().map(|l| l.data_pages + l.zero_pages).sum();
@@ -231,7 +231,7 @@ fn step_by_step_api_over_ipv6() {
     assert_eq!(s.iterate().unwrap(), rmig_engine::Step::ReadyForSwitchover);
     let stats = s.complete().unwrap();
     assert!(s.iterate().is_err(), "no step after completion");
-    assert_eq!(stats.status, "completed");
+    assert_eq!(stats.status, rmig_engine::MigrationStatus::Completed);
     d.join().unwrap().unwrap();
     assert_same(src.bytes(), dst.bytes());
 }

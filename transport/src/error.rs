@@ -21,6 +21,10 @@ pub enum LaneError {
     /// The RDMA device reported a failed work request or verbs call.
     #[error("RDMA: {0}")]
     Rdma(String),
+    /// The session stopped the lane on purpose (another failure, a cancel): not a fault of
+    /// this lane.
+    #[error("stopped by the session")]
+    Aborted,
     /// A fault injected on purpose (tests) ended the lane.
     #[error("injected fault: {0}")]
     Injected(&'static str),

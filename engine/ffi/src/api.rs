@@ -5,8 +5,8 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::time::Duration;
 
 use rmig_engine::{
-    ConvergePolicy, DestConfig, DestListener, Key, NoConvergence, Region, SourceConfig,
-    SourceSession, Step, TransportChoice, PAGE_2M, PAGE_4K,
+    ConvergePolicy, DestConfig, DestListener, Key, MigrationStatus, NoConvergence, Region,
+    SourceConfig, SourceSession, Step, TransportChoice, PAGE_2M, PAGE_4K,
 };
 
 use crate::embedder::{CDirty, C};
@@ -496,14 +496,17 @@ pub unsafe extern "C" fn rmig_get_stats(session: RmigSession, out: *mut RmigStat
         unsafe { borrow(out.cast_const(), "out")? };
         let e = handles::get(session)?;
         let s = e.monitor.stats();
-        let state = match s.status.as_str() {
-            "setup" if s.total_time_ms == 0.0 && s.setup_time_ms == 0.0 => RmigState::RmigStateNew,
-            "setup" => RmigState::RmigStateSetup,
-            "active" => RmigState::RmigStateActive,
-            "device" => RmigState::RmigStateDevice,
-            "completed" => RmigState::RmigStateCompleted,
-            "cancelled" => RmigState::RmigStateCancelled,
-            _ => RmigState::RmigStateFailed,
+        let state = match s.status {
+            MigrationStatus::Setup if s.total_time_ms == 0.0 && s.setup_time_ms == 0.0 => {
+                RmigState::RmigStateNew
+            }
+            MigrationStatus::Setup => RmigState::RmigStateSetup,
+            MigrationStatus::Active => RmigState::RmigStateActive,
+            MigrationStatus::Device => RmigState::RmigStateDevice,
+            MigrationStatus::Completed => RmigState::RmigStateCompleted,
+            MigrationStatus::Cancelled => RmigState::RmigStateCancelled,
+            MigrationStatus::Failed => RmigState::RmigStateFailed,
+            MigrationStatus::HandoverUnknown => RmigState::RmigStateHandoverUnknown,
         };
         let st = RmigStats {
             state,

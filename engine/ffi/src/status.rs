@@ -37,6 +37,9 @@ pub enum RmigStatus {
     RmigErrInternal = -12,
     /// The caller's buffer is too small; the needed size was reported.
     RmigErrBufferTooSmall = -13,
+    /// The link failed during the handover: this end's guest stays paused until
+    /// `rmig_resolve_handover` decides which end runs it.
+    RmigErrHandoverUnknown = -14,
 }
 
 thread_local! {
@@ -65,6 +68,7 @@ pub(crate) fn from_engine(e: &EngineError) -> RmigStatus {
             RmigStatus::RmigErrProtocol
         }
         EngineError::Io(_)
+        | EngineError::NoSource { .. }
         | EngineError::PeerSilent(_)
         | EngineError::PeerClosed
         | EngineError::PeerError(_)
@@ -76,6 +80,7 @@ pub(crate) fn from_engine(e: &EngineError) -> RmigStatus {
         EngineError::VerifyFailed(_) => RmigStatus::RmigErrVerify,
         EngineError::Embedder(_) => RmigStatus::RmigErrEmbedder,
         EngineError::State(_) => RmigStatus::RmigErrState,
+        EngineError::HandoverUnknown(_) => RmigStatus::RmigErrHandoverUnknown,
     }
 }
 

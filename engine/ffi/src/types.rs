@@ -113,6 +113,9 @@ pub enum RmigState {
     RmigStateFailed = 5,
     /// Cancelled.
     RmigStateCancelled = 6,
+    /// The link failed during the handover: this end's guest stays paused until
+    /// `rmig_resolve_handover` decides which end runs it.
+    RmigStateHandoverUnknown = 7,
 }
 
 /// Statistics (QEMU `query-migrate` names).

@@ -22,14 +22,46 @@ impl std::fmt::Debug for Key {
     }
 }
 
+/// Shortest key accepted, in bytes: 128 bits, HMAC-SHA256's own floor of strength.
+pub const MIN_KEY_LEN: usize = 16;
+
 impl Key {
-    /// A key from its bytes; surrounding whitespace (a key file's newline) is ignored.
+    /// A key from its bytes; surrounding whitespace (a key file's newline) is ignored. Keys
+    /// shorter than [`MIN_KEY_LEN`] bytes are refused.
     pub fn new(bytes: &[u8]) -> Result<Key, EngineError> {
         let t = bytes.trim_ascii();
-        if t.is_empty() {
-            return Err(EngineError::Config("the pre-shared key is empty".into()));
+        if t.len() < MIN_KEY_LEN {
+            return Err(EngineError::Config(format!(
+                "the pre-shared key has {} bytes; at least {MIN_KEY_LEN} are needed (make one \
+                 with `head -c 32 /dev/urandom | base64 > rmig.key`)",
+                t.len()
+            )));
         }
         Ok(Key(t.to_vec()))
+    }
+
+    /// A fresh key of 32 random bytes from the operating system.
+    pub fn random() -> Result<Key, EngineError> {
+        Ok(Key(nonce()?.to_vec()))
+    }
+
+    /// Reads a key file. Like ssh, refuses a file that group or others may read or write,
+    /// and says which `chmod` fixes it.
+    pub fn from_file(path: &std::path::Path) -> Result<Key, EngineError> {
+        use std::os::unix::fs::PermissionsExt;
+        let shown = path.display();
+        let meta = std::fs::metadata(path)
+            .map_err(|e| EngineError::Config(format!("key file {shown}: {e}")))?;
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            return Err(EngineError::Config(format!(
+                "key file {shown} has mode {mode:03o}, so others may read it; \
+                 run `chmod 600 {shown}`"
+            )));
+        }
+        let bytes = std::fs::read(path)
+            .map_err(|e| EngineError::Config(format!("key file {shown}: {e}")))?;
+        Key::new(&bytes)
     }
 
     fn mac(&self, label: &[u8], parts: &[&[u8]]) -> HmacSha256 {
@@ -145,18 +177,47 @@ mod tests {
     use super::*;
 
     #[test]
+    fn short_keys_are_refused() {
+        let e = Key::new(b"fifteen bytes!!").unwrap_err();
+        assert!(e.to_string().contains("at least 16"), "{e}");
+        assert!(Key::new(b"  sixteen bytes!!!\n").is_ok());
+        assert!(Key::new(b"  \n").is_err());
+    }
+
+    #[test]
+    fn key_files_readable_by_others_are_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("rmig-key-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("k");
+        std::fs::write(&path, b"a key of more than sixteen bytes\n").unwrap();
+        for (mode, ok) in [(0o600, true), (0o400, true), (0o640, false), (0o604, false)] {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+            let r = Key::from_file(&path);
+            assert_eq!(r.is_ok(), ok, "mode {mode:o}");
+            if let Err(e) = r {
+                assert!(e.to_string().contains("chmod 600"), "{e}");
+            }
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn proofs_bind_key_nonces_and_lane() {
-        let k = Key::new(b"secret\n").unwrap();
+        let k = Key::new(b"secret of sixteen bytes\n").unwrap();
         let a = SessionAuth::new(k.clone(), [1; 32], [2; 32]);
         assert!(a.check_source(&a.source_proof()));
         assert!(a.check_dest(&a.dest_proof()));
         assert!(!a.check_source(&a.dest_proof()));
         assert!(a.check_lane(3, &a.lane_proof(3)));
         assert!(!a.check_lane(4, &a.lane_proof(3)));
-        let other = SessionAuth::new(Key::new(b"other").unwrap(), [1; 32], [2; 32]);
+        let other = SessionAuth::new(
+            Key::new(b"another sixteen bytes").unwrap(),
+            [1; 32],
+            [2; 32],
+        );
         assert!(!a.check_source(&other.source_proof()));
         let replay = SessionAuth::new(k, [9; 32], [2; 32]);
         assert!(!replay.check_source(&a.source_proof()));
-        assert!(Key::new(b"  \n").is_err());
     }
 }

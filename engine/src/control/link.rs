@@ -1,15 +1,21 @@
 //! A running control connection: a writer task (messages and heartbeats) and a reader task
 //! (frames, silence detection), bridged to the engine's threads by channels.
+//!
+//! The inbox is bounded ([`INBOX`] messages): when the engine is busy elsewhere (joining lanes,
+//! registering memory, a slow embedder callback), the reader stops reading and TCP pushes back
+//! on the peer, so a peer cannot grow our memory by sending faster than we consume. Each frame
+//! is held to its type's size limit before its body is allocated ([`codec::Limits`]).
 
 use std::time::Duration;
 
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
 use tokio::net::TcpStream;
 use tokio::runtime::Handle;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-use crate::protocol::{codec, Message};
+use crate::protocol::codec::{self, Limits};
+use crate::protocol::Message;
 use crate::EngineError;
 
 /// Heartbeat timing of a control connection.
@@ -30,6 +36,9 @@ impl Default for Liveness {
     }
 }
 
+/// Most messages waiting in a control connection's inbox.
+pub const INBOX: usize = 8;
+
 /// A control connection after its handshake.
 pub struct ControlLink {
     out: Option<mpsc::UnboundedSender<Message>>,
@@ -39,13 +48,13 @@ pub struct ControlLink {
 }
 
 impl ControlLink {
-    /// Starts the reader and writer tasks on `rt` for `stream`.
-    pub fn start(rt: &Handle, stream: TcpStream, live: Liveness) -> ControlLink {
+    /// Starts the reader and writer tasks on `rt` for `stream`; frames are held to `limits`.
+    pub fn start(rt: &Handle, stream: TcpStream, live: Liveness, limits: Limits) -> ControlLink {
         let (rd, wr) = stream.into_split();
-        let (in_tx, inbox) = crossbeam_channel::unbounded();
+        let (in_tx, inbox) = crossbeam_channel::bounded(INBOX);
         let (out, out_rx) = mpsc::unbounded_channel();
         let (done_tx, writer_done) = crossbeam_channel::bounded(1);
-        let reader = rt.spawn(read_loop(rd, in_tx.clone(), live));
+        let reader = rt.spawn(read_loop(rd, in_tx.clone(), live, limits));
         rt.spawn(write_loop(wr, out_rx, in_tx, live, done_tx));
         ControlLink {
             out: Some(out),
@@ -117,13 +126,33 @@ impl Drop for ControlLink {
     }
 }
 
+/// Hands `r` to the engine, waiting (without blocking the runtime) while the inbox is full.
+/// False once the engine has gone.
+async fn deliver(
+    tx: &Sender<Result<Message, EngineError>>,
+    mut r: Result<Message, EngineError>,
+) -> bool {
+    loop {
+        match tx.try_send(r) {
+            Ok(()) => return true,
+            Err(TrySendError::Disconnected(_)) => return false,
+            Err(TrySendError::Full(back)) => {
+                r = back;
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        }
+    }
+}
+
 async fn read_loop(
     mut rd: tokio::net::tcp::OwnedReadHalf,
     tx: Sender<Result<Message, EngineError>>,
     live: Liveness,
+    limits: Limits,
 ) {
     loop {
-        let r = match tokio::time::timeout(live.peer_timeout, codec::read_async(&mut rd)).await {
+        let read = codec::read_async_limited(&mut rd, &limits);
+        let r = match tokio::time::timeout(live.peer_timeout, read).await {
             Err(_) => Err(EngineError::PeerSilent(live.peer_timeout.as_millis() as u64)),
             Ok(Ok(Some(Message::Heartbeat))) => continue,
             Ok(Ok(Some(m))) => Ok(m),
@@ -131,7 +160,7 @@ async fn read_loop(
             Ok(Err(e)) => Err(e),
         };
         let end = r.is_err();
-        if tx.send(r).is_err() || end {
+        if !deliver(&tx, r).await || end {
             return;
         }
     }
@@ -155,7 +184,7 @@ async fn write_loop(
             _ = tick.tick() => Message::Heartbeat,
         };
         if let Err(e) = codec::write_async(&mut wr, &m).await {
-            let _ = errs.send(Err(e));
+            deliver(&errs, Err(e)).await;
             break;
         }
     }

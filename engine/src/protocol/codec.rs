@@ -3,6 +3,12 @@
 //!
 //! [`decode`] is the only way in: it refuses unknown tags, truncated or trailing bytes,
 //! invalid UTF-8, counts that cannot fit in the frame, and frames above [`MAX_FRAME`].
+//!
+//! Readers learn a frame's type before they allocate its body: the length prefix and the tag
+//! byte are read first and checked against that type's own limit ([`Limits::max_body`]), so a
+//! peer cannot make us allocate 16 MiB for a message that holds a few bytes. Decoding never
+//! allocates much more than the frame it reads (every count is checked against what is left,
+//! and nested counts are capped).
 
 use super::{Message, QpEndpoint, RemoteMemory, RemoteRegion, TransportKind};
 use crate::region::RegionDesc;
@@ -12,6 +18,82 @@ use crate::EngineError;
 pub const MAX_FRAME: usize = 16 << 20;
 /// Largest string accepted inside a frame.
 const MAX_STR: usize = 64 << 10;
+/// Most regions a session may have (region tables, checksums, RDMA keys).
+pub const MAX_REGIONS: usize = 4096;
+/// Largest piece of device state in one frame.
+pub const MAX_DEVICE_PIECE: usize = 1 << 20;
+
+/// The largest body each message type may have. The defaults are what a well-formed message
+/// can need; a destination lowers `checksums` to what its own region table implies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest `Checksums` body.
+    pub checksums: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            checksums: MAX_FRAME,
+        }
+    }
+}
+
+impl Limits {
+    /// Limits for a destination whose regions have these numbers of checksum chunks: a
+    /// `Checksums` frame can be no larger than their digests.
+    pub fn for_chunks(chunks: impl IntoIterator<Item = u64>) -> Limits {
+        let body = chunks.into_iter().fold(5u64, |n, c| {
+            n.saturating_add(4).saturating_add(c.saturating_mul(8))
+        });
+        Limits {
+            checksums: body.min(MAX_FRAME as u64) as usize,
+        }
+    }
+
+    /// The largest body of a frame of type `t`; `None` for an unknown type.
+    pub fn max_body(&self, t: u8) -> Option<usize> {
+        const STR: usize = 4 + MAX_STR;
+        Some(match t {
+            tag::HELLO => 5,
+            tag::HELLO_ACK => 35,
+            tag::AUTH_PROOF => 65,
+            tag::AUTH_OK => 33,
+            tag::REGION_TABLE => 1 << 20,
+            tag::REGIONS_OK | tag::LANE_ACCEPTED | tag::READY | tag::COMMIT | tag::DONE => 1,
+            tag::HEARTBEAT => 1,
+            tag::TRANSPORT_OFFER => 1 + 4 + 256 + 3,
+            tag::TRANSPORT_ACCEPT => 1 + 3 + STR,
+            tag::LANE_JOIN => 51,
+            tag::RDMA_CONNECT => 25,
+            tag::RDMA_ACCEPT => 26 + 4 + 12 * MAX_REGIONS,
+            tag::ROUND_START => 6,
+            tag::ROUND_END | tag::ROUND_END_ACK => 5,
+            tag::DEVICE_STATE => 1 + 4 + MAX_DEVICE_PIECE + 1,
+            tag::CHECKSUMS => self.checksums,
+            tag::VERIFIED => 1 + 1 + 4 + 12 * MAX_MISMATCHES,
+            tag::CANCEL | tag::ERROR => 1 + STR,
+            _ => return None,
+        })
+    }
+
+    /// Checks a frame of `len` bytes whose first body byte is `t`, before its body is read.
+    pub fn check(&self, t: u8, len: usize) -> Result<(), EngineError> {
+        let Some(max) = self.max_body(t) else {
+            return Err(bad(&format!("unknown message type {t}")));
+        };
+        if len > max {
+            return Err(EngineError::Protocol(format!(
+                "a {} frame of {len} bytes exceeds its limit of {max}",
+                tag::name(t)
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Most mismatching chunks a `Verified` names.
+pub const MAX_MISMATCHES: usize = 64;
 
 mod tag {
     pub const HELLO: u8 = 1;
@@ -30,13 +112,46 @@ mod tag {
     pub const DEVICE_STATE: u8 = 14;
     pub const CHECKSUMS: u8 = 15;
     pub const VERIFIED: u8 = 16;
-    pub const COMPLETE: u8 = 17;
+    pub const COMMIT: u8 = 17;
     pub const DONE: u8 = 18;
     pub const HEARTBEAT: u8 = 19;
     pub const CANCEL: u8 = 20;
     pub const ERROR: u8 = 21;
     pub const RDMA_CONNECT: u8 = 22;
     pub const RDMA_ACCEPT: u8 = 23;
+    pub const READY: u8 = 24;
+
+    /// The message name of a known tag (for error messages).
+    pub fn name(t: u8) -> &'static str {
+        const NAMES: [&str; 25] = [
+            "?",
+            "Hello",
+            "HelloAck",
+            "AuthProof",
+            "AuthOk",
+            "RegionTable",
+            "RegionsOk",
+            "TransportOffer",
+            "TransportAccept",
+            "LaneJoin",
+            "LaneAccepted",
+            "RoundStart",
+            "RoundEnd",
+            "RoundEndAck",
+            "DeviceState",
+            "Checksums",
+            "Verified",
+            "Commit",
+            "Done",
+            "Heartbeat",
+            "Cancel",
+            "Error",
+            "RdmaConnect",
+            "RdmaAccept",
+            "Ready",
+        ];
+        NAMES.get(t as usize).copied().unwrap_or("?")
+    }
 }
 
 struct W(Vec<u8>);
@@ -117,6 +232,14 @@ impl<'a> R<'a> {
         let n = self.u32()? as usize;
         if n.saturating_mul(min_size.max(1)) > self.0.len() {
             return Err(bad("count larger than the frame"));
+        }
+        Ok(n)
+    }
+    /// A count as [`R::count`], and at most `max`.
+    fn count_at_most(&mut self, min_size: usize, max: usize) -> Result<usize, EngineError> {
+        let n = self.count(min_size)?;
+        if n > max {
+            return Err(bad("count above its limit"));
         }
         Ok(n)
     }
@@ -266,7 +389,8 @@ pub fn encode(m: &Message) -> Vec<u8> {
                 w.u64(*c);
             }
         }
-        Message::Complete => w.u8(tag::COMPLETE),
+        Message::Ready => w.u8(tag::READY),
+        Message::Commit => w.u8(tag::COMMIT),
         Message::Done => w.u8(tag::DONE),
         Message::Heartbeat => w.u8(tag::HEARTBEAT),
         Message::Cancel { reason } => {
@@ -315,7 +439,7 @@ pub fn decode(body: &[u8]) -> Result<Message, EngineError> {
         },
         tag::AUTH_OK => Message::AuthOk { mac: r.arr()? },
         tag::REGION_TABLE => {
-            let n = r.count(25)?;
+            let n = r.count_at_most(25, MAX_REGIONS)?;
             let mut regions = Vec::with_capacity(n);
             for _ in 0..n {
                 let id = r.u32()?;
@@ -365,7 +489,7 @@ pub fn decode(body: &[u8]) -> Result<Message, EngineError> {
             let endpoint = r.endpoint()?;
             let memory = match r.u8()? {
                 1 => {
-                    let n = r.count(12)?;
+                    let n = r.count_at_most(12, MAX_REGIONS)?;
                     let mut regions = Vec::with_capacity(n);
                     for _ in 0..n {
                         regions.push(RemoteRegion {
@@ -400,7 +524,7 @@ pub fn decode(body: &[u8]) -> Result<Message, EngineError> {
             last: r.bool()?,
         },
         tag::CHECKSUMS => {
-            let n = r.count(4)?;
+            let n = r.count_at_most(4, MAX_REGIONS)?;
             let mut regions = Vec::with_capacity(n);
             for _ in 0..n {
                 let k = r.count(8)?;
@@ -414,14 +538,15 @@ pub fn decode(body: &[u8]) -> Result<Message, EngineError> {
         }
         tag::VERIFIED => {
             let ok = r.bool()?;
-            let n = r.count(12)?;
+            let n = r.count_at_most(12, MAX_MISMATCHES)?;
             let mut mismatches = Vec::with_capacity(n);
             for _ in 0..n {
                 mismatches.push((r.u32()?, r.u64()?));
             }
             Message::Verified { ok, mismatches }
         }
-        tag::COMPLETE => Message::Complete,
+        tag::READY => Message::Ready,
+        tag::COMMIT => Message::Commit,
         tag::DONE => Message::Done,
         tag::HEARTBEAT => Message::Heartbeat,
         tag::CANCEL => Message::Cancel { reason: r.str()? },
@@ -440,37 +565,61 @@ pub fn write_sync(w: &mut impl std::io::Write, m: &Message) -> Result<(), Engine
     Ok(())
 }
 
-/// Reads one message from a blocking stream.
+/// Reads one message from a blocking stream (default limits).
 pub fn read_sync(r: &mut impl std::io::Read) -> Result<Message, EngineError> {
-    let mut p = [0u8; 4];
-    r.read_exact(&mut p)?;
-    let n = body_len(p)?;
-    let mut body = vec![0u8; n];
-    r.read_exact(&mut body)?;
+    let mut head = [0u8; 5];
+    r.read_exact(&mut head)?;
+    let mut body = checked_body(head, &Limits::default())?;
+    r.read_exact(&mut body[1..])?;
     decode(&body)
 }
 
-/// Reads one message from an async stream. `Ok(None)` on a clean end of stream.
+/// Checks a frame's length prefix and tag (`head`) against `limits`; returns a buffer for the
+/// body with the tag in place, allocated only once the size is known to be acceptable.
+fn checked_body(head: [u8; 5], limits: &Limits) -> Result<Vec<u8>, EngineError> {
+    let n = body_len(head[..4].try_into().expect("4 bytes"))?;
+    limits.check(head[4], n)?;
+    let mut body = vec![0u8; n];
+    body[0] = head[4];
+    Ok(body)
+}
+
+/// Reads one message from an async stream with default limits. `Ok(None)` on a clean end of
+/// stream.
 pub async fn read_async<S>(s: &mut S) -> Result<Option<Message>, EngineError>
 where
     S: tokio::io::AsyncRead + Unpin,
 {
+    read_async_limited(s, &Limits::default()).await
+}
+
+/// Reads one message from an async stream, each type held to `limits` before its body is
+/// allocated. `Ok(None)` on a clean end of stream.
+pub async fn read_async_limited<S>(
+    s: &mut S,
+    limits: &Limits,
+) -> Result<Option<Message>, EngineError>
+where
+    S: tokio::io::AsyncRead + Unpin,
+{
     use tokio::io::AsyncReadExt;
-    let mut p = [0u8; 4];
-    match s.read_exact(&mut p).await {
-        Ok(_) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
-        Err(e) => return Err(e.into()),
-    }
-    let n = body_len(p)?;
-    let mut body = vec![0u8; n];
-    s.read_exact(&mut body).await.map_err(|e| {
+    let truncated = |e: std::io::Error| {
         if e.kind() == std::io::ErrorKind::UnexpectedEof {
             bad("truncated")
         } else {
             e.into()
         }
-    })?;
+    };
+    let mut head = [0u8; 5];
+    match s.read_exact(&mut head[..4]).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e.into()),
+    }
+    body_len(head[..4].try_into().expect("4 bytes"))?;
+    s.read_exact(&mut head[4..]).await.map_err(truncated)?;
+    let mut body = checked_body(head, limits)?;
+    s.read_exact(&mut body[1..]).await.map_err(truncated)?;
     decode(&body).map(Some)
 }
 
@@ -580,7 +729,8 @@ mod tests {
                 ok: false,
                 mismatches: vec![(0, 12)],
             },
-            Message::Complete,
+            Message::Ready,
+            Message::Commit,
             Message::Done,
             Message::Heartbeat,
             Message::Cancel {

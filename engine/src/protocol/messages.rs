@@ -3,10 +3,11 @@
 use crate::region::RegionDesc;
 pub use rmig_transport::rdma::{QpEndpoint, RemoteMemory, RemoteRegion};
 
-/// Lowest protocol version this build speaks.
-pub const PROTOCOL_MIN: u16 = 1;
+/// Lowest protocol version this build speaks. Version 2 brought the two-phase handover
+/// (`Ready`/`Commit`); a version-1 peer would resume its guest on its own, so it is refused.
+pub const PROTOCOL_MIN: u16 = 2;
 /// Highest protocol version this build speaks.
-pub const PROTOCOL_MAX: u16 = 1;
+pub const PROTOCOL_MAX: u16 = 2;
 
 /// A data transport that a session may use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,8 +51,10 @@ impl TransportKind {
 /// `Hello` S→D, `HelloAck` D→S, `AuthProof` S→D, `AuthOk` D→S, `RegionTable` S→D, `RegionsOk`
 /// D→S, `TransportOffer` S→D, `TransportAccept` D→S, lanes join (`LaneJoin` / `LaneAccepted`
 /// on each lane socket), then per round `RoundStart`, data on the lanes, `RoundEnd` S→D,
-/// `RoundEndAck` D→S; after the final round `DeviceState`, `Checksums` S→D, `Verified` D→S,
-/// `Complete` S→D, `Done` D→S. `Heartbeat`, `Cancel` and `Error` may come at any time.
+/// `RoundEndAck` D→S; after the final round `DeviceState`, `Checksums` S→D, `Verified` D→S;
+/// then the two-phase handover: `Ready` D→S (device state loaded, guest still paused), `Commit`
+/// S→D (from here on the source never resumes on its own), `Done` D→S (the destination's guest
+/// runs). `Heartbeat`, `Cancel` and `Error` may come at any time before `Commit`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message {
     /// Opens a session: the versions the source speaks.
@@ -165,9 +168,13 @@ pub enum Message {
         /// (region, chunk) pairs that differ (first few).
         mismatches: Vec<(u32, u64)>,
     },
-    /// The source is done; the destination may resume the guest.
-    Complete,
-    /// The destination took over.
+    /// The destination has verified and loaded the device state; its guest is still paused
+    /// and it waits for `Commit`.
+    Ready,
+    /// The source hands the guest over: it will not resume its own copy; the destination
+    /// resumes its guest.
+    Commit,
+    /// The destination's guest runs.
     Done,
     /// Liveness.
     Heartbeat,
@@ -205,7 +212,8 @@ impl Message {
             Message::DeviceState { .. } => "DeviceState",
             Message::Checksums { .. } => "Checksums",
             Message::Verified { .. } => "Verified",
-            Message::Complete => "Complete",
+            Message::Ready => "Ready",
+            Message::Commit => "Commit",
             Message::Done => "Done",
             Message::Heartbeat => "Heartbeat",
             Message::Cancel { .. } => "Cancel",

@@ -28,9 +28,10 @@ use crate::converge::{Converge, Decision};
 use crate::dirty::DirtySource;
 use crate::embedder::SourceEmbedder;
 use crate::monitor::Monitor;
+use crate::protocol::codec::Limits;
 use crate::protocol::{Message, TransportKind};
 use crate::region::{self, Region};
-use crate::stats::{MigrationStats, RoundStats};
+use crate::stats::{MigrationStats, MigrationStatus, RoundStats};
 use crate::verify::RegionHashes;
 use crate::{EngineError, SourceConfig, TransportChoice};
 use worker::{Cmd, Item, Report, Shared, Worker, ITEM_PAGES};
@@ -56,6 +57,8 @@ struct LaneWorker {
     cmd: Sender<Cmd>,
     join: Option<JoinHandle<()>>,
     alive: bool,
+    /// The lane's socket, to end a worker blocked on it when the session stops.
+    kill: std::net::TcpStream,
 }
 
 /// Rounds smaller than this do not measure bandwidth well; the previous figure is kept.
@@ -82,6 +85,9 @@ pub struct SourceSession {
     bandwidth: f64,
     started: Instant,
     paused_at: Option<Instant>,
+    /// `Commit` was sent: the guest may run on the destination, so this end never resumes
+    /// it on its own.
+    committed: bool,
     sync_count: u64,
     placement: placement::Placement,
     cpus_seen: Vec<Vec<usize>>,
@@ -107,6 +113,7 @@ impl Crew {
         slot: usize,
         transport: TransportKind,
         lane: Box<dyn rmig_transport::SourceLane>,
+        kill: std::net::TcpStream,
     ) -> Result<LaneWorker, EngineError> {
         let w = Worker {
             lane_idx: idx,
@@ -127,6 +134,7 @@ impl Crew {
             cmd,
             join: Some(join),
             alive: true,
+            kill,
         })
     }
 }
@@ -152,7 +160,7 @@ impl SourceSession {
         let started = Instant::now();
         let fail = |e: EngineError| {
             monitor.update(|s| {
-                s.status = "failed".into();
+                s.status = MigrationStatus::of_error(&e);
                 s.error = Some(e.to_string());
             });
             e
@@ -198,7 +206,7 @@ impl SourceSession {
                 Ok((s, peer, local, a, offered))
             })
             .map_err(fail)?;
-        let link = ControlLink::start(rt.handle(), stream, cfg.liveness);
+        let link = ControlLink::start(rt.handle(), stream, cfg.liveness, Limits::default());
         if cancel.is_cancelled() {
             link.send(Message::Cancel {
                 reason: cancel.reason(),
@@ -223,6 +231,7 @@ impl SourceSession {
                     .map(|r| RegionHashes::new(r.pages(), r.page_size()))
                     .collect()
             }),
+            ack_timeout: cfg.liveness.peer_timeout * 2,
             abort: Default::default(),
             monitor: monitor.clone(),
         });
@@ -272,13 +281,21 @@ impl SourceSession {
         for (i, sock) in (0..agreed.lanes).zip(sockets) {
             let fault = cfg.lane_faults.get(i as usize).copied().unwrap_or_default();
             let pacer = monitor.pacer.clone();
+            let kill = lane_deadline(&sock, cfg.liveness.peer_timeout).map_err(fail)?;
             let lane = match &rdma {
                 Some((dev, mem)) => connect::rdma_lane(sock, dev, mem, pacer, fault, timeout * 6),
                 None => connect::tcp_lane(sock, i, map.clone(), pacer, fault),
             }
             .map_err(fail)?;
             let w = crew
-                .start(&placement, i as usize, i as usize, agreed.transport, lane)
+                .start(
+                    &placement,
+                    i as usize,
+                    i as usize,
+                    agreed.transport,
+                    lane,
+                    kill,
+                )
                 .map_err(fail)?;
             workers.push(w);
         }
@@ -293,7 +310,7 @@ impl SourceSession {
         let setup_ms = started.elapsed().as_secs_f64() * 1e3;
         crate::metrics::setup_done(setup_ms / 1e3, agreed.lanes as usize, total);
         monitor.update(|s| {
-            s.status = "active".into();
+            s.status = MigrationStatus::Active;
             s.setup_time_ms = setup_ms;
             s.transport = agreed.transport.name().into();
             s.fallback_reason = fallback;
@@ -322,6 +339,7 @@ impl SourceSession {
             bandwidth: 0.0,
             started,
             paused_at: None,
+            committed: false,
             sync_count: 0,
             cpus_seen: vec![Vec::new(); agreed.lanes as usize],
             transport: agreed.transport,
@@ -394,19 +412,50 @@ impl SourceSession {
     fn complete_inner(&mut self) -> Result<(), EngineError> {
         self.check_cancel()?;
         let expected = self.monitor.stats().expected_downtime_ms;
-        self.monitor.update(|s| s.status = "device".into());
+        self.monitor.update(|s| s.status = MigrationStatus::Device);
         let t0 = Instant::now();
         self.embedder.pause().map_err(EngineError::Embedder)?;
         self.paused_at = Some(t0);
-        // Stop-and-copy, repeated only if a lane failure left pages unconfirmed.
+        self.stop_and_copy()?;
+        self.send_device_state()?;
+        let verified = self.verify()?;
+        self.hand_over()?;
+        let downtime = t0.elapsed().as_secs_f64() * 1e3;
+        crate::metrics::finished("completed", Some(downtime / 1e3));
+        self.close_workers();
+        self.link.close(Duration::from_secs(1));
+        self.state = State::Done;
+        let total = self.started.elapsed().as_secs_f64() * 1e3;
+        self.monitor.update(|s| {
+            s.status = MigrationStatus::Completed;
+            s.verified = verified;
+            s.downtime_ms = downtime;
+            s.expected_downtime_ms = expected;
+            s.total_time_ms = total;
+            s.ram.remaining = 0;
+            let secs = (total - s.setup_time_ms) / 1e3;
+            if secs > 0.0 {
+                s.ram.mbps = s.ram.transferred as f64 * 8.0 / 1e6 / secs;
+            }
+        });
+        Ok(())
+    }
+
+    /// The final copy with the guest paused, repeated only if a lane failure left pages
+    /// unconfirmed.
+    fn stop_and_copy(&mut self) -> Result<(), EngineError> {
         loop {
             self.fill_round_set()?;
             self.run_round(true)?;
             self.round += 1;
             if self.sync_pending()? == 0 {
-                break;
+                return Ok(());
             }
         }
+    }
+
+    /// Sends the embedder's device state in pieces.
+    fn send_device_state(&mut self) -> Result<(), EngineError> {
         let dev = self
             .embedder
             .device_state()
@@ -424,52 +473,89 @@ impl SourceSession {
                 last: pieces.peek().is_none(),
             });
         }
+        Ok(())
+    }
+
+    /// Sends our chunk digests and waits for the destination's verdict (when verifying).
+    fn verify(&mut self) -> Result<Option<bool>, EngineError> {
+        let Some(h) = &self.shared.hashes else {
+            return Ok(None);
+        };
+        let digests: Vec<Vec<u64>> = h.iter().map(RegionHashes::chunk_digests).collect();
+        self.link.send(Message::Checksums { regions: digests });
         let wait = self.cfg.liveness.peer_timeout * 2;
-        let mut verified = None;
-        if let Some(h) = &self.shared.hashes {
-            let digests: Vec<Vec<u64>> = h.iter().map(RegionHashes::chunk_digests).collect();
-            self.link.send(Message::Checksums { regions: digests });
-            let (ok, mism) = self.link.expect(wait, "Verified", |m| match m {
-                Message::Verified { ok, mismatches } => Ok((ok, mismatches)),
-                m => Err(m),
-            })?;
-            if !ok {
-                self.monitor.update(|s| s.verified = Some(false));
-                let list: Vec<String> = mism
-                    .iter()
-                    .map(|(r, c)| format!("region {r} chunk {c}"))
-                    .collect();
-                return Err(EngineError::VerifyFailed(format!(
-                    "destination differs in {}",
-                    list.join(", ")
-                )));
-            }
-            verified = Some(true);
-        }
-        self.link.send(Message::Complete);
-        self.link.expect(wait, "Done", |m| match m {
-            Message::Done => Ok(()),
+        let (ok, mism) = self.link.expect(wait, "Verified", |m| match m {
+            Message::Verified { ok, mismatches } => Ok((ok, mismatches)),
             m => Err(m),
         })?;
-        let downtime = t0.elapsed().as_secs_f64() * 1e3;
-        crate::metrics::finished("completed", Some(downtime / 1e3));
-        self.close_workers();
-        self.link.close(Duration::from_secs(1));
-        self.state = State::Done;
-        let total = self.started.elapsed().as_secs_f64() * 1e3;
-        self.monitor.update(|s| {
-            s.status = "completed".into();
-            s.verified = verified;
-            s.downtime_ms = downtime;
-            s.expected_downtime_ms = expected;
-            s.total_time_ms = total;
-            s.ram.remaining = 0;
-            let secs = (total - s.setup_time_ms) / 1e3;
-            if secs > 0.0 {
-                s.ram.mbps = s.ram.transferred as f64 * 8.0 / 1e6 / secs;
+        self.monitor.update(|s| s.verified = Some(ok));
+        if ok {
+            return Ok(Some(true));
+        }
+        let list: Vec<String> = mism
+            .iter()
+            .map(|(r, c)| format!("region {r} chunk {c}"))
+            .collect();
+        Err(EngineError::VerifyFailed(format!(
+            "destination differs in {}",
+            list.join(", ")
+        )))
+    }
+
+    /// The two-phase handover: waits for the destination's `Ready` (its guest loaded and
+    /// paused), sends `Commit`, and from then on never resumes on its own. `Done` completes
+    /// the migration; the destination's explicit refusal (`Error`, `Cancel`) means it will
+    /// not run the guest, so we may; silence or a lost link leaves the outcome unknown.
+    fn hand_over(&mut self) -> Result<(), EngineError> {
+        self.link
+            .expect(self.cfg.ready_timeout, "Ready", |m| match m {
+                Message::Ready => Ok(()),
+                m => Err(m),
+            })?;
+        self.link.send(Message::Commit);
+        self.committed = true;
+        let wait = self.cfg.liveness.peer_timeout * 2;
+        match self.link.expect(wait, "Done", |m| match m {
+            Message::Done => Ok(()),
+            m => Err(m),
+        }) {
+            Ok(()) => Ok(()),
+            Err(e @ (EngineError::PeerError(_) | EngineError::PeerCancelled(_))) => {
+                // The destination said it will not run the guest: it is ours again.
+                self.committed = false;
+                Err(e)
             }
+            Err(e) => Err(EngineError::HandoverUnknown(format!(
+                "Commit was sent but no Done came back ({e})"
+            ))),
+        }
+    }
+
+    /// Settles a `handover-unknown` outcome on the operator's word: `run_here` resumes the
+    /// guest on this host (only if the destination is known not to run it); otherwise the
+    /// guest is the destination's and this copy stays paused for good.
+    pub fn resolve_handover(&mut self, run_here: bool) -> Result<MigrationStatus, EngineError> {
+        if self.monitor.stats().status != MigrationStatus::HandoverUnknown {
+            return Err(EngineError::State(
+                "resolve_handover is only for a handover-unknown outcome".into(),
+            ));
+        }
+        let status = if run_here {
+            self.embedder.resume();
+            MigrationStatus::Failed
+        } else {
+            MigrationStatus::Completed
+        };
+        let why = if run_here {
+            "the operator resumed the guest on the source after an unknown handover"
+        } else {
+            "the operator gave the guest to the destination after an unknown handover"
+        };
+        self.monitor.update(|s| {
+            s.status = status;
+            s.error = Some(why.into());
         });
-        Ok(())
+        Ok(status)
     }
 
     /// Moves what is pending into the round set (round 0: every page).
@@ -583,7 +669,7 @@ impl SourceSession {
                 match self.fall_back_to_tcp(&last_err, &rxs) {
                     Ok(n) => waiting += n,
                     Err(e) => {
-                        self.shared.abort.store(true, Ordering::Relaxed);
+                        self.stop_lanes();
                         failure = Some(e);
                     }
                 }
@@ -624,12 +710,12 @@ impl SourceSession {
                         Ok(m) => EngineError::Protocol(format!("unexpected {} during a round", m.name())),
                         Err(e) => e,
                     };
-                    self.shared.abort.store(true, Ordering::Relaxed);
+                    self.stop_lanes();
                     failure.get_or_insert(e);
                 }
                 default(Duration::from_millis(50)) => {
                     if self.monitor.cancel.is_cancelled() && failure.is_none() {
-                        self.shared.abort.store(true, Ordering::Relaxed);
+                        self.stop_lanes();
                         failure = Some(EngineError::Cancelled(self.monitor.cancel.reason()));
                     }
                 }
@@ -718,12 +804,18 @@ impl SourceSession {
         for j in 0..kit.lanes {
             let n = kit.lanes + j;
             let sock = connect::join_lane(kit.peer, &kit.auth, n, timeout)?;
+            let kill = lane_deadline(&sock, self.cfg.liveness.peer_timeout)?;
             let pacer = self.monitor.pacer.clone();
             let lane = connect::tcp_lane(sock, n, kit.map.clone(), pacer, Default::default())?;
             let idx = self.workers.len();
-            let w = self
-                .crew
-                .start(&self.placement, idx, j as usize, TransportKind::Tcp, lane)?;
+            let w = self.crew.start(
+                &self.placement,
+                idx,
+                j as usize,
+                TransportKind::Tcp,
+                lane,
+                kill,
+            )?;
             let _ = w.cmd.send(Cmd::Round(queues.clone()));
             self.workers.push(w);
             self.cpus_seen.push(Vec::new());
@@ -752,6 +844,15 @@ impl SourceSession {
         Ok(())
     }
 
+    /// Stops every worker now: they see `abort` at their next batch, and a worker blocked
+    /// on its socket (a destination that stopped reading) sees the socket shut down.
+    fn stop_lanes(&self) {
+        self.shared.abort.store(true, Ordering::Relaxed);
+        for w in &self.workers {
+            let _ = w.kill.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
     fn close_workers(&mut self) {
         for w in &mut self.workers {
             let _ = w.cmd.send(Cmd::Close);
@@ -770,13 +871,14 @@ impl SourceSession {
             return e;
         }
         self.state = State::Failed;
-        self.shared.abort.store(true, Ordering::Relaxed);
+        self.stop_lanes();
         match &e {
             EngineError::Cancelled(r) => self.link.send(Message::Cancel { reason: r.clone() }),
             EngineError::PeerCancelled(_)
             | EngineError::PeerError(_)
             | EngineError::PeerClosed
-            | EngineError::PeerSilent(_) => {}
+            | EngineError::PeerSilent(_)
+            | EngineError::HandoverUnknown(_) => {}
             other => self.link.send(Message::Error {
                 message: other.to_string(),
             }),
@@ -792,14 +894,15 @@ impl SourceSession {
                 let _ = j.join();
             }
         }
-        if self.paused_at.is_some() {
+        // Past `Commit` the guest may already run on the destination: never resume here.
+        if self.paused_at.is_some() && !self.committed {
             self.embedder.resume();
         }
-        let status = if e.is_cancel() { "cancelled" } else { "failed" };
-        crate::metrics::finished(status, None);
+        let status = MigrationStatus::of_error(&e);
+        crate::metrics::finished(status.name(), None);
         let total = self.started.elapsed().as_secs_f64() * 1e3;
         self.monitor.update(|s| {
-            s.status = status.into();
+            s.status = status;
             s.error = Some(e.to_string());
             s.total_time_ms = total;
         });
@@ -810,6 +913,16 @@ impl SourceSession {
     pub fn cancel(&mut self, reason: &str) -> EngineError {
         self.fail(EngineError::Cancelled(reason.to_string()))
     }
+}
+
+/// Gives a lane's socket a write deadline (a destination that takes no byte for the peer
+/// timeout is gone) and returns a handle that can shut the socket down.
+fn lane_deadline(
+    sock: &std::net::TcpStream,
+    d: Duration,
+) -> Result<std::net::TcpStream, EngineError> {
+    sock.set_write_timeout(Some(d))?;
+    Ok(sock.try_clone()?)
 }
 
 impl Drop for SourceSession {

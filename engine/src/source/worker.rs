@@ -45,9 +45,6 @@ fn prefetch_page(page: &[u8]) {
     }
 }
 
-/// How long a lane may wait for its last acknowledgement before it is declared dead.
-const ACK_TIMEOUT: Duration = Duration::from_secs(15);
-
 /// State shared by the session and its lane workers.
 pub(crate) struct Shared {
     pub map: MemoryMap,
@@ -57,6 +54,9 @@ pub(crate) struct Shared {
     pub pending: Vec<AtomicBitmap>,
     /// Page hashes, when verifying.
     pub hashes: Option<Vec<RegionHashes>>,
+    /// How long a lane may wait for its last acknowledgement before it is declared dead
+    /// (twice the peer timeout: a destination that stops reading is a dead one).
+    pub ack_timeout: Duration,
     /// Set to stop every worker at its next batch.
     pub abort: AtomicBool,
     /// Progress counters (bytes acknowledged).
@@ -142,7 +142,7 @@ impl Worker {
             while let Some(item) = self.next_item(queues) {
                 current = Some(item);
                 if self.shared.abort.load(Ordering::Relaxed) {
-                    return Err(LaneError::Injected("aborted"));
+                    return Err(LaneError::Aborted);
                 }
                 self.scan(item, &mut batch, &mut rep)?;
                 current = None;
@@ -256,7 +256,7 @@ impl Worker {
 
     fn send(&mut self, batch: &mut Batch, rep: &mut Report) -> Result<(), LaneError> {
         if self.shared.abort.load(Ordering::Relaxed) {
-            return Err(LaneError::Injected("aborted"));
+            return Err(LaneError::Aborted);
         }
         self.seq += 1;
         batch.seq = self.seq;
@@ -305,11 +305,11 @@ impl Worker {
         let start = Instant::now();
         while !self.unacked.is_empty() {
             if self.shared.abort.load(Ordering::Relaxed) {
-                return Err(LaneError::Injected("aborted"));
+                return Err(LaneError::Aborted);
             }
             match self.lane.wait_acked(self.seq, Duration::from_millis(100)) {
                 Ok(()) => {}
-                Err(LaneError::AckTimeout(_)) if start.elapsed() < ACK_TIMEOUT => {}
+                Err(LaneError::AckTimeout(_)) if start.elapsed() < self.shared.ack_timeout => {}
                 Err(e) => return Err(e),
             }
             self.collect_acked();

@@ -1,0 +1,350 @@
+//! The destination's side of a session after setup, as a state machine a reader can follow.
+//!
+//! [`Phase`] says where the session stands and owns what that phase has gathered (device
+//! state, while it arrives); [`Receiving::step`] takes the phase and one control message and
+//! returns the next phase. A message that is not legal in the current phase falls through to
+//! one arm, so ordering is checked in one place.
+//!
+//! The handover is two-phase, so that exactly one guest ever runs: once verified, the
+//! destination loads the device state and says `Ready` with its guest still paused; it resumes
+//! only on the source's `Commit`. Before `Ready`, any failure means the source resumes and we
+//! discard. Between `Ready` and `Commit` a lost link leaves us unable to know whether the
+//! source committed: the guest stays paused and the session ends in `handover-unknown` for an
+//! operator to decide.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crossbeam_channel::{select, Receiver};
+use rmig_transport::tcp::TcpDestLane;
+use rmig_transport::LaneError;
+
+use super::lanes::{LaneResult, LaneThreads};
+use super::sink::DestSink;
+use crate::control::link::ControlLink;
+use crate::embedder::DestEmbedder;
+use crate::monitor::Monitor;
+use crate::protocol::Message;
+use crate::stats::MigrationStatus;
+use crate::verify::{self, RegionHashes};
+use crate::EngineError;
+
+/// Where the destination's session stands.
+#[derive(Debug)]
+pub(crate) enum Phase {
+    /// Between pre-copy rounds; the next `RoundStart` must carry round `next`.
+    Between {
+        /// The round the source must start next.
+        next: u32,
+    },
+    /// A round is open: lanes land its pages.
+    InRound {
+        /// Its number.
+        round: u32,
+        /// Whether it is a stop-and-copy round (the source's guest is paused).
+        last: bool,
+    },
+    /// A stop-and-copy round has ended: the source repeats it (a lane failed) or sends the
+    /// device state.
+    Stopped {
+        /// The round the source starts if it repeats the copy.
+        next: u32,
+    },
+    /// Device state is arriving in pieces.
+    Device {
+        /// What has arrived.
+        state: Vec<u8>,
+    },
+    /// All device state is here; the source's checksums come next.
+    Verifying {
+        /// The whole device state.
+        state: Vec<u8>,
+    },
+    /// Verified and loaded; our guest is paused until the source's `Commit`.
+    Ready,
+    /// Our guest runs.
+    Done,
+}
+
+impl Phase {
+    /// A short description for error messages.
+    fn describe(&self) -> String {
+        match self {
+            Phase::Between { next } => format!("between rounds (next {next})"),
+            Phase::InRound { round, .. } => format!("in round {round}"),
+            Phase::Stopped { .. } => "after the stop-and-copy round".into(),
+            Phase::Device { .. } => "while device state arrives".into(),
+            Phase::Verifying { .. } => "while waiting for checksums".into(),
+            Phase::Ready => "while ready for the handover".into(),
+            Phase::Done => "after the handover".into(),
+        }
+    }
+}
+
+/// How a session ended badly: the error, and whether the peer still needs to be told.
+pub(crate) type Failure = (EngineError, bool);
+
+fn protocol(msg: String) -> Failure {
+    (EngineError::Protocol(msg), true)
+}
+
+/// The receiving part of a session: control messages, lane results, fallback lanes.
+pub(crate) struct Receiving<'a> {
+    pub sink: Arc<DestSink>,
+    pub monitor: &'a Arc<Monitor>,
+    pub link: &'a mut ControlLink,
+    pub verify: bool,
+    pub max_device_state: usize,
+    pub lanes: LaneThreads,
+    /// TCP lanes that replace failed RDMA lanes (lane number, socket).
+    pub more: Receiver<(u16, std::net::TcpStream)>,
+}
+
+impl Receiving<'_> {
+    /// Serves the session until our guest runs (`Ok`) or it fails.
+    pub fn run(
+        &mut self,
+        results: &Receiver<LaneResult>,
+        embedder: &mut dyn DestEmbedder,
+    ) -> Result<(), Failure> {
+        let never = crossbeam_channel::never();
+        let mut results = results;
+        let mut phase = Phase::Between { next: 0 };
+        loop {
+            if self.sink.crashed.load(Ordering::Acquire) {
+                // Injected crash: the control connection drops without a word too.
+                self.link.close(Duration::ZERO);
+                return Err((EngineError::Io("injected crash".into()), false));
+            }
+            select! {
+                recv(results) -> r => match r {
+                    Ok((i, r)) => self.lane_ended(i, r)?,
+                    // Every lane has ended: wait for the control connection alone.
+                    Err(_) => results = &never,
+                },
+                recv(self.more) -> m => match m {
+                    Ok((lane, sock)) => self.admit(lane, sock).map_err(|e| (e, true))?,
+                    // No fallback lanes in this session (or no more).
+                    Err(_) => self.more = crossbeam_channel::never(),
+                },
+                recv(self.link.inbox()) -> m => {
+                    phase = self.on_message(phase, m, embedder)?;
+                    if matches!(phase, Phase::Done) {
+                        return Ok(());
+                    }
+                }
+                default(Duration::from_millis(20)) => self.check_cancel()?,
+            }
+        }
+    }
+
+    /// Screens what the control connection delivered and steps the phase. A lost link in
+    /// `Ready` is a handover whose outcome we cannot know.
+    fn on_message(
+        &mut self,
+        phase: Phase,
+        m: Result<Result<Message, EngineError>, crossbeam_channel::RecvError>,
+        embedder: &mut dyn DestEmbedder,
+    ) -> Result<Phase, Failure> {
+        let m = m
+            .map_err(|_| EngineError::PeerClosed)
+            .and_then(ControlLink::screen);
+        match (m, &phase) {
+            (Ok(m), _) => self.step(phase, m, embedder),
+            (
+                Err(
+                    e @ (EngineError::PeerClosed | EngineError::PeerSilent(_) | EngineError::Io(_)),
+                ),
+                Phase::Ready,
+            ) => Err((
+                EngineError::HandoverUnknown(format!(
+                    "the control connection failed after Ready ({e}), so the source may have \
+                     committed"
+                )),
+                false,
+            )),
+            (Err(e), _) => Err((e, false)),
+        }
+    }
+
+    /// The session's protocol: the next phase after `m` in `phase`.
+    fn step(
+        &mut self,
+        phase: Phase,
+        m: Message,
+        embedder: &mut dyn DestEmbedder,
+    ) -> Result<Phase, Failure> {
+        match (phase, m) {
+            (Phase::Between { next }, Message::RoundStart { round, last }) if round == next => {
+                Ok(self.open_round(round, last))
+            }
+            (Phase::Stopped { next }, Message::RoundStart { round, last: true })
+                if round == next =>
+            {
+                Ok(self.open_round(round, true))
+            }
+            (Phase::InRound { round, last }, Message::RoundEnd { round: r }) if r == round => {
+                self.close_round(round);
+                let next = round + 1;
+                Ok(if last {
+                    Phase::Stopped { next }
+                } else {
+                    Phase::Between { next }
+                })
+            }
+            (Phase::Stopped { .. }, Message::DeviceState { data, last }) => {
+                self.device_piece(Vec::new(), data, last, embedder)
+            }
+            (Phase::Device { state }, Message::DeviceState { data, last }) => {
+                self.device_piece(state, data, last, embedder)
+            }
+            (Phase::Verifying { state }, Message::Checksums { regions }) => {
+                self.check_sums(&regions)?;
+                self.get_ready(state, embedder)
+            }
+            (Phase::Ready, Message::Commit) => {
+                embedder
+                    .resume()
+                    .map_err(|e| (EngineError::Embedder(e), true))?;
+                self.link.send(Message::Done);
+                Ok(Phase::Done)
+            }
+            (phase, m) => Err(protocol(format!(
+                "{} is not expected {}",
+                m.name(),
+                phase.describe()
+            ))),
+        }
+    }
+
+    fn open_round(&mut self, round: u32, last: bool) -> Phase {
+        self.monitor.round.store(round, Ordering::Relaxed);
+        if last {
+            self.monitor.update(|s| s.status = MigrationStatus::Device);
+        }
+        Phase::InRound { round, last }
+    }
+
+    fn close_round(&mut self, round: u32) {
+        self.link.send(Message::RoundEndAck { round });
+        let landed = self.sink.landed.load(Ordering::Relaxed);
+        self.monitor.update(|s| {
+            s.ram.dirty_sync_count += 1;
+            s.ram.normal_bytes = landed;
+        });
+    }
+
+    /// Adds a piece of device state; the last one moves on to verification (or straight to
+    /// the handover when not verifying).
+    fn device_piece(
+        &mut self,
+        mut state: Vec<u8>,
+        data: Vec<u8>,
+        last: bool,
+        embedder: &mut dyn DestEmbedder,
+    ) -> Result<Phase, Failure> {
+        if state.len() + data.len() > self.max_device_state {
+            return Err(protocol(format!(
+                "device state larger than the limit of {} bytes",
+                self.max_device_state
+            )));
+        }
+        state.extend_from_slice(&data);
+        match (last, self.verify) {
+            (false, _) => Ok(Phase::Device { state }),
+            (true, true) => Ok(Phase::Verifying { state }),
+            (true, false) => self.get_ready(state, embedder),
+        }
+    }
+
+    /// Compares the source's chunk digests with ours and tells the source the verdict.
+    fn check_sums(&mut self, theirs: &[Vec<u64>]) -> Result<(), Failure> {
+        let ours: Vec<Vec<u64>> = self
+            .sink
+            .hashes
+            .as_ref()
+            .expect("verifying")
+            .iter()
+            .map(RegionHashes::chunk_digests)
+            .collect();
+        let shape_ok =
+            ours.len() == theirs.len() && ours.iter().zip(theirs).all(|(a, b)| a.len() == b.len());
+        if !shape_ok {
+            return Err(protocol("Checksums do not match the region table".into()));
+        }
+        let mism = verify::mismatches(&ours, theirs, 16);
+        let ok = mism.is_empty();
+        self.monitor.update(|s| s.verified = Some(ok));
+        self.link.send(Message::Verified {
+            ok,
+            mismatches: mism.clone(),
+        });
+        if ok {
+            return Ok(());
+        }
+        let list: Vec<String> = mism
+            .iter()
+            .map(|(r, c)| format!("region {r} chunk {c}"))
+            .collect();
+        Err((
+            EngineError::VerifyFailed(format!("we differ from the source in {}", list.join(", "))),
+            false,
+        ))
+    }
+
+    /// Loads the device state and tells the source we are ready; our guest stays paused.
+    fn get_ready(
+        &mut self,
+        state: Vec<u8>,
+        embedder: &mut dyn DestEmbedder,
+    ) -> Result<Phase, Failure> {
+        embedder
+            .load_device_state(state)
+            .map_err(|e| (EngineError::Embedder(e), true))?;
+        self.link.send(Message::Ready);
+        Ok(Phase::Ready)
+    }
+
+    /// A lane ended: a malformed stream ends the session; a failed lane is the source's to
+    /// replace (it re-sends that lane's pages elsewhere).
+    fn lane_ended(
+        &mut self,
+        i: usize,
+        r: Result<rmig_transport::tcp::DestLaneSummary, LaneError>,
+    ) -> Result<(), Failure> {
+        match r {
+            Ok(_) => Ok(()),
+            Err(LaneError::Malformed(m)) => Err(protocol(format!("lane {i}: {m}"))),
+            Err(_) => {
+                self.monitor.update(|s| s.lanes_failed += 1);
+                Ok(())
+            }
+        }
+    }
+
+    /// Starts a TCP lane that replaces the failed RDMA lanes.
+    fn admit(&mut self, lane: u16, sock: std::net::TcpStream) -> Result<(), EngineError> {
+        let l = TcpDestLane::new(sock, self.sink.map().clone())
+            .map_err(|e| EngineError::lane(lane as usize, &e))?;
+        self.lanes.start(lane as usize, Box::new(l))?;
+        self.monitor.update(|s| {
+            s.transport = "tcp".into();
+            s.fallback_reason =
+                Some("the source replaced its failed RDMA lanes with TCP lanes".into());
+            s.lanes += 1;
+        });
+        Ok(())
+    }
+
+    fn check_cancel(&mut self) -> Result<(), Failure> {
+        if !self.monitor.cancel.is_cancelled() {
+            return Ok(());
+        }
+        let reason = self.monitor.cancel.reason();
+        self.link.send(Message::Cancel {
+            reason: reason.clone(),
+        });
+        Err((EngineError::Cancelled(reason), false))
+    }
+}
