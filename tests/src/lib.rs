@@ -291,9 +291,12 @@ impl Setup {
     pub fn new(src: &Mem, dst: &Mem, len: usize) -> Setup {
         let mut s = SourceConfig::new("unset", key());
         s.lanes = 2;
+        let mut d = DestConfig::new(key());
+        // A deadline for every test: a destination that no source reaches gives up.
+        d.incoming_timeout = Some(Duration::from_secs(20));
         Setup {
             src: s,
-            dst: DestConfig::new(key()),
+            dst: d,
             src_regions: vec![src.region(0, 0, len, 4096)],
             dst_regions: vec![dst.region(0, 0, len, 4096).with_known_zero(true)],
             dirty: Box::new(SharedDirtyLog::new(&[(len / 4096) as u64])),
@@ -349,6 +352,20 @@ impl Setup {
             self.src_monitor,
         );
         (s, d.join().expect("destination thread"))
+    }
+}
+
+/// The error of the last connection a destination refused, from its `NoSource` error (a
+/// destination keeps listening through failed handshakes, so that is where their reasons
+/// end up). Panics on any other error.
+pub fn last_refusal(e: EngineError) -> EngineError {
+    match e {
+        EngineError::NoSource {
+            last: Some(last),
+            refused,
+            ..
+        } if refused >= 1 => *last,
+        e => panic!("expected a destination that refused a connection and gave up, got: {e}"),
     }
 }
 

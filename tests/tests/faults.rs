@@ -5,7 +5,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use rmig_engine::{DestFault, EngineError, Key, SharedDirtyLog};
-use rmig_tests::{assert_same, Mem, Setup, Writer};
+use rmig_tests::{assert_same, last_refusal, Mem, Setup, Writer};
 
 const MIB: usize = 1 << 20;
 
@@ -29,8 +29,9 @@ fn wrong_key_is_refused_on_both_ends() {
     let dst = Mem::new(len);
     let mut setup = Setup::new(&src, &dst, len);
     setup.src.key = Key::new(b"not the key, 16+ bytes").unwrap();
+    setup.dst.incoming_timeout = Some(Duration::from_millis(1500));
     let (s, d) = setup.run();
-    let de = d.unwrap_err();
+    let de = last_refusal(d.unwrap_err());
     assert!(matches!(de, EngineError::Auth(_)), "{de}");
     let se = s.unwrap_err();
     assert!(se.to_string().contains("pre-shared key"), "{se}");
@@ -44,8 +45,9 @@ fn version_mismatch_names_both_ranges() {
     let dst = Mem::new(len);
     let mut setup = Setup::new(&src, &dst, len);
     setup.src.versions = (7, 9);
+    setup.dst.incoming_timeout = Some(Duration::from_millis(1500));
     let (s, d) = setup.run();
-    let de = d.unwrap_err();
+    let de = last_refusal(d.unwrap_err());
     assert!(
         matches!(
             de,
@@ -71,8 +73,10 @@ fn region_table_mismatch_is_refused() {
     let dst = Mem::new(len);
     let mut setup = Setup::new(&src, &dst, len);
     setup.dst_regions = vec![dst.region(0, 0, 4 * MIB, 4096)];
+    setup.dst.incoming_timeout = Some(Duration::from_millis(1500));
     let (s, d) = setup.run();
-    assert!(matches!(d.unwrap_err(), EngineError::RegionMismatch(_)));
+    let de = last_refusal(d.unwrap_err());
+    assert!(matches!(de, EngineError::RegionMismatch(_)), "{de}");
     let se = s.unwrap_err();
     assert!(se.to_string().contains("region table mismatch"), "{se}");
 }

@@ -7,18 +7,20 @@ use std::time::Duration;
 
 use rmig_engine::protocol::{codec, Message, PROTOCOL_MAX, PROTOCOL_MIN};
 use rmig_engine::{DestListener, EngineError, Monitor, NullDest};
-use rmig_tests::{key, Mem, Setup};
+use rmig_tests::{key, last_refusal, Mem, Setup};
 
 const MIB: usize = 1 << 20;
 
-/// Starts a destination, lets `peer` talk to it over a raw socket, and returns the
-/// destination's result and whatever it sent back.
+/// Starts a destination, lets `peer` talk to it over a raw socket, and returns why the
+/// destination refused that connection (it keeps listening, and gives up only at its incoming
+/// timeout), whatever it sent back, and its memory.
 fn against_raw_peer(peer: impl FnOnce(&mut TcpStream)) -> (EngineError, Vec<u8>, Mem) {
     let dst = Mem::new(4 * MIB);
     let src = Mem::new(4 * MIB);
     let setup = Setup::new(&src, &dst, 4 * MIB);
     let mut cfg = setup.dst.clone();
     cfg.handshake_timeout = Duration::from_secs(2);
+    cfg.incoming_timeout = Some(Duration::from_secs(3));
     let l = DestListener::bind("127.0.0.1:0", cfg).unwrap();
     let addr = l.local_addr().unwrap();
     let regions = setup.dst_regions.clone();
@@ -29,7 +31,7 @@ fn against_raw_peer(peer: impl FnOnce(&mut TcpStream)) -> (EngineError, Vec<u8>,
     peer(&mut s);
     let mut back = Vec::new();
     let _ = s.read_to_end(&mut back);
-    let e = d.join().unwrap().unwrap_err();
+    let e = last_refusal(d.join().unwrap().unwrap_err());
     (e, back, dst)
 }
 

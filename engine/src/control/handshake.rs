@@ -62,7 +62,7 @@ pub struct DestAccept {
 }
 
 /// Reads the next message; a timeout or a malformed frame is reported to the peer too.
-async fn recv(s: &mut TcpStream, d: Duration, what: &str) -> Result<Message, EngineError> {
+pub async fn recv(s: &mut TcpStream, d: Duration, what: &str) -> Result<Message, EngineError> {
     match tokio::time::timeout(d, codec::read_async(s)).await {
         Err(_) => {
             let e = EngineError::Protocol(format!("no {what} within {} ms", d.as_millis()));
@@ -82,7 +82,7 @@ fn unexpected(what: &str, m: &Message) -> EngineError {
 }
 
 /// Tells the peer why we give up (best effort), then returns the error.
-async fn refuse<T>(s: &mut TcpStream, e: EngineError) -> Result<T, EngineError> {
+pub async fn refuse<T>(s: &mut TcpStream, e: EngineError) -> Result<T, EngineError> {
     let _ = codec::write_async(
         s,
         &Message::Error {
@@ -185,7 +185,19 @@ pub async fn dest(
     acc: &DestAccept,
     timeout: Duration,
 ) -> Result<Agreed, EngineError> {
-    let (pmin, pmax) = match recv(s, timeout, "Hello").await? {
+    let hello = recv(s, timeout, "Hello").await?;
+    dest_after(s, hello, acc, timeout).await
+}
+
+/// The destination's side of the handshake, once the connection's first message (`first`,
+/// which must be `Hello`) has been read.
+pub async fn dest_after(
+    s: &mut TcpStream,
+    first: Message,
+    acc: &DestAccept,
+    timeout: Duration,
+) -> Result<Agreed, EngineError> {
+    let (pmin, pmax) = match first {
         Message::Hello {
             min_version,
             max_version,

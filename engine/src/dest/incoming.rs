@@ -1,13 +1,18 @@
-//! Waiting for the source, like a VMM started with `-incoming`.
+//! The destination's door: every connection to its port, for the whole session.
 //!
 //! A destination's port is open to anyone: port scanners, health checks, a source with the
-//! wrong key or version, a connection that never says a word. Each connection gets its
-//! handshake on a task of its own, so none of them can hold up the real source; one that fails
-//! is told why (when it got that far), dropped and counted, and the destination goes on waiting
-//! until a source completes the handshake, the embedder cancels, or the incoming timeout (if
-//! any) passes.
+//! wrong key or version, a connection that never says a word, and the real source's control
+//! connection and data lanes, which may arrive in any order (a lane can connect while the
+//! handshake's last reply is still on its way to us). So one [`Door`] owns the listener from
+//! start to end, and each connection is classified by its first frame on a task of its own:
+//! `Hello` opens a handshake, `LaneJoin` is a lane's claim (checked by whoever holds the
+//! session's keys), anything else is refused. No connection can hold up another; one that
+//! fails is told why when it got that far, dropped and counted, and the destination goes on
+//! waiting (like QEMU's `-incoming`) until a source completes the handshake, the embedder
+//! cancels, or the incoming timeout passes.
 
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,12 +23,14 @@ use tokio::task::JoinSet;
 use crate::config::TransportChoice;
 use crate::control::handshake::{self, Agreed, DestAccept};
 use crate::monitor::Monitor;
-use crate::protocol::TransportKind;
+use crate::protocol::{codec, Message, TransportKind};
 use crate::{DestConfig, EngineError};
 
-/// Most handshakes in progress at once; a connection beyond that is dropped at once (and
+/// Most connections being classified at once; one beyond that is dropped at once (and
 /// counted), so a flood of idle connections costs a bounded amount of memory.
 const MAX_PENDING: usize = 64;
+/// How long a connection has to send its first frame.
+const FIRST_FRAME: Duration = Duration::from_secs(5);
 
 /// A source that passed the handshake.
 pub(crate) struct Incoming {
@@ -35,53 +42,126 @@ pub(crate) struct Incoming {
     pub device: Option<Arc<RdmaDevice>>,
 }
 
-/// Connections dropped so far, and why the last one was.
+/// A data lane's opening claim, not yet checked.
+pub(crate) struct LaneClaim {
+    /// Its connection.
+    pub stream: TcpStream,
+    /// The session it names.
+    pub session: [u8; 16],
+    /// The lane number it claims.
+    pub lane: u16,
+    /// Its proof of membership.
+    pub mac: [u8; 32],
+}
+
+/// What a connection turned out to be.
+pub(crate) enum Arrival {
+    /// A source that completed the handshake.
+    Source(Box<Incoming>),
+    /// A data lane's claim.
+    Lane(LaneClaim),
+    /// Dropped: why.
+    Refused(EngineError),
+}
+
+/// The listener and the connections being classified.
+pub(crate) struct Door {
+    listener: Arc<TcpListener>,
+    pending: JoinSet<Arrival>,
+    cfg: DestConfig,
+    accept: DestAccept,
+    /// Set once a source has been chosen: later `Hello`s are refused.
+    busy: Arc<AtomicBool>,
+    monitor: Arc<Monitor>,
+}
+
+impl Door {
+    /// A door on `listener` for sessions described by `cfg` and `accept`.
+    pub fn new(
+        listener: Arc<TcpListener>,
+        cfg: DestConfig,
+        accept: DestAccept,
+        monitor: Arc<Monitor>,
+    ) -> Door {
+        Door {
+            listener,
+            pending: JoinSet::new(),
+            cfg,
+            accept,
+            busy: Arc::new(AtomicBool::new(false)),
+            monitor,
+        }
+    }
+
+    /// The next classified connection. Cancel-safe: it may race other futures in a
+    /// `select!` (accepting and joining tasks are both cancel-safe, and nothing is awaited
+    /// after a result is in hand).
+    pub async fn next(&mut self) -> Arrival {
+        loop {
+            tokio::select! {
+                r = self.listener.accept() => match r {
+                    Ok((s, _)) if self.pending.len() < MAX_PENDING => {
+                        let task = classify(s, self.cfg.clone(), self.accept.clone(), self.busy.clone());
+                        self.pending.spawn(task);
+                    }
+                    Ok(_) => return Arrival::Refused(EngineError::Io("too many connections at once".into())),
+                    // Out of file descriptors and the like: wait a little rather than spin.
+                    Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+                },
+                Some(done) = self.pending.join_next() => {
+                    return done.unwrap_or_else(|e| {
+                        Arrival::Refused(EngineError::Io(format!("connection task: {e}")))
+                    })
+                }
+            }
+        }
+    }
+
+    /// Counts a refused connection in the statistics.
+    pub fn refused(&self) {
+        self.monitor.update(|s| s.connections_refused += 1);
+    }
+}
+
+/// Connections dropped while waiting for the source, and why the last one was.
 #[derive(Default)]
 struct Refusals {
     count: u64,
     last: Option<EngineError>,
 }
 
-impl Refusals {
-    fn add(&mut self, why: EngineError, monitor: &Monitor) {
-        self.count += 1;
-        self.last = Some(why);
-        let n = self.count;
-        monitor.update(|s| s.connections_refused = n);
-    }
-}
-
-/// Accepts connections until one completes the handshake. Refusals are counted in the
-/// monitor's `connections_refused`.
+/// Waits until a source completes the handshake. Lane claims that arrive first (the source's
+/// lanes racing its last handshake reply) are kept for the lane stage, at most
+/// `MAX_PENDING` of them.
 pub(crate) async fn accept_source(
-    listener: &TcpListener,
-    cfg: &DestConfig,
-    accept: &DestAccept,
-    monitor: &Monitor,
+    door: &mut Door,
+    early: &mut Vec<LaneClaim>,
 ) -> Result<Incoming, EngineError> {
     let started = tokio::time::Instant::now();
-    let deadline = cfg.incoming_timeout.map(|t| started + t);
-    let mut pending = JoinSet::new();
+    let deadline = door.cfg.incoming_timeout.map(|t| started + t);
     let mut refused = Refusals::default();
     let mut tick = tokio::time::interval(Duration::from_millis(50));
     loop {
         tokio::select! {
-            r = listener.accept() => match r {
-                Ok((s, _)) if pending.len() < MAX_PENDING => {
-                    pending.spawn(handshake_one(s, cfg.clone(), accept.clone()));
+            a = door.next() => match a {
+                Arrival::Source(incoming) => {
+                    door.busy.store(true, Ordering::Release);
+                    return Ok(*incoming);
                 }
-                Ok(_) => refused.add(EngineError::Io("too many handshakes at once".into()), monitor),
-                // Out of file descriptors and the like: wait a little rather than spin.
-                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
-            },
-            Some(done) = pending.join_next() => match done {
-                Ok(Ok(incoming)) => return Ok(incoming),
-                Ok(Err(e)) => refused.add(e, monitor),
-                Err(e) => refused.add(EngineError::Io(format!("handshake task: {e}")), monitor),
+                Arrival::Lane(claim) if early.len() < MAX_PENDING => early.push(claim),
+                Arrival::Lane(_) => {
+                    door.refused();
+                    refused.count += 1;
+                }
+                Arrival::Refused(e) => {
+                    door.refused();
+                    refused.count += 1;
+                    refused.last = Some(e);
+                }
             },
             _ = tick.tick() => {
-                if monitor.cancel.is_cancelled() {
-                    return Err(EngineError::Cancelled(monitor.cancel.reason()));
+                if door.monitor.cancel.is_cancelled() {
+                    return Err(EngineError::Cancelled(door.monitor.cancel.reason()));
                 }
                 if deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
                     return Err(EngineError::NoSource {
@@ -95,15 +175,53 @@ pub(crate) async fn accept_source(
     }
 }
 
-/// Runs the handshake on one connection.
+/// Reads a connection's first frame and acts on it: a handshake for `Hello` (unless a source
+/// has been chosen), a claim for `LaneJoin`, a refusal for anything else.
+async fn classify(
+    mut s: TcpStream,
+    cfg: DestConfig,
+    accept: DestAccept,
+    busy: Arc<AtomicBool>,
+) -> Arrival {
+    let first = match tokio::time::timeout(FIRST_FRAME, codec::read_async(&mut s)).await {
+        Err(_) => Err(EngineError::Protocol("no first frame in time".into())),
+        Ok(Ok(Some(m))) => Ok(m),
+        Ok(Ok(None)) => Err(EngineError::PeerClosed),
+        Ok(Err(e)) => Err(e),
+    };
+    let r = match first {
+        Ok(Message::LaneJoin { session, lane, mac }) => {
+            return Arrival::Lane(LaneClaim {
+                stream: s,
+                session,
+                lane,
+                mac,
+            })
+        }
+        Ok(Message::Hello { .. }) if busy.load(Ordering::Acquire) => {
+            let e = EngineError::Protocol("a migration is already in progress here".into());
+            handshake::refuse(&mut s, e).await
+        }
+        Ok(hello) => handshake_one(s, hello, cfg, accept).await,
+        Err(e @ EngineError::Protocol(_)) => handshake::refuse(&mut s, e).await,
+        Err(e) => Err(e),
+    };
+    match r {
+        Ok(incoming) => Arrival::Source(Box::new(incoming)),
+        Err(e) => Arrival::Refused(e),
+    }
+}
+
+/// Runs the rest of the handshake on a connection whose first frame was `hello`.
 async fn handshake_one(
     mut s: TcpStream,
+    hello: Message,
     cfg: DestConfig,
     mut accept: DestAccept,
 ) -> Result<Incoming, EngineError> {
     s.set_nodelay(true)?;
     let device = offer_transports(&cfg, &mut accept, s.local_addr()?.ip());
-    let agreed = handshake::dest(&mut s, &accept, cfg.handshake_timeout).await?;
+    let agreed = handshake::dest_after(&mut s, hello, &accept, cfg.handshake_timeout).await?;
     Ok(Incoming {
         stream: s,
         agreed,

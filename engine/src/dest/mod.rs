@@ -28,7 +28,7 @@ use crate::region::{self, Region};
 use crate::stats::{MigrationStats, MigrationStatus};
 use crate::verify::CHUNK_PAGES;
 use crate::{DestConfig, EngineError};
-use incoming::Incoming;
+use incoming::{Door, Incoming};
 use lanes::{LaneResult, LaneThreads};
 use phase::{Failure, Receiving};
 use rmig_transport::rdma::{DestPrepared, LocalMemory, RdmaDestLane, RdmaDevice};
@@ -58,7 +58,8 @@ struct Opened {
     lanes: LaneThreads,
     results: crossbeam_channel::Receiver<LaneResult>,
     more: crossbeam_channel::Receiver<(u16, TcpStream)>,
-    admit: Option<tokio::task::JoinHandle<()>>,
+    /// The door's task: admits fallback lanes, refuses everything else.
+    admit: tokio::task::JoinHandle<()>,
     sink: Arc<DestSink>,
 }
 
@@ -130,12 +131,16 @@ impl DestListener {
             max_lanes: self.cfg.max_lanes,
             note: String::new(),
         };
-        let incoming = self.rt.block_on(incoming::accept_source(
-            &self.listener,
-            &self.cfg,
-            &accept,
-            monitor,
-        ))?;
+        let mut door = Door::new(
+            self.listener.clone(),
+            self.cfg.clone(),
+            accept,
+            monitor.clone(),
+        );
+        let mut early = Vec::new();
+        let incoming = self
+            .rt
+            .block_on(incoming::accept_source(&mut door, &mut early))?;
         let connected = Instant::now();
         let limits = Limits::for_chunks(regions.iter().map(|r| r.pages().div_ceil(CHUNK_PAGES)));
         let Incoming {
@@ -144,7 +149,17 @@ impl DestListener {
             device,
         } = incoming;
         let mut link = ControlLink::start(self.rt.handle(), stream, self.cfg.liveness, limits);
-        let opened = match self.open_lanes(regions, &agreed, device, monitor, connected) {
+        let joined = self.rt.block_on(lanes::join(
+            &mut door,
+            early,
+            &agreed.auth,
+            agreed.lanes,
+            self.cfg.handshake_timeout,
+        ));
+        let opened = joined.and_then(|sockets| {
+            self.open_lanes(regions, &agreed, sockets, door, device, monitor, connected)
+        });
+        let opened = match opened {
             Ok(o) => o,
             Err(e) => {
                 link.send(Message::Error {
@@ -170,9 +185,7 @@ impl DestListener {
             more,
         };
         let r = session.run(&results, embedder);
-        if let Some(a) = admit {
-            a.abort();
-        }
+        admit.abort();
         let summaries = collect_lanes(session.lanes, &results, r.is_ok());
         self.finish(&mut link, r).map(|()| summaries)
     }
@@ -197,23 +210,20 @@ impl DestListener {
         }
     }
 
-    /// Joins the session's lanes, sets up RDMA on them if agreed, and starts their threads.
+    /// Sets up RDMA on the joined lane sockets if agreed, starts the lanes' threads, and
+    /// hands the door to a task that admits fallback lanes and refuses everything else.
+    #[allow(clippy::too_many_arguments)]
     fn open_lanes(
         &self,
         regions: &[Region],
         agreed: &crate::control::handshake::Agreed,
+        sockets: Vec<TcpStream>,
+        door: Door,
         device: Option<Arc<RdmaDevice>>,
         monitor: &Arc<Monitor>,
         connected: Instant,
     ) -> Result<Opened, EngineError> {
         let cfg = &self.cfg;
-        let sockets = self.rt.block_on(lanes::join(
-            &self.listener,
-            &agreed.auth,
-            agreed.lanes,
-            cfg.handshake_timeout,
-            monitor,
-        ))?;
         let sink = Arc::new(DestSink::new(
             regions,
             agreed.verify,
@@ -241,19 +251,18 @@ impl DestListener {
             s.setup_time_ms = connected.elapsed().as_secs_f64() * 1e3;
             s.ram.total = regions.iter().map(Region::len).sum();
         });
-        // Over RDMA the source may replace failed lanes with TCP ones: admit them while running.
+        // Over RDMA the source may replace failed lanes with TCP ones: admit them while
+        // running. Whatever else knocks is refused.
         let (more_tx, more) = crossbeam_channel::unbounded();
         let may_fall_back =
             agreed.transport == TransportKind::Rdma && cfg.transport == TransportChoice::Auto;
-        let admit = may_fall_back.then(|| {
-            self.rt.spawn(lanes::fallback(
-                self.listener.clone(),
-                agreed.auth.clone(),
-                agreed.lanes,
-                more_tx,
-                monitor.clone(),
-            ))
-        });
+        let fallback_lanes = if may_fall_back { agreed.lanes } else { 0 };
+        let admit = self.rt.spawn(lanes::fallback(
+            door,
+            agreed.auth.clone(),
+            fallback_lanes,
+            more_tx,
+        ));
         let (res_tx, results) = crossbeam_channel::unbounded();
         let mut lanes = LaneThreads {
             pool: rmig_numa::WorkerPool::flat(),
