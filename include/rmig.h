@@ -12,6 +12,10 @@
  *    until rmig_free returns.
  *  - Every function returns RMIG_OK (0) or a negative rmig_status; rmig_last_error() describes
  *    the last failure on the calling thread.
+ *  - Enumerations that the caller fills in are uint32_t fields holding one of the named
+ *    constants (rmig_config.transport: RMIG_TRANSPORT_*); any other value is refused with
+ *    RMIG_ERR_INVALID_ARGUMENT. rmig_status (return values) and rmig_state (rmig_stats.state)
+ *    are C enums that only the library writes.
  */
 
 
@@ -24,6 +28,9 @@
 #include <stdint.h>
 
 // What an `rmig_` function returns: `RMIG_OK` or a negative error.
+//
+// Only ever returned by the library, never read from C memory, so it stays a C enum; a later
+// version may add codes: treat any other negative value as an error.
 typedef enum {
   // Success.
   RMIG_OK = 0,
@@ -55,17 +62,10 @@ typedef enum {
   RMIG_ERR_BUFFER_TOO_SMALL = -13,
 } rmig_status;
 
-// Transport preference.
-typedef enum {
-  // The best both ends can use.
-  RMIG_TRANSPORT_AUTO = 0,
-  // TCP lanes.
-  RMIG_TRANSPORT_TCP = 1,
-  // RDMA lanes only (an error without a usable device).
-  RMIG_TRANSPORT_RDMA = 2,
-} rmig_transport;
-
 // Outcome of a migration as `rmig_get_stats` reports it.
+//
+// Only ever written by the library (into `rmig_stats.state`), never read from C memory, so it
+// stays a C enum; like `rmig_status`, a later version may add values: handle unknown ones.
 typedef enum {
   // Created, regions being added.
   RMIG_STATE_NEW = 0,
@@ -83,6 +83,30 @@ typedef enum {
   RMIG_STATE_CANCELLED = 6,
 } rmig_state;
 
+// Transport preference: the allowed values of `rmig_config.transport`.
+//
+// The field itself is a `uint32_t`, so that a value C puts there is never an invalid Rust
+// enum; the library checks it and answers anything else with `RMIG_ERR_INVALID_ARGUMENT`.
+enum rmig_transport
+#if defined(__cplusplus) || __STDC_VERSION__ >= 202311L
+  : uint32_t
+#endif // defined(__cplusplus) || __STDC_VERSION__ >= 202311L
+ {
+  // The best both ends can use.
+  RMIG_TRANSPORT_AUTO = 0,
+  // TCP lanes.
+  RMIG_TRANSPORT_TCP = 1,
+  // RDMA lanes only (an error without a usable device).
+  RMIG_TRANSPORT_RDMA = 2,
+};
+#ifndef __cplusplus
+#if __STDC_VERSION__ >= 202311L
+typedef enum rmig_transport rmig_transport;
+#else
+typedef uint32_t rmig_transport;
+#endif // __STDC_VERSION__ >= 202311L
+#endif // __cplusplus
+
 // Growable bytes owned by the library, filled by a callback with `rmig_bytes_append`.
 typedef struct rmig_bytes rmig_bytes;
 
@@ -97,8 +121,10 @@ typedef struct {
   size_t key_len;
   // Data lanes; 0 means one per CPU.
   uint32_t lanes;
-  // Transport preference.
-  rmig_transport transport;
+  // Transport preference: one of the `RMIG_TRANSPORT_*` values of `rmig_transport`
+  // (default `RMIG_TRANSPORT_AUTO`). Any other value makes `rmig_*_new` fail with
+  // `RMIG_ERR_INVALID_ARGUMENT`.
+  uint32_t transport;
   // Downtime ceiling in milliseconds (default 300).
   uint64_t downtime_limit_ms;
   // Bandwidth ceiling in bytes/s; 0 is unlimited.
@@ -141,7 +167,7 @@ typedef uint64_t rmig_session;
 
 // Statistics (QEMU `query-migrate` names).
 typedef struct {
-  // Where the migration stands.
+  // Where the migration stands (written by the library only).
   rmig_state state;
   // 1 verified, 0 failed verification, -1 not verified (off, or not yet).
   int32_t verified;
@@ -187,6 +213,10 @@ rmig_status rmig_config_default(rmig_config *out);
 
 // Creates a source session that will migrate to `config->address`.
 //
+// Fails with `RMIG_ERR_INVALID_ARGUMENT` for a NULL or misaligned pointer, a NULL or non-UTF-8
+// address, an empty key, a `config->transport` that is no `RMIG_TRANSPORT_*` value, or no
+// `dirty_sync` callback.
+//
 // # Safety
 // `config` must point to a valid `rmig_config` whose strings are valid; `callbacks` to a valid
 // `rmig_callbacks` (copied); `out` to writable memory for an `rmig_session`.
@@ -195,7 +225,7 @@ rmig_status rmig_source_new(const rmig_config *config,
                             rmig_session *out);
 
 // Creates a destination session listening on `config->address` now (before any source
-// connects, like a VMM started with `-incoming`).
+// connects, like a VMM started with `-incoming`). Checks `config` as `rmig_source_new` does.
 //
 // # Safety
 // As `rmig_source_new`.

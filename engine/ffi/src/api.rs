@@ -65,7 +65,7 @@ pub unsafe extern "C" fn rmig_config_default(out: *mut RmigConfig) -> RmigStatus
             key: std::ptr::null(),
             key_len: 0,
             lanes: 0,
-            transport: RmigTransport::RmigTransportAuto,
+            transport: RmigTransport::RmigTransportAuto as u32,
             downtime_limit_ms: d.downtime_limit.as_millis() as u64,
             max_bandwidth: 0,
             max_rounds: d.max_rounds,
@@ -82,6 +82,7 @@ pub unsafe extern "C" fn rmig_config_default(out: *mut RmigConfig) -> RmigStatus
 struct Parsed {
     address: String,
     key: Key,
+    transport: TransportChoice,
 }
 
 /// # Safety
@@ -103,15 +104,14 @@ unsafe fn parse(cfg: *const RmigConfig) -> Result<(RmigConfig, Parsed), RmigStat
     // SAFETY: non-null, `key_len` bytes by the caller's contract.
     let kb = unsafe { std::slice::from_raw_parts(c.key, c.key_len) };
     let key = Key::new(kb).map_err(|e| from_engine(&e))?;
-    if !matches!(
-        c.transport,
-        RmigTransport::RmigTransportAuto
-            | RmigTransport::RmigTransportTcp
-            | RmigTransport::RmigTransportRdma
-    ) {
-        return Err(fail(RmigErrInvalidArgument, "unknown transport"));
-    }
-    Ok((c, Parsed { address, key }))
+    let t = RmigTransport::try_from(c.transport)
+        .map_err(|e| fail(RmigErrInvalidArgument, &e.message("config.transport")))?;
+    let p = Parsed {
+        address,
+        key,
+        transport: transport(t),
+    };
+    Ok((c, p))
 }
 
 fn transport(t: RmigTransport) -> TransportChoice {
@@ -149,6 +149,10 @@ unsafe fn register(
 
 /// Creates a source session that will migrate to `config->address`.
 ///
+/// Fails with `RMIG_ERR_INVALID_ARGUMENT` for a NULL or misaligned pointer, a NULL or non-UTF-8
+/// address, an empty key, a `config->transport` that is no `RMIG_TRANSPORT_*` value, or no
+/// `dirty_sync` callback.
+///
 /// # Safety
 /// `config` must point to a valid `rmig_config` whose strings are valid; `callbacks` to a valid
 /// `rmig_callbacks` (copied); `out` to writable memory for an `rmig_session`.
@@ -175,7 +179,7 @@ pub unsafe extern "C" fn rmig_source_new(
         if c.lanes > 0 {
             s.lanes = c.lanes as usize;
         }
-        s.transport = transport(c.transport);
+        s.transport = p.transport;
         s.max_bandwidth = c.max_bandwidth;
         s.verify = c.verify != 0;
         s.policy = ConvergePolicy {
@@ -196,7 +200,7 @@ pub unsafe extern "C" fn rmig_source_new(
 }
 
 /// Creates a destination session listening on `config->address` now (before any source
-/// connects, like a VMM started with `-incoming`).
+/// connects, like a VMM started with `-incoming`). Checks `config` as `rmig_source_new` does.
 ///
 /// # Safety
 /// As `rmig_source_new`.
@@ -208,13 +212,13 @@ pub unsafe extern "C" fn rmig_dest_new(
 ) -> RmigStatus {
     guard(|| {
         // SAFETY: the caller's contract.
-        let (c, p) = unsafe { parse(config)? };
+        let (_, p) = unsafe { parse(config)? };
         // SAFETY: as above.
         let cb = *unsafe { borrow(callbacks, "callbacks")? };
         // SAFETY: as above.
         unsafe { borrow(out.cast_const(), "out")? };
         let mut d = DestConfig::new(p.key);
-        d.transport = transport(c.transport);
+        d.transport = p.transport;
         let l = DestListener::bind(&p.address, d).map_err(|e| from_engine(&e))?;
         // SAFETY: `out` was checked above.
         unsafe {

@@ -6,6 +6,9 @@ use std::ffi::{c_char, CString};
 use rmig_engine::EngineError;
 
 /// What an `rmig_` function returns: `RMIG_OK` or a negative error.
+///
+/// Only ever returned by the library, never read from C memory, so it stays a C enum; a later
+/// version may add codes: treat any other negative value as an error.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RmigStatus {

@@ -332,3 +332,48 @@ fn cancel_from_another_thread() {
     assert_eq!(rmig_free(s), RmigOk);
     assert_eq!(rmig_free(d), RmigOk);
 }
+
+#[test]
+fn out_of_range_transport_is_refused_by_name() {
+    let addr = c"127.0.0.1:1";
+    for bad in [3, 7, u32::MAX] {
+        let mut c = config(addr);
+        c.transport = bad;
+        let mut s = 0;
+        // SAFETY: valid pointers; the value is the library's to check.
+        let r = unsafe { rmig_source_new(&c, &callbacks(), &mut s) };
+        assert_eq!(r, RmigErrInvalidArgument, "transport {bad}");
+        let msg = last_error();
+        assert!(msg.contains("config.transport"), "{msg}");
+        assert!(msg.contains(&format!("is {bad},")), "{msg}");
+        assert!(msg.contains("RMIG_TRANSPORT_TCP (1)"), "{msg}");
+        let mut d = 0;
+        let mut c = config(c"127.0.0.1:0");
+        c.transport = bad;
+        // SAFETY: as above.
+        let r = unsafe { rmig_dest_new(&c, &callbacks(), &mut d) };
+        assert_eq!(r, RmigErrInvalidArgument, "transport {bad}");
+        assert!(
+            last_error().contains("config.transport"),
+            "{}",
+            last_error()
+        );
+    }
+    for good in [
+        RmigTransport::RmigTransportAuto,
+        RmigTransport::RmigTransportTcp,
+        RmigTransport::RmigTransportRdma,
+    ] {
+        let mut c = config(addr);
+        c.transport = good as u32;
+        let mut s = 0;
+        // SAFETY: valid pointers.
+        let r = unsafe { rmig_source_new(&c, &callbacks(), &mut s) };
+        assert_eq!(r, RmigOk, "{good:?}: {}", last_error());
+        assert_eq!(rmig_free(s), RmigOk);
+    }
+    assert_eq!(
+        config(addr).transport,
+        RmigTransport::RmigTransportAuto as u32
+    );
+}
