@@ -361,7 +361,7 @@ fn run_source_step(
     }
 }
 
-fn source_entry(session: RmigSession) -> Result<std::sync::Arc<Entry>, RmigStatus> {
+fn source_entry(session: RmigSession) -> Result<handles::Call, RmigStatus> {
     let e = handles::get(session)?;
     if e.role != RmigRole::RmigSource {
         return Err(fail(RmigErrState, "this call is for a source session"));
@@ -596,14 +596,25 @@ pub unsafe extern "C" fn rmig_bytes_append(
     })
 }
 
-/// Frees a session (cancelling it if it still runs between steps). Freeing twice, or a
-/// handle that never existed, returns `RMIG_ERR_INVALID_HANDLE`; freeing a session another
-/// thread is inside returns `RMIG_ERR_STATE`.
+/// Frees a session. *Any thread*, also while other threads are inside calls on it:
+///  1. the handle is invalid at once: calls that start on it from now on return
+///     `RMIG_ERR_INVALID_HANDLE`;
+///  2. the migration is cancelled (as by `rmig_cancel`; the peer is told), so that a call
+///     blocked on it (`rmig_migrate`, `rmig_setup`, `rmig_iterate`, `rmig_complete`) ends;
+///  3. it waits until every call that was already running on the session has returned, then
+///     releases the session and returns. After that, the library no longer touches the
+///     session's regions or calls its callbacks.
+///
+/// The wait in 3 has no time limit: it lasts as long as those calls take to return once
+/// cancelled. That is normally within about 100 ms, but a call inside an embedder callback
+/// first waits for the callback to return, and an end still connecting, handshaking or
+/// joining lanes notices the cancel only once that is through (each part bounded by the
+/// handshake timeout, 10 s); see each driving call.
+///
+/// Freeing twice, or a handle that never existed, returns `RMIG_ERR_INVALID_HANDLE`.
+/// Calling it from inside a callback of the same session returns `RMIG_ERR_STATE` and frees
+/// nothing (it would wait for itself).
 #[no_mangle]
 pub extern "C" fn rmig_free(session: RmigSession) -> RmigStatus {
-    guard(|| {
-        let e = handles::remove(session)?;
-        drop(e);
-        Ok(())
-    })
+    guard(|| handles::free(session, "the session was freed (rmig_free)"))
 }
