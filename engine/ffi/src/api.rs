@@ -1,4 +1,7 @@
 //! The `rmig_` functions.
+//!
+//! Threading: the contract is in the crate documentation (and the header's preamble); each
+//! function says whether it is an *any thread* or a *driving* call.
 
 use std::ffi::{c_char, CStr};
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -51,6 +54,7 @@ unsafe fn borrow<'a, T>(p: *const T, what: &str) -> Result<&'a T, RmigStatus> {
 }
 
 /// Writes the default configuration into `out` (address and key still to be set).
+/// *Any thread*; involves no session.
 ///
 /// # Safety
 /// `out` must be NULL or point to writable memory for an `rmig_config`.
@@ -147,7 +151,8 @@ unsafe fn register(
     unsafe { out.write(h) };
 }
 
-/// Creates a source session that will migrate to `config->address`.
+/// Creates a source session that will migrate to `config->address`. *Any thread*; the new
+/// session may then be driven from any one thread at a time.
 ///
 /// Fails with `RMIG_ERR_INVALID_ARGUMENT` for a NULL or misaligned pointer, a NULL or non-UTF-8
 /// address, an empty key, a `config->transport` that is no `RMIG_TRANSPORT_*` value, or no
@@ -200,7 +205,8 @@ pub unsafe extern "C" fn rmig_source_new(
 }
 
 /// Creates a destination session listening on `config->address` now (before any source
-/// connects, like a VMM started with `-incoming`). Checks `config` as `rmig_source_new` does.
+/// connects, like a VMM started with `-incoming`). *Any thread*; checks `config` as
+/// `rmig_source_new` does.
 ///
 /// # Safety
 /// As `rmig_source_new`.
@@ -234,7 +240,8 @@ pub unsafe extern "C" fn rmig_dest_new(
     })
 }
 
-/// The port a destination listens on.
+/// The port a destination listens on. *Driving* call: before `rmig_migrate` (while that runs
+/// it fails with `RMIG_ERR_STATE`).
 ///
 /// # Safety
 /// `port` must point to writable memory for a `uint16_t`.
@@ -264,6 +271,7 @@ pub unsafe extern "C" fn rmig_dest_port(session: RmigSession, port: *mut u16) ->
 /// 2097152, guest physical address `gpa` (`UINT64_MAX` for none), a name (copied). Regions go in
 /// table order; both ends must add the same table. Only before the migration starts.
 /// The memory stays the caller's and must stay mapped until `rmig_free` returns.
+/// *Driving* call: must not overlap another driving call on the session.
 ///
 /// # Safety
 /// `host..host+len` must be mapped memory of the caller; `name` NULL or a valid C string.
@@ -370,7 +378,10 @@ fn source_entry(session: RmigSession) -> Result<handles::Call, RmigStatus> {
 }
 
 /// Source step 1 (QEMU's `save_live_setup`): connect, authenticate, agree on regions and
-/// transport, open the lanes.
+/// transport, open the lanes. *Driving* call: must not overlap another driving call on the
+/// session. Blocks; it looks for `rmig_cancel` or `rmig_free` from another thread once only,
+/// after the connection and handshake (each bounded by a 10 s timeout); a cancel that comes
+/// later (while lanes open) ends the next step instead.
 #[no_mangle]
 pub extern "C" fn rmig_setup(session: RmigSession) -> RmigStatus {
     guard(|| {
@@ -384,7 +395,10 @@ pub extern "C" fn rmig_setup(session: RmigSession) -> RmigStatus {
 }
 
 /// Source step 2 (QEMU's `save_live_iterate`): one pre-copy round. `*ready` becomes 1 when the
-/// convergence policy says to switch over (call `rmig_complete`), else 0.
+/// convergence policy says to switch over (call `rmig_complete`), else 0. *Driving* call:
+/// must not overlap another driving call on the session. Blocks for the round;
+/// `rmig_cancel` or `rmig_free` from another thread ends the sending within about 50 ms
+/// (`RMIG_ERR_CANCELLED`), though not a `dirty_sync` callback in progress.
 ///
 /// # Safety
 /// `ready` must point to writable memory for an `int32_t`.
@@ -406,7 +420,10 @@ pub unsafe extern "C" fn rmig_iterate(session: RmigSession, ready: *mut i32) -> 
 }
 
 /// Source step 3 (QEMU's `save_live_complete_precopy`): pause (callback), final copy, device
-/// state, verification, completion.
+/// state, verification, completion. *Driving* call: must not overlap another driving call on
+/// the session. Blocks; `rmig_cancel` or `rmig_free` from another thread ends the final copy,
+/// but not a callback in progress, nor the wait for the destination's last answers (up to
+/// twice the peer timeout, 10 s).
 #[no_mangle]
 pub extern "C" fn rmig_complete(session: RmigSession) -> RmigStatus {
     guard(|| {
@@ -422,7 +439,11 @@ pub extern "C" fn rmig_complete(session: RmigSession) -> RmigStatus {
 }
 
 /// Runs a whole migration and returns when it ended: on a source, setup, every round and the
-/// completion; on a destination, waiting for the source and receiving everything.
+/// completion; on a destination, waiting for the source and receiving everything. *Driving*
+/// call: must not overlap another driving call on the session. Blocks; `rmig_cancel` or
+/// `rmig_free` from another thread ends it (on a source, see the steps for the limits; a
+/// destination notices within about 100 ms while it waits for its source or receives, but
+/// only after its handshake and lane setup, each bounded by 10 s, and not inside a callback).
 #[no_mangle]
 pub extern "C" fn rmig_migrate(session: RmigSession) -> RmigStatus {
     guard(|| {
@@ -456,8 +477,9 @@ pub extern "C" fn rmig_migrate(session: RmigSession) -> RmigStatus {
     })
 }
 
-/// Cancels the migration from any thread; the call driving it returns `RMIG_ERR_CANCELLED`
-/// and the peer is told `reason` (NULL: "cancelled").
+/// Cancels the migration; the call driving it returns `RMIG_ERR_CANCELLED` and the peer is
+/// told `reason` (NULL: "cancelled"). *Any thread*, also while another thread is inside a
+/// call on the session; returns at once, without waiting for that call to end.
 ///
 /// # Safety
 /// `reason` must be NULL or a valid C string.
@@ -478,7 +500,8 @@ pub unsafe extern "C" fn rmig_cancel(session: RmigSession, reason: *const c_char
     })
 }
 
-/// Changes the bandwidth ceiling (bytes/s, 0 unlimited) from any thread, also mid-migration.
+/// Changes the bandwidth ceiling (bytes/s, 0 unlimited), also mid-migration. *Any thread*,
+/// also while another thread is inside a call on the session.
 #[no_mangle]
 pub extern "C" fn rmig_set_max_bandwidth(session: RmigSession, bytes_per_sec: u64) -> RmigStatus {
     guard(|| {
@@ -489,7 +512,8 @@ pub extern "C" fn rmig_set_max_bandwidth(session: RmigSession, bytes_per_sec: u6
     })
 }
 
-/// Fills `out` with the statistics as they stand; any thread, any time.
+/// Fills `out` with the statistics as they stand. *Any thread*, any time, also while another
+/// thread is inside a call on the session (or from one of its callbacks).
 ///
 /// # Safety
 /// `out` must point to writable memory for an `rmig_stats`.
@@ -535,7 +559,8 @@ pub unsafe extern "C" fn rmig_get_stats(session: RmigSession, out: *mut RmigStat
 
 /// Writes the statistics as one JSON object (NUL-terminated) into `buf` of `len` bytes.
 /// `*needed` (if not NULL) receives the size required, NUL included; a `buf` too small gives
-/// `RMIG_ERR_BUFFER_TOO_SMALL` and writes nothing.
+/// `RMIG_ERR_BUFFER_TOO_SMALL` and writes nothing. *Any thread*, any time, as
+/// `rmig_get_stats`.
 ///
 /// # Safety
 /// `buf` must be NULL (with `len` 0) or writable for `len` bytes; `needed` NULL or writable.
@@ -572,7 +597,8 @@ pub unsafe extern "C" fn rmig_stats_json(
     })
 }
 
-/// Appends `len` bytes at `data` to `out` (inside `save_device_state` only).
+/// Appends `len` bytes at `data` to `out`: only inside `save_device_state`, on the thread that
+/// called it, with the `out` it was given.
 ///
 /// # Safety
 /// `out` must be the pointer handed to the callback; `data` readable for `len` bytes.

@@ -83,7 +83,8 @@ pub(crate) fn from_engine(e: &EngineError) -> RmigStatus {
 }
 
 /// The message of the last failed call on the calling thread ("" if none). The pointer stays
-/// valid until the next `rmig_` call on this thread; do not free it.
+/// valid until the next `rmig_` call on this thread; do not free it. *Any thread*: each thread
+/// has its own last error.
 #[no_mangle]
 pub extern "C" fn rmig_last_error() -> *const c_char {
     LAST.with(|l| l.borrow().as_ptr())
