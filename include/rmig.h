@@ -4,14 +4,23 @@
  * Threading and ownership, in short (each function says more):
  *  - Sessions are handles (rmig_session), never pointers: a stale or freed handle is detected
  *    and answered with RMIG_ERR_INVALID_HANDLE, not undefined behaviour.
- *  - A session is driven by one thread at a time (the migration thread). rmig_cancel,
- *    rmig_set_max_bandwidth, rmig_get_stats and rmig_stats_json may be called from any thread
- *    at any time, also while another thread is inside rmig_migrate or a step.
+ *  - A session is driven by one thread at a time. The driving calls (rmig_dest_port,
+ *    rmig_add_region, rmig_setup, rmig_iterate, rmig_complete, rmig_migrate) must not overlap
+ *    on one session; they may come from different threads one after another, and one that
+ *    overlaps another fails with RMIG_ERR_STATE without doing anything.
+ *  - rmig_cancel, rmig_set_max_bandwidth, rmig_get_stats, rmig_stats_json and rmig_free may
+ *    be called from any thread at any time, also while another thread is inside a driving
+ *    call on the same session. rmig_free invalidates the handle at once, cancels the
+ *    migration, and returns only after every call in flight on the session has returned.
  *  - Callbacks are called on the thread that drives the session; `opaque` is handed back as is.
  *  - Memory registered with rmig_add_region stays owned by the caller and must stay mapped
  *    until rmig_free returns.
  *  - Every function returns RMIG_OK (0) or a negative rmig_status; rmig_last_error() describes
  *    the last failure on the calling thread.
+ *  - Enumerations that the caller fills in are uint32_t fields holding one of the named
+ *    constants (rmig_config.transport: RMIG_TRANSPORT_*); any other value is refused with
+ *    RMIG_ERR_INVALID_ARGUMENT. rmig_status (return values) and rmig_state (rmig_stats.state)
+ *    are C enums that only the library writes.
  */
 
 
@@ -24,6 +33,9 @@
 #include <stdint.h>
 
 // What an `rmig_` function returns: `RMIG_OK` or a negative error.
+//
+// Only ever returned by the library, never read from C memory, so it stays a C enum; a later
+// version may add codes: treat any other negative value as an error.
 typedef enum {
   // Success.
   RMIG_OK = 0,
@@ -55,17 +67,10 @@ typedef enum {
   RMIG_ERR_BUFFER_TOO_SMALL = -13,
 } rmig_status;
 
-// Transport preference.
-typedef enum {
-  // The best both ends can use.
-  RMIG_TRANSPORT_AUTO = 0,
-  // TCP lanes.
-  RMIG_TRANSPORT_TCP = 1,
-  // RDMA lanes only (an error without a usable device).
-  RMIG_TRANSPORT_RDMA = 2,
-} rmig_transport;
-
 // Outcome of a migration as `rmig_get_stats` reports it.
+//
+// Only ever written by the library (into `rmig_stats.state`), never read from C memory, so it
+// stays a C enum; like `rmig_status`, a later version may add values: handle unknown ones.
 typedef enum {
   // Created, regions being added.
   RMIG_STATE_NEW = 0,
@@ -83,6 +88,30 @@ typedef enum {
   RMIG_STATE_CANCELLED = 6,
 } rmig_state;
 
+// Transport preference: the allowed values of `rmig_config.transport`.
+//
+// The field itself is a `uint32_t`, so that a value C puts there is never an invalid Rust
+// enum; the library checks it and answers anything else with `RMIG_ERR_INVALID_ARGUMENT`.
+enum rmig_transport
+#if defined(__cplusplus) || __STDC_VERSION__ >= 202311L
+  : uint32_t
+#endif // defined(__cplusplus) || __STDC_VERSION__ >= 202311L
+ {
+  // The best both ends can use.
+  RMIG_TRANSPORT_AUTO = 0,
+  // TCP lanes.
+  RMIG_TRANSPORT_TCP = 1,
+  // RDMA lanes only (an error without a usable device).
+  RMIG_TRANSPORT_RDMA = 2,
+};
+#ifndef __cplusplus
+#if __STDC_VERSION__ >= 202311L
+typedef enum rmig_transport rmig_transport;
+#else
+typedef uint32_t rmig_transport;
+#endif // __STDC_VERSION__ >= 202311L
+#endif // __cplusplus
+
 // Growable bytes owned by the library, filled by a callback with `rmig_bytes_append`.
 typedef struct rmig_bytes rmig_bytes;
 
@@ -97,8 +126,10 @@ typedef struct {
   size_t key_len;
   // Data lanes; 0 means one per CPU.
   uint32_t lanes;
-  // Transport preference.
-  rmig_transport transport;
+  // Transport preference: one of the `RMIG_TRANSPORT_*` values of `rmig_transport`
+  // (default `RMIG_TRANSPORT_AUTO`). Any other value makes `rmig_*_new` fail with
+  // `RMIG_ERR_INVALID_ARGUMENT`.
+  uint32_t transport;
   // Downtime ceiling in milliseconds (default 300).
   uint64_t downtime_limit_ms;
   // Bandwidth ceiling in bytes/s; 0 is unlimited.
@@ -141,7 +172,7 @@ typedef uint64_t rmig_session;
 
 // Statistics (QEMU `query-migrate` names).
 typedef struct {
-  // Where the migration stands.
+  // Where the migration stands (written by the library only).
   rmig_state state;
   // 1 verified, 0 failed verification, -1 not verified (off, or not yet).
   int32_t verified;
@@ -180,12 +211,18 @@ extern "C" {
 #endif // __cplusplus
 
 // Writes the default configuration into `out` (address and key still to be set).
+// *Any thread*; involves no session.
 //
 // # Safety
 // `out` must be NULL or point to writable memory for an `rmig_config`.
 rmig_status rmig_config_default(rmig_config *out);
 
-// Creates a source session that will migrate to `config->address`.
+// Creates a source session that will migrate to `config->address`. *Any thread*; the new
+// session may then be driven from any one thread at a time.
+//
+// Fails with `RMIG_ERR_INVALID_ARGUMENT` for a NULL or misaligned pointer, a NULL or non-UTF-8
+// address, an empty key, a `config->transport` that is no `RMIG_TRANSPORT_*` value, or no
+// `dirty_sync` callback.
 //
 // # Safety
 // `config` must point to a valid `rmig_config` whose strings are valid; `callbacks` to a valid
@@ -195,7 +232,8 @@ rmig_status rmig_source_new(const rmig_config *config,
                             rmig_session *out);
 
 // Creates a destination session listening on `config->address` now (before any source
-// connects, like a VMM started with `-incoming`).
+// connects, like a VMM started with `-incoming`). *Any thread*; checks `config` as
+// `rmig_source_new` does.
 //
 // # Safety
 // As `rmig_source_new`.
@@ -203,7 +241,8 @@ rmig_status rmig_dest_new(const rmig_config *config,
                           const rmig_callbacks *callbacks,
                           rmig_session *out);
 
-// The port a destination listens on.
+// The port a destination listens on. *Driving* call: before `rmig_migrate` (while that runs
+// it fails with `RMIG_ERR_STATE`).
 //
 // # Safety
 // `port` must point to writable memory for a `uint16_t`.
@@ -213,6 +252,7 @@ rmig_status rmig_dest_port(rmig_session session, uint16_t *port);
 // 2097152, guest physical address `gpa` (`UINT64_MAX` for none), a name (copied). Regions go in
 // table order; both ends must add the same table. Only before the migration starts.
 // The memory stays the caller's and must stay mapped until `rmig_free` returns.
+// *Driving* call: must not overlap another driving call on the session.
 //
 // # Safety
 // `host..host+len` must be mapped memory of the caller; `name` NULL or a valid C string.
@@ -225,35 +265,51 @@ rmig_status rmig_add_region(rmig_session session,
                             uint64_t page_size);
 
 // Source step 1 (QEMU's `save_live_setup`): connect, authenticate, agree on regions and
-// transport, open the lanes.
+// transport, open the lanes. *Driving* call: must not overlap another driving call on the
+// session. Blocks; it looks for `rmig_cancel` or `rmig_free` from another thread once only,
+// after the connection and handshake (each bounded by a 10 s timeout); a cancel that comes
+// later (while lanes open) ends the next step instead.
 rmig_status rmig_setup(rmig_session session);
 
 // Source step 2 (QEMU's `save_live_iterate`): one pre-copy round. `*ready` becomes 1 when the
-// convergence policy says to switch over (call `rmig_complete`), else 0.
+// convergence policy says to switch over (call `rmig_complete`), else 0. *Driving* call:
+// must not overlap another driving call on the session. Blocks for the round;
+// `rmig_cancel` or `rmig_free` from another thread ends the sending within about 50 ms
+// (`RMIG_ERR_CANCELLED`), though not a `dirty_sync` callback in progress.
 //
 // # Safety
 // `ready` must point to writable memory for an `int32_t`.
 rmig_status rmig_iterate(rmig_session session, int32_t *ready);
 
 // Source step 3 (QEMU's `save_live_complete_precopy`): pause (callback), final copy, device
-// state, verification, completion.
+// state, verification, completion. *Driving* call: must not overlap another driving call on
+// the session. Blocks; `rmig_cancel` or `rmig_free` from another thread ends the final copy,
+// but not a callback in progress, nor the wait for the destination's last answers (up to
+// twice the peer timeout, 10 s).
 rmig_status rmig_complete(rmig_session session);
 
 // Runs a whole migration and returns when it ended: on a source, setup, every round and the
-// completion; on a destination, waiting for the source and receiving everything.
+// completion; on a destination, waiting for the source and receiving everything. *Driving*
+// call: must not overlap another driving call on the session. Blocks; `rmig_cancel` or
+// `rmig_free` from another thread ends it (on a source, see the steps for the limits; a
+// destination notices within about 100 ms while it waits for its source or receives, but
+// only after its handshake and lane setup, each bounded by 10 s, and not inside a callback).
 rmig_status rmig_migrate(rmig_session session);
 
-// Cancels the migration from any thread; the call driving it returns `RMIG_ERR_CANCELLED`
-// and the peer is told `reason` (NULL: "cancelled").
+// Cancels the migration; the call driving it returns `RMIG_ERR_CANCELLED` and the peer is
+// told `reason` (NULL: "cancelled"). *Any thread*, also while another thread is inside a
+// call on the session; returns at once, without waiting for that call to end.
 //
 // # Safety
 // `reason` must be NULL or a valid C string.
 rmig_status rmig_cancel(rmig_session session, const char *reason);
 
-// Changes the bandwidth ceiling (bytes/s, 0 unlimited) from any thread, also mid-migration.
+// Changes the bandwidth ceiling (bytes/s, 0 unlimited), also mid-migration. *Any thread*,
+// also while another thread is inside a call on the session.
 rmig_status rmig_set_max_bandwidth(rmig_session session, uint64_t bytes_per_sec);
 
-// Fills `out` with the statistics as they stand; any thread, any time.
+// Fills `out` with the statistics as they stand. *Any thread*, any time, also while another
+// thread is inside a call on the session (or from one of its callbacks).
 //
 // # Safety
 // `out` must point to writable memory for an `rmig_stats`.
@@ -261,25 +317,43 @@ rmig_status rmig_get_stats(rmig_session session, rmig_stats *out);
 
 // Writes the statistics as one JSON object (NUL-terminated) into `buf` of `len` bytes.
 // `*needed` (if not NULL) receives the size required, NUL included; a `buf` too small gives
-// `RMIG_ERR_BUFFER_TOO_SMALL` and writes nothing.
+// `RMIG_ERR_BUFFER_TOO_SMALL` and writes nothing. *Any thread*, any time, as
+// `rmig_get_stats`.
 //
 // # Safety
 // `buf` must be NULL (with `len` 0) or writable for `len` bytes; `needed` NULL or writable.
 rmig_status rmig_stats_json(rmig_session session, char *buf, size_t len, size_t *needed);
 
-// Appends `len` bytes at `data` to `out` (inside `save_device_state` only).
+// Appends `len` bytes at `data` to `out`: only inside `save_device_state`, on the thread that
+// called it, with the `out` it was given.
 //
 // # Safety
 // `out` must be the pointer handed to the callback; `data` readable for `len` bytes.
 rmig_status rmig_bytes_append(rmig_bytes *out, const uint8_t *data, size_t len);
 
-// Frees a session (cancelling it if it still runs between steps). Freeing twice, or a
-// handle that never existed, returns `RMIG_ERR_INVALID_HANDLE`; freeing a session another
-// thread is inside returns `RMIG_ERR_STATE`.
+// Frees a session. *Any thread*, also while other threads are inside calls on it:
+//  1. the handle is invalid at once: calls that start on it from now on return
+//     `RMIG_ERR_INVALID_HANDLE`;
+//  2. the migration is cancelled (as by `rmig_cancel`; the peer is told), so that a call
+//     blocked on it (`rmig_migrate`, `rmig_setup`, `rmig_iterate`, `rmig_complete`) ends;
+//  3. it waits until every call that was already running on the session has returned, then
+//     releases the session and returns. After that, the library no longer touches the
+//     session's regions or calls its callbacks.
+//
+// The wait in 3 has no time limit: it lasts as long as those calls take to return once
+// cancelled. That is normally within about 100 ms, but a call inside an embedder callback
+// first waits for the callback to return, and an end still connecting, handshaking or
+// joining lanes notices the cancel only once that is through (each part bounded by the
+// handshake timeout, 10 s); see each driving call.
+//
+// Freeing twice, or a handle that never existed, returns `RMIG_ERR_INVALID_HANDLE`.
+// Calling it from inside a callback of the same session returns `RMIG_ERR_STATE` and frees
+// nothing (it would wait for itself).
 rmig_status rmig_free(rmig_session session);
 
 // The message of the last failed call on the calling thread ("" if none). The pointer stays
-// valid until the next `rmig_` call on this thread; do not free it.
+// valid until the next `rmig_` call on this thread; do not free it. *Any thread*: each thread
+// has its own last error.
 const char *rmig_last_error(void);
 
 #ifdef __cplusplus

@@ -160,6 +160,7 @@ static void config(rmig_config *c, const char *addr) {
     c->key = (const uint8_t *)KEY;
     c->key_len = sizeof KEY - 1;
     c->lanes = 2;
+    c->transport = RMIG_TRANSPORT_AUTO; /* a uint32_t holding one of the RMIG_TRANSPORT_* */
     c->downtime_limit_ms = 100;
 }
 

@@ -1,4 +1,7 @@
 //! The `rmig_` functions.
+//!
+//! Threading: the contract is in the crate documentation (and the header's preamble); each
+//! function says whether it is an *any thread* or a *driving* call.
 
 use std::ffi::{c_char, CStr};
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -51,6 +54,7 @@ unsafe fn borrow<'a, T>(p: *const T, what: &str) -> Result<&'a T, RmigStatus> {
 }
 
 /// Writes the default configuration into `out` (address and key still to be set).
+/// *Any thread*; involves no session.
 ///
 /// # Safety
 /// `out` must be NULL or point to writable memory for an `rmig_config`.
@@ -65,7 +69,7 @@ pub unsafe extern "C" fn rmig_config_default(out: *mut RmigConfig) -> RmigStatus
             key: std::ptr::null(),
             key_len: 0,
             lanes: 0,
-            transport: RmigTransport::RmigTransportAuto,
+            transport: RmigTransport::RmigTransportAuto as u32,
             downtime_limit_ms: d.downtime_limit.as_millis() as u64,
             max_bandwidth: 0,
             max_rounds: d.max_rounds,
@@ -82,6 +86,7 @@ pub unsafe extern "C" fn rmig_config_default(out: *mut RmigConfig) -> RmigStatus
 struct Parsed {
     address: String,
     key: Key,
+    transport: TransportChoice,
 }
 
 /// # Safety
@@ -103,15 +108,14 @@ unsafe fn parse(cfg: *const RmigConfig) -> Result<(RmigConfig, Parsed), RmigStat
     // SAFETY: non-null, `key_len` bytes by the caller's contract.
     let kb = unsafe { std::slice::from_raw_parts(c.key, c.key_len) };
     let key = Key::new(kb).map_err(|e| from_engine(&e))?;
-    if !matches!(
-        c.transport,
-        RmigTransport::RmigTransportAuto
-            | RmigTransport::RmigTransportTcp
-            | RmigTransport::RmigTransportRdma
-    ) {
-        return Err(fail(RmigErrInvalidArgument, "unknown transport"));
-    }
-    Ok((c, Parsed { address, key }))
+    let t = RmigTransport::try_from(c.transport)
+        .map_err(|e| fail(RmigErrInvalidArgument, &e.message("config.transport")))?;
+    let p = Parsed {
+        address,
+        key,
+        transport: transport(t),
+    };
+    Ok((c, p))
 }
 
 fn transport(t: RmigTransport) -> TransportChoice {
@@ -147,7 +151,12 @@ unsafe fn register(
     unsafe { out.write(h) };
 }
 
-/// Creates a source session that will migrate to `config->address`.
+/// Creates a source session that will migrate to `config->address`. *Any thread*; the new
+/// session may then be driven from any one thread at a time.
+///
+/// Fails with `RMIG_ERR_INVALID_ARGUMENT` for a NULL or misaligned pointer, a NULL or non-UTF-8
+/// address, an empty key, a `config->transport` that is no `RMIG_TRANSPORT_*` value, or no
+/// `dirty_sync` callback.
 ///
 /// # Safety
 /// `config` must point to a valid `rmig_config` whose strings are valid; `callbacks` to a valid
@@ -175,7 +184,7 @@ pub unsafe extern "C" fn rmig_source_new(
         if c.lanes > 0 {
             s.lanes = c.lanes as usize;
         }
-        s.transport = transport(c.transport);
+        s.transport = p.transport;
         s.max_bandwidth = c.max_bandwidth;
         s.verify = c.verify != 0;
         s.policy = ConvergePolicy {
@@ -196,7 +205,8 @@ pub unsafe extern "C" fn rmig_source_new(
 }
 
 /// Creates a destination session listening on `config->address` now (before any source
-/// connects, like a VMM started with `-incoming`).
+/// connects, like a VMM started with `-incoming`). *Any thread*; checks `config` as
+/// `rmig_source_new` does.
 ///
 /// # Safety
 /// As `rmig_source_new`.
@@ -208,13 +218,13 @@ pub unsafe extern "C" fn rmig_dest_new(
 ) -> RmigStatus {
     guard(|| {
         // SAFETY: the caller's contract.
-        let (c, p) = unsafe { parse(config)? };
+        let (_, p) = unsafe { parse(config)? };
         // SAFETY: as above.
         let cb = *unsafe { borrow(callbacks, "callbacks")? };
         // SAFETY: as above.
         unsafe { borrow(out.cast_const(), "out")? };
         let mut d = DestConfig::new(p.key);
-        d.transport = transport(c.transport);
+        d.transport = p.transport;
         let l = DestListener::bind(&p.address, d).map_err(|e| from_engine(&e))?;
         // SAFETY: `out` was checked above.
         unsafe {
@@ -230,7 +240,8 @@ pub unsafe extern "C" fn rmig_dest_new(
     })
 }
 
-/// The port a destination listens on.
+/// The port a destination listens on. *Driving* call: before `rmig_migrate` (while that runs
+/// it fails with `RMIG_ERR_STATE`).
 ///
 /// # Safety
 /// `port` must point to writable memory for a `uint16_t`.
@@ -260,6 +271,7 @@ pub unsafe extern "C" fn rmig_dest_port(session: RmigSession, port: *mut u16) ->
 /// 2097152, guest physical address `gpa` (`UINT64_MAX` for none), a name (copied). Regions go in
 /// table order; both ends must add the same table. Only before the migration starts.
 /// The memory stays the caller's and must stay mapped until `rmig_free` returns.
+/// *Driving* call: must not overlap another driving call on the session.
 ///
 /// # Safety
 /// `host..host+len` must be mapped memory of the caller; `name` NULL or a valid C string.
@@ -357,7 +369,7 @@ fn run_source_step(
     }
 }
 
-fn source_entry(session: RmigSession) -> Result<std::sync::Arc<Entry>, RmigStatus> {
+fn source_entry(session: RmigSession) -> Result<handles::Call, RmigStatus> {
     let e = handles::get(session)?;
     if e.role != RmigRole::RmigSource {
         return Err(fail(RmigErrState, "this call is for a source session"));
@@ -366,7 +378,10 @@ fn source_entry(session: RmigSession) -> Result<std::sync::Arc<Entry>, RmigStatu
 }
 
 /// Source step 1 (QEMU's `save_live_setup`): connect, authenticate, agree on regions and
-/// transport, open the lanes.
+/// transport, open the lanes. *Driving* call: must not overlap another driving call on the
+/// session. Blocks; it looks for `rmig_cancel` or `rmig_free` from another thread once only,
+/// after the connection and handshake (each bounded by a 10 s timeout); a cancel that comes
+/// later (while lanes open) ends the next step instead.
 #[no_mangle]
 pub extern "C" fn rmig_setup(session: RmigSession) -> RmigStatus {
     guard(|| {
@@ -380,7 +395,10 @@ pub extern "C" fn rmig_setup(session: RmigSession) -> RmigStatus {
 }
 
 /// Source step 2 (QEMU's `save_live_iterate`): one pre-copy round. `*ready` becomes 1 when the
-/// convergence policy says to switch over (call `rmig_complete`), else 0.
+/// convergence policy says to switch over (call `rmig_complete`), else 0. *Driving* call:
+/// must not overlap another driving call on the session. Blocks for the round;
+/// `rmig_cancel` or `rmig_free` from another thread ends the sending within about 50 ms
+/// (`RMIG_ERR_CANCELLED`), though not a `dirty_sync` callback in progress.
 ///
 /// # Safety
 /// `ready` must point to writable memory for an `int32_t`.
@@ -402,7 +420,10 @@ pub unsafe extern "C" fn rmig_iterate(session: RmigSession, ready: *mut i32) -> 
 }
 
 /// Source step 3 (QEMU's `save_live_complete_precopy`): pause (callback), final copy, device
-/// state, verification, completion.
+/// state, verification, completion. *Driving* call: must not overlap another driving call on
+/// the session. Blocks; `rmig_cancel` or `rmig_free` from another thread ends the final copy,
+/// but not a callback in progress, nor the wait for the destination's last answers (up to
+/// twice the peer timeout, 10 s).
 #[no_mangle]
 pub extern "C" fn rmig_complete(session: RmigSession) -> RmigStatus {
     guard(|| {
@@ -418,7 +439,11 @@ pub extern "C" fn rmig_complete(session: RmigSession) -> RmigStatus {
 }
 
 /// Runs a whole migration and returns when it ended: on a source, setup, every round and the
-/// completion; on a destination, waiting for the source and receiving everything.
+/// completion; on a destination, waiting for the source and receiving everything. *Driving*
+/// call: must not overlap another driving call on the session. Blocks; `rmig_cancel` or
+/// `rmig_free` from another thread ends it (on a source, see the steps for the limits; a
+/// destination notices within about 100 ms while it waits for its source or receives, but
+/// only after its handshake and lane setup, each bounded by 10 s, and not inside a callback).
 #[no_mangle]
 pub extern "C" fn rmig_migrate(session: RmigSession) -> RmigStatus {
     guard(|| {
@@ -452,8 +477,9 @@ pub extern "C" fn rmig_migrate(session: RmigSession) -> RmigStatus {
     })
 }
 
-/// Cancels the migration from any thread; the call driving it returns `RMIG_ERR_CANCELLED`
-/// and the peer is told `reason` (NULL: "cancelled").
+/// Cancels the migration; the call driving it returns `RMIG_ERR_CANCELLED` and the peer is
+/// told `reason` (NULL: "cancelled"). *Any thread*, also while another thread is inside a
+/// call on the session; returns at once, without waiting for that call to end.
 ///
 /// # Safety
 /// `reason` must be NULL or a valid C string.
@@ -474,7 +500,8 @@ pub unsafe extern "C" fn rmig_cancel(session: RmigSession, reason: *const c_char
     })
 }
 
-/// Changes the bandwidth ceiling (bytes/s, 0 unlimited) from any thread, also mid-migration.
+/// Changes the bandwidth ceiling (bytes/s, 0 unlimited), also mid-migration. *Any thread*,
+/// also while another thread is inside a call on the session.
 #[no_mangle]
 pub extern "C" fn rmig_set_max_bandwidth(session: RmigSession, bytes_per_sec: u64) -> RmigStatus {
     guard(|| {
@@ -485,7 +512,8 @@ pub extern "C" fn rmig_set_max_bandwidth(session: RmigSession, bytes_per_sec: u6
     })
 }
 
-/// Fills `out` with the statistics as they stand; any thread, any time.
+/// Fills `out` with the statistics as they stand. *Any thread*, any time, also while another
+/// thread is inside a call on the session (or from one of its callbacks).
 ///
 /// # Safety
 /// `out` must point to writable memory for an `rmig_stats`.
@@ -534,7 +562,8 @@ pub unsafe extern "C" fn rmig_get_stats(session: RmigSession, out: *mut RmigStat
 
 /// Writes the statistics as one JSON object (NUL-terminated) into `buf` of `len` bytes.
 /// `*needed` (if not NULL) receives the size required, NUL included; a `buf` too small gives
-/// `RMIG_ERR_BUFFER_TOO_SMALL` and writes nothing.
+/// `RMIG_ERR_BUFFER_TOO_SMALL` and writes nothing. *Any thread*, any time, as
+/// `rmig_get_stats`.
 ///
 /// # Safety
 /// `buf` must be NULL (with `len` 0) or writable for `len` bytes; `needed` NULL or writable.
@@ -571,7 +600,8 @@ pub unsafe extern "C" fn rmig_stats_json(
     })
 }
 
-/// Appends `len` bytes at `data` to `out` (inside `save_device_state` only).
+/// Appends `len` bytes at `data` to `out`: only inside `save_device_state`, on the thread that
+/// called it, with the `out` it was given.
 ///
 /// # Safety
 /// `out` must be the pointer handed to the callback; `data` readable for `len` bytes.
@@ -595,14 +625,25 @@ pub unsafe extern "C" fn rmig_bytes_append(
     })
 }
 
-/// Frees a session (cancelling it if it still runs between steps). Freeing twice, or a
-/// handle that never existed, returns `RMIG_ERR_INVALID_HANDLE`; freeing a session another
-/// thread is inside returns `RMIG_ERR_STATE`.
+/// Frees a session. *Any thread*, also while other threads are inside calls on it:
+///  1. the handle is invalid at once: calls that start on it from now on return
+///     `RMIG_ERR_INVALID_HANDLE`;
+///  2. the migration is cancelled (as by `rmig_cancel`; the peer is told), so that a call
+///     blocked on it (`rmig_migrate`, `rmig_setup`, `rmig_iterate`, `rmig_complete`) ends;
+///  3. it waits until every call that was already running on the session has returned, then
+///     releases the session and returns. After that, the library no longer touches the
+///     session's regions or calls its callbacks.
+///
+/// The wait in 3 has no time limit: it lasts as long as those calls take to return once
+/// cancelled. That is normally within about 100 ms, but a call inside an embedder callback
+/// first waits for the callback to return, and an end still connecting, handshaking or
+/// joining lanes notices the cancel only once that is through (each part bounded by the
+/// handshake timeout, 10 s); see each driving call.
+///
+/// Freeing twice, or a handle that never existed, returns `RMIG_ERR_INVALID_HANDLE`.
+/// Calling it from inside a callback of the same session returns `RMIG_ERR_STATE` and frees
+/// nothing (it would wait for itself).
 #[no_mangle]
 pub extern "C" fn rmig_free(session: RmigSession) -> RmigStatus {
-    guard(|| {
-        let e = handles::remove(session)?;
-        drop(e);
-        Ok(())
-    })
+    guard(|| handles::free(session, "the session was freed (rmig_free)"))
 }

@@ -6,6 +6,9 @@ use std::ffi::{c_char, CString};
 use rmig_engine::EngineError;
 
 /// What an `rmig_` function returns: `RMIG_OK` or a negative error.
+///
+/// Only ever returned by the library, never read from C memory, so it stays a C enum; a later
+/// version may add codes: treat any other negative value as an error.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RmigStatus {
@@ -85,7 +88,8 @@ pub(crate) fn from_engine(e: &EngineError) -> RmigStatus {
 }
 
 /// The message of the last failed call on the calling thread ("" if none). The pointer stays
-/// valid until the next `rmig_` call on this thread; do not free it.
+/// valid until the next `rmig_` call on this thread; do not free it. *Any thread*: each thread
+/// has its own last error.
 #[no_mangle]
 pub extern "C" fn rmig_last_error() -> *const c_char {
     LAST.with(|l| l.borrow().as_ptr())

@@ -5,7 +5,7 @@ use std::ffi::{c_char, c_int, c_void};
 /// A session: a handle, not a pointer. 0 is never a valid session.
 pub type RmigSession = u64;
 
-/// Which end a session is.
+/// Which end a session is (kept by the library; never crosses the C ABI).
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RmigRole {
@@ -15,8 +15,11 @@ pub enum RmigRole {
     RmigDestination = 1,
 }
 
-/// Transport preference.
-#[repr(C)]
+/// Transport preference: the allowed values of `rmig_config.transport`.
+///
+/// The field itself is a `uint32_t`, so that a value C puts there is never an invalid Rust
+/// enum; the library checks it and answers anything else with `RMIG_ERR_INVALID_ARGUMENT`.
+#[repr(u32)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RmigTransport {
     /// The best both ends can use.
@@ -25,6 +28,53 @@ pub enum RmigTransport {
     RmigTransportTcp = 1,
     /// RDMA lanes only (an error without a usable device).
     RmigTransportRdma = 2,
+}
+
+impl RmigTransport {
+    /// Every value, with its C name.
+    const ALL: [(RmigTransport, &'static str); 3] = [
+        (RmigTransport::RmigTransportAuto, "RMIG_TRANSPORT_AUTO"),
+        (RmigTransport::RmigTransportTcp, "RMIG_TRANSPORT_TCP"),
+        (RmigTransport::RmigTransportRdma, "RMIG_TRANSPORT_RDMA"),
+    ];
+}
+
+/// A `uint32_t` from C that names no value of the enum it stands for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnknownValue {
+    /// The value found.
+    pub value: u32,
+    /// The allowed values, as C spells them (`RMIG_TRANSPORT_AUTO (0), ...`).
+    pub allowed: String,
+}
+
+impl UnknownValue {
+    /// The message for `field` (e.g. `config.transport`) holding this value.
+    pub fn message(&self, field: &str) -> String {
+        format!(
+            "{field} is {}, which is not one of {}",
+            self.value, self.allowed
+        )
+    }
+}
+
+impl TryFrom<u32> for RmigTransport {
+    type Error = UnknownValue;
+
+    fn try_from(value: u32) -> Result<Self, UnknownValue> {
+        let all = RmigTransport::ALL;
+        all.iter()
+            .find(|(t, _)| *t as u32 == value)
+            .map(|(t, _)| *t)
+            .ok_or_else(|| UnknownValue {
+                value,
+                allowed: all
+                    .iter()
+                    .map(|(t, n)| format!("{n} ({})", *t as u32))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            })
+    }
 }
 
 /// Configuration of a session; start from `rmig_config_default`.
@@ -40,8 +90,10 @@ pub struct RmigConfig {
     pub key_len: usize,
     /// Data lanes; 0 means one per CPU.
     pub lanes: u32,
-    /// Transport preference.
-    pub transport: RmigTransport,
+    /// Transport preference: one of the `RMIG_TRANSPORT_*` values of `rmig_transport`
+    /// (default `RMIG_TRANSPORT_AUTO`). Any other value makes `rmig_*_new` fail with
+    /// `RMIG_ERR_INVALID_ARGUMENT`.
+    pub transport: u32,
     /// Downtime ceiling in milliseconds (default 300).
     pub downtime_limit_ms: u64,
     /// Bandwidth ceiling in bytes/s; 0 is unlimited.
@@ -96,6 +148,9 @@ pub struct RmigCallbacks {
 }
 
 /// Outcome of a migration as `rmig_get_stats` reports it.
+///
+/// Only ever written by the library (into `rmig_stats.state`), never read from C memory, so it
+/// stays a C enum; like `rmig_status`, a later version may add values: handle unknown ones.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RmigState {
@@ -122,7 +177,7 @@ pub enum RmigState {
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
 pub struct RmigStats {
-    /// Where the migration stands.
+    /// Where the migration stands (written by the library only).
     pub state: RmigState,
     /// 1 verified, 0 failed verification, -1 not verified (off, or not yet).
     pub verified: i32,

@@ -3,7 +3,9 @@
 
 use std::ffi::{c_void, CStr};
 use std::ptr::{null, null_mut};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, TryRecvError};
+use std::time::{Duration, Instant};
 
 use rmig::*;
 use RmigStatus::*;
@@ -51,6 +53,72 @@ fn source(addr: &CStr) -> RmigSession {
     // SAFETY: valid pointers to live values.
     let r = unsafe { rmig_source_new(&config(addr), &callbacks(), &mut s) };
     assert_eq!(r, RmigOk);
+    s
+}
+
+/// Runs `f` on a thread of its own; its result arrives on the returned channel.
+fn spawn_call<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Receiver<T> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx
+}
+
+/// The result of a call started with `spawn_call`, or a failure after `secs` seconds.
+fn within<T>(rx: &Receiver<T>, secs: u64, what: &str) -> T {
+    rx.recv_timeout(Duration::from_secs(secs))
+        .unwrap_or_else(|e| panic!("{what} did not return within {secs} s ({e})"))
+}
+
+/// Polls `cond` until it holds, or fails after `secs` seconds.
+fn wait_until(secs: u64, what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !cond() {
+        assert!(Instant::now() < deadline, "{what}: not within {secs} s");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn stats(s: RmigSession) -> Result<RmigStats, RmigStatus> {
+    let mut st = std::mem::MaybeUninit::<RmigStats>::uninit();
+    // SAFETY: a valid out pointer.
+    match unsafe { rmig_get_stats(s, st.as_mut_ptr()) } {
+        // SAFETY: written by rmig_get_stats.
+        RmigOk => Ok(unsafe { st.assume_init() }),
+        e => Err(e),
+    }
+}
+
+/// A destination listening on an ephemeral port, receiving into `len` bytes at `p`; returns
+/// the session and the address a source reaches it on.
+fn dest_session(cb: &RmigCallbacks, p: *mut u8, len: usize) -> (RmigSession, std::ffi::CString) {
+    let mut d = 0;
+    let mut port = 0u16;
+    // SAFETY: valid pointers; the memory outlives the session (the callers free it first).
+    unsafe {
+        assert_eq!(rmig_dest_new(&config(c"127.0.0.1:0"), cb, &mut d), RmigOk);
+        assert_eq!(rmig_dest_port(d, &mut port), RmigOk);
+        assert_eq!(
+            rmig_add_region(d, 0, null(), p, len as u64, u64::MAX, 4096),
+            RmigOk
+        );
+    }
+    let addr = std::ffi::CString::new(format!("127.0.0.1:{port}")).unwrap();
+    (d, addr)
+}
+
+/// A source of `len` bytes at `p` configured by `c`.
+fn source_session(c: &RmigConfig, p: *mut u8, len: usize) -> RmigSession {
+    let mut s = 0;
+    // SAFETY: valid pointers; the memory outlives the session (the callers free it first).
+    unsafe {
+        assert_eq!(rmig_source_new(c, &callbacks(), &mut s), RmigOk);
+        assert_eq!(
+            rmig_add_region(s, 0, null(), p, len as u64, u64::MAX, 4096),
+            RmigOk
+        );
+    }
     s
 }
 
@@ -232,7 +300,7 @@ fn a_whole_migration_through_the_abi() {
             RmigOk
         );
     }
-    let dt = std::thread::spawn(move || rmig_migrate(d));
+    let dt = spawn_call(move || rmig_migrate(d));
     let addr = std::ffi::CString::new(format!("127.0.0.1:{port}")).unwrap();
     let mut s = 0;
     let mut scb = callbacks();
@@ -246,7 +314,7 @@ fn a_whole_migration_through_the_abi() {
         );
     }
     assert_eq!(rmig_migrate(s), RmigOk, "{}", last_error());
-    assert_eq!(dt.join().unwrap(), RmigOk);
+    assert_eq!(within(&dt, 60, "destination migrate"), RmigOk);
     // SAFETY: both buffers are live and no longer written.
     unsafe {
         assert_eq!(
@@ -295,40 +363,162 @@ fn cancel_from_another_thread() {
         // SAFETY: inside the aligned buffer.
         unsafe { sp.cast::<u64>().add(i).write(i as u64 | 1) };
     }
-    let mut d = 0;
-    let mut port = 0u16;
-    // SAFETY: valid pointers; the memory outlives the sessions.
-    unsafe {
-        assert_eq!(
-            rmig_dest_new(&config(c"127.0.0.1:0"), &callbacks(), &mut d),
-            RmigOk
-        );
-        assert_eq!(rmig_dest_port(d, &mut port), RmigOk);
-        assert_eq!(
-            rmig_add_region(d, 0, null(), dp, len as u64, u64::MAX, 4096),
-            RmigOk
-        );
-    }
-    let dt = std::thread::spawn(move || rmig_migrate(d));
-    let addr = std::ffi::CString::new(format!("127.0.0.1:{port}")).unwrap();
+    let (d, addr) = dest_session(&callbacks(), dp, len);
+    let dt = spawn_call(move || rmig_migrate(d));
     let mut c = config(&addr);
     c.max_bandwidth = 20_000_000;
-    let mut s = 0;
-    // SAFETY: as above.
-    unsafe {
-        assert_eq!(rmig_source_new(&c, &callbacks(), &mut s), RmigOk);
-        assert_eq!(
-            rmig_add_region(s, 0, null(), sp, len as u64, u64::MAX, 4096),
-            RmigOk
-        );
-    }
-    let st = std::thread::spawn(move || rmig_migrate(s));
-    std::thread::sleep(std::time::Duration::from_millis(300));
-    assert_eq!(rmig_free(s), RmigErrState, "busy sessions cannot be freed");
+    let s = source_session(&c, sp, len);
+    let st = spawn_call(move || rmig_migrate(s));
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        rmig_setup(s),
+        RmigErrState,
+        "driving calls must not overlap"
+    );
+    assert!(last_error().contains("in use"), "{}", last_error());
+    assert!(stats(s).is_ok(), "statistics are for any thread");
+    assert_eq!(rmig_set_max_bandwidth(s, 20_000_000), RmigOk);
     // SAFETY: a valid C string.
     assert_eq!(unsafe { rmig_cancel(s, c"operator".as_ptr()) }, RmigOk);
-    assert_eq!(st.join().unwrap(), RmigErrCancelled);
-    assert_eq!(dt.join().unwrap(), RmigErrCancelled);
+    assert_eq!(within(&st, 20, "source migrate"), RmigErrCancelled);
+    assert_eq!(within(&dt, 20, "destination migrate"), RmigErrCancelled);
     assert_eq!(rmig_free(s), RmigOk);
     assert_eq!(rmig_free(d), RmigOk);
+}
+
+#[test]
+fn out_of_range_transport_is_refused_by_name() {
+    let addr = c"127.0.0.1:1";
+    for bad in [3, 7, u32::MAX] {
+        let mut c = config(addr);
+        c.transport = bad;
+        let mut s = 0;
+        // SAFETY: valid pointers; the value is the library's to check.
+        let r = unsafe { rmig_source_new(&c, &callbacks(), &mut s) };
+        assert_eq!(r, RmigErrInvalidArgument, "transport {bad}");
+        let msg = last_error();
+        assert!(msg.contains("config.transport"), "{msg}");
+        assert!(msg.contains(&format!("is {bad},")), "{msg}");
+        assert!(msg.contains("RMIG_TRANSPORT_TCP (1)"), "{msg}");
+        let mut d = 0;
+        let mut c = config(c"127.0.0.1:0");
+        c.transport = bad;
+        // SAFETY: as above.
+        let r = unsafe { rmig_dest_new(&c, &callbacks(), &mut d) };
+        assert_eq!(r, RmigErrInvalidArgument, "transport {bad}");
+        assert!(
+            last_error().contains("config.transport"),
+            "{}",
+            last_error()
+        );
+    }
+    for good in [
+        RmigTransport::RmigTransportAuto,
+        RmigTransport::RmigTransportTcp,
+        RmigTransport::RmigTransportRdma,
+    ] {
+        let mut c = config(addr);
+        c.transport = good as u32;
+        let mut s = 0;
+        // SAFETY: valid pointers.
+        let r = unsafe { rmig_source_new(&c, &callbacks(), &mut s) };
+        assert_eq!(r, RmigOk, "{good:?}: {}", last_error());
+        assert_eq!(rmig_free(s), RmigOk);
+    }
+    assert_eq!(
+        config(addr).transport,
+        RmigTransport::RmigTransportAuto as u32
+    );
+}
+
+// The destination's `load_device_state` of `free_waits_for_the_call_in_flight`: it blocks
+// until released (at most 20 s), so that `rmig_free` meets a call in flight.
+static GATE_ENTERED: AtomicBool = AtomicBool::new(false);
+static GATE_RELEASE: AtomicBool = AtomicBool::new(false);
+static GATE_LEFT: AtomicBool = AtomicBool::new(false);
+
+unsafe extern "C" fn gated_load(_: *mut c_void, _: *const u8, _: usize) -> i32 {
+    GATE_ENTERED.store(true, Ordering::SeqCst);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !GATE_RELEASE.load(Ordering::SeqCst) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    GATE_LEFT.store(true, Ordering::SeqCst);
+    0
+}
+
+#[test]
+fn free_waits_for_the_call_in_flight() {
+    let len = 1 << 20;
+    let (mut sv, mut dv) = (mem(len), mem(len));
+    let (sp, dp) = (aligned(&mut sv), aligned(&mut dv));
+    let mut cb = callbacks();
+    cb.load_device_state = Some(gated_load);
+    let (d, addr) = dest_session(&cb, dp, len);
+    let dt = spawn_call(move || rmig_migrate(d));
+    let s = source_session(&config(&addr), sp, len);
+    let st = spawn_call(move || rmig_migrate(s));
+    // The destination's receiving call is now inside its callback, still in flight.
+    wait_until(20, "load_device_state called", || {
+        GATE_ENTERED.load(Ordering::SeqCst)
+    });
+    let freed = spawn_call(move || {
+        let r = rmig_free(d);
+        (r, GATE_LEFT.load(Ordering::SeqCst))
+    });
+    // The handle is gone at once, while rmig_free still waits.
+    wait_until(10, "handle invalid", || {
+        stats(d).err() == Some(RmigErrInvalidHandle)
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(
+        freed.try_recv().err(),
+        Some(TryRecvError::Empty),
+        "rmig_free returned while a call on the session was still running"
+    );
+    GATE_RELEASE.store(true, Ordering::SeqCst);
+    let (r, left) = within(&freed, 20, "rmig_free");
+    assert_eq!(r, RmigOk);
+    assert!(
+        left,
+        "rmig_free returned before the call in flight had returned"
+    );
+    within(&dt, 5, "destination migrate");
+    assert_eq!(rmig_free(d), RmigErrInvalidHandle);
+    assert_eq!(rmig_migrate(d), RmigErrInvalidHandle);
+    within(&st, 20, "source migrate");
+    assert_eq!(rmig_free(s), RmigOk);
+}
+
+#[test]
+fn free_cancels_a_blocked_receive() {
+    let len = 64 << 20;
+    let (mut sv, mut dv) = (mem(len), mem(len));
+    let (sp, dp) = (aligned(&mut sv), aligned(&mut dv));
+    for i in 0..len / 8 {
+        // SAFETY: inside the aligned buffer.
+        unsafe { sp.cast::<u64>().add(i).write(i as u64 | 1) };
+    }
+    let (d, addr) = dest_session(&callbacks(), dp, len);
+    let dt = spawn_call(move || rmig_migrate(d));
+    let mut c = config(&addr);
+    c.max_bandwidth = 4_000_000; // 64 MiB take 16 s: the receive blocks long enough.
+    let s = source_session(&c, sp, len);
+    let st = spawn_call(move || rmig_migrate(s));
+    wait_until(20, "destination receiving", || {
+        stats(d).is_ok_and(|x| x.state == RmigState::RmigStateActive)
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    let t0 = Instant::now();
+    let freed = spawn_call(move || rmig_free(d));
+    assert_eq!(
+        within(&freed, 5, "rmig_free of a receiving session"),
+        RmigOk
+    );
+    assert!(t0.elapsed() < Duration::from_secs(5));
+    assert_eq!(within(&dt, 1, "destination migrate"), RmigErrCancelled);
+    assert_eq!(stats(d).err(), Some(RmigErrInvalidHandle));
+    assert_eq!(rmig_free(d), RmigErrInvalidHandle);
+    assert_eq!(within(&st, 20, "source migrate"), RmigErrCancelled);
+    assert_eq!(rmig_free(s), RmigOk);
 }
