@@ -6,6 +6,8 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+pub mod proxy;
+
 use rmig_engine::{
     driver, DestConfig, DestEmbedder, DestListener, DestOutcome, DirtySource, EngineError, Key,
     MigrationStats, Monitor, Region, SharedDirtyLog, SourceConfig, SourceEmbedder, StaticSource,

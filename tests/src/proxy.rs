@@ -1,0 +1,241 @@
+//! A relay between a source and a destination that breaks the link at a chosen point of the
+//! protocol, for fault tests.
+//!
+//! The source connects to the relay instead of the destination. The first connection is the
+//! control connection: the relay parses its frames (length prefix, then a type byte) in both
+//! directions. The others are data lanes, forwarded as bytes. When the trigger fires (a frame
+//! of a given type has just been forwarded in a given direction, or a number of lane bytes has
+//! reached the destination), the relay either cuts every connection at once (what a process
+//! that dies looks like: both ends see the connection end) or freezes them (what `kill -STOP`
+//! or a silent network looks like: nothing more passes, nothing ends).
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// When the relay breaks the link.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trigger {
+    /// Right after the `nth` (from 1) control frame of this type byte has been forwarded;
+    /// `to_dest` says in which direction.
+    Frame {
+        /// Source to destination (else destination to source).
+        to_dest: bool,
+        /// The frame's type byte.
+        tag: u8,
+        /// Which occurrence.
+        nth: u32,
+    },
+    /// Once this many bytes have gone to the destination on the data lanes.
+    LaneBytes(u64),
+    /// Never.
+    Never,
+}
+
+/// What the relay does when the trigger fires.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Break {
+    /// Shut every connection down, both ways, and refuse new ones.
+    Cut,
+    /// Forward nothing more, but keep every connection open.
+    Freeze,
+}
+
+struct State {
+    trigger: Trigger,
+    action: Break,
+    fired: AtomicBool,
+    fired_at: Mutex<Option<Instant>>,
+    lane_bytes: AtomicU64,
+    /// Frames of the trigger's type seen in the trigger's direction.
+    seen: AtomicU64,
+    conns: Mutex<Vec<TcpStream>>,
+    stop: AtomicBool,
+}
+
+impl State {
+    fn fire(&self) {
+        if self.fired.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        *self.fired_at.lock().unwrap() = Some(Instant::now());
+        if self.action == Break::Cut {
+            for c in self.conns.lock().unwrap().iter() {
+                let _ = c.shutdown(Shutdown::Both);
+            }
+        }
+    }
+
+    /// Whether data may still pass.
+    fn open(&self) -> bool {
+        !self.fired.load(Ordering::Acquire) && !self.stop.load(Ordering::Acquire)
+    }
+}
+
+/// A running relay; dropping it closes everything.
+pub struct Proxy {
+    addr: SocketAddr,
+    state: Arc<State>,
+    accept: Option<JoinHandle<()>>,
+}
+
+impl Proxy {
+    /// Starts a relay to `target` that breaks the link as `trigger` and `action` say.
+    pub fn start(target: SocketAddr, trigger: Trigger, action: Break) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind relay");
+        let addr = listener.local_addr().unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let state = Arc::new(State {
+            trigger,
+            action,
+            fired: AtomicBool::new(false),
+            fired_at: Mutex::new(None),
+            lane_bytes: AtomicU64::new(0),
+            seen: AtomicU64::new(0),
+            conns: Mutex::new(Vec::new()),
+            stop: AtomicBool::new(false),
+        });
+        let st = state.clone();
+        let accept = std::thread::spawn(move || accept_loop(listener, target, st));
+        Proxy {
+            addr,
+            state,
+            accept: Some(accept),
+        }
+    }
+
+    /// The address the source should connect to.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// When the trigger fired, if it did.
+    pub fn fired_at(&self) -> Option<Instant> {
+        *self.state.fired_at.lock().unwrap()
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.state.stop.store(true, Ordering::Release);
+        for c in self.state.conns.lock().unwrap().iter() {
+            let _ = c.shutdown(Shutdown::Both);
+        }
+        if let Some(j) = self.accept.take() {
+            let _ = j.join();
+        }
+    }
+}
+
+fn accept_loop(listener: TcpListener, target: SocketAddr, st: Arc<State>) {
+    let mut first = true;
+    while !st.stop.load(Ordering::Acquire) {
+        let client = match listener.accept() {
+            Ok((c, _)) => c,
+            Err(_) => {
+                std::thread::sleep(Duration::from_millis(5));
+                continue;
+            }
+        };
+        if st.fired.load(Ordering::Acquire) && st.action == Break::Cut {
+            continue; // dropped: the "dead" end refuses
+        }
+        client.set_nonblocking(false).unwrap();
+        let Ok(server) = TcpStream::connect(target) else {
+            continue;
+        };
+        {
+            let mut conns = st.conns.lock().unwrap();
+            conns.push(client.try_clone().unwrap());
+            conns.push(server.try_clone().unwrap());
+        }
+        let control = std::mem::take(&mut first);
+        for (from, to, to_dest) in [
+            (
+                client.try_clone().unwrap(),
+                server.try_clone().unwrap(),
+                true,
+            ),
+            (
+                server.try_clone().unwrap(),
+                client.try_clone().unwrap(),
+                false,
+            ),
+        ] {
+            let st = st.clone();
+            std::thread::spawn(move || pump(from, to, to_dest, control, &st));
+        }
+    }
+}
+
+/// Forwards one direction of one connection; frames are parsed on the control connection.
+fn pump(mut from: TcpStream, mut to: TcpStream, to_dest: bool, control: bool, st: &State) {
+    let mut buf = vec![0u8; 64 << 10];
+    let mut pending: Vec<u8> = Vec::new();
+    while let Ok(n) = from.read(&mut buf) {
+        if n == 0 {
+            break;
+        }
+        while !st.open() && !st.stop.load(Ordering::Acquire) && st.action == Break::Freeze {
+            std::thread::sleep(Duration::from_millis(10)); // frozen: hold everything
+        }
+        if !st.open() {
+            break;
+        }
+        if !control {
+            if to.write_all(&buf[..n]).is_err() {
+                break;
+            }
+            if to_dest {
+                let total = st.lane_bytes.fetch_add(n as u64, Ordering::AcqRel) + n as u64;
+                if matches!(st.trigger, Trigger::LaneBytes(b) if total >= b) {
+                    st.fire();
+                }
+            }
+            continue;
+        }
+        pending.extend_from_slice(&buf[..n]);
+        if !forward_frames(&mut pending, &mut to, to_dest, st) {
+            break;
+        }
+    }
+    let _ = to.shutdown(Shutdown::Write);
+}
+
+/// Forwards every whole frame in `pending`, firing the trigger after a matching one (and
+/// forwarding nothing after it). False when the connection should end.
+fn forward_frames(pending: &mut Vec<u8>, to: &mut TcpStream, to_dest: bool, st: &State) -> bool {
+    loop {
+        if !st.open() {
+            // Frozen: hold what was read; cut or stopped: end.
+            return st.action == Break::Freeze && !st.stop.load(Ordering::Acquire);
+        }
+        if pending.len() < 5 {
+            return true;
+        }
+        let len = u32::from_le_bytes(pending[..4].try_into().unwrap()) as usize;
+        if pending.len() < 4 + len {
+            return true;
+        }
+        let tag = pending[4];
+        let frame: Vec<u8> = pending.drain(..4 + len).collect();
+        if to.write_all(&frame).is_err() {
+            return false;
+        }
+        if let Trigger::Frame {
+            to_dest: d,
+            tag: t,
+            nth,
+        } = st.trigger
+        {
+            if d == to_dest && t == tag && st.seen.fetch_add(1, Ordering::AcqRel) + 1 == nth as u64
+            {
+                st.fire();
+                return st.action == Break::Freeze;
+            }
+        }
+    }
+}
