@@ -27,7 +27,6 @@
 //! the dirty-log argument above, not a question of soundness: no reference exists whose
 //! promise the write could break, and a copy's result is only ever used as plain bytes.
 
-use std::io::IoSlice;
 use std::marker::PhantomData;
 
 /// One region of guest memory: a host address range split into pages of one size.
@@ -96,35 +95,6 @@ impl MemRegion {
     fn span(&self, first: u64, n: u64) -> (usize, usize) {
         assert!(self.contains(first, n), "page range outside the region");
         (first as usize * self.page_size, n as usize * self.page_size)
-    }
-
-    /// The bytes of pages `first..first+n`, for reading. Being replaced by
-    /// [`guest_pages`](Self::guest_pages): this is the reference the module doc warns of.
-    pub fn pages_slice(&self, first: u64, n: u64) -> &[u8] {
-        let (off, len) = self.span(first, n);
-        // SAFETY: the range is inside the region (checked by `span`), which the constructor's
-        // contract keeps mapped and readable. The guest may write it concurrently on a source;
-        // such pages are dirty and re-sent, see the module doc.
-        unsafe { std::slice::from_raw_parts(self.ptr.add(off), len) }
-    }
-
-    /// The bytes of pages `first..first+n` as an I/O slice for vectored writes.
-    pub fn io_slice(&self, first: u64, n: u64) -> IoSlice<'_> {
-        IoSlice::new(self.pages_slice(first, n))
-    }
-
-    /// The bytes of pages `first..first+n`, for writing. Being replaced by
-    /// [`guest_pages`](Self::guest_pages), as [`pages_slice`](Self::pages_slice) is.
-    ///
-    /// # Safety
-    /// The caller must be the only one accessing these pages while the slice lives (on a
-    /// destination, each page is written by one lane per round, and rounds are fenced).
-    #[allow(clippy::mut_from_ref)]
-    pub unsafe fn pages_slice_mut(&self, first: u64, n: u64) -> &mut [u8] {
-        let (off, len) = self.span(first, n);
-        // SAFETY: inside the region (checked), writable by the constructor's contract and
-        // exclusive by this function's contract.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr.add(off), len) }
     }
 
     /// Pages `first..first+n` as a raw view; panics if the range is not inside the region.
