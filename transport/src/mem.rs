@@ -23,9 +23,14 @@
 //! accesses for single words, `copy_nonoverlapping` for bulk copies). rmig does not depend
 //! on that crate: it needs half a dozen operations on page runs of a region table it already
 //! has, and `vm-memory`'s address-space model (guest addresses, region lookup, bitmaps) would
-//! sit beside rmig's own rather than replace it. A racing write can still tear a copy; that is
-//! the dirty-log argument above, not a question of soundness: no reference exists whose
-//! promise the write could break, and a copy's result is only ever used as plain bytes.
+//! sit beside rmig's own rather than replace it.
+//!
+//! What remains is the race itself, which no API removes: the writers are a guest, a NIC or
+//! the embedder, not rmig. Without a reference the compiler assumes nothing about the bytes
+//! beyond each access. Volatile loads are how `std::ptr::read_volatile`'s documentation says
+//! memory outside any Rust allocation is read; stable Rust has no volatile bulk copy, so, as
+//! in `vm-memory`, copies use `copy_nonoverlapping`, and their result is only ever used as
+//! plain bytes. A copy torn by a racing write is the dirty-log argument above.
 
 use std::marker::PhantomData;
 
