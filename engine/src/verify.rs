@@ -6,10 +6,15 @@
 //! again after the last round. At the end each side folds its page hashes into one digest per
 //! chunk of [`CHUNK_PAGES`] pages and compares them; a mismatch names the chunks that differ.
 //! A zero page's hash is a constant and is never computed from memory.
+//!
+//! The checksum reads a `&[u8]`, which guest memory may never be (see `rmig_transport::mem`):
+//! a page is hashed from a private copy made by [`HashScratch::hash_guest`], or, on a TCP
+//! destination that verifies, from the staging buffer it was received into.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crc_fast::{checksum, CrcAlgorithm};
+use crc_fast::{checksum, CrcAlgorithm, Digest};
+use rmig_transport::GuestPages;
 
 /// Pages folded into one chunk digest.
 pub const CHUNK_PAGES: u64 = 512;
@@ -42,6 +47,56 @@ pub fn is_zero(b: &[u8]) -> bool {
 #[inline]
 pub fn hash_page(b: &[u8]) -> u64 {
     checksum(CrcAlgorithm::Crc64Nvme, b)
+}
+
+/// Bytes of guest memory copied out at once to be checked and hashed: a 4 KiB page, which
+/// stays in L1 between the copy and the hash.
+pub const COPY_CHUNK: usize = 4096;
+
+/// A lane's buffer for hashing guest memory from a copy (cache-line aligned).
+#[repr(C, align(64))]
+pub struct HashScratch([u8; COPY_CHUNK]);
+
+impl HashScratch {
+    /// A zeroed buffer.
+    pub fn new() -> Self {
+        HashScratch([0; COPY_CHUNK])
+    }
+
+    /// `None` if guest page `page` is all zero, else its checksum, both computed from a
+    /// copy: the page is copied out [`COPY_CHUNK`] bytes at a time into this buffer, which
+    /// the zero check and the CRC then read from L1. The copy costs little beside reading the
+    /// page from memory at all; a page that the guest changes during it is dirty and is sent
+    /// again (the bytes sent may then differ from those hashed, until that later round).
+    pub fn hash_guest(&mut self, page: GuestPages<'_>) -> Option<u64> {
+        if page.len() <= COPY_CHUNK {
+            let buf = &mut self.0[..page.len()];
+            page.copy_to(buf);
+            return (!is_zero(buf)).then(|| hash_page(buf));
+        }
+        let mut digest = Digest::new(CrcAlgorithm::Crc64Nvme);
+        let mut zero = true;
+        let mut off = 0;
+        while off < page.len() {
+            let n = COPY_CHUNK.min(page.len() - off);
+            if off + n < page.len() {
+                page.subrange(off + n, page.len() - off - n)
+                    .prefetch(COPY_CHUNK);
+            }
+            let buf = &mut self.0[..n];
+            page.subrange(off, n).copy_to(buf);
+            zero = zero && is_zero(buf);
+            digest.update(buf);
+            off += n;
+        }
+        (!zero).then(|| digest.finalize())
+    }
+}
+
+impl Default for HashScratch {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 /// The page hashes of one region.
@@ -130,6 +185,30 @@ mod tests {
             0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
             0, 0, 0, 0, 0, 0, 0, 9
         ]));
+    }
+
+    #[test]
+    fn guest_pages_hash_from_a_copy_as_their_bytes_do() {
+        const HUGE: usize = 2 << 20;
+        let mut buf: Vec<u8> = (0..HUGE as u32)
+            .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+            .collect();
+        let expect_small = hash_page(&buf[4096..8192]);
+        let expect_huge = hash_page(&buf);
+        // SAFETY: `buf` outlives the views and is not touched while they are used.
+        let g = unsafe { GuestPages::from_raw_parts(buf.as_mut_ptr(), HUGE) };
+        let mut s = HashScratch::new();
+        assert_eq!(s.hash_guest(g.subrange(4096, 4096)), Some(expect_small));
+        assert_eq!(s.hash_guest(g), Some(expect_huge));
+        // SAFETY: as above; nothing else uses `buf`.
+        unsafe { g.fill_zero() };
+        assert_eq!(s.hash_guest(g.subrange(0, 4096)), None);
+        assert_eq!(s.hash_guest(g), None);
+        // SAFETY: as above.
+        unsafe { g.subrange(HUGE - 1, 1).copy_from(&[5]) };
+        let mut last = vec![0u8; HUGE];
+        last[HUGE - 1] = 5;
+        assert_eq!(s.hash_guest(g), Some(hash_page(&last)));
     }
 
     #[test]

@@ -24,7 +24,7 @@ pub mod tcp;
 pub use batch::{Batch, Run, RunKind};
 pub use error::LaneError;
 pub use fault::FaultPlan;
-pub use mem::{MemRegion, MemoryMap};
+pub use mem::{GuestPages, MemRegion, MemoryMap};
 pub use pace::Pacer;
 
 use std::time::Duration;

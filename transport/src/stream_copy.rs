@@ -7,22 +7,31 @@
 //! buffer the lane reads from and hashes. Guest pages are written once per round and not read
 //! again by the destination, which is exactly the case these stores are for.
 
+use crate::mem::GuestPages;
+
 /// Copies `src` into `dst` (same length) with non-temporal stores where the CPU has them and
 /// both are 16-byte aligned, else with an ordinary copy. The stores are fenced before return,
 /// so the bytes are visible to other threads as after any copy.
-pub fn copy_streaming(dst: &mut [u8], src: &[u8]) {
+///
+/// # Safety
+/// As for [`GuestPages::copy_from`]: `dst` is writable and has no other writer during the
+/// call.
+pub unsafe fn copy_streaming(dst: GuestPages<'_>, src: &[u8]) {
     assert_eq!(dst.len(), src.len(), "copy_streaming needs equal lengths");
     #[cfg(target_arch = "x86_64")]
     {
         let aligned = (dst.as_ptr() as usize | src.as_ptr() as usize).is_multiple_of(16);
         if aligned && dst.len().is_multiple_of(64) {
-            // SAFETY: both slices are valid for `len` bytes, 16-byte aligned (checked), and
-            // do not overlap (one is borrowed mutably). SSE2 is part of x86_64's baseline.
-            unsafe { stream_sse2(dst.as_mut_ptr(), src.as_ptr(), dst.len()) };
+            // SAFETY: `dst` is valid and writable for `len` bytes with no other writer (this
+            // function's contract) and is written through its raw pointer only; `src` is
+            // ordinary memory valid for `len` reads, which cannot overlap guest memory; both
+            // are 16-byte aligned (checked). SSE2 is part of x86_64's baseline.
+            unsafe { stream_sse2(dst.as_ptr(), src.as_ptr(), dst.len()) };
             return;
         }
     }
-    dst.copy_from_slice(src);
+    // SAFETY: this function's contract is `copy_from`'s.
+    unsafe { dst.copy_from(src) };
 }
 
 /// # Safety
@@ -59,11 +68,17 @@ mod tests {
     #[test]
     fn copies_aligned_and_unaligned() {
         let src: Vec<u8> = (0..8192u32).map(|i| (i * 31 % 251) as u8).collect();
-        let mut dst = vec![0u8; 8192 + 16];
+        let mut dst = vec![0u64; 1026];
+        let base = dst.as_mut_ptr().cast::<u8>();
         for off in [0usize, 1, 16] {
-            let d = &mut dst[off..off + 4096];
-            copy_streaming(d, &src[..4096]);
-            assert_eq!(d, &src[..4096]);
+            // SAFETY: inside `dst` (8208 bytes), which only this view touches until the
+            // comparison below.
+            let d = unsafe { GuestPages::from_raw_parts(base.add(off), 4096) };
+            // SAFETY: the test is the only user of `dst`.
+            unsafe { copy_streaming(d, &src[..4096]) };
+            let mut back = vec![0u8; 4096];
+            d.copy_to(&mut back);
+            assert_eq!(back, &src[..4096]);
         }
     }
 }

@@ -9,7 +9,7 @@ use rmig_transport::{MemoryMap, PageSink};
 
 use crate::bitmap::AtomicBitmap;
 use crate::region::Region;
-use crate::verify::{hash_page, is_zero, RegionHashes};
+use crate::verify::{hash_page, HashScratch, RegionHashes};
 
 pub(crate) struct DestSink {
     map: MemoryMap,
@@ -69,16 +69,10 @@ impl DestSink {
         &self.map
     }
 
-    /// Records that pages `first..first+n` of `region` hold new data, hashing each page from
-    /// `bytes(page index within the run)` when verifying.
-    fn landed<'a>(&self, region: usize, first: u64, n: u64, bytes: impl Fn(u64) -> &'a [u8]) {
+    /// Records that pages `first..first+n` of `region` hold new data (their hashes are the
+    /// caller's to set).
+    fn landed(&self, region: usize, first: u64, n: u64) {
         let r = self.map.get(region).expect("lane checked the region");
-        if let Some(h) = &self.hashes {
-            let h = &h[region];
-            for i in 0..n {
-                h.set(first + i, hash_page(bytes(i)));
-            }
-        }
         self.known_zero[region].clear_range(first, n);
         let b = n * r.page_size() as u64;
         let landed = self.landed.fetch_add(b, Ordering::Relaxed) + b;
@@ -93,19 +87,38 @@ impl PageSink for DestSink {
     }
 
     fn data_landed(&self, region: usize, first: u64, n: u64) {
-        let r = *self.map.get(region).expect("lane checked the region");
-        self.landed(region, first, n, |i| r.pages_slice(first + i, 1));
+        if let Some(h) = &self.hashes {
+            // Guest memory (written by the lane or its NIC) is hashed from a copy, see
+            // `HashScratch`.
+            let (h, r) = (
+                &h[region],
+                self.map.get(region).expect("lane checked the region"),
+            );
+            let mut scratch = HashScratch::new();
+            for p in first..first + n {
+                match scratch.hash_guest(r.guest_pages(p, 1)) {
+                    Some(x) => h.set(p, x),
+                    None => h.set_zero(p, 1),
+                }
+            }
+        }
+        self.landed(region, first, n);
     }
 
     fn data_landed_from(&self, region: usize, first: u64, n: u64, bytes: &[u8]) {
-        let ps = self
-            .map
-            .get(region)
-            .expect("lane checked the region")
-            .page_size();
-        self.landed(region, first, n, |i| {
-            &bytes[i as usize * ps..(i as usize + 1) * ps]
-        });
+        if let Some(h) = &self.hashes {
+            // The lane's staging buffer: ordinary memory, hashed as it is.
+            let ps = self
+                .map
+                .get(region)
+                .expect("lane checked the region")
+                .page_size();
+            debug_assert_eq!(bytes.len(), n as usize * ps, "the staged bytes of the run");
+            for (i, page) in bytes.chunks_exact(ps).take(n as usize).enumerate() {
+                h[region].set(first + i as u64, hash_page(page));
+            }
+        }
+        self.landed(region, first, n);
     }
 
     fn zero_pages(&self, region: usize, first: u64, n: u64) {
@@ -116,10 +129,12 @@ impl PageSink for DestSink {
                 if !kz.test(p) {
                     // Read before writing: a page that is zero already stays untouched (and,
                     // if never faulted in, unallocated).
-                    if !is_zero(r.pages_slice(p, 1)) {
-                        // SAFETY: the page belongs to this round's run on the calling lane,
-                        // which is its only writer while the round runs.
-                        unsafe { r.pages_slice_mut(p, 1) }.fill(0);
+                    let page = r.guest_pages(p, 1);
+                    if !page.is_zero() {
+                        // SAFETY: destination memory is writable (the region's contract), and
+                        // the page belongs to this round's run on the calling lane, which is
+                        // its only writer while the round runs.
+                        unsafe { page.fill_zero() };
                     }
                     kz.set(p);
                 }

@@ -123,6 +123,7 @@ impl Crew {
             shared: self.shared.clone(),
             seq: 0,
             unacked: VecDeque::new(),
+            scratch: Box::default(),
         };
         let (cmd, cmd_rx) = crossbeam_channel::unbounded();
         let reports = self.reports.clone();

@@ -15,7 +15,7 @@ use crossbeam_channel::{Receiver, Sender};
 use rmig_transport::{Batch, LaneError, MemoryMap, Run, RunKind, SourceLane};
 
 use crate::bitmap::AtomicBitmap;
-use crate::verify::{hash_page, is_zero, RegionHashes};
+use crate::verify::{HashScratch, RegionHashes};
 
 /// Payload bytes gathered into one batch before it is sent (cache-sized, so that the pages
 /// hashed for it are still in cache when they are written to the socket).
@@ -31,19 +31,6 @@ pub(crate) const ITEM_PAGES: u64 = 1024;
 /// hash wait for in full.
 const PREFETCH_PAGES: u64 = 2;
 
-/// Asks the CPU to bring `page` into cache (a hint: it never faults).
-#[inline]
-fn prefetch_page(page: &[u8]) {
-    #[cfg(target_arch = "x86_64")]
-    for line in page.chunks(64) {
-        // SAFETY: a prefetch is a hint that never faults; the address is inside the page.
-        unsafe {
-            core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T0 }>(
-                line.as_ptr().cast(),
-            )
-        };
-    }
-}
 
 /// State shared by the session and its lane workers.
 pub(crate) struct Shared {
@@ -102,6 +89,8 @@ pub(crate) struct Worker {
     pub shared: Arc<Shared>,
     pub seq: u64,
     pub unacked: VecDeque<(u64, u64, Vec<Run>)>,
+    /// Where pages are copied to be zero-checked and hashed, when verifying.
+    pub scratch: Box<HashScratch>,
 }
 
 impl Worker {
@@ -193,20 +182,26 @@ impl Worker {
                 }
                 if p + PREFETCH_PAGES < region.pages() {
                     // Hashing reads the whole page; the zero check alone only its start.
-                    let ahead = region.pages_slice(p + PREFETCH_PAGES, 1);
-                    let lines = if hashes.is_some() { ahead.len() } else { 64 };
-                    prefetch_page(&ahead[..lines]);
+                    let ahead = region.guest_pages(p + PREFETCH_PAGES, 1);
+                    ahead.prefetch(if hashes.is_some() { ahead.len() } else { 64 });
                 }
-                let bytes = region.pages_slice(p, 1);
-                let zero = is_zero(bytes);
+                let page = region.guest_pages(p, 1);
+                // Hashed from a copy (guest memory is never a `&[u8]`); the page itself goes
+                // to the lane, which sends it from guest memory.
+                let zero = match hashes {
+                    Some(h) => match self.scratch.hash_guest(page) {
+                        Some(x) => {
+                            h.set(p, x);
+                            false
+                        }
+                        None => {
+                            h.set_zero(p, 1);
+                            true
+                        }
+                    },
+                    None => page.is_zero(),
+                };
                 let kind = if zero { RunKind::Zero } else { RunKind::Data };
-                if let Some(h) = hashes {
-                    if zero {
-                        h.set_zero(p, 1);
-                    } else {
-                        h.set(p, hash_page(bytes));
-                    }
-                }
                 let extend = match &run {
                     Some(r) => {
                         r.kind == kind

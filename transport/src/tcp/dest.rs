@@ -10,8 +10,10 @@
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
+use std::os::fd::AsRawFd;
 
 use super::wire::{self, Header, HEADER_LEN};
+use crate::mem::GuestPages;
 use crate::stream_copy::copy_streaming;
 use crate::{DestLane, DestLaneSummary, LaneError, MemRegion, MemoryMap, PageSink};
 
@@ -77,7 +79,8 @@ impl Incoming {
         Ok(true)
     }
 
-    /// Receives into `dst`: first what is buffered, then straight from the socket.
+    /// Receives into `dst` (ordinary memory): first what is buffered, then straight from the
+    /// socket.
     fn read_into(&mut self, dst: &mut [u8]) -> Result<(), LaneError> {
         let have = (self.end - self.start).min(dst.len());
         dst[..have].copy_from_slice(&self.buf[self.start..self.start + have]);
@@ -91,6 +94,41 @@ impl Incoming {
                     e.into()
                 }
             })?;
+        }
+        Ok(())
+    }
+
+    /// Receives into guest memory: first what is buffered (copied), then with `read(2)`
+    /// straight into the range, so that no reference to guest memory is ever made.
+    ///
+    /// # Safety
+    /// As for [`GuestPages::copy_from`]: `dst` is writable and this lane is its only writer.
+    unsafe fn read_into_guest(&mut self, dst: GuestPages<'_>) -> Result<(), LaneError> {
+        let have = (self.end - self.start).min(dst.len());
+        // SAFETY: this function's contract is `copy_from`'s.
+        unsafe {
+            dst.subrange(0, have)
+                .copy_from(&self.buf[self.start..self.start + have])
+        };
+        self.start += have;
+        let mut done = have;
+        while done < dst.len() {
+            let rest = dst.subrange(done, dst.len() - done);
+            // SAFETY: the kernel writes at most `rest.len()` bytes at `rest.as_ptr()`, inside
+            // `dst`, which is writable and has no other writer (this function's contract); the
+            // bytes are written by the kernel, and no reference to them exists here.
+            let r =
+                unsafe { libc::read(self.stream.as_raw_fd(), rest.as_ptr().cast(), rest.len()) };
+            match r {
+                0 => return Err(LaneError::Closed),
+                r if r > 0 => done += r as usize,
+                _ => {
+                    let e = std::io::Error::last_os_error();
+                    if e.kind() != std::io::ErrorKind::Interrupted {
+                        return Err(e.into());
+                    }
+                }
+            }
         }
         Ok(())
     }
@@ -140,10 +178,10 @@ impl TcpDestLane {
             }
             let staged = &mut lines_as_bytes(&mut self.stage)[..len];
             self.rx.read_into(staged)?;
-            // SAFETY: rounds are fenced and each page is sent on one lane per round, so this
-            // lane is the only writer of these pages now.
-            let dst = unsafe { region.pages_slice_mut(p, n) };
-            copy_streaming(dst, staged);
+            // SAFETY: destination memory is writable (the region's contract); rounds are
+            // fenced and each page is sent on one lane per round, so this lane is the only
+            // writer of these pages now.
+            unsafe { copy_streaming(region.guest_pages(p, n), staged) };
             sink.data_landed_from(idx, p, n, staged);
             p += n;
         }
@@ -185,10 +223,11 @@ impl TcpDestLane {
                         if sink.reads_landed() {
                             self.land_staged(sink, idx, &region, h.first_page, h.count)?;
                         } else {
-                            // SAFETY: rounds are fenced and each page is sent on one lane per
-                            // round, so this lane is the only writer of these pages now.
-                            let dst = unsafe { region.pages_slice_mut(h.first_page, h.count) };
-                            self.rx.read_into(dst)?;
+                            let dst = region.guest_pages(h.first_page, h.count);
+                            // SAFETY: destination memory is writable (the region's contract);
+                            // rounds are fenced and each page is sent on one lane per round,
+                            // so this lane is the only writer of these pages now.
+                            unsafe { self.rx.read_into_guest(dst) }?;
                             sink.data_landed(idx, h.first_page, h.count);
                         }
                         sum.data_bytes += h.count * region.page_size() as u64;

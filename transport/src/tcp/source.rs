@@ -1,7 +1,8 @@
 //! The sending end of a TCP lane.
 
-use std::io::{IoSlice, Write};
+use std::io::Write;
 use std::net::{Shutdown, TcpStream};
+use std::os::fd::AsRawFd;
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -84,15 +85,57 @@ fn read_acks(rd: &mut TcpStream, acks: &Acks) {
     acks.cv.notify_all();
 }
 
-/// Writes all of `bufs`, in `writev` calls of at most [`IOV_MAX`] slices.
-fn write_all_vectored(s: &mut TcpStream, mut bufs: &mut [IoSlice<'_>]) -> std::io::Result<()> {
-    while !bufs.is_empty() {
-        let n = bufs.len().min(IOV_MAX);
-        match s.write_vectored(&bufs[..n]) {
-            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
-            Ok(w) => IoSlice::advance_slices(&mut bufs, w),
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
+/// An I/O vector entry for ordinary memory (a header).
+fn iovec_of(b: &[u8]) -> libc::iovec {
+    libc::iovec {
+        iov_base: b.as_ptr().cast_mut().cast(),
+        iov_len: b.len(),
+    }
+}
+
+/// Drops the first `n` bytes of `iov` (whole entries, then the start of the next one).
+fn advance(iov: &mut &mut [libc::iovec], mut n: usize) {
+    let skip = iov
+        .iter()
+        .take_while(|v| {
+            let whole = n >= v.iov_len;
+            if whole {
+                n -= v.iov_len;
+            }
+            whole
+        })
+        .count();
+    *iov = &mut std::mem::take(iov)[skip..];
+    if let Some(v) = iov.first_mut() {
+        v.iov_base = v.iov_base.cast::<u8>().wrapping_add(n).cast();
+        v.iov_len -= n;
+    }
+}
+
+/// Writes all of `iov`, in `writev` calls of at most [`IOV_MAX`] entries.
+///
+/// Guest memory goes to the kernel as raw `iovec`s: `std`'s `IoSlice` would need a `&[u8]`
+/// over it (see the module doc of [`crate::mem`]).
+///
+/// # Safety
+/// Every entry describes memory valid for reads for the whole call: ordinary buffers, or
+/// guest memory by the contract of the [`MemRegion`](crate::MemRegion) it came from.
+unsafe fn write_all_iov(s: &TcpStream, mut iov: &mut [libc::iovec]) -> std::io::Result<()> {
+    while !iov.is_empty() {
+        let n = iov.len().min(IOV_MAX);
+        // SAFETY: `iov[..n]` is a valid array of entries that describe readable memory (this
+        // function's contract); the kernel only reads it, and no reference to guest memory
+        // is made here.
+        let w = unsafe { libc::writev(s.as_raw_fd(), iov.as_ptr(), n as libc::c_int) };
+        match w {
+            0 => return Err(std::io::ErrorKind::WriteZero.into()),
+            w if w > 0 => advance(&mut iov, w as usize),
+            _ => {
+                let e = std::io::Error::last_os_error();
+                if e.kind() != std::io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
         }
     }
     Ok(())
@@ -128,22 +171,22 @@ impl SourceLane for TcpSourceLane {
             }
             .encode(),
         );
-        let mut iov: Vec<IoSlice<'_>> = Vec::with_capacity(batch.runs.len() * 2 + 1);
+        let mut iov: Vec<libc::iovec> = Vec::with_capacity(batch.runs.len() * 2 + 1);
         let mut total = 0u64;
         for (run, h) in batch.runs.iter().zip(&self.headers) {
-            iov.push(IoSlice::new(h));
+            iov.push(iovec_of(h));
             total += HEADER_LEN as u64;
             if run.kind == RunKind::Data {
                 let region = self
                     .map
                     .get(run.region as usize)
                     .ok_or_else(|| LaneError::Malformed(format!("no region {}", run.region)))?;
-                let s = region.io_slice(run.first_page, run.npages as u64);
-                total += s.len() as u64;
-                iov.push(s);
+                let g = region.guest_pages(run.first_page, run.npages as u64);
+                total += g.len() as u64;
+                iov.push(g.as_iovec());
             }
         }
-        iov.push(IoSlice::new(self.headers.last().expect("batch end header")));
+        iov.push(iovec_of(self.headers.last().expect("batch end header")));
         total += HEADER_LEN as u64;
 
         self.pacer.take(total);
@@ -151,21 +194,21 @@ impl SourceLane for TcpSourceLane {
             if self.payload_sent + batch.data_bytes > limit {
                 // Die mid-batch: half the bytes reach the peer, then the connection drops.
                 let mut half = total / 2;
-                let mut partial = Vec::new();
-                for s in &iov {
-                    if half == 0 {
-                        break;
-                    }
-                    let take = (s.len() as u64).min(half) as usize;
-                    partial.push(IoSlice::new(&s[..take]));
-                    half -= take as u64;
+                for v in iov.iter_mut() {
+                    v.iov_len = (v.iov_len as u64).min(half) as usize;
+                    half -= v.iov_len as u64;
                 }
-                let _ = write_all_vectored(&mut self.stream, &mut partial);
+                iov.retain(|v| v.iov_len > 0);
+                // SAFETY: the entries describe `self.headers` and pages of `self.map`'s
+                // regions (shortened, never lengthened), valid for reads during the call.
+                let _ = unsafe { write_all_iov(&self.stream, &mut iov) };
                 let _ = self.stream.shutdown(Shutdown::Both);
                 return Err(LaneError::Injected("lane killed mid-batch"));
             }
         }
-        write_all_vectored(&mut self.stream, &mut iov)?;
+        // SAFETY: the entries describe `self.headers`, unchanged until the call returns, and
+        // pages of `self.map`'s regions, readable for the session by their contract.
+        unsafe { write_all_iov(&self.stream, &mut iov) }?;
         self.payload_sent += batch.data_bytes;
         Ok(total)
     }
