@@ -65,6 +65,9 @@ typedef enum {
   RMIG_ERR_INTERNAL = -12,
   // The caller's buffer is too small; the needed size was reported.
   RMIG_ERR_BUFFER_TOO_SMALL = -13,
+  // The link failed during the handover: this end's guest stays paused until
+  // `rmig_resolve_handover` decides which end runs it.
+  RMIG_ERR_HANDOVER_UNKNOWN = -14,
 } rmig_status;
 
 // Outcome of a migration as `rmig_get_stats` reports it.
@@ -86,6 +89,9 @@ typedef enum {
   RMIG_STATE_FAILED = 5,
   // Cancelled.
   RMIG_STATE_CANCELLED = 6,
+  // The link failed during the handover: this end's guest stays paused until
+  // `rmig_resolve_handover` decides which end runs it.
+  RMIG_STATE_HANDOVER_UNKNOWN = 7,
 } rmig_state;
 
 // Transport preference: the allowed values of `rmig_config.transport`.
