@@ -128,7 +128,8 @@ typedef struct {
   const char *address;
   // The pre-shared key; borrowed during `rmig_*_new` only.
   const uint8_t *key;
-  // Length of `key` in bytes (at least 1).
+  // Length of `key` in bytes: at least 16 once surrounding whitespace is trimmed (a shorter
+  // key makes `rmig_*_new` fail with `RMIG_ERR_CONFIG`).
   size_t key_len;
   // Data lanes; 0 means one per CPU.
   uint32_t lanes;
@@ -228,7 +229,7 @@ rmig_status rmig_config_default(rmig_config *out);
 //
 // Fails with `RMIG_ERR_INVALID_ARGUMENT` for a NULL or misaligned pointer, a NULL or non-UTF-8
 // address, an empty key, a `config->transport` that is no `RMIG_TRANSPORT_*` value, or no
-// `dirty_sync` callback.
+// `dirty_sync` callback; with `RMIG_ERR_CONFIG` for a key shorter than 16 bytes.
 //
 // # Safety
 // `config` must point to a valid `rmig_config` whose strings are valid; `callbacks` to a valid

@@ -156,7 +156,7 @@ unsafe fn register(
 ///
 /// Fails with `RMIG_ERR_INVALID_ARGUMENT` for a NULL or misaligned pointer, a NULL or non-UTF-8
 /// address, an empty key, a `config->transport` that is no `RMIG_TRANSPORT_*` value, or no
-/// `dirty_sync` callback.
+/// `dirty_sync` callback; with `RMIG_ERR_CONFIG` for a key shorter than 16 bytes.
 ///
 /// # Safety
 /// `config` must point to a valid `rmig_config` whose strings are valid; `callbacks` to a valid

@@ -86,7 +86,8 @@ pub struct RmigConfig {
     pub address: *const c_char,
     /// The pre-shared key; borrowed during `rmig_*_new` only.
     pub key: *const u8,
-    /// Length of `key` in bytes (at least 1).
+    /// Length of `key` in bytes: at least 16 once surrounding whitespace is trimmed (a shorter
+    /// key makes `rmig_*_new` fail with `RMIG_ERR_CONFIG`).
     pub key_len: usize,
     /// Data lanes; 0 means one per CPU.
     pub lanes: u32,

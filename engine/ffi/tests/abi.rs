@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use rmig::*;
 use RmigStatus::*;
 
-const KEY: &[u8] = b"abi test key";
+const KEY: &[u8] = b"abi test key, 32 bytes long.....";
 
 fn last_error() -> String {
     // SAFETY: rmig_last_error returns a valid NUL-terminated string owned by the library.
@@ -174,6 +174,27 @@ fn null_and_misaligned_pointers_are_refused() {
         );
         assert!(last_error().contains("dirty_sync"));
     }
+}
+
+#[test]
+fn short_keys_are_refused() {
+    let key = b"fifteen bytes!!";
+    assert_eq!(key.len(), 15);
+    let mut c = config(c"127.0.0.1:1");
+    c.key = key.as_ptr();
+    c.key_len = key.len();
+    let mut s = 0;
+    // SAFETY: valid pointers; the key's length is the library's to check.
+    let r = unsafe { rmig_source_new(&c, &callbacks(), &mut s) };
+    assert_eq!(r, RmigErrConfig);
+    assert!(last_error().contains("at least 16"), "{}", last_error());
+    let mut c = config(c"127.0.0.1:0");
+    c.key = key.as_ptr();
+    c.key_len = key.len();
+    // SAFETY: as above.
+    let r = unsafe { rmig_dest_new(&c, &callbacks(), &mut s) };
+    assert_eq!(r, RmigErrConfig);
+    assert!(last_error().contains("at least 16"), "{}", last_error());
 }
 
 #[test]
