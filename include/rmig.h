@@ -5,9 +5,10 @@
  *  - Sessions are handles (rmig_session), never pointers: a stale or freed handle is detected
  *    and answered with RMIG_ERR_INVALID_HANDLE, not undefined behaviour.
  *  - A session is driven by one thread at a time. The driving calls (rmig_dest_port,
- *    rmig_add_region, rmig_setup, rmig_iterate, rmig_complete, rmig_migrate) must not overlap
- *    on one session; they may come from different threads one after another, and one that
- *    overlaps another fails with RMIG_ERR_STATE without doing anything.
+ *    rmig_add_region, rmig_setup, rmig_iterate, rmig_complete, rmig_migrate,
+ *    rmig_resolve_handover) must not overlap on one session; they may come from different
+ *    threads one after another, and one that overlaps another fails with RMIG_ERR_STATE
+ *    without doing anything.
  *  - rmig_cancel, rmig_set_max_bandwidth, rmig_get_stats, rmig_stats_json and rmig_free may
  *    be called from any thread at any time, also while another thread is inside a driving
  *    call on the same session. rmig_free invalidates the handle at once, cancels the
@@ -17,8 +18,13 @@
  *    until rmig_free returns.
  *  - Every function returns RMIG_OK (0) or a negative rmig_status; rmig_last_error() describes
  *    the last failure on the calling thread.
- *  - Enumerations that the caller fills in are uint32_t fields holding one of the named
- *    constants (rmig_config.transport: RMIG_TRANSPORT_*); any other value is refused with
+ *  - Handover: the destination says Ready with its guest paused, the source sends Commit,
+ *    the destination starts the guest and answers Done. If the link fails in between, the
+ *    call returns RMIG_ERR_HANDOVER_UNKNOWN with this end's guest paused, and only
+ *    rmig_resolve_handover (the operator's decision) resumes or gives it up.
+ *  - Enumerations that the caller fills in are uint32_t values holding one of the named
+ *    constants (rmig_config.transport: RMIG_TRANSPORT_*; the decision of
+ *    rmig_resolve_handover: RMIG_HANDOVER_*); any other value is refused with
  *    RMIG_ERR_INVALID_ARGUMENT. rmig_status (return values) and rmig_state (rmig_stats.state)
  *    are C enums that only the library writes.
  */
@@ -65,6 +71,9 @@ typedef enum {
   RMIG_ERR_INTERNAL = -12,
   // The caller's buffer is too small; the needed size was reported.
   RMIG_ERR_BUFFER_TOO_SMALL = -13,
+  // The link failed during the handover: this end's guest stays paused until
+  // `rmig_resolve_handover` decides which end runs it.
+  RMIG_ERR_HANDOVER_UNKNOWN = -14,
 } rmig_status;
 
 // Outcome of a migration as `rmig_get_stats` reports it.
@@ -80,12 +89,17 @@ typedef enum {
   RMIG_STATE_ACTIVE = 2,
   // Stop-and-copy and device state.
   RMIG_STATE_DEVICE = 3,
-  // Done.
+  // Done: the destination runs the guest (on a source, also after `rmig_resolve_handover`
+  // with `RMIG_HANDOVER_RUN_THERE`; on a destination, after `RMIG_HANDOVER_RUN_HERE`).
   RMIG_STATE_COMPLETED = 4,
-  // Failed.
+  // Failed: the source runs the guest (also after `rmig_resolve_handover` gave it to the
+  // source); the destination discards its copy.
   RMIG_STATE_FAILED = 5,
   // Cancelled.
   RMIG_STATE_CANCELLED = 6,
+  // The link failed during the handover: this end's guest stays paused until
+  // `rmig_resolve_handover` decides which end runs it.
+  RMIG_STATE_HANDOVER_UNKNOWN = 7,
 } rmig_state;
 
 // Transport preference: the allowed values of `rmig_config.transport`.
@@ -112,6 +126,32 @@ typedef uint32_t rmig_transport;
 #endif // __STDC_VERSION__ >= 202311L
 #endif // __cplusplus
 
+// An operator's decision after `RMIG_ERR_HANDOVER_UNKNOWN`: the allowed values of the
+// `decision` argument of `rmig_resolve_handover`, which says what to check before choosing.
+//
+// The argument is a `uint32_t` checked by the library, as `rmig_config.transport` is; 0 is
+// no decision, so that a zeroed variable is refused (`RMIG_ERR_INVALID_ARGUMENT`) rather
+// than taken for one.
+enum rmig_handover
+#if defined(__cplusplus) || __STDC_VERSION__ >= 202311L
+  : uint32_t
+#endif // defined(__cplusplus) || __STDC_VERSION__ >= 202311L
+ {
+  // This end runs the guest: the library calls this session's `resume` callback. Only
+  // when the other end is known not to run it, and never will.
+  RMIG_HANDOVER_RUN_HERE = 1,
+  // The other end runs the guest: nothing is resumed here, and this end's copy of the
+  // guest stays paused for good (the VMM discards it).
+  RMIG_HANDOVER_RUN_THERE = 2,
+};
+#ifndef __cplusplus
+#if __STDC_VERSION__ >= 202311L
+typedef enum rmig_handover rmig_handover;
+#else
+typedef uint32_t rmig_handover;
+#endif // __STDC_VERSION__ >= 202311L
+#endif // __cplusplus
+
 // Growable bytes owned by the library, filled by a callback with `rmig_bytes_append`.
 typedef struct rmig_bytes rmig_bytes;
 
@@ -122,7 +162,8 @@ typedef struct {
   const char *address;
   // The pre-shared key; borrowed during `rmig_*_new` only.
   const uint8_t *key;
-  // Length of `key` in bytes (at least 1).
+  // Length of `key` in bytes: at least 16 once surrounding whitespace is trimmed (a shorter
+  // key makes `rmig_*_new` fail with `RMIG_ERR_CONFIG`).
   size_t key_len;
   // Data lanes; 0 means one per CPU.
   uint32_t lanes;
@@ -156,7 +197,8 @@ typedef struct {
   // Source: stop the guest for the final copy; return only when no guest write can land.
   int (*pause)(void *opaque);
   // Source: the migration failed after `pause`; let the guest run again.
-  // Destination: everything landed and verified; start the guest.
+  // Destination: everything landed and verified and the source committed; start the guest.
+  // Either end: also called by `rmig_resolve_handover` with `RMIG_HANDOVER_RUN_HERE`.
   void (*resume)(void *opaque);
   // Source: slow the guest by `percent` (auto-converge); 0 lifts the throttle.
   void (*throttle)(void *opaque, uint32_t percent);
@@ -222,7 +264,7 @@ rmig_status rmig_config_default(rmig_config *out);
 //
 // Fails with `RMIG_ERR_INVALID_ARGUMENT` for a NULL or misaligned pointer, a NULL or non-UTF-8
 // address, an empty key, a `config->transport` that is no `RMIG_TRANSPORT_*` value, or no
-// `dirty_sync` callback.
+// `dirty_sync` callback; with `RMIG_ERR_CONFIG` for a key shorter than 16 bytes.
 //
 // # Safety
 // `config` must point to a valid `rmig_config` whose strings are valid; `callbacks` to a valid
@@ -282,19 +324,66 @@ rmig_status rmig_setup(rmig_session session);
 rmig_status rmig_iterate(rmig_session session, int32_t *ready);
 
 // Source step 3 (QEMU's `save_live_complete_precopy`): pause (callback), final copy, device
-// state, verification, completion. *Driving* call: must not overlap another driving call on
-// the session. Blocks; `rmig_cancel` or `rmig_free` from another thread ends the final copy,
-// but not a callback in progress, nor the wait for the destination's last answers (up to
-// twice the peer timeout, 10 s).
+// state, verification, then the handover: the destination says `Ready` (its guest loaded and
+// still paused), the source sends `Commit`, the destination starts its guest and answers
+// `Done`. *Driving* call: must not overlap another driving call on the session. Blocks;
+// `rmig_cancel` or `rmig_free` from another thread ends the final copy, but not a callback
+// in progress, nor the wait for the destination's last answers (up to twice the peer
+// timeout, 10 s).
+//
+// A failure before `Commit` calls `resume` (the guest is the source's again). A link that
+// fails after `Commit` returns `RMIG_ERR_HANDOVER_UNKNOWN`: the destination may be running
+// the guest, so `resume` is not called and the guest stays paused until
+// `rmig_resolve_handover`.
 rmig_status rmig_complete(rmig_session session);
 
 // Runs a whole migration and returns when it ended: on a source, setup, every round and the
-// completion; on a destination, waiting for the source and receiving everything. *Driving*
-// call: must not overlap another driving call on the session. Blocks; `rmig_cancel` or
-// `rmig_free` from another thread ends it (on a source, see the steps for the limits; a
-// destination notices within about 100 ms while it waits for its source or receives, but
-// only after its handshake and lane setup, each bounded by 10 s, and not inside a callback).
+// completion (as `rmig_complete`); on a destination, waiting for the source, receiving
+// everything, `load_device_state`, `Ready`, and on the source's `Commit` `resume` and
+// `Done`. *Driving* call: must not overlap another driving call on the session. Blocks;
+// `rmig_cancel` or `rmig_free` from another thread ends it (on a source, see the steps for
+// the limits; a destination notices within about 100 ms while it waits for its source or
+// receives, but only after its handshake and lane setup, each bounded by 10 s, and not
+// inside a callback).
+//
+// `RMIG_ERR_HANDOVER_UNKNOWN`: the link failed after `Commit` was sent (source) or after
+// `Ready` was (destination); this end's guest stays paused until `rmig_resolve_handover`.
 rmig_status rmig_migrate(rmig_session session);
+
+// Settles a handover whose outcome is unknown: after `RMIG_ERR_HANDOVER_UNKNOWN`, while
+// `rmig_stats.state` is `RMIG_STATE_HANDOVER_UNKNOWN`. The control link failed after the
+// destination said `Ready` (destination) or after the source sent `Commit` (source), so this
+// end cannot know whether the other end runs the guest; its own guest stays paused until
+// this call, and the library never decides on its own.
+//
+// Before deciding, learn the other end's state from its VMM (not from this end's library),
+// and never let both ends run the guest:
+//  - the other end runs the guest (a destination in `RMIG_STATE_COMPLETED`, or whose guest
+//    is running): `RMIG_HANDOVER_RUN_THERE` here;
+//  - the other end does not run it and never will (a source that failed before `Commit` and
+//    resumed, a destination in `RMIG_STATE_FAILED` or `RMIG_STATE_CANCELLED`, or one that
+//    is itself in `RMIG_STATE_HANDOVER_UNKNOWN` and is told `RMIG_HANDOVER_RUN_THERE`
+//    first): `RMIG_HANDOVER_RUN_HERE` here;
+//  - the other end cannot be reached: `RMIG_HANDOVER_RUN_HERE` only once its VMM is known
+//    stopped (killed, fenced); until then, wait.
+//
+// `decision` is one of the `RMIG_HANDOVER_*` values of `rmig_handover`:
+//  - `RMIG_HANDOVER_RUN_HERE`: calls this session's `resume` callback (if set), on the
+//    calling thread, before returning; the state becomes `RMIG_STATE_FAILED` on a source (the
+//    guest stayed here) and `RMIG_STATE_COMPLETED` on a destination;
+//  - `RMIG_HANDOVER_RUN_THERE`: calls nothing; this end's copy of the guest stays paused for
+//    good (discard it); the state becomes `RMIG_STATE_COMPLETED` on a source and
+//    `RMIG_STATE_FAILED` on a destination.
+//
+// Fails with `RMIG_ERR_INVALID_ARGUMENT` for any other `decision` (0 included), and with
+// `RMIG_ERR_STATE` when the session's state is not `RMIG_STATE_HANDOVER_UNKNOWN` (a decision
+// is final: a second call fails too) or another driving call is running on the session.
+//
+// *Driving* call: must not overlap another driving call on the session; it may come from any
+// thread once the call that returned `RMIG_ERR_HANDOVER_UNKNOWN` has returned (e.g. the
+// monitor thread), but not from inside one of the session's callbacks. `rmig_free` without
+// this call leaves the guest paused and calls no callback.
+rmig_status rmig_resolve_handover(rmig_session session, uint32_t decision);
 
 // Cancels the migration; the call driving it returns `RMIG_ERR_CANCELLED` and the peer is
 // told `reason` (NULL: "cancelled"). *Any thread*, also while another thread is inside a

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 
 use rmig_transport::Pacer;
 
-use crate::stats::MigrationStats;
+use crate::stats::{MigrationStats, MigrationStatus};
 use crate::CancelToken;
 
 /// Live figures cheap enough to read many times a second.
@@ -138,5 +138,73 @@ impl Monitor {
     /// The current bandwidth ceiling.
     pub fn max_bandwidth(&self) -> u64 {
         self.pacer.rate()
+    }
+
+    /// Records how an operator settled a `handover-unknown` outcome that the embedder acted
+    /// on itself: on a destination, whose [`DestListener::serve`](crate::DestListener::serve)
+    /// has returned, the embedder resumes its guest (or discards it) and then records the
+    /// decision here. A source settles through
+    /// [`SourceSession::resolve_handover`](crate::SourceSession::resolve_handover) instead,
+    /// which resumes and records in one step.
+    ///
+    /// `status` is the outcome as either end names it: [`MigrationStatus::Completed`] when
+    /// the destination runs the guest, [`MigrationStatus::Failed`] when the source does.
+    /// `note` replaces the recorded error message, so that the statistics say who decided.
+    ///
+    /// Only a `HandoverUnknown` status changes, and only to `Completed` or `Failed`; checked
+    /// and changed under one lock, so of two racing calls one alone succeeds. Returns whether
+    /// the status changed (nothing changes when it returns `false`).
+    #[must_use]
+    pub fn settle_handover(&self, status: MigrationStatus, note: &str) -> bool {
+        if !matches!(status, MigrationStatus::Completed | MigrationStatus::Failed) {
+            return false;
+        }
+        let mut s = self.stats.lock().unwrap_or_else(|e| e.into_inner());
+        if s.status != MigrationStatus::HandoverUnknown {
+            return false;
+        }
+        s.status = status;
+        s.error = Some(note.to_string());
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn settle_handover_changes_only_an_unknown_handover() {
+        let m = Monitor::new();
+        assert!(!m.settle_handover(MigrationStatus::Completed, "too early"));
+        assert_eq!(m.stats().status, MigrationStatus::Setup);
+        assert_eq!(m.stats().error, None);
+
+        m.update(|s| {
+            s.status = MigrationStatus::HandoverUnknown;
+            s.error = Some("link lost after Ready".into());
+        });
+        for not_an_outcome in [
+            MigrationStatus::Setup,
+            MigrationStatus::Active,
+            MigrationStatus::Device,
+            MigrationStatus::Cancelled,
+            MigrationStatus::HandoverUnknown,
+        ] {
+            assert!(!m.settle_handover(not_an_outcome, "no"), "{not_an_outcome}");
+            assert_eq!(m.stats().status, MigrationStatus::HandoverUnknown);
+            assert_eq!(m.stats().error.as_deref(), Some("link lost after Ready"));
+        }
+
+        assert!(m.settle_handover(MigrationStatus::Failed, "the source runs it"));
+        let s = m.stats();
+        assert_eq!(s.status, MigrationStatus::Failed);
+        assert_eq!(s.error.as_deref(), Some("the source runs it"));
+
+        // Settled once: a second decision changes nothing.
+        assert!(!m.settle_handover(MigrationStatus::Completed, "changed my mind"));
+        let s = m.stats();
+        assert_eq!(s.status, MigrationStatus::Failed);
+        assert_eq!(s.error.as_deref(), Some("the source runs it"));
     }
 }

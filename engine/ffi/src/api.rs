@@ -8,8 +8,8 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::time::Duration;
 
 use rmig_engine::{
-    ConvergePolicy, DestConfig, DestListener, Key, MigrationStatus, NoConvergence, Region,
-    SourceConfig, SourceSession, Step, TransportChoice, PAGE_2M, PAGE_4K,
+    ConvergePolicy, DestConfig, DestEmbedder, DestListener, EngineError, Key, MigrationStatus,
+    NoConvergence, Region, SourceConfig, SourceSession, Step, TransportChoice, PAGE_2M, PAGE_4K,
 };
 
 use crate::embedder::{CDirty, C};
@@ -156,7 +156,7 @@ unsafe fn register(
 ///
 /// Fails with `RMIG_ERR_INVALID_ARGUMENT` for a NULL or misaligned pointer, a NULL or non-UTF-8
 /// address, an empty key, a `config->transport` that is no `RMIG_TRANSPORT_*` value, or no
-/// `dirty_sync` callback.
+/// `dirty_sync` callback; with `RMIG_ERR_CONFIG` for a key shorter than 16 bytes.
 ///
 /// # Safety
 /// `config` must point to a valid `rmig_config` whose strings are valid; `callbacks` to a valid
@@ -357,16 +357,31 @@ fn run_source_step(
         })?;
         g.phase = Phase::Running(Box::new(s));
     }
-    let Phase::Running(s) = &mut g.phase else {
-        return Err(fail(RmigErrState, "the migration has ended"));
+    let s = match &mut g.phase {
+        Phase::Running(s) => s,
+        Phase::Unsettled(_) => return Err(unsettled()),
+        _ => return Err(fail(RmigErrState, "the migration has ended")),
     };
     match step(s) {
         Ok(r) => Ok(r),
         Err(err) => {
-            g.phase = Phase::Ended;
+            let was = std::mem::replace(&mut g.phase, Phase::Ended);
+            // Past `Commit` the engine session stays, for `rmig_resolve_handover`.
+            if let (EngineError::HandoverUnknown(_), Phase::Running(s)) = (&err, was) {
+                g.phase = Phase::Unsettled(Some(s));
+            }
             Err(from_engine(&err))
         }
     }
+}
+
+/// The error of a driving call made while a handover waits for the operator's decision.
+fn unsettled() -> RmigStatus {
+    fail(
+        RmigErrState,
+        "the handover's outcome is unknown: decide which end runs the guest with \
+         rmig_resolve_handover",
+    )
 }
 
 fn source_entry(session: RmigSession) -> Result<handles::Call, RmigStatus> {
@@ -420,10 +435,17 @@ pub unsafe extern "C" fn rmig_iterate(session: RmigSession, ready: *mut i32) -> 
 }
 
 /// Source step 3 (QEMU's `save_live_complete_precopy`): pause (callback), final copy, device
-/// state, verification, completion. *Driving* call: must not overlap another driving call on
-/// the session. Blocks; `rmig_cancel` or `rmig_free` from another thread ends the final copy,
-/// but not a callback in progress, nor the wait for the destination's last answers (up to
-/// twice the peer timeout, 10 s).
+/// state, verification, then the handover: the destination says `Ready` (its guest loaded and
+/// still paused), the source sends `Commit`, the destination starts its guest and answers
+/// `Done`. *Driving* call: must not overlap another driving call on the session. Blocks;
+/// `rmig_cancel` or `rmig_free` from another thread ends the final copy, but not a callback
+/// in progress, nor the wait for the destination's last answers (up to twice the peer
+/// timeout, 10 s).
+///
+/// A failure before `Commit` calls `resume` (the guest is the source's again). A link that
+/// fails after `Commit` returns `RMIG_ERR_HANDOVER_UNKNOWN`: the destination may be running
+/// the guest, so `resume` is not called and the guest stays paused until
+/// `rmig_resolve_handover`.
 #[no_mangle]
 pub extern "C" fn rmig_complete(session: RmigSession) -> RmigStatus {
     guard(|| {
@@ -439,11 +461,16 @@ pub extern "C" fn rmig_complete(session: RmigSession) -> RmigStatus {
 }
 
 /// Runs a whole migration and returns when it ended: on a source, setup, every round and the
-/// completion; on a destination, waiting for the source and receiving everything. *Driving*
-/// call: must not overlap another driving call on the session. Blocks; `rmig_cancel` or
-/// `rmig_free` from another thread ends it (on a source, see the steps for the limits; a
-/// destination notices within about 100 ms while it waits for its source or receives, but
-/// only after its handshake and lane setup, each bounded by 10 s, and not inside a callback).
+/// completion (as `rmig_complete`); on a destination, waiting for the source, receiving
+/// everything, `load_device_state`, `Ready`, and on the source's `Commit` `resume` and
+/// `Done`. *Driving* call: must not overlap another driving call on the session. Blocks;
+/// `rmig_cancel` or `rmig_free` from another thread ends it (on a source, see the steps for
+/// the limits; a destination notices within about 100 ms while it waits for its source or
+/// receives, but only after its handshake and lane setup, each bounded by 10 s, and not
+/// inside a callback).
+///
+/// `RMIG_ERR_HANDOVER_UNKNOWN`: the link failed after `Commit` was sent (source) or after
+/// `Ready` was (destination); this end's guest stays paused until `rmig_resolve_handover`.
 #[no_mangle]
 pub extern "C" fn rmig_migrate(session: RmigSession) -> RmigStatus {
     guard(|| {
@@ -459,8 +486,10 @@ pub extern "C" fn rmig_migrate(session: RmigSession) -> RmigStatus {
                 Ok(())
             }
             RmigRole::RmigDestination => {
-                let Phase::New(l) = &mut g.phase else {
-                    return Err(fail(RmigErrState, "the migration has ended"));
+                let l = match &mut g.phase {
+                    Phase::New(l) => l,
+                    Phase::Unsettled(_) => return Err(unsettled()),
+                    _ => return Err(fail(RmigErrState, "the migration has ended")),
                 };
                 let l = l.take().expect("destinations start with a listener");
                 if g.regions.is_empty() {
@@ -469,9 +498,115 @@ pub extern "C" fn rmig_migrate(session: RmigSession) -> RmigStatus {
                 }
                 let regions = g.regions.clone();
                 g.phase = Phase::Ended;
-                l.serve(regions, Box::new(g.callbacks), e.monitor.clone())
-                    .map(|_| ())
-                    .map_err(|err| from_engine(&err))
+                match l.serve(regions, Box::new(g.callbacks), e.monitor.clone()) {
+                    Ok(_) => Ok(()),
+                    Err(err) => {
+                        if let EngineError::HandoverUnknown(_) = err {
+                            g.phase = Phase::Unsettled(None);
+                        }
+                        Err(from_engine(&err))
+                    }
+                }
+            }
+        }
+    })
+}
+
+/// Settles a handover whose outcome is unknown: after `RMIG_ERR_HANDOVER_UNKNOWN`, while
+/// `rmig_stats.state` is `RMIG_STATE_HANDOVER_UNKNOWN`. The control link failed after the
+/// destination said `Ready` (destination) or after the source sent `Commit` (source), so this
+/// end cannot know whether the other end runs the guest; its own guest stays paused until
+/// this call, and the library never decides on its own.
+///
+/// Before deciding, learn the other end's state from its VMM (not from this end's library),
+/// and never let both ends run the guest:
+///  - the other end runs the guest (a destination in `RMIG_STATE_COMPLETED`, or whose guest
+///    is running): `RMIG_HANDOVER_RUN_THERE` here;
+///  - the other end does not run it and never will (a source that failed before `Commit` and
+///    resumed, a destination in `RMIG_STATE_FAILED` or `RMIG_STATE_CANCELLED`, or one that
+///    is itself in `RMIG_STATE_HANDOVER_UNKNOWN` and is told `RMIG_HANDOVER_RUN_THERE`
+///    first): `RMIG_HANDOVER_RUN_HERE` here;
+///  - the other end cannot be reached: `RMIG_HANDOVER_RUN_HERE` only once its VMM is known
+///    stopped (killed, fenced); until then, wait.
+///
+/// `decision` is one of the `RMIG_HANDOVER_*` values of `rmig_handover`:
+///  - `RMIG_HANDOVER_RUN_HERE`: calls this session's `resume` callback (if set), on the
+///    calling thread, before returning; the state becomes `RMIG_STATE_FAILED` on a source (the
+///    guest stayed here) and `RMIG_STATE_COMPLETED` on a destination;
+///  - `RMIG_HANDOVER_RUN_THERE`: calls nothing; this end's copy of the guest stays paused for
+///    good (discard it); the state becomes `RMIG_STATE_COMPLETED` on a source and
+///    `RMIG_STATE_FAILED` on a destination.
+///
+/// Fails with `RMIG_ERR_INVALID_ARGUMENT` for any other `decision` (0 included), and with
+/// `RMIG_ERR_STATE` when the session's state is not `RMIG_STATE_HANDOVER_UNKNOWN` (a decision
+/// is final: a second call fails too) or another driving call is running on the session.
+///
+/// *Driving* call: must not overlap another driving call on the session; it may come from any
+/// thread once the call that returned `RMIG_ERR_HANDOVER_UNKNOWN` has returned (e.g. the
+/// monitor thread), but not from inside one of the session's callbacks. `rmig_free` without
+/// this call leaves the guest paused and calls no callback.
+#[no_mangle]
+pub extern "C" fn rmig_resolve_handover(session: RmigSession, decision: u32) -> RmigStatus {
+    guard(|| {
+        let e = handles::get(session)?;
+        let run_here = match RmigHandover::try_from(decision)
+            .map_err(|x| fail(RmigErrInvalidArgument, &x.message("decision")))?
+        {
+            RmigHandover::RmigHandoverRunHere => true,
+            RmigHandover::RmigHandoverRunThere => false,
+        };
+        let mut g = e.lock()?;
+        let status = e.monitor.stats().status;
+        if status != MigrationStatus::HandoverUnknown {
+            return Err(fail(
+                RmigErrState,
+                &format!(
+                    "rmig_resolve_handover is only for a handover whose outcome is unknown \
+                     (RMIG_STATE_HANDOVER_UNKNOWN); this session's state is {status}"
+                ),
+            ));
+        }
+        match (e.role, std::mem::replace(&mut g.phase, Phase::Ended)) {
+            (RmigRole::RmigSource, Phase::Unsettled(Some(mut s))) => {
+                // Resumes through the embedder (our `resume` callback) when `run_here`.
+                s.resolve_handover(run_here).map(|_| ()).map_err(|err| {
+                    g.phase = Phase::Unsettled(Some(s));
+                    from_engine(&err)
+                })
+            }
+            (RmigRole::RmigDestination, Phase::Unsettled(None)) => {
+                // `serve` has consumed its embedder: the C callbacks are resumed from here.
+                let (status, note) = if run_here {
+                    if let Err(m) = DestEmbedder::resume(&mut g.callbacks) {
+                        g.phase = Phase::Unsettled(None);
+                        return Err(fail(RmigErrEmbedder, &m));
+                    }
+                    (
+                        MigrationStatus::Completed,
+                        "the operator resumed the guest on the destination after an unknown \
+                         handover",
+                    )
+                } else {
+                    (
+                        MigrationStatus::Failed,
+                        "the operator gave the guest to the source after an unknown handover",
+                    )
+                };
+                if e.monitor.settle_handover(status, note) {
+                    Ok(())
+                } else {
+                    Err(fail(
+                        RmigErrInternal,
+                        "the handover-unknown status changed while the session was locked",
+                    ))
+                }
+            }
+            (_, phase) => {
+                g.phase = phase;
+                Err(fail(
+                    RmigErrInternal,
+                    "the session is handover-unknown but holds no handover to resolve",
+                ))
             }
         }
     })

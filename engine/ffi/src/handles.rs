@@ -25,6 +25,9 @@ pub(crate) enum Phase {
     New(Option<Box<DestListener>>),
     /// A source between steps.
     Running(Box<SourceSession>),
+    /// The link failed during the handover (`RMIG_ERR_HANDOVER_UNKNOWN`): the guest stays
+    /// paused until `rmig_resolve_handover`. A source keeps its engine session for it.
+    Unsettled(Option<Box<SourceSession>>),
     /// Finished (completed or failed); only statistics and `rmig_free` remain.
     Ended,
 }

@@ -8,7 +8,7 @@
 //!
 //! Threading contract: a session is driven by one thread at a time. The *driving* calls
 //! (`rmig_dest_port`, `rmig_add_region`, `rmig_setup`, `rmig_iterate`, `rmig_complete`,
-//! `rmig_migrate`) must not overlap on one session; they may come from different threads one
+//! `rmig_migrate`, `rmig_resolve_handover`) must not overlap on one session; they may come from different threads one
 //! after another, and one that overlaps another fails with `RMIG_ERR_STATE` without doing
 //! anything. The *any thread* calls (`rmig_cancel`, `rmig_set_max_bandwidth`,
 //! `rmig_get_stats`, `rmig_stats_json`, `rmig_free`) may be made from any thread at any time,
@@ -17,7 +17,8 @@
 //! returned. Callbacks run on the thread inside the driving call.
 //!
 //! Enumerations that C fills in cross the ABI as `uint32_t` fields holding one of the named
-//! constants (`rmig_config.transport`: `RMIG_TRANSPORT_*`) and are checked; `rmig_status` and
+//! constants (`rmig_config.transport`: `RMIG_TRANSPORT_*`; the `decision` of
+//! `rmig_resolve_handover`: `RMIG_HANDOVER_*`) and are checked; `rmig_status` and
 //! `rmig_state` stay C enums because only the library writes them.
 
 mod api;

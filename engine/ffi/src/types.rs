@@ -58,22 +58,66 @@ impl UnknownValue {
     }
 }
 
+/// The entry of `all` (each value with its C name) whose number, by `num`, is `value`.
+fn named<T: Copy>(
+    value: u32,
+    all: &[(T, &'static str)],
+    num: impl Fn(T) -> u32,
+) -> Result<T, UnknownValue> {
+    all.iter()
+        .find(|(t, _)| num(*t) == value)
+        .map(|(t, _)| *t)
+        .ok_or_else(|| UnknownValue {
+            value,
+            allowed: all
+                .iter()
+                .map(|(t, n)| format!("{n} ({})", num(*t)))
+                .collect::<Vec<_>>()
+                .join(", "),
+        })
+}
+
 impl TryFrom<u32> for RmigTransport {
     type Error = UnknownValue;
 
     fn try_from(value: u32) -> Result<Self, UnknownValue> {
-        let all = RmigTransport::ALL;
-        all.iter()
-            .find(|(t, _)| *t as u32 == value)
-            .map(|(t, _)| *t)
-            .ok_or_else(|| UnknownValue {
-                value,
-                allowed: all
-                    .iter()
-                    .map(|(t, n)| format!("{n} ({})", *t as u32))
-                    .collect::<Vec<_>>()
-                    .join(", "),
-            })
+        named(value, &RmigTransport::ALL, |t| t as u32)
+    }
+}
+
+/// An operator's decision after `RMIG_ERR_HANDOVER_UNKNOWN`: the allowed values of the
+/// `decision` argument of `rmig_resolve_handover`, which says what to check before choosing.
+///
+/// The argument is a `uint32_t` checked by the library, as `rmig_config.transport` is; 0 is
+/// no decision, so that a zeroed variable is refused (`RMIG_ERR_INVALID_ARGUMENT`) rather
+/// than taken for one.
+#[repr(u32)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RmigHandover {
+    /// This end runs the guest: the library calls this session's `resume` callback. Only
+    /// when the other end is known not to run it, and never will.
+    RmigHandoverRunHere = 1,
+    /// The other end runs the guest: nothing is resumed here, and this end's copy of the
+    /// guest stays paused for good (the VMM discards it).
+    RmigHandoverRunThere = 2,
+}
+
+impl RmigHandover {
+    /// Every value, with its C name.
+    const ALL: [(RmigHandover, &'static str); 2] = [
+        (RmigHandover::RmigHandoverRunHere, "RMIG_HANDOVER_RUN_HERE"),
+        (
+            RmigHandover::RmigHandoverRunThere,
+            "RMIG_HANDOVER_RUN_THERE",
+        ),
+    ];
+}
+
+impl TryFrom<u32> for RmigHandover {
+    type Error = UnknownValue;
+
+    fn try_from(value: u32) -> Result<Self, UnknownValue> {
+        named(value, &RmigHandover::ALL, |h| h as u32)
     }
 }
 
@@ -86,7 +130,8 @@ pub struct RmigConfig {
     pub address: *const c_char,
     /// The pre-shared key; borrowed during `rmig_*_new` only.
     pub key: *const u8,
-    /// Length of `key` in bytes (at least 1).
+    /// Length of `key` in bytes: at least 16 once surrounding whitespace is trimmed (a shorter
+    /// key makes `rmig_*_new` fail with `RMIG_ERR_CONFIG`).
     pub key_len: usize,
     /// Data lanes; 0 means one per CPU.
     pub lanes: u32,
@@ -134,7 +179,8 @@ pub struct RmigCallbacks {
     /// Source: stop the guest for the final copy; return only when no guest write can land.
     pub pause: Option<unsafe extern "C" fn(opaque: *mut c_void) -> c_int>,
     /// Source: the migration failed after `pause`; let the guest run again.
-    /// Destination: everything landed and verified; start the guest.
+    /// Destination: everything landed and verified and the source committed; start the guest.
+    /// Either end: also called by `rmig_resolve_handover` with `RMIG_HANDOVER_RUN_HERE`.
     pub resume: Option<unsafe extern "C" fn(opaque: *mut c_void)>,
     /// Source: slow the guest by `percent` (auto-converge); 0 lifts the throttle.
     pub throttle: Option<unsafe extern "C" fn(opaque: *mut c_void, percent: u32)>,
@@ -162,9 +208,11 @@ pub enum RmigState {
     RmigStateActive = 2,
     /// Stop-and-copy and device state.
     RmigStateDevice = 3,
-    /// Done.
+    /// Done: the destination runs the guest (on a source, also after `rmig_resolve_handover`
+    /// with `RMIG_HANDOVER_RUN_THERE`; on a destination, after `RMIG_HANDOVER_RUN_HERE`).
     RmigStateCompleted = 4,
-    /// Failed.
+    /// Failed: the source runs the guest (also after `rmig_resolve_handover` gave it to the
+    /// source); the destination discards its copy.
     RmigStateFailed = 5,
     /// Cancelled.
     RmigStateCancelled = 6,

@@ -2,6 +2,7 @@
 //! behaviour; a whole migration works through it.
 
 use std::ffi::{c_void, CStr};
+use std::net::{Shutdown, TcpListener, TcpStream};
 use std::ptr::{null, null_mut};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, TryRecvError};
@@ -10,7 +11,7 @@ use std::time::{Duration, Instant};
 use rmig::*;
 use RmigStatus::*;
 
-const KEY: &[u8] = b"abi test key";
+const KEY: &[u8] = b"abi test key, 32 bytes long.....";
 
 fn last_error() -> String {
     // SAFETY: rmig_last_error returns a valid NUL-terminated string owned by the library.
@@ -174,6 +175,27 @@ fn null_and_misaligned_pointers_are_refused() {
         );
         assert!(last_error().contains("dirty_sync"));
     }
+}
+
+#[test]
+fn short_keys_are_refused() {
+    let key = b"fifteen bytes!!";
+    assert_eq!(key.len(), 15);
+    let mut c = config(c"127.0.0.1:1");
+    c.key = key.as_ptr();
+    c.key_len = key.len();
+    let mut s = 0;
+    // SAFETY: valid pointers; the key's length is the library's to check.
+    let r = unsafe { rmig_source_new(&c, &callbacks(), &mut s) };
+    assert_eq!(r, RmigErrConfig);
+    assert!(last_error().contains("at least 16"), "{}", last_error());
+    let mut c = config(c"127.0.0.1:0");
+    c.key = key.as_ptr();
+    c.key_len = key.len();
+    // SAFETY: as above.
+    let r = unsafe { rmig_dest_new(&c, &callbacks(), &mut s) };
+    assert_eq!(r, RmigErrConfig);
+    assert!(last_error().contains("at least 16"), "{}", last_error());
 }
 
 #[test]
@@ -348,6 +370,14 @@ fn a_whole_migration_through_the_abi() {
         assert!(j.contains("\"status\":\"completed\""), "{j}");
     }
     assert_eq!(rmig_complete(s), RmigErrState, "nothing after the end");
+    for h in [s, d] {
+        assert_eq!(
+            rmig_resolve_handover(h, RmigHandover::RmigHandoverRunHere as u32),
+            RmigErrState,
+            "nothing to resolve after a completed handover"
+        );
+        assert_eq!(stats(h).unwrap().state, RmigState::RmigStateCompleted);
+    }
     assert_eq!(rmig_free(s), RmigOk);
     assert_eq!(rmig_free(d), RmigOk);
 }
@@ -521,4 +551,374 @@ fn free_cancels_a_blocked_receive() {
     assert_eq!(rmig_free(d), RmigErrInvalidHandle);
     assert_eq!(within(&st, 20, "source migrate"), RmigErrCancelled);
     assert_eq!(rmig_free(s), RmigOk);
+}
+
+#[test]
+fn resolve_handover_refuses_bad_decisions_and_settled_sessions() {
+    let s = source(c"127.0.0.1:1");
+    for bad in [0, 3, u32::MAX] {
+        assert_eq!(rmig_resolve_handover(s, bad), RmigErrInvalidArgument);
+        let msg = last_error();
+        assert!(msg.contains(&format!("decision is {bad},")), "{msg}");
+        assert!(msg.contains("RMIG_HANDOVER_RUN_HERE (1)"), "{msg}");
+        assert!(msg.contains("RMIG_HANDOVER_RUN_THERE (2)"), "{msg}");
+    }
+    for good in [
+        RmigHandover::RmigHandoverRunHere,
+        RmigHandover::RmigHandoverRunThere,
+    ] {
+        assert_eq!(rmig_resolve_handover(s, good as u32), RmigErrState);
+        assert!(
+            last_error().contains("only for a handover whose outcome is unknown"),
+            "{}",
+            last_error()
+        );
+    }
+    assert_eq!(stats(s).unwrap().state, RmigState::RmigStateNew);
+    assert_eq!(rmig_free(s), RmigOk);
+    assert_eq!(
+        rmig_resolve_handover(s, RmigHandover::RmigHandoverRunHere as u32),
+        RmigErrInvalidHandle
+    );
+}
+
+/// A TCP relay between a source and its destination that can cut the control connection (the
+/// first connection the source opens; its lanes come after the handshake) at a chosen moment.
+struct Relay {
+    addr: std::ffi::CString,
+    /// Each relayed connection: the source's side and the destination's, in accept order.
+    conns: std::sync::Arc<std::sync::Mutex<Vec<(TcpStream, TcpStream)>>>,
+    stop: std::sync::Arc<AtomicBool>,
+}
+
+/// Copies `from` into `to` until either closes.
+fn pipe(mut from: TcpStream, mut to: TcpStream) {
+    std::thread::spawn(move || {
+        let _ = std::io::copy(&mut from, &mut to);
+        let _ = to.shutdown(Shutdown::Write);
+    });
+}
+
+impl Relay {
+    /// Relays connections to `to` until dropped (or for 60 s at most).
+    fn start(to: &CStr) -> Relay {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        l.set_nonblocking(true).unwrap();
+        let addr = std::ffi::CString::new(format!("127.0.0.1:{}", l.local_addr().unwrap().port()))
+            .unwrap();
+        let to = to.to_str().unwrap().to_string();
+        let relay = Relay {
+            addr,
+            conns: Default::default(),
+            stop: Default::default(),
+        };
+        let (conns, stop) = (relay.conns.clone(), relay.stop.clone());
+        std::thread::spawn(move || {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while !stop.load(Ordering::SeqCst) && Instant::now() < deadline {
+                match l.accept() {
+                    Ok((a, _)) => {
+                        a.set_nonblocking(false).unwrap();
+                        let b = TcpStream::connect(&to).unwrap();
+                        let _ = (a.set_nodelay(true), b.set_nodelay(true));
+                        let pair = (a.try_clone().unwrap(), b.try_clone().unwrap());
+                        conns.lock().unwrap().push(pair);
+                        pipe(a.try_clone().unwrap(), b.try_clone().unwrap());
+                        pipe(b, a);
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        std::thread::sleep(Duration::from_millis(2))
+                    }
+                    Err(e) => panic!("relay accept: {e}"),
+                }
+            }
+        });
+        relay
+    }
+
+    /// Breaks the control connection at once, both ways; the lanes stay.
+    fn cut_control(&self) {
+        let c = self.conns.lock().unwrap();
+        let (a, b) = c.first().expect("the control connection was relayed");
+        let _ = a.shutdown(Shutdown::Both);
+        let _ = b.shutdown(Shutdown::Both);
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        for (a, b) in self.conns.lock().unwrap().iter() {
+            let _ = a.shutdown(Shutdown::Both);
+            let _ = b.shutdown(Shutdown::Both);
+        }
+    }
+}
+
+/// The two ends of a handover test, as the callbacks see them through `opaque`.
+#[derive(Default)]
+struct Ends {
+    relay: std::sync::OnceLock<Relay>,
+    /// Cut the control connection in the destination's `load_device_state`: just before it
+    /// sends `Ready`.
+    cut_on_load: AtomicBool,
+    /// Cut the control connection in the destination's `resume`: on `Commit`, before `Done`.
+    cut_on_resume: AtomicBool,
+    source_paused: AtomicU64,
+    source_resumed: AtomicU64,
+    dest_loaded: AtomicU64,
+    dest_resumed: AtomicU64,
+}
+
+/// # Safety
+/// `opaque` must point to a live `Ends`.
+unsafe fn ends<'a>(opaque: *mut c_void) -> &'a Ends {
+    // SAFETY: the caller's contract; the tests keep their `Ends` alive past both sessions.
+    unsafe { &*opaque.cast_const().cast::<Ends>() }
+}
+
+unsafe extern "C" fn ends_pause(opaque: *mut c_void) -> i32 {
+    // SAFETY: the tests hand an `Ends` as `opaque`.
+    unsafe { ends(opaque) }
+        .source_paused
+        .fetch_add(1, Ordering::SeqCst);
+    0
+}
+
+unsafe extern "C" fn ends_source_resume(opaque: *mut c_void) {
+    // SAFETY: as in `ends_pause`.
+    unsafe { ends(opaque) }
+        .source_resumed
+        .fetch_add(1, Ordering::SeqCst);
+}
+
+unsafe extern "C" fn ends_load(opaque: *mut c_void, _: *const u8, _: usize) -> i32 {
+    // SAFETY: as in `ends_pause`.
+    let e = unsafe { ends(opaque) };
+    e.dest_loaded.fetch_add(1, Ordering::SeqCst);
+    if e.cut_on_load.swap(false, Ordering::SeqCst) {
+        e.relay.get().expect("relay").cut_control();
+    }
+    0
+}
+
+unsafe extern "C" fn ends_dest_resume(opaque: *mut c_void) {
+    // SAFETY: as in `ends_pause`.
+    let e = unsafe { ends(opaque) };
+    e.dest_resumed.fetch_add(1, Ordering::SeqCst);
+    if e.cut_on_resume.swap(false, Ordering::SeqCst) {
+        e.relay.get().expect("relay").cut_control();
+    }
+}
+
+/// Migrates 1 MiB from a source to a destination through a `Relay`, with the callbacks of
+/// `ends` (which says where the relay cuts the control connection). Returns the sessions and
+/// each end's `rmig_migrate` status with its message; the caller frees the sessions, then
+/// drops `ends` and the memory.
+fn migrate_through_relay(
+    ends: &Ends,
+    sp: *mut u8,
+    dp: *mut u8,
+    len: usize,
+) -> (
+    (RmigSession, RmigStatus, String),
+    (RmigSession, RmigStatus, String),
+) {
+    let opaque = std::ptr::from_ref(ends).cast_mut().cast::<c_void>();
+    let mut dcb = callbacks();
+    dcb.opaque = opaque;
+    dcb.load_device_state = Some(ends_load);
+    dcb.resume = Some(ends_dest_resume);
+    let (d, daddr) = dest_session(&dcb, dp, len);
+    assert!(ends.relay.set(Relay::start(&daddr)).is_ok());
+    let mut c = config(&ends.relay.get().unwrap().addr);
+    c.transport = RmigTransport::RmigTransportTcp as u32;
+    let mut scb = callbacks();
+    scb.opaque = opaque;
+    scb.pause = Some(ends_pause);
+    scb.resume = Some(ends_source_resume);
+    let mut s = 0;
+    // SAFETY: valid pointers; the memory outlives the session (the callers free it first).
+    unsafe {
+        assert_eq!(rmig_source_new(&c, &scb, &mut s), RmigOk);
+        assert_eq!(
+            rmig_add_region(s, 0, null(), sp, len as u64, u64::MAX, 4096),
+            RmigOk
+        );
+    }
+    let dt = spawn_call(move || (rmig_migrate(d), last_error()));
+    let st = spawn_call(move || (rmig_migrate(s), last_error()));
+    let (sr, smsg) = within(&st, 30, "source migrate");
+    let (dr, dmsg) = within(&dt, 30, "destination migrate");
+    ((s, sr, smsg), (d, dr, dmsg))
+}
+
+fn json(s: RmigSession) -> String {
+    let mut buf = vec![0i8; 1 << 16];
+    // SAFETY: a buffer of the stated size.
+    let r = unsafe { rmig_stats_json(s, buf.as_mut_ptr(), buf.len(), null_mut()) };
+    assert_eq!(r, RmigOk);
+    // SAFETY: NUL-terminated by rmig_stats_json.
+    unsafe { CStr::from_ptr(buf.as_ptr()) }
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// The link fails after the destination said `Ready` and before `Commit` came: the source
+/// never committed (it resumes its guest), the destination cannot know that and keeps its
+/// guest paused until the operator decides.
+#[test]
+fn destination_handover_unknown_is_settled_by_the_operator() {
+    for decision in [
+        RmigHandover::RmigHandoverRunThere,
+        RmigHandover::RmigHandoverRunHere,
+    ] {
+        let len = 1 << 20;
+        let (mut sv, mut dv) = (mem(len), mem(len));
+        let (sp, dp) = (aligned(&mut sv), aligned(&mut dv));
+        let ends = Ends::default();
+        ends.cut_on_load.store(true, Ordering::SeqCst);
+        let ((s, sr, smsg), (d, dr, dmsg)) = migrate_through_relay(&ends, sp, dp, len);
+
+        // The source failed before Commit: its guest is its own again.
+        assert_eq!(sr, RmigErrIo, "{smsg}");
+        assert_eq!(stats(s).unwrap().state, RmigState::RmigStateFailed);
+        assert_eq!(ends.source_paused.load(Ordering::SeqCst), 1);
+        assert_eq!(ends.source_resumed.load(Ordering::SeqCst), 1);
+        assert_eq!(
+            rmig_resolve_handover(s, RmigHandover::RmigHandoverRunHere as u32),
+            RmigErrState,
+            "a failed source has nothing to resolve"
+        );
+
+        // The destination said Ready and lost the link: paused, undecided.
+        assert_eq!(dr, RmigErrHandoverUnknown, "{dmsg}");
+        assert!(dmsg.contains("after Ready"), "{dmsg}");
+        assert_eq!(ends.dest_loaded.load(Ordering::SeqCst), 1);
+        assert_eq!(ends.dest_resumed.load(Ordering::SeqCst), 0);
+        assert_eq!(stats(d).unwrap().state, RmigState::RmigStateHandoverUnknown);
+        assert_eq!(rmig_migrate(d), RmigErrState);
+        assert!(
+            last_error().contains("rmig_resolve_handover"),
+            "{}",
+            last_error()
+        );
+        assert_eq!(rmig_resolve_handover(d, 0), RmigErrInvalidArgument);
+        assert_eq!(stats(d).unwrap().state, RmigState::RmigStateHandoverUnknown);
+
+        assert_eq!(
+            rmig_resolve_handover(d, decision as u32),
+            RmigOk,
+            "{}",
+            last_error()
+        );
+        let st = stats(d).unwrap();
+        match decision {
+            // The right call here: the source runs the guest.
+            RmigHandover::RmigHandoverRunThere => {
+                assert_eq!(ends.dest_resumed.load(Ordering::SeqCst), 0);
+                assert_eq!(st.state, RmigState::RmigStateFailed);
+                assert!(
+                    json(d).contains("gave the guest to the source"),
+                    "{}",
+                    json(d)
+                );
+            }
+            // What the library does for it (an operator would not: the source runs it).
+            RmigHandover::RmigHandoverRunHere => {
+                assert_eq!(ends.dest_resumed.load(Ordering::SeqCst), 1);
+                assert_eq!(st.state, RmigState::RmigStateCompleted);
+                assert!(json(d).contains("resumed the guest on the destination"));
+            }
+        }
+        // A decision is final.
+        for again in [
+            RmigHandover::RmigHandoverRunHere,
+            RmigHandover::RmigHandoverRunThere,
+        ] {
+            assert_eq!(rmig_resolve_handover(d, again as u32), RmigErrState);
+        }
+        assert_eq!(stats(d).unwrap().state, st.state);
+        assert_eq!(ends.source_resumed.load(Ordering::SeqCst), 1);
+        assert_eq!(rmig_free(s), RmigOk);
+        assert_eq!(rmig_free(d), RmigOk);
+    }
+}
+
+/// The link fails after the source sent `Commit` and before `Done` came back: the destination
+/// runs the guest, the source cannot know that and keeps its guest paused until the operator
+/// decides.
+#[test]
+fn source_handover_unknown_is_settled_by_the_operator() {
+    for decision in [
+        RmigHandover::RmigHandoverRunThere,
+        RmigHandover::RmigHandoverRunHere,
+    ] {
+        let len = 1 << 20;
+        let (mut sv, mut dv) = (mem(len), mem(len));
+        let (sp, dp) = (aligned(&mut sv), aligned(&mut dv));
+        let ends = Ends::default();
+        ends.cut_on_resume.store(true, Ordering::SeqCst);
+        let ((s, sr, smsg), (d, dr, dmsg)) = migrate_through_relay(&ends, sp, dp, len);
+
+        // The destination got Commit and runs the guest.
+        assert_eq!(dr, RmigOk, "{dmsg}");
+        assert_eq!(stats(d).unwrap().state, RmigState::RmigStateCompleted);
+        assert_eq!(ends.dest_resumed.load(Ordering::SeqCst), 1);
+        assert_eq!(
+            rmig_resolve_handover(d, RmigHandover::RmigHandoverRunHere as u32),
+            RmigErrState,
+            "a completed destination has nothing to resolve"
+        );
+
+        // The source sent Commit and heard nothing back: paused, undecided.
+        assert_eq!(sr, RmigErrHandoverUnknown, "{smsg}");
+        assert!(smsg.contains("Commit was sent"), "{smsg}");
+        assert_eq!(ends.source_paused.load(Ordering::SeqCst), 1);
+        assert_eq!(ends.source_resumed.load(Ordering::SeqCst), 0);
+        assert_eq!(stats(s).unwrap().state, RmigState::RmigStateHandoverUnknown);
+        assert_eq!(rmig_complete(s), RmigErrState);
+        assert!(
+            last_error().contains("rmig_resolve_handover"),
+            "{}",
+            last_error()
+        );
+        let mut ready = 0;
+        // SAFETY: a valid out pointer.
+        assert_eq!(unsafe { rmig_iterate(s, &mut ready) }, RmigErrState);
+        assert_eq!(rmig_resolve_handover(s, 7), RmigErrInvalidArgument);
+        assert_eq!(ends.source_resumed.load(Ordering::SeqCst), 0);
+
+        assert_eq!(
+            rmig_resolve_handover(s, decision as u32),
+            RmigOk,
+            "{}",
+            last_error()
+        );
+        let st = stats(s).unwrap();
+        match decision {
+            // The right call here: the destination runs the guest.
+            RmigHandover::RmigHandoverRunThere => {
+                assert_eq!(ends.source_resumed.load(Ordering::SeqCst), 0);
+                assert_eq!(st.state, RmigState::RmigStateCompleted);
+                assert!(json(s).contains("gave the guest to the destination"));
+            }
+            // What the library does for it (an operator would not: the destination runs it).
+            RmigHandover::RmigHandoverRunHere => {
+                assert_eq!(ends.source_resumed.load(Ordering::SeqCst), 1);
+                assert_eq!(st.state, RmigState::RmigStateFailed);
+                assert!(json(s).contains("resumed the guest on the source"));
+            }
+        }
+        for again in [
+            RmigHandover::RmigHandoverRunHere,
+            RmigHandover::RmigHandoverRunThere,
+        ] {
+            assert_eq!(rmig_resolve_handover(s, again as u32), RmigErrState);
+        }
+        assert_eq!(stats(s).unwrap().state, st.state);
+        assert_eq!(ends.dest_resumed.load(Ordering::SeqCst), 1);
+        assert_eq!(rmig_free(s), RmigOk);
+        assert_eq!(rmig_free(d), RmigOk);
+    }
 }
