@@ -411,6 +411,10 @@ struct DestArgs {
     /// Address to listen on (host:port).
     #[arg(long)]
     listen: String,
+    /// Seconds to wait for a source to complete the handshake (0: until Ctrl-C). Connections
+    /// that fail the handshake (wrong key or version, scanners) do not end the wait.
+    #[arg(long, default_value_t = 0.0, value_parser = parse_seconds)]
+    incoming_timeout: f64,
     #[command(flatten)]
     key: KeyArgs,
     #[command(flatten)]
@@ -421,6 +425,14 @@ struct DestArgs {
     transport: TransportArgs,
     #[command(flatten)]
     out: OutputArgs,
+}
+
+/// A non-negative, finite number of seconds.
+fn parse_seconds(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && v >= 0.0 => Ok(v),
+        _ => Err(format!("{s:?} is not a number of seconds (0 or more)")),
+    }
 }
 
 /// Device state the bench's guest "has": bytes derived from the seed, checked at the far end.
@@ -677,7 +689,10 @@ fn dest(a: DestArgs) -> Result<bool> {
     )?;
     let prep = t.elapsed().as_secs_f64() * 1e3;
     let dest_huge = dst.huge_bytes();
-    let listener = DestListener::bind(&a.listen, a.transport.dest_config(key))?;
+    let mut cfg = a.transport.dest_config(key);
+    cfg.incoming_timeout =
+        (a.incoming_timeout > 0.0).then(|| Duration::from_secs_f64(a.incoming_timeout));
+    let listener = DestListener::bind(&a.listen, cfg)?;
     eprintln!("listening on {}", listener.local_addr()?);
     let monitor = Monitor::new();
     let got = Arc::new(std::sync::Mutex::new(None));

@@ -127,7 +127,16 @@ fn two_hosts(dest_size: &str, dest_key: &str) -> (std::process::Output, std::pro
     let port = free_port();
     let addr = format!("127.0.0.1:{port}");
     let dest = bench()
-        .args(["dest", "--listen", &addr, "--size", dest_size, "--json"])
+        .args([
+            "dest",
+            "--listen",
+            &addr,
+            "--size",
+            dest_size,
+            "--json",
+            "--incoming-timeout",
+            "5",
+        ])
         .env("RMIG_KEY", dest_key)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -177,6 +186,11 @@ fn mismatched_sizes_fail_on_both_ends() {
         .as_str()
         .unwrap()
         .contains("region table mismatch"));
+    let de = json_of(&dst)["error"].as_str().unwrap().to_string();
+    assert!(
+        de.contains("1 connections refused") && de.contains("region table mismatch"),
+        "{de}"
+    );
 }
 
 #[test]
@@ -374,4 +388,82 @@ fn numa_auto_reports_plan_and_placement() {
     let s = String::from_utf8_lossy(&out.stdout);
     assert!(s.contains("4 NUMA node(s)"), "{s}");
     assert_eq!(s.matches("on node 2 (CPUs [4, 5])").count(), 4, "{s}");
+}
+
+/// Waits for `child` at most `limit`; kills it and panics past that.
+fn wait_at_most(child: &mut std::process::Child, limit: Duration) -> std::process::ExitStatus {
+    let t = std::time::Instant::now();
+    loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            return st;
+        }
+        if t.elapsed() > limit {
+            let _ = child.kill();
+            panic!("child still running after {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_stopped_destination_fails_the_source_within_twice_the_peer_timeout() {
+    // kill -STOP the destination mid-round: its heartbeats stop and its sockets fill up. The
+    // source must notice within twice the peer timeout (5 s), resume its guest and say why.
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let key = "stopped destination key";
+    let mut dest = bench()
+        .args(["dest", "--listen", &addr, "--size", "256MiB", "--json"])
+        .args(["--incoming-timeout", "30"])
+        .env("RMIG_KEY", key)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // A connection that does not handshake is refused and the destination keeps listening,
+    // so probing for readiness is harmless.
+    let ready = std::time::Instant::now();
+    while std::net::TcpStream::connect(&addr).is_err() {
+        assert!(
+            ready.elapsed() < Duration::from_secs(20),
+            "destination never listened"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut src = bench()
+        .args(["source", "--connect", &addr, "--size", "256MiB", "--json"])
+        .args(["--max-bandwidth", "40MB", "--lanes", "2"])
+        .env("RMIG_KEY", key)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(2500));
+    let stop = std::time::Instant::now();
+    assert!(std::process::Command::new("kill")
+        .args(["-STOP", &dest.id().to_string()])
+        .status()
+        .unwrap()
+        .success());
+    let st = wait_at_most(&mut src, Duration::from_secs(30));
+    let waited = stop.elapsed();
+    let _ = dest.kill();
+    let _ = std::process::Command::new("kill")
+        .args(["-CONT", &dest.id().to_string()])
+        .status();
+    let _ = dest.wait();
+    let out = src.wait_with_output().unwrap();
+    assert!(!st.success(), "the source cannot succeed");
+    eprintln!(
+        "source gave up {} ms after the destination was stopped",
+        waited.as_millis()
+    );
+    assert!(
+        waited < Duration::from_secs(11),
+        "the source took {waited:?} to give up"
+    );
+    let j = json_of(&out);
+    assert_eq!(j["status"], "failed");
+    let e = j["error"].as_str().unwrap();
+    assert!(e.contains("peer silent"), "{e}");
 }

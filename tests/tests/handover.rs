@@ -37,8 +37,8 @@ fn after(to_dest: bool, m: Message, nth: u32) -> Trigger {
     }
 }
 
-/// The protocol steps at which the link breaks, in order, and whether the source has sent
-/// `Commit` by then.
+/// The protocol steps at which the link breaks, in order, and whether the source may have sent
+/// `Commit` by then (once `Ready` reached it, it commits at once).
 fn steps() -> Vec<(&'static str, Trigger, bool)> {
     let (s, d) = (true, false);
     vec![
@@ -130,7 +130,7 @@ fn steps() -> Vec<(&'static str, Trigger, bool)> {
             ),
             false,
         ),
-        ("Ready", after(d, Message::Ready, 1), false),
+        ("Ready", after(d, Message::Ready, 1), true),
         ("Commit", after(s, Message::Commit, 1), true),
         ("Done", after(d, Message::Done, 1), true),
     ]

@@ -213,3 +213,153 @@ fn an_authenticated_lane_sending_a_run_outside_the_region_ends_the_migration() {
     assert!(e.to_string().contains("outside region 0"), "{e}");
     assert!(dst.bytes().iter().all(|&b| b == 0), "nothing may land");
 }
+
+/// One bogus connection of kind `k`: garbage, a wrong key, a wrong version, a stranger's lane
+/// claim, a half-open connection or an idle one. Idle ones are returned to be held open.
+fn bogus(addr: std::net::SocketAddr, k: usize) -> Option<TcpStream> {
+    let mut s = TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    match k % 6 {
+        0 => s
+            .write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            .ok()?,
+        1 => {
+            let hello = Message::Hello {
+                min_version: PROTOCOL_MIN,
+                max_version: PROTOCOL_MAX,
+            };
+            codec::write_sync(&mut s, &hello).ok()?;
+            let _ = codec::read_sync(&mut s).ok()?;
+            let proof = Message::AuthProof {
+                nonce: [7; 32],
+                mac: [9; 32],
+            };
+            codec::write_sync(&mut s, &proof).ok()?;
+        }
+        2 => {
+            let hello = Message::Hello {
+                min_version: 40,
+                max_version: 41,
+            };
+            codec::write_sync(&mut s, &hello).ok()?;
+        }
+        3 => {
+            let join = Message::LaneJoin {
+                session: [3; 16],
+                lane: 0,
+                mac: [4; 32],
+            };
+            codec::write_sync(&mut s, &join).ok()?;
+        }
+        4 => s.shutdown(std::net::Shutdown::Write).ok()?,
+        _ => return Some(s),
+    }
+    let mut sink = Vec::new();
+    let _ = s.read_to_end(&mut sink);
+    None
+}
+
+#[test]
+fn a_destination_keeps_listening_through_a_hundred_bogus_connections() {
+    let len = 32 * MIB;
+    let src = Mem::random(len, 0.1, 21);
+    let dst = Mem::new(len);
+    let mut setup = Setup::new(&src, &dst, len);
+    setup.src.max_bandwidth = 100_000_000; // the session lasts while the bogus ones go on
+    let dm = setup.dst_monitor.clone();
+    let (d, port) = setup.spawn_dest("127.0.0.1:0").unwrap();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let stranger = std::thread::spawn(move || {
+        let mut idle = Vec::new();
+        for k in 0..100 {
+            idle.extend(bogus(addr, k));
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        idle
+    });
+    // The real source arrives while the bogus connections keep coming, and its lanes join
+    // among them.
+    std::thread::sleep(Duration::from_millis(150));
+    setup.src.dest = addr.to_string();
+    let s = rmig_engine::driver::migrate(
+        setup.src,
+        setup.src_regions,
+        setup.dirty,
+        setup.embedder,
+        setup.src_monitor,
+    );
+    let idle = stranger.join().unwrap();
+    let s = s.expect("the real source migrates");
+    assert_eq!(s.verified, Some(true));
+    d.join().unwrap().expect("the destination completes");
+    rmig_tests::assert_same(src.bytes(), dst.bytes());
+    let refused = dm.stats().connections_refused;
+    assert!(refused >= 20, "refused connections are counted: {refused}");
+    drop(idle);
+}
+
+/// The process's resident memory in bytes.
+fn rss() -> u64 {
+    let s = std::fs::read_to_string("/proc/self/statm").unwrap();
+    let pages: u64 = s.split_whitespace().nth(1).unwrap().parse().unwrap();
+    pages * 4096
+}
+
+#[test]
+fn a_flood_of_maximal_frames_ends_in_a_protocol_error_within_a_memory_cap() {
+    // An authenticated source that never opens its lanes floods the control connection with
+    // the largest frames a message may have: the destination (busy joining lanes, not
+    // reading its inbox) must push back instead of buffering them.
+    let (_addr, d, ctl, _agreed, _dst, rt) = authenticated();
+    let before = rss();
+    let piece = Message::DeviceState {
+        data: vec![0x5a; codec::MAX_DEVICE_PIECE],
+        last: false,
+    };
+    let frame = codec::encode(&piece);
+    let sent = rt.block_on(async move {
+        use tokio::io::AsyncWriteExt;
+        let mut ctl = ctl;
+        let mut sent = 0u64;
+        let flood = async {
+            while ctl.write_all(&frame).await.is_ok() {
+                sent += frame.len() as u64;
+            }
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(3), flood).await;
+        sent
+    });
+    let e = d.join().unwrap().unwrap_err();
+    let grown = rss().saturating_sub(before);
+    assert!(matches!(e, EngineError::Protocol(_)), "{e}");
+    assert!(
+        grown < 64 * MIB as u64,
+        "the destination grew by {} MiB while {} MiB were sent",
+        grown >> 20,
+        sent >> 20
+    );
+}
+
+#[test]
+fn a_frame_above_its_types_limit_is_refused_before_its_body_is_read() {
+    // A Checksums frame larger than this destination's region table allows: refused on its
+    // header alone (the body never arrives, so waiting for it would time out instead).
+    let (_addr, d, mut ctl, _agreed, _dst, rt) = authenticated();
+    rt.block_on(async {
+        use tokio::io::AsyncWriteExt;
+        let len: u32 = 1 << 20;
+        ctl.write_all(&len.to_le_bytes()).await.unwrap();
+        ctl.write_all(&[codec::encode(&Message::Checksums { regions: vec![] })[4]])
+            .await
+            .unwrap();
+        // Hold the connection open without the body.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    });
+    let e = d.join().unwrap().unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("Checksums frame of 1048576 bytes exceeds its limit"),
+        "{e}"
+    );
+    drop(ctl);
+}

@@ -21,6 +21,7 @@ use tokio::net::TcpStream;
 use super::incoming::{Arrival, Door, LaneClaim};
 use super::sink::DestSink;
 use crate::control::auth::SessionAuth;
+use crate::control::link::{ControlLink, INBOX};
 use crate::protocol::{codec, Message};
 use crate::EngineError;
 
@@ -82,8 +83,28 @@ async fn settle(
     }
 }
 
+/// Keeps an eye on the control connection while lanes join: a failed connection or the
+/// peer's `Error`/`Cancel` ends the join at once; other messages (the first round may start
+/// as the last lane is answered) are kept for the session, at most [`INBOX`] of them.
+fn watch_control(inbox: &Inbox, kept: &mut Vec<Message>) -> Result<(), EngineError> {
+    while let Ok(m) = inbox.try_recv() {
+        let m = ControlLink::screen(m)?;
+        if kept.len() >= INBOX {
+            return Err(EngineError::Protocol(
+                "too many control messages before the data lanes joined".into(),
+            ));
+        }
+        kept.push(m);
+    }
+    Ok(())
+}
+
+/// The control connection's inbox.
+type Inbox = crossbeam_channel::Receiver<Result<Message, EngineError>>;
+
 /// Admits lanes `0..n`: first the claims that arrived before the handshake ended
-/// (`early`), then what comes through the door. Fails if the lanes do not all join within
+/// (`early`), then what comes through the door, while watching the control connection
+/// (messages that arrive meanwhile go to `kept`). Fails if the lanes do not all join within
 /// `timeout`.
 pub(crate) async fn join(
     door: &mut Door,
@@ -91,10 +112,13 @@ pub(crate) async fn join(
     auth: &SessionAuth,
     n: u16,
     timeout: Duration,
+    control: (&Inbox, &mut Vec<Message>),
 ) -> Result<Vec<StdStream>, EngineError> {
+    let (inbox, kept) = control;
     let mut lanes: Vec<Option<StdStream>> = (0..n).map(|_| None).collect();
     let deadline = tokio::time::Instant::now() + timeout;
     let mut early = early.into_iter();
+    let mut tick = tokio::time::interval(Duration::from_millis(20));
     while lanes.iter().any(Option::is_none) {
         let arrival = match early.next() {
             Some(claim) => Arrival::Lane(claim),
@@ -105,6 +129,10 @@ pub(crate) async fn join(
                         lanes.iter().filter(|l| l.is_some()).count(),
                         timeout.as_millis()
                     )))
+                }
+                _ = tick.tick() => {
+                    watch_control(inbox, kept)?;
+                    continue;
                 }
                 a = door.next() => a,
             },

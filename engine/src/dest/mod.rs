@@ -149,12 +149,14 @@ impl DestListener {
             device,
         } = incoming;
         let mut link = ControlLink::start(self.rt.handle(), stream, self.cfg.liveness, limits);
+        let mut kept = Vec::new();
         let joined = self.rt.block_on(lanes::join(
             &mut door,
             early,
             &agreed.auth,
             agreed.lanes,
             self.cfg.handshake_timeout,
+            (link.inbox(), &mut kept),
         ));
         let opened = joined.and_then(|sockets| {
             self.open_lanes(regions, &agreed, sockets, door, device, monitor, connected)
@@ -184,7 +186,7 @@ impl DestListener {
             lanes,
             more,
         };
-        let r = session.run(&results, embedder);
+        let r = session.run(&results, kept, embedder);
         admit.abort();
         let summaries = collect_lanes(session.lanes, &results, r.is_ok());
         self.finish(&mut link, r).map(|()| summaries)

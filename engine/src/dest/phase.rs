@@ -102,15 +102,20 @@ pub(crate) struct Receiving<'a> {
 }
 
 impl Receiving<'_> {
-    /// Serves the session until our guest runs (`Ok`) or it fails.
+    /// Serves the session until our guest runs (`Ok`) or it fails. `kept` holds control
+    /// messages that arrived while the lanes joined.
     pub fn run(
         &mut self,
         results: &Receiver<LaneResult>,
+        kept: Vec<Message>,
         embedder: &mut dyn DestEmbedder,
     ) -> Result<(), Failure> {
         let never = crossbeam_channel::never();
         let mut results = results;
         let mut phase = Phase::Between { next: 0 };
+        for m in kept {
+            phase = self.step(phase, m, embedder)?;
+        }
         loop {
             if self.sink.crashed.load(Ordering::Acquire) {
                 // Injected crash: the control connection drops without a word too.

@@ -31,7 +31,6 @@ pub(crate) const ITEM_PAGES: u64 = 1024;
 /// hash wait for in full.
 const PREFETCH_PAGES: u64 = 2;
 
-
 /// State shared by the session and its lane workers.
 pub(crate) struct Shared {
     pub map: MemoryMap,
