@@ -117,6 +117,28 @@ impl AtomicBitmap {
         all
     }
 
+    /// Whether any of `first..first+n` is set.
+    pub fn any_set(&self, first: u64, n: u64) -> bool {
+        let mut any = false;
+        self.range_words(first, n, |w, m| {
+            any |= w.load(Ordering::Acquire) & m != 0;
+        });
+        any
+    }
+
+    /// The set bits, in order, cleared as they are taken.
+    pub fn take_set(&self) -> Vec<u64> {
+        let mut out = Vec::new();
+        for (i, w) in self.words.iter().enumerate() {
+            let mut bits = w.swap(0, Ordering::AcqRel) & self.word_mask(i);
+            while bits != 0 {
+                out.push(i as u64 * 64 + bits.trailing_zeros() as u64);
+                bits &= bits - 1;
+            }
+        }
+        out
+    }
+
     /// Number of set bits.
     pub fn count(&self) -> u64 {
         self.words

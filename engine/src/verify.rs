@@ -13,11 +13,17 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use crate::bitmap::AtomicBitmap;
+
 use crc_fast::{checksum, CrcAlgorithm, Digest};
 use rmig_transport::GuestPages;
 
 /// Pages folded into one chunk digest.
 pub const CHUNK_PAGES: u64 = 512;
+
+/// In the comparison made before the pause, the digest of a chunk that is not compared yet
+/// (it holds pages the final round will send again); it is compared at the end instead.
+pub const SKIP: u64 = u64::MAX;
 
 /// Whether every byte of `b` is zero. Exits at the first non-zero word, so random data costs
 /// one load.
@@ -99,11 +105,17 @@ impl Default for HashScratch {
     }
 }
 
-/// The page hashes of one region.
+/// The page hashes of one region, and which chunks changed since they were last compared.
+///
+/// Why the chunks are tracked: the chunks are compared once before the pause, while the
+/// guest still runs, and inside the pause only those that changed since, so the downtime
+/// does not grow with the size of the guest.
 #[derive(Debug)]
 pub struct RegionHashes {
     hashes: Vec<AtomicU64>,
     zero_hash: u64,
+    /// Chunks with a page hash set since the last [`RegionHashes::take_touched`].
+    touched: AtomicBitmap,
 }
 
 impl RegionHashes {
@@ -113,6 +125,22 @@ impl RegionHashes {
         RegionHashes {
             hashes: (0..pages).map(|_| AtomicU64::new(zero_hash)).collect(),
             zero_hash,
+            touched: AtomicBitmap::new(pages.div_ceil(CHUNK_PAGES)),
+        }
+    }
+
+    /// Number of chunks.
+    pub fn chunks(&self) -> u64 {
+        self.touched.len()
+    }
+
+    /// Marks the chunk of `page` touched; a load first, so that the lanes writing one chunk
+    /// do not fight over its cache line once the bit is set.
+    #[inline]
+    fn touch(&self, page: u64) {
+        let c = page / CHUNK_PAGES;
+        if !self.touched.test(c) {
+            self.touched.set(c);
         }
     }
 
@@ -120,6 +148,7 @@ impl RegionHashes {
     #[inline]
     pub fn set(&self, page: u64, h: u64) {
         self.hashes[page as usize].store(h, Ordering::Relaxed);
+        self.touch(page);
     }
 
     /// Records that pages `first..first+n` are zero.
@@ -127,22 +156,140 @@ impl RegionHashes {
         for h in &self.hashes[first as usize..(first + n) as usize] {
             h.store(self.zero_hash, Ordering::Relaxed);
         }
+        let chunks = first / CHUNK_PAGES..(first + n).div_ceil(CHUNK_PAGES);
+        self.touched
+            .set_range(chunks.start, chunks.end - chunks.start);
+    }
+
+    /// Marks chunk `c` for the comparison at the end.
+    pub fn mark_touched(&self, c: u64) {
+        self.touched.set(c);
+    }
+
+    /// The chunks touched since the last call, in order; their marks are cleared.
+    pub fn take_touched(&self) -> Vec<u64> {
+        self.touched.take_set()
+    }
+
+    /// The digest of chunk `c`: the checksum of its pages' hashes.
+    pub fn chunk_digest(&self, c: u64) -> u64 {
+        let first = (c * CHUNK_PAGES) as usize;
+        let end = (first + CHUNK_PAGES as usize).min(self.hashes.len());
+        let mut buf = [0u8; CHUNK_PAGES as usize * 8];
+        for (i, h) in self.hashes[first..end].iter().enumerate() {
+            buf[i * 8..i * 8 + 8].copy_from_slice(&h.load(Ordering::Relaxed).to_le_bytes());
+        }
+        hash_page(&buf[..(end - first) * 8])
     }
 
     /// One digest per chunk of [`CHUNK_PAGES`] pages.
     pub fn chunk_digests(&self) -> Vec<u64> {
-        let mut buf = Vec::with_capacity(CHUNK_PAGES as usize * 8);
-        self.hashes
-            .chunks(CHUNK_PAGES as usize)
-            .map(|c| {
-                buf.clear();
-                for h in c {
-                    buf.extend_from_slice(&h.load(Ordering::Relaxed).to_le_bytes());
-                }
-                hash_page(&buf)
-            })
-            .collect()
+        (0..self.chunks()).map(|c| self.chunk_digest(c)).collect()
     }
+}
+
+/// Source, before the pause (every batch acknowledged, so both ends' page hashes describe
+/// the same bytes, except for pages written while they were being sent, which are in
+/// `pending` after a sync): every chunk's digest, [`SKIP`] for chunks with a pending page.
+/// Touched marks are cleared first; a clean chunk whose digest happens to equal `SKIP` is
+/// marked for the comparison at the end.
+pub fn baseline_digests(hashes: &[RegionHashes], pending: &[AtomicBitmap]) -> Vec<Vec<u64>> {
+    hashes
+        .iter()
+        .zip(pending)
+        .map(|(h, p)| {
+            h.take_touched();
+            (0..h.chunks())
+                .map(|c| {
+                    let pages = (c * CHUNK_PAGES, CHUNK_PAGES.min(p.len() - c * CHUNK_PAGES));
+                    let d = h.chunk_digest(c);
+                    if p.any_set(pages.0, pages.1) {
+                        SKIP
+                    } else {
+                        if d == SKIP {
+                            h.mark_touched(c);
+                        }
+                        d
+                    }
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// Destination, before the pause: compares the source's [`baseline_digests`] with ours.
+/// Clears our touched marks, then marks the chunks the source skipped, so they are compared
+/// at the end. Returns the chunks that differ (at most `limit`); `Err` if the shapes differ.
+pub fn check_baseline(
+    ours: &[RegionHashes],
+    theirs: &[Vec<u64>],
+    limit: usize,
+) -> Result<Vec<(u32, u64)>, String> {
+    let shape_ok = ours.len() == theirs.len()
+        && ours
+            .iter()
+            .zip(theirs)
+            .all(|(a, b)| a.chunks() == b.len() as u64);
+    if !shape_ok {
+        return Err("checksums do not match the region table".into());
+    }
+    let mut out = Vec::new();
+    for (r, (h, t)) in ours.iter().zip(theirs).enumerate() {
+        h.take_touched();
+        for (c, &d) in t.iter().enumerate() {
+            if d == SKIP {
+                h.mark_touched(c as u64);
+            } else if d != h.chunk_digest(c as u64) && out.len() < limit {
+                out.push((r as u32, c as u64));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Source, in the pause: (region, chunk, digest) of every chunk touched since the baseline.
+pub fn touched_digests(hashes: &[RegionHashes]) -> Vec<(u32, u64, u64)> {
+    let mut out = Vec::new();
+    for (r, h) in hashes.iter().enumerate() {
+        for c in h.take_touched() {
+            out.push((r as u32, c, h.chunk_digest(c)));
+        }
+    }
+    out
+}
+
+/// Destination, in the pause: compares the source's [`touched_digests`] with ours. A chunk
+/// that only one end touched differs too (one end missed a change). Returns the chunks that
+/// differ, at most `limit`.
+pub fn check_touched(
+    ours: &[RegionHashes],
+    theirs: &[(u32, u64, u64)],
+    limit: usize,
+) -> Vec<(u32, u64)> {
+    let mine = touched_digests(ours);
+    let mut out = Vec::new();
+    let (mut a, mut b) = (mine.iter().peekable(), theirs.iter().peekable());
+    loop {
+        let next = match (a.peek(), b.peek()) {
+            (None, None) => break,
+            (Some(x), Some(y)) if (x.0, x.1) == (y.0, y.1) => {
+                let differs = x.2 != y.2;
+                let at = (x.0, x.1);
+                a.next();
+                b.next();
+                differs.then_some(at)
+            }
+            (Some(x), Some(y)) if (x.0, x.1) < (y.0, y.1) => a.next().map(|x| (x.0, x.1)),
+            (Some(_), Some(_)) | (None, Some(_)) => b.next().map(|y| (y.0, y.1)),
+            (Some(_), None) => a.next().map(|x| (x.0, x.1)),
+        };
+        if let Some(at) = next {
+            if out.len() < limit {
+                out.push(at);
+            }
+        }
+    }
+    out
 }
 
 /// Compares per-region chunk digests; returns the (region, chunk) pairs that differ, at most
@@ -222,5 +369,62 @@ mod tests {
         assert_eq!(m, vec![(0, 2)]);
         b.set_zero(1500, 1);
         assert!(mismatches(&[a.chunk_digests()], &[b.chunk_digests()], 10).is_empty());
+    }
+}
+
+#[cfg(test)]
+mod chunk_tests {
+    use super::*;
+
+    fn hashes(pages: u64) -> Vec<RegionHashes> {
+        vec![RegionHashes::new(pages, 4096)]
+    }
+
+    #[test]
+    fn baseline_skips_pending_chunks_and_the_end_compares_only_what_changed() {
+        let (src, dst) = (hashes(4 * CHUNK_PAGES), hashes(4 * CHUNK_PAGES));
+        for p in 0..4 * CHUNK_PAGES {
+            src[0].set(p, p * 7);
+            dst[0].set(p, p * 7);
+        }
+        // A page of chunk 2 was written while it was sent: pending at the source, and the
+        // destination holds other bytes for it until the final round.
+        dst[0].set(2 * CHUNK_PAGES + 5, 1);
+        let pending = vec![AtomicBitmap::new(4 * CHUNK_PAGES)];
+        pending[0].set(2 * CHUNK_PAGES + 5);
+        let base = baseline_digests(&src, &pending);
+        assert_eq!(base[0][2], SKIP);
+        assert_eq!(check_baseline(&dst, &base, 16).unwrap(), vec![]);
+        // The final round re-sends that page and one in chunk 3.
+        for h in [&src, &dst] {
+            h[0].set(2 * CHUNK_PAGES + 5, 99);
+            h[0].set(3 * CHUNK_PAGES, 98);
+        }
+        let fin = touched_digests(&src);
+        assert_eq!(fin.iter().map(|e| e.1).collect::<Vec<_>>(), vec![2, 3]);
+        assert_eq!(check_touched(&dst, &fin, 16), vec![]);
+    }
+
+    #[test]
+    fn differences_are_found_before_and_after_the_pause() {
+        let (src, dst) = (hashes(2 * CHUNK_PAGES), hashes(2 * CHUNK_PAGES));
+        dst[0].set(3, 5); // a page only the destination has
+        let pending = vec![AtomicBitmap::new(2 * CHUNK_PAGES)];
+        let base = baseline_digests(&src, &pending);
+        assert_eq!(check_baseline(&dst, &base, 16).unwrap(), vec![(0, 0)]);
+        // After the baseline: a chunk only one end touched differs, and so does a digest.
+        let (src, dst) = (hashes(2 * CHUNK_PAGES), hashes(2 * CHUNK_PAGES));
+        src[0].set(CHUNK_PAGES, 1);
+        assert_eq!(
+            check_touched(&dst, &touched_digests(&src), 16),
+            vec![(0, 1)]
+        );
+        src[0].set(0, 1);
+        dst[0].set(0, 2);
+        assert_eq!(
+            check_touched(&dst, &touched_digests(&src), 16),
+            vec![(0, 0)]
+        );
+        assert!(check_baseline(&dst, &[vec![0; 3]], 16).is_err());
     }
 }

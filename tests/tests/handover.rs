@@ -37,6 +37,13 @@ fn after(to_dest: bool, m: Message, nth: u32) -> Trigger {
     }
 }
 
+fn verified() -> Message {
+    Message::Verified {
+        ok: true,
+        mismatches: vec![],
+    }
+}
+
 /// The protocol steps at which the link breaks, in order, and whether the source may have sent
 /// `Commit` by then (once `Ready` reached it, it commits at once).
 fn steps() -> Vec<(&'static str, Trigger, bool)> {
@@ -114,22 +121,21 @@ fn steps() -> Vec<(&'static str, Trigger, bool)> {
             false,
         ),
         (
-            "Checksums",
+            "Checksums (before the pause)",
             after(s, Message::Checksums { regions: vec![] }, 1),
             false,
         ),
         (
-            "Verified",
-            after(
-                d,
-                Message::Verified {
-                    ok: true,
-                    mismatches: vec![],
-                },
-                1,
-            ),
+            "Verified (before the pause)",
+            after(d, verified(), 1),
             false,
         ),
+        (
+            "Digests (in the pause)",
+            after(s, Message::Digests { chunks: vec![] }, 1),
+            false,
+        ),
+        ("Verified (in the pause)", after(d, verified(), 2), false),
         ("Ready", after(d, Message::Ready, 1), true),
         ("Commit", after(s, Message::Commit, 1), true),
         ("Done", after(d, Message::Done, 1), true),

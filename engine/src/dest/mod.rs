@@ -182,6 +182,7 @@ impl DestListener {
             monitor,
             link: &mut link,
             verify: agreed.verify,
+            baseline: false,
             max_device_state: self.cfg.max_device_state,
             lanes,
             more,

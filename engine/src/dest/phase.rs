@@ -27,7 +27,7 @@ use crate::embedder::DestEmbedder;
 use crate::monitor::Monitor;
 use crate::protocol::Message;
 use crate::stats::MigrationStatus;
-use crate::verify::{self, RegionHashes};
+use crate::verify;
 use crate::EngineError;
 
 /// Where the destination's session stands.
@@ -56,7 +56,8 @@ pub(crate) enum Phase {
         /// What has arrived.
         state: Vec<u8>,
     },
-    /// All device state is here; the source's checksums come next.
+    /// All device state is here; the source's digests of what changed since the baseline
+    /// come next.
     Verifying {
         /// The whole device state.
         state: Vec<u8>,
@@ -85,6 +86,9 @@ impl Phase {
 /// How a session ended badly: the error, and whether the peer still needs to be told.
 pub(crate) type Failure = (EngineError, bool);
 
+/// Most mismatching chunks named in a verdict.
+const MISMATCHES: usize = 16;
+
 fn protocol(msg: String) -> Failure {
     (EngineError::Protocol(msg), true)
 }
@@ -95,6 +99,8 @@ pub(crate) struct Receiving<'a> {
     pub monitor: &'a Arc<Monitor>,
     pub link: &'a mut ControlLink,
     pub verify: bool,
+    /// The comparison before the pause has been made (the one in the pause builds on it).
+    pub baseline: bool,
     pub max_device_state: usize,
     pub lanes: LaneThreads,
     /// TCP lanes that replace failed RDMA lanes (lane number, socket).
@@ -204,8 +210,12 @@ impl Receiving<'_> {
             (Phase::Device { state }, Message::DeviceState { data, last }) => {
                 self.device_piece(state, data, last, embedder)
             }
-            (Phase::Verifying { state }, Message::Checksums { regions }) => {
-                self.check_sums(&regions)?;
+            (Phase::Between { next }, Message::Checksums { regions }) if self.verify => {
+                self.check_baseline(&regions)?;
+                Ok(Phase::Between { next })
+            }
+            (Phase::Verifying { state }, Message::Digests { chunks }) if self.baseline => {
+                self.check_digests(&chunks)?;
                 self.get_ready(state, embedder)
             }
             (Phase::Ready, Message::Commit) => {
@@ -263,22 +273,24 @@ impl Receiving<'_> {
         }
     }
 
-    /// Compares the source's chunk digests with ours and tells the source the verdict.
-    fn check_sums(&mut self, theirs: &[Vec<u64>]) -> Result<(), Failure> {
-        let ours: Vec<Vec<u64>> = self
-            .sink
-            .hashes
-            .as_ref()
-            .expect("verifying")
-            .iter()
-            .map(RegionHashes::chunk_digests)
-            .collect();
-        let shape_ok =
-            ours.len() == theirs.len() && ours.iter().zip(theirs).all(|(a, b)| a.len() == b.len());
-        if !shape_ok {
-            return Err(protocol("Checksums do not match the region table".into()));
-        }
-        let mism = verify::mismatches(&ours, theirs, 16);
+    /// Before the pause: compares the source's chunk digests with ours (chunks it skipped
+    /// are compared at the end) and tells the source the verdict.
+    fn check_baseline(&mut self, theirs: &[Vec<u64>]) -> Result<(), Failure> {
+        let ours = self.sink.hashes.as_ref().expect("verifying");
+        let mism = verify::check_baseline(ours, theirs, MISMATCHES).map_err(protocol)?;
+        self.baseline = true;
+        self.verdict(mism)
+    }
+
+    /// In the pause: compares the digests of the chunks changed since the baseline.
+    fn check_digests(&mut self, theirs: &[(u32, u64, u64)]) -> Result<(), Failure> {
+        let ours = self.sink.hashes.as_ref().expect("verifying");
+        let mism = verify::check_touched(ours, theirs, MISMATCHES);
+        self.verdict(mism)
+    }
+
+    /// Tells the source whether the chunks matched; a mismatch ends the session.
+    fn verdict(&mut self, mism: Vec<(u32, u64)>) -> Result<(), Failure> {
         let ok = mism.is_empty();
         self.monitor.update(|s| s.verified = Some(ok));
         self.link.send(Message::Verified {

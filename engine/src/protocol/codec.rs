@@ -29,25 +29,33 @@ pub const MAX_DEVICE_PIECE: usize = 1 << 20;
 pub struct Limits {
     /// Largest `Checksums` body.
     pub checksums: usize,
+    /// Largest `Digests` body.
+    pub digests: usize,
 }
 
 impl Default for Limits {
     fn default() -> Self {
         Limits {
             checksums: MAX_FRAME,
+            digests: MAX_FRAME,
         }
     }
 }
 
 impl Limits {
     /// Limits for a destination whose regions have these numbers of checksum chunks: a
-    /// `Checksums` frame can be no larger than their digests.
+    /// `Checksums` or `Digests` frame can be no larger than their digests.
     pub fn for_chunks(chunks: impl IntoIterator<Item = u64>) -> Limits {
-        let body = chunks.into_iter().fold(5u64, |n, c| {
-            n.saturating_add(4).saturating_add(c.saturating_mul(8))
+        let (body, total) = chunks.into_iter().fold((5u64, 0u64), |(n, t), c| {
+            (
+                n.saturating_add(4).saturating_add(c.saturating_mul(8)),
+                t.saturating_add(c),
+            )
         });
+        let digests = total.saturating_mul(20).saturating_add(5);
         Limits {
             checksums: body.min(MAX_FRAME as u64) as usize,
+            digests: digests.min(MAX_FRAME as u64) as usize,
         }
     }
 
@@ -71,6 +79,7 @@ impl Limits {
             tag::ROUND_END | tag::ROUND_END_ACK => 5,
             tag::DEVICE_STATE => 1 + 4 + MAX_DEVICE_PIECE + 1,
             tag::CHECKSUMS => self.checksums,
+            tag::DIGESTS => self.digests,
             tag::VERIFIED => 1 + 1 + 4 + 12 * MAX_MISMATCHES,
             tag::CANCEL | tag::ERROR => 1 + STR,
             _ => return None,
@@ -120,10 +129,11 @@ mod tag {
     pub const RDMA_CONNECT: u8 = 22;
     pub const RDMA_ACCEPT: u8 = 23;
     pub const READY: u8 = 24;
+    pub const DIGESTS: u8 = 25;
 
     /// The message name of a known tag (for error messages).
     pub fn name(t: u8) -> &'static str {
-        const NAMES: [&str; 25] = [
+        const NAMES: [&str; 26] = [
             "?",
             "Hello",
             "HelloAck",
@@ -149,6 +159,7 @@ mod tag {
             "RdmaConnect",
             "RdmaAccept",
             "Ready",
+            "Digests",
         ];
         NAMES.get(t as usize).copied().unwrap_or("?")
     }
@@ -380,6 +391,15 @@ pub fn encode(m: &Message) -> Vec<u8> {
                 }
             }
         }
+        Message::Digests { chunks } => {
+            w.u8(tag::DIGESTS);
+            w.u32(chunks.len() as u32);
+            for (r, c, d) in chunks {
+                w.u32(*r);
+                w.u64(*c);
+                w.u64(*d);
+            }
+        }
         Message::Verified { ok, mismatches } => {
             w.u8(tag::VERIFIED);
             w.u8(*ok as u8);
@@ -535,6 +555,14 @@ pub fn decode(body: &[u8]) -> Result<Message, EngineError> {
                 regions.push(v);
             }
             Message::Checksums { regions }
+        }
+        tag::DIGESTS => {
+            let n = r.count(20)?;
+            let mut chunks = Vec::with_capacity(n);
+            for _ in 0..n {
+                chunks.push((r.u32()?, r.u64()?, r.u64()?));
+            }
+            Message::Digests { chunks }
         }
         tag::VERIFIED => {
             let ok = r.bool()?;
@@ -724,6 +752,9 @@ mod tests {
             },
             Message::Checksums {
                 regions: vec![vec![1, 2, 3], vec![]],
+            },
+            Message::Digests {
+                chunks: vec![(0, 3, 77), (1, 0, u64::MAX)],
             },
             Message::Verified {
                 ok: false,

@@ -51,7 +51,8 @@ impl TransportKind {
 /// `Hello` S→D, `HelloAck` D→S, `AuthProof` S→D, `AuthOk` D→S, `RegionTable` S→D, `RegionsOk`
 /// D→S, `TransportOffer` S→D, `TransportAccept` D→S, lanes join (`LaneJoin` / `LaneAccepted`
 /// on each lane socket), then per round `RoundStart`, data on the lanes, `RoundEnd` S→D,
-/// `RoundEndAck` D→S; after the final round `DeviceState`, `Checksums` S→D, `Verified` D→S;
+/// `RoundEndAck` D→S; before the pause (when verifying) `Checksums` S→D and `Verified` D→S;
+/// after the final round `DeviceState`, `Digests` S→D, `Verified` D→S;
 /// then the two-phase handover: `Ready` D→S (device state loaded, guest still paused), `Commit`
 /// S→D (from here on the source never resumes on its own), `Done` D→S (the destination's guest
 /// runs). `Heartbeat`, `Cancel` and `Error` may come at any time before `Commit`.
@@ -156,10 +157,16 @@ pub enum Message {
         /// Whether this is the last piece.
         last: bool,
     },
-    /// The source's chunk digests, per region.
+    /// The source's chunk digests, per region, sent before the pause while the guest still
+    /// runs; `verify::SKIP` for chunks compared at the end instead.
     Checksums {
         /// Per region, one digest per chunk.
         regions: Vec<Vec<u64>>,
+    },
+    /// The source's digests of the chunks changed since `Checksums`, sent in the pause.
+    Digests {
+        /// (region, chunk, digest), in order.
+        chunks: Vec<(u32, u64, u64)>,
     },
     /// The destination's verdict.
     Verified {
@@ -211,6 +218,7 @@ impl Message {
             Message::RoundEndAck { .. } => "RoundEndAck",
             Message::DeviceState { .. } => "DeviceState",
             Message::Checksums { .. } => "Checksums",
+            Message::Digests { .. } => "Digests",
             Message::Verified { .. } => "Verified",
             Message::Ready => "Ready",
             Message::Commit => "Commit",

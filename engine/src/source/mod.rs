@@ -32,7 +32,7 @@ use crate::protocol::codec::Limits;
 use crate::protocol::{Message, TransportKind};
 use crate::region::{self, Region};
 use crate::stats::{MigrationStats, MigrationStatus, RoundStats};
-use crate::verify::RegionHashes;
+use crate::verify::{self, RegionHashes};
 use crate::{EngineError, SourceConfig, TransportChoice};
 use worker::{Cmd, Item, Report, Shared, Worker, ITEM_PAGES};
 
@@ -413,6 +413,7 @@ impl SourceSession {
     fn complete_inner(&mut self) -> Result<(), EngineError> {
         self.check_cancel()?;
         let expected = self.monitor.stats().expected_downtime_ms;
+        self.verify_baseline()?;
         self.monitor.update(|s| s.status = MigrationStatus::Device);
         let t0 = Instant::now();
         self.embedder.pause().map_err(EngineError::Embedder)?;
@@ -477,13 +478,34 @@ impl SourceSession {
         Ok(())
     }
 
-    /// Sends our chunk digests and waits for the destination's verdict (when verifying).
+    /// Before the pause, while the guest still runs: compares every chunk that holds no
+    /// pending page (after a fresh sync) with the destination, so that the pause only has to
+    /// compare what the final round changes. When verifying.
+    fn verify_baseline(&mut self) -> Result<(), EngineError> {
+        if self.shared.hashes.is_none() {
+            return Ok(());
+        }
+        self.sync_pending()?;
+        let h = self.shared.hashes.as_ref().expect("verifying");
+        let digests = verify::baseline_digests(h, &self.shared.pending);
+        self.link.send(Message::Checksums { regions: digests });
+        self.await_verdict()
+    }
+
+    /// In the pause: sends the digests of the chunks changed since the baseline and waits
+    /// for the destination's verdict (when verifying).
     fn verify(&mut self) -> Result<Option<bool>, EngineError> {
         let Some(h) = &self.shared.hashes else {
             return Ok(None);
         };
-        let digests: Vec<Vec<u64>> = h.iter().map(RegionHashes::chunk_digests).collect();
-        self.link.send(Message::Checksums { regions: digests });
+        let chunks = verify::touched_digests(h);
+        self.link.send(Message::Digests { chunks });
+        self.await_verdict()?;
+        Ok(Some(true))
+    }
+
+    /// Waits for `Verified`; a mismatch is an error naming the chunks.
+    fn await_verdict(&mut self) -> Result<(), EngineError> {
         let wait = self.cfg.liveness.peer_timeout * 2;
         let (ok, mism) = self.link.expect(wait, "Verified", |m| match m {
             Message::Verified { ok, mismatches } => Ok((ok, mismatches)),
@@ -491,7 +513,7 @@ impl SourceSession {
         })?;
         self.monitor.update(|s| s.verified = Some(ok));
         if ok {
-            return Ok(Some(true));
+            return Ok(());
         }
         let list: Vec<String> = mism
             .iter()
