@@ -117,6 +117,32 @@ impl AtomicBitmap {
         all
     }
 
+    /// Sets bits `first..first+n` if none of them is set yet; otherwise leaves the bitmap as
+    /// it was and returns false. Two callers racing for overlapping ranges cannot both win.
+    pub fn try_claim(&self, first: u64, n: u64) -> bool {
+        let mut won = Vec::new();
+        let mut clash = false;
+        self.range_words(first, n, |w, m| {
+            if clash {
+                return;
+            }
+            let before = w.fetch_or(m, Ordering::AcqRel);
+            won.push(m & !before);
+            clash = before & m != 0;
+        });
+        if clash {
+            // Give back exactly the bits this call set, word by word in the same order.
+            let mut i = 0;
+            self.range_words(first, n, |w, _| {
+                if let Some(bits) = won.get(i) {
+                    w.fetch_and(!bits, Ordering::AcqRel);
+                }
+                i += 1;
+            });
+        }
+        !clash
+    }
+
     /// Whether any of `first..first+n` is set.
     pub fn any_set(&self, first: u64, n: u64) -> bool {
         let mut any = false;
@@ -188,6 +214,19 @@ impl AtomicBitmap {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_claim_fails_on_any_overlap_and_leaves_nothing_behind() {
+        let b = AtomicBitmap::new(300);
+        assert!(b.try_claim(10, 100));
+        assert!(!b.try_claim(100, 150), "overlaps 100..110");
+        assert_eq!(b.count(), 100, "the failed claim gave its bits back");
+        assert!(b.try_claim(110, 150));
+        b.clear_range(10, 100);
+        assert!(b.try_claim(0, 64));
+        assert_eq!(b.take_set().len(), 214);
+        assert_eq!(b.count(), 0);
+    }
 
     #[test]
     fn ranges_counts_and_take() {

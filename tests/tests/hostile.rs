@@ -363,3 +363,42 @@ fn a_frame_above_its_types_limit_is_refused_before_its_body_is_read() {
     );
     drop(ctl);
 }
+
+#[test]
+fn lane_data_outside_an_open_round_is_refused_and_never_lands() {
+    // A genuine lane sends a well-formed run of pages inside the region, but no round was
+    // started on the control connection: the destination waits briefly for the round, then
+    // refuses the run and ends the lane without writing a byte.
+    let (addr, d, ctl, agreed, dst, _rt) = authenticated();
+    let mut lane = TcpStream::connect(addr).unwrap();
+    codec::write_sync(
+        &mut lane,
+        &Message::LaneJoin {
+            session: agreed.auth.session_id(),
+            lane: 0,
+            mac: agreed.auth.lane_proof(0),
+        },
+    )
+    .unwrap();
+    assert_eq!(codec::read_sync(&mut lane).unwrap(), Message::LaneAccepted);
+    let h = rmig_transport::tcp::wire::Header {
+        kind: rmig_transport::tcp::wire::KIND_DATA,
+        region: 0,
+        first_page: 3,
+        count: 2,
+    };
+    lane.write_all(&h.encode()).unwrap();
+    lane.write_all(&[0xAB; 8192]).unwrap();
+    lane.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let t = std::time::Instant::now();
+    let mut rest = Vec::new();
+    let _ = lane.read_to_end(&mut rest);
+    assert!(
+        t.elapsed() < Duration::from_secs(8),
+        "the destination ends the refused lane"
+    );
+    assert!(dst.bytes().iter().all(|&b| b == 0), "nothing may land");
+    drop(ctl);
+    assert!(d.join().unwrap().is_err());
+}

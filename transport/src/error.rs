@@ -15,6 +15,10 @@ pub enum LaneError {
     /// The peer sent a frame that does not fit the protocol or the region table.
     #[error("malformed lane frame: {0}")]
     Malformed(String),
+    /// The destination refused a run (no round open, or its pages are being written by
+    /// another lane): nothing of it landed, and the lane ends.
+    #[error("run refused: {0}")]
+    Refused(String),
     /// No acknowledgement arrived in time.
     #[error("no acknowledgement within {0:?}")]
     AckTimeout(std::time::Duration),

@@ -66,6 +66,18 @@ pub trait DestLane: Send {
 /// Receives what a destination lane wrote, so the engine can keep its per-page state
 /// (checksums, known-zero pages) current while the data is still in cache.
 pub trait PageSink: Sync {
+    /// Admits a run about to land: `Err` (why) when no round is open, or when another lane is
+    /// writing any of these pages now. A lane calls it before the run's first byte reaches
+    /// guest memory (over RDMA, where the NIC writes first, before the run is handed on), and
+    /// ends every admitted run with [`release`](Self::release), whether it landed or not.
+    fn claim(&self, region: usize, first_page: u64, npages: u64) -> Result<(), String> {
+        let _ = (region, first_page, npages);
+        Ok(())
+    }
+    /// Ends a claim made with [`claim`](Self::claim).
+    fn release(&self, region: usize, first_page: u64, npages: u64) {
+        let _ = (region, first_page, npages);
+    }
     /// `npages` pages from `first_page` of region `region` now hold the source's bytes.
     fn data_landed(&self, region: usize, first_page: u64, npages: u64);
     /// As [`data_landed`](Self::data_landed), with `bytes`, equal to what landed, to read

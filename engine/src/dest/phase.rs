@@ -234,6 +234,7 @@ impl Receiving<'_> {
     }
 
     fn open_round(&mut self, round: u32, last: bool) -> Phase {
+        self.sink.set_round_open(true);
         self.monitor.round.store(round, Ordering::Relaxed);
         if last {
             self.monitor.update(|s| s.status = MigrationStatus::Device);
@@ -241,7 +242,10 @@ impl Receiving<'_> {
         Phase::InRound { round, last }
     }
 
+    /// Every batch of the round is acknowledged, so no lane is landing anything: the gate
+    /// closes until the next round (and for good after the last).
     fn close_round(&mut self, round: u32) {
+        self.sink.set_round_open(false);
         self.link.send(Message::RoundEndAck { round });
         let landed = self.sink.landed.load(Ordering::Relaxed);
         self.monitor.update(|s| {

@@ -3,7 +3,8 @@
 
 use std::net::{Shutdown, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Condvar, Mutex};
+use std::time::Duration;
 
 use rmig_transport::{MemoryMap, PageSink};
 
@@ -11,8 +12,25 @@ use crate::bitmap::AtomicBitmap;
 use crate::region::Region;
 use crate::verify::{hash_page, HashScratch, RegionHashes};
 
+/// How long a lane waits for its round to open: `RoundStart` travels on the control
+/// connection while the round's first data may already be on a lane.
+const ROUND_OPENS_WITHIN: Duration = Duration::from_secs(2);
+
+/// Whether a round is open: lanes may land data only while one is.
+#[derive(Default)]
+struct Gate {
+    open: Mutex<bool>,
+    opened: Condvar,
+    /// The same, for the lanes' fast path.
+    fast: AtomicBool,
+}
+
 pub(crate) struct DestSink {
     map: MemoryMap,
+    gate: Gate,
+    /// Pages a lane is writing right now, per region: one page is never written by two lanes
+    /// at once.
+    writing: Vec<AtomicBitmap>,
     pub hashes: Option<Vec<RegionHashes>>,
     known_zero: Vec<AtomicBitmap>,
     pub landed: AtomicU64,
@@ -28,6 +46,11 @@ impl DestSink {
     pub fn new(regions: &[Region], verify: bool, die_after: Option<u64>) -> Self {
         DestSink {
             map: MemoryMap::new(regions.iter().map(|r| r.mem).collect()),
+            gate: Gate::default(),
+            writing: regions
+                .iter()
+                .map(|r| AtomicBitmap::new(r.pages()))
+                .collect(),
             hashes: verify.then(|| {
                 regions
                     .iter()
@@ -69,6 +92,29 @@ impl DestSink {
         &self.map
     }
 
+    /// Opens (a round started) or closes (it ended, or the session is past its rounds) the
+    /// gate for data.
+    pub fn set_round_open(&self, open: bool) {
+        let mut g = self.gate.open.lock().unwrap_or_else(|e| e.into_inner());
+        *g = open;
+        self.gate.fast.store(open, Ordering::Release);
+        self.gate.opened.notify_all();
+    }
+
+    /// Waits (briefly) for a round to be open.
+    fn round_open(&self) -> bool {
+        if self.gate.fast.load(Ordering::Acquire) {
+            return true;
+        }
+        let g = self.gate.open.lock().unwrap_or_else(|e| e.into_inner());
+        let (g, _) = self
+            .gate
+            .opened
+            .wait_timeout_while(g, ROUND_OPENS_WITHIN, |open| !*open)
+            .unwrap_or_else(|e| e.into_inner());
+        *g
+    }
+
     /// Records that pages `first..first+n` of `region` hold new data (their hashes are the
     /// caller's to set).
     fn landed(&self, region: usize, first: u64, n: u64) {
@@ -82,6 +128,23 @@ impl DestSink {
 }
 
 impl PageSink for DestSink {
+    fn claim(&self, region: usize, first: u64, n: u64) -> Result<(), String> {
+        if !self.round_open() {
+            return Err("data outside an open round".into());
+        }
+        if !self.writing[region].try_claim(first, n) {
+            return Err(format!(
+                "pages {first}..{} of region {region} sent on two lanes at once",
+                first + n
+            ));
+        }
+        Ok(())
+    }
+
+    fn release(&self, region: usize, first: u64, n: u64) {
+        self.writing[region].clear_range(first, n);
+    }
+
     fn reads_landed(&self) -> bool {
         self.hashes.is_some()
     }

@@ -202,6 +202,10 @@ impl RdmaDestLane {
         for r in runs {
             let region = map.get(r.region as usize).expect("checked");
             let n = r.npages as u64;
+            // The NIC has written the data already (one-sided): the claim can refuse the run
+            // (and end the lane) but not undo it.
+            sink.claim(r.region as usize, r.first_page, n)
+                .map_err(LaneError::Refused)?;
             match r.kind {
                 RunKind::Zero => {
                     sink.zero_pages(r.region as usize, r.first_page, n);
@@ -213,6 +217,7 @@ impl RdmaDestLane {
                     self.summary.data_bytes += n * region.page_size() as u64;
                 }
             }
+            sink.release(r.region as usize, r.first_page, n);
         }
         Ok(())
     }

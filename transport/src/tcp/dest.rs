@@ -178,13 +178,43 @@ impl TcpDestLane {
             }
             let staged = &mut lines_as_bytes(&mut self.stage)[..len];
             self.rx.read_into(staged)?;
-            // SAFETY: destination memory is writable (the region's contract); rounds are
-            // fenced and each page is sent on one lane per round, so this lane is the only
-            // writer of these pages now.
+            // SAFETY: destination memory is writable (the region's contract), and the sink
+            // admitted this run (`claim`): no other lane writes these pages until it is
+            // released.
             unsafe { copy_streaming(region.guest_pages(p, n), staged) };
             sink.data_landed_from(idx, p, n, staged);
             p += n;
         }
+        Ok(())
+    }
+
+    /// Lands one admitted run: its payload into guest memory (straight, or staged when the
+    /// sink reads what lands), or the zero pages it names.
+    fn land_run(
+        &mut self,
+        sink: &dyn PageSink,
+        idx: usize,
+        region: &MemRegion,
+        h: &Header,
+        sum: &mut DestLaneSummary,
+    ) -> Result<(), LaneError> {
+        if h.kind != wire::KIND_DATA {
+            sink.zero_pages(idx, h.first_page, h.count);
+            sum.zero_pages += h.count;
+            return Ok(());
+        }
+        if sink.reads_landed() {
+            self.land_staged(sink, idx, region, h.first_page, h.count)?;
+        } else {
+            let dst = region.guest_pages(h.first_page, h.count);
+            // SAFETY: destination memory is writable (the region's contract), and the sink
+            // admitted this run (`claim`): a round is open and no other lane writes these
+            // pages until it is released.
+            unsafe { self.rx.read_into_guest(dst) }?;
+            sink.data_landed(idx, h.first_page, h.count);
+        }
+        sum.data_bytes += h.count * region.page_size() as u64;
+        sum.data_pages += h.count;
         Ok(())
     }
 
@@ -219,23 +249,11 @@ impl TcpDestLane {
                             region.pages()
                         )));
                     }
-                    if h.kind == wire::KIND_DATA {
-                        if sink.reads_landed() {
-                            self.land_staged(sink, idx, &region, h.first_page, h.count)?;
-                        } else {
-                            let dst = region.guest_pages(h.first_page, h.count);
-                            // SAFETY: destination memory is writable (the region's contract);
-                            // rounds are fenced and each page is sent on one lane per round,
-                            // so this lane is the only writer of these pages now.
-                            unsafe { self.rx.read_into_guest(dst) }?;
-                            sink.data_landed(idx, h.first_page, h.count);
-                        }
-                        sum.data_bytes += h.count * region.page_size() as u64;
-                        sum.data_pages += h.count;
-                    } else {
-                        sink.zero_pages(idx, h.first_page, h.count);
-                        sum.zero_pages += h.count;
-                    }
+                    sink.claim(idx, h.first_page, h.count)
+                        .map_err(LaneError::Refused)?;
+                    let landed = self.land_run(sink, idx, &region, &h, &mut sum);
+                    sink.release(idx, h.first_page, h.count);
+                    landed?;
                 }
                 wire::KIND_BATCH_END => {
                     self.rx.stream.write_all(&wire::encode_ack(h.count))?;
