@@ -66,6 +66,10 @@ pub struct SourceConfig {
     pub liveness: Liveness,
     /// Limit for each step of the handshake and for connecting.
     pub handshake_timeout: Duration,
+    /// How long a control connection that broke during pre-copy may take to come back (it
+    /// reconnects, re-authenticates and continues; unconfirmed pages are sent again). Zero
+    /// fails the migration at once, as before.
+    pub reconnect_window: Duration,
     /// How long the destination may take to verify and load the device state before it says
     /// `Ready`; past it the source resumes its guest and the destination discards.
     pub ready_timeout: Duration,
@@ -91,6 +95,7 @@ impl SourceConfig {
             verify: true,
             liveness: Liveness::default(),
             handshake_timeout: Duration::from_secs(10),
+            reconnect_window: Duration::from_secs(10),
             ready_timeout: Duration::from_secs(10),
             versions: (PROTOCOL_MIN, PROTOCOL_MAX),
             lane_faults: Vec::new(),
@@ -125,6 +130,9 @@ pub struct DestConfig {
     /// How long to wait for a source to complete the handshake; `None` waits until cancelled
     /// (as QEMU's `-incoming` does). Connections that fail the handshake do not end the wait.
     pub incoming_timeout: Option<Duration>,
+    /// How long to wait for the source to reconnect after the control connection broke
+    /// during pre-copy; zero fails at once.
+    pub reconnect_window: Duration,
     /// Most device state accepted, in bytes.
     pub max_device_state: usize,
     /// Protocol versions spoken (tests change this).
@@ -144,6 +152,7 @@ impl DestConfig {
             liveness: Liveness::default(),
             handshake_timeout: Duration::from_secs(10),
             incoming_timeout: None,
+            reconnect_window: Duration::from_secs(10),
             max_device_state: 1 << 30,
             versions: (PROTOCOL_MIN, PROTOCOL_MAX),
             fault: DestFault::default(),

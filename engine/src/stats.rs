@@ -134,6 +134,9 @@ pub struct MigrationStats {
     /// Destination: connections dropped because they failed the handshake or could not
     /// prove that they belong to the session (scanners, wrong key or version, idle).
     pub connections_refused: u64,
+    /// Times the control connection broke during pre-copy and came back within the
+    /// reconnect window.
+    pub reconnects: u64,
     /// `true`/`false` after verification; `null` when verification is off or did not run.
     pub verified: Option<bool>,
     /// The guest throttle asked for (auto-converge), in percent.

@@ -42,6 +42,27 @@ pub enum Break {
     Cut,
     /// Forward nothing more, but keep every connection open.
     Freeze,
+    /// Forward nothing for this long (new connections wait too), then reset the connections
+    /// that were open when it began and forward normally: a link that comes back after the
+    /// ends gave up on their connections.
+    Outage(Duration),
+    /// Reset every open connection once (`ss -K`); new connections pass.
+    Reset,
+}
+
+/// One relayed connection: both sockets, and whether the relay has ended it.
+struct Conn {
+    sockets: [TcpStream; 2],
+    dead: Arc<AtomicBool>,
+}
+
+impl Conn {
+    fn kill(&self) {
+        self.dead.store(true, Ordering::Release);
+        for s in &self.sockets {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+    }
 }
 
 struct State {
@@ -52,26 +73,65 @@ struct State {
     lane_bytes: AtomicU64,
     /// Frames of the trigger's type seen in the trigger's direction.
     seen: AtomicU64,
-    conns: Mutex<Vec<TcpStream>>,
+    conns: Mutex<Vec<Conn>>,
     stop: AtomicBool,
+    /// End of an outage in progress.
+    outage_until: Mutex<Option<Instant>>,
 }
 
 impl State {
-    fn fire(&self) {
+    fn fire(self: &Arc<Self>) {
         if self.fired.swap(true, Ordering::AcqRel) {
             return;
         }
-        *self.fired_at.lock().unwrap() = Some(Instant::now());
-        if self.action == Break::Cut {
-            for c in self.conns.lock().unwrap().iter() {
-                let _ = c.shutdown(Shutdown::Both);
+        let now = Instant::now();
+        *self.fired_at.lock().unwrap() = Some(now);
+        match self.action {
+            Break::Cut | Break::Reset => self.conns.lock().unwrap().iter().for_each(Conn::kill),
+            Break::Freeze => {}
+            Break::Outage(d) => {
+                *self.outage_until.lock().unwrap() = Some(now + d);
+                let old: Vec<Arc<AtomicBool>> = self
+                    .conns
+                    .lock()
+                    .unwrap()
+                    .iter()
+                    .map(|c| c.dead.clone())
+                    .collect();
+                let st = self.clone();
+                std::thread::spawn(move || {
+                    std::thread::sleep(d);
+                    for c in st.conns.lock().unwrap().iter() {
+                        if old.iter().any(|o| Arc::ptr_eq(o, &c.dead)) {
+                            c.kill();
+                        }
+                    }
+                });
             }
         }
     }
 
-    /// Whether data may still pass.
-    fn open(&self) -> bool {
-        !self.fired.load(Ordering::Acquire) && !self.stop.load(Ordering::Acquire)
+    /// Whether a connection's data must wait (frozen, or an outage in progress).
+    fn held(&self) -> bool {
+        if self.stop.load(Ordering::Acquire) {
+            return false;
+        }
+        match self.action {
+            Break::Freeze => self.fired.load(Ordering::Acquire),
+            Break::Outage(_) => self
+                .outage_until
+                .lock()
+                .unwrap()
+                .is_some_and(|t| Instant::now() < t),
+            Break::Cut | Break::Reset => false,
+        }
+    }
+
+    /// Whether a connection may still carry data.
+    fn open(&self, dead: &AtomicBool) -> bool {
+        !dead.load(Ordering::Acquire)
+            && !self.stop.load(Ordering::Acquire)
+            && !(self.action == Break::Cut && self.fired.load(Ordering::Acquire))
     }
 }
 
@@ -97,6 +157,7 @@ impl Proxy {
             seen: AtomicU64::new(0),
             conns: Mutex::new(Vec::new()),
             stop: AtomicBool::new(false),
+            outage_until: Mutex::new(None),
         });
         let st = state.clone();
         let accept = std::thread::spawn(move || accept_loop(listener, target, st));
@@ -121,9 +182,7 @@ impl Proxy {
 impl Drop for Proxy {
     fn drop(&mut self) {
         self.state.stop.store(true, Ordering::Release);
-        for c in self.state.conns.lock().unwrap().iter() {
-            let _ = c.shutdown(Shutdown::Both);
-        }
+        self.state.conns.lock().unwrap().iter().for_each(Conn::kill);
         if let Some(j) = self.accept.take() {
             let _ = j.join();
         }
@@ -147,12 +206,14 @@ fn accept_loop(listener: TcpListener, target: SocketAddr, st: Arc<State>) {
         let Ok(server) = TcpStream::connect(target) else {
             continue;
         };
-        {
-            let mut conns = st.conns.lock().unwrap();
-            conns.push(client.try_clone().unwrap());
-            conns.push(server.try_clone().unwrap());
-        }
-        let control = std::mem::take(&mut first);
+        let dead = Arc::new(AtomicBool::new(false));
+        st.conns.lock().unwrap().push(Conn {
+            sockets: [client.try_clone().unwrap(), server.try_clone().unwrap()],
+            dead: dead.clone(),
+        });
+        // The first connection is the control connection, and so is a later one that opens
+        // with a reconnect: their frames are parsed.
+        let control = std::mem::take(&mut first) || opens_with_rejoin(&client);
         for (from, to, to_dest) in [
             (
                 client.try_clone().unwrap(),
@@ -165,24 +226,41 @@ fn accept_loop(listener: TcpListener, target: SocketAddr, st: Arc<State>) {
                 false,
             ),
         ] {
-            let st = st.clone();
-            std::thread::spawn(move || pump(from, to, to_dest, control, &st));
+            let (st, dead) = (st.clone(), dead.clone());
+            std::thread::spawn(move || pump(from, to, to_dest, control, &st, &dead));
         }
     }
 }
 
+/// Whether a new connection's first frame is a reconnect (`Rejoin`, type byte 26); waits
+/// briefly for it.
+fn opens_with_rejoin(c: &TcpStream) -> bool {
+    let mut head = [0u8; 5];
+    let _ = c.set_read_timeout(Some(Duration::from_secs(2)));
+    let r = c.peek(&mut head);
+    let _ = c.set_read_timeout(None);
+    matches!(r, Ok(5)) && head[4] == 26
+}
+
 /// Forwards one direction of one connection; frames are parsed on the control connection.
-fn pump(mut from: TcpStream, mut to: TcpStream, to_dest: bool, control: bool, st: &State) {
+fn pump(
+    mut from: TcpStream,
+    mut to: TcpStream,
+    to_dest: bool,
+    control: bool,
+    st: &Arc<State>,
+    dead: &AtomicBool,
+) {
     let mut buf = vec![0u8; 64 << 10];
     let mut pending: Vec<u8> = Vec::new();
     while let Ok(n) = from.read(&mut buf) {
         if n == 0 {
             break;
         }
-        while !st.open() && !st.stop.load(Ordering::Acquire) && st.action == Break::Freeze {
+        while st.held() && st.open(dead) {
             std::thread::sleep(Duration::from_millis(10)); // frozen: hold everything
         }
-        if !st.open() {
+        if !st.open(dead) {
             break;
         }
         if !control {
@@ -198,7 +276,7 @@ fn pump(mut from: TcpStream, mut to: TcpStream, to_dest: bool, control: bool, st
             continue;
         }
         pending.extend_from_slice(&buf[..n]);
-        if !forward_frames(&mut pending, &mut to, to_dest, st) {
+        if !forward_frames(&mut pending, &mut to, to_dest, st, dead) {
             break;
         }
     }
@@ -207,11 +285,19 @@ fn pump(mut from: TcpStream, mut to: TcpStream, to_dest: bool, control: bool, st
 
 /// Forwards every whole frame in `pending`, firing the trigger after a matching one (and
 /// forwarding nothing after it). False when the connection should end.
-fn forward_frames(pending: &mut Vec<u8>, to: &mut TcpStream, to_dest: bool, st: &State) -> bool {
+fn forward_frames(
+    pending: &mut Vec<u8>,
+    to: &mut TcpStream,
+    to_dest: bool,
+    st: &Arc<State>,
+    dead: &AtomicBool,
+) -> bool {
     loop {
-        if !st.open() {
-            // Frozen: hold what was read; cut or stopped: end.
-            return st.action == Break::Freeze && !st.stop.load(Ordering::Acquire);
+        while st.held() && st.open(dead) {
+            std::thread::sleep(Duration::from_millis(10)); // hold what was read
+        }
+        if !st.open(dead) {
+            return false;
         }
         if pending.len() < 5 {
             return true;
@@ -234,7 +320,7 @@ fn forward_frames(pending: &mut Vec<u8>, to: &mut TcpStream, to_dest: bool, st: 
             if d == to_dest && t == tag && st.seen.fetch_add(1, Ordering::AcqRel) + 1 == nth as u64
             {
                 st.fire();
-                return st.action == Break::Freeze;
+                continue;
             }
         }
     }

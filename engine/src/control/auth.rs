@@ -102,6 +102,10 @@ pub mod label {
     pub const SESSION: &[u8] = b"rmig-v1-session";
     /// A lane's proof.
     pub const LANE: &[u8] = b"rmig-v1-lane";
+    /// The source's proof when it reconnects a session.
+    pub const REJOIN: &[u8] = b"rmig-v2-rejoin";
+    /// The destination's answer to a reconnect.
+    pub const REJOIN_OK: &[u8] = b"rmig-v2-rejoin-ok";
 }
 
 /// What both ends know once authenticated: the two challenges.
@@ -155,6 +159,51 @@ impl SessionAuth {
         self.key.check(
             label::LANE,
             &[&self.dest_nonce, &self.source_nonce, &lane.to_le_bytes()],
+            tag,
+        )
+    }
+
+    /// The source's proof for reconnect attempt `attempt` (each attempt's proof differs, and
+    /// the destination accepts each attempt number once).
+    pub fn rejoin_proof(&self, attempt: u32) -> [u8; 32] {
+        self.key.sign(
+            label::REJOIN,
+            &[&self.dest_nonce, &self.source_nonce, &attempt.to_le_bytes()],
+        )
+    }
+
+    /// Checks a reconnect proof in constant time.
+    pub fn check_rejoin(&self, attempt: u32, tag: &[u8; 32]) -> bool {
+        self.key.check(
+            label::REJOIN,
+            &[&self.dest_nonce, &self.source_nonce, &attempt.to_le_bytes()],
+            tag,
+        )
+    }
+
+    /// The destination's answer to reconnect attempt `attempt`, binding the round it expects.
+    pub fn rejoin_ok_proof(&self, attempt: u32, next_round: u32) -> [u8; 32] {
+        self.key.sign(
+            label::REJOIN_OK,
+            &[
+                &self.source_nonce,
+                &self.dest_nonce,
+                &attempt.to_le_bytes(),
+                &next_round.to_le_bytes(),
+            ],
+        )
+    }
+
+    /// Checks the destination's answer to a reconnect.
+    pub fn check_rejoin_ok(&self, attempt: u32, next_round: u32, tag: &[u8; 32]) -> bool {
+        self.key.check(
+            label::REJOIN_OK,
+            &[
+                &self.source_nonce,
+                &self.dest_nonce,
+                &attempt.to_le_bytes(),
+                &next_round.to_le_bytes(),
+            ],
             tag,
         )
     }

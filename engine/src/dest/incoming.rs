@@ -5,8 +5,8 @@
 //! connection and data lanes, which may arrive in any order (a lane can connect while the
 //! handshake's last reply is still on its way to us). So one [`Door`] owns the listener from
 //! start to end, and each connection is classified by its first frame on a task of its own:
-//! `Hello` opens a handshake, `LaneJoin` is a lane's claim (checked by whoever holds the
-//! session's keys), anything else is refused. No connection can hold up another; one that
+//! `Hello` opens a handshake, `LaneJoin` is a lane's claim and `Rejoin` a source reconnecting
+//! its session (both checked by whoever holds the session's keys), anything else is refused. No connection can hold up another; one that
 //! fails is told why when it got that far, dropped and counted, and the destination goes on
 //! waiting (like QEMU's `-incoming`) until a source completes the handshake, the embedder
 //! cancels, or the incoming timeout passes.
@@ -54,12 +54,26 @@ pub(crate) struct LaneClaim {
     pub mac: [u8; 32],
 }
 
+/// A source's claim to reconnect its session, not yet checked.
+pub(crate) struct RejoinClaim {
+    /// The new control connection.
+    pub stream: TcpStream,
+    /// The session it names.
+    pub session: [u8; 16],
+    /// The reconnect attempt.
+    pub attempt: u32,
+    /// Its proof.
+    pub mac: [u8; 32],
+}
+
 /// What a connection turned out to be.
 pub(crate) enum Arrival {
     /// A source that completed the handshake.
     Source(Box<Incoming>),
     /// A data lane's claim.
     Lane(LaneClaim),
+    /// A source reconnecting its session.
+    Rejoin(RejoinClaim),
     /// Dropped: why.
     Refused(EngineError),
 }
@@ -149,7 +163,7 @@ pub(crate) async fn accept_source(
                     return Ok(*incoming);
                 }
                 Arrival::Lane(claim) if early.len() < MAX_PENDING => early.push(claim),
-                Arrival::Lane(_) => {
+                Arrival::Lane(_) | Arrival::Rejoin(_) => {
                     door.refused();
                     refused.count += 1;
                 }
@@ -195,6 +209,18 @@ async fn classify(
                 stream: s,
                 session,
                 lane,
+                mac,
+            })
+        }
+        Ok(Message::Rejoin {
+            session,
+            attempt,
+            mac,
+        }) => {
+            return Arrival::Rejoin(RejoinClaim {
+                stream: s,
+                session,
+                attempt,
                 mac,
             })
         }

@@ -18,7 +18,7 @@ use rmig_transport::tcp::DestLaneSummary;
 use rmig_transport::{DestLane, LaneError};
 use tokio::net::TcpStream;
 
-use super::incoming::{Arrival, Door, LaneClaim};
+use super::incoming::{Arrival, Door, LaneClaim, RejoinClaim};
 use super::sink::DestSink;
 use crate::control::auth::SessionAuth;
 use crate::control::link::{ControlLink, INBOX};
@@ -68,7 +68,7 @@ async fn settle(
             door.refused();
             return None;
         }
-        Arrival::Refused(_) => {
+        Arrival::Refused(_) | Arrival::Rejoin(_) => {
             door.refused();
             return None;
         }
@@ -148,30 +148,57 @@ pub(crate) async fn join(
     Ok(lanes.into_iter().map(|l| l.expect("all joined")).collect())
 }
 
-/// Admits the fallback lanes `n..2n` for as long as the session runs, handing each to `tx`;
-/// refuses everything else that comes through the door.
-pub(crate) async fn fallback(
+/// Lane numbers that may join while the session runs (`true`: open): the fallback lanes
+/// `n..2n` over RDMA, and lanes `0..n` again after the source reconnected.
+pub(crate) type Slots = Arc<std::sync::Mutex<Vec<bool>>>;
+
+/// A checked reconnect: the new control connection and its attempt number.
+pub(crate) type Rejoin = (TcpStream, u32);
+
+/// The door while the session runs: admits lanes whose slot is open (handing each to
+/// `lanes`), passes proven reconnects to `rejoins`, and refuses everything else.
+pub(crate) async fn in_session(
     mut door: Door,
     auth: SessionAuth,
-    n: u16,
-    tx: Sender<(u16, StdStream)>,
+    slots: Slots,
+    lanes: Sender<(u16, StdStream)>,
+    rejoins: Sender<Rejoin>,
 ) {
-    let mut taken = vec![false; n as usize];
-    let mut want = |lane: u16| match lane.checked_sub(n).and_then(|i| taken.get_mut(i as usize)) {
-        Some(t) if !*t => {
-            *t = true;
-            Ok(())
+    let mut want = |lane: u16| {
+        let mut open = slots.lock().unwrap_or_else(|e| e.into_inner());
+        match open.get_mut(lane as usize) {
+            Some(o) if *o => {
+                *o = false;
+                Ok(())
+            }
+            _ => Err(format!("lane {lane} is not expected")),
         }
-        _ => Err(format!("lane {lane} is not expected")),
     };
     loop {
-        let arrival = door.next().await;
-        if let Some(lane) = settle(&door, arrival, &auth, &mut want).await {
-            if tx.send(lane).is_err() {
-                return;
+        match door.next().await {
+            Arrival::Rejoin(claim) => match proven_rejoin(claim, &auth) {
+                Some(r) => {
+                    if rejoins.send(r).is_err() {
+                        return;
+                    }
+                }
+                None => door.refused(),
+            },
+            arrival => {
+                if let Some(lane) = settle(&door, arrival, &auth, &mut want).await {
+                    if lanes.send(lane).is_err() {
+                        return;
+                    }
+                }
             }
         }
     }
+}
+
+/// A reconnect whose proof holds, or `None`.
+fn proven_rejoin(c: RejoinClaim, auth: &SessionAuth) -> Option<Rejoin> {
+    (c.session == auth.session_id() && auth.check_rejoin(c.attempt, &c.mac))
+        .then_some((c.stream, c.attempt))
 }
 
 /// What a lane thread reports when its lane ends: lane number and result.
@@ -208,7 +235,7 @@ impl LaneThreads {
 
     /// Ends every lane that is still open and waits for its thread.
     pub fn stop(&mut self) {
-        for s in &self.shutdowns {
+        for s in self.shutdowns.drain(..) {
             let _ = s.shutdown(Shutdown::Both);
         }
         for j in self.joins.drain(..) {

@@ -61,6 +61,10 @@ struct Opened {
     /// The door's task: admits fallback lanes, refuses everything else.
     admit: tokio::task::JoinHandle<()>,
     sink: Arc<DestSink>,
+    /// Lane numbers that may join while running.
+    slots: lanes::Slots,
+    /// Proven reconnects of the session's source.
+    rejoins: crossbeam_channel::Receiver<lanes::Rejoin>,
 }
 
 impl DestListener {
@@ -176,7 +180,14 @@ impl DestListener {
             more,
             admit,
             sink,
+            slots,
+            rejoins,
         } = opened;
+        // Reconnecting is for TCP lanes: RDMA queue pairs cannot be set up again mid-session.
+        let window = match agreed.transport {
+            TransportKind::Tcp => self.cfg.reconnect_window,
+            TransportKind::Rdma => Duration::ZERO,
+        };
         let mut session = Receiving {
             sink,
             monitor,
@@ -186,6 +197,17 @@ impl DestListener {
             max_device_state: self.cfg.max_device_state,
             lanes,
             more,
+            reconnect: phase::Reconnect {
+                window,
+                rejoins,
+                slots,
+                lanes: agreed.lanes,
+                auth: agreed.auth.clone(),
+                last_attempt: None,
+                rt: self.rt.handle().clone(),
+                liveness: self.cfg.liveness,
+                limits,
+            },
         };
         let r = session.run(&results, kept, embedder);
         admit.abort();
@@ -254,17 +276,22 @@ impl DestListener {
             s.setup_time_ms = connected.elapsed().as_secs_f64() * 1e3;
             s.ram.total = regions.iter().map(Region::len).sum();
         });
-        // Over RDMA the source may replace failed lanes with TCP ones: admit them while
-        // running. Whatever else knocks is refused.
+        // Over RDMA the source may replace failed lanes with TCP ones, and after a reconnect
+        // its lanes join again: admit them while running. Whatever else knocks is refused.
         let (more_tx, more) = crossbeam_channel::unbounded();
+        let (rejoin_tx, rejoins) = crossbeam_channel::bounded(4);
         let may_fall_back =
             agreed.transport == TransportKind::Rdma && cfg.transport == TransportChoice::Auto;
-        let fallback_lanes = if may_fall_back { agreed.lanes } else { 0 };
-        let admit = self.rt.spawn(lanes::fallback(
+        let n = agreed.lanes as usize;
+        let slots: lanes::Slots = Arc::new(std::sync::Mutex::new(
+            (0..2 * n).map(|i| may_fall_back && i >= n).collect(),
+        ));
+        let admit = self.rt.spawn(lanes::in_session(
             door,
             agreed.auth.clone(),
-            fallback_lanes,
+            slots.clone(),
             more_tx,
+            rejoin_tx,
         ));
         let (res_tx, results) = crossbeam_channel::unbounded();
         let mut lanes = LaneThreads {
@@ -291,6 +318,8 @@ impl DestListener {
             more,
             admit,
             sink,
+            slots,
+            rejoins,
         })
     }
 }

@@ -93,6 +93,29 @@ fn protocol(msg: String) -> Failure {
     (EngineError::Protocol(msg), true)
 }
 
+/// What the destination needs to take its source back after the control connection broke
+/// during pre-copy.
+pub(crate) struct Reconnect {
+    /// How long to wait for the source; zero fails at once.
+    pub window: Duration,
+    /// Proven reconnects, from the door.
+    pub rejoins: Receiver<super::lanes::Rejoin>,
+    /// Lane numbers the door admits.
+    pub slots: super::lanes::Slots,
+    /// Lanes of the session.
+    pub lanes: u16,
+    /// The session's keys.
+    pub auth: crate::control::auth::SessionAuth,
+    /// The last attempt taken (each is taken once).
+    pub last_attempt: Option<u32>,
+    /// For the new control connection.
+    pub rt: tokio::runtime::Handle,
+    /// Heartbeats of the new control connection.
+    pub liveness: crate::control::link::Liveness,
+    /// Frame limits of the new control connection.
+    pub limits: crate::protocol::codec::Limits,
+}
+
 /// The receiving part of a session: control messages, lane results, fallback lanes.
 pub(crate) struct Receiving<'a> {
     pub sink: Arc<DestSink>,
@@ -103,8 +126,11 @@ pub(crate) struct Receiving<'a> {
     pub baseline: bool,
     pub max_device_state: usize,
     pub lanes: LaneThreads,
-    /// TCP lanes that replace failed RDMA lanes (lane number, socket).
+    /// TCP lanes that replace failed RDMA lanes, or rejoin after a reconnect (lane number,
+    /// socket).
     pub more: Receiver<(u16, std::net::TcpStream)>,
+    /// Taking the source back after a broken control connection.
+    pub reconnect: Reconnect,
 }
 
 impl Receiving<'_> {
@@ -163,6 +189,12 @@ impl Receiving<'_> {
             .and_then(ControlLink::screen);
         match (m, &phase) {
             (Ok(m), _) => self.step(phase, m, embedder),
+            (
+                Err(
+                    e @ (EngineError::PeerClosed | EngineError::PeerSilent(_) | EngineError::Io(_)),
+                ),
+                Phase::Between { .. } | Phase::InRound { .. },
+            ) if !self.reconnect.window.is_zero() => self.await_source(phase, e),
             (
                 Err(
                     e @ (EngineError::PeerClosed | EngineError::PeerSilent(_) | EngineError::Io(_)),
@@ -231,6 +263,73 @@ impl Receiving<'_> {
                 phase.describe()
             ))),
         }
+    }
+
+    /// The control connection broke during pre-copy: abandons the round in progress, stops
+    /// every lane (so nothing stale lands later), and waits up to the reconnect window for
+    /// the source to prove it holds the session on a new connection. Its lanes then join
+    /// again, and the session goes on from the next round.
+    fn await_source(&mut self, phase: Phase, why: EngineError) -> Result<Phase, Failure> {
+        let next = match phase {
+            Phase::Between { next } => next,
+            Phase::InRound { round, .. } => round + 1,
+            _ => unreachable!("only pre-copy phases reconnect"),
+        };
+        self.sink.set_round_open(false);
+        self.lanes.stop();
+        let deadline = std::time::Instant::now() + self.reconnect.window;
+        loop {
+            select! {
+                recv(self.reconnect.rejoins) -> r => {
+                    let Ok((stream, attempt)) = r else { break };
+                    if self.reconnect.last_attempt.is_some_and(|a| attempt <= a) {
+                        continue;
+                    }
+                    self.reconnect.last_attempt = Some(attempt);
+                    if self.take_back(stream, attempt, next) {
+                        return Ok(Phase::Between { next });
+                    }
+                }
+                default(Duration::from_millis(50)) => {
+                    self.check_cancel()?;
+                    if std::time::Instant::now() >= deadline {
+                        break;
+                    }
+                }
+            }
+        }
+        Err((
+            EngineError::Io(format!(
+                "{why}; the source did not reconnect within {} ms",
+                self.reconnect.window.as_millis()
+            )),
+            false,
+        ))
+    }
+
+    /// Answers a proven reconnect, makes its connection the session's control connection
+    /// and lets the lanes join again. False if the answer could not be sent.
+    fn take_back(&mut self, mut stream: tokio::net::TcpStream, attempt: u32, next: u32) -> bool {
+        let rc = &self.reconnect;
+        let ok = Message::RejoinOk {
+            next_round: next,
+            mac: rc.auth.rejoin_ok_proof(attempt, next),
+        };
+        let sent = rc
+            .rt
+            .block_on(crate::protocol::codec::write_async(&mut stream, &ok));
+        if sent.is_err() {
+            return false;
+        }
+        {
+            let mut slots = rc.slots.lock().unwrap_or_else(|e| e.into_inner());
+            for s in slots.iter_mut().take(rc.lanes as usize) {
+                *s = true;
+            }
+        }
+        *self.link = ControlLink::start(&rc.rt, stream, rc.liveness, rc.limits);
+        self.monitor.update(|s| s.reconnects += 1);
+        true
     }
 
     fn open_round(&mut self, round: u32, last: bool) -> Phase {
@@ -349,6 +448,9 @@ impl Receiving<'_> {
         let l = TcpDestLane::new(sock, self.sink.map().clone())
             .map_err(|e| EngineError::lane(lane as usize, &e))?;
         self.lanes.start(lane as usize, Box::new(l))?;
+        if lane < self.reconnect.lanes {
+            return Ok(()); // a lane that joined again after a reconnect
+        }
         self.monitor.update(|s| {
             s.transport = "tcp".into();
             s.fallback_reason =

@@ -73,6 +73,8 @@ impl Limits {
             tag::TRANSPORT_OFFER => 1 + 4 + 256 + 3,
             tag::TRANSPORT_ACCEPT => 1 + 3 + STR,
             tag::LANE_JOIN => 51,
+            tag::REJOIN => 53,
+            tag::REJOIN_OK => 37,
             tag::RDMA_CONNECT => 25,
             tag::RDMA_ACCEPT => 26 + 4 + 12 * MAX_REGIONS,
             tag::ROUND_START => 6,
@@ -130,10 +132,12 @@ mod tag {
     pub const RDMA_ACCEPT: u8 = 23;
     pub const READY: u8 = 24;
     pub const DIGESTS: u8 = 25;
+    pub const REJOIN: u8 = 26;
+    pub const REJOIN_OK: u8 = 27;
 
     /// The message name of a known tag (for error messages).
     pub fn name(t: u8) -> &'static str {
-        const NAMES: [&str; 26] = [
+        const NAMES: [&str; 28] = [
             "?",
             "Hello",
             "HelloAck",
@@ -160,6 +164,8 @@ mod tag {
             "RdmaAccept",
             "Ready",
             "Digests",
+            "Rejoin",
+            "RejoinOk",
         ];
         NAMES.get(t as usize).copied().unwrap_or("?")
     }
@@ -363,6 +369,21 @@ pub fn encode(m: &Message) -> Vec<u8> {
             w.0.extend_from_slice(mac);
         }
         Message::LaneAccepted => w.u8(tag::LANE_ACCEPTED),
+        Message::Rejoin {
+            session,
+            attempt,
+            mac,
+        } => {
+            w.u8(tag::REJOIN);
+            w.0.extend_from_slice(session);
+            w.u32(*attempt);
+            w.0.extend_from_slice(mac);
+        }
+        Message::RejoinOk { next_round, mac } => {
+            w.u8(tag::REJOIN_OK);
+            w.u32(*next_round);
+            w.0.extend_from_slice(mac);
+        }
         Message::RoundStart { round, last } => {
             w.u8(tag::ROUND_START);
             w.u32(*round);
@@ -533,6 +554,15 @@ pub fn decode(body: &[u8]) -> Result<Message, EngineError> {
             mac: r.arr()?,
         },
         tag::LANE_ACCEPTED => Message::LaneAccepted,
+        tag::REJOIN => Message::Rejoin {
+            session: r.arr()?,
+            attempt: r.u32()?,
+            mac: r.arr()?,
+        },
+        tag::REJOIN_OK => Message::RejoinOk {
+            next_round: r.u32()?,
+            mac: r.arr()?,
+        },
         tag::ROUND_START => Message::RoundStart {
             round: r.u32()?,
             last: r.bool()?,
@@ -740,6 +770,15 @@ mod tests {
                 mac: [5; 32],
             },
             Message::LaneAccepted,
+            Message::Rejoin {
+                session: [1; 16],
+                attempt: 2,
+                mac: [3; 32],
+            },
+            Message::RejoinOk {
+                next_round: 4,
+                mac: [5; 32],
+            },
             Message::RoundStart {
                 round: 3,
                 last: true,

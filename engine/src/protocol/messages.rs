@@ -120,6 +120,23 @@ pub enum Message {
     },
     /// The lane may carry data.
     LaneAccepted,
+    /// First frame of a new control connection for a session whose connection broke during
+    /// pre-copy: proves that the source holds the session.
+    Rejoin {
+        /// Session identifier.
+        session: [u8; 16],
+        /// Reconnect attempt (each number is accepted once).
+        attempt: u32,
+        /// HMAC over the session's challenges and the attempt.
+        mac: [u8; 32],
+    },
+    /// The destination took the session back; the next round must be `next_round`.
+    RejoinOk {
+        /// The round the source starts next (the interrupted one is abandoned).
+        next_round: u32,
+        /// HMAC over the challenges, the attempt and `next_round`.
+        mac: [u8; 32],
+    },
     /// RDMA: the source's queue pair for this lane (on the lane's socket, after
     /// `LaneAccepted`).
     RdmaConnect {
@@ -211,6 +228,8 @@ impl Message {
             Message::TransportAccept { .. } => "TransportAccept",
             Message::LaneJoin { .. } => "LaneJoin",
             Message::LaneAccepted => "LaneAccepted",
+            Message::Rejoin { .. } => "Rejoin",
+            Message::RejoinOk { .. } => "RejoinOk",
             Message::RdmaConnect { .. } => "RdmaConnect",
             Message::RdmaAccept { .. } => "RdmaAccept",
             Message::RoundStart { .. } => "RoundStart",
