@@ -8,6 +8,7 @@
 
 mod connect;
 mod placement;
+mod round;
 mod setup;
 mod worker;
 
@@ -17,11 +18,10 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{select, Receiver, Sender};
+use crossbeam_channel::{Receiver, Sender};
 use rmig_numa::{Role, WorkerPool};
 use rmig_transport::MemoryMap;
 
-use crate::bitmap::AtomicBitmap;
 use crate::control::link::ControlLink;
 use crate::converge::{Converge, Decision};
 use crate::dirty::DirtySource;
@@ -32,7 +32,7 @@ use crate::region::Region;
 use crate::stats::{MigrationStats, MigrationStatus, RoundStats};
 use crate::verify::RegionHashes;
 use crate::{EngineError, SourceConfig, TransportChoice};
-use worker::{Cmd, Item, Report, Shared, Worker, ITEM_PAGES};
+use worker::{Cmd, Item, Report, Shared, Worker};
 
 /// What `iterate` found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -462,193 +462,11 @@ impl SourceSession {
     /// Sends the round set over every live lane; returns the round's figures.
     fn run_round(&mut self, last: bool) -> Result<RoundStats, EngineError> {
         let t0 = Instant::now();
-        let round_pages: u64 = self.shared.round.iter().map(AtomicBitmap::count).sum();
-        let psize = self.regions[0].page_size();
-        let m = &self.monitor;
-        m.round.store(self.round, Ordering::Relaxed);
-        m.round_start_bytes
-            .store(m.bytes_acked.load(Ordering::Relaxed), Ordering::Relaxed);
-        m.round_dirty.store(round_pages * psize, Ordering::Relaxed);
-        *m.round_started.lock().unwrap_or_else(|e| e.into_inner()) = Some(t0);
-        crate::metrics::round_started(self.round, round_pages * psize);
-        self.link.send(Message::RoundStart {
-            round: self.round,
-            last,
-        });
-        // One queue per node that has lanes, plus a shared one; each span of memory goes to
-        // the queue of its node, so that lanes serve local memory first.
-        let nq = self.placement.queues();
-        let (txs, rxs): (Vec<_>, Vec<_>) = (0..nq).map(|_| crossbeam_channel::unbounded()).unzip();
-        for (ri, r) in self.regions.iter().enumerate() {
-            let mut spans: Vec<(u64, u64, Option<usize>)> = self
-                .placement
-                .plan
-                .spans
-                .iter()
-                .filter(|a| a.span.region == ri as u32)
-                .map(|a| {
-                    (
-                        a.span.first_page,
-                        a.span.first_page + a.span.npages,
-                        a.span.node,
-                    )
-                })
-                .collect();
-            if spans.is_empty() {
-                spans.push((0, r.pages(), None));
-            }
-            for (start, stop, node) in spans {
-                let q = self.placement.queue_of(node);
-                let mut first = start;
-                while first < stop {
-                    let end = (first + ITEM_PAGES).min(stop);
-                    let _ = txs[q].send(Item {
-                        region: ri as u32,
-                        first,
-                        end,
-                    });
-                    first = end;
-                }
-            }
-        }
-        drop(txs);
-        let rxs = Arc::new(rxs);
-        let mut waiting = 0;
-        for w in self.workers.iter().filter(|w| w.alive) {
-            if w.cmd.send(Cmd::Round(rxs.clone())).is_ok() {
-                waiting += 1;
-            }
-        }
-        let mut rs = RoundStats {
-            round: self.round,
-            last,
-            ..Default::default()
-        };
-        let mut last_err = String::new();
-        let mut failure: Option<EngineError> = None;
-        let mut all_failed = false;
-        while waiting > 0 || all_failed {
-            if std::mem::take(&mut all_failed) && failure.is_none() {
-                match self.fall_back_to_tcp(&last_err, &rxs) {
-                    Ok(n) => waiting += n,
-                    Err(e) => {
-                        self.stop_lanes();
-                        failure = Some(e);
-                    }
-                }
-                continue;
-            }
-            select! {
-                recv(self.reports) -> r => {
-                    let Ok(r) = r else { break };
-                    waiting -= 1;
-                    let seen = &mut self.cpus_seen[r.lane];
-                    for c in &r.cpus {
-                        if !seen.contains(c) {
-                            seen.push(*c);
-                        }
-                    }
-                    rs.pages += r.data_pages + r.zero_pages;
-                    rs.zero_pages += r.zero_pages;
-                    rs.bytes += r.wire_bytes;
-                    self.monitor.update(|s| {
-                        s.ram.duplicate += r.zero_pages;
-                        s.ram.normal += r.data_pages;
-                        s.ram.normal_bytes += r.payload;
-                        s.ram.transferred += r.wire_bytes;
-                    });
-                    if let Some(e) = r.error {
-                        if !self.shared.abort.load(Ordering::Relaxed) {
-                            self.workers[r.lane].alive = false;
-                            crate::metrics::lane_failed(self.transport.name());
-                            self.monitor.update(|s| s.lanes_failed += 1);
-                            last_err = format!("lane {}: {e}", r.lane);
-                            all_failed = self.alive() == 0 && self.fallback_kit.is_some();
-                        }
-                    }
-                }
-                recv(self.link.inbox()) -> m => {
-                    let r = m.map_err(|_| EngineError::PeerClosed).and_then(ControlLink::screen);
-                    let e = match r {
-                        Ok(m) => EngineError::Protocol(format!("unexpected {} during a round", m.name())),
-                        Err(e) => e,
-                    };
-                    self.stop_lanes();
-                    failure.get_or_insert(e);
-                }
-                default(Duration::from_millis(50)) => {
-                    if self.monitor.cancel.is_cancelled() && failure.is_none() {
-                        self.stop_lanes();
-                        failure = Some(EngineError::Cancelled(self.monitor.cancel.reason()));
-                    }
-                }
-            }
-        }
-        if let Some(e) = failure {
-            return Err(e);
-        }
-        if self.alive() == 0 {
-            return Err(EngineError::AllLanesFailed(last_err));
-        }
-        self.link.send(Message::RoundEnd { round: self.round });
-        let round = self.round;
-        self.link.expect(
-            self.cfg.liveness.peer_timeout * 2,
-            "RoundEndAck",
-            |m| match m {
-                Message::RoundEndAck { round: r } if r == round => Ok(()),
-                m => Err(m),
-            },
-        )?;
-        let secs = t0.elapsed().as_secs_f64();
-        let mut bw = if secs > 0.0 {
-            rs.bytes as f64 / secs
-        } else {
-            0.0
-        };
-        if rs.bytes < MIN_BW_SAMPLE && self.bandwidth > 0.0 {
-            bw = self.bandwidth;
-        }
-        let cap = self.monitor.pacer.rate();
-        if cap > 0 {
-            bw = bw.min(cap as f64);
-        }
-        self.bandwidth = bw;
-        // Dirty rate: what the log gathered while the round ran.
-        let remaining = if last { 0 } else { self.sync_pending()? };
-        let dirty_rate = if secs > 0.0 {
-            remaining as f64 / secs
-        } else {
-            0.0
-        };
-        let expected = crate::converge::Converge::expected_downtime(remaining, bw);
-        rs.duration_ms = secs * 1e3;
-        rs.dirty_rate = dirty_rate;
-        rs.remaining = remaining;
-        rs.mbps = bw * 8.0 / 1e6;
-        rs.expected_downtime_ms = expected.as_secs_f64() * 1e3;
-        rs.lanes = self.alive();
-        *self
-            .monitor
-            .bandwidth
-            .lock()
-            .unwrap_or_else(|e| e.into_inner()) = (bw, dirty_rate);
-        self.monitor.dirty_bytes.store(remaining, Ordering::Relaxed);
-        crate::metrics::round_done(dirty_rate, bw, expected.as_secs_f64(), remaining, secs);
-        let rsc = rs.clone();
-        let syncs = self.sync_count;
-        let numa = self.placement.report(&self.cpus_seen);
-        self.monitor.update(|s| {
-            s.numa = Some(numa);
-            s.rounds.push(rsc);
-            s.ram.remaining = remaining;
-            s.ram.dirty_sync_count = syncs;
-            if !last {
-                s.ram.dirty_pages_rate = dirty_rate / psize as f64;
-                s.expected_downtime_ms = rs.expected_downtime_ms;
-            }
-        });
-        Ok(rs)
+        self.announce_round(t0, last);
+        let queues = self.plan_round();
+        let rs = self.drive_round(last, &queues)?;
+        self.fence_round()?;
+        self.account_round(rs, t0.elapsed().as_secs_f64(), last)
     }
 
     /// Every RDMA lane has failed: opens as many TCP lanes in their place and sets them on the
