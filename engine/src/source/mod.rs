@@ -8,6 +8,8 @@
 
 mod connect;
 mod placement;
+mod round;
+mod setup;
 mod worker;
 
 use std::collections::VecDeque;
@@ -16,25 +18,21 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{select, Receiver, Sender};
+use crossbeam_channel::{Receiver, Sender};
 use rmig_numa::{Role, WorkerPool};
-use rmig_transport::rdma::LocalMemory;
 use rmig_transport::MemoryMap;
 
-use crate::bitmap::AtomicBitmap;
-use crate::control::handshake::{self, SourceOffer};
 use crate::control::link::ControlLink;
 use crate::converge::{Converge, Decision};
 use crate::dirty::DirtySource;
 use crate::embedder::SourceEmbedder;
 use crate::monitor::Monitor;
-use crate::protocol::codec::Limits;
 use crate::protocol::{Message, TransportKind};
-use crate::region::{self, Region};
+use crate::region::Region;
 use crate::stats::{MigrationStats, MigrationStatus, RoundStats};
 use crate::verify::{self, RegionHashes};
 use crate::{EngineError, SourceConfig, TransportChoice};
-use worker::{Cmd, Item, Report, Shared, Worker, ITEM_PAGES};
+use worker::{Cmd, Item, Report, Shared, Worker};
 
 /// What `iterate` found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -159,181 +157,43 @@ impl SourceSession {
         monitor: Arc<Monitor>,
     ) -> Result<SourceSession, EngineError> {
         let started = Instant::now();
-        let fail = |e: EngineError| {
-            monitor.update(|s| {
-                s.status = MigrationStatus::of_error(&e);
-                s.error = Some(e.to_string());
-            });
-            e
-        };
-        region::validate(&regions).map_err(fail)?;
-        if cfg.lanes == 0 || cfg.lanes > u16::MAX as usize {
-            return Err(fail(EngineError::Config("lanes must be 1..=65535".into())));
-        }
+        let fail = |e: EngineError| setup::record_failure(&monitor, e);
+        setup::validate(&cfg, &regions).map_err(fail)?;
         monitor.pacer.set_rate(cfg.max_bandwidth);
         let total: u64 = regions.iter().map(|r| r.len()).sum();
         monitor.total.store(total, Ordering::Relaxed);
         let rt = crate::control::runtime().map_err(fail)?;
-        let mut offer = SourceOffer {
-            versions: cfg.versions,
-            key: cfg.key.clone(),
-            regions: regions.iter().map(Region::desc).collect(),
-            transports: Vec::new(),
-            lanes: cfg.lanes as u16,
-            verify: cfg.verify,
-        };
-        let timeout = cfg.handshake_timeout;
-        let dest = cfg.dest.clone();
-        let cancel = monitor.cancel.clone();
-        let (choice, rdma_cfg) = (cfg.transport, cfg.rdma.clone());
-        let (stream, peer, local, agreed, offered) = rt
-            .block_on(async {
-                let connect = tokio::net::TcpStream::connect(dest.as_str());
-                let mut s = match tokio::time::timeout(timeout, connect).await {
-                    Err(_) => {
-                        return Err(EngineError::Io(format!("connecting to {dest} timed out")))
-                    }
-                    Ok(r) => {
-                        r.map_err(|e| EngineError::Io(format!("connecting to {dest}: {e}")))?
-                    }
-                };
-                s.set_nodelay(true)?;
-                let peer = s.peer_addr()?;
-                let local = s.local_addr()?;
-                // RDMA is offered when a device serves the address this connection uses.
-                let offered = connect::offer(choice, &rdma_cfg, local.ip())?;
-                offer.transports = offered.kinds.clone();
-                let a = handshake::source(&mut s, &offer, timeout).await?;
-                Ok((s, peer, local, a, offered))
-            })
-            .map_err(fail)?;
-        let link = ControlLink::start(rt.handle(), stream, cfg.liveness, Limits::default());
-        if cancel.is_cancelled() {
-            link.send(Message::Cancel {
-                reason: cancel.reason(),
-            });
-            return Err(fail(EngineError::Cancelled(cancel.reason())));
-        }
-
-        let map = MemoryMap::new(regions.iter().map(|r| r.mem).collect());
-        let shared = Arc::new(Shared {
-            map: map.clone(),
-            round: regions
-                .iter()
-                .map(|r| AtomicBitmap::new(r.pages()))
-                .collect(),
-            pending: regions
-                .iter()
-                .map(|r| AtomicBitmap::new(r.pages()))
-                .collect(),
-            hashes: cfg.verify.then(|| {
-                regions
-                    .iter()
-                    .map(|r| RegionHashes::new(r.pages(), r.page_size()))
-                    .collect()
-            }),
-            ack_timeout: cfg.liveness.peer_timeout * 2,
-            abort: Default::default(),
-            monitor: monitor.clone(),
-        });
-        let placement =
-            placement::Placement::new(cfg.numa, &regions, agreed.lanes as usize, Some(local.ip()));
-        let fallback = match (&offered.fallback, agreed.transport) {
-            (Some(f), _) => Some(f.clone()),
-            (None, TransportKind::Tcp) if offered.kinds[0] == TransportKind::Rdma => {
-                Some(if agreed.note.is_empty() {
-                    "destination: RDMA not offered".to_string()
-                } else {
-                    format!("destination: {}", agreed.note)
-                })
-            }
-            _ => None,
-        };
+        let hs = setup::connect_control(&rt, &cfg, &regions, &monitor.cancel).map_err(fail)?;
+        let shared = setup::shared_state(&cfg, &regions, &monitor);
+        let lane_count = hs.agreed.lanes as usize;
+        let local_ip = Some(hs.local.ip());
+        let placement = placement::Placement::new(cfg.numa, &regions, lane_count, local_ip);
+        let fallback = setup::fallback_reason(&hs);
         if let Some(f) = &fallback {
             eprintln!("rmig: using TCP: {f}");
         }
-        // RDMA: the source's memory is registered before the lanes open (pin-all), and the
-        // time counts in the setup time.
-        let rdma = match (agreed.transport, &offered.device) {
-            (TransportKind::Rdma, Some(dev)) => {
-                let mem = LocalMemory::register(dev, &map, cfg.rdma.registration, false)
-                    .map_err(|e| fail(e.into()))?;
-                Some((dev.clone(), Arc::new(mem)))
-            }
-            (TransportKind::Rdma, None) => {
-                return Err(fail(EngineError::Protocol(
-                    "destination picked RDMA, which was not offered".into(),
-                )))
-            }
-            _ => None,
-        };
-        // Every lane joins first: the destination answers RDMA setup once all have joined.
-        let sockets = (0..agreed.lanes)
-            .map(|i| connect::join_lane(peer, &agreed.auth, i, timeout))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(fail)?;
-        let (rep_tx, reports) = crossbeam_channel::unbounded();
-        let crew = Crew {
-            pool: WorkerPool::flat(),
-            shared: shared.clone(),
-            reports: rep_tx,
-        };
-        let mut workers = Vec::new();
-        for (i, sock) in (0..agreed.lanes).zip(sockets) {
-            let fault = cfg.lane_faults.get(i as usize).copied().unwrap_or_default();
-            let pacer = monitor.pacer.clone();
-            let kill = lane_deadline(&sock, cfg.liveness.peer_timeout).map_err(fail)?;
-            let lane = match &rdma {
-                Some((dev, mem)) => connect::rdma_lane(sock, dev, mem, pacer, fault, timeout * 6),
-                None => connect::tcp_lane(sock, i, map.clone(), pacer, fault),
-            }
-            .map_err(fail)?;
-            let w = crew
-                .start(
-                    &placement,
-                    i as usize,
-                    i as usize,
-                    agreed.transport,
-                    lane,
-                    kill,
-                )
-                .map_err(fail)?;
-            workers.push(w);
-        }
+        let rdma = setup::register_rdma(&cfg, &hs, &shared.map).map_err(fail)?;
+        let lanes =
+            setup::open_lanes(&cfg, &hs, rdma.as_ref(), &shared, &placement).map_err(fail)?;
         // Over RDMA with `auto`, TCP lanes take over once every RDMA lane has failed.
         let may_fall_back = rdma.is_some() && cfg.transport == TransportChoice::Auto;
         let fallback_kit = may_fall_back.then(|| FallbackKit {
-            peer,
-            auth: agreed.auth.clone(),
-            lanes: agreed.lanes,
-            map: map.clone(),
+            peer: hs.peer,
+            auth: hs.agreed.auth.clone(),
+            lanes: hs.agreed.lanes,
+            map: shared.map.clone(),
         });
-        let setup_ms = started.elapsed().as_secs_f64() * 1e3;
-        crate::metrics::setup_done(setup_ms / 1e3, agreed.lanes as usize, total);
-        monitor.update(|s| {
-            s.status = MigrationStatus::Active;
-            s.setup_time_ms = setup_ms;
-            s.transport = agreed.transport.name().into();
-            s.fallback_reason = fallback;
-            if let Some((dev, mem)) = &rdma {
-                s.rdma = Some(crate::stats::RdmaReport::of(dev, mem));
-            }
-            s.lanes = agreed.lanes as usize;
-            s.ram.total = total;
-            s.ram.page_size = regions[0].page_size();
-            s.numa = Some(placement.report(&[]));
-        });
-        Ok(SourceSession {
+        let session = SourceSession {
             converge: Converge::new(cfg.policy),
             cfg,
             regions,
             dirty,
             embedder,
-            link,
+            link: hs.link,
             _rt: rt,
             shared,
-            workers,
-            reports,
+            workers: lanes.workers,
+            reports: lanes.reports,
             monitor,
             state: State::Iterating,
             round: 0,
@@ -342,12 +202,14 @@ impl SourceSession {
             paused_at: None,
             committed: false,
             sync_count: 0,
-            cpus_seen: vec![Vec::new(); agreed.lanes as usize],
-            transport: agreed.transport,
-            crew,
+            cpus_seen: vec![Vec::new(); lane_count],
+            transport: hs.agreed.transport,
+            crew: lanes.crew,
             fallback_kit,
             placement,
-        })
+        };
+        session.record_setup(total, fallback, rdma.as_ref());
+        Ok(session)
     }
 
     /// The monitor given at setup.
@@ -622,193 +484,11 @@ impl SourceSession {
     /// Sends the round set over every live lane; returns the round's figures.
     fn run_round(&mut self, last: bool) -> Result<RoundStats, EngineError> {
         let t0 = Instant::now();
-        let round_pages: u64 = self.shared.round.iter().map(AtomicBitmap::count).sum();
-        let psize = self.regions[0].page_size();
-        let m = &self.monitor;
-        m.round.store(self.round, Ordering::Relaxed);
-        m.round_start_bytes
-            .store(m.bytes_acked.load(Ordering::Relaxed), Ordering::Relaxed);
-        m.round_dirty.store(round_pages * psize, Ordering::Relaxed);
-        *m.round_started.lock().unwrap_or_else(|e| e.into_inner()) = Some(t0);
-        crate::metrics::round_started(self.round, round_pages * psize);
-        self.link.send(Message::RoundStart {
-            round: self.round,
-            last,
-        });
-        // One queue per node that has lanes, plus a shared one; each span of memory goes to
-        // the queue of its node, so that lanes serve local memory first.
-        let nq = self.placement.queues();
-        let (txs, rxs): (Vec<_>, Vec<_>) = (0..nq).map(|_| crossbeam_channel::unbounded()).unzip();
-        for (ri, r) in self.regions.iter().enumerate() {
-            let mut spans: Vec<(u64, u64, Option<usize>)> = self
-                .placement
-                .plan
-                .spans
-                .iter()
-                .filter(|a| a.span.region == ri as u32)
-                .map(|a| {
-                    (
-                        a.span.first_page,
-                        a.span.first_page + a.span.npages,
-                        a.span.node,
-                    )
-                })
-                .collect();
-            if spans.is_empty() {
-                spans.push((0, r.pages(), None));
-            }
-            for (start, stop, node) in spans {
-                let q = self.placement.queue_of(node);
-                let mut first = start;
-                while first < stop {
-                    let end = (first + ITEM_PAGES).min(stop);
-                    let _ = txs[q].send(Item {
-                        region: ri as u32,
-                        first,
-                        end,
-                    });
-                    first = end;
-                }
-            }
-        }
-        drop(txs);
-        let rxs = Arc::new(rxs);
-        let mut waiting = 0;
-        for w in self.workers.iter().filter(|w| w.alive) {
-            if w.cmd.send(Cmd::Round(rxs.clone())).is_ok() {
-                waiting += 1;
-            }
-        }
-        let mut rs = RoundStats {
-            round: self.round,
-            last,
-            ..Default::default()
-        };
-        let mut last_err = String::new();
-        let mut failure: Option<EngineError> = None;
-        let mut all_failed = false;
-        while waiting > 0 || all_failed {
-            if std::mem::take(&mut all_failed) && failure.is_none() {
-                match self.fall_back_to_tcp(&last_err, &rxs) {
-                    Ok(n) => waiting += n,
-                    Err(e) => {
-                        self.stop_lanes();
-                        failure = Some(e);
-                    }
-                }
-                continue;
-            }
-            select! {
-                recv(self.reports) -> r => {
-                    let Ok(r) = r else { break };
-                    waiting -= 1;
-                    let seen = &mut self.cpus_seen[r.lane];
-                    for c in &r.cpus {
-                        if !seen.contains(c) {
-                            seen.push(*c);
-                        }
-                    }
-                    rs.pages += r.data_pages + r.zero_pages;
-                    rs.zero_pages += r.zero_pages;
-                    rs.bytes += r.wire_bytes;
-                    self.monitor.update(|s| {
-                        s.ram.duplicate += r.zero_pages;
-                        s.ram.normal += r.data_pages;
-                        s.ram.normal_bytes += r.payload;
-                        s.ram.transferred += r.wire_bytes;
-                    });
-                    if let Some(e) = r.error {
-                        if !self.shared.abort.load(Ordering::Relaxed) {
-                            self.workers[r.lane].alive = false;
-                            crate::metrics::lane_failed(self.transport.name());
-                            self.monitor.update(|s| s.lanes_failed += 1);
-                            last_err = format!("lane {}: {e}", r.lane);
-                            all_failed = self.alive() == 0 && self.fallback_kit.is_some();
-                        }
-                    }
-                }
-                recv(self.link.inbox()) -> m => {
-                    let r = m.map_err(|_| EngineError::PeerClosed).and_then(ControlLink::screen);
-                    let e = match r {
-                        Ok(m) => EngineError::Protocol(format!("unexpected {} during a round", m.name())),
-                        Err(e) => e,
-                    };
-                    self.stop_lanes();
-                    failure.get_or_insert(e);
-                }
-                default(Duration::from_millis(50)) => {
-                    if self.monitor.cancel.is_cancelled() && failure.is_none() {
-                        self.stop_lanes();
-                        failure = Some(EngineError::Cancelled(self.monitor.cancel.reason()));
-                    }
-                }
-            }
-        }
-        if let Some(e) = failure {
-            return Err(e);
-        }
-        if self.alive() == 0 {
-            return Err(EngineError::AllLanesFailed(last_err));
-        }
-        self.link.send(Message::RoundEnd { round: self.round });
-        let round = self.round;
-        self.link.expect(
-            self.cfg.liveness.peer_timeout * 2,
-            "RoundEndAck",
-            |m| match m {
-                Message::RoundEndAck { round: r } if r == round => Ok(()),
-                m => Err(m),
-            },
-        )?;
-        let secs = t0.elapsed().as_secs_f64();
-        let mut bw = if secs > 0.0 {
-            rs.bytes as f64 / secs
-        } else {
-            0.0
-        };
-        if rs.bytes < MIN_BW_SAMPLE && self.bandwidth > 0.0 {
-            bw = self.bandwidth;
-        }
-        let cap = self.monitor.pacer.rate();
-        if cap > 0 {
-            bw = bw.min(cap as f64);
-        }
-        self.bandwidth = bw;
-        // Dirty rate: what the log gathered while the round ran.
-        let remaining = if last { 0 } else { self.sync_pending()? };
-        let dirty_rate = if secs > 0.0 {
-            remaining as f64 / secs
-        } else {
-            0.0
-        };
-        let expected = crate::converge::Converge::expected_downtime(remaining, bw);
-        rs.duration_ms = secs * 1e3;
-        rs.dirty_rate = dirty_rate;
-        rs.remaining = remaining;
-        rs.mbps = bw * 8.0 / 1e6;
-        rs.expected_downtime_ms = expected.as_secs_f64() * 1e3;
-        rs.lanes = self.alive();
-        *self
-            .monitor
-            .bandwidth
-            .lock()
-            .unwrap_or_else(|e| e.into_inner()) = (bw, dirty_rate);
-        self.monitor.dirty_bytes.store(remaining, Ordering::Relaxed);
-        crate::metrics::round_done(dirty_rate, bw, expected.as_secs_f64(), remaining, secs);
-        let rsc = rs.clone();
-        let syncs = self.sync_count;
-        let numa = self.placement.report(&self.cpus_seen);
-        self.monitor.update(|s| {
-            s.numa = Some(numa);
-            s.rounds.push(rsc);
-            s.ram.remaining = remaining;
-            s.ram.dirty_sync_count = syncs;
-            if !last {
-                s.ram.dirty_pages_rate = dirty_rate / psize as f64;
-                s.expected_downtime_ms = rs.expected_downtime_ms;
-            }
-        });
-        Ok(rs)
+        self.announce_round(t0, last);
+        let queues = self.plan_round();
+        let rs = self.drive_round(last, &queues)?;
+        self.fence_round()?;
+        self.account_round(rs, t0.elapsed().as_secs_f64(), last)
     }
 
     /// Every RDMA lane has failed: opens as many TCP lanes in their place and sets them on the

@@ -78,6 +78,28 @@ impl Placement {
             .map_or(0, |i| i + 1)
     }
 
+    /// The page spans `[first, end)` of region `region` (`pages` long) with the node each sits
+    /// on, as planned; the whole region on no node when the plan has none of it.
+    pub fn spans_of(&self, region: u32, pages: u64) -> Vec<(u64, u64, Option<usize>)> {
+        let mut spans: Vec<_> = self
+            .plan
+            .spans
+            .iter()
+            .filter(|a| a.span.region == region)
+            .map(|a| {
+                (
+                    a.span.first_page,
+                    a.span.first_page + a.span.npages,
+                    a.span.node,
+                )
+            })
+            .collect();
+        if spans.is_empty() {
+            spans.push((0, pages, None));
+        }
+        spans
+    }
+
     /// The order in which lane `lane` takes from the queues: its node's, the shared one, the
     /// others'.
     pub fn order_for(&self, lane: usize) -> Vec<usize> {

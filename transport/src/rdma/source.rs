@@ -81,50 +81,12 @@ impl SourcePrepared {
         pacer: Arc<Pacer>,
         fault: FaultPlan,
     ) -> Result<RdmaSourceLane, RdmaError> {
-        let nregions = self.mem.map.regions().len();
-        match &remote {
-            RemoteMemory::PinAll(r) if r.len() != nregions => {
-                return Err(RdmaError::Setup(format!(
-                    "destination registered {} regions, the table has {nregions}",
-                    r.len()
-                )))
-            }
-            RemoteMemory::Chunked {
-                chunk_bytes,
-                max_chunks,
-            } => {
-                let page = self
-                    .mem
-                    .map
-                    .regions()
-                    .iter()
-                    .map(|r| r.page_size() as u64)
-                    .max();
-                if !chunk_bytes.is_power_of_two()
-                    || page.is_some_and(|p| *chunk_bytes < p)
-                    || *max_chunks < 2
-                {
-                    return Err(RdmaError::Setup(format!(
-                        "unusable chunking from the destination: {chunk_bytes} bytes × {max_chunks}"
-                    )));
-                }
-            }
-            _ => {}
-        }
+        self.check_remote(&remote)?;
         self.queue.connect(peer)?;
         let dev = self.queue.dev.clone();
         let mut slots = vec![0u8; SLOTS * SLOT_BYTES];
         let slots_mr = register(&dev, slots.as_mut_ptr(), slots.len(), false)?;
-        let replies = Arc::new(Replies::default());
-        let mut rd = stream
-            .try_clone()
-            .map_err(|e| RdmaError::verbs("lane socket", e))?;
-        let r = replies.clone();
-        let reader = std::thread::Builder::new()
-            .name("rmig-rdma-ack".into())
-            .spawn(move || read_replies(&mut rd, &r))
-            .map_err(|e| RdmaError::verbs("spawning the reply reader", e))?;
-        let sge_max = dev.max_sge.min(MAX_SGE) as usize;
+        let (replies, reader) = start_reply_reader(&stream)?;
         let local_cache = match self.mem.mode {
             Registration::Chunked { max_chunks, .. } => max_chunks as usize,
             Registration::PinAll => 1,
@@ -146,7 +108,7 @@ impl SourcePrepared {
             reader: Some(reader),
             pacer,
             fault,
-            sge_max,
+            sge_max: dev.max_sge.min(MAX_SGE) as usize,
             pending: Vec::new(),
             sges: Vec::new(),
             next_sig: 1,
@@ -163,6 +125,54 @@ impl SourcePrepared {
             failed: None,
         })
     }
+
+    /// Refuses a destination memory description this lane cannot use: a region table of
+    /// another length, or chunks that are not a power of two, smaller than a page or too few.
+    fn check_remote(&self, remote: &RemoteMemory) -> Result<(), RdmaError> {
+        let nregions = self.mem.map.regions().len();
+        match remote {
+            RemoteMemory::PinAll(r) if r.len() != nregions => Err(RdmaError::Setup(format!(
+                "destination registered {} regions, the table has {nregions}",
+                r.len()
+            ))),
+            RemoteMemory::Chunked {
+                chunk_bytes,
+                max_chunks,
+            } => {
+                let page = self
+                    .mem
+                    .map
+                    .regions()
+                    .iter()
+                    .map(|r| r.page_size() as u64)
+                    .max();
+                if !chunk_bytes.is_power_of_two()
+                    || page.is_some_and(|p| *chunk_bytes < p)
+                    || *max_chunks < 2
+                {
+                    return Err(RdmaError::Setup(format!(
+                        "unusable chunking from the destination: {chunk_bytes} bytes × {max_chunks}"
+                    )));
+                }
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Starts the thread that reads the destination's replies from the lane socket.
+fn start_reply_reader(stream: &TcpStream) -> Result<(Arc<Replies>, JoinHandle<()>), RdmaError> {
+    let replies = Arc::new(Replies::default());
+    let mut rd = stream
+        .try_clone()
+        .map_err(|e| RdmaError::verbs("lane socket", e))?;
+    let r = replies.clone();
+    let reader = std::thread::Builder::new()
+        .name("rmig-rdma-ack".into())
+        .spawn(move || read_replies(&mut rd, &r))
+        .map_err(|e| RdmaError::verbs("spawning the reply reader", e))?;
+    Ok((replies, reader))
 }
 
 fn read_replies(rd: &mut TcpStream, r: &Replies) {

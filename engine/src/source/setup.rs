@@ -1,0 +1,255 @@
+//! The steps of [`SourceSession::setup`](super::SourceSession::setup): the control connection
+//! and its handshake, the state the lane workers share, the RDMA registration, and the lanes
+//! with their workers.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use crossbeam_channel::Receiver;
+use rmig_numa::WorkerPool;
+use rmig_transport::rdma::{LocalMemory, RdmaDevice};
+use rmig_transport::MemoryMap;
+
+use super::connect::{self, Offer};
+use super::placement::Placement;
+use super::worker::{Report, Shared};
+use super::{lane_deadline, Crew, LaneWorker};
+use crate::bitmap::AtomicBitmap;
+use crate::cancel::CancelToken;
+use crate::control::handshake::{self, Agreed, SourceOffer};
+use crate::control::link::ControlLink;
+use crate::monitor::Monitor;
+use crate::protocol::codec::Limits;
+use crate::protocol::{Message, TransportKind};
+use crate::region::{self, Region};
+use crate::stats::MigrationStatus;
+use crate::verify::RegionHashes;
+use crate::{EngineError, SourceConfig};
+
+/// The control connection once the handshake is done, and what it settled.
+pub(super) struct Handshake {
+    pub link: ControlLink,
+    /// The destination's address: the lanes connect to it too.
+    pub peer: SocketAddr,
+    /// Our end of the control connection (it picks the RDMA device and the NIC's node).
+    pub local: SocketAddr,
+    pub agreed: Agreed,
+    /// What this source offered, and why it left RDMA out if it did.
+    pub offered: Offer,
+}
+
+/// The RDMA device and the source's memory registered on it, when the lanes are RDMA.
+pub(super) struct RdmaLanes {
+    pub dev: Arc<RdmaDevice>,
+    pub mem: Arc<LocalMemory>,
+}
+
+/// The lane workers of a session, and what starts more of them.
+pub(super) struct Lanes {
+    pub crew: Crew,
+    pub workers: Vec<LaneWorker>,
+    /// Where the workers report at the end of each round.
+    pub reports: Receiver<Report>,
+}
+
+/// Records a setup failure in the monitor and hands the error back.
+pub(super) fn record_failure(monitor: &Monitor, e: EngineError) -> EngineError {
+    monitor.update(|s| {
+        s.status = MigrationStatus::of_error(&e);
+        s.error = Some(e.to_string());
+    });
+    e
+}
+
+/// Checks the region table and the lane count before anything connects.
+pub(super) fn validate(cfg: &SourceConfig, regions: &[Region]) -> Result<(), EngineError> {
+    region::validate(regions)?;
+    if cfg.lanes == 0 || cfg.lanes > u16::MAX as usize {
+        return Err(EngineError::Config("lanes must be 1..=65535".into()));
+    }
+    Ok(())
+}
+
+/// Connects to the destination, runs the handshake and starts the control link on `rt`. A
+/// cancel that came meanwhile is told to the destination and ends the setup.
+pub(super) fn connect_control(
+    rt: &tokio::runtime::Runtime,
+    cfg: &SourceConfig,
+    regions: &[Region],
+    cancel: &CancelToken,
+) -> Result<Handshake, EngineError> {
+    let mut offer = SourceOffer {
+        versions: cfg.versions,
+        key: cfg.key.clone(),
+        regions: regions.iter().map(Region::desc).collect(),
+        transports: Vec::new(),
+        lanes: cfg.lanes as u16,
+        verify: cfg.verify,
+    };
+    let timeout = cfg.handshake_timeout;
+    let dest = cfg.dest.as_str();
+    let (stream, peer, local, agreed, offered) = rt.block_on(async {
+        let connect = tokio::net::TcpStream::connect(dest);
+        let mut s = match tokio::time::timeout(timeout, connect).await {
+            Err(_) => return Err(EngineError::Io(format!("connecting to {dest} timed out"))),
+            Ok(r) => r.map_err(|e| EngineError::Io(format!("connecting to {dest}: {e}")))?,
+        };
+        s.set_nodelay(true)?;
+        let peer = s.peer_addr()?;
+        let local = s.local_addr()?;
+        // RDMA is offered when a device serves the address this connection uses.
+        let offered = connect::offer(cfg.transport, &cfg.rdma, local.ip())?;
+        offer.transports = offered.kinds.clone();
+        let a = handshake::source(&mut s, &offer, timeout).await?;
+        Ok((s, peer, local, a, offered))
+    })?;
+    let link = ControlLink::start(rt.handle(), stream, cfg.liveness, Limits::default());
+    if cancel.is_cancelled() {
+        link.send(Message::Cancel {
+            reason: cancel.reason(),
+        });
+        return Err(EngineError::Cancelled(cancel.reason()));
+    }
+    Ok(Handshake {
+        link,
+        peer,
+        local,
+        agreed,
+        offered,
+    })
+}
+
+/// The round and pending sets, the page hashes (when verifying) and the abort flag, shared by
+/// the session and its lane workers.
+pub(super) fn shared_state(
+    cfg: &SourceConfig,
+    regions: &[Region],
+    monitor: &Arc<Monitor>,
+) -> Arc<Shared> {
+    let bitmaps = || -> Vec<AtomicBitmap> {
+        regions
+            .iter()
+            .map(|r| AtomicBitmap::new(r.pages()))
+            .collect()
+    };
+    Arc::new(Shared {
+        map: MemoryMap::new(regions.iter().map(|r| r.mem).collect()),
+        round: bitmaps(),
+        pending: bitmaps(),
+        hashes: cfg.verify.then(|| {
+            regions
+                .iter()
+                .map(|r| RegionHashes::new(r.pages(), r.page_size()))
+                .collect()
+        }),
+        ack_timeout: cfg.liveness.peer_timeout * 2,
+        abort: Default::default(),
+        monitor: monitor.clone(),
+    })
+}
+
+/// Why the session runs over TCP although RDMA was wanted (`None` if it was not, or if RDMA
+/// was agreed).
+pub(super) fn fallback_reason(hs: &Handshake) -> Option<String> {
+    match (&hs.offered.fallback, hs.agreed.transport) {
+        (Some(f), _) => Some(f.clone()),
+        (None, TransportKind::Tcp) if hs.offered.kinds[0] == TransportKind::Rdma => {
+            Some(if hs.agreed.note.is_empty() {
+                "destination: RDMA not offered".to_string()
+            } else {
+                format!("destination: {}", hs.agreed.note)
+            })
+        }
+        _ => None,
+    }
+}
+
+/// Over RDMA, registers the source's memory before the lanes open (pin-all registers all of
+/// it, and the time counts in the setup time). `None` over TCP.
+pub(super) fn register_rdma(
+    cfg: &SourceConfig,
+    hs: &Handshake,
+    map: &MemoryMap,
+) -> Result<Option<RdmaLanes>, EngineError> {
+    match (hs.agreed.transport, &hs.offered.device) {
+        (TransportKind::Rdma, Some(dev)) => {
+            let mem = LocalMemory::register(dev, map, cfg.rdma.registration, false)?;
+            Ok(Some(RdmaLanes {
+                dev: dev.clone(),
+                mem: Arc::new(mem),
+            }))
+        }
+        (TransportKind::Rdma, None) => Err(EngineError::Protocol(
+            "destination picked RDMA, which was not offered".into(),
+        )),
+        _ => Ok(None),
+    }
+}
+
+/// Joins every lane to the session, then opens each one (RDMA if `rdma`, else TCP) and starts
+/// its worker, placed as the NUMA plan says.
+pub(super) fn open_lanes(
+    cfg: &SourceConfig,
+    hs: &Handshake,
+    rdma: Option<&RdmaLanes>,
+    shared: &Arc<Shared>,
+    placement: &Placement,
+) -> Result<Lanes, EngineError> {
+    let timeout = cfg.handshake_timeout;
+    let agreed = &hs.agreed;
+    // Every lane joins first: the destination answers RDMA setup once all have joined.
+    let sockets = (0..agreed.lanes)
+        .map(|i| connect::join_lane(hs.peer, &agreed.auth, i, timeout))
+        .collect::<Result<Vec<_>, _>>()?;
+    let (rep_tx, reports) = crossbeam_channel::unbounded();
+    let crew = Crew {
+        pool: WorkerPool::flat(),
+        shared: shared.clone(),
+        reports: rep_tx,
+    };
+    let mut workers = Vec::new();
+    for (i, sock) in (0..agreed.lanes).zip(sockets) {
+        let fault = cfg.lane_faults.get(i as usize).copied().unwrap_or_default();
+        let pacer = shared.monitor.pacer.clone();
+        let kill = lane_deadline(&sock, cfg.liveness.peer_timeout)?;
+        let lane = match rdma {
+            Some(r) => connect::rdma_lane(sock, &r.dev, &r.mem, pacer, fault, timeout * 6),
+            None => connect::tcp_lane(sock, i, shared.map.clone(), pacer, fault),
+        }?;
+        let idx = i as usize;
+        workers.push(crew.start(placement, idx, idx, agreed.transport, lane, kill)?);
+    }
+    Ok(Lanes {
+        crew,
+        workers,
+        reports,
+    })
+}
+
+impl super::SourceSession {
+    /// Publishes the setup's figures (its time, transport, lanes, placement) and marks the
+    /// migration active.
+    pub(super) fn record_setup(
+        &self,
+        total: u64,
+        fallback: Option<String>,
+        rdma: Option<&RdmaLanes>,
+    ) {
+        let setup_ms = self.started.elapsed().as_secs_f64() * 1e3;
+        let lanes = self.workers.len();
+        crate::metrics::setup_done(setup_ms / 1e3, lanes, total);
+        self.monitor.update(|s| {
+            s.status = MigrationStatus::Active;
+            s.setup_time_ms = setup_ms;
+            s.transport = self.transport.name().into();
+            s.fallback_reason = fallback;
+            if let Some(r) = rdma {
+                s.rdma = Some(crate::stats::RdmaReport::of(&r.dev, &r.mem));
+            }
+            s.lanes = lanes;
+            s.ram.total = total;
+            s.ram.page_size = self.regions[0].page_size();
+            s.numa = Some(self.placement.report(&[]));
+        });
+    }
+}
