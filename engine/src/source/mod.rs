@@ -30,7 +30,7 @@ use crate::monitor::Monitor;
 use crate::protocol::{Message, TransportKind};
 use crate::region::Region;
 use crate::stats::{MigrationStats, MigrationStatus, RoundStats};
-use crate::verify::{self, RegionHashes};
+use crate::verify;
 use crate::{EngineError, SourceConfig, TransportChoice};
 use worker::{Cmd, Item, Report, Shared, Worker};
 
