@@ -259,6 +259,10 @@ struct TransportArgs {
     /// Registrations kept per lane with chunked registration.
     #[arg(long, default_value_t = 256)]
     rdma_max_chunks: u32,
+    /// Seconds within which a connection that broke during pre-copy may come back (TCP);
+    /// 0 fails the migration at once.
+    #[arg(long, default_value_t = 10.0, value_parser = parse_seconds)]
+    reconnect_window: f64,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -300,6 +304,7 @@ impl TransportArgs {
         let mut d = DestConfig::new(key);
         d.transport = self.choice();
         d.rdma = self.rdma();
+        d.reconnect_window = Duration::from_secs_f64(self.reconnect_window);
         d
     }
 }
@@ -482,6 +487,7 @@ fn source_config(dest: String, key: Key, m: &MigrateArgs) -> SourceConfig {
     c.verify = m.verify == OnOff::On;
     c.transport = m.transport.choice();
     c.rdma = m.transport.rdma();
+    c.reconnect_window = Duration::from_secs_f64(m.transport.reconnect_window);
     c.numa = match m.numa {
         NumaArg::Auto => rmig_engine::NumaMode::Auto,
         NumaArg::Off => rmig_engine::NumaMode::Off,

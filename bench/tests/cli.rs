@@ -433,6 +433,8 @@ fn a_stopped_destination_fails_the_source_within_twice_the_peer_timeout() {
     let mut src = bench()
         .args(["source", "--connect", &addr, "--size", "256MiB", "--json"])
         .args(["--max-bandwidth", "40MB", "--lanes", "2"])
+        // No reconnect window: the failure itself must come within twice the peer timeout.
+        .args(["--reconnect-window", "0"])
         .env("RMIG_KEY", key)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

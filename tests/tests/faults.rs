@@ -232,6 +232,8 @@ fn every_lane_dying_fails_cleanly() {
     let mut setup = Setup::new(&src, &dst, len);
     setup.src.lanes = 2;
     setup.src.lane_faults = vec![rmig_engine::fail_after(MIB as u64); 2];
+    // Without a reconnect window (with one, the source would open its lanes again).
+    setup.src.reconnect_window = Duration::ZERO;
     let (s, d) = setup.run();
     let se = s.unwrap_err();
     assert!(matches!(se, EngineError::AllLanesFailed(_)), "{se}");
@@ -276,6 +278,8 @@ fn a_silent_peer_is_detected_within_seconds() {
     setup.dst.liveness.heartbeat = Duration::from_secs(3600);
     setup.src.liveness.peer_timeout = Duration::from_secs(1);
     setup.src.max_bandwidth = 10_000_000;
+    // What is measured here is the detection itself, not the reconnect after it.
+    setup.src.reconnect_window = Duration::ZERO;
     let t = std::time::Instant::now();
     let (s, _) = setup.run();
     let se = s.unwrap_err();

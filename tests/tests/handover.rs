@@ -23,6 +23,7 @@ const MIB: usize = 1 << 20;
 const PEER_TIMEOUT: Duration = Duration::from_secs(1);
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(2);
 const READY_TIMEOUT: Duration = Duration::from_secs(3);
+const RECONNECT_WINDOW: Duration = Duration::from_secs(2);
 
 fn tag(m: Message) -> u8 {
     codec::encode(&m)[4]
@@ -183,6 +184,9 @@ fn run_case(trigger: Trigger, action: Break) -> Row {
     setup.src.handshake_timeout = HANDSHAKE_TIMEOUT;
     setup.dst.handshake_timeout = HANDSHAKE_TIMEOUT;
     setup.src.ready_timeout = READY_TIMEOUT;
+    // Pre-copy breaks are retried within the window (the relay never lets them through).
+    setup.src.reconnect_window = RECONNECT_WINDOW;
+    setup.dst.reconnect_window = RECONNECT_WINDOW;
     setup.dst.incoming_timeout = Some(Duration::from_secs(4));
     // A pace that makes round 0 last long enough to be broken in the middle.
     setup.src.max_bandwidth = 40_000_000;
@@ -248,7 +252,9 @@ fn check(step: &str, action: Break, committed: bool, r: &Row) {
         assert_eq!(r.dest_status, MigrationStatus::Completed, "{at}");
     }
     // Every wait is bounded: both ends return within a bound derived from the timeouts.
-    let bound = (2 * PEER_TIMEOUT + READY_TIMEOUT + HANDSHAKE_TIMEOUT).as_millis() + 1500;
+    let bound = (2 * PEER_TIMEOUT + READY_TIMEOUT + HANDSHAKE_TIMEOUT + RECONNECT_WINDOW)
+        .as_millis()
+        + 1500;
     for (end, ms) in [("source", r.source_ms), ("destination", r.dest_ms)] {
         if let Some(ms) = ms {
             assert!(

@@ -171,6 +171,12 @@ impl Receiving<'_> {
                         return Ok(());
                     }
                 }
+                // The source saw the link break before we did (silence one way, or only its
+                // lanes died): its proven reconnect wins over our old connection.
+                recv(self.reconnect.rejoins) -> r => {
+                    let Ok(rejoin) = r else { continue };
+                    phase = self.source_came_back(phase, rejoin)?;
+                }
                 default(Duration::from_millis(20)) => self.check_cancel()?,
             }
         }
@@ -270,13 +276,7 @@ impl Receiving<'_> {
     /// the source to prove it holds the session on a new connection. Its lanes then join
     /// again, and the session goes on from the next round.
     fn await_source(&mut self, phase: Phase, why: EngineError) -> Result<Phase, Failure> {
-        let next = match phase {
-            Phase::Between { next } => next,
-            Phase::InRound { round, .. } => round + 1,
-            _ => unreachable!("only pre-copy phases reconnect"),
-        };
-        self.sink.set_round_open(false);
-        self.lanes.stop();
+        let next = self.abandon(phase);
         let deadline = std::time::Instant::now() + self.reconnect.window;
         loop {
             select! {
@@ -305,6 +305,42 @@ impl Receiving<'_> {
             )),
             false,
         ))
+    }
+
+    /// A proven reconnect while our control connection still seemed alive: taken during
+    /// pre-copy (within the window's rules), refused later.
+    fn source_came_back(
+        &mut self,
+        phase: Phase,
+        (stream, attempt): super::lanes::Rejoin,
+    ) -> Result<Phase, Failure> {
+        let pre_copy = matches!(phase, Phase::Between { .. } | Phase::InRound { .. });
+        let fresh = self.reconnect.last_attempt.is_none_or(|a| attempt > a);
+        if !pre_copy || self.reconnect.window.is_zero() || !fresh {
+            return Ok(phase); // dropped: the source's attempt fails and it gives up in time
+        }
+        self.reconnect.last_attempt = Some(attempt);
+        let next = self.abandon(phase);
+        if self.take_back(stream, attempt, next) {
+            Ok(Phase::Between { next })
+        } else {
+            self.await_source(
+                Phase::Between { next },
+                EngineError::Io("the reconnect's answer could not be sent".into()),
+            )
+        }
+    }
+
+    /// Abandons the pre-copy round in progress: closes the gate and stops every lane, so
+    /// nothing stale lands later. Returns the round the source must start next.
+    fn abandon(&mut self, phase: Phase) -> u32 {
+        self.sink.set_round_open(false);
+        self.lanes.stop();
+        match phase {
+            Phase::Between { next } => next,
+            Phase::InRound { round, .. } => round + 1,
+            _ => unreachable!("only pre-copy phases reconnect"),
+        }
     }
 
     /// Answers a proven reconnect, makes its connection the session's control connection

@@ -8,6 +8,7 @@
 
 mod connect;
 mod placement;
+mod rejoin;
 mod round;
 mod setup;
 mod worker;
@@ -92,7 +93,11 @@ pub struct SourceSession {
     transport: TransportKind,
     crew: Crew,
     /// What it takes to open TCP lanes when every RDMA lane has failed (used once).
-    fallback_kit: Option<FallbackKit>,
+    fallback_kit: Option<TcpKit>,
+    /// What it takes to open TCP lanes and reconnect the session.
+    kit: TcpKit,
+    /// Reconnect attempts so far (each attempt number is used once).
+    rejoins: u32,
 }
 
 /// Starts lane workers: the pool they run on, the state they share, where they report.
@@ -139,7 +144,8 @@ impl Crew {
 }
 
 /// The session's lanes' addresses and keys, for opening TCP lanes in place of RDMA ones.
-struct FallbackKit {
+#[derive(Clone)]
+struct TcpKit {
     peer: std::net::SocketAddr,
     auth: crate::control::auth::SessionAuth,
     lanes: u16,
@@ -177,12 +183,13 @@ impl SourceSession {
             setup::open_lanes(&cfg, &hs, rdma.as_ref(), &shared, &placement).map_err(fail)?;
         // Over RDMA with `auto`, TCP lanes take over once every RDMA lane has failed.
         let may_fall_back = rdma.is_some() && cfg.transport == TransportChoice::Auto;
-        let fallback_kit = may_fall_back.then(|| FallbackKit {
+        let kit = TcpKit {
             peer: hs.peer,
             auth: hs.agreed.auth.clone(),
             lanes: hs.agreed.lanes,
             map: shared.map.clone(),
-        });
+        };
+        let fallback_kit = may_fall_back.then(|| kit.clone());
         let session = SourceSession {
             converge: Converge::new(cfg.policy),
             cfg,
@@ -206,6 +213,8 @@ impl SourceSession {
             transport: hs.agreed.transport,
             crew: lanes.crew,
             fallback_kit,
+            kit,
+            rejoins: 0,
             placement,
         };
         session.record_setup(total, fallback, rdma.as_ref());
@@ -231,7 +240,15 @@ impl SourceSession {
     fn iterate_inner(&mut self) -> Result<Step, EngineError> {
         self.check_cancel()?;
         self.fill_round_set()?;
-        let rs = self.run_round(false)?;
+        let rs = match self.run_round(false) {
+            Ok(rs) => rs,
+            Err(e) if self.may_reconnect(&e) => {
+                // The interrupted round is abandoned; the next one sends what it left.
+                self.reconnect(&e)?;
+                return Ok(Step::Continue);
+            }
+            Err(e) => return Err(e),
+        };
         let remaining = rs.remaining;
         let sent_bytes = rs.pages * self.regions[0].page_size();
         let decision = self
@@ -491,21 +508,17 @@ impl SourceSession {
         self.account_round(rs, t0.elapsed().as_secs_f64(), last)
     }
 
-    /// Every RDMA lane has failed: opens as many TCP lanes in their place and sets them on the
-    /// round's remaining work (the failed lanes' unconfirmed pages are pending again). Returns
-    /// how many lanes started; 0 if this session cannot fall back (again).
-    fn fall_back_to_tcp(
+    /// Opens the session's number of TCP lanes, numbered from `first`, and starts their
+    /// workers (set on `queues` at once, when a round is running).
+    fn open_tcp_lanes(
         &mut self,
-        why: &str,
-        queues: &Arc<Vec<Receiver<Item>>>,
-    ) -> Result<usize, EngineError> {
-        let Some(kit) = self.fallback_kit.take() else {
-            return Ok(0);
-        };
-        eprintln!("rmig: every RDMA lane failed ({why}); continuing over TCP");
+        kit: &TcpKit,
+        first: u16,
+        queues: Option<&Arc<Vec<Receiver<Item>>>>,
+    ) -> Result<(), EngineError> {
         let timeout = self.cfg.handshake_timeout;
         for j in 0..kit.lanes {
-            let n = kit.lanes + j;
+            let n = first + j;
             let sock = connect::join_lane(kit.peer, &kit.auth, n, timeout)?;
             let kill = lane_deadline(&sock, self.cfg.liveness.peer_timeout)?;
             let pacer = self.monitor.pacer.clone();
@@ -519,10 +532,30 @@ impl SourceSession {
                 lane,
                 kill,
             )?;
-            let _ = w.cmd.send(Cmd::Round(queues.clone()));
+            if let Some(q) = queues {
+                let _ = w.cmd.send(Cmd::Round(q.clone()));
+            }
             self.workers.push(w);
-            self.cpus_seen.push(Vec::new());
+            if self.cpus_seen.len() <= idx {
+                self.cpus_seen.push(Vec::new());
+            }
         }
+        Ok(())
+    }
+
+    /// Every RDMA lane has failed: opens as many TCP lanes in their place and sets them on the
+    /// round's remaining work (the failed lanes' unconfirmed pages are pending again). Returns
+    /// how many lanes started; 0 if this session cannot fall back (again).
+    fn fall_back_to_tcp(
+        &mut self,
+        why: &str,
+        queues: &Arc<Vec<Receiver<Item>>>,
+    ) -> Result<usize, EngineError> {
+        let Some(kit) = self.fallback_kit.take() else {
+            return Ok(0);
+        };
+        eprintln!("rmig: every RDMA lane failed ({why}); continuing over TCP");
+        self.open_tcp_lanes(&kit, kit.lanes, Some(queues))?;
         self.transport = TransportKind::Tcp;
         let reason = format!("every RDMA lane failed (last: {why}); continued over TCP");
         self.monitor.update(|s| {
@@ -577,10 +610,10 @@ impl SourceSession {
         self.stop_lanes();
         match &e {
             EngineError::Cancelled(r) => self.link.send(Message::Cancel { reason: r.clone() }),
+            // A silent peer may still be listening: it is told, like any other failure.
             EngineError::PeerCancelled(_)
             | EngineError::PeerError(_)
             | EngineError::PeerClosed
-            | EngineError::PeerSilent(_)
             | EngineError::HandoverUnknown(_) => {}
             other => self.link.send(Message::Error {
                 message: other.to_string(),

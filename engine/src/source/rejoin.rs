@@ -1,0 +1,133 @@
+//! Taking a session back after its control connection broke during pre-copy.
+//!
+//! A network blip longer than the peer timeout used to end the migration, and the next
+//! attempt started from round 0. Before the pause nothing is lost by waiting: the guest runs
+//! on the source, and the destination keeps what has landed. So within the reconnect window
+//! the source stops its lanes (their unconfirmed pages, and the interrupted round's unsent
+//! ones, become pending again), opens a new control connection that proves with `Rejoin` that
+//! it holds the session, learns from `RejoinOk` which round comes next, opens its lanes again
+//! and goes on. Verification is unaffected: every page the destination holds was hashed as it
+//! landed, and every page sent again is hashed again on both ends. Over RDMA, and once the
+//! guest is paused, a broken link still ends the migration (the guest then runs on here).
+
+use std::time::{Duration, Instant};
+
+use tokio::net::TcpStream;
+
+use super::{SourceSession, TcpKit};
+
+/// Most reconnects in one migration: a link that keeps breaking is not a blip.
+const MAX_RECONNECTS: u64 = 8;
+use crate::control::link::ControlLink;
+use crate::protocol::codec::{self, Limits};
+use crate::protocol::{Message, TransportKind};
+use crate::EngineError;
+
+impl SourceSession {
+    /// Whether `e`, met during a pre-copy round, is a broken link this session may reconnect
+    /// from.
+    pub(super) fn may_reconnect(&self, e: &EngineError) -> bool {
+        let link_broke = matches!(
+            e,
+            EngineError::PeerClosed
+                | EngineError::PeerSilent(_)
+                | EngineError::Io(_)
+                | EngineError::AllLanesFailed(_)
+        );
+        link_broke
+            && !self.cfg.reconnect_window.is_zero()
+            && self.monitor.stats().reconnects < MAX_RECONNECTS
+            && self.transport == TransportKind::Tcp
+            && self.paused_at.is_none()
+    }
+
+    /// Reconnects within the window, or fails with `why` and the last attempt's error.
+    pub(super) fn reconnect(&mut self, why: &EngineError) -> Result<(), EngineError> {
+        eprintln!("rmig: {why}; reconnecting");
+        self.stop_lanes();
+        self.close_workers();
+        while self.reports.try_recv().is_ok() {}
+        // The interrupted round's unsent pages go back with the unconfirmed ones.
+        for (p, r) in self.shared.pending.iter().zip(&self.shared.round) {
+            p.take_from(r);
+        }
+        self.shared
+            .abort
+            .store(false, std::sync::atomic::Ordering::Relaxed);
+        let deadline = Instant::now() + self.cfg.reconnect_window;
+        loop {
+            self.rejoins += 1;
+            let e = match self.rejoin(self.rejoins) {
+                Ok(()) => return Ok(()),
+                Err(e) => e,
+            };
+            self.check_cancel()?;
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(EngineError::Io(format!(
+                    "{why}; no reconnect within {} ms (last attempt: {e})",
+                    self.cfg.reconnect_window.as_millis()
+                )));
+            }
+            std::thread::sleep(left.min(Duration::from_millis(300)));
+        }
+    }
+
+    /// One reconnect attempt: the control connection, then every lane.
+    fn rejoin(&mut self, attempt: u32) -> Result<(), EngineError> {
+        let kit = self.kit.clone();
+        let (stream, next) =
+            self._rt
+                .block_on(rejoin_control(&kit, attempt, self.cfg.handshake_timeout))?;
+        self.link = ControlLink::start(
+            self._rt.handle(),
+            stream,
+            self.cfg.liveness,
+            Limits::default(),
+        );
+        self.workers.clear();
+        self.open_tcp_lanes(&kit, 0, None)?;
+        self.round = next;
+        self.monitor.update(|s| s.reconnects += 1);
+        eprintln!("rmig: reconnected; going on with round {next}");
+        Ok(())
+    }
+}
+
+/// Opens a control connection to the session's destination and proves the session; returns
+/// it with the round the destination expects next.
+async fn rejoin_control(
+    kit: &TcpKit,
+    attempt: u32,
+    timeout: Duration,
+) -> Result<(TcpStream, u32), EngineError> {
+    let mut s = tokio::time::timeout(timeout, TcpStream::connect(kit.peer))
+        .await
+        .map_err(|_| EngineError::Io("connecting timed out".into()))??;
+    s.set_nodelay(true)?;
+    let claim = Message::Rejoin {
+        session: kit.auth.session_id(),
+        attempt,
+        mac: kit.auth.rejoin_proof(attempt),
+    };
+    codec::write_async(&mut s, &claim).await?;
+    let answer = tokio::time::timeout(timeout, codec::read_async(&mut s)).await;
+    match answer {
+        Ok(Ok(Some(Message::RejoinOk { next_round, mac })))
+            if kit.auth.check_rejoin_ok(attempt, next_round, &mac) =>
+        {
+            Ok((s, next_round))
+        }
+        Ok(Ok(Some(Message::RejoinOk { .. }))) => Err(EngineError::Auth(
+            "the destination could not prove the session".into(),
+        )),
+        Ok(Ok(Some(Message::Error { message }))) => Err(EngineError::PeerError(message)),
+        Ok(Ok(Some(m))) => Err(EngineError::Protocol(format!(
+            "expected RejoinOk, got {}",
+            m.name()
+        ))),
+        Ok(Ok(None)) => Err(EngineError::PeerClosed),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(EngineError::Io("no RejoinOk in time".into())),
+    }
+}
