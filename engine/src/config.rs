@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use rmig_transport::rdma::Registration;
+#[cfg(feature = "fault-injection")]
 use rmig_transport::FaultPlan;
 
 use crate::control::auth::Key;
@@ -75,7 +76,8 @@ pub struct SourceConfig {
     pub ready_timeout: Duration,
     /// Protocol versions spoken (tests change this).
     pub versions: (u16, u16),
-    /// Faults to inject per lane (tests).
+    /// Faults to inject per lane (tests; the `fault-injection` feature).
+    #[cfg(feature = "fault-injection")]
     pub lane_faults: Vec<FaultPlan>,
     /// NUMA placement.
     pub numa: NumaMode,
@@ -98,6 +100,7 @@ impl SourceConfig {
             reconnect_window: Duration::from_secs(10),
             ready_timeout: Duration::from_secs(10),
             versions: (PROTOCOL_MIN, PROTOCOL_MAX),
+            #[cfg(feature = "fault-injection")]
             lane_faults: Vec::new(),
             numa: NumaMode::Auto,
         }

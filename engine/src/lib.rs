@@ -46,6 +46,7 @@ pub use stats::{
 };
 
 /// A fault plan that kills a lane once `bytes` of payload went out on it (tests).
+#[cfg(feature = "fault-injection")]
 pub fn fail_after(bytes: u64) -> rmig_transport::FaultPlan {
     rmig_transport::FaultPlan {
         fail_after_bytes: Some(bytes),
@@ -55,6 +56,7 @@ pub fn fail_after(bytes: u64) -> rmig_transport::FaultPlan {
 
 /// A fault plan that, on RDMA, writes with a wrong remote key once `bytes` of payload went
 /// out on the lane (tests).
+#[cfg(feature = "fault-injection")]
 pub fn bad_rkey_after(bytes: u64) -> rmig_transport::FaultPlan {
     rmig_transport::FaultPlan {
         bad_rkey_after_bytes: Some(bytes),

@@ -357,6 +357,32 @@ impl Setup {
     }
 }
 
+impl Setup {
+    /// Runs both ends, the source connecting through the relay that `relay` starts in front
+    /// of the destination's address; returns the source's and the destination's results.
+    pub fn run_via(
+        mut self,
+        relay: impl FnOnce(std::net::SocketAddr) -> proxy::Proxy,
+    ) -> (
+        Result<MigrationStats, EngineError>,
+        Result<DestOutcome, EngineError>,
+    ) {
+        let (d, port) = self.spawn_dest("127.0.0.1:0").expect("destination");
+        let relay = relay(([127, 0, 0, 1], port).into());
+        self.src.dest = relay.addr().to_string();
+        let s = driver::migrate(
+            self.src,
+            self.src_regions,
+            self.dirty,
+            self.embedder,
+            self.src_monitor,
+        );
+        let d = d.join().expect("destination thread");
+        drop(relay);
+        (s, d)
+    }
+}
+
 /// The error of the last connection a destination refused, from its `NoSource` error (a
 /// destination keeps listening through failed handshakes, so that is where their reasons
 /// end up). Panics on any other error.

@@ -8,6 +8,9 @@
 //! reached the destination), the relay either cuts every connection at once (what a process
 //! that dies looks like: both ends see the connection end) or freezes them (what `kill -STOP`
 //! or a silent network looks like: nothing more passes, nothing ends).
+//!
+//! A [`LaneFault`] breaks one data lane alone, the rest of the session carrying on: its
+//! destination end closes, or stays connected and never acknowledges.
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -65,9 +68,63 @@ impl Conn {
     }
 }
 
+/// What the relay does to one data lane (see [`LaneFault`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LaneBreak {
+    /// The destination's end closes the lane: the connection is shut down both ways.
+    PeerCloses,
+    /// The destination stays connected and keeps taking the lane's data, but none of what it
+    /// sends back (its acknowledgements) reaches the source.
+    NeverAcks,
+}
+
+/// A fault on one data lane, the other connections going on as they are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LaneFault {
+    /// Which lane, from 0, in the order lanes connect (a source joins them in lane order).
+    pub lane: usize,
+    /// Bytes of the lane's connection (its join message included) that reach the destination
+    /// before the fault.
+    pub after: u64,
+    /// What happens then.
+    pub action: LaneBreak,
+}
+
+/// The connection a [`LaneFault`] applies to.
+struct FaultyConn {
+    fault: LaneFault,
+    /// Bytes forwarded to the destination.
+    sent: AtomicU64,
+    fired: AtomicBool,
+    /// The source's end and the destination's, to shut down.
+    ends: [TcpStream; 2],
+}
+
+impl FaultyConn {
+    /// Counts `n` more bytes forwarded to the destination; breaks the lane once there are
+    /// enough.
+    fn forwarded(&self, n: usize) {
+        let sent = self.sent.fetch_add(n as u64, Ordering::AcqRel) + n as u64;
+        if sent < self.fault.after || self.fired.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        if self.fault.action == LaneBreak::PeerCloses {
+            for e in &self.ends {
+                let _ = e.shutdown(Shutdown::Both);
+            }
+        }
+    }
+
+    /// Whether what the destination sends is dropped.
+    fn muted(&self) -> bool {
+        self.fault.action == LaneBreak::NeverAcks && self.fired.load(Ordering::Acquire)
+    }
+}
+
 struct State {
     trigger: Trigger,
     action: Break,
+    lane_fault: Option<LaneFault>,
     fired: AtomicBool,
     fired_at: Mutex<Option<Instant>>,
     lane_bytes: AtomicU64,
@@ -129,9 +186,8 @@ impl State {
 
     /// Whether a connection may still carry data.
     fn open(&self, dead: &AtomicBool) -> bool {
-        !dead.load(Ordering::Acquire)
-            && !self.stop.load(Ordering::Acquire)
-            && !(self.action == Break::Cut && self.fired.load(Ordering::Acquire))
+        let cut = self.action == Break::Cut && self.fired.load(Ordering::Acquire);
+        !(dead.load(Ordering::Acquire) || self.stop.load(Ordering::Acquire) || cut)
     }
 }
 
@@ -145,12 +201,27 @@ pub struct Proxy {
 impl Proxy {
     /// Starts a relay to `target` that breaks the link as `trigger` and `action` say.
     pub fn start(target: SocketAddr, trigger: Trigger, action: Break) -> Proxy {
+        Proxy::spawn(target, trigger, action, None)
+    }
+
+    /// Starts a relay to `target` that breaks one data lane as `fault` says, and nothing else.
+    pub fn with_lane_fault(target: SocketAddr, fault: LaneFault) -> Proxy {
+        Proxy::spawn(target, Trigger::Never, Break::Cut, Some(fault))
+    }
+
+    fn spawn(
+        target: SocketAddr,
+        trigger: Trigger,
+        action: Break,
+        lane_fault: Option<LaneFault>,
+    ) -> Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind relay");
         let addr = listener.local_addr().unwrap();
         listener.set_nonblocking(true).unwrap();
         let state = Arc::new(State {
             trigger,
             action,
+            lane_fault,
             fired: AtomicBool::new(false),
             fired_at: Mutex::new(None),
             lane_bytes: AtomicU64::new(0),
@@ -190,7 +261,7 @@ impl Drop for Proxy {
 }
 
 fn accept_loop(listener: TcpListener, target: SocketAddr, st: Arc<State>) {
-    let mut first = true;
+    let mut accepted = 0usize;
     while !st.stop.load(Ordering::Acquire) {
         let client = match listener.accept() {
             Ok((c, _)) => c,
@@ -212,8 +283,20 @@ fn accept_loop(listener: TcpListener, target: SocketAddr, st: Arc<State>) {
             dead: dead.clone(),
         });
         // The first connection is the control connection, and so is a later one that opens
-        // with a reconnect: their frames are parsed.
-        let control = std::mem::take(&mut first) || opens_with_rejoin(&client);
+        // with a reconnect: their frames are parsed. Lane k is the (k + 2)th connection.
+        let control = accepted == 0 || opens_with_rejoin(&client);
+        accepted += 1;
+        let faulty = st
+            .lane_fault
+            .filter(|f| accepted == f.lane + 2)
+            .map(|fault| {
+                Arc::new(FaultyConn {
+                    fault,
+                    sent: AtomicU64::new(0),
+                    fired: AtomicBool::new(false),
+                    ends: [client.try_clone().unwrap(), server.try_clone().unwrap()],
+                })
+            });
         for (from, to, to_dest) in [
             (
                 client.try_clone().unwrap(),
@@ -226,8 +309,10 @@ fn accept_loop(listener: TcpListener, target: SocketAddr, st: Arc<State>) {
                 false,
             ),
         ] {
-            let (st, dead) = (st.clone(), dead.clone());
-            std::thread::spawn(move || pump(from, to, to_dest, control, &st, &dead));
+            let (st, dead, faulty) = (st.clone(), dead.clone(), faulty.clone());
+            std::thread::spawn(move || {
+                pump(from, to, to_dest, control, faulty.as_deref(), &st, &dead)
+            });
         }
     }
 }
@@ -242,12 +327,14 @@ fn opens_with_rejoin(c: &TcpStream) -> bool {
     matches!(r, Ok(5)) && head[4] == 26
 }
 
-/// Forwards one direction of one connection; frames are parsed on the control connection.
+/// Forwards one direction of one connection; frames are parsed on the control connection,
+/// and `faulty` is the lane fault of this connection, if it has one.
 fn pump(
     mut from: TcpStream,
     mut to: TcpStream,
     to_dest: bool,
     control: bool,
+    faulty: Option<&FaultyConn>,
     st: &Arc<State>,
     dead: &AtomicBool,
 ) {
@@ -264,8 +351,14 @@ fn pump(
             break;
         }
         if !control {
+            if !to_dest && faulty.is_some_and(FaultyConn::muted) {
+                continue; // what the destination says is lost
+            }
             if to.write_all(&buf[..n]).is_err() {
                 break;
+            }
+            if let (true, Some(f)) = (to_dest, faulty) {
+                f.forwarded(n);
             }
             if to_dest {
                 let total = st.lane_bytes.fetch_add(n as u64, Ordering::AcqRel) + n as u64;

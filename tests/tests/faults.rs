@@ -5,6 +5,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use rmig_engine::{DestFault, EngineError, Key, SharedDirtyLog};
+use rmig_tests::proxy::{LaneBreak, LaneFault, Proxy};
 use rmig_tests::{assert_same, last_refusal, Mem, Setup, Writer};
 
 const MIB: usize = 1 << 20;
@@ -238,6 +239,75 @@ fn every_lane_dying_fails_cleanly() {
     let se = s.unwrap_err();
     assert!(matches!(se, EngineError::AllLanesFailed(_)), "{se}");
     assert!(d.is_err());
+    assert_same(&before, src.bytes());
+}
+
+#[test]
+fn a_lane_whose_peer_closes_is_survived() {
+    let len = 64 * MIB;
+    let src = Mem::random(len, 0.0, 10);
+    let dst = Mem::new(len);
+    let mut setup = Setup::new(&src, &dst, len);
+    setup.src.lanes = 3;
+    let fault = LaneFault {
+        lane: 1,
+        after: 2 * MIB as u64,
+        action: LaneBreak::PeerCloses,
+    };
+    let (s, d) = setup.run_via(|dest| Proxy::with_lane_fault(dest, fault));
+    let s = s.expect("completes over the other lanes");
+    d.expect("destination");
+    assert_eq!(s.lanes_failed, 1);
+    assert_eq!(s.verified, Some(true));
+    assert_same(src.bytes(), dst.bytes());
+}
+
+/// A lane whose destination stays connected, takes its data and never acknowledges it.
+fn never_acked(lane: usize) -> LaneFault {
+    LaneFault {
+        lane,
+        after: MIB as u64,
+        action: LaneBreak::NeverAcks,
+    }
+}
+
+#[test]
+fn a_lane_never_acknowledged_times_out_while_the_others_carry_on() {
+    let len = 64 * MIB;
+    let src = Mem::random(len, 0.0, 11);
+    let dst = Mem::new(len);
+    let mut setup = Setup::new(&src, &dst, len);
+    setup.src.lanes = 3;
+    setup.src.liveness.peer_timeout = Duration::from_secs(1);
+    let t = std::time::Instant::now();
+    let (s, d) = setup.run_via(|dest| Proxy::with_lane_fault(dest, never_acked(1)));
+    let s = s.expect("completes over the other lanes");
+    d.expect("destination");
+    assert_eq!(s.lanes_failed, 1);
+    assert_eq!(s.verified, Some(true));
+    assert_same(src.bytes(), dst.bytes());
+    // A lane waits twice the peer timeout for its last acknowledgement.
+    assert!(t.elapsed() >= Duration::from_secs(2), "{:?}", t.elapsed());
+}
+
+#[test]
+fn a_lone_lane_never_acknowledged_fails_with_an_ack_timeout() {
+    let len = 8 * MIB;
+    let src = Mem::random(len, 0.0, 12);
+    let before = snapshot(&src);
+    let dst = Mem::new(len);
+    let mut setup = Setup::new(&src, &dst, len);
+    setup.src.lanes = 1;
+    setup.src.liveness.peer_timeout = Duration::from_secs(1);
+    let t = std::time::Instant::now();
+    let (s, d) = setup.run_via(|dest| Proxy::with_lane_fault(dest, never_acked(0)));
+    let se = s.unwrap_err();
+    assert!(
+        matches!(se, EngineError::AllLanesFailed(ref m) if m.contains("no acknowledgement")),
+        "{se}"
+    );
+    assert!(d.is_err());
+    assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
     assert_same(&before, src.bytes());
 }
 

@@ -13,6 +13,7 @@
 
 pub mod batch;
 pub mod error;
+#[cfg(feature = "fault-injection")]
 pub mod fault;
 pub mod mem;
 pub mod pace;
@@ -23,7 +24,8 @@ pub mod tcp;
 
 pub use batch::{Batch, Run, RunKind};
 pub use error::LaneError;
-pub use fault::FaultPlan;
+#[cfg(feature = "fault-injection")]
+pub use fault::{Breakable, FaultPlan, FaultyLane};
 pub use mem::{GuestPages, MemRegion, MemoryMap};
 pub use pace::Pacer;
 

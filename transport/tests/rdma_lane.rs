@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use rmig_transport::rdma::{DestPrepared, LocalMemory, RdmaDevice, Registration, SourcePrepared};
 use rmig_transport::{
-    Batch, FaultPlan, LaneError, MemRegion, MemoryMap, Pacer, PageSink, Run, RunKind, SourceLane,
+    Batch, FaultPlan, FaultyLane, LaneError, MemRegion, MemoryMap, Pacer, PageSink, Run, RunKind,
+    SourceLane,
 };
 
 const PAGE: usize = 4096;
@@ -71,9 +72,10 @@ fn run(
     let (se, de) = (sp.endpoint(), dp.endpoint());
     let (ssock, dsock) = pair();
     let mut dlane = dp.connect(&se, dsock).unwrap();
-    let mut slane = sp
-        .connect(&de, remote, ssock, Arc::new(Pacer::new(0)), fault)
+    let slane = sp
+        .connect(&de, remote, ssock, Arc::new(Pacer::new(0)))
         .unwrap();
+    let mut slane = FaultyLane::new(slane, fault);
     let sink = Sink {
         map: dmap.clone(),
         landed: Mutex::new(0),

@@ -1,5 +1,6 @@
-//! A TCP lane end to end: runs land where they belong, acknowledgements come back, and a
-//! hostile header is refused before a byte of its payload is written.
+//! A TCP lane end to end: runs land where they belong, acknowledgements come back, a hostile
+//! header is refused before a byte of its payload is written, and a lane broken on purpose
+//! mid-batch leaves the destination with a batch cut short.
 
 use std::io::Write;
 use std::net::{TcpListener, TcpStream};
@@ -10,7 +11,8 @@ use std::time::Duration;
 use rmig_transport::tcp::wire::{Header, KIND_DATA};
 use rmig_transport::tcp::{TcpDestLane, TcpSourceLane};
 use rmig_transport::{
-    Batch, FaultPlan, LaneError, MemRegion, MemoryMap, Pacer, PageSink, Run, RunKind, SourceLane,
+    Batch, FaultPlan, FaultyLane, LaneError, MemRegion, MemoryMap, Pacer, PageSink, Run, RunKind,
+    SourceLane,
 };
 
 struct Count {
@@ -60,8 +62,7 @@ fn runs_land_and_are_acknowledged() {
     });
     let c2 = count.clone();
     let recv = std::thread::spawn(move || TcpDestLane::new(b, dmap).unwrap().run(c2.as_ref()));
-    let mut lane =
-        TcpSourceLane::new(a, smap, Arc::new(Pacer::new(0)), FaultPlan::default()).unwrap();
+    let mut lane = TcpSourceLane::new(a, smap, Arc::new(Pacer::new(0))).unwrap();
     let batch = Batch {
         seq: 1,
         runs: vec![
@@ -210,8 +211,7 @@ fn a_reading_sink_gets_the_staged_bytes_of_runs_longer_than_the_stage() {
     });
     let s2 = sink.clone();
     let recv = std::thread::spawn(move || TcpDestLane::new(b, dmap).unwrap().run(s2.as_ref()));
-    let mut lane =
-        TcpSourceLane::new(a, smap, Arc::new(Pacer::new(0)), FaultPlan::default()).unwrap();
+    let mut lane = TcpSourceLane::new(a, smap, Arc::new(Pacer::new(0))).unwrap();
     let batch = Batch {
         seq: 1,
         runs: vec![Run {
@@ -238,4 +238,48 @@ fn a_reading_sink_gets_the_staged_bytes_of_runs_longer_than_the_stage() {
             "page {i}"
         );
     }
+}
+
+/// A batch of one data run of `npages` pages from `first`.
+fn data_batch(seq: u64, first: u64, npages: u32) -> Batch {
+    Batch {
+        seq,
+        runs: vec![Run {
+            region: 0,
+            first_page: first,
+            npages,
+            kind: RunKind::Data,
+        }],
+        data_bytes: npages as u64 * 4096,
+    }
+}
+
+#[test]
+fn a_faulty_lane_tears_the_batch_that_crosses_its_limit() {
+    let mut src = aligned(8);
+    for (i, w) in src.iter_mut().enumerate() {
+        *w = !(i as u64);
+    }
+    let mut dst = aligned(8);
+    let (a, recv) = receiver(&mut dst);
+    let lane = TcpSourceLane::new(a, map_of(&mut src), Arc::new(Pacer::new(0))).unwrap();
+    let plan = FaultPlan {
+        fail_after_bytes: Some(4 * 4096),
+        ..Default::default()
+    };
+    let mut lane = FaultyLane::new(lane, plan);
+    lane.send(&data_batch(1, 0, 4)).unwrap();
+    lane.wait_acked(1, Duration::from_secs(5)).unwrap();
+    let e = lane.send(&data_batch(2, 4, 4)).unwrap_err();
+    assert!(matches!(e, LaneError::Injected(_)), "{e}");
+    let r = recv.join().unwrap();
+    assert!(
+        matches!(r, Err(LaneError::Closed)),
+        "a batch cut short ends the destination's lane without a close: {r:?}"
+    );
+    assert_eq!(&src[..4 * 512], &dst[..4 * 512], "the first batch landed");
+    assert!(
+        dst[6 * 512..].iter().all(|&w| w == 0),
+        "the torn batch's second half never left"
+    );
 }

@@ -5,11 +5,11 @@ use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::time::Duration;
 
-use rmig_transport::rdma::{LocalMemory, RdmaDevice, SourcePrepared};
+use rmig_transport::rdma::{LocalMemory, RdmaDevice, RdmaSourceLane, SourcePrepared};
 use rmig_transport::tcp::TcpSourceLane;
-use rmig_transport::{FaultPlan, MemoryMap, Pacer, SourceLane};
+use rmig_transport::{MemoryMap, Pacer, SourceLane};
 
-use crate::config::{RdmaConfig, TransportChoice};
+use crate::config::{RdmaConfig, SourceConfig, TransportChoice};
 use crate::control::auth::SessionAuth;
 use crate::protocol::{codec, Message, TransportKind};
 use crate::EngineError;
@@ -90,12 +90,9 @@ pub(crate) fn tcp_lane(
     lane: u16,
     map: MemoryMap,
     pacer: Arc<Pacer>,
-    fault: FaultPlan,
-) -> Result<Box<dyn SourceLane>, EngineError> {
+) -> Result<TcpSourceLane, EngineError> {
     s.set_read_timeout(None)?;
-    let l = TcpSourceLane::new(s, map, pacer, fault)
-        .map_err(|e| EngineError::lane(lane as usize, &e))?;
-    Ok(Box::new(l))
+    TcpSourceLane::new(s, map, pacer).map_err(|e| EngineError::lane(lane as usize, &e))
 }
 
 /// An RDMA lane on a joined socket: queue pair addresses and the destination's memory keys
@@ -106,9 +103,8 @@ pub(crate) fn rdma_lane(
     dev: &Arc<RdmaDevice>,
     mem: &Arc<LocalMemory>,
     pacer: Arc<Pacer>,
-    fault: FaultPlan,
     wait: Duration,
-) -> Result<Box<dyn SourceLane>, EngineError> {
+) -> Result<RdmaSourceLane, EngineError> {
     let prep = SourcePrepared::new(dev.clone(), mem.clone())?;
     codec::write_sync(
         &mut s,
@@ -128,5 +124,27 @@ pub(crate) fn rdma_lane(
         }
     };
     s.set_read_timeout(None)?;
-    Ok(Box::new(prep.connect(&peer, remote, s, pacer, fault)?))
+    Ok(prep.connect(&peer, remote, s, pacer)?)
+}
+
+/// Lane `idx` of a session configured by `cfg`, wrapped in the faults the configuration
+/// plans for it (tests).
+#[cfg(feature = "fault-injection")]
+pub(crate) fn with_faults<L>(lane: L, cfg: &SourceConfig, idx: usize) -> Box<dyn SourceLane>
+where
+    L: rmig_transport::Breakable + 'static,
+{
+    match cfg.lane_faults.get(idx) {
+        Some(&plan) => Box::new(rmig_transport::FaultyLane::new(lane, plan)),
+        None => Box::new(lane),
+    }
+}
+
+/// Lane `idx` of a session configured by `cfg` (a build without fault injection: as it is).
+#[cfg(not(feature = "fault-injection"))]
+pub(crate) fn with_faults<L>(lane: L, _cfg: &SourceConfig, _idx: usize) -> Box<dyn SourceLane>
+where
+    L: SourceLane + 'static,
+{
+    Box::new(lane)
 }

@@ -522,7 +522,7 @@ impl SourceSession {
             let sock = connect::join_lane(kit.peer, &kit.auth, n, timeout)?;
             let kill = lane_deadline(&sock, self.cfg.liveness.peer_timeout)?;
             let pacer = self.monitor.pacer.clone();
-            let lane = connect::tcp_lane(sock, n, kit.map.clone(), pacer, Default::default())?;
+            let lane = Box::new(connect::tcp_lane(sock, n, kit.map.clone(), pacer)?);
             let idx = self.workers.len();
             let w = self.crew.start(
                 &self.placement,

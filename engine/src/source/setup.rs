@@ -209,14 +209,19 @@ pub(super) fn open_lanes(
     };
     let mut workers = Vec::new();
     for (i, sock) in (0..agreed.lanes).zip(sockets) {
-        let fault = cfg.lane_faults.get(i as usize).copied().unwrap_or_default();
         let pacer = shared.monitor.pacer.clone();
         let kill = lane_deadline(&sock, cfg.liveness.peer_timeout)?;
-        let lane = match rdma {
-            Some(r) => connect::rdma_lane(sock, &r.dev, &r.mem, pacer, fault, timeout * 6),
-            None => connect::tcp_lane(sock, i, shared.map.clone(), pacer, fault),
-        }?;
         let idx = i as usize;
+        let lane = match rdma {
+            Some(r) => {
+                let lane = connect::rdma_lane(sock, &r.dev, &r.mem, pacer, timeout * 6)?;
+                connect::with_faults(lane, cfg, idx)
+            }
+            None => {
+                let lane = connect::tcp_lane(sock, i, shared.map.clone(), pacer)?;
+                connect::with_faults(lane, cfg, idx)
+            }
+        };
         workers.push(crew.start(placement, idx, idx, agreed.transport, lane, kill)?);
     }
     Ok(Lanes {

@@ -159,7 +159,8 @@ impl Queue {
         Ok(())
     }
 
-    /// Moves the queue pair to the error state: everything outstanding is flushed.
+    /// Moves the queue pair to the error state: everything outstanding is flushed (tests).
+    #[cfg(feature = "fault-injection")]
     pub fn set_error(&mut self) {
         let mut attr = QueuePairAttribute::new();
         attr.setup_state(QueuePairState::Error);

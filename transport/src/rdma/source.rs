@@ -24,7 +24,7 @@ use super::queue::{Completion, QpEndpoint, Queue};
 use super::wire::{self, Reply, REPLY_LEN, SLOT_BYTES};
 use super::{RdmaDevice, RdmaError};
 use crate::replies::{lock, read_records};
-use crate::{Batch, FaultPlan, LaneError, Pacer, RunKind, SourceLane};
+use crate::{Batch, LaneError, Pacer, RunKind, SourceLane};
 
 /// Most scatter-gather entries rmig puts in one WRITE (the device may allow fewer).
 pub const MAX_SGE: u32 = 16;
@@ -79,7 +79,6 @@ impl SourcePrepared {
         remote: RemoteMemory,
         stream: TcpStream,
         pacer: Arc<Pacer>,
-        fault: FaultPlan,
     ) -> Result<RdmaSourceLane, RdmaError> {
         self.check_remote(&remote)?;
         self.queue.connect(peer)?;
@@ -107,7 +106,6 @@ impl SourcePrepared {
             replies,
             reader: Some(reader),
             pacer,
-            fault,
             sge_max: dev.max_sge.min(MAX_SGE) as usize,
             pending: Vec::new(),
             sges: Vec::new(),
@@ -120,9 +118,10 @@ impl SourcePrepared {
             seq_posted: 0,
             sent: VecDeque::new(),
             done_seq: 0,
-            payload_sent: 0,
             comps: Vec::new(),
             failed: None,
+            #[cfg(feature = "fault-injection")]
+            rkey_flip: 0,
         })
     }
 
@@ -214,7 +213,6 @@ pub struct RdmaSourceLane {
     replies: Arc<Replies>,
     reader: Option<JoinHandle<()>>,
     pacer: Arc<Pacer>,
-    fault: FaultPlan,
     sge_max: usize,
     pending: Vec<PendingWrite>,
     sges: Vec<ibv_sge>,
@@ -233,9 +231,11 @@ pub struct RdmaSourceLane {
     sent: VecDeque<(u64, u64)>,
     /// The highest batch whose work requests have all completed on this side.
     done_seq: u64,
-    payload_sent: u64,
     comps: Vec<Completion>,
     failed: Option<String>,
+    /// Tests: what the remote key of every WRITE is XORed with (0: the right keys).
+    #[cfg(feature = "fault-injection")]
+    rkey_flip: u32,
 }
 
 impl RdmaSourceLane {
@@ -329,10 +329,6 @@ impl RdmaSourceLane {
             })?;
             let sig = self.next_sig;
             self.next_sig += 1;
-            let bad_rkey = self
-                .fault
-                .bad_rkey_after_bytes
-                .is_some_and(|l| self.payload_sent >= l);
             let mut guard = self.queue.qp.start_post_send();
             for i in done..done + n {
                 let last = i + 1 == done + n;
@@ -343,8 +339,12 @@ impl RdmaSourceLane {
                 };
                 if i < self.pending.len() {
                     let w = self.pending[i];
-                    let rkey = if bad_rkey { w.rkey ^ 0x5a } else { w.rkey };
-                    let h = guard.construct_wr(id, flags).setup_write(rkey, w.addr);
+                    #[cfg(feature = "fault-injection")]
+                    let w = PendingWrite {
+                        rkey: w.rkey ^ self.rkey_flip,
+                        ..w
+                    };
+                    let h = guard.construct_wr(id, flags).setup_write(w.rkey, w.addr);
                     // SAFETY: every entry points into guest memory or the descriptor buffers,
                     // registered (lkey) and alive until this work request completes: the
                     // queue pair is destroyed before either.
@@ -540,10 +540,9 @@ impl RdmaSourceLane {
         }
         Ok(())
     }
-}
 
-impl SourceLane for RdmaSourceLane {
-    fn send(&mut self, batch: &Batch) -> Result<u64, LaneError> {
+    /// Queues the WRITEs of `batch`'s data runs (posting them in chains as they fill).
+    fn queue_batch(&mut self, batch: &Batch) -> Result<(), LaneError> {
         self.reap()?;
         if batch.runs.len() > wire::MAX_DESC_RUNS {
             return Err(LaneError::Malformed(format!(
@@ -551,10 +550,6 @@ impl SourceLane for RdmaSourceLane {
                 batch.runs.len()
             )));
         }
-        let kill = self
-            .fault
-            .fail_after_bytes
-            .is_some_and(|l| self.payload_sent + batch.data_bytes > l);
         for run in &batch.runs {
             if run.kind == RunKind::Data {
                 let region = *self
@@ -566,13 +561,13 @@ impl SourceLane for RdmaSourceLane {
                 self.queue_writes(run.region, run.first_page * ps, run.npages as u64 * ps)?;
             }
         }
-        if kill {
-            // Post half of the writes, then force the queue pair into the error state.
-            self.pending.truncate(self.pending.len() / 2);
-            let _ = self.post(None);
-            self.queue.set_error();
-            return self.fail(LaneError::Injected("queue pair forced into error"));
-        }
+        Ok(())
+    }
+}
+
+impl SourceLane for RdmaSourceLane {
+    fn send(&mut self, batch: &Batch) -> Result<u64, LaneError> {
+        self.queue_batch(batch)?;
         self.wait_credit(0)?;
         let slot = self.slot()?;
         let seq = batch.seq;
@@ -585,7 +580,6 @@ impl SourceLane for RdmaSourceLane {
         self.post(Some((slot, len)))?;
         self.sent.push_back((self.slot_sig[slot], seq));
         self.seq_posted = seq;
-        self.payload_sent += batch.data_bytes;
         Ok(total)
     }
 
@@ -616,6 +610,25 @@ impl SourceLane for RdmaSourceLane {
         }
         let _ = self.stream.flush();
         let _ = self.stream.shutdown(Shutdown::Write);
+    }
+}
+
+#[cfg(feature = "fault-injection")]
+impl crate::fault::Breakable for RdmaSourceLane {
+    fn tear(&mut self, batch: &Batch) -> LaneError {
+        if let Err(e) = self.queue_batch(batch) {
+            return e;
+        }
+        // Post half of the writes, then force the queue pair into the error state.
+        self.pending.truncate(self.pending.len() / 2);
+        let _ = self.post(None);
+        self.queue.set_error();
+        let e = self.fail::<()>(LaneError::Injected("queue pair forced into error"));
+        e.expect_err("fail always fails")
+    }
+
+    fn corrupt_remote_keys(&mut self) {
+        self.rkey_flip = 0x5a;
     }
 }
 

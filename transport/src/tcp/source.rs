@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use super::wire::{self, Header, ACK_LEN, HEADER_LEN};
 use crate::replies::{lock, read_records};
-use crate::{Batch, FaultPlan, LaneError, MemoryMap, Pacer, RunKind, SourceLane};
+use crate::{Batch, LaneError, MemoryMap, Pacer, RunKind, SourceLane};
 
 /// Most slices one `writev` takes (Linux's IOV_MAX).
 const IOV_MAX: usize = 1024;
@@ -36,19 +36,12 @@ pub struct TcpSourceLane {
     pacer: Arc<Pacer>,
     acks: Arc<Acks>,
     reader: Option<JoinHandle<()>>,
-    fault: FaultPlan,
-    payload_sent: u64,
     headers: Vec<[u8; HEADER_LEN]>,
 }
 
 impl TcpSourceLane {
     /// Takes over a connected, authenticated lane socket.
-    pub fn new(
-        stream: TcpStream,
-        map: MemoryMap,
-        pacer: Arc<Pacer>,
-        fault: FaultPlan,
-    ) -> Result<Self, LaneError> {
+    pub fn new(stream: TcpStream, map: MemoryMap, pacer: Arc<Pacer>) -> Result<Self, LaneError> {
         stream.set_nodelay(true)?;
         let acks = Arc::new(Acks::default());
         let mut rd = stream.try_clone()?;
@@ -62,8 +55,6 @@ impl TcpSourceLane {
             pacer,
             acks,
             reader: Some(reader),
-            fault,
-            payload_sent: 0,
             headers: Vec::new(),
         })
     }
@@ -141,8 +132,10 @@ unsafe fn write_all_iov(s: &TcpStream, mut iov: &mut [libc::iovec]) -> std::io::
     Ok(())
 }
 
-impl SourceLane for TcpSourceLane {
-    fn send(&mut self, batch: &Batch) -> Result<u64, LaneError> {
+impl TcpSourceLane {
+    /// The I/O vector of `batch` (a header per run, data runs' pages straight from guest
+    /// memory, the batch-end header) and its length in bytes. Fails if the lane has ended.
+    fn frame(&mut self, batch: &Batch) -> Result<(Vec<libc::iovec>, u64), LaneError> {
         if let Some(r) = self.closed_reason() {
             return Err(LaneError::Io(std::io::Error::other(r)));
         }
@@ -188,28 +181,17 @@ impl SourceLane for TcpSourceLane {
         }
         iov.push(iovec_of(self.headers.last().expect("batch end header")));
         total += HEADER_LEN as u64;
+        Ok((iov, total))
+    }
+}
 
+impl SourceLane for TcpSourceLane {
+    fn send(&mut self, batch: &Batch) -> Result<u64, LaneError> {
+        let (mut iov, total) = self.frame(batch)?;
         self.pacer.take(total);
-        if let Some(limit) = self.fault.fail_after_bytes {
-            if self.payload_sent + batch.data_bytes > limit {
-                // Die mid-batch: half the bytes reach the peer, then the connection drops.
-                let mut half = total / 2;
-                for v in iov.iter_mut() {
-                    v.iov_len = (v.iov_len as u64).min(half) as usize;
-                    half -= v.iov_len as u64;
-                }
-                iov.retain(|v| v.iov_len > 0);
-                // SAFETY: the entries describe `self.headers` and pages of `self.map`'s
-                // regions (shortened, never lengthened), valid for reads during the call.
-                let _ = unsafe { write_all_iov(&self.stream, &mut iov) };
-                let _ = self.stream.shutdown(Shutdown::Both);
-                return Err(LaneError::Injected("lane killed mid-batch"));
-            }
-        }
         // SAFETY: the entries describe `self.headers`, unchanged until the call returns, and
         // pages of `self.map`'s regions, readable for the session by their contract.
         unsafe { write_all_iov(&self.stream, &mut iov) }?;
-        self.payload_sent += batch.data_bytes;
         Ok(total)
     }
 
@@ -250,6 +232,29 @@ impl SourceLane for TcpSourceLane {
         .encode();
         let _ = self.stream.write_all(&h);
         let _ = self.stream.shutdown(Shutdown::Write);
+    }
+}
+
+#[cfg(feature = "fault-injection")]
+impl crate::fault::Breakable for TcpSourceLane {
+    fn tear(&mut self, batch: &Batch) -> LaneError {
+        let (mut iov, total) = match self.frame(batch) {
+            Ok(f) => f,
+            Err(e) => return e,
+        };
+        self.pacer.take(total);
+        // Die mid-batch: half the bytes reach the peer, then the connection drops.
+        let mut half = total / 2;
+        for v in iov.iter_mut() {
+            v.iov_len = (v.iov_len as u64).min(half) as usize;
+            half -= v.iov_len as u64;
+        }
+        iov.retain(|v| v.iov_len > 0);
+        // SAFETY: the entries describe `self.headers` and pages of `self.map`'s regions
+        // (shortened, never lengthened), valid for reads during the call.
+        let _ = unsafe { write_all_iov(&self.stream, &mut iov) };
+        let _ = self.stream.shutdown(Shutdown::Both);
+        LaneError::Injected("lane killed mid-batch")
     }
 }
 
