@@ -299,6 +299,8 @@ fn a_lone_lane_never_acknowledged_fails_with_an_ack_timeout() {
     let mut setup = Setup::new(&src, &dst, len);
     setup.src.lanes = 1;
     setup.src.liveness.peer_timeout = Duration::from_secs(1);
+    // Without a reconnect window: with one, the source reopens its lane and completes.
+    setup.src.reconnect_window = Duration::ZERO;
     let t = std::time::Instant::now();
     let (s, d) = setup.run_via(|dest| Proxy::with_lane_fault(dest, never_acked(0)));
     let se = s.unwrap_err();
