@@ -292,6 +292,15 @@ pub fn check_touched(
     out
 }
 
+/// The chunks of a verdict, for an error message: "region 0 chunk 3, region 1 chunk 0".
+pub fn describe(mismatches: &[(u32, u64)]) -> String {
+    let list: Vec<String> = mismatches
+        .iter()
+        .map(|(r, c)| format!("region {r} chunk {c}"))
+        .collect();
+    list.join(", ")
+}
+
 /// Compares per-region chunk digests; returns the (region, chunk) pairs that differ, at most
 /// `limit` of them, and whether the shapes agree at all.
 pub fn mismatches(ours: &[Vec<u64>], theirs: &[Vec<u64>], limit: usize) -> Vec<(u32, u64)> {

@@ -162,6 +162,25 @@ fn authenticated() -> (
     (addr, d, ctl, agreed, dst, rt)
 }
 
+/// Joins lane 0 of an authenticated session as its source would.
+fn join_lane_0(
+    addr: std::net::SocketAddr,
+    agreed: &rmig_engine::control::handshake::Agreed,
+) -> TcpStream {
+    let mut lane = TcpStream::connect(addr).unwrap();
+    codec::write_sync(
+        &mut lane,
+        &Message::LaneJoin {
+            session: agreed.auth.session_id(),
+            lane: 0,
+            mac: agreed.auth.lane_proof(0),
+        },
+    )
+    .unwrap();
+    assert_eq!(codec::read_sync(&mut lane).unwrap(), Message::LaneAccepted);
+    lane
+}
+
 #[test]
 fn a_lane_that_cannot_prove_membership_is_refused() {
     // A genuine source authenticates; a stranger then tries to join as a lane.
@@ -189,17 +208,7 @@ fn a_lane_that_cannot_prove_membership_is_refused() {
 fn an_authenticated_lane_sending_a_run_outside_the_region_ends_the_migration() {
     // A source that passes every check and then writes past the end of guest memory.
     let (addr, d, _ctl, agreed, dst, _rt) = authenticated();
-    let mut lane = TcpStream::connect(addr).unwrap();
-    codec::write_sync(
-        &mut lane,
-        &Message::LaneJoin {
-            session: agreed.auth.session_id(),
-            lane: 0,
-            mac: agreed.auth.lane_proof(0),
-        },
-    )
-    .unwrap();
-    assert_eq!(codec::read_sync(&mut lane).unwrap(), Message::LaneAccepted);
+    let mut lane = join_lane_0(addr, &agreed);
     let h = rmig_transport::tcp::wire::Header {
         kind: rmig_transport::tcp::wire::KIND_DATA,
         region: 0,
@@ -370,17 +379,7 @@ fn lane_data_outside_an_open_round_is_refused_and_never_lands() {
     // started on the control connection: the destination waits briefly for the round, then
     // refuses the run and ends the lane without writing a byte.
     let (addr, d, ctl, agreed, dst, _rt) = authenticated();
-    let mut lane = TcpStream::connect(addr).unwrap();
-    codec::write_sync(
-        &mut lane,
-        &Message::LaneJoin {
-            session: agreed.auth.session_id(),
-            lane: 0,
-            mac: agreed.auth.lane_proof(0),
-        },
-    )
-    .unwrap();
-    assert_eq!(codec::read_sync(&mut lane).unwrap(), Message::LaneAccepted);
+    let mut lane = join_lane_0(addr, &agreed);
     let h = rmig_transport::tcp::wire::Header {
         kind: rmig_transport::tcp::wire::KIND_DATA,
         region: 0,

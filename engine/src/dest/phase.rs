@@ -439,12 +439,11 @@ impl Receiving<'_> {
         if ok {
             return Ok(());
         }
-        let list: Vec<String> = mism
-            .iter()
-            .map(|(r, c)| format!("region {r} chunk {c}"))
-            .collect();
         Err((
-            EngineError::VerifyFailed(format!("we differ from the source in {}", list.join(", "))),
+            EngineError::VerifyFailed(format!(
+                "we differ from the source in {}",
+                verify::describe(&mism)
+            )),
             false,
         ))
     }

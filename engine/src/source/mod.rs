@@ -394,13 +394,9 @@ impl SourceSession {
         if ok {
             return Ok(());
         }
-        let list: Vec<String> = mism
-            .iter()
-            .map(|(r, c)| format!("region {r} chunk {c}"))
-            .collect();
         Err(EngineError::VerifyFailed(format!(
             "destination differs in {}",
-            list.join(", ")
+            verify::describe(&mism)
         )))
     }
 
