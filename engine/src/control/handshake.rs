@@ -190,13 +190,42 @@ pub async fn dest(
 }
 
 /// The destination's side of the handshake, once the connection's first message (`first`,
-/// which must be `Hello`) has been read.
+/// which must be `Hello`) has been read: version, mutual proof of the key, region table,
+/// transport, each step refused with its reason.
 pub async fn dest_after(
     s: &mut TcpStream,
     first: Message,
     acc: &DestAccept,
     timeout: Duration,
 ) -> Result<Agreed, EngineError> {
+    let (version, dnonce) = pick_version(s, first, acc).await?;
+    let auth = prove_key(s, acc, dnonce, timeout).await?;
+    match recv(s, timeout, "RegionTable").await? {
+        Message::RegionTable { regions } => {
+            if let Err(e) = region::compare(&acc.regions, &regions) {
+                return refuse(s, e).await;
+            }
+        }
+        m => return refuse(s, unexpected("RegionTable", &m)).await,
+    }
+    codec::write_async(s, &Message::RegionsOk).await?;
+    let (transport, lanes, verify) = pick_transport(s, acc, timeout).await?;
+    Ok(Agreed {
+        version,
+        auth,
+        transport,
+        lanes,
+        verify,
+        note: String::new(),
+    })
+}
+
+/// Answers `Hello` with the highest common version and our challenge.
+async fn pick_version(
+    s: &mut TcpStream,
+    first: Message,
+    acc: &DestAccept,
+) -> Result<(u16, [u8; 32]), EngineError> {
     let (pmin, pmax) = match first {
         Message::Hello {
             min_version,
@@ -215,44 +244,45 @@ pub async fn dest_after(
         return refuse(s, e).await;
     }
     let dnonce = auth::nonce()?;
-    codec::write_async(
-        s,
-        &Message::HelloAck {
-            version,
-            nonce: dnonce,
-        },
-    )
-    .await?;
+    let ack = Message::HelloAck {
+        version,
+        nonce: dnonce,
+    };
+    codec::write_async(s, &ack).await?;
+    Ok((version, dnonce))
+}
+
+/// Checks the source's proof of the key and proves it back.
+async fn prove_key(
+    s: &mut TcpStream,
+    acc: &DestAccept,
+    dnonce: [u8; 32],
+    timeout: Duration,
+) -> Result<SessionAuth, EngineError> {
     let a = match recv(s, timeout, "AuthProof").await? {
         Message::AuthProof { nonce, mac } => {
             let a = SessionAuth::new(acc.key.clone(), dnonce, nonce);
             if !a.check_source(&mac) {
-                return refuse(
-                    s,
-                    EngineError::Auth("the source could not prove the pre-shared key".into()),
-                )
-                .await;
+                let e = EngineError::Auth("the source could not prove the pre-shared key".into());
+                return refuse(s, e).await;
             }
             a
         }
         m => return refuse(s, unexpected("AuthProof", &m)).await,
     };
-    codec::write_async(
-        s,
-        &Message::AuthOk {
-            mac: a.dest_proof(),
-        },
-    )
-    .await?;
-    match recv(s, timeout, "RegionTable").await? {
-        Message::RegionTable { regions } => {
-            if let Err(e) = region::compare(&acc.regions, &regions) {
-                return refuse(s, e).await;
-            }
-        }
-        m => return refuse(s, unexpected("RegionTable", &m)).await,
-    }
-    codec::write_async(s, &Message::RegionsOk).await?;
+    let ok = Message::AuthOk {
+        mac: a.dest_proof(),
+    };
+    codec::write_async(s, &ok).await?;
+    Ok(a)
+}
+
+/// Picks the first offered transport we can serve and the number of lanes.
+async fn pick_transport(
+    s: &mut TcpStream,
+    acc: &DestAccept,
+    timeout: Duration,
+) -> Result<(TransportKind, u16, bool), EngineError> {
     let (kinds, lanes, verify) = match recv(s, timeout, "TransportOffer").await? {
         Message::TransportOffer {
             kinds,
@@ -267,35 +297,23 @@ pub async fn dest_after(
         } else {
             format!(" ({})", acc.note)
         };
-        return refuse(
-            s,
-            EngineError::Protocol(format!("no transport both ends can use{why}")),
-        )
-        .await;
+        let e = EngineError::Protocol(format!("no transport both ends can use{why}"));
+        return refuse(s, e).await;
     };
     if lanes == 0 {
         return refuse(s, EngineError::Protocol("zero lanes requested".into())).await;
     }
     let lanes = lanes.min(acc.max_lanes.max(1));
-    codec::write_async(
-        s,
-        &Message::TransportAccept {
-            kind: transport,
-            lanes,
-            note: if kinds.first() == Some(&transport) {
-                String::new()
-            } else {
-                acc.note.clone()
-            },
-        },
-    )
-    .await?;
-    Ok(Agreed {
-        version,
-        auth: a,
-        transport,
+    let note = if kinds.first() == Some(&transport) {
+        String::new()
+    } else {
+        acc.note.clone()
+    };
+    let accept = Message::TransportAccept {
+        kind: transport,
         lanes,
-        verify,
-        note: String::new(),
-    })
+        note,
+    };
+    codec::write_async(s, &accept).await?;
+    Ok((transport, lanes, verify))
 }
