@@ -31,7 +31,7 @@ use crate::{DestConfig, EngineError};
 use incoming::{Door, Incoming};
 use lanes::{LaneResult, LaneThreads};
 use phase::{Failure, Receiving};
-use rmig_transport::rdma::{DestPrepared, LocalMemory, RdmaDestLane, RdmaDevice};
+use rmig_transport::rdma::{LocalMemory, RdmaDestLane, RdmaDevice};
 use rmig_transport::{DestLane, MemoryMap};
 use sink::DestSink;
 
@@ -357,8 +357,8 @@ fn collect_lanes(
     summaries
 }
 
-/// Registers the destination's memory and connects one queue pair per lane socket: reads the
-/// source's `RdmaConnect`, answers `RdmaAccept` with our queue pair and memory keys.
+/// Registers the destination's memory and connects one queue pair per lane socket (the
+/// transport's own exchange on each socket, bounded by `timeout`).
 fn rdma_setup(
     dev: &Arc<RdmaDevice>,
     map: &MemoryMap,
@@ -367,32 +367,9 @@ fn rdma_setup(
     timeout: Duration,
 ) -> Result<(Arc<LocalMemory>, Vec<RdmaDestLane>), EngineError> {
     let mem = Arc::new(LocalMemory::register(dev, map, cfg.registration, true)?);
-    let memory = mem.remote();
-    let mut lanes = Vec::new();
-    for s in sockets {
-        let mut s = s.try_clone()?;
-        s.set_read_timeout(Some(timeout))?;
-        let peer = match crate::protocol::codec::read_sync(&mut s)? {
-            Message::RdmaConnect { endpoint } => endpoint,
-            m => {
-                return Err(EngineError::Protocol(format!(
-                    "expected RdmaConnect, got {}",
-                    m.name()
-                )))
-            }
-        };
-        s.set_read_timeout(None)?;
-        let prep = DestPrepared::new(dev.clone(), mem.clone())?;
-        let endpoint = prep.endpoint();
-        let lane = prep.connect(&peer, s.try_clone()?)?;
-        crate::protocol::codec::write_sync(
-            &mut s,
-            &Message::RdmaAccept {
-                endpoint,
-                memory: memory.clone(),
-            },
-        )?;
-        lanes.push(lane);
-    }
+    let lanes = sockets
+        .iter()
+        .map(|s| rmig_transport::rdma::accept_dest_lane(s, dev, &mem, timeout))
+        .collect::<Result<Vec<_>, _>>()?;
     Ok((mem, lanes))
 }

@@ -5,7 +5,7 @@ use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::time::Duration;
 
-use rmig_transport::rdma::{LocalMemory, RdmaDevice, RdmaSourceLane, SourcePrepared};
+use rmig_transport::rdma::{LocalMemory, RdmaDevice, RdmaSourceLane};
 use rmig_transport::tcp::TcpSourceLane;
 use rmig_transport::{MemoryMap, Pacer, SourceLane};
 
@@ -95,36 +95,19 @@ pub(crate) fn tcp_lane(
     TcpSourceLane::new(s, map, pacer).map_err(|e| EngineError::lane(lane as usize, &e))
 }
 
-/// An RDMA lane on a joined socket: queue pair addresses and the destination's memory keys
-/// are exchanged on it. `wait` bounds the destination's answer (it registers its memory
-/// first).
+/// An RDMA lane on a joined socket: the transport exchanges queue pair addresses and the
+/// destination's memory keys on it. `wait` bounds the destination's answer (it registers its
+/// memory first).
 pub(crate) fn rdma_lane(
-    mut s: TcpStream,
+    s: TcpStream,
     dev: &Arc<RdmaDevice>,
     mem: &Arc<LocalMemory>,
     pacer: Arc<Pacer>,
     wait: Duration,
 ) -> Result<RdmaSourceLane, EngineError> {
-    let prep = SourcePrepared::new(dev.clone(), mem.clone())?;
-    codec::write_sync(
-        &mut s,
-        &Message::RdmaConnect {
-            endpoint: prep.endpoint(),
-        },
-    )?;
-    s.set_read_timeout(Some(wait))?;
-    let (peer, remote) = match codec::read_sync(&mut s)? {
-        Message::RdmaAccept { endpoint, memory } => (endpoint, memory),
-        Message::Error { message } => return Err(EngineError::PeerError(message)),
-        m => {
-            return Err(EngineError::Protocol(format!(
-                "expected RdmaAccept, got {}",
-                m.name()
-            )))
-        }
-    };
-    s.set_read_timeout(None)?;
-    Ok(prep.connect(&peer, remote, s, pacer)?)
+    Ok(rmig_transport::rdma::connect_source_lane(
+        s, dev, mem, pacer, wait,
+    )?)
 }
 
 /// Lane `idx` of a session configured by `cfg`, wrapped in the faults the configuration

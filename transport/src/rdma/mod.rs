@@ -24,6 +24,7 @@
 //! or without rdma-core installed, and a missing library or a kernel without RDMA (where
 //! `ibv_get_device_list` fails with `ENOSYS`) is simply "no device".
 
+mod connector;
 mod device;
 mod error;
 mod memory;
@@ -33,6 +34,7 @@ mod wire;
 mod dest;
 mod source;
 
+pub use connector::{accept_dest_lane, connect_source_lane, Setup};
 pub use dest::{DestPrepared, RdmaDestLane};
 pub use device::RdmaDevice;
 pub use error::RdmaError;
