@@ -103,7 +103,7 @@ fn advance(iov: &mut &mut [libc::iovec], mut n: usize) {
     }
 }
 
-/// Writes all of `iov`, in `writev` calls of at most [`IOV_MAX`] entries.
+/// Writes all of `iov`, in `sendmsg` calls of at most [`IOV_MAX`] entries.
 ///
 /// Guest memory goes to the kernel as raw `iovec`s: `std`'s `IoSlice` would need a `&[u8]`
 /// over it (see the module doc of [`crate::mem`]).
@@ -114,10 +114,16 @@ fn advance(iov: &mut &mut [libc::iovec], mut n: usize) {
 unsafe fn write_all_iov(s: &TcpStream, mut iov: &mut [libc::iovec]) -> std::io::Result<()> {
     while !iov.is_empty() {
         let n = iov.len().min(IOV_MAX);
+        // `sendmsg` rather than `writev` for MSG_NOSIGNAL: a peer that closed must be an
+        // EPIPE error, not a SIGPIPE that kills an embedder (QEMU) that did not ignore it.
+        // SAFETY: an all-zero `msghdr` is valid (no name, no control data).
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_iov = iov.as_mut_ptr();
+        msg.msg_iovlen = n as _;
         // SAFETY: `iov[..n]` is a valid array of entries that describe readable memory (this
-        // function's contract); the kernel only reads it, and no reference to guest memory
-        // is made here.
-        let w = unsafe { libc::writev(s.as_raw_fd(), iov.as_ptr(), n as libc::c_int) };
+        // function's contract) and `msg` points at it; the kernel only reads them, and no
+        // reference to guest memory is made here.
+        let w = unsafe { libc::sendmsg(s.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) };
         match w {
             0 => return Err(std::io::ErrorKind::WriteZero.into()),
             w if w > 0 => advance(&mut iov, w as usize),
