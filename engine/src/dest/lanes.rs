@@ -215,6 +215,19 @@ pub(crate) struct LaneThreads {
 }
 
 impl LaneThreads {
+    /// No lanes yet; their threads will run on `sink` and report to the receiver returned.
+    pub fn new(sink: Arc<DestSink>) -> (LaneThreads, crossbeam_channel::Receiver<LaneResult>) {
+        let (results, rx) = crossbeam_channel::unbounded();
+        let threads = LaneThreads {
+            pool: rmig_numa::WorkerPool::flat(),
+            sink,
+            results,
+            joins: Vec::new(),
+            shutdowns: Vec::new(),
+        };
+        (threads, rx)
+    }
+
     /// Runs lane `i` on a thread of its own; its result goes to `results`.
     pub fn start(&mut self, i: usize, mut lane: Box<dyn DestLane>) -> Result<(), EngineError> {
         self.shutdowns.push(lane.shutdown_handle()?);

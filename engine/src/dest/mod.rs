@@ -18,7 +18,7 @@ use rmig_transport::tcp::{DestLaneSummary, TcpDestLane};
 use tokio::net::TcpListener;
 
 use crate::config::{RdmaConfig, TransportChoice};
-use crate::control::handshake::DestAccept;
+use crate::control::handshake::{Agreed, DestAccept};
 use crate::control::link::ControlLink;
 use crate::embedder::DestEmbedder;
 use crate::monitor::Monitor;
@@ -52,19 +52,39 @@ pub struct DestOutcome {
     pub lanes: Vec<DestLaneSummary>,
 }
 
-/// A session's lanes once set up: the threads that run them, their results, and the task
-/// that admits fallback lanes.
-struct Opened {
-    lanes: LaneThreads,
-    results: crossbeam_channel::Receiver<LaneResult>,
+/// A source that passed the handshake: the door it came through (with the lane claims that
+/// came before it) and its running control link.
+struct Accepted {
+    door: Door,
+    early: Vec<incoming::LaneClaim>,
+    link: ControlLink,
+    agreed: Agreed,
+    device: Option<Arc<RdmaDevice>>,
+    /// When the handshake ended (the setup time counts from here).
+    connected: Instant,
+    /// Frame limits of the control connection.
+    limits: Limits,
+}
+
+/// The door's task during the session, and what it hands on.
+struct Admission {
+    /// Lanes admitted while running (lane number, socket).
     more: crossbeam_channel::Receiver<(u16, TcpStream)>,
-    /// The door's task: admits fallback lanes, refuses everything else.
+    /// The task: admits fallback and rejoining lanes, refuses everything else.
     admit: tokio::task::JoinHandle<()>,
-    sink: Arc<DestSink>,
     /// Lane numbers that may join while running.
     slots: lanes::Slots,
     /// Proven reconnects of the session's source.
     rejoins: crossbeam_channel::Receiver<lanes::Rejoin>,
+}
+
+/// A session's lanes once set up: the threads that run them, their results, the sink they
+/// write to, and the door's task for the rest of the session.
+struct Opened {
+    lanes: LaneThreads,
+    results: crossbeam_channel::Receiver<LaneResult>,
+    sink: Arc<DestSink>,
+    admission: Admission,
 }
 
 impl DestListener {
@@ -120,6 +140,8 @@ impl DestListener {
         }
     }
 
+    /// The session from the source's handshake to its end: the lanes join and open, the
+    /// phases run, the lanes are collected and the control connection closed.
     fn serve_inner(
         &self,
         regions: &[Region],
@@ -127,6 +149,68 @@ impl DestListener {
         monitor: &Arc<Monitor>,
     ) -> Result<Vec<DestLaneSummary>, EngineError> {
         region::validate(regions)?;
+        let Accepted {
+            mut door,
+            early,
+            mut link,
+            agreed,
+            device,
+            connected,
+            limits,
+        } = self.accept(regions, monitor)?;
+        let mut kept = Vec::new();
+        let joined = self.rt.block_on(lanes::join(
+            &mut door,
+            early,
+            &agreed.auth,
+            agreed.lanes,
+            self.cfg.handshake_timeout,
+            (link.inbox(), &mut kept),
+        ));
+        let opened = joined.and_then(|sockets| {
+            self.open_lanes(regions, &agreed, sockets, door, device, monitor, connected)
+        });
+        let opened = match opened {
+            Ok(o) => o,
+            Err(e) => {
+                link.send(Message::Error {
+                    message: e.to_string(),
+                });
+                return Err(e);
+            }
+        };
+        let Opened {
+            lanes,
+            results,
+            sink,
+            admission:
+                Admission {
+                    more,
+                    admit,
+                    slots,
+                    rejoins,
+                },
+        } = opened;
+        let mut session = Receiving {
+            sink,
+            monitor,
+            link: &mut link,
+            verify: agreed.verify,
+            baseline: false,
+            max_device_state: self.cfg.max_device_state,
+            lanes,
+            more,
+            reconnect: self.reconnect(&agreed, slots, rejoins, limits),
+        };
+        let r = session.run(&results, kept, embedder);
+        admit.abort();
+        let summaries = collect_lanes(session.lanes, &results, r.is_ok());
+        self.finish(&mut link, r).map(|()| summaries)
+    }
+
+    /// Waits for a source to pass the handshake (keeping the lane claims that came before
+    /// it) and starts its control link.
+    fn accept(&self, regions: &[Region], monitor: &Arc<Monitor>) -> Result<Accepted, EngineError> {
         let accept = DestAccept {
             versions: self.cfg.versions,
             key: self.cfg.key.clone(),
@@ -152,67 +236,43 @@ impl DestListener {
             agreed,
             device,
         } = incoming;
-        let mut link = ControlLink::start(self.rt.handle(), stream, self.cfg.liveness, limits);
-        let mut kept = Vec::new();
-        let joined = self.rt.block_on(lanes::join(
-            &mut door,
+        let link = ControlLink::start(self.rt.handle(), stream, self.cfg.liveness, limits);
+        Ok(Accepted {
+            door,
             early,
-            &agreed.auth,
-            agreed.lanes,
-            self.cfg.handshake_timeout,
-            (link.inbox(), &mut kept),
-        ));
-        let opened = joined.and_then(|sockets| {
-            self.open_lanes(regions, &agreed, sockets, door, device, monitor, connected)
-        });
-        let opened = match opened {
-            Ok(o) => o,
-            Err(e) => {
-                link.send(Message::Error {
-                    message: e.to_string(),
-                });
-                return Err(e);
-            }
-        };
-        let Opened {
-            lanes,
-            results,
-            more,
-            admit,
-            sink,
-            slots,
-            rejoins,
-        } = opened;
+            link,
+            agreed,
+            device,
+            connected,
+            limits,
+        })
+    }
+
+    /// What the session needs to take its source back after a broken control connection:
+    /// the door's proven reconnects, the lane slots to reopen, the new link's settings.
+    fn reconnect(
+        &self,
+        agreed: &Agreed,
+        slots: lanes::Slots,
+        rejoins: crossbeam_channel::Receiver<lanes::Rejoin>,
+        limits: Limits,
+    ) -> phase::Reconnect {
         // Reconnecting is for TCP lanes: RDMA queue pairs cannot be set up again mid-session.
         let window = match agreed.transport {
             TransportKind::Tcp => self.cfg.reconnect_window,
             TransportKind::Rdma => Duration::ZERO,
         };
-        let mut session = Receiving {
-            sink,
-            monitor,
-            link: &mut link,
-            verify: agreed.verify,
-            baseline: false,
-            max_device_state: self.cfg.max_device_state,
-            lanes,
-            more,
-            reconnect: phase::Reconnect {
-                window,
-                rejoins,
-                slots,
-                lanes: agreed.lanes,
-                auth: agreed.auth.clone(),
-                last_attempt: None,
-                rt: self.rt.handle().clone(),
-                liveness: self.cfg.liveness,
-                limits,
-            },
-        };
-        let r = session.run(&results, kept, embedder);
-        admit.abort();
-        let summaries = collect_lanes(session.lanes, &results, r.is_ok());
-        self.finish(&mut link, r).map(|()| summaries)
+        phase::Reconnect {
+            window,
+            rejoins,
+            slots,
+            lanes: agreed.lanes,
+            auth: agreed.auth.clone(),
+            last_attempt: None,
+            rt: self.rt.handle().clone(),
+            liveness: self.cfg.liveness,
+            limits,
+        }
     }
 
     /// Closes the control connection after the session: politely after success, with the
@@ -241,7 +301,7 @@ impl DestListener {
     fn open_lanes(
         &self,
         regions: &[Region],
-        agreed: &crate::control::handshake::Agreed,
+        agreed: &Agreed,
         sockets: Vec<TcpStream>,
         door: Door,
         device: Option<Arc<RdmaDevice>>,
@@ -276,12 +336,25 @@ impl DestListener {
             s.setup_time_ms = connected.elapsed().as_secs_f64() * 1e3;
             s.ram.total = regions.iter().map(Region::len).sum();
         });
-        // Over RDMA the source may replace failed lanes with TCP ones, and after a reconnect
-        // its lanes join again: admit them while running. Whatever else knocks is refused.
+        let admission = self.admit_in_session(door, agreed);
+        let rdma_lanes = rdma.map(|(_, l)| l);
+        let (lanes, results) = start_lanes(&sink, sockets, rdma_lanes)?;
+        Ok(Opened {
+            lanes,
+            results,
+            sink,
+            admission,
+        })
+    }
+
+    /// Hands the door to a task for the rest of the session. Over RDMA the source may replace
+    /// failed lanes with TCP ones, and after a reconnect its lanes join again: the task admits
+    /// them while running. Whatever else knocks is refused.
+    fn admit_in_session(&self, door: Door, agreed: &Agreed) -> Admission {
         let (more_tx, more) = crossbeam_channel::unbounded();
         let (rejoin_tx, rejoins) = crossbeam_channel::bounded(4);
         let may_fall_back =
-            agreed.transport == TransportKind::Rdma && cfg.transport == TransportChoice::Auto;
+            agreed.transport == TransportKind::Rdma && self.cfg.transport == TransportChoice::Auto;
         let n = agreed.lanes as usize;
         let slots: lanes::Slots = Arc::new(std::sync::Mutex::new(
             (0..2 * n).map(|i| may_fall_back && i >= n).collect(),
@@ -293,35 +366,34 @@ impl DestListener {
             more_tx,
             rejoin_tx,
         ));
-        let (res_tx, results) = crossbeam_channel::unbounded();
-        let mut lanes = LaneThreads {
-            pool: rmig_numa::WorkerPool::flat(),
-            sink: sink.clone(),
-            results: res_tx,
-            joins: Vec::new(),
-            shutdowns: Vec::new(),
-        };
-        let mut rdma_lanes = rdma.map(|(_, l)| l.into_iter());
-        for (i, s) in sockets.into_iter().enumerate() {
-            let lane: Box<dyn DestLane> = match rdma_lanes.as_mut().and_then(Iterator::next) {
-                Some(l) => Box::new(l),
-                None => Box::new(
-                    TcpDestLane::new(s, sink.map().clone())
-                        .map_err(|e| EngineError::lane(i, &e))?,
-                ),
-            };
-            lanes.start(i, lane)?;
-        }
-        Ok(Opened {
-            lanes,
-            results,
+        Admission {
             more,
             admit,
-            sink,
             slots,
             rejoins,
-        })
+        }
     }
+}
+
+/// Starts a thread for each joined lane: the RDMA lane set up on its socket when there is
+/// one, else a TCP lane on the socket itself. Returns the threads and where they report.
+fn start_lanes(
+    sink: &Arc<DestSink>,
+    sockets: Vec<TcpStream>,
+    rdma: Option<Vec<RdmaDestLane>>,
+) -> Result<(LaneThreads, crossbeam_channel::Receiver<LaneResult>), EngineError> {
+    let (mut lanes, results) = LaneThreads::new(sink.clone());
+    let mut rdma_lanes = rdma.map(Vec::into_iter);
+    for (i, s) in sockets.into_iter().enumerate() {
+        let lane: Box<dyn DestLane> = match rdma_lanes.as_mut().and_then(Iterator::next) {
+            Some(l) => Box::new(l),
+            None => Box::new(
+                TcpDestLane::new(s, sink.map().clone()).map_err(|e| EngineError::lane(i, &e))?,
+            ),
+        };
+        lanes.start(i, lane)?;
+    }
+    Ok((lanes, results))
 }
 
 /// Stops the lanes and gathers their figures. After success the source closes its lanes once

@@ -7,33 +7,29 @@
 //! failure leaves the source's memory untouched and, past the pause, resumes the guest.
 
 mod connect;
+mod lanes;
 mod placement;
 mod rejoin;
 mod round;
 mod setup;
 mod worker;
 
-use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
-
-use crossbeam_channel::{Receiver, Sender};
-use rmig_numa::{Role, WorkerPool};
-use rmig_transport::MemoryMap;
 
 use crate::control::link::ControlLink;
 use crate::converge::{Converge, Decision};
 use crate::dirty::DirtySource;
 use crate::embedder::SourceEmbedder;
 use crate::monitor::Monitor;
-use crate::protocol::{Message, TransportKind};
+use crate::protocol::Message;
 use crate::region::Region;
 use crate::stats::{MigrationStats, MigrationStatus, RoundStats};
 use crate::verify;
-use crate::{EngineError, SourceConfig, TransportChoice};
-use worker::{Cmd, Item, Report, Shared, Worker};
+use crate::{EngineError, SourceConfig};
+use lanes::LaneSet;
+use worker::Shared;
 
 /// What `iterate` found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,14 +48,6 @@ enum State {
     Failed,
 }
 
-struct LaneWorker {
-    cmd: Sender<Cmd>,
-    join: Option<JoinHandle<()>>,
-    alive: bool,
-    /// The lane's socket, to end a worker blocked on it when the session stops.
-    kill: std::net::TcpStream,
-}
-
 /// Rounds smaller than this do not measure bandwidth well; the previous figure is kept.
 const MIN_BW_SAMPLE: u64 = 4 << 20;
 /// Device state travels in pieces of at most this size.
@@ -72,11 +60,11 @@ pub struct SourceSession {
     dirty: Box<dyn DirtySource>,
     embedder: Box<dyn SourceEmbedder>,
     link: ControlLink,
-    // Field order matters for drop: the link and workers go before the runtime.
+    /// The data lanes and their workers.
+    lanes: LaneSet,
+    // Field order matters for drop: the link and lanes go before the runtime.
     _rt: tokio::runtime::Runtime,
     shared: Arc<Shared>,
-    workers: Vec<LaneWorker>,
-    reports: Receiver<Report>,
     monitor: Arc<Monitor>,
     converge: Converge,
     state: State,
@@ -88,68 +76,8 @@ pub struct SourceSession {
     /// it on its own.
     committed: bool,
     sync_count: u64,
-    placement: placement::Placement,
-    cpus_seen: Vec<Vec<usize>>,
-    transport: TransportKind,
-    crew: Crew,
-    /// What it takes to open TCP lanes when every RDMA lane has failed (used once).
-    fallback_kit: Option<TcpKit>,
-    /// What it takes to open TCP lanes and reconnect the session.
-    kit: TcpKit,
     /// Reconnect attempts so far (each attempt number is used once).
     rejoins: u32,
-}
-
-/// Starts lane workers: the pool they run on, the state they share, where they report.
-struct Crew {
-    pool: WorkerPool,
-    shared: Arc<Shared>,
-    reports: Sender<Report>,
-}
-
-impl Crew {
-    /// Starts the worker of lane `idx` on `lane`, placed as lane `slot` of the NUMA plan.
-    fn start(
-        &self,
-        placement: &placement::Placement,
-        idx: usize,
-        slot: usize,
-        transport: TransportKind,
-        lane: Box<dyn rmig_transport::SourceLane>,
-        kill: std::net::TcpStream,
-    ) -> Result<LaneWorker, EngineError> {
-        let w = Worker {
-            lane_idx: idx,
-            order: placement.order_for(slot),
-            metrics: crate::metrics::LaneMetrics::new(transport.name(), idx),
-            lane,
-            shared: self.shared.clone(),
-            seq: 0,
-            unacked: VecDeque::new(),
-            scratch: Box::default(),
-        };
-        let (cmd, cmd_rx) = crossbeam_channel::unbounded();
-        let reports = self.reports.clone();
-        let cpus = placement.cpus_for(slot);
-        let join = self.pool.spawn_on(Role::SourceLane, idx, &cpus, move || {
-            w.main(cmd_rx, reports)
-        })?;
-        Ok(LaneWorker {
-            cmd,
-            join: Some(join),
-            alive: true,
-            kill,
-        })
-    }
-}
-
-/// The session's lanes' addresses and keys, for opening TCP lanes in place of RDMA ones.
-#[derive(Clone)]
-struct TcpKit {
-    peer: std::net::SocketAddr,
-    auth: crate::control::auth::SessionAuth,
-    lanes: u16,
-    map: MemoryMap,
 }
 
 impl SourceSession {
@@ -179,17 +107,7 @@ impl SourceSession {
             eprintln!("rmig: using TCP: {f}");
         }
         let rdma = setup::register_rdma(&cfg, &hs, &shared.map).map_err(fail)?;
-        let lanes =
-            setup::open_lanes(&cfg, &hs, rdma.as_ref(), &shared, &placement).map_err(fail)?;
-        // Over RDMA with `auto`, TCP lanes take over once every RDMA lane has failed.
-        let may_fall_back = rdma.is_some() && cfg.transport == TransportChoice::Auto;
-        let kit = TcpKit {
-            peer: hs.peer,
-            auth: hs.agreed.auth.clone(),
-            lanes: hs.agreed.lanes,
-            map: shared.map.clone(),
-        };
-        let fallback_kit = may_fall_back.then(|| kit.clone());
+        let lanes = LaneSet::open(&cfg, &hs, rdma.as_ref(), &shared, placement).map_err(fail)?;
         let session = SourceSession {
             converge: Converge::new(cfg.policy),
             cfg,
@@ -197,10 +115,9 @@ impl SourceSession {
             dirty,
             embedder,
             link: hs.link,
+            lanes,
             _rt: rt,
             shared,
-            workers: lanes.workers,
-            reports: lanes.reports,
             monitor,
             state: State::Iterating,
             round: 0,
@@ -209,13 +126,7 @@ impl SourceSession {
             paused_at: None,
             committed: false,
             sync_count: 0,
-            cpus_seen: vec![Vec::new(); lane_count],
-            transport: hs.agreed.transport,
-            crew: lanes.crew,
-            fallback_kit,
-            kit,
             rejoins: 0,
-            placement,
         };
         session.record_setup(total, fallback, rdma.as_ref());
         Ok(session)
@@ -303,7 +214,7 @@ impl SourceSession {
         self.hand_over()?;
         let downtime = t0.elapsed().as_secs_f64() * 1e3;
         crate::metrics::finished("completed", Some(downtime / 1e3));
-        self.close_workers();
+        self.lanes.close();
         self.link.close(Duration::from_secs(1));
         self.state = State::Done;
         let total = self.started.elapsed().as_secs_f64() * 1e3;
@@ -490,10 +401,6 @@ impl SourceSession {
         Ok(bytes)
     }
 
-    fn alive(&self) -> usize {
-        self.workers.iter().filter(|w| w.alive).count()
-    }
-
     /// Sends the round set over every live lane; returns the round's figures.
     fn run_round(&mut self, last: bool) -> Result<RoundStats, EngineError> {
         let t0 = Instant::now();
@@ -502,64 +409,6 @@ impl SourceSession {
         let rs = self.drive_round(last, &queues)?;
         self.fence_round()?;
         self.account_round(rs, t0.elapsed().as_secs_f64(), last)
-    }
-
-    /// Opens the session's number of TCP lanes, numbered from `first`, and starts their
-    /// workers (set on `queues` at once, when a round is running).
-    fn open_tcp_lanes(
-        &mut self,
-        kit: &TcpKit,
-        first: u16,
-        queues: Option<&Arc<Vec<Receiver<Item>>>>,
-    ) -> Result<(), EngineError> {
-        let timeout = self.cfg.handshake_timeout;
-        for j in 0..kit.lanes {
-            let n = first + j;
-            let sock = connect::join_lane(kit.peer, &kit.auth, n, timeout)?;
-            let kill = lane_deadline(&sock, self.cfg.liveness.peer_timeout)?;
-            let pacer = self.monitor.pacer.clone();
-            let lane = Box::new(connect::tcp_lane(sock, n, kit.map.clone(), pacer)?);
-            let idx = self.workers.len();
-            let w = self.crew.start(
-                &self.placement,
-                idx,
-                j as usize,
-                TransportKind::Tcp,
-                lane,
-                kill,
-            )?;
-            if let Some(q) = queues {
-                let _ = w.cmd.send(Cmd::Round(q.clone()));
-            }
-            self.workers.push(w);
-            if self.cpus_seen.len() <= idx {
-                self.cpus_seen.push(Vec::new());
-            }
-        }
-        Ok(())
-    }
-
-    /// Every RDMA lane has failed: opens as many TCP lanes in their place and sets them on the
-    /// round's remaining work (the failed lanes' unconfirmed pages are pending again). Returns
-    /// how many lanes started; 0 if this session cannot fall back (again).
-    fn fall_back_to_tcp(
-        &mut self,
-        why: &str,
-        queues: &Arc<Vec<Receiver<Item>>>,
-    ) -> Result<usize, EngineError> {
-        let Some(kit) = self.fallback_kit.take() else {
-            return Ok(0);
-        };
-        eprintln!("rmig: every RDMA lane failed ({why}); continuing over TCP");
-        self.open_tcp_lanes(&kit, kit.lanes, Some(queues))?;
-        self.transport = TransportKind::Tcp;
-        let reason = format!("every RDMA lane failed (last: {why}); continued over TCP");
-        self.monitor.update(|s| {
-            s.transport = "tcp".into();
-            s.fallback_reason = Some(reason);
-            s.lanes += kit.lanes as usize;
-        });
-        Ok(kit.lanes as usize)
     }
 
     fn check_cancel(&mut self) -> Result<(), EngineError> {
@@ -576,34 +425,13 @@ impl SourceSession {
         Ok(())
     }
 
-    /// Stops every worker now: they see `abort` at their next batch, and a worker blocked
-    /// on its socket (a destination that stopped reading) sees the socket shut down.
-    fn stop_lanes(&self) {
-        self.shared.abort.store(true, Ordering::Relaxed);
-        for w in &self.workers {
-            let _ = w.kill.shutdown(std::net::Shutdown::Both);
-        }
-    }
-
-    fn close_workers(&mut self) {
-        for w in &mut self.workers {
-            let _ = w.cmd.send(Cmd::Close);
-        }
-        for w in &mut self.workers {
-            if let Some(j) = w.join.take() {
-                let _ = j.join();
-            }
-            w.alive = false;
-        }
-    }
-
     /// Records a failure, tells the peer, stops the lanes and resumes the guest if paused.
     fn fail(&mut self, e: EngineError) -> EngineError {
         if self.state == State::Failed {
             return e;
         }
         self.state = State::Failed;
-        self.stop_lanes();
+        self.lanes.stop();
         match &e {
             EngineError::Cancelled(r) => self.link.send(Message::Cancel { reason: r.clone() }),
             // A silent peer may still be listening: it is told, like any other failure.
@@ -616,16 +444,7 @@ impl SourceSession {
             }),
         }
         self.link.close(Duration::from_millis(500));
-        // Dropping the command channels ends idle workers; busy ones see `abort`.
-        for w in &mut self.workers {
-            let (dead, _) = crossbeam_channel::bounded(0);
-            w.cmd = dead;
-        }
-        for w in &mut self.workers {
-            if let Some(j) = w.join.take() {
-                let _ = j.join();
-            }
-        }
+        self.lanes.join();
         // Past `Commit` the guest may already run on the destination: never resume here.
         if self.paused_at.is_some() && !self.committed {
             self.embedder.resume();
@@ -645,16 +464,6 @@ impl SourceSession {
     pub fn cancel(&mut self, reason: &str) -> EngineError {
         self.fail(EngineError::Cancelled(reason.to_string()))
     }
-}
-
-/// Gives a lane's socket a write deadline (a destination that takes no byte for the peer
-/// timeout is gone) and returns a handle that can shut the socket down.
-fn lane_deadline(
-    sock: &std::net::TcpStream,
-    d: Duration,
-) -> Result<std::net::TcpStream, EngineError> {
-    sock.set_write_timeout(Some(d))?;
-    Ok(sock.try_clone()?)
 }
 
 impl Drop for SourceSession {

@@ -14,7 +14,8 @@ use std::time::{Duration, Instant};
 
 use tokio::net::TcpStream;
 
-use super::{SourceSession, TcpKit};
+use super::lanes::TcpKit;
+use super::SourceSession;
 
 /// Most reconnects in one migration: a link that keeps breaking is not a blip.
 const MAX_RECONNECTS: u64 = 8;
@@ -37,23 +38,15 @@ impl SourceSession {
         link_broke
             && !self.cfg.reconnect_window.is_zero()
             && self.monitor.stats().reconnects < MAX_RECONNECTS
-            && self.transport == TransportKind::Tcp
+            && self.lanes.transport() == TransportKind::Tcp
             && self.paused_at.is_none()
     }
 
     /// Reconnects within the window, or fails with `why` and the last attempt's error.
     pub(super) fn reconnect(&mut self, why: &EngineError) -> Result<(), EngineError> {
         eprintln!("rmig: {why}; reconnecting");
-        self.stop_lanes();
-        self.close_workers();
-        while self.reports.try_recv().is_ok() {}
         // The interrupted round's unsent pages go back with the unconfirmed ones.
-        for (p, r) in self.shared.pending.iter().zip(&self.shared.round) {
-            p.take_from(r);
-        }
-        self.shared
-            .abort
-            .store(false, std::sync::atomic::Ordering::Relaxed);
+        self.lanes.stand_down();
         let deadline = Instant::now() + self.cfg.reconnect_window;
         loop {
             self.rejoins += 1;
@@ -75,18 +68,17 @@ impl SourceSession {
 
     /// One reconnect attempt: the control connection, then every lane.
     fn rejoin(&mut self, attempt: u32) -> Result<(), EngineError> {
-        let kit = self.kit.clone();
+        let kit = self.lanes.kit();
         let (stream, next) =
             self._rt
-                .block_on(rejoin_control(&kit, attempt, self.cfg.handshake_timeout))?;
+                .block_on(rejoin_control(kit, attempt, self.cfg.handshake_timeout))?;
         self.link = ControlLink::start(
             self._rt.handle(),
             stream,
             self.cfg.liveness,
             Limits::default(),
         );
-        self.workers.clear();
-        self.open_tcp_lanes(&kit, 0, None)?;
+        self.lanes.reopen()?;
         self.round = next;
         self.monitor.update(|s| s.reconnects += 1);
         eprintln!("rmig: reconnected; going on with round {next}");

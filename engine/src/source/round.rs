@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{select, Receiver, RecvError};
 
-use super::worker::{Cmd, Item, Report, ITEM_PAGES};
+use super::worker::{Item, Report, ITEM_PAGES};
 use super::{SourceSession, MIN_BW_SAMPLE};
 use crate::bitmap::AtomicBitmap;
 use crate::control::link::ControlLink;
@@ -26,12 +26,8 @@ pub(super) struct RoundDriver {
     waiting: usize,
     /// The round's figures so far.
     stats: RoundStats,
-    /// The latest lane failure, for the error when no lane is left.
-    last_lane_error: String,
     /// What ends the round in failure; the first one is kept.
     failure: Option<EngineError>,
-    /// Every lane has just failed, and the session may open TCP lanes in their place.
-    all_failed: bool,
 }
 
 impl SourceSession {
@@ -56,12 +52,13 @@ impl SourceSession {
     /// Fills the round's work queues: one per node that has lanes, plus a shared one. Each
     /// span of memory goes to the queue of its node, so that lanes serve local memory first.
     pub(super) fn plan_round(&self) -> Queues {
-        let nq = self.placement.queues();
+        let placement = self.lanes.placement();
+        let nq = placement.queues();
         let (txs, rxs): (Vec<_>, Vec<_>) = (0..nq).map(|_| crossbeam_channel::unbounded()).unzip();
         for (ri, r) in self.regions.iter().enumerate() {
             let region = ri as u32;
-            for (start, stop, node) in self.placement.spans_of(region, r.pages()) {
-                let queue = &txs[self.placement.queue_of(node)];
+            for (start, stop, node) in placement.spans_of(region, r.pages()) {
+                let queue = &txs[placement.queue_of(node)];
                 for first in (start..stop).step_by(ITEM_PAGES as usize) {
                     let end = (first + ITEM_PAGES).min(stop);
                     let _ = queue.send(Item { region, first, end });
@@ -71,34 +68,28 @@ impl SourceSession {
         Arc::new(rxs)
     }
 
-    /// Sets every live worker on `queues` and drives the round until each has reported: lane
-    /// failures are accounted for (and, once every RDMA lane failed, TCP lanes replace them);
-    /// a control message, a lost link or a cancel stops the lanes and fails the round.
+    /// Sets every live worker on `queues` and drives the round until each has reported: the
+    /// lanes account for their failures (and, once every RDMA lane failed, TCP lanes replace
+    /// them); a control message, a lost link or a cancel stops the lanes and fails the round.
     pub(super) fn drive_round(
         &mut self,
         last: bool,
         queues: &Queues,
     ) -> Result<RoundStats, EngineError> {
         let mut d = RoundDriver {
-            waiting: self.dispatch_round(queues),
+            waiting: self.lanes.dispatch(queues),
             stats: RoundStats {
                 round: self.round,
                 last,
                 ..Default::default()
             },
-            last_lane_error: String::new(),
             failure: None,
-            all_failed: false,
         };
-        while d.waiting > 0 || d.all_failed {
-            if std::mem::take(&mut d.all_failed) && d.failure.is_none() {
-                self.replace_failed_lanes(&mut d, queues);
-                continue;
-            }
+        while d.waiting > 0 {
             select! {
-                recv(self.reports) -> r => {
+                recv(self.lanes.reports()) -> r => {
                     let Ok(r) = r else { break };
-                    self.take_report(&mut d, r);
+                    self.take_report(&mut d, r, queues);
                 }
                 recv(self.link.inbox()) -> m => self.stop_on_control_message(&mut d, m),
                 default(Duration::from_millis(50)) => self.stop_if_cancelled(&mut d),
@@ -107,31 +98,14 @@ impl SourceSession {
         if let Some(e) = d.failure {
             return Err(e);
         }
-        if self.alive() == 0 {
-            return Err(EngineError::AllLanesFailed(d.last_lane_error));
-        }
+        self.lanes.ensure_alive()?;
         Ok(d.stats)
     }
 
-    /// Sends the round to every live worker; returns how many took it.
-    fn dispatch_round(&self, queues: &Queues) -> usize {
-        let mut took = 0;
-        for w in self.workers.iter().filter(|w| w.alive) {
-            took += w.cmd.send(Cmd::Round(queues.clone())).is_ok() as usize;
-        }
-        took
-    }
-
-    /// Takes in a worker's account of the round; a lane that failed, other than by the
-    /// session stopping it, is written off.
-    fn take_report(&mut self, d: &mut RoundDriver, r: Report) {
+    /// Takes in a worker's account of the round; the lanes take in what it says about its
+    /// lane (and may set fallback lanes on the rest of `queues`).
+    fn take_report(&mut self, d: &mut RoundDriver, r: Report, queues: &Queues) {
         d.waiting -= 1;
-        let seen = &mut self.cpus_seen[r.lane];
-        for c in &r.cpus {
-            if !seen.contains(c) {
-                seen.push(*c);
-            }
-        }
         d.stats.pages += r.data_pages + r.zero_pages;
         d.stats.zero_pages += r.zero_pages;
         d.stats.bytes += r.wire_bytes;
@@ -141,31 +115,10 @@ impl SourceSession {
             s.ram.normal_bytes += r.payload;
             s.ram.transferred += r.wire_bytes;
         });
-        if let Some(e) = r.error {
-            if !self.shared.abort.load(Ordering::Relaxed) {
-                self.write_off_lane(d, r.lane, &e);
-            }
-        }
-    }
-
-    /// Lane `lane` failed with `error`: it gets no more work, and when it was the last one
-    /// the session may fall back to TCP.
-    fn write_off_lane(&mut self, d: &mut RoundDriver, lane: usize, error: &str) {
-        self.workers[lane].alive = false;
-        crate::metrics::lane_failed(self.transport.name());
-        self.monitor.update(|s| s.lanes_failed += 1);
-        d.last_lane_error = format!("lane {lane}: {error}");
-        d.all_failed = self.alive() == 0 && self.fallback_kit.is_some();
-    }
-
-    /// Every lane has failed: opens TCP lanes in their place on the round's remaining work,
-    /// or, if that fails, stops the round.
-    fn replace_failed_lanes(&mut self, d: &mut RoundDriver, queues: &Queues) {
-        match self.fall_back_to_tcp(&d.last_lane_error, queues) {
-            Ok(n) => d.waiting += n,
+        match self.lanes.account(&r, queues) {
+            Ok(started) => d.waiting += started,
             Err(e) => {
-                self.stop_lanes();
-                d.failure = Some(e);
+                d.failure.get_or_insert(e);
             }
         }
     }
@@ -184,14 +137,14 @@ impl SourceSession {
             Ok(m) => EngineError::Protocol(format!("unexpected {} during a round", m.name())),
             Err(e) => e,
         };
-        self.stop_lanes();
+        self.lanes.stop();
         d.failure.get_or_insert(e);
     }
 
     /// A cancel from another thread stops the lanes and fails the round.
     fn stop_if_cancelled(&mut self, d: &mut RoundDriver) {
         if self.monitor.cancel.is_cancelled() && d.failure.is_none() {
-            self.stop_lanes();
+            self.lanes.stop();
             d.failure = Some(EngineError::Cancelled(self.monitor.cancel.reason()));
         }
     }
@@ -233,7 +186,7 @@ impl SourceSession {
         rs.remaining = remaining;
         rs.mbps = bw * 8.0 / 1e6;
         rs.expected_downtime_ms = expected.as_secs_f64() * 1e3;
-        rs.lanes = self.alive();
+        rs.lanes = self.lanes.alive();
         *self
             .monitor
             .bandwidth
@@ -243,7 +196,7 @@ impl SourceSession {
         crate::metrics::round_done(dirty_rate, bw, expected.as_secs_f64(), remaining, secs);
         let rsc = rs.clone();
         let syncs = self.sync_count;
-        let numa = self.placement.report(&self.cpus_seen);
+        let numa = self.lanes.numa_report();
         let psize = self.regions[0].page_size();
         self.monitor.update(|s| {
             s.numa = Some(numa);

@@ -1,19 +1,15 @@
 //! The steps of [`SourceSession::setup`](super::SourceSession::setup): the control connection
-//! and its handshake, the state the lane workers share, the RDMA registration, and the lanes
-//! with their workers.
+//! and its handshake, the state the lane workers share, and the RDMA registration (the lanes
+//! themselves are opened by the [`LaneSet`](super::lanes::LaneSet)).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use crossbeam_channel::Receiver;
-use rmig_numa::WorkerPool;
 use rmig_transport::rdma::{LocalMemory, RdmaDevice};
 use rmig_transport::MemoryMap;
 
 use super::connect::{self, Offer};
-use super::placement::Placement;
-use super::worker::{Report, Shared};
-use super::{lane_deadline, Crew, LaneWorker};
+use super::worker::Shared;
 use crate::bitmap::AtomicBitmap;
 use crate::cancel::CancelToken;
 use crate::control::handshake::{self, Agreed, SourceOffer};
@@ -42,14 +38,6 @@ pub(super) struct Handshake {
 pub(super) struct RdmaLanes {
     pub dev: Arc<RdmaDevice>,
     pub mem: Arc<LocalMemory>,
-}
-
-/// The lane workers of a session, and what starts more of them.
-pub(super) struct Lanes {
-    pub crew: Crew,
-    pub workers: Vec<LaneWorker>,
-    /// Where the workers report at the end of each round.
-    pub reports: Receiver<Report>,
 }
 
 /// Records a setup failure in the monitor and hands the error back.
@@ -186,51 +174,6 @@ pub(super) fn register_rdma(
     }
 }
 
-/// Joins every lane to the session, then opens each one (RDMA if `rdma`, else TCP) and starts
-/// its worker, placed as the NUMA plan says.
-pub(super) fn open_lanes(
-    cfg: &SourceConfig,
-    hs: &Handshake,
-    rdma: Option<&RdmaLanes>,
-    shared: &Arc<Shared>,
-    placement: &Placement,
-) -> Result<Lanes, EngineError> {
-    let timeout = cfg.handshake_timeout;
-    let agreed = &hs.agreed;
-    // Every lane joins first: the destination answers RDMA setup once all have joined.
-    let sockets = (0..agreed.lanes)
-        .map(|i| connect::join_lane(hs.peer, &agreed.auth, i, timeout))
-        .collect::<Result<Vec<_>, _>>()?;
-    let (rep_tx, reports) = crossbeam_channel::unbounded();
-    let crew = Crew {
-        pool: WorkerPool::flat(),
-        shared: shared.clone(),
-        reports: rep_tx,
-    };
-    let mut workers = Vec::new();
-    for (i, sock) in (0..agreed.lanes).zip(sockets) {
-        let pacer = shared.monitor.pacer.clone();
-        let kill = lane_deadline(&sock, cfg.liveness.peer_timeout)?;
-        let idx = i as usize;
-        let lane = match rdma {
-            Some(r) => {
-                let lane = connect::rdma_lane(sock, &r.dev, &r.mem, pacer, timeout * 6)?;
-                connect::with_faults(lane, cfg, idx)
-            }
-            None => {
-                let lane = connect::tcp_lane(sock, i, shared.map.clone(), pacer)?;
-                connect::with_faults(lane, cfg, idx)
-            }
-        };
-        workers.push(crew.start(placement, idx, idx, agreed.transport, lane, kill)?);
-    }
-    Ok(Lanes {
-        crew,
-        workers,
-        reports,
-    })
-}
-
 impl super::SourceSession {
     /// Publishes the setup's figures (its time, transport, lanes, placement) and marks the
     /// migration active.
@@ -241,12 +184,12 @@ impl super::SourceSession {
         rdma: Option<&RdmaLanes>,
     ) {
         let setup_ms = self.started.elapsed().as_secs_f64() * 1e3;
-        let lanes = self.workers.len();
+        let lanes = self.lanes.count();
         crate::metrics::setup_done(setup_ms / 1e3, lanes, total);
         self.monitor.update(|s| {
             s.status = MigrationStatus::Active;
             s.setup_time_ms = setup_ms;
-            s.transport = self.transport.name().into();
+            s.transport = self.lanes.transport().name().into();
             s.fallback_reason = fallback;
             if let Some(r) = rdma {
                 s.rdma = Some(crate::stats::RdmaReport::of(&r.dev, &r.mem));
@@ -254,7 +197,7 @@ impl super::SourceSession {
             s.lanes = lanes;
             s.ram.total = total;
             s.ram.page_size = self.regions[0].page_size();
-            s.numa = Some(self.placement.report(&[]));
+            s.numa = Some(self.lanes.placement().report(&[]));
         });
     }
 }
