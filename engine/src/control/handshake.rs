@@ -93,90 +93,104 @@ pub async fn refuse<T>(s: &mut TcpStream, e: EngineError) -> Result<T, EngineErr
     Err(e)
 }
 
-/// The source's side of the handshake.
+/// The source's side of the handshake: version, mutual proof of the key, region table,
+/// transport, each answer checked and a wrong one refused with its reason.
 pub async fn source(
     s: &mut TcpStream,
     offer: &SourceOffer,
     timeout: Duration,
 ) -> Result<Agreed, EngineError> {
-    codec::write_async(
-        s,
-        &Message::Hello {
-            min_version: offer.versions.0,
-            max_version: offer.versions.1,
-        },
-    )
-    .await?;
-    let (version, dnonce) = match recv(s, timeout, "HelloAck").await? {
-        Message::HelloAck { version, nonce } => (version, nonce),
-        m => return refuse(s, unexpected("HelloAck", &m)).await,
+    let (version, dnonce) = source_version(s, offer, timeout).await?;
+    let auth = source_auth(s, offer, dnonce, timeout).await?;
+    let regions = Message::RegionTable {
+        regions: offer.regions.clone(),
     };
-    if version < offer.versions.0 || version > offer.versions.1 {
-        return refuse(
-            s,
-            EngineError::Protocol(format!(
-                "peer picked version {version}, which we do not speak"
-            )),
-        )
-        .await;
-    }
-    let snonce = auth::nonce()?;
-    let a = SessionAuth::new(offer.key.clone(), dnonce, snonce);
-    codec::write_async(
-        s,
-        &Message::AuthProof {
-            nonce: snonce,
-            mac: a.source_proof(),
-        },
-    )
-    .await?;
-    match recv(s, timeout, "AuthOk").await? {
-        Message::AuthOk { mac } if a.check_dest(&mac) => {}
-        Message::AuthOk { .. } => {
-            return refuse(
-                s,
-                EngineError::Auth("the destination could not prove the pre-shared key".into()),
-            )
-            .await
-        }
-        m => return refuse(s, unexpected("AuthOk", &m)).await,
-    }
-    codec::write_async(
-        s,
-        &Message::RegionTable {
-            regions: offer.regions.clone(),
-        },
-    )
-    .await?;
+    codec::write_async(s, &regions).await?;
     match recv(s, timeout, "RegionsOk").await? {
         Message::RegionsOk => {}
         m => return refuse(s, unexpected("RegionsOk", &m)).await,
     }
-    codec::write_async(
-        s,
-        &Message::TransportOffer {
-            kinds: offer.transports.clone(),
-            lanes: offer.lanes,
-            verify: offer.verify,
-        },
-    )
-    .await?;
-    let (transport, lanes, note) = match recv(s, timeout, "TransportAccept").await? {
-        Message::TransportAccept { kind, lanes, note }
-            if offer.transports.contains(&kind) && lanes >= 1 && lanes <= offer.lanes =>
-        {
-            (kind, lanes, note)
-        }
-        m => return refuse(s, unexpected("an acceptable TransportAccept", &m)).await,
-    };
+    let (transport, lanes, note) = source_transport(s, offer, timeout).await?;
     Ok(Agreed {
         version,
-        auth: a,
+        auth,
         transport,
         lanes,
         verify: offer.verify,
         note,
     })
+}
+
+/// `Hello` with our versions; returns the version the destination picked (one we speak) and
+/// its challenge.
+async fn source_version(
+    s: &mut TcpStream,
+    offer: &SourceOffer,
+    timeout: Duration,
+) -> Result<(u16, [u8; 32]), EngineError> {
+    let hello = Message::Hello {
+        min_version: offer.versions.0,
+        max_version: offer.versions.1,
+    };
+    codec::write_async(s, &hello).await?;
+    let (version, dnonce) = match recv(s, timeout, "HelloAck").await? {
+        Message::HelloAck { version, nonce } => (version, nonce),
+        m => return refuse(s, unexpected("HelloAck", &m)).await,
+    };
+    if version < offer.versions.0 || version > offer.versions.1 {
+        let e = EngineError::Protocol(format!(
+            "peer picked version {version}, which we do not speak"
+        ));
+        return refuse(s, e).await;
+    }
+    Ok((version, dnonce))
+}
+
+/// Answers the destination's challenge `dnonce` and checks its proof of the key.
+async fn source_auth(
+    s: &mut TcpStream,
+    offer: &SourceOffer,
+    dnonce: [u8; 32],
+    timeout: Duration,
+) -> Result<SessionAuth, EngineError> {
+    let snonce = auth::nonce()?;
+    let a = SessionAuth::new(offer.key.clone(), dnonce, snonce);
+    let proof = Message::AuthProof {
+        nonce: snonce,
+        mac: a.source_proof(),
+    };
+    codec::write_async(s, &proof).await?;
+    match recv(s, timeout, "AuthOk").await? {
+        Message::AuthOk { mac } if a.check_dest(&mac) => Ok(a),
+        Message::AuthOk { .. } => {
+            let e = EngineError::Auth("the destination could not prove the pre-shared key".into());
+            refuse(s, e).await
+        }
+        m => refuse(s, unexpected("AuthOk", &m)).await,
+    }
+}
+
+/// Offers the transports and lanes; returns what the destination picked, if it is one we
+/// offered, with its note.
+async fn source_transport(
+    s: &mut TcpStream,
+    offer: &SourceOffer,
+    timeout: Duration,
+) -> Result<(TransportKind, u16, String), EngineError> {
+    let m = Message::TransportOffer {
+        kinds: offer.transports.clone(),
+        lanes: offer.lanes,
+        verify: offer.verify,
+    };
+    codec::write_async(s, &m).await?;
+    match recv(s, timeout, "TransportAccept").await? {
+        Message::TransportAccept { kind, lanes, note }
+            if offer.transports.contains(&kind) && lanes >= 1 && lanes <= offer.lanes =>
+        {
+            Ok((kind, lanes, note))
+        }
+        m => refuse(s, unexpected("an acceptable TransportAccept", &m)).await,
+    }
 }
 
 /// The destination's side of the handshake.
