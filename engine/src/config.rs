@@ -107,7 +107,8 @@ impl SourceConfig {
     }
 }
 
-/// Faults to inject into a destination (tests).
+/// Faults to inject into a destination (tests; the `fault-injection` feature).
+#[cfg(feature = "fault-injection")]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct DestFault {
     /// Drop every connection without a word once this many payload bytes have landed, as if
@@ -140,7 +141,8 @@ pub struct DestConfig {
     pub max_device_state: usize,
     /// Protocol versions spoken (tests change this).
     pub versions: (u16, u16),
-    /// Faults to inject (tests).
+    /// Faults to inject (tests; the `fault-injection` feature).
+    #[cfg(feature = "fault-injection")]
     pub fault: DestFault,
 }
 
@@ -158,6 +160,7 @@ impl DestConfig {
             reconnect_window: Duration::from_secs(10),
             max_device_state: 1 << 30,
             versions: (PROTOCOL_MIN, PROTOCOL_MAX),
+            #[cfg(feature = "fault-injection")]
             fault: DestFault::default(),
         }
     }

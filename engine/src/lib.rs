@@ -30,7 +30,9 @@ pub mod stats;
 pub mod verify;
 
 pub use cancel::CancelToken;
-pub use config::{DestConfig, DestFault, NumaMode, RdmaConfig, SourceConfig, TransportChoice};
+#[cfg(feature = "fault-injection")]
+pub use config::DestFault;
+pub use config::{DestConfig, NumaMode, RdmaConfig, SourceConfig, TransportChoice};
 pub use control::auth::Key;
 pub use converge::{ConvergePolicy, NoConvergence};
 pub use dest::{DestListener, DestOutcome};

@@ -29,7 +29,8 @@ pub enum LaneError {
     /// this lane.
     #[error("stopped by the session")]
     Aborted,
-    /// A fault injected on purpose (tests) ended the lane.
+    /// A fault injected on purpose (tests; the `fault-injection` feature) ended the lane.
+    #[cfg(feature = "fault-injection")]
     #[error("injected fault: {0}")]
     Injected(&'static str),
 }

@@ -231,11 +231,7 @@ impl LaneThreads {
     /// Runs lane `i` on a thread of its own; its result goes to `results`.
     pub fn start(&mut self, i: usize, mut lane: Box<dyn DestLane>) -> Result<(), EngineError> {
         self.shutdowns.push(lane.shutdown_handle()?);
-        self.sink
-            .crash_handles
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(lane.shutdown_handle()?);
+        self.sink.crash.watch(lane.as_ref())?;
         let sink = self.sink.clone();
         let tx = self.results.clone();
         self.joins

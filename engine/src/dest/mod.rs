@@ -312,7 +312,7 @@ impl DestListener {
         let sink = Arc::new(DestSink::new(
             regions,
             agreed.verify,
-            cfg.fault.die_after_bytes,
+            sink::Crash::planned(cfg),
         ));
         // RDMA: register guest memory (pin-all: all of it, now) and connect each lane's queue
         // pair over its socket.

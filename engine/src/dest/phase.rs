@@ -149,7 +149,7 @@ impl Receiving<'_> {
             phase = self.step(phase, m, embedder)?;
         }
         loop {
-            if self.sink.crashed.load(Ordering::Acquire) {
+            if self.sink.crash.happened() {
                 // Injected crash: the control connection drops without a word too.
                 self.link.close(Duration::ZERO);
                 return Err((EngineError::Io("injected crash".into()), false));

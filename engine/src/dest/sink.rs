@@ -1,7 +1,6 @@
 //! What the destination does with each run as it lands: keep page hashes and the set of pages
 //! known to be zero current, and zero pages only where needed.
 
-use std::net::{Shutdown, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex};
 use std::time::Duration;
@@ -34,16 +33,89 @@ pub(crate) struct DestSink {
     pub hashes: Option<Vec<RegionHashes>>,
     known_zero: Vec<AtomicBitmap>,
     pub landed: AtomicU64,
-    /// Injected crash: once this many bytes landed, every lane socket is shut down.
-    die_after: Option<u64>,
-    /// Lane sockets to shut down for an injected crash.
-    pub crash_handles: Mutex<Vec<TcpStream>>,
-    /// Set when the injected crash happened.
-    pub crashed: AtomicBool,
+    /// An injected crash (tests only).
+    pub crash: Crash,
+}
+
+/// An injected crash (tests, the `fault-injection` feature): once this many payload bytes
+/// have landed, every lane socket is shut down and the session drops its control connection
+/// without a word, as a process that died would.
+#[cfg(feature = "fault-injection")]
+#[derive(Default)]
+pub(crate) struct Crash {
+    /// Bytes after which the destination "dies".
+    after: Option<u64>,
+    /// Lane sockets to shut down.
+    handles: Mutex<Vec<std::net::TcpStream>>,
+    /// Set when the crash happened.
+    happened: AtomicBool,
+}
+
+#[cfg(feature = "fault-injection")]
+impl Crash {
+    /// The crash `cfg` plans, if any.
+    pub fn planned(cfg: &crate::DestConfig) -> Crash {
+        Crash {
+            after: cfg.fault.die_after_bytes,
+            ..Default::default()
+        }
+    }
+
+    /// Shuts `lane` down too when the crash comes.
+    pub fn watch(&self, lane: &dyn rmig_transport::DestLane) -> Result<(), crate::EngineError> {
+        let h = lane.shutdown_handle()?;
+        self.handles
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(h);
+        Ok(())
+    }
+
+    /// Crashes once `landed` bytes reach the planned amount.
+    fn check(&self, landed: u64) {
+        if self.after.is_some_and(|n| landed >= n) && !self.happened.swap(true, Ordering::AcqRel) {
+            let handles = self.handles.lock().unwrap_or_else(|e| e.into_inner());
+            for s in handles.iter() {
+                let _ = s.shutdown(std::net::Shutdown::Both);
+            }
+        }
+    }
+
+    /// Whether the crash happened.
+    pub fn happened(&self) -> bool {
+        self.happened.load(Ordering::Acquire)
+    }
+}
+
+/// No crash can be injected in a build without the `fault-injection` feature: every call is
+/// empty and compiles away.
+#[cfg(not(feature = "fault-injection"))]
+#[derive(Default)]
+pub(crate) struct Crash;
+
+#[cfg(not(feature = "fault-injection"))]
+impl Crash {
+    /// No crash.
+    pub fn planned(_cfg: &crate::DestConfig) -> Crash {
+        Crash
+    }
+
+    /// Nothing to watch.
+    pub fn watch(&self, _lane: &dyn rmig_transport::DestLane) -> Result<(), crate::EngineError> {
+        Ok(())
+    }
+
+    #[inline(always)]
+    fn check(&self, _landed: u64) {}
+
+    /// Never.
+    pub fn happened(&self) -> bool {
+        false
+    }
 }
 
 impl DestSink {
-    pub fn new(regions: &[Region], verify: bool, die_after: Option<u64>) -> Self {
+    pub fn new(regions: &[Region], verify: bool, crash: Crash) -> Self {
         DestSink {
             map: MemoryMap::new(regions.iter().map(|r| r.mem).collect()),
             gate: Gate::default(),
@@ -68,23 +140,7 @@ impl DestSink {
                 })
                 .collect(),
             landed: AtomicU64::new(0),
-            die_after,
-            crash_handles: Mutex::new(Vec::new()),
-            crashed: AtomicBool::new(false),
-        }
-    }
-
-    fn maybe_crash(&self, landed: u64) {
-        if self.die_after.is_some_and(|n| landed >= n) && !self.crashed.swap(true, Ordering::AcqRel)
-        {
-            for s in self
-                .crash_handles
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .iter()
-            {
-                let _ = s.shutdown(Shutdown::Both);
-            }
+            crash,
         }
     }
 
@@ -123,7 +179,7 @@ impl DestSink {
         let b = n * r.page_size() as u64;
         let landed = self.landed.fetch_add(b, Ordering::Relaxed) + b;
         crate::metrics::received(b);
-        self.maybe_crash(landed);
+        self.crash.check(landed);
     }
 }
 
