@@ -1,5 +1,15 @@
 //! The engine's errors: every way a migration can end other than success.
+//!
+//! Errors that come from the operating system, a lane or the RDMA device keep their typed
+//! source (behind an `Arc`, since an error is recorded in the statistics and returned too), so
+//! a caller can still ask for the `io::ErrorKind` ([`EngineError::io_kind`]) and walk the cause
+//! chain; `source()` yields the `Arc<io::Error>`, `Arc<LaneError>`, `Arc<RdmaError>` or, for
+//! the reconnect failures, the `Box<EngineError>` of the cause.
 
+use std::io;
+use std::sync::Arc;
+
+use rmig_transport::rdma::RdmaError;
 use rmig_transport::LaneError;
 
 /// Why a migration (or one of its steps) failed.
@@ -31,7 +41,29 @@ pub enum EngineError {
     Protocol(String),
     /// Network failure on the control connection.
     #[error("control connection failed: {0}")]
-    Io(String),
+    Io(#[source] Arc<io::Error>),
+    /// The control connection broke during pre-copy and the source could not reconnect
+    /// within the reconnect window.
+    #[error("{cause}; no reconnect within {window_ms} ms (last attempt: {last})")]
+    NoReconnect {
+        /// What broke the connection.
+        #[source]
+        cause: Box<EngineError>,
+        /// The reconnect window.
+        window_ms: u64,
+        /// Why the last attempt failed.
+        last: Box<EngineError>,
+    },
+    /// The control connection broke during pre-copy and the source did not come back within
+    /// the destination's reconnect window.
+    #[error("{cause}; the source did not reconnect within {window_ms} ms")]
+    SourceGone {
+        /// What broke the connection.
+        #[source]
+        cause: Box<EngineError>,
+        /// The reconnect window.
+        window_ms: u64,
+    },
     /// The peer stopped answering (no heartbeat in time).
     #[error("peer silent for {0} ms")]
     PeerSilent(u64),
@@ -45,16 +77,17 @@ pub enum EngineError {
     #[error("all data lanes failed; last error: {0}")]
     AllLanesFailed(String),
     /// A data lane failed (alone this is not fatal).
-    #[error("lane {lane} failed: {reason}")]
+    #[error("lane {lane} failed: {source}")]
     Lane {
         /// Lane number.
         lane: usize,
         /// What went wrong.
-        reason: String,
+        #[source]
+        source: Arc<LaneError>,
     },
     /// RDMA could not be set up (no device, registration, queue pairs).
     #[error("RDMA: {0}")]
-    Rdma(String),
+    Rdma(#[source] Arc<RdmaError>),
     /// The migration did not converge under the configured policy.
     #[error("did not converge: {0}")]
     NotConverged(String),
@@ -91,11 +124,24 @@ pub enum EngineError {
 
 impl EngineError {
     /// A lane failure as an engine error.
-    pub fn lane(lane: usize, e: &LaneError) -> Self {
+    pub fn lane(lane: usize, e: LaneError) -> Self {
         EngineError::Lane {
             lane,
-            reason: e.to_string(),
+            source: Arc::new(e),
         }
+    }
+
+    /// The kind of the operating system's error behind a control connection failure.
+    pub fn io_kind(&self) -> Option<io::ErrorKind> {
+        match self {
+            EngineError::Io(e) => Some(e.kind()),
+            _ => None,
+        }
+    }
+
+    /// A control connection failure of kind `kind` that `what` describes.
+    pub fn io(kind: io::ErrorKind, what: impl Into<String>) -> Self {
+        EngineError::Io(Arc::new(io::Error::new(kind, what.into())))
     }
 
     /// Whether the error was a cancellation (by either side).
@@ -107,14 +153,58 @@ impl EngineError {
     }
 }
 
-impl From<std::io::Error> for EngineError {
-    fn from(e: std::io::Error) -> Self {
-        EngineError::Io(e.to_string())
+impl From<io::Error> for EngineError {
+    fn from(e: io::Error) -> Self {
+        EngineError::Io(Arc::new(e))
     }
 }
 
 impl From<rmig_transport::rdma::RdmaError> for EngineError {
     fn from(e: rmig_transport::rdma::RdmaError) -> Self {
-        EngineError::Rdma(e.to_string())
+        EngineError::Rdma(Arc::new(e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::error::Error as _;
+
+    #[test]
+    fn causes_keep_their_type() {
+        let e = EngineError::from(io::Error::from(io::ErrorKind::ConnectionReset));
+        assert_eq!(e.io_kind(), Some(io::ErrorKind::ConnectionReset));
+        let io = e.source().and_then(|s| s.downcast_ref::<Arc<io::Error>>());
+        assert_eq!(io.map(|e| e.kind()), Some(io::ErrorKind::ConnectionReset));
+
+        let e = EngineError::lane(
+            3,
+            LaneError::AckTimeout(std::time::Duration::from_millis(7)),
+        );
+        let lane = e.source().and_then(|s| s.downcast_ref::<Arc<LaneError>>());
+        let lane = lane.map(|l| l.as_ref());
+        assert!(
+            matches!(lane, Some(LaneError::AckTimeout(d)) if d.as_millis() == 7),
+            "{e}"
+        );
+        assert!(e.to_string().starts_with("lane 3 failed: "), "{e}");
+
+        let cause = EngineError::PeerSilent(5000);
+        let last = EngineError::io(io::ErrorKind::TimedOut, "connecting timed out");
+        let e = EngineError::NoReconnect {
+            cause: Box::new(cause),
+            window_ms: 2000,
+            last: Box::new(last),
+        };
+        let inner = e
+            .source()
+            .and_then(|s| s.downcast_ref::<Box<EngineError>>());
+        let inner = inner.map(|b| b.as_ref());
+        assert!(matches!(inner, Some(EngineError::PeerSilent(5000))));
+        assert_eq!(
+            e.to_string(),
+            "peer silent for 5000 ms; no reconnect within 2000 ms \
+             (last attempt: control connection failed: connecting timed out)"
+        );
     }
 }

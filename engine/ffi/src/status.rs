@@ -71,6 +71,8 @@ pub(crate) fn from_engine(e: &EngineError) -> RmigStatus {
             RmigStatus::RmigErrProtocol
         }
         EngineError::Io(_)
+        | EngineError::NoReconnect { .. }
+        | EngineError::SourceGone { .. }
         | EngineError::NoSource { .. }
         | EngineError::PeerSilent(_)
         | EngineError::PeerClosed

@@ -88,7 +88,8 @@ impl Key {
 /// A fresh random challenge.
 pub fn nonce() -> Result<[u8; 32], EngineError> {
     let mut n = [0u8; 32];
-    getrandom::fill(&mut n).map_err(|e| EngineError::Io(format!("no randomness: {e}")))?;
+    getrandom::fill(&mut n)
+        .map_err(|e| EngineError::io(std::io::ErrorKind::Other, format!("no randomness: {e}")))?;
     Ok(n)
 }
 

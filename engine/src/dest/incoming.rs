@@ -118,13 +118,13 @@ impl Door {
                         let task = classify(s, self.cfg.clone(), self.accept.clone(), self.busy.clone());
                         self.pending.spawn(task);
                     }
-                    Ok(_) => return Arrival::Refused(EngineError::Io("too many connections at once".into())),
+                    Ok(_) => return Arrival::Refused(EngineError::io(std::io::ErrorKind::Other, "too many connections at once")),
                     // Out of file descriptors and the like: wait a little rather than spin.
                     Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
                 },
                 Some(done) = self.pending.join_next() => {
                     return done.unwrap_or_else(|e| {
-                        Arrival::Refused(EngineError::Io(format!("connection task: {e}")))
+                        Arrival::Refused(EngineError::io(std::io::ErrorKind::Other, format!("connection task: {e}")))
                     })
                 }
             }

@@ -93,7 +93,7 @@ impl DestListener {
         let rt = crate::control::runtime()?;
         let listener = rt
             .block_on(TcpListener::bind(addr))
-            .map_err(|e| EngineError::Io(format!("cannot listen on {addr}: {e}")))?;
+            .map_err(|e| EngineError::io(e.kind(), format!("cannot listen on {addr}: {e}")))?;
         Ok(DestListener {
             listener: Arc::new(listener),
             cfg,
@@ -388,7 +388,7 @@ fn start_lanes(
         let lane: Box<dyn DestLane> = match rdma_lanes.as_mut().and_then(Iterator::next) {
             Some(l) => Box::new(l),
             None => Box::new(
-                TcpDestLane::new(s, sink.map().clone()).map_err(|e| EngineError::lane(i, &e))?,
+                TcpDestLane::new(s, sink.map().clone()).map_err(|e| EngineError::lane(i, e))?,
             ),
         };
         lanes.start(i, lane)?;

@@ -152,7 +152,10 @@ impl Receiving<'_> {
             if self.sink.crash.happened() {
                 // Injected crash: the control connection drops without a word too.
                 self.link.close(Duration::ZERO);
-                return Err((EngineError::Io("injected crash".into()), false));
+                return Err((
+                    EngineError::io(std::io::ErrorKind::ConnectionAborted, "injected crash"),
+                    false,
+                ));
             }
             select! {
                 recv(results) -> r => match r {
@@ -299,10 +302,10 @@ impl Receiving<'_> {
             }
         }
         Err((
-            EngineError::Io(format!(
-                "{why}; the source did not reconnect within {} ms",
-                self.reconnect.window.as_millis()
-            )),
+            EngineError::SourceGone {
+                cause: Box::new(why),
+                window_ms: self.reconnect.window.as_millis() as u64,
+            },
             false,
         ))
     }
@@ -326,7 +329,10 @@ impl Receiving<'_> {
         } else {
             self.await_source(
                 Phase::Between { next },
-                EngineError::Io("the reconnect's answer could not be sent".into()),
+                EngineError::io(
+                    std::io::ErrorKind::BrokenPipe,
+                    "the reconnect's answer could not be sent",
+                ),
             )
         }
     }
@@ -481,7 +487,7 @@ impl Receiving<'_> {
     /// Starts a TCP lane that replaces the failed RDMA lanes.
     fn admit(&mut self, lane: u16, sock: std::net::TcpStream) -> Result<(), EngineError> {
         let l = TcpDestLane::new(sock, self.sink.map().clone())
-            .map_err(|e| EngineError::lane(lane as usize, &e))?;
+            .map_err(|e| EngineError::lane(lane as usize, e))?;
         self.lanes.start(lane as usize, Box::new(l))?;
         if lane < self.reconnect.lanes {
             return Ok(()); // a lane that joined again after a reconnect

@@ -92,7 +92,7 @@ pub(crate) fn tcp_lane(
     pacer: Arc<Pacer>,
 ) -> Result<TcpSourceLane, EngineError> {
     s.set_read_timeout(None)?;
-    TcpSourceLane::new(s, map, pacer).map_err(|e| EngineError::lane(lane as usize, &e))
+    TcpSourceLane::new(s, map, pacer).map_err(|e| EngineError::lane(lane as usize, e))
 }
 
 /// An RDMA lane on a joined socket: the transport exchanges queue pair addresses and the

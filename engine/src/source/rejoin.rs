@@ -10,6 +10,7 @@
 //! landed, and every page sent again is hashed again on both ends. Over RDMA, and once the
 //! guest is paused, a broken link still ends the migration (the guest then runs on here).
 
+use std::io::ErrorKind;
 use std::time::{Duration, Instant};
 
 use tokio::net::TcpStream;
@@ -57,10 +58,11 @@ impl SourceSession {
             self.check_cancel()?;
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return Err(EngineError::Io(format!(
-                    "{why}; no reconnect within {} ms (last attempt: {e})",
-                    self.cfg.reconnect_window.as_millis()
-                )));
+                return Err(EngineError::NoReconnect {
+                    cause: Box::new(why.clone()),
+                    window_ms: self.cfg.reconnect_window.as_millis() as u64,
+                    last: Box::new(e),
+                });
             }
             std::thread::sleep(left.min(Duration::from_millis(300)));
         }
@@ -95,7 +97,7 @@ async fn rejoin_control(
 ) -> Result<(TcpStream, u32), EngineError> {
     let mut s = tokio::time::timeout(timeout, TcpStream::connect(kit.peer))
         .await
-        .map_err(|_| EngineError::Io("connecting timed out".into()))??;
+        .map_err(|_| EngineError::io(ErrorKind::TimedOut, "connecting timed out"))??;
     s.set_nodelay(true)?;
     let claim = Message::Rejoin {
         session: kit.auth.session_id(),
@@ -120,6 +122,6 @@ async fn rejoin_control(
         ))),
         Ok(Ok(None)) => Err(EngineError::PeerClosed),
         Ok(Err(e)) => Err(e),
-        Err(_) => Err(EngineError::Io("no RejoinOk in time".into())),
+        Err(_) => Err(EngineError::io(ErrorKind::TimedOut, "no RejoinOk in time")),
     }
 }

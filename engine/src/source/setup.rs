@@ -2,6 +2,7 @@
 //! and its handshake, the state the lane workers share, and the RDMA registration (the lanes
 //! themselves are opened by the [`LaneSet`](super::lanes::LaneSet)).
 
+use std::io::ErrorKind;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -79,8 +80,13 @@ pub(super) fn connect_control(
     let (stream, peer, local, agreed, offered) = rt.block_on(async {
         let connect = tokio::net::TcpStream::connect(dest);
         let mut s = match tokio::time::timeout(timeout, connect).await {
-            Err(_) => return Err(EngineError::Io(format!("connecting to {dest} timed out"))),
-            Ok(r) => r.map_err(|e| EngineError::Io(format!("connecting to {dest}: {e}")))?,
+            Err(_) => {
+                let what = format!("connecting to {dest} timed out");
+                return Err(EngineError::io(ErrorKind::TimedOut, what));
+            }
+            Ok(r) => {
+                r.map_err(|e| EngineError::io(e.kind(), format!("connecting to {dest}: {e}")))?
+            }
         };
         s.set_nodelay(true)?;
         let peer = s.peer_addr()?;
