@@ -94,6 +94,11 @@ impl Workload {
         self.gate.pages_written.load(Ordering::Relaxed)
     }
 
+    /// Whether the guest runs (is not paused), as a VMM would report it.
+    pub fn guest_running(&self) -> bool {
+        !self.gate.paused.load(Ordering::Acquire)
+    }
+
     /// An embedder handle for the engine.
     pub fn embedder(&self, device_state: Vec<u8>) -> BenchEmbedder {
         BenchEmbedder {
