@@ -328,6 +328,7 @@ fn metric_sum(text: &str, name: &str) -> Option<f64> {
 #[test]
 fn metrics_are_served_while_migrating() {
     let addr = format!("127.0.0.1:{}", free_port());
+    let prog = progress_file("metrics");
     let child = bench()
         .args([
             "loopback",
@@ -338,13 +339,15 @@ fn metrics_are_served_while_migrating() {
             "--json",
             "--metrics-addr",
             &addr,
+            "--progress-json",
         ])
+        .arg(&prog)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     // Mid-migration: 128 MiB at 50 MB/s take about 2.7 s.
-    std::thread::sleep(Duration::from_millis(1300));
+    wait_until_sent(&prog, 20_000_000);
     let body = http_get(&addr, "/metrics");
     let sent = metric_sum(&body, "rmig_sent_bytes_total").expect("rmig_sent_bytes_total");
     assert!(sent > 10e6 && sent < 128e6, "sent {sent}\n{body}");
@@ -355,6 +358,14 @@ fn metrics_are_served_while_migrating() {
         Some((128u64 << 20) as f64)
     );
     assert!(metric_sum(&body, "rmig_lanes").is_some_and(|l| l >= 1.0));
+    // Round 0 moves the remainder and the bandwidth too, not only the round's end.
+    let left = metric_sum(&body, "rmig_remaining_bytes").expect("rmig_remaining_bytes");
+    assert!(left < 118e6 && left > 0.0, "remaining {left}");
+    let bw = metric_sum(&body, "rmig_bandwidth_bytes_per_second").expect("bandwidth");
+    assert!(
+        bw > 20e6 && bw < 80e6,
+        "bandwidth {bw} at a 50 MB/s ceiling"
+    );
     assert!(
         body.contains("rmig_sent_bytes_total{transport=\"tcp\",lane=\"0\"}"),
         "{body}"
@@ -831,18 +842,52 @@ fn signal(child: &Child, sig: libc::c_int) {
     assert_eq!(r, 0, "kill: {}", std::io::Error::last_os_error());
 }
 
+/// Waits (at most 30 s) until the progress file `p` has a line with transferred bytes in
+/// status `active`: the migration is under way.
+fn wait_until_migrating(p: &std::path::Path) {
+    wait_until_sent(p, 0);
+}
+
+/// Waits (at most 30 s) until the progress file `p` shows more than `bytes` sent while active.
+fn wait_until_sent(p: &std::path::Path, bytes: u64) {
+    let t = Instant::now();
+    loop {
+        let text = std::fs::read_to_string(p).unwrap_or_default();
+        let moving = text.lines().any(|l| {
+            serde_json::from_str::<Value>(l)
+                .is_ok_and(|v| v["status"] == "active" && v["transferred"].as_u64() > Some(bytes))
+        });
+        if moving {
+            return;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "never migrating: {text}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn progress_file(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("rmig-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir.join("p.jsonl")
+}
+
 #[test]
 fn ctrl_c_cancels_reports_and_exits_130() {
+    let prog = progress_file("ctrl-c");
     let child = bench()
         .args(["loopback", "--size", "256MiB", "--max-bandwidth", "40MB"])
-        .args(["--dirty-rate", "10", "--json"])
+        .args(["--dirty-rate", "10", "--json", "--progress-json"])
+        .arg(&prog)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    // 256 MiB at 40 MB/s take about 7 s: 2 s in, round 0 is under way.
-    std::thread::sleep(Duration::from_secs(2));
+    // 256 MiB at 40 MB/s take about 7 s: the signal comes in round 0.
+    wait_until_migrating(&prog);
     signal(&child, libc::SIGINT);
     let t = Instant::now();
     let out = collect(child, Duration::from_secs(20));
@@ -861,6 +906,7 @@ fn ctrl_c_cancels_reports_and_exits_130() {
         line.contains("cancelled") && line.contains("keeps running"),
         "{line}"
     );
+    let _ = std::fs::remove_dir_all(prog.parent().unwrap());
 }
 
 #[test]
@@ -869,23 +915,18 @@ fn sigterm_on_the_destination_cancels_both_ends() {
         &["--size", "256MiB", "--json", "--incoming-timeout", "30"],
         KEY,
     );
+    let prog = progress_file("sigterm");
     let src = bench()
-        .args([
-            "source",
-            "--connect",
-            &dest.addr,
-            "--size",
-            "256MiB",
-            "--json",
-        ])
-        .args(["--max-bandwidth", "40MB"])
+        .args(["source", "--connect", &dest.addr, "--size", "256MiB"])
+        .args(["--json", "--max-bandwidth", "40MB", "--progress-json"])
+        .arg(&prog)
         .env("RMIG_KEY", KEY)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_secs(2));
+    wait_until_migrating(&prog);
     signal(&dest.child, libc::SIGTERM);
     let d = dest.finish(Duration::from_secs(20));
     let s = collect(src, Duration::from_secs(20));
@@ -904,6 +945,7 @@ fn sigterm_on_the_destination_cancels_both_ends() {
         "{}",
         stderr_of(&s)
     );
+    let _ = std::fs::remove_dir_all(prog.parent().unwrap());
 }
 
 #[test]
