@@ -303,18 +303,43 @@ pub struct OutputArgs {
     /// the command runs.
     #[arg(long)]
     pub metrics_addr: Option<std::net::SocketAddr>,
+    /// Keep serving the final metrics this many seconds after the run, so that a scraper
+    /// sees them before the process ends.
+    #[arg(long, default_value_t = 0.0, value_parser = parse::seconds, requires = "metrics_addr")]
+    pub metrics_linger: f64,
 }
 
 impl OutputArgs {
     /// Starts the Prometheus endpoint if one was asked for.
     pub fn start_metrics(&self) -> anyhow::Result<()> {
+        use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
         if let Some(a) = self.metrics_addr {
-            metrics_exporter_prometheus::PrometheusBuilder::new()
+            // Durations as histograms (aggregatable across hosts), not summaries: 1 ms to
+            // 2 min, roughly ×2.5 per bucket.
+            let buckets = [
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0,
+                60.0, 120.0,
+            ];
+            PrometheusBuilder::new()
                 .with_http_listener(a)
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &buckets)?
                 .install()
-                .with_context(|| format!("serving metrics on {a}"))?;
+                .with_context(|| {
+                    format!("serving metrics on {a} (choose another --metrics-addr)")
+                })?;
         }
         Ok(())
+    }
+
+    /// After a run with `--metrics-linger`: keeps the endpoint up that long.
+    pub fn linger(&self) {
+        if let (Some(a), true) = (self.metrics_addr, self.metrics_linger > 0.0) {
+            eprintln!(
+                "rmig-bench: serving the final metrics at http://{a}/metrics for {} s",
+                self.metrics_linger
+            );
+            std::thread::sleep(Duration::from_secs_f64(self.metrics_linger));
+        }
     }
 }
 

@@ -391,7 +391,9 @@ fn loopback(a: LoopbackArgs) -> Result<i32> {
             errors.push((Side::Dest, e));
         }
     }
-    Ok(conclude(&report, &errors))
+    let code = conclude(&report, &errors);
+    a.out.linger();
+    Ok(code)
 }
 
 fn source(a: SourceArgs) -> Result<i32> {
@@ -423,7 +425,9 @@ fn source(a: SourceArgs) -> Result<i32> {
         .map(|e| (Side::Source, e))
         .into_iter()
         .collect();
-    Ok(conclude(&report, &errors))
+    let code = conclude(&report, &errors);
+    a.out.linger();
+    Ok(code)
 }
 
 /// The destination's figures from its monitor: what landed, and its phases.
@@ -531,7 +535,9 @@ fn dest(a: DestArgs) -> Result<i32> {
         .map(|e| (Side::Dest, e))
         .into_iter()
         .collect();
-    Ok(conclude(&report, &errors))
+    let code = conclude(&report, &errors);
+    a.out.linger();
+    Ok(code)
 }
 
 /// Applies the operator's decision on a destination whose handover is unknown: the bench's

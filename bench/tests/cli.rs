@@ -1011,3 +1011,60 @@ fn the_destination_reports_what_it_received() {
     assert_eq!(last["transferred"], 32 << 20);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn final_metrics_linger_with_help_histograms_and_build_info() {
+    let addr = format!("127.0.0.1:{}", free_port());
+    let mut child = bench()
+        .args([
+            "loopback",
+            "--size",
+            "32MiB",
+            "--json",
+            "--dirty-rate",
+            "20",
+        ])
+        .args(["--metrics-addr", &addr, "--metrics-linger", "3"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // The report comes first; the endpoint then stays up for the scrape.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stdout = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for l in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(l);
+        }
+    });
+    let report = rx.recv_timeout(DEADLINE).expect("no report");
+    let j: Value = serde_json::from_str(&report).unwrap();
+    assert_eq!(j["status"], "completed");
+    let body = http_get(&addr, "/metrics");
+    let st = wait_at_most(&mut child, Duration::from_secs(20));
+    assert!(st.success());
+    assert_eq!(
+        metric_sum(&body, "rmig_migrations_total"),
+        Some(1.0),
+        "{body}"
+    );
+    for help in [
+        "# HELP rmig_sent_bytes_total ",
+        "# HELP rmig_remaining_bytes ",
+        "# HELP rmig_round_duration_seconds ",
+        "# HELP rmig_lanes ",
+        "# HELP rmig_build_info ",
+    ] {
+        assert!(body.contains(help), "no {help:?}: {body}");
+    }
+    assert!(
+        body.contains("# TYPE rmig_round_duration_seconds histogram"),
+        "{body}"
+    );
+    assert!(
+        body.contains("rmig_round_duration_seconds_bucket{le=\"0.1\"}"),
+        "{body}"
+    );
+    assert!(body.contains("rmig_build_info{version=\""), "{body}");
+}
