@@ -1068,3 +1068,150 @@ fn final_metrics_linger_with_help_histograms_and_build_info() {
     );
     assert!(body.contains("rmig_build_info{version=\""), "{body}");
 }
+
+/// Where the relay cuts the control connection.
+#[derive(Clone, Copy, PartialEq)]
+enum Cut {
+    /// Drops the destination's `Ready` and closes: the source never commits.
+    Ready,
+    /// Drops the source's `Commit` and closes: both ends are left not knowing.
+    Commit,
+}
+
+/// A TCP relay between a source and a destination: lanes pass untouched; on the control
+/// connection (the first one) frames are read one by one and the connection is cut at `cut`.
+fn relay(dest: String, cut: Cut) -> String {
+    use rmig_engine::protocol::{codec::encode, Message};
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    let (ready, commit) = (encode(&Message::Ready), encode(&Message::Commit));
+    std::thread::spawn(move || {
+        for (i, c) in l.incoming().enumerate() {
+            let Ok(a) = c else { return };
+            let b = std::net::TcpStream::connect(&dest).unwrap();
+            let (a2, b2) = (a.try_clone().unwrap(), b.try_clone().unwrap());
+            if i > 0 {
+                pipe(a, b, None);
+                pipe(b2, a2, None);
+                continue;
+            }
+            let stop = match cut {
+                Cut::Ready => (None, Some(ready.clone())),
+                Cut::Commit => (Some(commit.clone()), None),
+            };
+            pipe(a, b, stop.0);
+            pipe(b2, a2, stop.1);
+        }
+    });
+    addr
+}
+
+/// Copies `from` into `to` on a thread; with `stop`, frame by frame, closing both instead of
+/// forwarding the frame equal to `stop`.
+fn pipe(mut from: std::net::TcpStream, mut to: std::net::TcpStream, stop: Option<Vec<u8>>) {
+    use std::io::Write;
+    std::thread::spawn(move || {
+        let Some(stop) = stop else {
+            let _ = std::io::copy(&mut from, &mut to);
+            let _ = to.shutdown(std::net::Shutdown::Write);
+            return;
+        };
+        loop {
+            let mut len = [0u8; 4];
+            if from.read_exact(&mut len).is_err() {
+                let _ = to.shutdown(std::net::Shutdown::Write);
+                return;
+            }
+            let mut frame = len.to_vec();
+            frame.resize(4 + u32::from_le_bytes(len) as usize, 0);
+            if from.read_exact(&mut frame[4..]).is_err() {
+                return;
+            }
+            if frame == stop {
+                let _ = from.shutdown(std::net::Shutdown::Both);
+                let _ = to.shutdown(std::net::Shutdown::Both);
+                return;
+            }
+            if to.write_all(&frame).is_err() {
+                return;
+            }
+        }
+    });
+}
+
+/// A two-host migration through a relay that cuts the control connection at `cut`, with
+/// the given `--on-handover-unknown` decisions (`None`: the default, asking).
+fn cut_handover(cut: Cut, src_says: Option<&str>, dest_says: Option<&str>) -> (Output, Output) {
+    let mut dargs = vec!["--size", "32MiB", "--json", "--incoming-timeout", "20"];
+    if let Some(d) = dest_says {
+        dargs.extend(["--on-handover-unknown", d]);
+    }
+    let dest = DestChild::start(&dargs, KEY);
+    let via = relay(dest.addr.clone(), cut);
+    let mut cmd = bench();
+    cmd.args(["source", "--connect", &via, "--size", "32MiB", "--json"])
+        .args(["--reconnect-window", "0"])
+        .env("RMIG_KEY", KEY);
+    if let Some(s) = src_says {
+        cmd.args(["--on-handover-unknown", s]);
+    }
+    let s = output(&mut cmd);
+    (s, dest.finish(Duration::from_secs(40)))
+}
+
+#[test]
+fn an_unknown_handover_waits_for_a_decision_and_exits_3() {
+    let (s, d) = cut_handover(Cut::Commit, None, None);
+    for (o, side) in [(&s, "source"), (&d, "destination")] {
+        assert_eq!(o.status.code(), Some(3), "{side}: {}", stderr_of(o));
+        assert_eq!(json_of(o)["status"], "handover-unknown", "{side}");
+        let line = last_err_line(o);
+        assert!(
+            line.contains(&format!("rmig-bench: {side}: handover unknown"))
+                && line.contains("--on-handover-unknown"),
+            "{line}"
+        );
+    }
+    assert_eq!(json_of(&s)["source_guest"], "paused", "nobody decided");
+}
+
+#[test]
+fn the_operator_s_decision_settles_an_unknown_handover() {
+    // The operator runs the guest on the source and discards the destination's copy.
+    let (s, d) = cut_handover(Cut::Commit, Some("run-here"), Some("run-there"));
+    let (sj, dj) = (json_of(&s), json_of(&d));
+    assert_eq!(sj["status"], "failed", "{sj}");
+    assert_eq!(sj["source_guest"], "running");
+    assert!(sj["error"]
+        .as_str()
+        .unwrap()
+        .contains("operator resumed the guest on the source"));
+    assert_eq!(s.status.code(), Some(1));
+    assert_eq!(dj["status"], "failed", "{dj}");
+    assert!(dj["error"]
+        .as_str()
+        .unwrap()
+        .contains("left the guest to the source"));
+    assert_eq!(d.status.code(), Some(1));
+    // And the other way round: the destination runs it, the source's copy stays paused.
+    let (s, d) = cut_handover(Cut::Commit, Some("run-there"), Some("run-here"));
+    let (sj, dj) = (json_of(&s), json_of(&d));
+    assert_eq!(sj["status"], "completed", "{sj}");
+    assert_eq!(sj["source_guest"], "paused");
+    assert_eq!(s.status.code(), Some(0), "{}", stderr_of(&s));
+    assert_eq!(dj["status"], "completed", "{dj}");
+    assert_eq!(d.status.code(), Some(0), "{}", stderr_of(&d));
+}
+
+#[test]
+fn a_link_lost_before_commit_leaves_the_source_running() {
+    // Ready never reaches the source: it never commits, so it runs its guest on; only the
+    // destination, which said Ready, cannot know.
+    let (s, d) = cut_handover(Cut::Ready, Some("run-there"), None);
+    let sj = json_of(&s);
+    assert_eq!(sj["status"], "failed", "{sj}");
+    assert_eq!(sj["source_guest"], "running");
+    assert_eq!(s.status.code(), Some(1));
+    assert_eq!(json_of(&d)["status"], "handover-unknown");
+    assert_eq!(d.status.code(), Some(3));
+}
