@@ -135,7 +135,16 @@ impl Report {
         for (k, v) in self.setup_rows() {
             row(k, v);
         }
-        row("total time", format!("{:.1} ms", s.total_time_ms));
+        match self.dest.as_ref().and_then(|d| d.total_ms) {
+            Some(t) => row(
+                "total time",
+                format!(
+                    "{t:.1} ms from the connection ({:.1} ms with the wait for the source)",
+                    s.total_time_ms
+                ),
+            ),
+            None => row("total time", format!("{:.1} ms", s.total_time_ms)),
+        }
         row(
             "cpu time",
             format!(
