@@ -15,7 +15,7 @@ use std::io::{IsTerminal, Write};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use rmig_engine::{Monitor, Progress, RoundStats};
+use rmig_engine::{MigrationStatus, Monitor, Progress, RoundStats};
 use serde::Serialize;
 
 use crate::fail::Side;
@@ -138,7 +138,13 @@ pub fn watch(
             b.set_length(p.round_bytes.max(p.round_sent).max(1));
             b.set_position(p.round_sent);
             b.set_prefix(p.round.to_string());
-            b.set_message(message(&p, rate, eta_s));
+            b.set_message(match stats.status {
+                MigrationStatus::Setup => "setting up: connecting, handshake, lanes".into(),
+                MigrationStatus::Device => {
+                    "guest paused: final copy, device state, verification".into()
+                }
+                _ => message(&p, rate, eta_s),
+            });
         }
         if let Some(f) = out.as_mut() {
             for r in stats.rounds.iter().skip(rounds_seen) {

@@ -169,11 +169,15 @@ impl Report {
         match (r.fill, r.dirty_rate_mbs, r.hot_set) {
             (Some(fill), Some(d), Some(h)) => v.push((
                 "workload",
-                format!(
-                    "{mem}, {fill:?} fill, dirty {} over {:.0}% of memory",
-                    si_rate(d * 1e6),
-                    h * 100.0
-                ),
+                if d > 0.0 {
+                    format!(
+                        "{mem}, {fill:?} fill, dirty {} over {:.0}% of memory",
+                        si_rate(d * 1e6),
+                        h * 100.0
+                    )
+                } else {
+                    format!("{mem}, {fill:?} fill, no writers")
+                },
             )),
             _ => v.push(("guest memory", mem)),
         }
