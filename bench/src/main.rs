@@ -399,6 +399,14 @@ fn loopback(a: LoopbackArgs) -> Result<i32> {
 fn source(a: SourceArgs) -> Result<i32> {
     a.out.start_metrics()?;
     let key = a.key.load()?;
+    // A name that does not resolve is found before the guest is allocated and filled.
+    if let Err(e) = std::net::ToSocketAddrs::to_socket_addrs(a.connect.as_str()) {
+        eprintln!(
+            "rmig-bench: source: cannot resolve --connect {}: {e}; check the host name",
+            a.connect
+        );
+        return Ok(EXIT_FAILED);
+    }
     let mut src = prepare_source(&a.guest, &a.workload)?;
     let cfg = source_config(a.connect.clone(), key, &a.migrate);
     let dev = device_state(a.workload.seed);

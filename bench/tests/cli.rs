@@ -559,9 +559,11 @@ fn a_stopped_destination_fails_the_source_within_twice_the_peer_timeout() {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+    let prog = progress_file("stopped");
     let mut src = bench()
         .args(["source", "--connect", &addr, "--size", "256MiB", "--json"])
-        .args(["--max-bandwidth", "40MB", "--lanes", "2"])
+        .args(["--max-bandwidth", "40MB", "--lanes", "2", "--progress-json"])
+        .arg(&prog)
         // No reconnect window: the failure itself must come within twice the peer timeout.
         .args(["--reconnect-window", "0"])
         .env("RMIG_KEY", key)
@@ -569,7 +571,8 @@ fn a_stopped_destination_fails_the_source_within_twice_the_peer_timeout() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_millis(2500));
+    // Mid-round: 40 MB in of 256 MiB at 40 MB/s.
+    wait_until_sent(&prog, 40_000_000);
     let stop = std::time::Instant::now();
     assert!(std::process::Command::new("kill")
         .args(["-STOP", &dest.id().to_string()])
@@ -597,6 +600,7 @@ fn a_stopped_destination_fails_the_source_within_twice_the_peer_timeout() {
     assert_eq!(j["status"], "failed");
     let e = j["error"].as_str().unwrap();
     assert!(e.contains("peer silent"), "{e}");
+    let _ = std::fs::remove_dir_all(prog.parent().unwrap());
 }
 
 /// Runs `rmig-bench ARGS` and expects a usage error naming `says`, fast.
@@ -650,6 +654,7 @@ fn bad_values_are_usage_errors_before_anything_runs() {
         (&["loopback", "--max-bandwidth", "fast"], "not a rate"),
         (&["source", "--connect", "rdma:10.0.0.1:4444"], "only tcp:"),
         (&["source", "--connect", "10.0.0.1"], "no port"),
+        (&["dest", "--listen", "tcp:127.0.0.1:99999"], "not a port"),
         (
             &[
                 "topology",
@@ -1214,4 +1219,36 @@ fn a_link_lost_before_commit_leaves_the_source_running() {
     assert_eq!(s.status.code(), Some(1));
     assert_eq!(json_of(&d)["status"], "handover-unknown");
     assert_eq!(d.status.code(), Some(3));
+}
+
+#[test]
+fn a_destination_name_that_does_not_resolve_fails_before_allocating() {
+    let mut child = bench()
+        .args([
+            "source",
+            "--connect",
+            "tcp:no-such-host.invalid:4444",
+            "--size",
+            "1GiB",
+        ])
+        .env("RMIG_KEY", KEY)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    let (st, rss) = wait_rss(&mut child, Duration::from_secs(30));
+    assert_eq!(st.code(), Some(1), "{err}");
+    assert!(err.contains("cannot resolve --connect"), "{err}");
+    assert!(
+        rss < 256 << 20,
+        "{rss} bytes resident: the guest was allocated first"
+    );
 }
