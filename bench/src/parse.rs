@@ -16,7 +16,7 @@ pub fn size(s: &str) -> Result<u64, String> {
     }
     parse_size::parse_size(t).map_err(|e| match e {
         parse_size::Error::PosOverflow => {
-            format!("{s:?} is too large (the most is 16 EiB)")
+            format!("{s:?} is too large: sizes stop below 16 EiB")
         }
         _ => format!("{s:?} is not a size; write e.g. 2GiB, 512MiB or 4096"),
     })
@@ -160,7 +160,7 @@ mod tests {
         assert_eq!(size("4096"), Ok(4096));
         assert_eq!(
             size("16EiB").unwrap_err(),
-            "\"16EiB\" is too large (the most is 16 EiB)"
+            "\"16EiB\" is too large: sizes stop below 16 EiB"
         );
         assert!(size("15EiB").is_ok());
         assert!(size("99999999999TiB").unwrap_err().contains("too large"));
