@@ -3,442 +3,47 @@
 //! `loopback` runs a source and a destination in one process over 127.0.0.1 with a synthetic
 //! guest (memory filled as asked, writer threads dirtying it), migrates, verifies, compares
 //! both memories byte for byte, and reports. `source` and `dest` do the same across two hosts.
+//!
+//! Order matters for a user's time: flags are checked as they are parsed (`args`), the
+//! listening port is bound, and only then is guest memory allocated; every failure ends with
+//! one line on stderr that says what to change (`fail`), and Ctrl-C cancels like QEMU's
+//! `migrate_cancel` (`signals`).
 
+mod args;
+mod fail;
 mod mem;
+mod parse;
 mod plot;
 mod progress;
 mod report;
+mod signals;
+mod topology;
 mod workload;
 
+use std::io::{BufRead, IsTerminal, Write};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use anyhow::{anyhow, Result};
 use rmig_engine::{
-    driver, ConvergePolicy, DestConfig, DestEmbedder, DestListener, Key, Monitor, NoConvergence,
-    Region, SharedDirtyLog, SourceConfig, PAGE_2M, PAGE_4K,
+    ConvergePolicy, DestEmbedder, DestListener, EngineError, Key, MigrationStats, MigrationStatus,
+    Monitor, NoConvergence, Region, SharedDirtyLog, SourceConfig, SourceSession, Step,
 };
 
-use mem::{parse_size, Fill, Mapping};
-use report::{Report, RunInfo};
+pub use args::Thp;
+use args::{
+    Cmd, DestArgs, GuestArgs, LoopbackArgs, MigrateArgs, NumaArg, OnHandoverUnknown,
+    OnNoConvergence, OnOff, OutputArgs, SourceArgs, WorkloadArgs,
+};
+use fail::Side;
+use mem::Mapping;
+use report::{DestFigures, Report, RunInfo};
 use workload::{Workload, WorkloadSpec};
 
-#[derive(Parser)]
-#[command(
-    name = "rmig-bench",
-    version,
-    about = "Measure rmig live-migration throughput"
-)]
-struct Cli {
-    #[command(subcommand)]
-    cmd: Option<Cmd>,
-}
-
-#[derive(Subcommand)]
-enum Cmd {
-    /// Source and destination in one process over 127.0.0.1 (the default).
-    Loopback(LoopbackArgs),
-    /// Migrate this host's synthetic guest to a destination.
-    Source(SourceArgs),
-    /// Receive a migration from a source.
-    Dest(DestArgs),
-    /// Draw a result (`--json` output) round by round into an SVG or PNG file.
-    Plot(PlotArgs),
-    /// Print the NUMA topology and the placement plan for a migration.
-    Topology(TopologyArgs),
-}
-
-#[derive(Args, Clone)]
-struct TopologyArgs {
-    /// Guest memory size to plan for.
-    #[arg(long, default_value = "2GiB", value_parser = parse_size)]
-    size: u64,
-    /// Lanes to plan for (default: one per CPU).
-    #[arg(long)]
-    lanes: Option<usize>,
-    /// Read the topology from an hwloc XML file instead of this machine.
-    #[arg(long)]
-    hwloc_xml: Option<std::path::PathBuf>,
-    /// Use an hwloc synthetic topology (e.g. "pack:2 numa:2 core:4 pu:2").
-    #[arg(long, conflicts_with = "hwloc_xml")]
-    hwloc_synthetic: Option<String>,
-    /// The network or RDMA device the migration uses (its NUMA node attracts lanes).
-    #[arg(long)]
-    nic: Option<String>,
-    /// Assume the guest memory sits on this node (default: spread evenly over all nodes).
-    #[arg(long)]
-    memory_node: Option<usize>,
-    /// Print JSON instead of text.
-    #[arg(long)]
-    json: bool,
-}
-
-fn topology(a: TopologyArgs) -> Result<bool> {
-    use rmig_numa::{MemSpan, Plan, Topology, TopologySource};
-    let (topo, why) = match (&a.hwloc_xml, &a.hwloc_synthetic) {
-        (Some(x), _) => (Topology::load(&TopologySource::Xml(x.clone()))?, None),
-        (_, Some(s)) => (Topology::load(&TopologySource::Synthetic(s.clone()))?, None),
-        _ => Topology::detect(),
-    };
-    let pages = a.size / PAGE_4K;
-    let spans: Vec<MemSpan> = match a.memory_node {
-        Some(n) => vec![MemSpan {
-            region: 0,
-            first_page: 0,
-            npages: pages,
-            node: Some(n),
-        }],
-        None => {
-            let k = topo.nodes.len().max(1) as u64;
-            topo.nodes
-                .iter()
-                .enumerate()
-                .map(|(i, n)| {
-                    let first = pages * i as u64 / k;
-                    MemSpan {
-                        region: 0,
-                        first_page: first,
-                        npages: pages * (i as u64 + 1) / k - first,
-                        node: Some(n.os_index),
-                    }
-                })
-                .collect()
-        }
-    };
-    let lanes = a
-        .lanes
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    let nic_node = a.nic.as_deref().and_then(|n| topo.nic_node(n));
-    let plan = Plan::build(&topo, lanes, &spans, nic_node);
-    if a.json {
-        println!(
-            "{}",
-            serde_json::json!({ "topology": topo, "fallback": why, "plan": plan })
-        );
-    } else {
-        if let Some(w) = why {
-            println!("NUMA: falling back to a flat pool: {w}");
-        }
-        print!("{topo}{plan}");
-    }
-    Ok(true)
-}
-
-#[derive(Args, Clone)]
-struct PlotArgs {
-    /// A file holding the JSON output of loopback or source.
-    result: std::path::PathBuf,
-    /// The picture to write (.svg or .png).
-    #[arg(short, long)]
-    out: std::path::PathBuf,
-}
-
-#[derive(Args, Clone)]
-struct GuestArgs {
-    /// Guest memory size (e.g. 2GiB, 512MiB).
-    #[arg(long, default_value = "2GiB", value_parser = parse_size)]
-    size: u64,
-    /// Page size of the region: 4KiB or 2MiB.
-    #[arg(long, default_value = "4KiB", value_parser = parse_size)]
-    page_size: u64,
-    /// Back guest memory with transparent huge pages (`MADV_HUGEPAGE`), as QEMU does for
-    /// guest RAM: `auto` for memory faulted in before the migration (the source, and a
-    /// preallocated destination), `on` for all, `off` for none (4 KiB host pages).
-    #[arg(long, value_enum, default_value_t = Thp::Auto)]
-    thp: Thp,
-}
-
-/// Where guest memory asks for transparent huge pages.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Thp {
-    /// Memory faulted in before the migration. A huge page first touched during the
-    /// migration cost more than 512 small ones on the development host (2 GiB with
-    /// `--no-prealloc`: 0.5 GB/s with huge pages, 1.05 GB/s without).
-    Auto,
-    /// All guest memory.
-    On,
-    /// None.
-    Off,
-}
-
-impl Thp {
-    /// Whether memory that is (`prefaulted`) or is not faulted in before the migration asks
-    /// for huge pages.
-    fn huge(self, prefaulted: bool) -> bool {
-        match self {
-            Thp::Auto => prefaulted,
-            Thp::On => true,
-            Thp::Off => false,
-        }
-    }
-}
-
-#[derive(Args, Clone)]
-struct WorkloadArgs {
-    /// How to fill source memory.
-    #[arg(long, value_enum, default_value_t = Fill::Random)]
-    fill: Fill,
-    /// Fraction of zero pages for `--fill mixed`.
-    #[arg(long, default_value_t = 0.5)]
-    zero_fraction: f64,
-    /// Rate at which writer threads dirty pages, MB/s (0: no writers).
-    #[arg(long, default_value_t = 0.0)]
-    dirty_rate: f64,
-    /// Fraction of memory the writers touch.
-    #[arg(long, default_value_t = 0.1)]
-    hot_set: f64,
-    /// Writer threads.
-    #[arg(long, default_value_t = 1)]
-    writers: usize,
-    /// Seed of the generated data.
-    #[arg(long, default_value_t = 1)]
-    seed: u64,
-}
-
-#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum OnOff {
-    On,
-    Off,
-}
-
-#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum OnNoConvergence {
-    Fail,
-    Switchover,
-}
-
-#[derive(Args, Clone)]
-struct MigrateArgs {
-    /// Data lanes (default: one per CPU).
-    #[arg(long)]
-    lanes: Option<usize>,
-    /// Downtime ceiling in milliseconds.
-    #[arg(long, default_value_t = 300)]
-    downtime_limit: u64,
-    /// Bandwidth ceiling in bytes/s (e.g. 500MB); 0 is unlimited.
-    #[arg(long, default_value = "0", value_parser = parse_size)]
-    max_bandwidth: u64,
-    /// Most pre-copy rounds.
-    #[arg(long, default_value_t = 30)]
-    max_rounds: u32,
-    /// What to do when the round limit is reached above the downtime limit.
-    #[arg(long, value_enum, default_value_t = OnNoConvergence::Fail)]
-    on_no_convergence: OnNoConvergence,
-    /// Throttle the guest when rounds stop shrinking.
-    #[arg(long, value_enum, default_value_t = OnOff::On)]
-    auto_converge: OnOff,
-    /// End-to-end verification of every page.
-    #[arg(long, value_enum, default_value_t = OnOff::On)]
-    verify: OnOff,
-    /// Place and pin lanes next to the memory they serve (`off`: let the scheduler decide).
-    #[arg(long, value_enum, default_value_t = NumaArg::Auto)]
-    numa: NumaArg,
-    #[command(flatten)]
-    transport: TransportArgs,
-}
-
-/// Transport choice and RDMA settings (both ends).
-#[derive(Args, Clone)]
-struct TransportArgs {
-    /// `auto`: RDMA when both ends have a device for the control connection's address, else
-    /// TCP (saying why); `rdma`: RDMA or fail; `tcp`: TCP only.
-    #[arg(long, value_enum, default_value_t = TransportArg::Auto)]
-    transport: TransportArg,
-    /// RDMA device (default: the one whose GID table holds the address used).
-    #[arg(long)]
-    rdma_dev: Option<String>,
-    /// How guest memory is registered with the RDMA device: all of it up front, or chunks on
-    /// demand with a bounded cache (for hosts that cannot pin all guest RAM).
-    #[arg(long, value_enum, default_value_t = RegArg::PinAll)]
-    rdma_registration: RegArg,
-    /// Chunk size of chunked registration.
-    #[arg(long, default_value = "1MiB", value_parser = parse_size)]
-    rdma_chunk: u64,
-    /// Registrations kept per lane with chunked registration.
-    #[arg(long, default_value_t = 256)]
-    rdma_max_chunks: u32,
-    /// Seconds within which a connection that broke during pre-copy may come back (TCP);
-    /// 0 fails the migration at once.
-    #[arg(long, default_value_t = 10.0, value_parser = parse_seconds)]
-    reconnect_window: f64,
-}
-
-#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum TransportArg {
-    Auto,
-    Tcp,
-    Rdma,
-}
-
-#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum RegArg {
-    PinAll,
-    Chunked,
-}
-
-impl TransportArgs {
-    fn choice(&self) -> rmig_engine::TransportChoice {
-        match self.transport {
-            TransportArg::Auto => rmig_engine::TransportChoice::Auto,
-            TransportArg::Tcp => rmig_engine::TransportChoice::Tcp,
-            TransportArg::Rdma => rmig_engine::TransportChoice::Rdma,
-        }
-    }
-
-    fn rdma(&self) -> rmig_engine::RdmaConfig {
-        rmig_engine::RdmaConfig {
-            device: self.rdma_dev.clone(),
-            registration: match self.rdma_registration {
-                RegArg::PinAll => rmig_engine::Registration::PinAll,
-                RegArg::Chunked => rmig_engine::Registration::Chunked {
-                    chunk_bytes: self.rdma_chunk,
-                    max_chunks: self.rdma_max_chunks,
-                },
-            },
-        }
-    }
-
-    fn dest_config(&self, key: Key) -> DestConfig {
-        let mut d = DestConfig::new(key);
-        d.transport = self.choice();
-        d.rdma = self.rdma();
-        d.reconnect_window = Duration::from_secs_f64(self.reconnect_window);
-        d
-    }
-}
-
-#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum NumaArg {
-    Auto,
-    Off,
-}
-
-#[derive(Args, Clone)]
-struct OutputArgs {
-    /// Print one JSON object instead of the table.
-    #[arg(long)]
-    json: bool,
-    /// Write progress as JSON lines to this file (one per round, at least one a second).
-    #[arg(long)]
-    progress_json: Option<std::path::PathBuf>,
-    /// Serve metrics in Prometheus text format on this address (e.g. 127.0.0.1:9100) while
-    /// the command runs.
-    #[arg(long)]
-    metrics_addr: Option<std::net::SocketAddr>,
-}
-
-impl OutputArgs {
-    /// Starts the Prometheus endpoint if one was asked for.
-    fn start_metrics(&self) -> Result<()> {
-        if let Some(a) = self.metrics_addr {
-            metrics_exporter_prometheus::PrometheusBuilder::new()
-                .with_http_listener(a)
-                .install()
-                .with_context(|| format!("serving metrics on {a}"))?;
-        }
-        Ok(())
-    }
-}
-
-#[derive(Args, Clone)]
-struct PreallocArgs {
-    /// Populate destination memory before the migration (like QEMU's -mem-prealloc).
-    #[arg(long, overrides_with = "no_prealloc", default_value_t = true)]
-    prealloc: bool,
-    /// Leave destination memory to be faulted in during the migration.
-    #[arg(long)]
-    no_prealloc: bool,
-}
-
-impl PreallocArgs {
-    fn on(&self) -> bool {
-        !self.no_prealloc
-    }
-}
-
-#[derive(Args, Clone)]
-struct LoopbackArgs {
-    /// Address both ends use (an RDMA device's address for `--transport rdma`).
-    #[arg(long, default_value = "127.0.0.1")]
-    addr: String,
-    #[command(flatten)]
-    guest: GuestArgs,
-    #[command(flatten)]
-    workload: WorkloadArgs,
-    #[command(flatten)]
-    migrate: MigrateArgs,
-    #[command(flatten)]
-    prealloc: PreallocArgs,
-    #[command(flatten)]
-    out: OutputArgs,
-}
-
-#[derive(Args, Clone)]
-struct KeyArgs {
-    /// File holding the pre-shared key (else the RMIG_KEY environment variable).
-    #[arg(long)]
-    key_file: Option<std::path::PathBuf>,
-}
-
-impl KeyArgs {
-    fn load(&self) -> Result<Key> {
-        if let Some(p) = &self.key_file {
-            return Ok(Key::from_file(p)?);
-        }
-        let bytes = std::env::var("RMIG_KEY")
-            .context("no key: pass --key-file or set RMIG_KEY")?
-            .into_bytes();
-        Ok(Key::new(&bytes)?)
-    }
-}
-
-#[derive(Args, Clone)]
-struct SourceArgs {
-    /// Destination address (host:port).
-    #[arg(long)]
-    connect: String,
-    #[command(flatten)]
-    key: KeyArgs,
-    #[command(flatten)]
-    guest: GuestArgs,
-    #[command(flatten)]
-    workload: WorkloadArgs,
-    #[command(flatten)]
-    migrate: MigrateArgs,
-    #[command(flatten)]
-    out: OutputArgs,
-}
-
-#[derive(Args, Clone)]
-struct DestArgs {
-    /// Address to listen on (host:port).
-    #[arg(long)]
-    listen: String,
-    /// Seconds to wait for a source to complete the handshake (0: until Ctrl-C). Connections
-    /// that fail the handshake (wrong key or version, scanners) do not end the wait.
-    #[arg(long, default_value_t = 0.0, value_parser = parse_seconds)]
-    incoming_timeout: f64,
-    #[command(flatten)]
-    key: KeyArgs,
-    #[command(flatten)]
-    guest: GuestArgs,
-    #[command(flatten)]
-    prealloc: PreallocArgs,
-    #[command(flatten)]
-    transport: TransportArgs,
-    #[command(flatten)]
-    out: OutputArgs,
-}
-
-/// A non-negative, finite number of seconds.
-fn parse_seconds(s: &str) -> Result<f64, String> {
-    match s.parse::<f64>() {
-        Ok(v) if v.is_finite() && v >= 0.0 => Ok(v),
-        _ => Err(format!("{s:?} is not a number of seconds (0 or more)")),
-    }
-}
+/// Exit code of a failed migration, or of one that could not start.
+const EXIT_FAILED: i32 = 1;
+/// Exit code when the handover is unknown and nobody decided.
+const EXIT_HANDOVER_UNKNOWN: i32 = 3;
 
 /// Device state the bench's guest "has": bytes derived from the seed, checked at the far end.
 fn device_state(seed: u64) -> Vec<u8> {
@@ -458,20 +63,10 @@ impl DestEmbedder for BenchDest {
     }
 }
 
-fn check_guest(g: &GuestArgs) -> Result<()> {
-    if g.page_size != PAGE_4K && g.page_size != PAGE_2M {
-        bail!("--page-size must be 4KiB or 2MiB");
-    }
-    if g.size == 0 || !g.size.is_multiple_of(g.page_size) {
-        bail!("--size must be a non-zero multiple of the page size");
-    }
-    Ok(())
-}
-
 fn source_config(dest: String, key: Key, m: &MigrateArgs) -> SourceConfig {
     let mut c = SourceConfig::new(dest, key);
     if let Some(l) = m.lanes {
-        c.lanes = l;
+        c.lanes = l.into();
     }
     c.policy = ConvergePolicy {
         downtime_limit: Duration::from_millis(m.downtime_limit),
@@ -526,7 +121,7 @@ fn prepare_source(g: &GuestArgs, w: &WorkloadArgs) -> Result<SourceGuest> {
         WorkloadSpec {
             dirty_rate: w.dirty_rate * 1e6,
             hot_set: w.hot_set,
-            writers: w.writers,
+            writers: w.writers.into(),
             seed: w.seed,
         },
         log.clone(),
@@ -553,42 +148,131 @@ fn print(report: &Report, json: bool) -> Result<()> {
     } else {
         print!("{}", report.table());
     }
+    std::io::stdout().flush()?;
     Ok(())
 }
 
-/// Runs the source side on the driver's thread while showing progress; returns the result,
-/// the statistics either way, and the CPU time spent meanwhile.
+/// What a source run left behind.
+struct SourceRun {
+    /// The engine's verdict (a handover settled by the operator still reads as its error).
+    result: Result<(), EngineError>,
+    stats: MigrationStats,
+    cpu: f64,
+    /// Whether the source guest runs after the migration.
+    guest_running: bool,
+}
+
+/// The source's steps on the migration thread. A session whose handover is unknown comes
+/// back with the error, so that the operator's decision can be applied to it.
+fn drive(
+    cfg: SourceConfig,
+    regions: Vec<Region>,
+    dirty: SharedDirtyLog,
+    emb: workload::BenchEmbedder,
+    m: Arc<Monitor>,
+) -> (Result<MigrationStats, EngineError>, Option<SourceSession>) {
+    let mut s = match SourceSession::setup(cfg, regions, Box::new(dirty), Box::new(emb), m) {
+        Ok(s) => s,
+        Err(e) => return (Err(e), None),
+    };
+    loop {
+        match s.iterate() {
+            Ok(Step::Continue) => {}
+            Ok(Step::ReadyForSwitchover) => break,
+            Err(e) => return (Err(e), None),
+        }
+    }
+    match s.complete() {
+        Ok(st) => (Ok(st), None),
+        Err(e @ EngineError::HandoverUnknown(_)) => (Err(e), Some(s)),
+        Err(e) => (Err(e), None),
+    }
+}
+
+/// Runs the source side on a thread of its own while showing progress.
 fn run_source(
     src: &mut SourceGuest,
     cfg: SourceConfig,
     g: &GuestArgs,
     dev: Vec<u8>,
     out: &OutputArgs,
-) -> Result<(bool, rmig_engine::MigrationStats, f64)> {
+    on_unknown: OnHandoverUnknown,
+) -> Result<SourceRun> {
     let monitor = Monitor::new();
-    let h = driver::spawn(
-        cfg,
-        vec![region_of(&src.mem, g, false)?],
-        Box::new(src.log.clone()),
-        Box::new(src.workload.embedder(dev)),
-        monitor.clone(),
-    )?;
+    signals::cancel_on_signal(&monitor);
+    let regions = vec![region_of(&src.mem, g, false)?];
+    let (log, emb, m) = (src.log.clone(), src.workload.embedder(dev), monitor.clone());
+    let join = std::thread::Builder::new()
+        .name("rmig-migrate".into())
+        .spawn(move || drive(cfg, regions, log, emb, m))?;
     let cpu0 = cpu_time();
-    progress::watch(&monitor, out.progress_json.as_deref(), || h.is_finished())?;
-    let result = h.wait();
+    progress::watch(&monitor, Side::Source, out.progress_json.as_deref(), || {
+        join.is_finished()
+    })?;
+    let (result, session) = join
+        .join()
+        .map_err(|_| anyhow!("the migration thread panicked"))?;
+    if let Some(mut s) = session {
+        if let Some(run_here) = decide(on_unknown, Side::Source) {
+            s.resolve_handover(run_here)?;
+        }
+    }
     let cpu = cpu_time() - cpu0;
+    let guest_running = src.workload.guest_running();
     // The source guest stays paused after a successful switchover; stop its writers for good.
     src.workload.stop();
-    let ok = result.is_ok();
-    let stats = result.unwrap_or_else(|_| monitor.stats());
+    let mut stats = monitor.stats();
+    if let Err(EngineError::PeerError(m)) = &result {
+        stats.error = Some(format!(
+            "the destination reported an error: {}",
+            fail::from_the_peer(m)
+        ));
+    }
     if let Some(w) = stats.numa.as_ref().and_then(|n| n.fallback.as_ref()) {
         eprintln!("rmig-bench: NUMA placement: {w}; using a flat pool");
     }
-    Ok((ok, stats, cpu))
+    Ok(SourceRun {
+        result: result.map(|_| ()),
+        stats,
+        cpu,
+        guest_running,
+    })
+}
+
+/// The operator's decision on an unknown handover: `Some(true)` runs the guest here.
+fn decide(choice: OnHandoverUnknown, side: Side) -> Option<bool> {
+    match choice {
+        OnHandoverUnknown::RunHere => Some(true),
+        OnHandoverUnknown::RunThere => Some(false),
+        OnHandoverUnknown::Ask => ask(side),
+    }
+}
+
+/// Asks on the terminal which end runs the guest; `None` without a terminal or an answer.
+fn ask(side: Side) -> Option<bool> {
+    if !std::io::stdin().is_terminal() || !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let other = match side {
+        Side::Source => "destination",
+        Side::Dest => "source",
+    };
+    eprint!(
+        "rmig-bench: the link failed during the handover; this host cannot know whether the \
+         {other} runs the guest. Check it, then type `here` to run the guest on this host, \
+         `there` to leave it to the {other}, or anything else to decide later: "
+    );
+    let mut line = String::new();
+    std::io::stdin().lock().read_line(&mut line).ok()?;
+    match line.trim() {
+        "here" => Some(true),
+        "there" => Some(false),
+        _ => None,
+    }
 }
 
 impl RunInfo {
-    fn of(
+    fn of_source(
         mode: &'static str,
         g: &GuestArgs,
         w: &WorkloadArgs,
@@ -599,26 +283,59 @@ impl RunInfo {
             mode,
             size: g.size,
             page_size: g.page_size,
-            fill: w.fill,
-            zero_fraction: w.zero_fraction,
-            dirty_rate_mbs: w.dirty_rate,
-            hot_set: w.hot_set,
-            pages_dirtied: src.workload.pages_written(),
-            prealloc: false,
+            fill: Some(w.fill),
+            zero_fraction: Some(w.zero_fraction),
+            dirty_rate_mbs: Some(w.dirty_rate),
+            hot_set: Some(w.hot_set),
+            pages_dirtied: Some(src.workload.pages_written()),
+            prealloc: None,
             verify: m.verify == OnOff::On,
-            downtime_limit_ms: m.downtime_limit,
-            source_prepare_ms: src.prepare_ms,
-            dest_prepare_ms: 0.0,
+            downtime_limit_ms: Some(m.downtime_limit),
+            source_prepare_ms: Some(src.prepare_ms),
+            dest_prepare_ms: None,
             thp: g.thp,
-            source_huge_bytes: src.huge_bytes,
-            dest_huge_bytes: 0,
+            source_huge_bytes: Some(src.huge_bytes),
+            dest_huge_bytes: None,
         }
     }
 }
 
-fn loopback(a: LoopbackArgs) -> Result<bool> {
-    check_guest(&a.guest)?;
+/// The exit code of a finished run, after printing the line that explains a failure.
+fn conclude(report: &Report, errors: &[(Side, &EngineError)]) -> i32 {
+    for (side, e) in errors {
+        eprintln!("{}", fail::line(*side, e));
+    }
+    let status = report.stats.status;
+    if errors.is_empty() && !report.ok() {
+        eprintln!(
+            "rmig-bench: {}: the migration ended {status} but {}; this is a bug, please report \
+             it with this output",
+            report.run.mode,
+            match (report.memory_equal, report.stats.verified) {
+                (Some(false), _) => "the memories differ",
+                (_, Some(false)) => "verification failed",
+                _ => "verification did not run",
+            }
+        );
+    }
+    match status {
+        MigrationStatus::Cancelled if signals::interrupted() => signals::EXIT_CANCELLED,
+        MigrationStatus::HandoverUnknown => EXIT_HANDOVER_UNKNOWN,
+        _ if report.ok() => 0,
+        _ => EXIT_FAILED,
+    }
+}
+
+fn loopback(a: LoopbackArgs) -> Result<i32> {
     a.out.start_metrics()?;
+    let key = Key::random()?;
+    let bind = if a.addr.contains(':') {
+        format!("[{}]:0", a.addr)
+    } else {
+        format!("{}:0", a.addr)
+    };
+    let listener = DestListener::bind(&bind, a.migrate.transport.dest_config(key.clone()))?;
+    let addr = listener.local_addr()?;
     let mut src = prepare_source(&a.guest, &a.workload)?;
     let t = Instant::now();
     let dst = Mapping::new(
@@ -628,65 +345,146 @@ fn loopback(a: LoopbackArgs) -> Result<bool> {
     )?;
     let dest_ms = t.elapsed().as_secs_f64() * 1e3;
     let dest_huge = dst.huge_bytes();
-
-    let key = Key::random()?;
-    let bind = if a.addr.contains(':') {
-        format!("[{}]:0", a.addr)
-    } else {
-        format!("{}:0", a.addr)
-    };
-    let listener = DestListener::bind(&bind, a.migrate.transport.dest_config(key.clone()))?;
-    let addr = listener.local_addr()?;
     let dregion = region_of(&dst, &a.guest, true)?;
     let got = Arc::new(std::sync::Mutex::new(None));
     let dest_embedder = BenchDest { got: got.clone() };
-    let dest_monitor = Monitor::new();
-    let dm = dest_monitor.clone();
+    let dm = Monitor::new();
     let dest = std::thread::Builder::new()
         .name("bench-dest".into())
         .spawn(move || listener.serve(vec![dregion], Box::new(dest_embedder), dm))?;
 
     let cfg = source_config(addr.to_string(), key, &a.migrate);
     let dev = device_state(a.workload.seed);
-    let (src_ok, stats, cpu) = run_source(&mut src, cfg, &a.guest, dev.clone(), &a.out)?;
+    // No operator between two ends of one process: an unknown handover stays unknown.
+    let on_unknown = OnHandoverUnknown::Ask;
+    let run = run_source(&mut src, cfg, &a.guest, dev.clone(), &a.out, on_unknown)?;
     let dest_result = dest
         .join()
-        .map_err(|_| anyhow::anyhow!("destination thread panicked"))?;
-    let completed = src_ok && dest_result.is_ok();
+        .map_err(|_| anyhow!("destination thread panicked"))?;
+    let completed = run.result.is_ok() && dest_result.is_ok();
     let memory_equal = completed.then(|| {
         src.mem.bytes() == dst.bytes()
             && got.lock().unwrap_or_else(|e| e.into_inner()).as_deref() == Some(&dev[..])
     });
-    let mut run = RunInfo::of("loopback", &a.guest, &a.workload, &a.migrate, &src);
-    run.prealloc = a.prealloc.on();
-    run.dest_prepare_ms = dest_ms;
-    run.dest_huge_bytes = dest_huge;
-    let report = Report::new(stats, memory_equal, cpu, run);
+    let mut info = RunInfo::of_source("loopback", &a.guest, &a.workload, &a.migrate, &src);
+    info.prealloc = Some(a.prealloc.on());
+    info.dest_prepare_ms = Some(dest_ms);
+    info.dest_huge_bytes = Some(dest_huge);
+    let mut report = Report::new(run.stats, memory_equal, run.cpu, info);
+    report.source_guest = Some(if run.guest_running {
+        "running"
+    } else {
+        "paused"
+    });
     print(&report, a.out.json)?;
-    if let Err(e) = &dest_result {
-        eprintln!("destination: {e}");
+    // The source's error first; the destination's only when it adds something.
+    let mut errors = Vec::new();
+    if let Err(e) = &run.result {
+        errors.push((Side::Source, e));
     }
-    Ok(report.ok() && dest_result.is_ok())
+    if let Err(e) = &dest_result {
+        let echo = matches!(
+            e,
+            EngineError::PeerError(_) | EngineError::PeerCancelled(_) | EngineError::PeerClosed
+        );
+        if run.result.is_ok() || !echo {
+            errors.push((Side::Dest, e));
+        }
+    }
+    let code = conclude(&report, &errors);
+    a.out.linger();
+    Ok(code)
 }
 
-fn source(a: SourceArgs) -> Result<bool> {
-    check_guest(&a.guest)?;
+fn source(a: SourceArgs) -> Result<i32> {
     a.out.start_metrics()?;
     let key = a.key.load()?;
+    // A name that does not resolve is found before the guest is allocated and filled.
+    if let Err(e) = std::net::ToSocketAddrs::to_socket_addrs(a.connect.as_str()) {
+        eprintln!(
+            "rmig-bench: source: cannot resolve --connect {}: {e}; check the host name",
+            a.connect
+        );
+        return Ok(EXIT_FAILED);
+    }
     let mut src = prepare_source(&a.guest, &a.workload)?;
     let cfg = source_config(a.connect.clone(), key, &a.migrate);
     let dev = device_state(a.workload.seed);
-    let (_, stats, cpu) = run_source(&mut src, cfg, &a.guest, dev, &a.out)?;
-    let run = RunInfo::of("source", &a.guest, &a.workload, &a.migrate, &src);
-    let report = Report::new(stats, None, cpu, run);
+    let run = run_source(
+        &mut src,
+        cfg,
+        &a.guest,
+        dev,
+        &a.out,
+        a.handover.on_handover_unknown,
+    )?;
+    let info = RunInfo::of_source("source", &a.guest, &a.workload, &a.migrate, &src);
+    let mut report = Report::new(run.stats, None, run.cpu, info);
+    report.source_guest = Some(if run.guest_running {
+        "running"
+    } else {
+        "paused"
+    });
     print(&report, a.out.json)?;
-    Ok(report.ok())
+    let errors: Vec<(Side, &EngineError)> = run
+        .result
+        .as_ref()
+        .err()
+        .map(|e| (Side::Source, e))
+        .into_iter()
+        .collect();
+    let code = conclude(&report, &errors);
+    a.out.linger();
+    Ok(code)
 }
 
-fn dest(a: DestArgs) -> Result<bool> {
-    check_guest(&a.guest)?;
-    a.out.start_metrics()?;
+/// The destination's figures from its monitor: what landed, and its phases.
+fn dest_figures(stats: &MigrationStats, monitor: &Monitor) -> DestFigures {
+    let t = monitor.timeline();
+    let at = |s: MigrationStatus| t.iter().find(|(x, _)| *x == s).map(|(_, d)| *d);
+    let end = t
+        .iter()
+        .rev()
+        .find(|(s, _)| {
+            !matches!(
+                s,
+                MigrationStatus::Setup | MigrationStatus::Active | MigrationStatus::Device
+            )
+        })
+        .map(|(_, d)| *d);
+    let active = at(MigrationStatus::Active);
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    let connected = active.map(|a| ms(a) - stats.setup_time_ms);
+    let rate = match (active, end) {
+        (Some(a), Some(e)) if e > a => stats.ram.normal_bytes as f64 / (e - a).as_secs_f64(),
+        _ => 0.0,
+    };
+    DestFigures {
+        received_bytes: stats.ram.normal_bytes,
+        rounds: stats.ram.dirty_sync_count,
+        rate,
+        downtime_ms: match (at(MigrationStatus::Device), at(MigrationStatus::Completed)) {
+            (Some(d), Some(c)) => Some(ms(c - d)),
+            _ => None,
+        },
+        total_ms: connected.zip(end).map(|(c, e)| ms(e) - c),
+    }
+}
+
+fn dest(a: DestArgs) -> Result<i32> {
     let key = a.key.load()?;
+    let mut cfg = a.transport.dest_config(key);
+    cfg.incoming_timeout =
+        (a.incoming_timeout > 0.0).then(|| Duration::from_secs_f64(a.incoming_timeout));
+    // The port first: one already in use is found before any memory is allocated.
+    let listener = match DestListener::bind(&a.listen, cfg) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("{}", fail::line(Side::Dest, &e));
+            return Ok(EXIT_FAILED);
+        }
+    };
+    a.out.start_metrics()?;
     let t = Instant::now();
     let dst = Mapping::new(
         a.guest.size as usize,
@@ -695,79 +493,96 @@ fn dest(a: DestArgs) -> Result<bool> {
     )?;
     let prep = t.elapsed().as_secs_f64() * 1e3;
     let dest_huge = dst.huge_bytes();
-    let mut cfg = a.transport.dest_config(key);
-    cfg.incoming_timeout =
-        (a.incoming_timeout > 0.0).then(|| Duration::from_secs_f64(a.incoming_timeout));
-    let listener = DestListener::bind(&a.listen, cfg)?;
-    eprintln!("listening on {}", listener.local_addr()?);
     let monitor = Monitor::new();
+    signals::cancel_on_signal(&monitor);
     let got = Arc::new(std::sync::Mutex::new(None));
+    let region = region_of(&dst, &a.guest, true)?;
+    let emb = BenchDest { got: got.clone() };
+    let m = monitor.clone();
+    eprintln!("listening on {}", listener.local_addr()?);
     let cpu0 = cpu_time();
-    let r = listener.serve(
-        vec![region_of(&dst, &a.guest, true)?],
-        Box::new(BenchDest { got: got.clone() }),
-        monitor.clone(),
-    );
-    let report = Report::new(
-        monitor.stats(),
-        None,
-        cpu_time() - cpu0,
-        RunInfo {
-            mode: "dest",
-            size: a.guest.size,
-            page_size: a.guest.page_size,
-            fill: Fill::Random,
-            zero_fraction: 0.0,
-            dirty_rate_mbs: 0.0,
-            hot_set: 0.0,
-            pages_dirtied: 0,
-            prealloc: a.prealloc.on(),
-            verify: monitor.stats().verified.is_some(),
-            downtime_limit_ms: 0,
-            source_prepare_ms: 0.0,
-            dest_prepare_ms: prep,
-            thp: a.guest.thp,
-            source_huge_bytes: 0,
-            dest_huge_bytes: dest_huge,
-        },
-    );
-    print(&report, a.out.json)?;
-    if let Err(e) = &r {
-        eprintln!("migration failed: {e}");
+    let join = std::thread::Builder::new()
+        .name("bench-dest".into())
+        .spawn(move || listener.serve(vec![region], Box::new(emb), m))?;
+    progress::watch(&monitor, Side::Dest, a.out.progress_json.as_deref(), || {
+        join.is_finished()
+    })?;
+    let r = join
+        .join()
+        .map_err(|_| anyhow!("the destination thread panicked"))?;
+    if let Err(EngineError::HandoverUnknown(_)) = &r {
+        settle_dest(&monitor, decide(a.handover.on_handover_unknown, Side::Dest));
     }
-    Ok(r.is_ok() && report.ok())
-}
-
-fn main() -> Result<()> {
-    let cli = Cli::parse();
-    let cmd = cli.cmd.unwrap_or_else(|| {
-        Cmd::Loopback(LoopbackArgs::try_parse_from_defaults().expect("defaults parse"))
-    });
-    let ok = match cmd {
-        Cmd::Loopback(a) => loopback(a)?,
-        Cmd::Source(a) => source(a)?,
-        Cmd::Dest(a) => dest(a)?,
-        Cmd::Topology(a) => topology(a)?,
-        Cmd::Plot(a) => {
-            plot::plot(&a.result, &a.out)?;
-            true
-        }
+    let stats = monitor.stats();
+    let figures = dest_figures(&stats, &monitor);
+    let info = RunInfo {
+        mode: "dest",
+        size: a.guest.size,
+        page_size: a.guest.page_size,
+        fill: None,
+        zero_fraction: None,
+        dirty_rate_mbs: None,
+        hot_set: None,
+        pages_dirtied: None,
+        prealloc: Some(a.prealloc.on()),
+        verify: stats.verified.is_some(),
+        downtime_limit_ms: None,
+        source_prepare_ms: None,
+        dest_prepare_ms: Some(prep),
+        thp: a.guest.thp,
+        source_huge_bytes: None,
+        dest_huge_bytes: Some(dest_huge),
     };
-    if !ok {
-        std::process::exit(1);
-    }
-    Ok(())
+    let mut report = Report::new(stats, None, cpu_time() - cpu0, info);
+    report.stats.ram.transferred = figures.received_bytes;
+    report.dest = Some(figures);
+    print(&report, a.out.json)?;
+    let errors: Vec<(Side, &EngineError)> = r
+        .as_ref()
+        .err()
+        .map(|e| (Side::Dest, e))
+        .into_iter()
+        .collect();
+    let code = conclude(&report, &errors);
+    a.out.linger();
+    Ok(code)
 }
 
-impl LoopbackArgs {
-    fn try_parse_from_defaults() -> Result<LoopbackArgs> {
-        #[derive(Parser)]
-        struct Only {
-            #[command(flatten)]
-            a: LoopbackArgs,
-        }
-        Ok(Only::try_parse_from(["rmig-bench"])?.a)
+/// Applies the operator's decision on a destination whose handover is unknown: the bench's
+/// guest is only memory, so running it here is recording that it runs.
+fn settle_dest(monitor: &Monitor, run_here: Option<bool>) {
+    let (status, note) = match run_here {
+        None => return,
+        Some(true) => (
+            MigrationStatus::Completed,
+            "the operator resumed the guest on the destination after an unknown handover",
+        ),
+        Some(false) => (
+            MigrationStatus::Failed,
+            "the operator left the guest to the source after an unknown handover; discarded here",
+        ),
+    };
+    let _settled = monitor.settle_handover(status, note);
+}
+
+fn main() {
+    let cmd = args::parse();
+    if let Err(e) = signals::install() {
+        eprintln!("rmig-bench: {e:#}");
+        std::process::exit(EXIT_FAILED);
     }
+    let r = match cmd {
+        Cmd::Loopback(a) => loopback(a),
+        Cmd::Source(a) => source(a),
+        Cmd::Dest(a) => dest(a),
+        Cmd::Topology(a) => topology::topology(a).map(|()| 0),
+        Cmd::Plot(a) => plot::plot(&a.result, &a.out).map(|()| 0),
+    };
+    let code = r.unwrap_or_else(|e| {
+        eprintln!("rmig-bench: {e:#}");
+        EXIT_FAILED
+    });
+    std::process::exit(code);
 }
 
 /// CPU time (user and system) of this process so far, in seconds.

@@ -1,11 +1,18 @@
 //! What the bench prints: one JSON object, or a human table.
+//!
+//! Each end reports what it knows and nothing else: the source does not know how the
+//! destination's memory was prepared, and the destination does not know the workload, so
+//! those figures are `null` in the JSON and left out of the table rather than guessed. A
+//! failed run's table says what did not happen (`not reached`) instead of printing defaults
+//! that read like results (`verified off`, `0 Mbit/s`).
 
-use rmig_engine::MigrationStats;
+use rmig_engine::{MigrationStats, MigrationStatus};
 use serde::Serialize;
 
 use crate::mem::Fill;
+use crate::parse::{iec, si_rate};
 
-/// The workload and setup that produced a result.
+/// The workload and setup that produced a result; `None` where this end cannot know.
 #[derive(Debug, Clone, Serialize)]
 pub struct RunInfo {
     /// `loopback`, `source` or `dest`.
@@ -15,37 +22,54 @@ pub struct RunInfo {
     /// Page size.
     pub page_size: u64,
     /// How memory was filled.
-    pub fill: Fill,
+    pub fill: Option<Fill>,
     /// Fraction of zero pages (mixed fill).
-    pub zero_fraction: f64,
+    pub zero_fraction: Option<f64>,
     /// Writers' dirty rate, MB/s.
-    pub dirty_rate_mbs: f64,
+    pub dirty_rate_mbs: Option<f64>,
     /// Fraction of memory the writers touch.
-    pub hot_set: f64,
+    pub hot_set: Option<f64>,
     /// Destination memory populated before the migration (`-mem-prealloc`).
-    pub prealloc: bool,
+    pub prealloc: Option<bool>,
     /// Whether end-to-end verification was on.
     pub verify: bool,
     /// Pages the writers dirtied while the migration ran.
-    pub pages_dirtied: u64,
+    pub pages_dirtied: Option<u64>,
     /// The downtime ceiling asked for, ms.
-    pub downtime_limit_ms: u64,
+    pub downtime_limit_ms: Option<u64>,
     /// Time to allocate and fill the source (not part of the migration).
-    pub source_prepare_ms: f64,
+    pub source_prepare_ms: Option<f64>,
     /// Time to allocate the destination (not part of the migration).
-    pub dest_prepare_ms: f64,
-    /// Where guest memory asked for transparent huge pages (`--thp`).
+    pub dest_prepare_ms: Option<f64>,
+    /// Where guest memory asked for transparent huge pages (`--thp`) on this host.
     pub thp: crate::Thp,
-    /// Bytes of source memory in huge pages when the migration started (0 when not known).
-    pub source_huge_bytes: u64,
+    /// Bytes of source memory in huge pages when the migration started.
+    pub source_huge_bytes: Option<u64>,
     /// Bytes of destination memory in huge pages when the migration started.
-    pub dest_huge_bytes: u64,
+    pub dest_huge_bytes: Option<u64>,
+}
+
+/// The destination's own figures, from its monitor: what landed, and its phases as it saw
+/// them (times from the moment the source connected).
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct DestFigures {
+    /// Bytes of page data that landed in guest memory.
+    pub received_bytes: u64,
+    /// Rounds received (the stop-and-copy round included).
+    pub rounds: u64,
+    /// `received_bytes` over the time from the end of setup to the end.
+    pub rate: f64,
+    /// From the start of the stop-and-copy round to the guest's resumption here.
+    pub downtime_ms: Option<f64>,
+    /// From the connection to the end (waiting for the source left out).
+    pub total_ms: Option<f64>,
 }
 
 /// One bench result.
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
-    /// The migration's statistics, at the top level like `query-migrate`.
+    /// The migration's statistics, at the top level like `query-migrate`. Each round's
+    /// `mbps` is that round's own bytes over its own duration.
     #[serde(flatten)]
     pub stats: MigrationStats,
     /// Byte-for-byte comparison of the two memories after the migration (loopback only).
@@ -55,18 +79,25 @@ pub struct Report {
     /// CPU seconds (user and system, all threads of this process) spent while the migration
     /// ran; in `loopback` that is both ends.
     pub cpu_seconds: f64,
+    /// `running` or `paused`: the source guest after the run (source and loopback).
+    pub source_guest: Option<&'static str>,
+    /// The destination's own figures (dest).
+    pub dest: Option<DestFigures>,
     /// How the run was set up.
     pub run: RunInfo,
 }
 
 impl Report {
-    /// Builds a report, computing the data rate.
+    /// Builds a report, computing the data rate and each round's own bandwidth.
     pub fn new(
-        stats: MigrationStats,
+        mut stats: MigrationStats,
         memory_equal: Option<bool>,
         cpu_seconds: f64,
         run: RunInfo,
     ) -> Report {
+        for r in &mut stats.rounds {
+            r.mbps = crate::progress::round_mbps(r);
+        }
         let secs = (stats.total_time_ms - stats.setup_time_ms) / 1e3;
         let data_rate = if secs > 0.0 {
             stats.ram.transferred as f64 / secs
@@ -78,13 +109,15 @@ impl Report {
             memory_equal,
             data_rate,
             cpu_seconds,
+            source_guest: None,
+            dest: None,
             run,
         }
     }
 
     /// Whether the run succeeded: completed, verified (when on), memories equal (when known).
     pub fn ok(&self) -> bool {
-        self.stats.status == rmig_engine::MigrationStatus::Completed
+        self.stats.status == MigrationStatus::Completed
             && self.stats.verified != Some(false)
             && (!self.run.verify || self.stats.verified == Some(true) || self.run.mode == "dest")
             && self.memory_equal != Some(false)
@@ -93,71 +126,25 @@ impl Report {
     /// The human table.
     pub fn table(&self) -> String {
         let s = &self.stats;
-        let gb = |b: f64| b / 1e9;
         let mut o = String::new();
         let mut row = |k: &str, v: String| o.push_str(&format!("{k:<22} {v}\n"));
         row("status", s.status.to_string());
         if let Some(e) = &s.error {
             row("error", e.clone());
         }
-        row(
-            "workload",
-            format!(
-                "{:.2} GiB, {:?} fill, page {} B, dirty {} MB/s over {:.0}% of memory",
-                self.run.size as f64 / (1u64 << 30) as f64,
-                self.run.fill,
-                self.run.page_size,
-                self.run.dirty_rate_mbs,
-                self.run.hot_set * 100.0
-            ),
-        );
-        let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
-        row(
-            "host pages",
-            if self.run.thp == crate::Thp::Off {
-                "4 KiB (--thp off)".into()
-            } else {
-                format!(
-                    "transparent huge pages (--thp {}): {:.2} GiB of the source and {:.2} GiB \
-                     of the destination in huge pages",
-                    if self.run.thp == crate::Thp::On {
-                        "on"
-                    } else {
-                        "auto"
-                    },
-                    gib(self.run.source_huge_bytes),
-                    gib(self.run.dest_huge_bytes)
-                )
-            },
-        );
-        row(
-            "destination memory",
-            if self.run.prealloc {
-                "preallocated (faulted in before the migration)".into()
-            } else {
-                "not preallocated (faulted in during the migration)".into()
-            },
-        );
-        row(
-            "transport",
-            format!(
-                "{} x {} lanes ({} failed)",
-                s.transport, s.lanes, s.lanes_failed
-            ),
-        );
-        if let Some(f) = &s.fallback_reason {
-            row("fallback reason", f.clone());
+        for (k, v) in self.setup_rows() {
+            row(k, v);
         }
-        if let Some(r) = &s.rdma {
-            row(
-                "rdma",
+        match self.dest.as_ref().and_then(|d| d.total_ms) {
+            Some(t) => row(
+                "total time",
                 format!(
-                    "{} port {} GID index {}, {} registration ({:.1} ms)",
-                    r.device, r.port, r.gid_index, r.registration, r.registration_ms
+                    "{t:.1} ms from the connection ({:.1} ms with the wait for the source)",
+                    s.total_time_ms
                 ),
-            );
+            ),
+            None => row("total time", format!("{:.1} ms", s.total_time_ms)),
         }
-        row("total time", format!("{:.1} ms", s.total_time_ms));
         row(
             "cpu time",
             format!(
@@ -166,60 +153,250 @@ impl Report {
             ),
         );
         row("setup time", format!("{:.1} ms", s.setup_time_ms));
-        row(
-            "downtime",
-            format!(
-                "{:.1} ms (expected {:.1} ms)",
-                s.downtime_ms, s.expected_downtime_ms
-            ),
-        );
-        row(
-            "transferred",
-            format!(
-                "{:.3} GB at {:.2} GB/s ({:.0} Mbit/s)",
-                gb(s.ram.transferred as f64),
-                gb(self.data_rate),
-                s.ram.mbps
-            ),
-        );
-        row(
-            "pages",
-            format!(
-                "{} normal, {} zero (markers)",
-                s.ram.normal, s.ram.duplicate
-            ),
-        );
-        row(
+        for (k, v) in self.result_rows() {
+            row(k, v);
+        }
+        o.push_str(&self.rounds_table());
+        o
+    }
+
+    /// What was migrated and how: the workload, memory, transport.
+    fn setup_rows(&self) -> Vec<(&'static str, String)> {
+        let s = &self.stats;
+        let r = &self.run;
+        let mut v = Vec::new();
+        let mem = format!("{}, page {}", iec(r.size), iec(r.page_size));
+        match (r.fill, r.dirty_rate_mbs, r.hot_set) {
+            (Some(fill), Some(d), Some(h)) => v.push((
+                "workload",
+                if d > 0.0 {
+                    format!(
+                        "{mem}, {fill:?} fill, dirty {} over {:.0}% of memory",
+                        si_rate(d * 1e6),
+                        h * 100.0
+                    )
+                } else {
+                    format!("{mem}, {fill:?} fill, no writers")
+                },
+            )),
+            _ => v.push(("guest memory", mem)),
+        }
+        if let Some(h) = r.source_huge_bytes {
+            v.push(("source pages", host_pages(r.thp, h)));
+        }
+        if let Some(h) = r.dest_huge_bytes {
+            v.push(("destination pages", host_pages(r.thp, h)));
+        }
+        if let Some(p) = r.prealloc {
+            v.push((
+                "destination memory",
+                if p {
+                    "preallocated (faulted in before the migration)".into()
+                } else {
+                    "not preallocated (faulted in during the migration)".into()
+                },
+            ));
+        }
+        if s.lanes > 0 {
+            v.push((
+                "transport",
+                format!(
+                    "{} x {} lanes ({} failed)",
+                    s.transport, s.lanes, s.lanes_failed
+                ),
+            ));
+        }
+        if let Some(f) = &s.fallback_reason {
+            v.push(("fallback reason", f.clone()));
+        }
+        if let Some(r) = &s.rdma {
+            v.push((
+                "rdma",
+                format!(
+                    "{} port {} GID index {}, {} registration ({:.1} ms)",
+                    r.device, r.port, r.gid_index, r.registration, r.registration_ms
+                ),
+            ));
+        }
+        v
+    }
+
+    /// What came of it: downtime, bytes, verification.
+    fn result_rows(&self) -> Vec<(&'static str, String)> {
+        let s = &self.stats;
+        let done = s.status == MigrationStatus::Completed;
+        let mut v = Vec::new();
+        if let Some(d) = &self.dest {
+            v.push((
+                "received",
+                format!(
+                    "{} in {} round(s){}",
+                    iec(d.received_bytes),
+                    d.rounds,
+                    if d.rate > 0.0 {
+                        format!(" at {}", si_rate(d.rate))
+                    } else {
+                        String::new()
+                    }
+                ),
+            ));
+            if let Some(t) = d.downtime_ms {
+                v.push(("downtime", format!("{t:.1} ms (as seen here)")));
+            }
+        } else if done || s.downtime_ms > 0.0 {
+            v.push((
+                "downtime",
+                format!(
+                    "{:.1} ms (expected {:.1} ms)",
+                    s.downtime_ms, s.expected_downtime_ms
+                ),
+            ));
+        } else {
+            v.push(("downtime", "none (the guest was not paused)".into()));
+        }
+        if self.dest.is_none() {
+            let rate = if self.data_rate > 0.0 && s.ram.transferred > 0 {
+                format!(" at {}", si_rate(self.data_rate))
+            } else {
+                String::new()
+            };
+            v.push((
+                "transferred",
+                format!(
+                    "{}{rate}{}",
+                    iec(s.ram.transferred),
+                    if done { "" } else { " before the run ended" }
+                ),
+            ));
+            v.push((
+                "pages",
+                format!(
+                    "{} normal, {} zero (markers)",
+                    s.ram.normal, s.ram.duplicate
+                ),
+            ));
+        }
+        v.push((
             "verified",
-            match s.verified {
-                Some(v) => v.to_string(),
-                None => "off".into(),
+            match (s.verified, self.run.verify || !done) {
+                (Some(v), _) => v.to_string(),
+                (None, false) => "off".into(),
+                (None, true) => "not reached".into(),
             },
-        );
+        ));
         if let Some(eq) = self.memory_equal {
-            row("memory equal", eq.to_string());
+            v.push(("memory equal", eq.to_string()));
+        }
+        if let Some(g) = self.source_guest {
+            v.push(("source guest", g.into()));
         }
         if s.cpu_throttle_percentage > 0 {
-            row("throttle", format!("{}%", s.cpu_throttle_percentage));
+            v.push(("throttle", format!("{}%", s.cpu_throttle_percentage)));
         }
-        o.push_str(&format!(
-            "\n{:>5} {:>10} {:>10} {:>12} {:>10} {:>12} {:>12} {:>10}\n",
-            "round", "pages", "zero", "bytes", "ms", "Mbit/s", "dirty MB/s", "exp. ms"
-        ));
+        v
+    }
+
+    /// One line per round.
+    fn rounds_table(&self) -> String {
+        let s = &self.stats;
+        if s.rounds.is_empty() {
+            return String::new();
+        }
+        let mut o = format!(
+            "\n{:>5} {:>10} {:>10} {:>11} {:>10} {:>11} {:>11} {:>10}\n",
+            "round", "pages", "zero", "bytes", "ms", "rate", "dirty", "exp. ms"
+        );
         for r in &s.rounds {
             o.push_str(&format!(
-                "{:>5} {:>10} {:>10} {:>12} {:>10.1} {:>12.0} {:>12.1} {:>10.1}{}\n",
+                "{:>5} {:>10} {:>10} {:>11} {:>10.1} {:>11} {:>11} {:>10.1}{}\n",
                 r.round,
                 r.pages,
                 r.zero_pages,
-                r.bytes,
+                iec(r.bytes),
                 r.duration_ms,
-                r.mbps,
-                r.dirty_rate / 1e6,
+                si_rate(r.mbps * 1e6 / 8.0),
+                si_rate(r.dirty_rate),
                 r.expected_downtime_ms,
                 if r.last { "  (stop-and-copy)" } else { "" }
             ));
         }
         o
+    }
+}
+
+/// Host page facts of one end's memory.
+fn host_pages(thp: crate::Thp, huge: u64) -> String {
+    match thp {
+        crate::Thp::Off => "4 KiB (--thp off)".into(),
+        t => format!(
+            "{} in transparent huge pages (--thp {})",
+            iec(huge),
+            if t == crate::Thp::On { "on" } else { "auto" }
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(mode: &'static str) -> RunInfo {
+        RunInfo {
+            mode,
+            size: 64 << 20,
+            page_size: 4096,
+            fill: None,
+            zero_fraction: None,
+            dirty_rate_mbs: None,
+            hot_set: None,
+            prealloc: None,
+            verify: true,
+            pages_dirtied: None,
+            downtime_limit_ms: None,
+            source_prepare_ms: None,
+            dest_prepare_ms: None,
+            thp: crate::Thp::Auto,
+            source_huge_bytes: Some(0),
+            dest_huge_bytes: None,
+        }
+    }
+
+    #[test]
+    fn a_failed_run_does_not_read_like_a_result() {
+        let stats = MigrationStats {
+            status: MigrationStatus::Failed,
+            error: Some("peer closed the connection".into()),
+            total_time_ms: 12.0,
+            ..Default::default()
+        };
+        let t = Report::new(stats, None, 0.1, run("source")).table();
+        assert!(t.contains("verified               not reached"), "{t}");
+        assert!(!t.contains("verified               off"), "{t}");
+        assert!(
+            !t.contains("/s"),
+            "no rate for a run that sent nothing: {t}"
+        );
+        assert!(
+            !t.contains("destination"),
+            "the source knows nothing of it: {t}"
+        );
+        assert!(t.contains("before the run ended"), "{t}");
+    }
+
+    #[test]
+    fn rounds_carry_their_own_rate() {
+        let stats = MigrationStats {
+            status: MigrationStatus::Completed,
+            rounds: vec![rmig_engine::RoundStats {
+                bytes: 250_000_000,
+                duration_ms: 1000.0,
+                mbps: 1.0,
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let r = Report::new(stats, None, 0.1, run("source"));
+        assert_eq!(r.stats.rounds[0].mbps, 2000.0);
+        assert!(r.table().contains("250 MB/s"), "{}", r.table());
     }
 }

@@ -1,10 +1,121 @@
 //! The engine's figures as metrics (the `metrics` crate facade), for Prometheus and the like.
 //!
-//! Names follow Prometheus conventions: `rmig_` prefix, unit in the name, `_total` for
-//! counters. With no recorder installed every call is a no-op on a static, so an embedder that
-//! does not care pays nothing. Handles are taken once per lane, not per batch.
+//! Names follow Prometheus conventions: `rmig_` prefix, base unit in the name (seconds, bytes,
+//! ratios in 0..1), `_total` for counters. With no recorder installed every call is a no-op on
+//! a static, so an embedder that does not care pays nothing. Handles are taken once per lane,
+//! not per batch. Every metric is described (Prometheus `# HELP`) the first time a migration
+//! reports anything, so the description reaches whatever recorder is installed by then.
 
-use metrics::{counter, gauge, histogram, Counter};
+use std::sync::Once;
+
+use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
+use metrics::{Counter, Unit};
+
+/// Describes every metric once per process, and sets `rmig_build_info`.
+fn describe() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        let c = |n: &'static str, u: Unit, h: &'static str| describe_counter!(n, u, h);
+        let g = |n: &'static str, u: Unit, h: &'static str| describe_gauge!(n, u, h);
+        c(
+            "rmig_sent_bytes_total",
+            Unit::Bytes,
+            "Bytes put on the wire by the source, per lane.",
+        );
+        c(
+            "rmig_sent_pages_total",
+            Unit::Count,
+            "Pages sent by the source, per lane and kind (normal or zero).",
+        );
+        c(
+            "rmig_acked_batches_total",
+            Unit::Count,
+            "Batches the destination acknowledged, per lane.",
+        );
+        c(
+            "rmig_rounds_total",
+            Unit::Count,
+            "Pre-copy rounds finished (the stop-and-copy included).",
+        );
+        c(
+            "rmig_lane_failures_total",
+            Unit::Count,
+            "Data lanes that failed, per transport.",
+        );
+        c(
+            "rmig_transport_fallbacks_total",
+            Unit::Count,
+            "Times RDMA lanes were replaced by TCP lanes.",
+        );
+        c(
+            "rmig_migrations_total",
+            Unit::Count,
+            "Migrations ended, per status.",
+        );
+        c(
+            "rmig_received_bytes_total",
+            Unit::Bytes,
+            "Page bytes landed in destination memory.",
+        );
+        g(
+            "rmig_round",
+            Unit::Count,
+            "The current round (0 sends all of memory).",
+        );
+        g(
+            "rmig_remaining_bytes",
+            Unit::Bytes,
+            "Dirty bytes still to send.",
+        );
+        g(
+            "rmig_dirty_rate_bytes_per_second",
+            Unit::Bytes,
+            "Rate at which the guest dirtied memory in the last round.",
+        );
+        g(
+            "rmig_bandwidth_bytes_per_second",
+            Unit::Bytes,
+            "Measured sending rate.",
+        );
+        g(
+            "rmig_expected_downtime_seconds",
+            Unit::Seconds,
+            "Downtime expected if the switchover came now.",
+        );
+        g(
+            "rmig_throttle_ratio",
+            Unit::Count,
+            "Share of guest CPU time taken away by auto-converge (0 to 1).",
+        );
+        g(
+            "rmig_setup_seconds",
+            Unit::Seconds,
+            "Time to connect, authenticate and open the lanes.",
+        );
+        g("rmig_lanes", Unit::Count, "Data lanes opened.");
+        g(
+            "rmig_ram_total_bytes",
+            Unit::Bytes,
+            "Guest memory migrated.",
+        );
+        g(
+            "rmig_downtime_seconds",
+            Unit::Seconds,
+            "Downtime of the last completed migration.",
+        );
+        g(
+            "rmig_build_info",
+            Unit::Count,
+            "Always 1; the labels say which rmig this is.",
+        );
+        describe_histogram!(
+            "rmig_round_duration_seconds",
+            Unit::Seconds,
+            "Wall time of each round."
+        );
+        gauge!("rmig_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+    });
+}
 
 /// Per-lane counters of a source lane.
 pub(crate) struct LaneMetrics {
@@ -16,6 +127,7 @@ pub(crate) struct LaneMetrics {
 
 impl LaneMetrics {
     pub fn new(transport: &'static str, lane: usize) -> Self {
+        describe();
         let l = lane.to_string();
         LaneMetrics {
             bytes: counter!("rmig_sent_bytes_total", "transport" => transport, "lane" => l.clone()),
@@ -44,6 +156,7 @@ pub(crate) fn round_done(
 
 /// A round started with `round` as its number.
 pub(crate) fn round_started(round: u32, bytes: u64) {
+    describe();
     gauge!("rmig_round").set(round as f64);
     gauge!("rmig_remaining_bytes").set(bytes as f64);
 }
@@ -55,11 +168,12 @@ pub(crate) fn lane_failed(transport: &'static str) {
 
 /// The embedder was asked to throttle.
 pub(crate) fn throttle(percent: u8) {
-    gauge!("rmig_throttle_percent").set(percent as f64);
+    gauge!("rmig_throttle_ratio").set(f64::from(percent) / 100.0);
 }
 
 /// Setup finished.
 pub(crate) fn setup_done(seconds: f64, lanes: usize, total: u64) {
+    describe();
     gauge!("rmig_setup_seconds").set(seconds);
     gauge!("rmig_lanes").set(lanes as f64);
     gauge!("rmig_ram_total_bytes").set(total as f64);
@@ -68,6 +182,7 @@ pub(crate) fn setup_done(seconds: f64, lanes: usize, total: u64) {
 
 /// A migration ended with `status`.
 pub(crate) fn finished(status: &'static str, downtime_s: Option<f64>) {
+    describe();
     counter!("rmig_migrations_total", "status" => status).increment(1);
     if let Some(d) = downtime_s {
         gauge!("rmig_downtime_seconds").set(d);
@@ -76,5 +191,6 @@ pub(crate) fn finished(status: &'static str, downtime_s: Option<f64>) {
 
 /// Destination: bytes landed on a lane.
 pub(crate) fn received(bytes: u64) {
+    describe();
     counter!("rmig_received_bytes_total").increment(bytes);
 }

@@ -3,6 +3,7 @@
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use rmig_transport::Pacer;
 
@@ -31,6 +32,10 @@ pub struct Progress {
     pub eta_switchover_s: Option<f64>,
     /// Dirtying outpaces sending: the dirty set grows from round to round.
     pub growing: bool,
+    /// Bytes the current round set out to send (round 0: all of guest memory).
+    pub round_bytes: u64,
+    /// Of those, bytes sent and acknowledged so far.
+    pub round_sent: u64,
 }
 
 /// Shared state of one migration (either end).
@@ -47,6 +52,8 @@ pub struct Monitor {
     pub(crate) bandwidth: Mutex<(f64, f64)>,
     pub(crate) dirty_bytes: AtomicU64,
     pub(crate) round_started: Mutex<Option<std::time::Instant>>,
+    /// When the monitor was made, and each status it entered since, with when.
+    pub(crate) timeline: Mutex<(std::time::Instant, Vec<(MigrationStatus, Duration)>)>,
 }
 
 impl Default for Monitor {
@@ -63,6 +70,7 @@ impl Default for Monitor {
             bandwidth: Mutex::new((0.0, 0.0)),
             dirty_bytes: AtomicU64::new(0),
             round_started: Mutex::new(None),
+            timeline: Mutex::new((std::time::Instant::now(), Vec::new())),
         }
     }
 }
@@ -79,7 +87,31 @@ impl Monitor {
     }
 
     pub(crate) fn update(&self, f: impl FnOnce(&mut MigrationStats)) {
-        f(&mut self.stats.lock().unwrap_or_else(|e| e.into_inner()));
+        let mut s = self.stats.lock().unwrap_or_else(|e| e.into_inner());
+        let before = s.status;
+        f(&mut s);
+        if s.status != before {
+            self.entered(s.status);
+        }
+    }
+
+    /// Notes that the migration entered `status` now.
+    fn entered(&self, status: MigrationStatus) {
+        let mut t = self.timeline.lock().unwrap_or_else(|e| e.into_inner());
+        let at = t.0.elapsed();
+        t.1.push((status, at));
+    }
+
+    /// Every status the migration entered, with the time since the monitor was made, in
+    /// order. Either end can read its own phases from it: the time from entering
+    /// [`MigrationStatus::Device`] to [`MigrationStatus::Completed`] is the pause as this end
+    /// saw it; entering [`MigrationStatus::Active`] ends the setup.
+    pub fn timeline(&self) -> Vec<(MigrationStatus, Duration)> {
+        self.timeline
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .1
+            .clone()
     }
 
     /// Live progress.
@@ -108,6 +140,8 @@ impl Monitor {
         let eta_switchover_s =
             (bandwidth > 0.0 && !growing).then(|| remaining as f64 / (bandwidth - dirty_rate));
         Progress {
+            round_bytes: self.round_dirty.load(Ordering::Relaxed),
+            round_sent: since,
             round: self.round.load(Ordering::Relaxed),
             transferred,
             remaining,
@@ -165,6 +199,7 @@ impl Monitor {
         }
         s.status = status;
         s.error = Some(note.to_string());
+        self.entered(status);
         true
     }
 }
@@ -201,10 +236,38 @@ mod tests {
         assert_eq!(s.status, MigrationStatus::Failed);
         assert_eq!(s.error.as_deref(), Some("the source runs it"));
 
+        let steps: Vec<MigrationStatus> = m.timeline().into_iter().map(|(s, _)| s).collect();
+        assert_eq!(
+            steps,
+            [MigrationStatus::HandoverUnknown, MigrationStatus::Failed]
+        );
+
         // Settled once: a second decision changes nothing.
         assert!(!m.settle_handover(MigrationStatus::Completed, "changed my mind"));
         let s = m.stats();
         assert_eq!(s.status, MigrationStatus::Failed);
         assert_eq!(s.error.as_deref(), Some("the source runs it"));
+    }
+
+    #[test]
+    fn the_timeline_holds_each_status_once_in_order() {
+        let m = Monitor::new();
+        m.update(|s| s.status = MigrationStatus::Active);
+        m.update(|s| s.ram.normal_bytes = 1);
+        std::thread::sleep(Duration::from_millis(5));
+        m.update(|s| s.status = MigrationStatus::Device);
+        m.update(|s| s.status = MigrationStatus::Completed);
+        let t = m.timeline();
+        let steps: Vec<MigrationStatus> = t.iter().map(|(s, _)| *s).collect();
+        assert_eq!(
+            steps,
+            [
+                MigrationStatus::Active,
+                MigrationStatus::Device,
+                MigrationStatus::Completed
+            ]
+        );
+        assert!(t[1].1 >= t[0].1 + Duration::from_millis(5));
+        assert!(t[2].1 >= t[1].1);
     }
 }
