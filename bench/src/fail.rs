@@ -70,17 +70,22 @@ pub fn hint(side: Side, e: &EngineError) -> String {
         E::NoSource { .. } => "no source arrived: check the source's --connect address and \
             key, or raise --incoming-timeout"
             .into(),
-        E::Io(m) if m.contains("Connection refused") || m.contains("connection refused") => {
+        E::Io(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
             "nothing listens there: start `rmig-bench dest --listen HOST:PORT` on the \
              destination first and check --connect"
                 .into()
         }
-        E::Io(m) if m.contains("cannot listen") => {
+        E::Io(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
             "choose another --listen port, or stop the program that holds it".into()
         }
         E::Io(_) | E::PeerSilent(_) | E::PeerClosed => format!(
             "check that the {} still runs and the network between; --reconnect-window rides \
              out short outages",
+            other(side)
+        ),
+        E::NoReconnect { .. } | E::SourceGone { .. } => format!(
+            "the network stayed down longer than the reconnect window: check the {} and the \
+             network between, or raise --reconnect-window",
             other(side)
         ),
         E::AllLanesFailed(_) | E::Lane { .. } => "the data connections failed: check the \
