@@ -93,10 +93,11 @@ fn rdma_lane_messages_have_their_golden_bytes() {
             runs: runs.clone(),
         },
     );
+    // Byte 1 flags the evicted chunk (it was padding; region u32::MAX meant "none" before).
     let evict = Some((0x0d0e_0f10, 0x1112_1314_1516_1718));
     check_request(
         |b| rdma::encode_register(b, 0x0102_0304, 0x0506_0708_090a_0b0c, evict),
-        "02000000040302010c0b0a0908070605100f0e0d000000001817161514131211",
+        "02010000040302010c0b0a0908070605100f0e0d000000001817161514131211",
         rdma::Request::Register {
             region: 0x0102_0304,
             chunk: 0x0506_0708_090a_0b0c,
