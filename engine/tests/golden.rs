@@ -15,9 +15,8 @@ fn seq<const N: usize>(start: u8) -> [u8; N] {
     std::array::from_fn(|i| start.wrapping_add(i as u8))
 }
 
-/// One instance of every message (two of those with a choice of layout), with values whose
-/// bytes differ, so that byte order and field order both show in the vector.
-fn golden() -> Vec<(Message, &'static str)> {
+/// The handshake's messages.
+fn golden_handshake() -> Vec<(Message, &'static str)> {
     vec![
         (
             Message::Hello {
@@ -63,6 +62,12 @@ fn golden() -> Vec<(Message, &'static str)> {
             "480000000502000000040302010600000070632e72616d0000000001000000001000000000000001887766554433221107000000030000007667610000200000000000000020000000000000",
         ),
         (Message::RegionsOk, "0100000006"),
+    ]
+}
+
+/// Transport negotiation and lanes.
+fn golden_lanes() -> Vec<(Message, &'static str)> {
+    vec![
         (
             Message::TransportOffer {
                 kinds: vec![TransportKind::Rdma, TransportKind::Tcp],
@@ -103,6 +108,12 @@ fn golden() -> Vec<(Message, &'static str)> {
             },
             "250000001b0e0d0c0bd0d1d2d3d4d5d6d7d8d9dadbdcdddedfe0e1e2e3e4e5e6e7e8e9eaebecedeeef",
         ),
+    ]
+}
+
+/// RDMA setup.
+fn golden_rdma() -> Vec<(Message, &'static str)> {
+    vec![
         (
             Message::RdmaConnect {
                 endpoint: QpEndpoint {
@@ -147,6 +158,12 @@ fn golden() -> Vec<(Message, &'static str)> {
             },
             "26000000170100000002000000000102030405060708090a0b0c0d0e0f02000010000000000002010000",
         ),
+    ]
+}
+
+/// Rounds, verification, handover and errors.
+fn golden_rounds() -> Vec<(Message, &'static str)> {
+    vec![
         (
             Message::RoundStart {
                 round: 0x0102_0304,
@@ -155,15 +172,11 @@ fn golden() -> Vec<(Message, &'static str)> {
             "060000000b0403020101",
         ),
         (
-            Message::RoundEnd {
-                round: 0x0506_0708,
-            },
+            Message::RoundEnd { round: 0x0506_0708 },
             "050000000c08070605",
         ),
         (
-            Message::RoundEndAck {
-                round: 0x090a_0b0c,
-            },
+            Message::RoundEndAck { round: 0x090a_0b0c },
             "050000000d0c0b0a09",
         ),
         (
@@ -209,6 +222,18 @@ fn golden() -> Vec<(Message, &'static str)> {
             "0c0000001507000000626f6f6d20c3a9",
         ),
     ]
+}
+
+/// One instance of every message (two of those with a choice of layout), with values whose
+/// bytes differ, so that byte order and field order both show in the vector.
+fn golden() -> Vec<(Message, &'static str)> {
+    [
+        golden_handshake(),
+        golden_lanes(),
+        golden_rdma(),
+        golden_rounds(),
+    ]
+    .concat()
 }
 
 fn hex(b: &[u8]) -> String {

@@ -191,9 +191,9 @@ impl Limits {
         // A body is the tag and a list's count, then per region a count and its digests, or
         // one (region, chunk, digest) per chunk.
         const HEAD: u64 = 1 + 4;
-        const REGION: u64 = <Vec<u64>>::MIN as u64;
-        const DIGEST: u64 = <u64>::MAX as u64;
-        const CHUNK: u64 = <(u32, u64, u64)>::MAX as u64;
+        const REGION: u64 = <Vec<u64> as Field>::MIN as u64;
+        const DIGEST: u64 = <u64 as Field>::MAX as u64;
+        const CHUNK: u64 = <(u32, u64, u64) as Field>::MAX as u64;
         let (body, total) = chunks.into_iter().fold((HEAD, 0u64), |(n, t), c| {
             (
                 n.saturating_add(REGION)
@@ -593,6 +593,20 @@ mod tests {
         assert_eq!(Limits::min_body(tag::RDMA_ACCEPT), Some(1 + 24 + 5));
         assert!(l.check(tag::HELLO, 4).is_err());
         assert!(l.check(0, 1).is_err());
+    }
+
+    #[test]
+    fn limits_for_chunks_are_the_largest_checksums_and_digests() {
+        let l = Limits::for_chunks([3, 0, 5]);
+        let sums = Message::Checksums {
+            regions: vec![vec![u64::MAX; 3], vec![], vec![7; 5]],
+        };
+        assert_eq!(l.checksums, encode(&sums).len() - 4);
+        let digests = Message::Digests {
+            chunks: vec![(1, 2, 3); 8],
+        };
+        assert_eq!(l.digests, encode(&digests).len() - 4);
+        assert_eq!(Limits::for_chunks([u64::MAX]).checksums, MAX_FRAME);
     }
 
     #[test]

@@ -325,8 +325,8 @@ record!(RemoteRegion {
 
 /// A region's description; its name is at most [`MAX_NAME`] bytes.
 impl Field for RegionDesc {
-    const MIN: usize = 4 + 4 + 8 + 8 + <Option<u64>>::MIN;
-    const MAX: usize = 4 + 4 + MAX_NAME + 8 + 8 + <Option<u64>>::MAX;
+    const MIN: usize = 4 + 4 + 8 + 8 + <Option<u64> as Field>::MIN;
+    const MAX: usize = 4 + 4 + MAX_NAME + 8 + 8 + <Option<u64> as Field>::MAX;
     fn put(&self, w: &mut Vec<u8>) {
         self.id.put(w);
         put_text(w, &self.name, MAX_NAME);
@@ -354,7 +354,7 @@ const CHUNKED: u8 = 2;
 /// [`MAX_REGIONS`]) or the chunking.
 impl Field for RemoteMemory {
     const MIN: usize = 1 + 4;
-    const MAX: usize = 1 + list_max(RemoteRegion::MAX, MAX_REGIONS);
+    const MAX: usize = 1 + list_max(<RemoteRegion as Field>::MAX, MAX_REGIONS);
     fn put(&self, w: &mut Vec<u8>) {
         match self {
             RemoteMemory::PinAll(regions) => {
