@@ -230,11 +230,11 @@ pub enum Damage {
 pub fn damage() -> impl Strategy<Value = Damage> {
     let at = any::<usize>();
     prop_oneof![
-        (at.clone(), 0u8..8).prop_map(|(at, bit)| Damage::Flip { at, bit }),
-        (at.clone(), any::<u8>()).prop_map(|(at, value)| Damage::Set { at, value }),
+        (at, 0u8..8).prop_map(|(at, bit)| Damage::Flip { at, bit }),
+        (at, any::<u8>()).prop_map(|(at, value)| Damage::Set { at, value }),
         (
             // Counts sit near the start of most bodies.
-            prop_oneof![at.clone(), 0usize..48],
+            prop_oneof![at, 0usize..48],
             prop_oneof![
                 any::<u32>(),
                 Just(u32::MAX),
@@ -244,7 +244,7 @@ pub fn damage() -> impl Strategy<Value = Damage> {
             ]
         )
             .prop_map(|(at, value)| Damage::Count { at, value }),
-        at.clone().prop_map(|at| Damage::Truncate { at }),
+        at.prop_map(|at| Damage::Truncate { at }),
         (at, proptest::collection::vec(any::<u8>(), 1..16))
             .prop_map(|(at, bytes)| Damage::Insert { at, bytes }),
     ]
