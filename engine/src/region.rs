@@ -122,10 +122,27 @@ pub struct RegionDesc {
     pub gpa: Option<u64>,
 }
 
-/// Checks a local region table: unique ids, no overlapping host ranges or guest ranges.
+/// Checks a local region table: at most [`MAX_REGIONS`](crate::protocol::codec::MAX_REGIONS)
+/// regions with names of at most [`MAX_NAME`](crate::protocol::codec::MAX_NAME) bytes, unique
+/// ids, no overlapping host ranges or guest ranges.
 pub fn validate(regions: &[Region]) -> Result<(), EngineError> {
+    use crate::protocol::codec::{MAX_NAME, MAX_REGIONS};
     if regions.is_empty() {
         return Err(EngineError::Config("no memory regions".into()));
+    }
+    // The region table must fit its frame: the peer refuses longer tables and names.
+    if regions.len() > MAX_REGIONS {
+        return Err(EngineError::Config(format!(
+            "{} regions, at most {MAX_REGIONS}",
+            regions.len()
+        )));
+    }
+    if let Some(r) = regions.iter().find(|r| r.name.len() > MAX_NAME) {
+        return Err(EngineError::Config(format!(
+            "region {}: a name of {} bytes, at most {MAX_NAME}",
+            r.id,
+            r.name.len()
+        )));
     }
     let mut ids: Vec<u32> = regions.iter().map(|r| r.id).collect();
     ids.sort_unstable();
@@ -209,5 +226,23 @@ mod tests {
         assert!(unsafe { Region::new(1, "x", base as *mut u8, 100, PAGE_4K) }.is_err());
         // SAFETY: as above.
         assert!(unsafe { Region::new(1, "x", base as *mut u8, 4096, 8192) }.is_err());
+    }
+
+    #[test]
+    fn tables_that_do_not_fit_their_frame_are_refused() {
+        use crate::protocol::codec::{MAX_NAME, MAX_REGIONS};
+        let mut v = vec![0u8; 8 << 10];
+        let pad = (4096 - v.as_ptr() as usize % 4096) % 4096;
+        let mut a = region(&mut v, 1, pad, 4096);
+        a.name = "é".repeat(MAX_NAME / 2);
+        assert!(validate(std::slice::from_ref(&a)).is_ok());
+        a.name.push('x');
+        let e = validate(std::slice::from_ref(&a)).unwrap_err().to_string();
+        assert!(e.contains("name of 257 bytes"), "{e}");
+        // Too many regions (the same host range: the count is checked first).
+        a.name = "r".into();
+        let many = vec![a; MAX_REGIONS + 1];
+        let e = validate(&many).unwrap_err().to_string();
+        assert!(e.contains("at most 4096"), "{e}");
     }
 }

@@ -1,8 +1,15 @@
 //! Length-prefixed binary frames: `u32 length (LE) | u8 tag | fields`, integers little-endian,
 //! strings and vectors prefixed by a `u32` count.
 //!
+//! Every message declares its tag and its fields in order once, in the table below
+//! (`messages!`); encode, decode and each type's smallest and largest body follow from that
+//! table and from the field types' own layouts (`field.rs`). So a field cannot be written in
+//! one order and read in another, and a size limit cannot drift from the layout it bounds
+//! (it did: a table of 4096 regions with 256-byte names was larger than the hand-written
+//! limit of its frame). The golden vectors in `engine/tests/golden.rs` pin the bytes.
+//!
 //! [`decode`] is the only way in: it refuses unknown tags, truncated or trailing bytes,
-//! invalid UTF-8, counts that cannot fit in the frame, and frames above [`MAX_FRAME`].
+//! invalid UTF-8, counts that cannot fit in the frame, and frames above their type's limit.
 //!
 //! Readers learn a frame's type before they allocate its body: the length prefix and the tag
 //! byte are read first and checked against that type's own limit ([`Limits::max_body`]), so a
@@ -10,18 +17,153 @@
 //! allocates much more than the frame it reads (every count is checked against what is left,
 //! and nested counts are capped).
 
-use super::{Message, QpEndpoint, RemoteMemory, RemoteRegion, TransportKind};
+use super::field::{bad, get_list, list_max, put_list, Field, Listed, R};
+use super::{Message, QpEndpoint, RemoteMemory, TransportKind};
 use crate::region::RegionDesc;
 use crate::EngineError;
 
+pub use super::field::{MAX_NAME, MAX_REGIONS, MAX_TEXT};
+
 /// Largest frame body accepted (16 MiB).
 pub const MAX_FRAME: usize = 16 << 20;
-/// Largest string accepted inside a frame.
-const MAX_STR: usize = 64 << 10;
-/// Most regions a session may have (region tables, checksums, RDMA keys).
-pub const MAX_REGIONS: usize = 4096;
 /// Largest piece of device state in one frame.
 pub const MAX_DEVICE_PIECE: usize = 1 << 20;
+/// Most mismatching chunks a `Verified` names.
+pub const MAX_MISMATCHES: usize = 64;
+/// Most transports one `TransportOffer` lists.
+pub const MAX_KINDS: usize = 256;
+
+/// Encodes one field: a list with its cap, or a plain field.
+macro_rules! put_field {
+    ($w:expr, $v:expr) => {
+        Field::put($v, $w)
+    };
+    ($w:expr, $v:expr, $cap:expr) => {
+        put_list($w, $v, $cap)
+    };
+}
+
+/// Decodes one field, as [`put_field`] encoded it.
+macro_rules! get_field {
+    ($r:expr, $t:ty) => {
+        <$t as Field>::get($r)?
+    };
+    ($r:expr, $t:ty, $cap:expr) => {
+        get_list($r, $cap)?
+    };
+}
+
+/// The largest encoding of one field.
+macro_rules! field_max {
+    ($t:ty) => {
+        <$t as Field>::MAX
+    };
+    ($t:ty, $cap:expr) => {
+        list_max(<<$t as Listed>::Item as Field>::MAX, $cap)
+    };
+}
+
+/// The message table: `TAG = code => Variant { field: Type [cap], ... }`, fields in wire
+/// order; `[cap]` after a list type bounds its length. Generates the tags, their names,
+/// encoding, decoding and each type's smallest and largest body.
+macro_rules! messages {
+    ($($tag:ident = $code:literal => $name:ident {
+        $($f:ident: $t:ty $([$cap:expr])?),* $(,)?
+    }),* $(,)?) => {
+        /// The tag byte of each message type.
+        pub mod tag {
+            $(
+                #[doc = concat!("Tag of `Message::", stringify!($name), "`.")]
+                pub const $tag: u8 = $code;
+            )*
+
+            /// The message name of a known tag (for error messages); "?" for others.
+            pub fn name(t: u8) -> &'static str {
+                match t {
+                    $($code => stringify!($name),)*
+                    _ => "?",
+                }
+            }
+        }
+
+        /// Appends `m`'s body (tag and fields).
+        fn put_body(w: &mut Vec<u8>, m: &Message) {
+            match m {
+                $(Message::$name { $($f),* } => {
+                    w.push(tag::$tag);
+                    $(put_field!(w, $f $(, $cap)?);)*
+                })*
+            }
+        }
+
+        /// Reads the fields of a message of type `t`.
+        fn get_body(t: u8, r: &mut R<'_>) -> Result<Message, EngineError> {
+            Ok(match t {
+                $(tag::$tag => Message::$name {
+                    $($f: get_field!(r, $t $(, $cap)?)),*
+                },)*
+                t => return Err(bad(&format!("unknown message type {t}"))),
+            })
+        }
+
+        /// The smallest and largest body of a message of type `t` as its layout allows
+        /// (`usize::MAX`: only the frame bounds it); `None` for an unknown type.
+        const fn body_bounds(t: u8) -> Option<(usize, usize)> {
+            match t {
+                $($code => Some((
+                    1 $(+ <$t as Field>::MIN)*,
+                    sum(&[1 $(, field_max!($t $(, $cap)?))*]),
+                )),)*
+                _ => None,
+            }
+        }
+    };
+}
+
+/// A saturating sum.
+const fn sum(v: &[usize]) -> usize {
+    let mut s = 0usize;
+    let mut i = 0;
+    while i < v.len() {
+        s = s.saturating_add(v[i]);
+        i += 1;
+    }
+    s
+}
+
+messages! {
+    HELLO = 1 => Hello { min_version: u16, max_version: u16 },
+    HELLO_ACK = 2 => HelloAck { version: u16, nonce: [u8; 32] },
+    AUTH_PROOF = 3 => AuthProof { nonce: [u8; 32], mac: [u8; 32] },
+    AUTH_OK = 4 => AuthOk { mac: [u8; 32] },
+    REGION_TABLE = 5 => RegionTable { regions: Vec<RegionDesc> [MAX_REGIONS] },
+    REGIONS_OK = 6 => RegionsOk {},
+    TRANSPORT_OFFER = 7 => TransportOffer {
+        kinds: Vec<TransportKind> [MAX_KINDS],
+        lanes: u16,
+        verify: bool,
+    },
+    TRANSPORT_ACCEPT = 8 => TransportAccept { kind: TransportKind, lanes: u16, note: String },
+    LANE_JOIN = 9 => LaneJoin { session: [u8; 16], lane: u16, mac: [u8; 32] },
+    LANE_ACCEPTED = 10 => LaneAccepted {},
+    ROUND_START = 11 => RoundStart { round: u32, last: bool },
+    ROUND_END = 12 => RoundEnd { round: u32 },
+    ROUND_END_ACK = 13 => RoundEndAck { round: u32 },
+    DEVICE_STATE = 14 => DeviceState { data: Vec<u8> [MAX_DEVICE_PIECE], last: bool },
+    CHECKSUMS = 15 => Checksums { regions: Vec<Vec<u64>> [MAX_REGIONS] },
+    VERIFIED = 16 => Verified { ok: bool, mismatches: Vec<(u32, u64)> [MAX_MISMATCHES] },
+    COMMIT = 17 => Commit {},
+    DONE = 18 => Done {},
+    HEARTBEAT = 19 => Heartbeat {},
+    CANCEL = 20 => Cancel { reason: String },
+    ERROR = 21 => Error { message: String },
+    RDMA_CONNECT = 22 => RdmaConnect { endpoint: QpEndpoint },
+    RDMA_ACCEPT = 23 => RdmaAccept { endpoint: QpEndpoint, memory: RemoteMemory },
+    READY = 24 => Ready {},
+    DIGESTS = 25 => Digests { chunks: Vec<(u32, u64, u64)> },
+    REJOIN = 26 => Rejoin { session: [u8; 16], attempt: u32, mac: [u8; 32] },
+    REJOIN_OK = 27 => RejoinOk { next_round: u32, mac: [u8; 32] },
+}
 
 /// The largest body each message type may have. The defaults are what a well-formed message
 /// can need; a destination lowers `checksums` to what its own region table implies.
@@ -46,13 +188,20 @@ impl Limits {
     /// Limits for a destination whose regions have these numbers of checksum chunks: a
     /// `Checksums` or `Digests` frame can be no larger than their digests.
     pub fn for_chunks(chunks: impl IntoIterator<Item = u64>) -> Limits {
-        let (body, total) = chunks.into_iter().fold((5u64, 0u64), |(n, t), c| {
+        // A body is the tag and a list's count, then per region a count and its digests, or
+        // one (region, chunk, digest) per chunk.
+        const HEAD: u64 = 1 + 4;
+        const REGION: u64 = <Vec<u64> as Field>::MIN as u64;
+        const DIGEST: u64 = <u64 as Field>::MAX as u64;
+        const CHUNK: u64 = <(u32, u64, u64) as Field>::MAX as u64;
+        let (body, total) = chunks.into_iter().fold((HEAD, 0u64), |(n, t), c| {
             (
-                n.saturating_add(4).saturating_add(c.saturating_mul(8)),
+                n.saturating_add(REGION)
+                    .saturating_add(c.saturating_mul(DIGEST)),
                 t.saturating_add(c),
             )
         });
-        let digests = total.saturating_mul(20).saturating_add(5);
+        let digests = total.saturating_mul(CHUNK).saturating_add(HEAD);
         Limits {
             checksums: body.min(MAX_FRAME as u64) as usize,
             digests: digests.min(MAX_FRAME as u64) as usize,
@@ -61,36 +210,25 @@ impl Limits {
 
     /// The largest body of a frame of type `t`; `None` for an unknown type.
     pub fn max_body(&self, t: u8) -> Option<usize> {
-        const STR: usize = 4 + MAX_STR;
-        Some(match t {
-            tag::HELLO => 5,
-            tag::HELLO_ACK => 35,
-            tag::AUTH_PROOF => 65,
-            tag::AUTH_OK => 33,
-            tag::REGION_TABLE => 1 << 20,
-            tag::REGIONS_OK | tag::LANE_ACCEPTED | tag::READY | tag::COMMIT | tag::DONE => 1,
-            tag::HEARTBEAT => 1,
-            tag::TRANSPORT_OFFER => 1 + 4 + 256 + 3,
-            tag::TRANSPORT_ACCEPT => 1 + 3 + STR,
-            tag::LANE_JOIN => 51,
-            tag::REJOIN => 53,
-            tag::REJOIN_OK => 37,
-            tag::RDMA_CONNECT => 25,
-            tag::RDMA_ACCEPT => 26 + 4 + 12 * MAX_REGIONS,
-            tag::ROUND_START => 6,
-            tag::ROUND_END | tag::ROUND_END_ACK => 5,
-            tag::DEVICE_STATE => 1 + 4 + MAX_DEVICE_PIECE + 1,
-            tag::CHECKSUMS => self.checksums,
-            tag::DIGESTS => self.digests,
-            tag::VERIFIED => 1 + 1 + 4 + 12 * MAX_MISMATCHES,
-            tag::CANCEL | tag::ERROR => 1 + STR,
-            _ => return None,
-        })
+        let (_, max) = body_bounds(t)?;
+        Some(
+            match t {
+                tag::CHECKSUMS => self.checksums,
+                tag::DIGESTS => self.digests,
+                _ => max,
+            }
+            .min(MAX_FRAME),
+        )
+    }
+
+    /// The smallest body of a frame of type `t`; `None` for an unknown type.
+    pub fn min_body(t: u8) -> Option<usize> {
+        body_bounds(t).map(|(min, _)| min)
     }
 
     /// Checks a frame of `len` bytes whose first body byte is `t`, before its body is read.
     pub fn check(&self, t: u8, len: usize) -> Result<(), EngineError> {
-        let Some(max) = self.max_body(t) else {
+        let (Some(min), Some(max)) = (Self::min_body(t), self.max_body(t)) else {
             return Err(bad(&format!("unknown message type {t}")));
         };
         if len > max {
@@ -99,353 +237,24 @@ impl Limits {
                 tag::name(t)
             )));
         }
+        if len < min {
+            return Err(bad(&format!(
+                "a {} frame of {len} bytes is shorter than its minimum of {min}",
+                tag::name(t)
+            )));
+        }
         Ok(())
     }
 }
 
-/// Most mismatching chunks a `Verified` names.
-pub const MAX_MISMATCHES: usize = 64;
-
-mod tag {
-    pub const HELLO: u8 = 1;
-    pub const HELLO_ACK: u8 = 2;
-    pub const AUTH_PROOF: u8 = 3;
-    pub const AUTH_OK: u8 = 4;
-    pub const REGION_TABLE: u8 = 5;
-    pub const REGIONS_OK: u8 = 6;
-    pub const TRANSPORT_OFFER: u8 = 7;
-    pub const TRANSPORT_ACCEPT: u8 = 8;
-    pub const LANE_JOIN: u8 = 9;
-    pub const LANE_ACCEPTED: u8 = 10;
-    pub const ROUND_START: u8 = 11;
-    pub const ROUND_END: u8 = 12;
-    pub const ROUND_END_ACK: u8 = 13;
-    pub const DEVICE_STATE: u8 = 14;
-    pub const CHECKSUMS: u8 = 15;
-    pub const VERIFIED: u8 = 16;
-    pub const COMMIT: u8 = 17;
-    pub const DONE: u8 = 18;
-    pub const HEARTBEAT: u8 = 19;
-    pub const CANCEL: u8 = 20;
-    pub const ERROR: u8 = 21;
-    pub const RDMA_CONNECT: u8 = 22;
-    pub const RDMA_ACCEPT: u8 = 23;
-    pub const READY: u8 = 24;
-    pub const DIGESTS: u8 = 25;
-    pub const REJOIN: u8 = 26;
-    pub const REJOIN_OK: u8 = 27;
-
-    /// The message name of a known tag (for error messages).
-    pub fn name(t: u8) -> &'static str {
-        const NAMES: [&str; 28] = [
-            "?",
-            "Hello",
-            "HelloAck",
-            "AuthProof",
-            "AuthOk",
-            "RegionTable",
-            "RegionsOk",
-            "TransportOffer",
-            "TransportAccept",
-            "LaneJoin",
-            "LaneAccepted",
-            "RoundStart",
-            "RoundEnd",
-            "RoundEndAck",
-            "DeviceState",
-            "Checksums",
-            "Verified",
-            "Commit",
-            "Done",
-            "Heartbeat",
-            "Cancel",
-            "Error",
-            "RdmaConnect",
-            "RdmaAccept",
-            "Ready",
-            "Digests",
-            "Rejoin",
-            "RejoinOk",
-        ];
-        NAMES.get(t as usize).copied().unwrap_or("?")
-    }
-}
-
-struct W(Vec<u8>);
-
-impl W {
-    fn u8(&mut self, v: u8) {
-        self.0.push(v);
-    }
-    fn u16(&mut self, v: u16) {
-        self.0.extend_from_slice(&v.to_le_bytes());
-    }
-    fn u32(&mut self, v: u32) {
-        self.0.extend_from_slice(&v.to_le_bytes());
-    }
-    fn u64(&mut self, v: u64) {
-        self.0.extend_from_slice(&v.to_le_bytes());
-    }
-    fn bytes(&mut self, b: &[u8]) {
-        self.u32(b.len() as u32);
-        self.0.extend_from_slice(b);
-    }
-    fn str(&mut self, s: &str) {
-        self.bytes(s.as_bytes());
-    }
-    fn endpoint(&mut self, e: &QpEndpoint) {
-        self.u32(e.qpn);
-        self.u32(e.psn);
-        self.0.extend_from_slice(&e.gid);
-    }
-}
-
-struct R<'a>(&'a [u8]);
-
-fn bad(what: &str) -> EngineError {
-    EngineError::Protocol(format!("malformed frame: {what}"))
-}
-
-impl<'a> R<'a> {
-    fn take(&mut self, n: usize) -> Result<&'a [u8], EngineError> {
-        if self.0.len() < n {
-            return Err(bad("truncated"));
-        }
-        let (a, b) = self.0.split_at(n);
-        self.0 = b;
-        Ok(a)
-    }
-    fn arr<const N: usize>(&mut self) -> Result<[u8; N], EngineError> {
-        Ok(self.take(N)?.try_into().expect("length checked"))
-    }
-    fn u8(&mut self) -> Result<u8, EngineError> {
-        Ok(self.take(1)?[0])
-    }
-    fn u16(&mut self) -> Result<u16, EngineError> {
-        Ok(u16::from_le_bytes(self.arr()?))
-    }
-    fn u32(&mut self) -> Result<u32, EngineError> {
-        Ok(u32::from_le_bytes(self.arr()?))
-    }
-    fn u64(&mut self) -> Result<u64, EngineError> {
-        Ok(u64::from_le_bytes(self.arr()?))
-    }
-    fn endpoint(&mut self) -> Result<QpEndpoint, EngineError> {
-        Ok(QpEndpoint {
-            qpn: self.u32()?,
-            psn: self.u32()?,
-            gid: self.arr()?,
-        })
-    }
-    fn bool(&mut self) -> Result<bool, EngineError> {
-        match self.u8()? {
-            0 => Ok(false),
-            1 => Ok(true),
-            _ => Err(bad("bad boolean")),
-        }
-    }
-    /// A count of items at least `min_size` bytes each that must fit in what is left.
-    fn count(&mut self, min_size: usize) -> Result<usize, EngineError> {
-        let n = self.u32()? as usize;
-        if n.saturating_mul(min_size.max(1)) > self.0.len() {
-            return Err(bad("count larger than the frame"));
-        }
-        Ok(n)
-    }
-    /// A count as [`R::count`], and at most `max`.
-    fn count_at_most(&mut self, min_size: usize, max: usize) -> Result<usize, EngineError> {
-        let n = self.count(min_size)?;
-        if n > max {
-            return Err(bad("count above its limit"));
-        }
-        Ok(n)
-    }
-    fn bytes(&mut self) -> Result<Vec<u8>, EngineError> {
-        let n = self.count(1)?;
-        Ok(self.take(n)?.to_vec())
-    }
-    fn str(&mut self) -> Result<String, EngineError> {
-        let b = self.bytes()?;
-        if b.len() > MAX_STR {
-            return Err(bad("string too long"));
-        }
-        String::from_utf8(b).map_err(|_| bad("invalid UTF-8"))
-    }
-}
-
-/// Encodes `m` as a whole frame, length prefix included.
+/// Encodes `m` as a whole frame, length prefix included. Text longer than its limit is cut at
+/// a character boundary (the peer would refuse the whole message otherwise).
 pub fn encode(m: &Message) -> Vec<u8> {
-    let mut w = W(vec![0, 0, 0, 0]);
-    match m {
-        Message::Hello {
-            min_version,
-            max_version,
-        } => {
-            w.u8(tag::HELLO);
-            w.u16(*min_version);
-            w.u16(*max_version);
-        }
-        Message::HelloAck { version, nonce } => {
-            w.u8(tag::HELLO_ACK);
-            w.u16(*version);
-            w.0.extend_from_slice(nonce);
-        }
-        Message::AuthProof { nonce, mac } => {
-            w.u8(tag::AUTH_PROOF);
-            w.0.extend_from_slice(nonce);
-            w.0.extend_from_slice(mac);
-        }
-        Message::AuthOk { mac } => {
-            w.u8(tag::AUTH_OK);
-            w.0.extend_from_slice(mac);
-        }
-        Message::RegionTable { regions } => {
-            w.u8(tag::REGION_TABLE);
-            w.u32(regions.len() as u32);
-            for r in regions {
-                w.u32(r.id);
-                w.str(&r.name);
-                w.u64(r.len);
-                w.u64(r.page_size);
-                match r.gpa {
-                    Some(g) => {
-                        w.u8(1);
-                        w.u64(g);
-                    }
-                    None => w.u8(0),
-                }
-            }
-        }
-        Message::RegionsOk => w.u8(tag::REGIONS_OK),
-        Message::TransportOffer {
-            kinds,
-            lanes,
-            verify,
-        } => {
-            w.u8(tag::TRANSPORT_OFFER);
-            w.u32(kinds.len() as u32);
-            for k in kinds {
-                w.u8(k.code());
-            }
-            w.u16(*lanes);
-            w.u8(*verify as u8);
-        }
-        Message::TransportAccept { kind, lanes, note } => {
-            w.u8(tag::TRANSPORT_ACCEPT);
-            w.u8(kind.code());
-            w.u16(*lanes);
-            w.str(note);
-        }
-        Message::RdmaConnect { endpoint } => {
-            w.u8(tag::RDMA_CONNECT);
-            w.endpoint(endpoint);
-        }
-        Message::RdmaAccept { endpoint, memory } => {
-            w.u8(tag::RDMA_ACCEPT);
-            w.endpoint(endpoint);
-            match memory {
-                RemoteMemory::PinAll(regions) => {
-                    w.u8(1);
-                    w.u32(regions.len() as u32);
-                    for r in regions {
-                        w.u64(r.addr);
-                        w.u32(r.rkey);
-                    }
-                }
-                RemoteMemory::Chunked {
-                    chunk_bytes,
-                    max_chunks,
-                } => {
-                    w.u8(2);
-                    w.u64(*chunk_bytes);
-                    w.u32(*max_chunks);
-                }
-            }
-        }
-        Message::LaneJoin { session, lane, mac } => {
-            w.u8(tag::LANE_JOIN);
-            w.0.extend_from_slice(session);
-            w.u16(*lane);
-            w.0.extend_from_slice(mac);
-        }
-        Message::LaneAccepted => w.u8(tag::LANE_ACCEPTED),
-        Message::Rejoin {
-            session,
-            attempt,
-            mac,
-        } => {
-            w.u8(tag::REJOIN);
-            w.0.extend_from_slice(session);
-            w.u32(*attempt);
-            w.0.extend_from_slice(mac);
-        }
-        Message::RejoinOk { next_round, mac } => {
-            w.u8(tag::REJOIN_OK);
-            w.u32(*next_round);
-            w.0.extend_from_slice(mac);
-        }
-        Message::RoundStart { round, last } => {
-            w.u8(tag::ROUND_START);
-            w.u32(*round);
-            w.u8(*last as u8);
-        }
-        Message::RoundEnd { round } => {
-            w.u8(tag::ROUND_END);
-            w.u32(*round);
-        }
-        Message::RoundEndAck { round } => {
-            w.u8(tag::ROUND_END_ACK);
-            w.u32(*round);
-        }
-        Message::DeviceState { data, last } => {
-            w.u8(tag::DEVICE_STATE);
-            w.bytes(data);
-            w.u8(*last as u8);
-        }
-        Message::Checksums { regions } => {
-            w.u8(tag::CHECKSUMS);
-            w.u32(regions.len() as u32);
-            for r in regions {
-                w.u32(r.len() as u32);
-                for d in r {
-                    w.u64(*d);
-                }
-            }
-        }
-        Message::Digests { chunks } => {
-            w.u8(tag::DIGESTS);
-            w.u32(chunks.len() as u32);
-            for (r, c, d) in chunks {
-                w.u32(*r);
-                w.u64(*c);
-                w.u64(*d);
-            }
-        }
-        Message::Verified { ok, mismatches } => {
-            w.u8(tag::VERIFIED);
-            w.u8(*ok as u8);
-            w.u32(mismatches.len() as u32);
-            for (r, c) in mismatches {
-                w.u32(*r);
-                w.u64(*c);
-            }
-        }
-        Message::Ready => w.u8(tag::READY),
-        Message::Commit => w.u8(tag::COMMIT),
-        Message::Done => w.u8(tag::DONE),
-        Message::Heartbeat => w.u8(tag::HEARTBEAT),
-        Message::Cancel { reason } => {
-            w.u8(tag::CANCEL);
-            w.str(reason);
-        }
-        Message::Error { message } => {
-            w.u8(tag::ERROR);
-            w.str(message);
-        }
-    }
-    let len = (w.0.len() - 4) as u32;
-    w.0[..4].copy_from_slice(&len.to_le_bytes());
-    w.0
+    let mut w = vec![0, 0, 0, 0];
+    put_body(&mut w, m);
+    let len = (w.len() - 4) as u32;
+    w[..4].copy_from_slice(&len.to_le_bytes());
+    w
 }
 
 /// Checks a frame's length prefix; returns the body length to read next.
@@ -462,156 +271,15 @@ pub fn body_len(prefix: [u8; 4]) -> Result<usize, EngineError> {
     Ok(n)
 }
 
-/// Decodes one frame body (without its length prefix).
+/// Decodes one frame body (without its length prefix), held to the default [`Limits`].
 pub fn decode(body: &[u8]) -> Result<Message, EngineError> {
-    let mut r = R(body);
-    let m = match r.u8()? {
-        tag::HELLO => Message::Hello {
-            min_version: r.u16()?,
-            max_version: r.u16()?,
-        },
-        tag::HELLO_ACK => Message::HelloAck {
-            version: r.u16()?,
-            nonce: r.arr()?,
-        },
-        tag::AUTH_PROOF => Message::AuthProof {
-            nonce: r.arr()?,
-            mac: r.arr()?,
-        },
-        tag::AUTH_OK => Message::AuthOk { mac: r.arr()? },
-        tag::REGION_TABLE => {
-            let n = r.count_at_most(25, MAX_REGIONS)?;
-            let mut regions = Vec::with_capacity(n);
-            for _ in 0..n {
-                let id = r.u32()?;
-                let name = r.str()?;
-                let len = r.u64()?;
-                let page_size = r.u64()?;
-                let gpa = match r.u8()? {
-                    0 => None,
-                    1 => Some(r.u64()?),
-                    _ => return Err(bad("bad optional")),
-                };
-                regions.push(RegionDesc {
-                    id,
-                    name,
-                    len,
-                    page_size,
-                    gpa,
-                });
-            }
-            Message::RegionTable { regions }
-        }
-        tag::REGIONS_OK => Message::RegionsOk,
-        tag::TRANSPORT_OFFER => {
-            let n = r.count(1)?;
-            let mut kinds = Vec::with_capacity(n);
-            for _ in 0..n {
-                // Unknown kinds are skipped: a newer peer may offer more than we know.
-                if let Some(k) = TransportKind::from_code(r.u8()?) {
-                    kinds.push(k);
-                }
-            }
-            Message::TransportOffer {
-                kinds,
-                lanes: r.u16()?,
-                verify: r.bool()?,
-            }
-        }
-        tag::TRANSPORT_ACCEPT => Message::TransportAccept {
-            kind: TransportKind::from_code(r.u8()?).ok_or_else(|| bad("unknown transport"))?,
-            lanes: r.u16()?,
-            note: r.str()?,
-        },
-        tag::RDMA_CONNECT => Message::RdmaConnect {
-            endpoint: r.endpoint()?,
-        },
-        tag::RDMA_ACCEPT => {
-            let endpoint = r.endpoint()?;
-            let memory = match r.u8()? {
-                1 => {
-                    let n = r.count_at_most(12, MAX_REGIONS)?;
-                    let mut regions = Vec::with_capacity(n);
-                    for _ in 0..n {
-                        regions.push(RemoteRegion {
-                            addr: r.u64()?,
-                            rkey: r.u32()?,
-                        });
-                    }
-                    RemoteMemory::PinAll(regions)
-                }
-                2 => RemoteMemory::Chunked {
-                    chunk_bytes: r.u64()?,
-                    max_chunks: r.u32()?,
-                },
-                _ => return Err(bad("unknown registration mode")),
-            };
-            Message::RdmaAccept { endpoint, memory }
-        }
-        tag::LANE_JOIN => Message::LaneJoin {
-            session: r.arr()?,
-            lane: r.u16()?,
-            mac: r.arr()?,
-        },
-        tag::LANE_ACCEPTED => Message::LaneAccepted,
-        tag::REJOIN => Message::Rejoin {
-            session: r.arr()?,
-            attempt: r.u32()?,
-            mac: r.arr()?,
-        },
-        tag::REJOIN_OK => Message::RejoinOk {
-            next_round: r.u32()?,
-            mac: r.arr()?,
-        },
-        tag::ROUND_START => Message::RoundStart {
-            round: r.u32()?,
-            last: r.bool()?,
-        },
-        tag::ROUND_END => Message::RoundEnd { round: r.u32()? },
-        tag::ROUND_END_ACK => Message::RoundEndAck { round: r.u32()? },
-        tag::DEVICE_STATE => Message::DeviceState {
-            data: r.bytes()?,
-            last: r.bool()?,
-        },
-        tag::CHECKSUMS => {
-            let n = r.count_at_most(4, MAX_REGIONS)?;
-            let mut regions = Vec::with_capacity(n);
-            for _ in 0..n {
-                let k = r.count(8)?;
-                let mut v = Vec::with_capacity(k);
-                for _ in 0..k {
-                    v.push(r.u64()?);
-                }
-                regions.push(v);
-            }
-            Message::Checksums { regions }
-        }
-        tag::DIGESTS => {
-            let n = r.count(20)?;
-            let mut chunks = Vec::with_capacity(n);
-            for _ in 0..n {
-                chunks.push((r.u32()?, r.u64()?, r.u64()?));
-            }
-            Message::Digests { chunks }
-        }
-        tag::VERIFIED => {
-            let ok = r.bool()?;
-            let n = r.count_at_most(12, MAX_MISMATCHES)?;
-            let mut mismatches = Vec::with_capacity(n);
-            for _ in 0..n {
-                mismatches.push((r.u32()?, r.u64()?));
-            }
-            Message::Verified { ok, mismatches }
-        }
-        tag::READY => Message::Ready,
-        tag::COMMIT => Message::Commit,
-        tag::DONE => Message::Done,
-        tag::HEARTBEAT => Message::Heartbeat,
-        tag::CANCEL => Message::Cancel { reason: r.str()? },
-        tag::ERROR => Message::Error { message: r.str()? },
-        t => return Err(bad(&format!("unknown message type {t}"))),
+    let Some(&t) = body.first() else {
+        return Err(bad("truncated"));
     };
-    if !r.0.is_empty() {
+    Limits::default().check(t, body.len())?;
+    let mut r = R(&body[1..]);
+    let m = get_body(t, &mut r)?;
+    if !r.is_empty() {
         return Err(bad("trailing bytes"));
     }
     Ok(m)
@@ -694,6 +362,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::protocol::RemoteRegion;
 
     fn all_messages() -> Vec<Message> {
         vec![
@@ -880,5 +549,83 @@ mod tests {
         assert!(decode(&f).is_err());
         f[0] = tag::ROUND_START;
         assert!(decode(&[tag::ROUND_START, 0, 0, 0, 0, 2]).is_err());
+    }
+
+    #[test]
+    fn limits_follow_from_the_layouts() {
+        let l = Limits::default();
+        // The numbers the hand-written table had, where it was right.
+        for (t, max) in [
+            (tag::HELLO, 5),
+            (tag::HELLO_ACK, 35),
+            (tag::AUTH_PROOF, 65),
+            (tag::LANE_JOIN, 51),
+            (tag::REJOIN, 53),
+            (tag::REJOIN_OK, 37),
+            (tag::RDMA_CONNECT, 25),
+            (tag::RDMA_ACCEPT, 26 + 4 + 12 * MAX_REGIONS),
+            (tag::ROUND_START, 6),
+            (tag::TRANSPORT_OFFER, 1 + 4 + MAX_KINDS + 3),
+            (tag::DEVICE_STATE, 1 + 4 + MAX_DEVICE_PIECE + 1),
+            (tag::VERIFIED, 1 + 1 + 4 + 12 * MAX_MISMATCHES),
+            (tag::ERROR, 1 + 4 + MAX_TEXT),
+            (tag::READY, 1),
+            (tag::CHECKSUMS, MAX_FRAME),
+        ] {
+            assert_eq!(l.max_body(t), Some(max), "{}", tag::name(t));
+        }
+        // Where it was wrong: 4096 regions with names of 256 bytes.
+        let table = Message::RegionTable {
+            regions: vec![
+                RegionDesc {
+                    id: u32::MAX,
+                    name: "n".repeat(MAX_NAME),
+                    len: u64::MAX,
+                    page_size: u64::MAX,
+                    gpa: Some(u64::MAX),
+                };
+                MAX_REGIONS
+            ],
+        };
+        let f = encode(&table);
+        assert_eq!(l.max_body(tag::REGION_TABLE), Some(f.len() - 4));
+        assert_eq!(decode(&f[4..]).unwrap(), table);
+        assert_eq!(Limits::min_body(tag::RDMA_ACCEPT), Some(1 + 24 + 5));
+        assert!(l.check(tag::HELLO, 4).is_err());
+        assert!(l.check(0, 1).is_err());
+    }
+
+    #[test]
+    fn limits_for_chunks_are_the_largest_checksums_and_digests() {
+        let l = Limits::for_chunks([3, 0, 5]);
+        let sums = Message::Checksums {
+            regions: vec![vec![u64::MAX; 3], vec![], vec![7; 5]],
+        };
+        assert_eq!(l.checksums, encode(&sums).len() - 4);
+        let digests = Message::Digests {
+            chunks: vec![(1, 2, 3); 8],
+        };
+        assert_eq!(l.digests, encode(&digests).len() - 4);
+        assert_eq!(Limits::for_chunks([u64::MAX]).checksums, MAX_FRAME);
+    }
+
+    #[test]
+    fn long_texts_are_cut_at_a_character_boundary() {
+        // 3-byte characters: MAX_TEXT is not a multiple of 3, so the cut falls inside one.
+        let long = "€".repeat(MAX_TEXT / 3 + 10);
+        let f = encode(&Message::Error {
+            message: long.clone(),
+        });
+        let Message::Error { message } = decode(&f[4..]).unwrap() else {
+            panic!("not an Error");
+        };
+        assert_eq!(message.len(), MAX_TEXT / 3 * 3);
+        assert!(long.starts_with(&message));
+        // A peer's longer text is refused.
+        let mut body = vec![tag::CANCEL];
+        body.extend_from_slice(&(MAX_TEXT as u32 + 1).to_le_bytes());
+        body.resize(5 + MAX_TEXT + 1, b'a');
+        assert!(Limits::default().check(tag::CANCEL, body.len()).is_err());
+        assert!(decode(&body).is_err());
     }
 }

@@ -56,6 +56,9 @@ impl TransportKind {
 /// then the two-phase handover: `Ready` D→S (device state loaded, guest still paused), `Commit`
 /// S→D (from here on the source never resumes on its own), `Done` D→S (the destination's guest
 /// runs). `Heartbeat`, `Cancel` and `Error` may come at any time before `Commit`.
+///
+/// Each variant's tag and field order on the wire are declared once, in the message table of
+/// [`codec`](super::codec); the compiler keeps that table and this enum in step.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message {
     /// Opens a session: the versions the source speaks.

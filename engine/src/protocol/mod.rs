@@ -5,6 +5,7 @@
 //! unknown, so that a hostile peer meets one well-tested gate.
 
 pub mod codec;
+mod field;
 mod messages;
 
 pub use messages::{

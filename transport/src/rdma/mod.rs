@@ -29,7 +29,7 @@ mod device;
 mod error;
 mod memory;
 mod queue;
-mod wire;
+pub mod wire;
 
 mod dest;
 mod source;

@@ -544,7 +544,7 @@ impl RdmaSourceLane {
     /// Queues the WRITEs of `batch`'s data runs (posting them in chains as they fill).
     fn queue_batch(&mut self, batch: &Batch) -> Result<(), LaneError> {
         self.reap()?;
-        if batch.runs.len() > wire::MAX_DESC_RUNS {
+        if wire::entries(&batch.runs) > wire::MAX_DESC_RUNS {
             return Err(LaneError::Malformed(format!(
                 "{} runs do not fit one descriptor",
                 batch.runs.len()

@@ -27,8 +27,15 @@ const KIND_REGISTER: u8 = 2;
 const KIND_CLOSE: u8 = 3;
 /// Top bit of a run's page count: a zero run.
 const ZERO_BIT: u32 = 1 << 31;
-/// "No chunk" in a register request.
+/// Most pages one descriptor entry carries (the page count shares its word with
+/// [`ZERO_BIT`]); [`encode_batch`] splits longer runs into several entries.
+pub const MAX_ENTRY_PAGES: u32 = ZERO_BIT - 1;
+/// "No chunk" in a register request, as older sources wrote it.
 const NO_REGION: u32 = u32::MAX;
+/// Byte 1 of a register request: set when it names a chunk to evict. The region field alone
+/// used [`NO_REGION`] for "none", which made region `u32::MAX` unsayable; the flag sits in
+/// what was padding, and a request without it still means what it meant.
+const EVICT_FLAG: u8 = 1;
 
 /// A message from the source.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -53,26 +60,46 @@ pub enum Request {
     Close,
 }
 
-/// Encodes a batch descriptor into `buf`; returns its length.
+/// The descriptor entries `runs` take: one per run, more for a run of more than
+/// [`MAX_ENTRY_PAGES`] pages. At most [`MAX_DESC_RUNS`] fit one descriptor.
+pub fn entries(runs: &[Run]) -> usize {
+    runs.iter()
+        .map(|r| r.npages.div_ceil(MAX_ENTRY_PAGES).max(1) as usize)
+        .sum()
+}
+
+/// Encodes a batch descriptor into `buf`; returns its length. A run longer than
+/// [`MAX_ENTRY_PAGES`] becomes several entries (the decoder returns them as consecutive
+/// runs of the same kind).
+///
+/// # Panics
+/// If `runs` take more than [`MAX_DESC_RUNS`] entries (callers check with [`entries`]).
 pub fn encode_batch(buf: &mut [u8], seq: u64, runs: &[Run]) -> usize {
-    assert!(
-        runs.len() <= MAX_DESC_RUNS,
-        "too many runs for one descriptor"
-    );
+    let n = entries(runs);
+    assert!(n <= MAX_DESC_RUNS, "too many runs for one descriptor");
     buf[0] = KIND_BATCH;
     buf[1..4].fill(0);
-    buf[4..8].copy_from_slice(&(runs.len() as u32).to_le_bytes());
+    buf[4..8].copy_from_slice(&(n as u32).to_le_bytes());
     buf[8..16].copy_from_slice(&seq.to_le_bytes());
     let mut o = DESC_HEAD;
     for r in runs {
-        let mut n = r.npages;
-        if r.kind == RunKind::Zero {
-            n |= ZERO_BIT;
+        let (mut first, mut left) = (r.first_page, r.npages);
+        loop {
+            let take = left.min(MAX_ENTRY_PAGES);
+            let word = if r.kind == RunKind::Zero {
+                take | ZERO_BIT
+            } else {
+                take
+            };
+            buf[o..o + 4].copy_from_slice(&r.region.to_le_bytes());
+            buf[o + 4..o + 8].copy_from_slice(&word.to_le_bytes());
+            buf[o + 8..o + 16].copy_from_slice(&first.to_le_bytes());
+            o += RUN_BYTES;
+            (first, left) = (first.wrapping_add(take as u64), left - take);
+            if left == 0 {
+                break;
+            }
         }
-        buf[o..o + 4].copy_from_slice(&r.region.to_le_bytes());
-        buf[o + 4..o + 8].copy_from_slice(&n.to_le_bytes());
-        buf[o + 8..o + 16].copy_from_slice(&r.first_page.to_le_bytes());
-        o += RUN_BYTES;
     }
     o
 }
@@ -86,6 +113,7 @@ pub fn encode_register(
 ) -> usize {
     buf[..32].fill(0);
     buf[0] = KIND_REGISTER;
+    buf[1] = if evict.is_some() { EVICT_FLAG } else { 0 };
     buf[4..8].copy_from_slice(&region.to_le_bytes());
     buf[8..16].copy_from_slice(&chunk.to_le_bytes());
     let (er, ec) = evict.unwrap_or((NO_REGION, 0));
@@ -147,7 +175,7 @@ pub fn decode_request(b: &[u8]) -> Result<Request, String> {
             Ok(Request::Register {
                 region: u32_at(b, 4),
                 chunk: u64_at(b, 8),
-                evict: (er != NO_REGION).then(|| (er, u64_at(b, 24))),
+                evict: (b[1] & EVICT_FLAG != 0 || er != NO_REGION).then(|| (er, u64_at(b, 24))),
             })
         }
         KIND_CLOSE if b.len() == DESC_HEAD => Ok(Request::Close),
