@@ -18,7 +18,7 @@
 //! and nested counts are capped).
 
 use super::field::{bad, get_list, list_max, put_list, Field, Listed, R};
-use super::{Message, QpEndpoint, RemoteMemory, TransportKind};
+use super::{Message, TransportKind};
 use crate::region::RegionDesc;
 use crate::EngineError;
 
@@ -157,8 +157,6 @@ messages! {
     HEARTBEAT = 19 => Heartbeat {},
     CANCEL = 20 => Cancel { reason: String },
     ERROR = 21 => Error { message: String },
-    RDMA_CONNECT = 22 => RdmaConnect { endpoint: QpEndpoint },
-    RDMA_ACCEPT = 23 => RdmaAccept { endpoint: QpEndpoint, memory: RemoteMemory },
     READY = 24 => Ready {},
     DIGESTS = 25 => Digests { chunks: Vec<(u32, u64, u64)> },
     REJOIN = 26 => Rejoin { session: [u8; 16], attempt: u32, mac: [u8; 32] },
@@ -362,7 +360,6 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::RemoteRegion;
 
     fn all_messages() -> Vec<Message> {
         vec![
@@ -403,35 +400,6 @@ mod tests {
                 kinds: vec![TransportKind::Rdma, TransportKind::Tcp],
                 lanes: 4,
                 verify: false,
-            },
-            Message::RdmaConnect {
-                endpoint: QpEndpoint {
-                    qpn: 17,
-                    psn: 0xabcdef,
-                    gid: [3; 16],
-                },
-            },
-            Message::RdmaAccept {
-                endpoint: QpEndpoint {
-                    qpn: 18,
-                    psn: 1,
-                    gid: [4; 16],
-                },
-                memory: RemoteMemory::PinAll(vec![RemoteRegion {
-                    addr: 1 << 40,
-                    rkey: 99,
-                }]),
-            },
-            Message::RdmaAccept {
-                endpoint: QpEndpoint {
-                    qpn: 19,
-                    psn: 2,
-                    gid: [5; 16],
-                },
-                memory: RemoteMemory::Chunked {
-                    chunk_bytes: 1 << 20,
-                    max_chunks: 256,
-                },
             },
             Message::LaneJoin {
                 session: [9; 16],
@@ -562,8 +530,6 @@ mod tests {
             (tag::LANE_JOIN, 51),
             (tag::REJOIN, 53),
             (tag::REJOIN_OK, 37),
-            (tag::RDMA_CONNECT, 25),
-            (tag::RDMA_ACCEPT, 26 + 4 + 12 * MAX_REGIONS),
             (tag::ROUND_START, 6),
             (tag::TRANSPORT_OFFER, 1 + 4 + MAX_KINDS + 3),
             (tag::DEVICE_STATE, 1 + 4 + MAX_DEVICE_PIECE + 1),
@@ -590,7 +556,7 @@ mod tests {
         let f = encode(&table);
         assert_eq!(l.max_body(tag::REGION_TABLE), Some(f.len() - 4));
         assert_eq!(decode(&f[4..]).unwrap(), table);
-        assert_eq!(Limits::min_body(tag::RDMA_ACCEPT), Some(1 + 24 + 5));
+        assert_eq!(Limits::min_body(tag::LANE_JOIN), Some(51));
         assert!(l.check(tag::HELLO, 4).is_err());
         assert!(l.check(0, 1).is_err());
     }

@@ -9,7 +9,7 @@
 //! (times the fewest bytes one item takes) before anything is allocated, so decoding never
 //! allocates much more than the frame it reads.
 
-use super::{QpEndpoint, RemoteMemory, RemoteRegion, TransportKind};
+use super::TransportKind;
 use crate::region::RegionDesc;
 use crate::EngineError;
 
@@ -297,32 +297,6 @@ impl Field for TransportKind {
     }
 }
 
-/// A struct whose fields are written one after the other, in the order listed.
-macro_rules! record {
-    ($name:ident { $($f:ident: $t:ty),* $(,)? }) => {
-        impl Field for $name {
-            const MIN: usize = 0 $(+ <$t as Field>::MIN)*;
-            const MAX: usize = 0 $(+ <$t as Field>::MAX)*;
-            fn put(&self, w: &mut Vec<u8>) {
-                $(self.$f.put(w);)*
-            }
-            fn get(r: &mut R<'_>) -> Result<Self, EngineError> {
-                Ok($name { $($f: <$t as Field>::get(r)?),* })
-            }
-        }
-    };
-}
-
-record!(QpEndpoint {
-    qpn: u32,
-    psn: u32,
-    gid: [u8; 16],
-});
-record!(RemoteRegion {
-    addr: u64,
-    rkey: u32
-});
-
 /// A region's description; its name is at most [`MAX_NAME`] bytes.
 impl Field for RegionDesc {
     const MIN: usize = 4 + 4 + 8 + 8 + <Option<u64> as Field>::MIN;
@@ -342,43 +316,5 @@ impl Field for RegionDesc {
             page_size: u64::get(r)?,
             gpa: <Option<u64>>::get(r)?,
         })
-    }
-}
-
-/// Mode code of [`RemoteMemory::PinAll`].
-const PIN_ALL: u8 = 1;
-/// Mode code of [`RemoteMemory::Chunked`].
-const CHUNKED: u8 = 2;
-
-/// Where an RDMA source may write: a mode byte, then every region's key (pin-all, at most
-/// [`MAX_REGIONS`]) or the chunking.
-impl Field for RemoteMemory {
-    const MIN: usize = 1 + 4;
-    const MAX: usize = 1 + list_max(<RemoteRegion as Field>::MAX, MAX_REGIONS);
-    fn put(&self, w: &mut Vec<u8>) {
-        match self {
-            RemoteMemory::PinAll(regions) => {
-                w.push(PIN_ALL);
-                put_list(w, regions, MAX_REGIONS);
-            }
-            RemoteMemory::Chunked {
-                chunk_bytes,
-                max_chunks,
-            } => {
-                w.push(CHUNKED);
-                chunk_bytes.put(w);
-                max_chunks.put(w);
-            }
-        }
-    }
-    fn get(r: &mut R<'_>) -> Result<Self, EngineError> {
-        match u8::get(r)? {
-            PIN_ALL => Ok(RemoteMemory::PinAll(get_list(r, MAX_REGIONS)?)),
-            CHUNKED => Ok(RemoteMemory::Chunked {
-                chunk_bytes: u64::get(r)?,
-                max_chunks: u32::get(r)?,
-            }),
-            _ => Err(bad("unknown registration mode")),
-        }
     }
 }

@@ -1,7 +1,6 @@
 //! Control-plane messages.
 
 use crate::region::RegionDesc;
-pub use rmig_transport::rdma::{QpEndpoint, RemoteMemory, RemoteRegion};
 
 /// Lowest protocol version this build speaks. Version 2 brought the two-phase handover
 /// (`Ready`/`Commit`); a version-1 peer would resume its guest on its own, so it is refused.
@@ -140,19 +139,6 @@ pub enum Message {
         /// HMAC over the challenges, the attempt and `next_round`.
         mac: [u8; 32],
     },
-    /// RDMA: the source's queue pair for this lane (on the lane's socket, after
-    /// `LaneAccepted`).
-    RdmaConnect {
-        /// Queue pair number, first packet sequence number, GID.
-        endpoint: QpEndpoint,
-    },
-    /// RDMA: the destination's queue pair, and where the source may write.
-    RdmaAccept {
-        /// Queue pair number, first packet sequence number, GID.
-        endpoint: QpEndpoint,
-        /// Pin-all: address and remote key of each region; or the chunking.
-        memory: RemoteMemory,
-    },
     /// A pre-copy round begins.
     RoundStart {
         /// Round number (0 sends everything).
@@ -233,8 +219,6 @@ impl Message {
             Message::LaneAccepted => "LaneAccepted",
             Message::Rejoin { .. } => "Rejoin",
             Message::RejoinOk { .. } => "RejoinOk",
-            Message::RdmaConnect { .. } => "RdmaConnect",
-            Message::RdmaAccept { .. } => "RdmaAccept",
             Message::RoundStart { .. } => "RoundStart",
             Message::RoundEnd { .. } => "RoundEnd",
             Message::RoundEndAck { .. } => "RoundEndAck",

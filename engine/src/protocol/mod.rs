@@ -8,6 +8,4 @@ pub mod codec;
 mod field;
 mod messages;
 
-pub use messages::{
-    Message, QpEndpoint, RemoteMemory, RemoteRegion, TransportKind, PROTOCOL_MAX, PROTOCOL_MIN,
-};
+pub use messages::{Message, TransportKind, PROTOCOL_MAX, PROTOCOL_MIN};

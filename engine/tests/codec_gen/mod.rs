@@ -9,7 +9,7 @@ use proptest::sample::SizeRange;
 use rmig_engine::protocol::codec::{
     MAX_DEVICE_PIECE, MAX_KINDS, MAX_MISMATCHES, MAX_NAME, MAX_REGIONS, MAX_TEXT,
 };
-use rmig_engine::protocol::{Message, QpEndpoint, RemoteMemory, RemoteRegion, TransportKind};
+use rmig_engine::protocol::{Message, TransportKind};
 use rmig_engine::region::RegionDesc;
 
 /// Lengths mostly small, sometimes exactly `max` or near it.
@@ -106,27 +106,6 @@ fn kind() -> impl Strategy<Value = TransportKind> {
     prop_oneof![Just(TransportKind::Tcp), Just(TransportKind::Rdma)]
 }
 
-fn endpoint() -> impl Strategy<Value = QpEndpoint> {
-    (any::<u32>(), any::<u32>(), any::<[u8; 16]>()).prop_map(|(qpn, psn, gid)| QpEndpoint {
-        qpn,
-        psn,
-        gid,
-    })
-}
-
-fn memory() -> impl Strategy<Value = RemoteMemory> {
-    let region = (any::<u64>(), any::<u32>()).prop_map(|(addr, rkey)| RemoteRegion { addr, rkey });
-    prop_oneof![
-        list(region, MAX_REGIONS).prop_map(RemoteMemory::PinAll),
-        (any::<u64>(), any::<u32>()).prop_map(|(chunk_bytes, max_chunks)| {
-            RemoteMemory::Chunked {
-                chunk_bytes,
-                max_chunks,
-            }
-        }),
-    ]
-}
-
 /// Messages made of fixed-size fields only.
 fn fixed() -> impl Strategy<Value = Message> {
     prop_oneof![
@@ -154,7 +133,6 @@ fn fixed() -> impl Strategy<Value = Message> {
         any::<(u32, bool)>().prop_map(|(round, last)| Message::RoundStart { round, last }),
         any::<u32>().prop_map(|round| Message::RoundEnd { round }),
         any::<u32>().prop_map(|round| Message::RoundEndAck { round }),
-        endpoint().prop_map(|endpoint| Message::RdmaConnect { endpoint }),
         prop_oneof![
             Just(Message::RegionsOk),
             Just(Message::LaneAccepted),
@@ -183,8 +161,6 @@ fn sized() -> impl Strategy<Value = Message> {
         ),
         (kind(), any::<u16>(), text(MAX_TEXT))
             .prop_map(|(kind, lanes, note)| Message::TransportAccept { kind, lanes, note }),
-        (endpoint(), memory())
-            .prop_map(|(endpoint, memory)| Message::RdmaAccept { endpoint, memory }),
         (cheap(MAX_DEVICE_PIECE, |w| w as u8), any::<bool>())
             .prop_map(|(data, last)| Message::DeviceState { data, last }),
         list(cheap(4096, |w| w), 64).prop_map(|regions| Message::Checksums { regions }),
