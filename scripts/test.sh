@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite: installs what is missing, checks formatting and lints, then runs every
 # unit and end-to-end test (release build: the tests move real amounts of memory), then the C
-# example against the installed librmig under valgrind, then a migration in a two-node NUMA
+# example against the installed librmig under valgrind, then network blips between two network
+# namespaces (tests/netns-blips.sh), then a migration in a two-node NUMA
 # guest and the RDMA tests on soft-RoCE (QEMU guests; tests/vm/vm.sh installs what is missing).
 set -euo pipefail
 cd "$(dirname "$0")/.."
