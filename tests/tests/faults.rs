@@ -26,6 +26,7 @@ fn snapshot(m: &Mem) -> Vec<u8> {
 
 #[test]
 fn wrong_key_is_refused_on_both_ends() {
+    let _deadline = Deadline::secs(120);
     let len = 4 * MIB;
     let src = Mem::random(len, 0.0, 1);
     let dst = Mem::new(len);
@@ -42,6 +43,7 @@ fn wrong_key_is_refused_on_both_ends() {
 
 #[test]
 fn version_mismatch_names_both_ranges() {
+    let _deadline = Deadline::secs(120);
     let len = 4 * MIB;
     let src = Mem::random(len, 0.0, 1);
     let dst = Mem::new(len);
@@ -70,6 +72,7 @@ fn version_mismatch_names_both_ranges() {
 
 #[test]
 fn region_table_mismatch_is_refused() {
+    let _deadline = Deadline::secs(120);
     let len = 8 * MIB;
     let src = Mem::random(len, 0.0, 1);
     let dst = Mem::new(len);
@@ -85,6 +88,7 @@ fn region_table_mismatch_is_refused() {
 
 #[test]
 fn overlapping_regions_are_refused_before_connecting() {
+    let _deadline = Deadline::secs(120);
     let len = 8 * MIB;
     let src = Mem::random(len, 0.0, 1);
     let dst = Mem::new(len);
@@ -119,6 +123,7 @@ fn overlapping_regions_are_refused_before_connecting() {
 
 #[test]
 fn cancel_from_the_source() {
+    let _deadline = Deadline::secs(120);
     let len = 64 * MIB;
     let src = Mem::random(len, 0.0, 2);
     let before = snapshot(&src);
@@ -145,6 +150,7 @@ fn cancel_from_the_source() {
 
 #[test]
 fn cancel_from_the_destination() {
+    let _deadline = Deadline::secs(120);
     let len = 64 * MIB;
     let src = Mem::random(len, 0.0, 3);
     let before = snapshot(&src);
@@ -174,6 +180,7 @@ fn cancel_from_the_destination() {
 
 #[test]
 fn destination_dying_mid_round_leaves_the_source_intact() {
+    let _deadline = Deadline::secs(120);
     let len = 64 * MIB;
     let src = Mem::random(len, 0.0, 4);
     let before = snapshot(&src);
@@ -377,6 +384,7 @@ fn dropping_a_session_between_rounds_cancels_the_destination() {
 
 #[test]
 fn a_lane_dying_mid_round_is_survived() {
+    let _deadline = Deadline::secs(120);
     let len = 64 * MIB;
     let src = Mem::random(len, 0.0, 6);
     let dst = Mem::new(len);
@@ -393,6 +401,7 @@ fn a_lane_dying_mid_round_is_survived() {
 
 #[test]
 fn every_lane_dying_fails_cleanly() {
+    let _deadline = Deadline::secs(120);
     let len = 32 * MIB;
     let src = Mem::random(len, 0.0, 7);
     let before = snapshot(&src);
@@ -411,6 +420,7 @@ fn every_lane_dying_fails_cleanly() {
 
 #[test]
 fn a_lane_whose_peer_closes_is_survived() {
+    let _deadline = Deadline::secs(120);
     let len = 64 * MIB;
     let src = Mem::random(len, 0.0, 10);
     let dst = Mem::new(len);
@@ -440,6 +450,7 @@ fn never_acked(lane: usize) -> LaneFault {
 
 #[test]
 fn a_lane_never_acknowledged_times_out_while_the_others_carry_on() {
+    let _deadline = Deadline::secs(120);
     let len = 64 * MIB;
     let src = Mem::random(len, 0.0, 11);
     let dst = Mem::new(len);
@@ -459,6 +470,7 @@ fn a_lane_never_acknowledged_times_out_while_the_others_carry_on() {
 
 #[test]
 fn a_lone_lane_never_acknowledged_fails_with_an_ack_timeout() {
+    let _deadline = Deadline::secs(120);
     let len = 8 * MIB;
     let src = Mem::random(len, 0.0, 12);
     let before = snapshot(&src);
@@ -482,6 +494,7 @@ fn a_lone_lane_never_acknowledged_fails_with_an_ack_timeout() {
 
 #[test]
 fn not_converging_fails_with_a_reason_and_the_guest_runs_on() {
+    let _deadline = Deadline::secs(120);
     // The writer dirties all 8 MiB far faster than the 40 MB/s ceiling lets rounds send them.
     let len = 8 * MIB;
     let src = Mem::random(len, 0.0, 8);
@@ -509,6 +522,7 @@ fn not_converging_fails_with_a_reason_and_the_guest_runs_on() {
 
 #[test]
 fn a_silent_peer_is_detected_within_seconds() {
+    let _deadline = Deadline::secs(120);
     let len = 64 * MIB;
     let src = Mem::random(len, 0.0, 9);
     let dst = Mem::new(len);

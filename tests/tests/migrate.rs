@@ -3,7 +3,7 @@
 use std::time::{Duration, Instant};
 
 use rmig_engine::{NoConvergence, SharedDirtyLog, PAGE_2M};
-use rmig_tests::{assert_same, Mem, Setup, Writer};
+use rmig_tests::{assert_same, Deadline, Mem, Setup, Writer};
 
 const MIB: usize = 1 << 20;
 
@@ -26,11 +26,13 @@ fn migrate_memory(zero_fraction: f64) {
 
 #[test]
 fn random_memory() {
+    let _deadline = Deadline::secs(120);
     migrate_memory(0.0);
 }
 
 #[test]
 fn zero_memory_is_sent_as_markers() {
+    let _deadline = Deadline::secs(120);
     let len = 64 * MIB;
     let src = Mem::new(len);
     let dst = Mem::new(len);
@@ -55,11 +57,13 @@ fn zero_memory_is_sent_as_markers() {
 
 #[test]
 fn mixed_memory() {
+    let _deadline = Deadline::secs(120);
     migrate_memory(0.5);
 }
 
 #[test]
 fn live_writer_converges_and_lands_every_write() {
+    let _deadline = Deadline::secs(120);
     let len = 128 * MIB;
     let src = Mem::random(len, 0.1, 1);
     let dst = Mem::new(len);
@@ -91,6 +95,7 @@ fn live_writer_converges_and_lands_every_write() {
 
 #[test]
 fn forced_switchover_when_not_converging() {
+    let _deadline = Deadline::secs(120);
     let len = 32 * MIB;
     let src = Mem::random(len, 0.0, 3);
     let dst = Mem::new(len);
@@ -111,6 +116,7 @@ fn forced_switchover_when_not_converging() {
 
 #[test]
 fn verify_off_reports_null() {
+    let _deadline = Deadline::secs(120);
     let len = 16 * MIB;
     let src = Mem::random(len, 0.2, 5);
     let dst = Mem::new(len);
@@ -124,6 +130,7 @@ fn verify_off_reports_null() {
 
 #[test]
 fn several_regions_and_huge_pages() {
+    let _deadline = Deadline::secs(120);
     let len = 24 * MIB;
     let src = Mem::random(len, 0.3, 11);
     let dst = Mem::new(len);
@@ -148,6 +155,7 @@ fn several_regions_and_huge_pages() {
 
 #[test]
 fn bandwidth_ceiling_paces_the_lanes() {
+    let _deadline = Deadline::secs(120);
     let len = 24 * MIB;
     let src = Mem::random(len, 0.0, 6);
     let dst = Mem::new(len);
@@ -158,17 +166,19 @@ fn bandwidth_ceiling_paces_the_lanes() {
     let (s, _) = setup.run();
     let s = s.unwrap();
     let took = t.elapsed();
-    // Bounded on both sides: no faster than the ceiling (less the pacer's 50 ms burst), and
-    // not much slower either (unpaced, loopback moves this in well under 0.2 s).
+    // Bounded on both sides: no faster than the ceiling allows (its 50 ms burst after idle
+    // included, less 10 % for the edges of the measurement), and not much slower either
+    // (unpaced, loopback moves this in well under 0.2 s).
     let r0 = &s.rounds[0];
+    let floor_ms = 0.9 * (r0.bytes as f64 - 0.05 * ceiling) / ceiling * 1e3;
     let rate = r0.bytes as f64 / (r0.duration_ms / 1e3);
     assert!(
-        rate <= ceiling * 1.1 && rate >= ceiling * 0.5,
-        "round 0 ran at {:.1} MB/s under a ceiling of 40: {r0:?}",
+        r0.duration_ms >= floor_ms && rate >= ceiling * 0.5,
+        "round 0 ran at {:.1} MB/s under a ceiling of 40 (at least {floor_ms:.0} ms): {r0:?}",
         rate / 1e6
     );
     assert!(
-        took > Duration::from_millis(550) && took < Duration::from_secs(3),
+        took > Duration::from_millis(500) && took < Duration::from_secs(3),
         "{took:?}"
     );
     assert_same(src.bytes(), dst.bytes());
@@ -176,6 +186,7 @@ fn bandwidth_ceiling_paces_the_lanes() {
 
 #[test]
 fn bandwidth_ceiling_can_be_lifted_while_running() {
+    let _deadline = Deadline::secs(120);
     let len = 64 * MIB;
     let src = Mem::random(len, 0.0, 8);
     let dst = Mem::new(len);
@@ -205,6 +216,7 @@ fn bandwidth_ceiling_can_be_lifted_while_running() {
 
 #[test]
 fn host_names_work() {
+    let _deadline = Deadline::secs(120);
     let len = 8 * MIB;
     let src = Mem::random(len, 0.0, 12);
     let dst = Mem::new(len);
@@ -226,6 +238,7 @@ fn host_names_work() {
 
 #[test]
 fn step_by_step_api_over_ipv6() {
+    let _deadline = Deadline::secs(120);
     let len = 16 * MIB;
     let src = Mem::random(len, 0.2, 13);
     let dst = Mem::new(len);
@@ -260,4 +273,39 @@ fn step_by_step_api_over_ipv6() {
     assert_eq!(stats.status, rmig_engine::MigrationStatus::Completed);
     d.join().unwrap().unwrap();
     assert_same(src.bytes(), dst.bytes());
+}
+
+#[test]
+fn device_state_larger_than_a_frame_arrives_in_pieces_intact() {
+    let _deadline = Deadline::secs(120);
+    // 2.5 MiB of device state: more than one frame may carry (the codec refuses a piece above
+    // `MAX_DEVICE_PIECE`), so it can only arrive whole if it was split and put back together.
+    let len = 4 * MIB;
+    let state: Vec<u8> = (0..(5 * MIB / 2) as u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
+        .collect();
+    assert!(state.len() > rmig_engine::protocol::codec::MAX_DEVICE_PIECE * 2);
+    let src = Mem::random(len, 0.0, 17);
+    let dst = Mem::new(len);
+    let mut setup = Setup::new(&src, &dst, len);
+    setup.embedder = Box::new(rmig_tests::Scripted {
+        device_state: state.clone(),
+        ..Default::default()
+    });
+    let rec = setup.dest_embedder.clone();
+    let (s, d) = setup.run();
+    s.expect("source");
+    d.expect("destination");
+    let got = rec
+        .device_state
+        .lock()
+        .unwrap()
+        .take()
+        .expect("device state");
+    assert!(
+        got == state,
+        "{} bytes arrived, {} sent",
+        got.len(),
+        state.len()
+    );
 }

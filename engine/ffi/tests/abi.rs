@@ -922,3 +922,300 @@ fn source_handover_unknown_is_settled_by_the_operator() {
         assert_eq!(rmig_free(d), RmigOk);
     }
 }
+
+/// What the embedder callbacks of a scripted session do, and what they saw; `opaque` points
+/// at one, which outlives the session.
+#[derive(Default)]
+struct Script {
+    fail_dirty_sync: bool,
+    fail_pause: bool,
+    fail_save: bool,
+    fail_load: bool,
+    pauses: AtomicU64,
+    resumes: AtomicU64,
+    loads: AtomicU64,
+}
+
+/// The script behind `opaque`.
+///
+/// # Safety
+/// `opaque` is the pointer [`scripted`] put in the callbacks, to a `Script` that outlives the
+/// session.
+unsafe fn script<'a>(opaque: *mut c_void) -> &'a Script {
+    // SAFETY: per this function's contract.
+    unsafe { &*(opaque as *const Script) }
+}
+
+unsafe extern "C" fn s_dirty(o: *mut c_void, _: u32, _: *mut u64, _: usize) -> i32 {
+    // SAFETY: `o` is the session's script.
+    -i32::from(unsafe { script(o) }.fail_dirty_sync)
+}
+
+unsafe extern "C" fn s_pause(o: *mut c_void) -> i32 {
+    // SAFETY: `o` is the session's script.
+    let s = unsafe { script(o) };
+    s.pauses.fetch_add(1, Ordering::Relaxed);
+    -i32::from(s.fail_pause)
+}
+
+unsafe extern "C" fn s_resume(o: *mut c_void) {
+    // SAFETY: `o` is the session's script.
+    unsafe { script(o) }.resumes.fetch_add(1, Ordering::Relaxed);
+}
+
+unsafe extern "C" fn s_save(o: *mut c_void, out: *mut RmigBytes) -> i32 {
+    // SAFETY: `o` is the session's script.
+    if unsafe { script(o) }.fail_save {
+        return -1;
+    }
+    // SAFETY: `out` is the library's buffer for this call.
+    unsafe { rmig_bytes_append(out, b"state".as_ptr(), 5) as i32 }
+}
+
+unsafe extern "C" fn s_load(o: *mut c_void, _: *const u8, _: usize) -> i32 {
+    // SAFETY: `o` is the session's script.
+    let s = unsafe { script(o) };
+    s.loads.fetch_add(1, Ordering::Relaxed);
+    -i32::from(s.fail_load)
+}
+
+fn scripted(s: &Script) -> RmigCallbacks {
+    RmigCallbacks {
+        opaque: s as *const Script as *mut c_void,
+        dirty_sync: Some(s_dirty),
+        pause: Some(s_pause),
+        resume: Some(s_resume),
+        throttle: None,
+        save_device_state: Some(s_save),
+        load_device_state: Some(s_load),
+    }
+}
+
+/// A 4 MiB migration between scripted ends: the source's status and last error, and the
+/// destination's status. Both sessions are freed before it returns.
+fn migrate_scripted(src: &Script, dst: &Script) -> (RmigStatus, String, RmigStatus) {
+    let len = 4 << 20;
+    let mut sv = mem(len);
+    let mut dv = mem(len);
+    let (sp, dp) = (aligned(&mut sv), aligned(&mut dv));
+    // SAFETY: inside the aligned buffer.
+    unsafe { sp.write_bytes(0x5a, len) };
+    let (d, addr) = dest_session(&scripted(dst), dp, len);
+    let dt = spawn_call(move || rmig_migrate(d));
+    let mut s = 0;
+    // SAFETY: valid pointers; the memory and the script outlive the session.
+    unsafe {
+        assert_eq!(
+            rmig_source_new(&config(&addr), &scripted(src), &mut s),
+            RmigOk
+        );
+        assert_eq!(
+            rmig_add_region(s, 0, null(), sp, len as u64, u64::MAX, 4096),
+            RmigOk
+        );
+    }
+    let st = spawn_call(move || (rmig_migrate(s), last_error()));
+    let (sr, smsg) = within(&st, 30, "source migrate");
+    let dr = within(&dt, 30, "destination migrate");
+    assert_eq!(rmig_free(s), RmigOk);
+    assert_eq!(rmig_free(d), RmigOk);
+    (sr, smsg, dr)
+}
+
+#[test]
+fn a_failing_dirty_sync_callback_fails_the_source_before_the_pause() {
+    let src = Script {
+        fail_dirty_sync: true,
+        ..Default::default()
+    };
+    let dst = Script::default();
+    let (sr, smsg, dr) = migrate_scripted(&src, &dst);
+    assert_eq!(sr, RmigErrEmbedder, "{smsg}");
+    assert!(smsg.contains("dirty_sync"), "names the callback: {smsg}");
+    assert_eq!(dr, RmigErrIo, "the destination is told");
+    assert_eq!(src.pauses.load(Ordering::Relaxed), 0);
+    assert_eq!(src.resumes.load(Ordering::Relaxed), 0);
+    assert_eq!(dst.resumes.load(Ordering::Relaxed), 0);
+}
+
+#[test]
+fn a_failing_pause_callback_fails_without_a_resume() {
+    let src = Script {
+        fail_pause: true,
+        ..Default::default()
+    };
+    let dst = Script::default();
+    let (sr, smsg, dr) = migrate_scripted(&src, &dst);
+    assert_eq!(sr, RmigErrEmbedder, "{smsg}");
+    assert!(smsg.contains("pause"), "names the callback: {smsg}");
+    assert_eq!(dr, RmigErrIo);
+    assert_eq!(src.pauses.load(Ordering::Relaxed), 1);
+    assert_eq!(src.resumes.load(Ordering::Relaxed), 0, "it never stopped");
+    assert_eq!(dst.resumes.load(Ordering::Relaxed), 0);
+}
+
+#[test]
+fn a_failing_save_device_state_callback_resumes_the_source() {
+    let src = Script {
+        fail_save: true,
+        ..Default::default()
+    };
+    let dst = Script::default();
+    let (sr, smsg, dr) = migrate_scripted(&src, &dst);
+    assert_eq!(sr, RmigErrEmbedder, "{smsg}");
+    assert!(smsg.contains("save_device_state"), "{smsg}");
+    assert_eq!(dr, RmigErrIo);
+    assert_eq!(src.resumes.load(Ordering::Relaxed), 1);
+    assert_eq!(dst.loads.load(Ordering::Relaxed), 0);
+    assert_eq!(dst.resumes.load(Ordering::Relaxed), 0);
+}
+
+#[test]
+fn a_failing_load_device_state_callback_refuses_and_the_source_resumes() {
+    let src = Script::default();
+    let dst = Script {
+        fail_load: true,
+        ..Default::default()
+    };
+    let (sr, smsg, dr) = migrate_scripted(&src, &dst);
+    assert_eq!(dr, RmigErrEmbedder);
+    assert_eq!(sr, RmigErrIo, "{smsg}");
+    assert!(smsg.contains("load_device_state"), "{smsg}");
+    assert_eq!(dst.loads.load(Ordering::Relaxed), 1);
+    assert_eq!(dst.resumes.load(Ordering::Relaxed), 0);
+    assert_eq!(src.resumes.load(Ordering::Relaxed), 1, "the source runs on");
+}
+
+#[test]
+fn scripted_callbacks_migrate_when_nothing_fails() {
+    // The control case of the four above: the same ends, nothing failing, complete.
+    let (src, dst) = (Script::default(), Script::default());
+    let (sr, smsg, dr) = migrate_scripted(&src, &dst);
+    assert_eq!((sr, dr), (RmigOk, RmigOk), "{smsg}");
+    assert_eq!(src.pauses.load(Ordering::Relaxed), 1);
+    assert_eq!(src.resumes.load(Ordering::Relaxed), 0);
+    assert_eq!(dst.loads.load(Ordering::Relaxed), 1);
+    assert_eq!(dst.resumes.load(Ordering::Relaxed), 1);
+}
+
+#[test]
+fn set_max_bandwidth_takes_effect_while_running() {
+    let len = 32 << 20;
+    let mut sv = mem(len);
+    let mut dv = mem(len);
+    let (sp, dp) = (aligned(&mut sv), aligned(&mut dv));
+    // SAFETY: inside the aligned buffer.
+    unsafe { sp.write_bytes(0x33, len) };
+    let (d, addr) = dest_session(&callbacks(), dp, len);
+    let dt = spawn_call(move || rmig_migrate(d));
+    let mut c = config(&addr);
+    c.max_bandwidth = 2_000_000; // 32 MiB would take 17 s
+    let s = source_session(&c, sp, len);
+    let t = Instant::now();
+    let st = spawn_call(move || rmig_migrate(s));
+    std::thread::sleep(Duration::from_secs(1));
+    // The ceiling held: 2 MB/s for a second, plus a 1 MiB batch per lane and the burst.
+    let sent = stats(s).unwrap().ram_transferred;
+    assert!(sent <= 5 << 20, "{sent} bytes in the first second");
+    assert_eq!(rmig_set_max_bandwidth(s, 0), RmigOk);
+    assert_eq!(within(&st, 20, "source migrate"), RmigOk, "{}", json(s));
+    assert_eq!(within(&dt, 20, "destination migrate"), RmigOk);
+    assert!(t.elapsed() < Duration::from_secs(8), "{:?}", t.elapsed());
+    assert_eq!(rmig_free(s), RmigOk);
+    assert_eq!(rmig_free(d), RmigOk);
+}
+
+#[test]
+fn cancel_on_a_destination_ends_both_ends() {
+    let len = 64 << 20;
+    let mut sv = mem(len);
+    let mut dv = mem(len);
+    let (sp, dp) = (aligned(&mut sv), aligned(&mut dv));
+    // SAFETY: inside the aligned buffer.
+    unsafe { sp.write_bytes(0x77, len) };
+    let dst = Script::default();
+    let (d, addr) = dest_session(&scripted(&dst), dp, len);
+    let dt = spawn_call(move || rmig_migrate(d));
+    let mut c = config(&addr);
+    c.max_bandwidth = 20_000_000;
+    let s = source_session(&c, sp, len);
+    let st = spawn_call(move || rmig_migrate(s));
+    wait_until(10, "the source's first bytes", || {
+        stats(s).is_ok_and(|st| st.ram_transferred > 0)
+    });
+    // SAFETY: a valid C string.
+    assert_eq!(
+        unsafe { rmig_cancel(d, c"destination host going down".as_ptr()) },
+        RmigOk
+    );
+    assert_eq!(within(&dt, 20, "destination migrate"), RmigErrCancelled);
+    assert_eq!(within(&st, 20, "source migrate"), RmigErrCancelled);
+    assert!(
+        json(s).contains("destination host going down"),
+        "the source learns why: {}",
+        json(s)
+    );
+    assert_eq!(stats(d).unwrap().state, RmigState::RmigStateCancelled);
+    assert_eq!(dst.resumes.load(Ordering::Relaxed), 0);
+    assert_eq!(rmig_free(s), RmigOk);
+    assert_eq!(rmig_free(d), RmigOk);
+}
+
+#[test]
+fn the_step_api_driven_from_rust_as_c_would() {
+    let len = 8 << 20;
+    let mut sv = mem(len);
+    let mut dv = mem(len);
+    let (sp, dp) = (aligned(&mut sv), aligned(&mut dv));
+    for i in 0..len / 8 {
+        // SAFETY: inside the aligned buffer.
+        unsafe { sp.cast::<u64>().add(i).write(!(i as u64)) };
+    }
+    let (src, dst) = (Script::default(), Script::default());
+    let (d, addr) = dest_session(&scripted(&dst), dp, len);
+    let dt = spawn_call(move || rmig_migrate(d));
+    let mut s = 0;
+    // SAFETY: valid pointers; the memory and the script outlive the session.
+    unsafe {
+        assert_eq!(
+            rmig_source_new(&config(&addr), &scripted(&src), &mut s),
+            RmigOk
+        );
+        assert_eq!(
+            rmig_add_region(s, 0, null(), sp, len as u64, u64::MAX, 4096),
+            RmigOk
+        );
+    }
+    let mut ready = 0;
+    // SAFETY: a valid out pointer.
+    let iterate = |ready: &mut i32| unsafe { rmig_iterate(s, ready) };
+    assert_eq!(iterate(&mut ready), RmigErrState, "iterate before setup");
+    assert_eq!(rmig_setup(s), RmigOk, "{}", last_error());
+    assert_eq!(stats(s).unwrap().state, RmigState::RmigStateActive);
+    let mut rounds = 0;
+    while ready == 0 {
+        assert_eq!(iterate(&mut ready), RmigOk, "{}", last_error());
+        rounds += 1;
+        assert!(rounds < 30, "nothing is written: ready within a few rounds");
+    }
+    assert_eq!(
+        src.pauses.load(Ordering::Relaxed),
+        0,
+        "not paused before complete"
+    );
+    assert_eq!(rmig_complete(s), RmigOk, "{}", last_error());
+    assert_eq!(src.pauses.load(Ordering::Relaxed), 1);
+    assert_eq!(within(&dt, 30, "destination migrate"), RmigOk);
+    assert_eq!(dst.resumes.load(Ordering::Relaxed), 1);
+    let st = stats(s).unwrap();
+    assert_eq!((st.state, st.verified), (RmigState::RmigStateCompleted, 1));
+    // SAFETY: both buffers are live and no longer written.
+    unsafe {
+        assert_eq!(
+            std::slice::from_raw_parts(sp, len),
+            std::slice::from_raw_parts(dp, len)
+        );
+    }
+    assert_eq!(rmig_free(s), RmigOk);
+    assert_eq!(rmig_free(d), RmigOk);
+}
