@@ -436,4 +436,31 @@ mod chunk_tests {
         );
         assert!(check_baseline(&dst, &[vec![0; 3]], 16).is_err());
     }
+
+    #[test]
+    fn zeroing_pages_touches_exactly_the_chunks_they_span() {
+        let h = RegionHashes::new(8 * CHUNK_PAGES, 4096);
+        h.take_touched();
+        // Pages 517..1029: the end of chunk 1 and the start of chunk 2.
+        h.set_zero(CHUNK_PAGES + 5, CHUNK_PAGES);
+        assert_eq!(h.take_touched(), vec![1, 2]);
+        h.set_zero(3 * CHUNK_PAGES, 1);
+        assert_eq!(h.take_touched(), vec![3]);
+    }
+
+    #[test]
+    fn a_chunk_skipped_at_the_baseline_is_compared_at_the_end_even_if_untouched() {
+        let (src, dst) = (hashes(3 * CHUNK_PAGES), hashes(3 * CHUNK_PAGES));
+        let pending = vec![AtomicBitmap::new(3 * CHUNK_PAGES)];
+        pending[0].set(CHUNK_PAGES + 1);
+        let base = baseline_digests(&src, &pending);
+        assert_eq!(base[0][1], SKIP);
+        assert_eq!(check_baseline(&dst, &base, 16).unwrap(), vec![]);
+        // The final round never touched chunk 1 at the source (a source that forgot the
+        // pending page): the destination still holds it open, so it is not silently trusted.
+        assert_eq!(
+            check_touched(&dst, &touched_digests(&src), 16),
+            vec![(0, 1)]
+        );
+    }
 }
