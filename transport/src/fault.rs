@@ -88,7 +88,7 @@ fn zero_first_data_page(batch: &Batch) -> Option<Batch> {
         .filter(|r| r.kind == RunKind::Data)
         .map(|r| u64::from(r.npages))
         .sum();
-    if data_pages == 0 || batch.data_bytes % data_pages != 0 {
+    if data_pages == 0 || !batch.data_bytes.is_multiple_of(data_pages) {
         return None;
     }
     let page = batch.data_bytes / data_pages;

@@ -1143,11 +1143,10 @@ fn cancel_on_a_destination_ends_both_ends() {
     wait_until(10, "the source's first bytes", || {
         stats(s).is_ok_and(|st| st.ram_transferred > 0)
     });
+    let reason = c"destination host going down";
     // SAFETY: a valid C string.
-    assert_eq!(
-        unsafe { rmig_cancel(d, c"destination host going down".as_ptr()) },
-        RmigOk
-    );
+    let r = unsafe { rmig_cancel(d, reason.as_ptr()) };
+    assert_eq!(r, RmigOk);
     assert_eq!(within(&dt, 20, "destination migrate"), RmigErrCancelled);
     assert_eq!(within(&st, 20, "source migrate"), RmigErrCancelled);
     assert!(
