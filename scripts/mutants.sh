@@ -8,7 +8,8 @@
 # Each mutant is built in a copy of the tree and judged by the engine's unit tests (`--lib`:
 # the doctests and the end-to-end suite are too slow to run hundreds of times). Results go to
 # $MUTANTS_OUT (default target/mutants): mutants.out/{caught,missed,timeout,unviable}.txt.
-# Knobs: MUTANTS_JOBS (default 1), MUTANTS_TIMEOUT (seconds per test run, default 120).
+# Knobs: MUTANTS_JOBS (default 1), MUTANTS_TIMEOUT (seconds per test run, default 120),
+# MUTANTS_ITERATE=1 (test again only what the previous run in $MUTANTS_OUT did not catch).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if ! command -v cargo-mutants >/dev/null; then
@@ -20,6 +21,9 @@ if [ ${#files[@]} -eq 0 ]; then
     files=(engine/src/verify.rs engine/src/converge.rs engine/src/bitmap.rs)
 fi
 args=()
+if [ -n "${MUTANTS_ITERATE:-}" ]; then
+    args+=(--iterate)
+fi
 for f in "${files[@]}"; do
     args+=(--file "$f")
 done
