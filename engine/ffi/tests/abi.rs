@@ -13,6 +13,36 @@ use RmigStatus::*;
 
 const KEY: &[u8] = b"abi test key, 32 bytes long.....";
 
+/// A watchdog for one test (as `rmig_tests::Deadline`, which this crate cannot depend on):
+/// if it is still alive after its time, it names the test and aborts the test process, so a
+/// hang fails instead of stalling CI. Dropping it disarms it.
+struct Deadline(Option<std::sync::mpsc::Sender<()>>);
+
+impl Deadline {
+    fn secs(secs: u64) -> Deadline {
+        let name = std::thread::current()
+            .name()
+            .unwrap_or("a test")
+            .to_string();
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        std::thread::spawn(move || {
+            if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                rx.recv_timeout(Duration::from_secs(secs))
+            {
+                eprintln!("{name}: still running after its deadline of {secs} s; aborting");
+                std::process::abort();
+            }
+        });
+        Deadline(Some(tx))
+    }
+}
+
+impl Drop for Deadline {
+    fn drop(&mut self) {
+        drop(self.0.take());
+    }
+}
+
 fn last_error() -> String {
     // SAFETY: rmig_last_error returns a valid NUL-terminated string owned by the library.
     unsafe { CStr::from_ptr(rmig_last_error()) }
@@ -136,6 +166,7 @@ fn aligned(v: &mut [u64]) -> *mut u8 {
 
 #[test]
 fn null_and_misaligned_pointers_are_refused() {
+    let _deadline = Deadline::secs(120);
     let addr = c"127.0.0.1:1";
     let mut s = 0;
     // SAFETY: the library must check these pointers itself.
@@ -179,6 +210,7 @@ fn null_and_misaligned_pointers_are_refused() {
 
 #[test]
 fn short_keys_are_refused() {
+    let _deadline = Deadline::secs(120);
     let key = b"fifteen bytes!!";
     assert_eq!(key.len(), 15);
     let mut c = config(c"127.0.0.1:1");
@@ -200,6 +232,7 @@ fn short_keys_are_refused() {
 
 #[test]
 fn bad_regions_are_refused() {
+    let _deadline = Deadline::secs(120);
     let s = source(c"127.0.0.1:1");
     let mut v = mem(1 << 20);
     let p = aligned(&mut v);
@@ -241,6 +274,7 @@ fn bad_regions_are_refused() {
 
 #[test]
 fn calls_in_the_wrong_order_and_double_free() {
+    let _deadline = Deadline::secs(120);
     let s = source(c"127.0.0.1:1");
     let mut ready = 0;
     // SAFETY: valid out pointer.
@@ -260,6 +294,7 @@ fn calls_in_the_wrong_order_and_double_free() {
 
 #[test]
 fn unreachable_destination_fails_setup_cleanly() {
+    let _deadline = Deadline::secs(120);
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -294,6 +329,7 @@ unsafe extern "C" fn save_dev(_: *mut c_void, out: *mut RmigBytes) -> i32 {
 
 #[test]
 fn a_whole_migration_through_the_abi() {
+    let _deadline = Deadline::secs(120);
     let len = 8 << 20;
     let mut sv = mem(len);
     let mut dv = mem(len);
@@ -384,6 +420,7 @@ fn a_whole_migration_through_the_abi() {
 
 #[test]
 fn cancel_from_another_thread() {
+    let _deadline = Deadline::secs(120);
     let len = 64 << 20;
     let mut sv = mem(len);
     let mut dv = mem(len);
@@ -418,6 +455,7 @@ fn cancel_from_another_thread() {
 
 #[test]
 fn out_of_range_transport_is_refused_by_name() {
+    let _deadline = Deadline::secs(120);
     let addr = c"127.0.0.1:1";
     for bad in [3, 7, u32::MAX] {
         let mut c = config(addr);
@@ -479,6 +517,7 @@ unsafe extern "C" fn gated_load(_: *mut c_void, _: *const u8, _: usize) -> i32 {
 
 #[test]
 fn free_waits_for_the_call_in_flight() {
+    let _deadline = Deadline::secs(120);
     let len = 1 << 20;
     let (mut sv, mut dv) = (mem(len), mem(len));
     let (sp, dp) = (aligned(&mut sv), aligned(&mut dv));
@@ -522,6 +561,7 @@ fn free_waits_for_the_call_in_flight() {
 
 #[test]
 fn free_cancels_a_blocked_receive() {
+    let _deadline = Deadline::secs(120);
     let len = 64 << 20;
     let (mut sv, mut dv) = (mem(len), mem(len));
     let (sp, dp) = (aligned(&mut sv), aligned(&mut dv));
@@ -555,6 +595,7 @@ fn free_cancels_a_blocked_receive() {
 
 #[test]
 fn resolve_handover_refuses_bad_decisions_and_settled_sessions() {
+    let _deadline = Deadline::secs(120);
     let s = source(c"127.0.0.1:1");
     for bad in [0, 3, u32::MAX] {
         assert_eq!(rmig_resolve_handover(s, bad), RmigErrInvalidArgument);
@@ -769,6 +810,7 @@ fn json(s: RmigSession) -> String {
 /// guest paused until the operator decides.
 #[test]
 fn destination_handover_unknown_is_settled_by_the_operator() {
+    let _deadline = Deadline::secs(120);
     for decision in [
         RmigHandover::RmigHandoverRunThere,
         RmigHandover::RmigHandoverRunHere,
@@ -850,6 +892,7 @@ fn destination_handover_unknown_is_settled_by_the_operator() {
 /// decides.
 #[test]
 fn source_handover_unknown_is_settled_by_the_operator() {
+    let _deadline = Deadline::secs(120);
     for decision in [
         RmigHandover::RmigHandoverRunThere,
         RmigHandover::RmigHandoverRunHere,
@@ -1024,6 +1067,7 @@ fn migrate_scripted(src: &Script, dst: &Script) -> (RmigStatus, String, RmigStat
 
 #[test]
 fn a_failing_dirty_sync_callback_fails_the_source_before_the_pause() {
+    let _deadline = Deadline::secs(120);
     let src = Script {
         fail_dirty_sync: true,
         ..Default::default()
@@ -1040,6 +1084,7 @@ fn a_failing_dirty_sync_callback_fails_the_source_before_the_pause() {
 
 #[test]
 fn a_failing_pause_callback_fails_without_a_resume() {
+    let _deadline = Deadline::secs(120);
     let src = Script {
         fail_pause: true,
         ..Default::default()
@@ -1056,6 +1101,7 @@ fn a_failing_pause_callback_fails_without_a_resume() {
 
 #[test]
 fn a_failing_save_device_state_callback_resumes_the_source() {
+    let _deadline = Deadline::secs(120);
     let src = Script {
         fail_save: true,
         ..Default::default()
@@ -1072,6 +1118,7 @@ fn a_failing_save_device_state_callback_resumes_the_source() {
 
 #[test]
 fn a_failing_load_device_state_callback_refuses_and_the_source_resumes() {
+    let _deadline = Deadline::secs(120);
     let src = Script::default();
     let dst = Script {
         fail_load: true,
@@ -1088,6 +1135,7 @@ fn a_failing_load_device_state_callback_refuses_and_the_source_resumes() {
 
 #[test]
 fn scripted_callbacks_migrate_when_nothing_fails() {
+    let _deadline = Deadline::secs(120);
     // The control case of the four above: the same ends, nothing failing, complete.
     let (src, dst) = (Script::default(), Script::default());
     let (sr, smsg, dr) = migrate_scripted(&src, &dst);
@@ -1100,6 +1148,7 @@ fn scripted_callbacks_migrate_when_nothing_fails() {
 
 #[test]
 fn set_max_bandwidth_takes_effect_while_running() {
+    let _deadline = Deadline::secs(120);
     let len = 32 << 20;
     let mut sv = mem(len);
     let mut dv = mem(len);
@@ -1127,6 +1176,7 @@ fn set_max_bandwidth_takes_effect_while_running() {
 
 #[test]
 fn cancel_on_a_destination_ends_both_ends() {
+    let _deadline = Deadline::secs(120);
     let len = 64 << 20;
     let mut sv = mem(len);
     let mut dv = mem(len);
@@ -1162,6 +1212,7 @@ fn cancel_on_a_destination_ends_both_ends() {
 
 #[test]
 fn the_step_api_driven_from_rust_as_c_would() {
+    let _deadline = Deadline::secs(120);
     let len = 8 << 20;
     let mut sv = mem(len);
     let mut dv = mem(len);
