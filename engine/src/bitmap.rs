@@ -285,6 +285,10 @@ mod tests {
         assert!(b.all_set(60, 80) && !b.all_set(60, 81) && !b.all_set(59, 81));
         assert!(b.any_set(139, 10) && !b.any_set(140, 60) && !b.any_set(0, 60));
         assert!(b.all_set(64, 64), "a whole word");
+        // Inside one word, away from both of its ends (bits 20..44: 20 + 44 = 64).
+        let w = AtomicBitmap::new(64);
+        w.set_range(20, 24);
+        assert_eq!(bits(&w), (20..44).collect::<Vec<_>>());
         b.clear_range(64, 64);
         assert_eq!(bits(&b), (60..64).chain(128..140).collect::<Vec<_>>());
         assert!(!b.any_set(64, 64));
