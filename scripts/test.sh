@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite: installs what is missing, checks formatting and lints, then runs every
-# unit and end-to-end test (release build: the tests move real amounts of memory), then the C
-# example against the installed librmig under valgrind, then network blips between two network
+# unit and end-to-end test (release build: the tests move real amounts of memory), the unit and
+# lane tests again in a debug build (overflow checks, debug assertions), then the C example
+# against the installed librmig under valgrind, then network blips between two network
 # namespaces (tests/netns-blips.sh), then a migration in a two-node NUMA
 # guest and the RDMA tests on soft-RoCE (QEMU guests; tests/vm/vm.sh installs what is missing).
 set -euo pipefail
@@ -10,6 +11,10 @@ source scripts/deps.sh
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --release -q -- -D warnings
 cargo test --workspace --release
+# The unit and lane tests again in a debug build, where overflow checks and debug_assert!s run
+# (the release build above compiles them out).
+cargo test --workspace --lib
+cargo test -p rmig-transport --test tcp_lane
 bash scripts/test-c-example.sh
 # Network blips on a veth pair between two network namespaces (needs root).
 bash tests/netns-blips.sh

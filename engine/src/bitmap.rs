@@ -247,4 +247,119 @@ mod tests {
         b.clear_all();
         assert_eq!(b.count(), 0);
     }
+
+    /// The set bits, without clearing them.
+    fn bits(b: &AtomicBitmap) -> Vec<u64> {
+        (0..b.len()).filter(|&i| b.test(i)).collect()
+    }
+
+    #[test]
+    fn size_words_and_single_bits() {
+        assert!(AtomicBitmap::new(0).is_empty());
+        let b = AtomicBitmap::new(130);
+        assert!(!b.is_empty());
+        assert_eq!((b.len(), b.words().len()), (130, 3));
+        for i in [0, 63, 64, 127, 129] {
+            b.set(i);
+        }
+        assert_eq!(bits(&b), vec![0, 63, 64, 127, 129]);
+        assert_eq!(b.words()[0].load(Ordering::Relaxed), 1 | 1 << 63);
+        assert_eq!(b.words()[1].load(Ordering::Relaxed), 1 | 1 << 63);
+        assert_eq!(b.words()[2].load(Ordering::Relaxed), 1 << 1);
+        b.clear(63);
+        b.clear(129);
+        b.clear(5); // clearing a clear bit changes nothing
+        assert_eq!(bits(&b), vec![0, 64, 127]);
+        assert_eq!(b.words()[0].load(Ordering::Relaxed), 1);
+        assert_eq!(b.words()[2].load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn ranges_across_words_stop_at_their_ends() {
+        let b = AtomicBitmap::new(200);
+        b.set_range(0, 0);
+        assert_eq!(b.count(), 0, "an empty range");
+        // From inside word 0 to inside word 2.
+        b.set_range(60, 80);
+        assert_eq!(bits(&b), (60..140).collect::<Vec<_>>());
+        assert!(b.all_set(60, 80) && !b.all_set(60, 81) && !b.all_set(59, 81));
+        assert!(b.any_set(139, 10) && !b.any_set(140, 60) && !b.any_set(0, 60));
+        assert!(b.all_set(64, 64), "a whole word");
+        // Inside one word, away from both of its ends (bits 20..44: 20 + 44 = 64).
+        let w = AtomicBitmap::new(64);
+        w.set_range(20, 24);
+        assert_eq!(bits(&w), (20..44).collect::<Vec<_>>());
+        b.clear_range(64, 64);
+        assert_eq!(bits(&b), (60..64).chain(128..140).collect::<Vec<_>>());
+        assert!(!b.any_set(64, 64));
+        // A range past the end is cut at the end.
+        b.set_range(190, 100);
+        assert_eq!(b.count(), 4 + 12 + 10);
+        assert!(b.all_set(190, 100));
+        let f = AtomicBitmap::new_full(70);
+        assert_eq!(bits(&f), (0..70).collect::<Vec<_>>());
+        assert_eq!(f.words()[1].load(Ordering::Relaxed), (1 << 6) - 1);
+    }
+
+    #[test]
+    fn bits_past_the_end_are_never_reported() {
+        let b = AtomicBitmap::new(70);
+        // Stray bits past bit 70 in the last word, as a careless writer could leave.
+        b.words()[1].store(u64::MAX, Ordering::Relaxed);
+        assert_eq!(b.count(), 6);
+        assert_eq!(b.take_set(), (64..70).collect::<Vec<_>>());
+        let src = AtomicBitmap::new(70);
+        src.words()[1].store(u64::MAX, Ordering::Relaxed);
+        let d = AtomicBitmap::new(70);
+        assert_eq!(d.take_from(&src), 6);
+        assert_eq!(d.words()[1].load(Ordering::Relaxed), (1 << 6) - 1);
+        let d = AtomicBitmap::new(70);
+        assert_eq!(d.or_words(&[0, u64::MAX, u64::MAX]), 6);
+        assert_eq!(bits(&d), (64..70).collect::<Vec<_>>());
+        let whole = AtomicBitmap::new(128);
+        assert_eq!(whole.or_words(&[1, 1 << 63]), 2);
+        assert_eq!(bits(&whole), vec![0, 127]);
+    }
+
+    #[test]
+    fn take_and_or_keep_what_was_there() {
+        let d = AtomicBitmap::new(200);
+        d.set(3);
+        d.set(150);
+        let s = AtomicBitmap::new(200);
+        s.set(3);
+        s.set(70);
+        assert_eq!(d.take_from(&s), 2, "bits taken, whether new or not");
+        assert_eq!(bits(&d), vec![3, 70, 150]);
+        assert_eq!(s.count(), 0, "taken bits are cleared");
+        assert_eq!(d.or_words(&[1 << 4]), 1);
+        assert_eq!(bits(&d), vec![3, 4, 70, 150]);
+        assert_eq!(d.take_set(), vec![3, 4, 70, 150]);
+        assert!(d.take_set().is_empty());
+        d.set(199);
+        d.clear_all();
+        assert!(d.take_set().is_empty());
+    }
+
+    #[test]
+    fn a_claim_that_clashes_in_a_later_word_gives_back_exactly_its_own_bits() {
+        let b = AtomicBitmap::new(256);
+        b.set(150);
+        b.set(10);
+        // Claims 100..200: word 1 (100..128) is free, word 2 clashes at 150.
+        assert!(!b.try_claim(100, 100));
+        assert_eq!(
+            bits(&b),
+            vec![10, 150],
+            "nothing of the failed claim is left"
+        );
+        // A claim over bits already set by someone else keeps them set when it fails.
+        b.set_range(120, 4);
+        assert!(!b.try_claim(110, 12));
+        assert_eq!(bits(&b), vec![10, 120, 121, 122, 123, 150]);
+        assert!(b.try_claim(64, 56));
+        assert_eq!(b.count(), 6 + 56);
+        assert!(!b.try_claim(0, 11), "clash on the last bit of the range");
+        assert!(b.try_claim(0, 10));
+    }
 }

@@ -207,4 +207,76 @@ mod tests {
         });
         assert_eq!(f.after_round(0, 1 << 30, 1 << 30, GB), Decision::Switchover);
     }
+
+    fn above_the_limit() -> Converge {
+        Converge::new(ConvergePolicy {
+            max_rounds: 100,
+            ..Default::default()
+        })
+    }
+
+    #[test]
+    fn a_dirty_set_halved_exactly_is_still_shrinking_well() {
+        let mut c = Converge::new(ConvergePolicy::default());
+        // 100 MB at 1 GB/s = 100 ms, under 300 ms; exactly half of what was sent: go on.
+        assert_eq!(
+            c.after_round(0, 200_000_000, 100_000_000, GB),
+            Decision::Iterate
+        );
+        // Just above half: not shrinking well any more, switch over.
+        assert_eq!(
+            c.after_round(1, 100_000_000, 50_000_001, GB),
+            Decision::Switchover
+        );
+    }
+
+    #[test]
+    fn a_stall_in_round_0_does_not_count() {
+        let mut c = above_the_limit();
+        // 1.8 GB left of 2 sent, at 1 GB/s: 1.8 s, far above the limit, and stalling.
+        let (sent, left) = (2_000_000_000, 1_800_000_000);
+        assert_eq!(c.after_round(0, sent, left, GB), Decision::Iterate);
+        assert_eq!(c.after_round(1, sent, left, GB), Decision::Iterate);
+        assert_eq!(c.after_round(2, sent, left, GB), Decision::Throttle(20));
+        assert_eq!(c.throttle(), 20);
+    }
+
+    #[test]
+    fn rounds_that_shrink_by_half_or_better_never_throttle() {
+        let mut c = above_the_limit();
+        let mut left: u64 = 64_000_000_000;
+        for round in 0..8 {
+            // Exactly half each time: still above the limit, but not a stall.
+            assert_eq!(c.after_round(round, left, left / 2, GB), Decision::Iterate);
+            left /= 2;
+        }
+        let mut c = above_the_limit();
+        for round in 0..8 {
+            // Shrinking well (to 40 %) is not a stall either.
+            assert_eq!(
+                c.after_round(round, 10_000_000_000, 4_000_000_000, GB),
+                Decision::Iterate
+            );
+        }
+        assert_eq!(c.throttle(), 0);
+    }
+
+    #[test]
+    fn the_throttle_stops_at_99() {
+        let mut c = Converge::new(ConvergePolicy {
+            max_rounds: 100,
+            throttle_initial: 90,
+            throttle_increment: 5,
+            ..Default::default()
+        });
+        let (sent, left) = (2_000_000_000, 1_800_000_000);
+        let decisions: Vec<Decision> = (0..9).map(|r| c.after_round(r, sent, left, GB)).collect();
+        use Decision::{Iterate as I, Throttle as T};
+        assert_eq!(
+            decisions,
+            vec![I, I, T(90), I, T(95), I, T(99), I, I],
+            "no throttle past 99 %, and none repeated at 99"
+        );
+        assert_eq!(c.throttle(), 99);
+    }
 }

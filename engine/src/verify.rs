@@ -436,4 +436,89 @@ mod chunk_tests {
         );
         assert!(check_baseline(&dst, &[vec![0; 3]], 16).is_err());
     }
+
+    #[test]
+    fn zeroing_pages_touches_exactly_the_chunks_they_span() {
+        let h = RegionHashes::new(8 * CHUNK_PAGES, 4096);
+        h.take_touched();
+        // Pages 517..1029: the end of chunk 1 and the start of chunk 2.
+        h.set_zero(CHUNK_PAGES + 5, CHUNK_PAGES);
+        assert_eq!(h.take_touched(), vec![1, 2]);
+        h.set_zero(3 * CHUNK_PAGES, 1);
+        assert_eq!(h.take_touched(), vec![3]);
+    }
+
+    #[test]
+    fn a_chunk_skipped_at_the_baseline_is_compared_at_the_end_even_if_untouched() {
+        let (src, dst) = (hashes(3 * CHUNK_PAGES), hashes(3 * CHUNK_PAGES));
+        let pending = vec![AtomicBitmap::new(3 * CHUNK_PAGES)];
+        pending[0].set(CHUNK_PAGES + 1);
+        let base = baseline_digests(&src, &pending);
+        assert_eq!(base[0][1], SKIP);
+        assert_eq!(check_baseline(&dst, &base, 16).unwrap(), vec![]);
+        // The final round never touched chunk 1 at the source (a source that forgot the
+        // pending page): the destination still holds it open, so it is not silently trusted.
+        assert_eq!(
+            check_touched(&dst, &touched_digests(&src), 16),
+            vec![(0, 1)]
+        );
+    }
+
+    #[test]
+    fn the_end_compares_the_touched_chunks_of_both_ends_in_order() {
+        let ours = hashes(5 * CHUNK_PAGES);
+        for c in [0, 2, 3] {
+            ours[0].set(c * CHUNK_PAGES + 7, 0xabc + c);
+        }
+        // Chunk 2 agrees; 0 and 3 only we touched, 1 and 4 only the source.
+        let same = ours[0].chunk_digest(2);
+        let theirs = [(0, 1, 11), (0, 2, same), (0, 4, ours[0].chunk_digest(0))];
+        assert_eq!(
+            check_touched(&ours, &theirs, 16),
+            vec![(0, 0), (0, 1), (0, 3), (0, 4)]
+        );
+    }
+
+    #[test]
+    fn every_comparison_names_at_most_its_limit() {
+        let (src, dst) = (hashes(3 * CHUNK_PAGES), hashes(3 * CHUNK_PAGES));
+        for c in 0..3 {
+            dst[0].set(c * CHUNK_PAGES, 1);
+        }
+        let pending = vec![AtomicBitmap::new(3 * CHUNK_PAGES)];
+        let base = baseline_digests(&src, &pending);
+        assert_eq!(
+            check_baseline(&dst, &base, 2).unwrap(),
+            vec![(0, 0), (0, 1)]
+        );
+        for c in 0..3 {
+            src[0].set(c * CHUNK_PAGES, 2);
+            dst[0].set(c * CHUNK_PAGES, 3);
+        }
+        assert_eq!(
+            check_touched(&dst, &touched_digests(&src), 2),
+            vec![(0, 0), (0, 1)]
+        );
+        let (a, b) = (vec![vec![1, 2, 3]], vec![vec![4, 5, 6]]);
+        assert_eq!(mismatches(&a, &b, 2), vec![(0, 0), (0, 1)]);
+    }
+
+    #[test]
+    fn a_region_smaller_than_a_chunk_has_one_partial_chunk() {
+        let h = hashes(100);
+        let pending = vec![AtomicBitmap::new(100)];
+        let clean = baseline_digests(&h, &pending);
+        assert_eq!(clean, vec![vec![h[0].chunk_digest(0)]]);
+        pending[0].set(99);
+        assert_eq!(baseline_digests(&h, &pending), vec![vec![SKIP]]);
+    }
+
+    #[test]
+    fn mismatches_are_described_by_region_and_chunk() {
+        assert_eq!(
+            describe(&[(0, 3), (1, 0)]),
+            "region 0 chunk 3, region 1 chunk 0"
+        );
+        assert_eq!(describe(&[]), "");
+    }
 }

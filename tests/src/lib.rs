@@ -244,23 +244,124 @@ impl SourceEmbedder for WriterEmbedder {
     }
 }
 
-/// A destination embedder that records what it was handed.
+/// A destination embedder that records what it was handed, and can refuse on purpose.
 #[derive(Default, Clone)]
 pub struct RecordingDest {
     /// Device state received.
     pub device_state: Arc<Mutex<Option<Vec<u8>>>>,
-    /// Whether `resume` was called.
+    /// Whether `resume` was called and succeeded.
     pub resumed: Arc<AtomicBool>,
+    /// Calls of `resume`, failed ones included.
+    pub resume_calls: Arc<AtomicU64>,
+    /// `load_device_state` fails (after recording what it was given).
+    pub fail_load: bool,
+    /// `resume` fails.
+    pub fail_resume: bool,
 }
 
 impl DestEmbedder for RecordingDest {
     fn load_device_state(&mut self, s: Vec<u8>) -> Result<(), String> {
         *self.device_state.lock().unwrap() = Some(s);
+        if self.fail_load {
+            return Err("device model refused the state".into());
+        }
         Ok(())
     }
     fn resume(&mut self) -> Result<(), String> {
+        self.resume_calls.fetch_add(1, Ordering::Relaxed);
+        if self.fail_resume {
+            return Err("vCPUs would not start".into());
+        }
         self.resumed.store(true, Ordering::Release);
         Ok(())
+    }
+}
+
+/// A source embedder whose callbacks can act or fail on purpose, for tests that need
+/// something to happen exactly at the pause: pages dirtied there (so the stop-and-copy has
+/// data to send), a cancellation, or a refusal.
+#[derive(Clone, Default)]
+pub struct Scripted {
+    /// On `pause`, marks the first this-many pages of region 0 dirty in this log.
+    pub dirty_on_pause: Option<(SharedDirtyLog, u64)>,
+    /// On `pause`, cancels through this monitor.
+    pub cancel_on_pause: Option<Arc<Monitor>>,
+    /// `pause` fails.
+    pub fail_pause: bool,
+    /// `device_state` fails.
+    pub fail_device_state: bool,
+    /// Device state to hand over.
+    pub device_state: Vec<u8>,
+    /// Calls of `pause`.
+    pub pauses: Arc<AtomicU64>,
+    /// Calls of `resume`.
+    pub resumes: Arc<AtomicU64>,
+    /// Calls of `device_state`.
+    pub device_state_calls: Arc<AtomicU64>,
+}
+
+impl SourceEmbedder for Scripted {
+    fn pause(&mut self) -> Result<(), String> {
+        self.pauses.fetch_add(1, Ordering::Relaxed);
+        if self.fail_pause {
+            return Err("vCPUs would not stop".into());
+        }
+        if let Some((log, pages)) = &self.dirty_on_pause {
+            (0..*pages).for_each(|p| log.mark(0, p));
+        }
+        if let Some(m) = &self.cancel_on_pause {
+            m.cancel("operator changed their mind");
+        }
+        Ok(())
+    }
+    fn resume(&mut self) {
+        self.resumes.fetch_add(1, Ordering::Relaxed);
+    }
+    fn device_state(&mut self) -> Result<Vec<u8>, String> {
+        self.device_state_calls.fetch_add(1, Ordering::Relaxed);
+        if self.fail_device_state {
+            return Err("device model could not save".into());
+        }
+        Ok(self.device_state.clone())
+    }
+}
+
+/// A watchdog for one test: if it is still alive after its time, it names the test and
+/// aborts the test process, so that a hang fails CI instead of stalling it. Keep it alive
+/// for the whole test (`let _deadline = Deadline::secs(60);`); dropping it disarms it.
+pub struct Deadline {
+    disarm: Option<std::sync::mpsc::Sender<()>>,
+    watchdog: Option<JoinHandle<()>>,
+}
+
+impl Deadline {
+    /// A deadline `secs` seconds from now for the calling test.
+    pub fn secs(secs: u64) -> Deadline {
+        let name = std::thread::current()
+            .name()
+            .unwrap_or("an unnamed test")
+            .to_string();
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let limit = Duration::from_secs(secs);
+        let watchdog = std::thread::spawn(move || {
+            if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(limit) {
+                eprintln!("{name}: still running after its deadline of {secs} s; aborting");
+                std::process::abort();
+            }
+        });
+        Deadline {
+            disarm: Some(tx),
+            watchdog: Some(watchdog),
+        }
+    }
+}
+
+impl Drop for Deadline {
+    fn drop(&mut self) {
+        drop(self.disarm.take());
+        if let Some(w) = self.watchdog.take() {
+            let _ = w.join();
+        }
     }
 }
 
@@ -407,5 +508,51 @@ pub fn assert_same(a: &[u8], b: &[u8]) {
             .position(|(x, y)| x != y)
             .unwrap();
         panic!("memories differ, first at page {p}");
+    }
+}
+
+/// Starts a destination for 4 MiB, lets `peer` talk to it over a raw socket, and returns why
+/// the destination refused that connection (it keeps listening, and gives up only at its
+/// incoming timeout), whatever it sent back, and its memory.
+pub fn against_raw_peer(
+    peer: impl FnOnce(&mut std::net::TcpStream),
+) -> (EngineError, Vec<u8>, Mem) {
+    use std::io::Read;
+    let dst = Mem::new(4 << 20);
+    let src = Mem::new(4 << 20);
+    let setup = Setup::new(&src, &dst, 4 << 20);
+    let mut cfg = setup.dst.clone();
+    cfg.handshake_timeout = Duration::from_secs(2);
+    cfg.incoming_timeout = Some(Duration::from_secs(3));
+    let l = DestListener::bind("127.0.0.1:0", cfg).unwrap();
+    let addr = l.local_addr().unwrap();
+    let regions = setup.dst_regions.clone();
+    let d = std::thread::spawn(move || {
+        l.serve(
+            regions,
+            Box::new(rmig_engine::NullDest::default()),
+            Monitor::new(),
+        )
+    });
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    peer(&mut s);
+    let mut back = Vec::new();
+    let _ = s.read_to_end(&mut back);
+    let e = last_refusal(d.join().unwrap().unwrap_err());
+    (e, back, dst)
+}
+
+/// The text of the first `Error` message in `back` (what a destination told its peer), or
+/// an empty string.
+pub fn error_text(back: &[u8]) -> String {
+    use rmig_engine::protocol::{codec, Message};
+    let mut r = back;
+    loop {
+        match codec::read_sync(&mut r) {
+            Ok(Message::Error { message }) => return message,
+            Ok(_) => continue,
+            Err(_) => return String::new(),
+        }
     }
 }

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use rmig_engine::control::link::Liveness;
 use rmig_engine::{driver, EngineError, MigrationStatus, SharedDirtyLog};
 use rmig_tests::proxy::{Break, Proxy, Trigger};
-use rmig_tests::{assert_same, Mem, Setup, Writer};
+use rmig_tests::{assert_same, Deadline, Mem, Setup, Writer};
 
 const MIB: usize = 1 << 20;
 
@@ -88,6 +88,7 @@ fn assert_completed_after_reconnecting(o: Outcome) {
 
 #[test]
 fn a_seven_second_outage_mid_round_is_ridden_out() {
+    let _deadline = Deadline::secs(120);
     // The default peer timeout (5 s) and reconnect window (10 s): the outage outlasts the
     // peer timeout, so both ends give up on their connections, and the source reconnects.
     let t = Instant::now();
@@ -103,6 +104,7 @@ fn a_seven_second_outage_mid_round_is_ridden_out() {
 
 #[test]
 fn connections_reset_mid_round_are_reopened() {
+    let _deadline = Deadline::secs(120);
     let o = migrate_through(
         Break::Reset,
         Liveness::default(),
@@ -114,6 +116,7 @@ fn connections_reset_mid_round_are_reopened() {
 
 #[test]
 fn an_outage_longer_than_the_window_fails_cleanly_and_the_source_runs_on() {
+    let _deadline = Deadline::secs(120);
     let live = Liveness {
         heartbeat: Duration::from_millis(200),
         peer_timeout: Duration::from_secs(1),

@@ -17,7 +17,7 @@ use rmig_engine::protocol::{codec, Message};
 use rmig_engine::{driver, DestOutcome, EngineError, MigrationStats, MigrationStatus};
 use rmig_engine::{DestEmbedder, SharedDirtyLog};
 use rmig_tests::proxy::{Break, Proxy, Trigger};
-use rmig_tests::{Mem, RecordingDest, Setup, Writer};
+use rmig_tests::{Deadline, Mem, RecordingDest, Setup, Writer};
 
 const MIB: usize = 1 << 20;
 const PEER_TIMEOUT: Duration = Duration::from_secs(1);
@@ -286,11 +286,13 @@ fn table(action: Break) {
 
 #[test]
 fn an_end_that_dies_at_any_step_never_leaves_two_guests_running() {
+    let _deadline = Deadline::secs(120);
     table(Break::Cut);
 }
 
 #[test]
 fn a_link_that_goes_silent_at_any_step_never_leaves_two_guests_running() {
+    let _deadline = Deadline::secs(120);
     table(Break::Freeze);
 }
 
@@ -310,6 +312,7 @@ impl DestEmbedder for SlowLoad {
 
 #[test]
 fn a_destination_slower_than_the_ready_timeout_is_abandoned_and_never_resumes() {
+    let _deadline = Deadline::secs(120);
     let len = 8 * MIB;
     let src = Mem::random(len, 0.0, 12);
     let dst = Mem::new(len);

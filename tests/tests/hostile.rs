@@ -7,66 +7,53 @@ use std::time::Duration;
 
 use rmig_engine::protocol::{codec, Message, PROTOCOL_MAX, PROTOCOL_MIN};
 use rmig_engine::{DestListener, EngineError, Monitor, NullDest};
-use rmig_tests::{key, last_refusal, Mem, Setup};
+use rmig_tests::{against_raw_peer, error_text, key, Deadline, Mem, Setup};
 
 const MIB: usize = 1 << 20;
 
-/// Starts a destination, lets `peer` talk to it over a raw socket, and returns why the
-/// destination refused that connection (it keeps listening, and gives up only at its incoming
-/// timeout), whatever it sent back, and its memory.
-fn against_raw_peer(peer: impl FnOnce(&mut TcpStream)) -> (EngineError, Vec<u8>, Mem) {
-    let dst = Mem::new(4 * MIB);
-    let src = Mem::new(4 * MIB);
-    let setup = Setup::new(&src, &dst, 4 * MIB);
-    let mut cfg = setup.dst.clone();
-    cfg.handshake_timeout = Duration::from_secs(2);
-    cfg.incoming_timeout = Some(Duration::from_secs(3));
-    let l = DestListener::bind("127.0.0.1:0", cfg).unwrap();
-    let addr = l.local_addr().unwrap();
-    let regions = setup.dst_regions.clone();
-    let d =
-        std::thread::spawn(move || l.serve(regions, Box::new(NullDest::default()), Monitor::new()));
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    peer(&mut s);
-    let mut back = Vec::new();
-    let _ = s.read_to_end(&mut back);
-    let e = last_refusal(d.join().unwrap().unwrap_err());
-    (e, back, dst)
-}
-
-fn error_text(back: &[u8]) -> String {
-    let mut r = back;
-    loop {
-        match codec::read_sync(&mut r) {
-            Ok(Message::Error { message }) => return message,
-            Ok(_) => continue,
-            Err(_) => return String::new(),
-        }
-    }
-}
-
 #[test]
 fn garbage_is_refused() {
+    let _deadline = Deadline::secs(30);
     let (e, back, dst) = against_raw_peer(|s| {
         s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
     });
-    assert!(matches!(e, EngineError::Protocol(_)), "{e}");
+    // "GET " read as a length is 542 MB: refused on the length prefix alone.
+    assert!(e.to_string().contains("exceeds the maximum"), "{e}");
     assert!(!error_text(&back).is_empty(), "the peer is told why");
     assert!(dst.bytes().iter().all(|&b| b == 0));
 }
 
+/// A frame of a known type, within its size limit, whose body the decoder must refuse.
+fn frame(tag: u8, body: &[u8]) -> Vec<u8> {
+    let mut f = ((body.len() + 1) as u32).to_le_bytes().to_vec();
+    f.push(tag);
+    f.extend_from_slice(body);
+    f
+}
+
 #[test]
-fn oversized_frames_are_refused_before_allocation() {
-    let (e, _, _) = against_raw_peer(|s| {
-        s.write_all(&u32::MAX.to_le_bytes()).unwrap();
-        s.write_all(&[1, 2, 3]).unwrap();
-    });
-    assert!(e.to_string().contains("exceeds the maximum"), "{e}");
+fn garbage_that_passes_the_frame_checks_is_refused_by_the_decoder() {
+    let _deadline = Deadline::secs(30);
+    // An `Error` frame (tag 21) whose text is not UTF-8, and a `RoundStart` (tag 11) whose
+    // boolean is 7: both pass the length and type checks, only decoding can refuse them.
+    let cases: [(Vec<u8>, &str); 2] = [
+        (frame(21, &[3, 0, 0, 0, 0xff, 0xfe, 0xfd]), "invalid UTF-8"),
+        (frame(11, &[0, 0, 0, 0, 7]), "bad boolean"),
+    ];
+    for (f, why) in cases {
+        let (e, back, dst) = against_raw_peer(|s| s.write_all(&f).unwrap());
+        assert!(
+            matches!(e, EngineError::Protocol(ref m) if m.contains(why)),
+            "{why}: {e}"
+        );
+        assert!(error_text(&back).contains(why), "the peer is told why");
+        assert!(dst.bytes().iter().all(|&b| b == 0));
+    }
 }
 
 #[test]
 fn truncated_frames_are_refused() {
+    let _deadline = Deadline::secs(120);
     let (e, _, _) = against_raw_peer(|s| {
         let f = codec::encode(&Message::Hello {
             min_version: PROTOCOL_MIN,
@@ -80,6 +67,7 @@ fn truncated_frames_are_refused() {
 
 #[test]
 fn out_of_order_messages_are_refused() {
+    let _deadline = Deadline::secs(120);
     let (e, back, _) = against_raw_peer(|s| {
         codec::write_sync(
             s,
@@ -96,6 +84,7 @@ fn out_of_order_messages_are_refused() {
 
 #[test]
 fn a_forged_auth_proof_is_refused() {
+    let _deadline = Deadline::secs(120);
     let (e, back, _) = against_raw_peer(|s| {
         codec::write_sync(
             s,
@@ -130,10 +119,25 @@ fn authenticated() -> (
     Mem,
     tokio::runtime::Runtime,
 ) {
+    authenticated_with(|_| {})
+}
+
+/// As [`authenticated`], with the destination's configuration edited by `edit`.
+fn authenticated_with(
+    edit: impl FnOnce(&mut rmig_engine::DestConfig),
+) -> (
+    std::net::SocketAddr,
+    std::thread::JoinHandle<Result<rmig_engine::DestOutcome, EngineError>>,
+    tokio::net::TcpStream,
+    rmig_engine::control::handshake::Agreed,
+    Mem,
+    tokio::runtime::Runtime,
+) {
     let dst = Mem::new(4 * MIB);
     let setup = Setup::new(&dst, &dst, 4 * MIB);
     let mut cfg = setup.dst.clone();
     cfg.handshake_timeout = Duration::from_millis(800);
+    edit(&mut cfg);
     let l = DestListener::bind("127.0.0.1:0", cfg).unwrap();
     let addr = l.local_addr().unwrap();
     let regions = setup.dst_regions.clone();
@@ -183,6 +187,7 @@ fn join_lane_0(
 
 #[test]
 fn a_lane_that_cannot_prove_membership_is_refused() {
+    let _deadline = Deadline::secs(120);
     // A genuine source authenticates; a stranger then tries to join as a lane.
     let (addr, d, _ctl, _agreed, _dst, _rt) = authenticated();
     let mut lane = TcpStream::connect(addr).unwrap();
@@ -206,6 +211,7 @@ fn a_lane_that_cannot_prove_membership_is_refused() {
 
 #[test]
 fn an_authenticated_lane_sending_a_run_outside_the_region_ends_the_migration() {
+    let _deadline = Deadline::secs(120);
     // A source that passes every check and then writes past the end of guest memory.
     let (addr, d, _ctl, agreed, dst, _rt) = authenticated();
     let mut lane = join_lane_0(addr, &agreed);
@@ -270,6 +276,7 @@ fn bogus(addr: std::net::SocketAddr, k: usize) -> Option<TcpStream> {
 
 #[test]
 fn a_destination_keeps_listening_through_a_hundred_bogus_connections() {
+    let _deadline = Deadline::secs(120);
     let len = 32 * MIB;
     let src = Mem::random(len, 0.1, 21);
     let dst = Mem::new(len);
@@ -316,6 +323,7 @@ fn rss() -> u64 {
 
 #[test]
 fn a_flood_of_maximal_frames_ends_in_a_protocol_error_within_a_memory_cap() {
+    let _deadline = Deadline::secs(120);
     // An authenticated source that never opens its lanes floods the control connection with
     // the largest frames a message may have: the destination (busy joining lanes, not
     // reading its inbox) must push back instead of buffering them.
@@ -351,6 +359,7 @@ fn a_flood_of_maximal_frames_ends_in_a_protocol_error_within_a_memory_cap() {
 
 #[test]
 fn a_frame_above_its_types_limit_is_refused_before_its_body_is_read() {
+    let _deadline = Deadline::secs(120);
     // A Checksums frame larger than this destination's region table allows: refused on its
     // header alone (the body never arrives, so waiting for it would time out instead).
     let (_addr, d, mut ctl, _agreed, _dst, rt) = authenticated();
@@ -375,6 +384,7 @@ fn a_frame_above_its_types_limit_is_refused_before_its_body_is_read() {
 
 #[test]
 fn lane_data_outside_an_open_round_is_refused_and_never_lands() {
+    let _deadline = Deadline::secs(120);
     // A genuine lane sends a well-formed run of pages inside the region, but no round was
     // started on the control connection: the destination waits briefly for the round, then
     // refuses the run and ends the lane without writing a byte.
@@ -400,4 +410,122 @@ fn lane_data_outside_an_open_round_is_refused_and_never_lands() {
     assert!(dst.bytes().iter().all(|&b| b == 0), "nothing may land");
     drop(ctl);
     assert!(d.join().unwrap().is_err());
+}
+
+/// An authenticated source (its one lane joined) sends `script` on the control connection;
+/// returns the destination's error and what it sent back.
+fn after_the_handshake(
+    edit: impl FnOnce(&mut rmig_engine::DestConfig),
+    script: &[Message],
+) -> (EngineError, Vec<Message>) {
+    let (addr, d, mut ctl, agreed, dst, rt) = authenticated_with(edit);
+    let _lane = join_lane_0(addr, &agreed);
+    let back = rt.block_on(async {
+        for m in script {
+            codec::write_async(&mut ctl, m).await.unwrap();
+        }
+        let mut back = Vec::new();
+        let read = async {
+            while let Ok(Some(m)) = codec::read_async(&mut ctl).await {
+                back.push(m);
+            }
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(5), read).await;
+        back
+    });
+    let e = d.join().unwrap().unwrap_err();
+    assert!(dst.bytes().iter().all(|&b| b == 0), "nothing may land");
+    (e, back)
+}
+
+fn round_start(round: u32, last: bool) -> Message {
+    Message::RoundStart { round, last }
+}
+
+fn round_end(round: u32) -> Message {
+    Message::RoundEnd { round }
+}
+
+fn device(n: usize, last: bool) -> Message {
+    Message::DeviceState {
+        data: vec![0xd5; n],
+        last,
+    }
+}
+
+/// Asserts a protocol error that names `what`, told to the peer too.
+fn refused(e: &EngineError, back: &[Message], what: &str) {
+    assert!(
+        matches!(e, EngineError::Protocol(m) if m.contains(what)),
+        "{what}: {e}"
+    );
+    assert!(
+        back.iter()
+            .any(|m| matches!(m, Message::Error { message } if message.contains(what))),
+        "the source is told: {back:?}"
+    );
+}
+
+#[test]
+fn a_round_end_without_its_start_is_refused() {
+    let _deadline = Deadline::secs(30);
+    let (e, back) = after_the_handshake(|_| {}, &[round_end(0)]);
+    refused(&e, &back, "RoundEnd is not expected");
+}
+
+#[test]
+fn a_round_out_of_sequence_is_refused() {
+    let _deadline = Deadline::secs(30);
+    let (e, back) = after_the_handshake(|_| {}, &[round_start(3, false)]);
+    refused(&e, &back, "RoundStart is not expected");
+    let script = [round_start(0, false), round_end(1)];
+    let (e, back) = after_the_handshake(|_| {}, &script);
+    refused(&e, &back, "RoundEnd is not expected");
+}
+
+#[test]
+fn device_state_before_the_stop_and_copy_is_refused() {
+    let _deadline = Deadline::secs(30);
+    let script = [round_start(0, false), round_end(0), device(10, true)];
+    let (e, back) = after_the_handshake(|_| {}, &script);
+    refused(&e, &back, "DeviceState is not expected");
+}
+
+#[test]
+fn device_state_over_its_cap_is_refused_even_in_pieces() {
+    let _deadline = Deadline::secs(30);
+    let script = [
+        round_start(0, true),
+        round_end(0),
+        device(600, false),
+        device(600, true),
+    ];
+    let (e, back) = after_the_handshake(|c| c.max_device_state = 1000, &script);
+    refused(
+        &e,
+        &back,
+        "device state larger than the limit of 1000 bytes",
+    );
+}
+
+#[test]
+fn a_commit_before_verification_is_refused() {
+    let _deadline = Deadline::secs(30);
+    let script = [
+        round_start(0, true),
+        round_end(0),
+        device(10, true),
+        Message::Commit,
+    ];
+    let (e, back) = after_the_handshake(|_| {}, &script);
+    refused(&e, &back, "Commit is not expected");
+    // Digests without the baseline's Checksums first are refused too.
+    let script = [
+        round_start(0, true),
+        round_end(0),
+        device(10, true),
+        Message::Digests { chunks: vec![] },
+    ];
+    let (e, back) = after_the_handshake(|_| {}, &script);
+    refused(&e, &back, "Digests is not expected");
 }

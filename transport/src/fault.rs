@@ -5,10 +5,15 @@
 //! sent through it. *How* a lane breaks is the lane's own business ([`Breakable`]): a batch
 //! cut short on the wire, or RDMA WRITEs with a wrong remote key, can only be made from inside
 //! it.
+//!
+//! A lane can also lie instead of breaking ([`FaultPlan::zero_a_page_after_bytes`]): it sends
+//! one page of a batch as a zero marker, so that page lands as zeros while the source believes
+//! it sent the page's bytes. Only end-to-end verification can notice that, which is what the
+//! fault is for.
 
 use std::time::Duration;
 
-use crate::{Batch, LaneError, SourceLane};
+use crate::{Batch, LaneError, Run, RunKind, SourceLane};
 
 /// A fault to inject into a source lane.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -21,6 +26,12 @@ pub struct FaultPlan {
     /// RDMA: once this many payload bytes were sent, write with a wrong remote key (the
     /// destination answers with a remote access error).
     pub bad_rkey_after_bytes: Option<u64>,
+    /// Once, in the first batch that takes the payload sent on the lane past this many bytes,
+    /// send the first page of its first data run as a zero marker instead of its bytes (the
+    /// lane goes on as if nothing happened). The page size is taken as the batch's payload over
+    /// its data pages: use it with regions of one page size. A batch whose payload is not a
+    /// whole number of equal pages is left alone, and the fault strikes in the next one.
+    pub zero_a_page_after_bytes: Option<u64>,
 }
 
 /// A source lane that can be broken from inside, for [`FaultyLane`].
@@ -39,6 +50,8 @@ pub struct FaultyLane<L> {
     plan: FaultPlan,
     /// Payload bytes the wrapped lane has sent.
     payload_sent: u64,
+    /// Whether the page of [`FaultPlan::zero_a_page_after_bytes`] was zeroed already.
+    zeroed: bool,
 }
 
 impl<L: Breakable> FaultyLane<L> {
@@ -48,8 +61,58 @@ impl<L: Breakable> FaultyLane<L> {
             lane,
             plan,
             payload_sent: 0,
+            zeroed: false,
         }
     }
+
+    /// The batch with the first page of its first data run turned into a zero marker, when
+    /// the plan says so now.
+    fn lie(&mut self, batch: &Batch) -> Option<Batch> {
+        let limit = self.plan.zero_a_page_after_bytes?;
+        if self.zeroed || self.payload_sent + batch.data_bytes <= limit {
+            return None;
+        }
+        let forged = zero_first_data_page(batch)?;
+        self.zeroed = true;
+        Some(forged)
+    }
+}
+
+/// `batch` with the first page of its first data run sent as a zero marker; `None` when the
+/// batch has no data run or its payload is not a whole number of equal pages (the page size
+/// is then unknown here).
+fn zero_first_data_page(batch: &Batch) -> Option<Batch> {
+    let data_pages: u64 = batch
+        .runs
+        .iter()
+        .filter(|r| r.kind == RunKind::Data)
+        .map(|r| u64::from(r.npages))
+        .sum();
+    if data_pages == 0 || !batch.data_bytes.is_multiple_of(data_pages) {
+        return None;
+    }
+    let page = batch.data_bytes / data_pages;
+    let at = batch.runs.iter().position(|r| r.kind == RunKind::Data)?;
+    let run = batch.runs[at];
+    let mut runs = batch.runs[..at].to_vec();
+    runs.push(Run {
+        npages: 1,
+        kind: RunKind::Zero,
+        ..run
+    });
+    if run.npages > 1 {
+        runs.push(Run {
+            first_page: run.first_page + 1,
+            npages: run.npages - 1,
+            ..run
+        });
+    }
+    runs.extend_from_slice(&batch.runs[at + 1..]);
+    Some(Batch {
+        seq: batch.seq,
+        runs,
+        data_bytes: batch.data_bytes - page,
+    })
 }
 
 impl<L: Breakable> SourceLane for FaultyLane<L> {
@@ -65,7 +128,10 @@ impl<L: Breakable> SourceLane for FaultyLane<L> {
         {
             return Err(self.lane.tear(batch));
         }
-        let wire = self.lane.send(batch)?;
+        let wire = match self.lie(batch) {
+            Some(forged) => self.lane.send(&forged)?,
+            None => self.lane.send(batch)?,
+        };
         self.payload_sent += batch.data_bytes;
         Ok(wire)
     }
@@ -80,5 +146,62 @@ impl<L: Breakable> SourceLane for FaultyLane<L> {
 
     fn close(&mut self) {
         self.lane.close()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(first_page: u64, npages: u32, kind: RunKind) -> Run {
+        Run {
+            region: 0,
+            first_page,
+            npages,
+            kind,
+        }
+    }
+
+    #[test]
+    fn the_first_data_page_becomes_a_zero_marker() {
+        let b = Batch {
+            seq: 9,
+            runs: vec![run(0, 2, RunKind::Zero), run(5, 3, RunKind::Data)],
+            data_bytes: 3 * 4096,
+        };
+        let f = zero_first_data_page(&b).unwrap();
+        assert_eq!(f.seq, 9);
+        assert_eq!(
+            f.runs,
+            vec![
+                run(0, 2, RunKind::Zero),
+                run(5, 1, RunKind::Zero),
+                run(6, 2, RunKind::Data)
+            ]
+        );
+        assert_eq!(f.data_bytes, 2 * 4096);
+        let one = Batch {
+            seq: 1,
+            runs: vec![run(7, 1, RunKind::Data)],
+            data_bytes: 4096,
+        };
+        let f = zero_first_data_page(&one).unwrap();
+        assert_eq!((f.runs, f.data_bytes), (vec![run(7, 1, RunKind::Zero)], 0));
+    }
+
+    #[test]
+    fn batches_without_a_known_page_size_are_left_alone() {
+        let zeros = Batch {
+            seq: 1,
+            runs: vec![run(0, 4, RunKind::Zero)],
+            data_bytes: 0,
+        };
+        assert!(zero_first_data_page(&zeros).is_none());
+        let mixed = Batch {
+            seq: 1,
+            runs: vec![run(0, 1, RunKind::Data), run(0, 1, RunKind::Data)],
+            data_bytes: 4096 + (2 << 20) + 1,
+        };
+        assert!(zero_first_data_page(&mixed).is_none());
     }
 }

@@ -59,6 +59,25 @@ fn run(
     dst_mode: Registration,
     fault: FaultPlan,
 ) -> Result<(), LaneError> {
+    run_both(src, dst, src_mode, dst_mode, fault).0
+}
+
+/// What both ends of a lane made of a transfer.
+type BothEnds = (
+    Result<(), LaneError>,
+    Result<rmig_transport::DestLaneSummary, LaneError>,
+    u64,
+);
+
+/// As [`run`]; returns the source's result, the destination lane's, and the data pages the
+/// destination's sink was told had landed.
+fn run_both(
+    src: &mut [u8],
+    dst: &mut [u8],
+    src_mode: Registration,
+    dst_mode: Registration,
+    fault: FaultPlan,
+) -> BothEnds {
     let ip = rdma_ip();
     let dev_s = Arc::new(RdmaDevice::open(None, ip).expect("device for the source"));
     let dev_d = Arc::new(RdmaDevice::open(None, ip).expect("device for the destination"));
@@ -127,9 +146,9 @@ fn run(
         }
         let d = d.join().unwrap();
         if r.is_ok() {
-            d.expect("destination lane ends cleanly");
+            assert!(d.is_ok(), "destination lane ends cleanly: {d:?}");
         }
-        r
+        (r, d, *sink.landed.lock().unwrap())
     })
 }
 
@@ -205,11 +224,22 @@ fn wrong_rkey_fails_the_lane_with_a_remote_access_error() {
 #[test]
 #[ignore = "needs an RDMA device: tests/vm/rdma.sh"]
 fn queue_pair_forced_into_error_fails_the_lane() {
-    let e = faulty(FaultPlan {
+    let mut src = fill(2 << 20);
+    let mut dst = vec![0u8; 2 << 20];
+    let pin = Registration::PinAll;
+    let plan = FaultPlan {
         fail_after_bytes: Some(1 << 20),
         ..Default::default()
-    });
+    };
+    let (s, d, landed) = run_both(&mut src, &mut dst, pin, pin, plan);
+    let e = s.unwrap_err();
     assert!(matches!(e, LaneError::Injected(_)), "{e}");
+    // The destination's lane does not end cleanly: the source died without a close.
+    assert!(d.is_err(), "the destination lane must fail: {d:?}");
+    // Of 2 MiB, the first MiB and at most half of the torn batch landed; the last page never.
+    let pages = (src.len() / PAGE) as u64;
+    assert!(landed < pages * 8 / 9, "{landed} of {pages} pages landed");
+    assert!(dst[dst.len() - PAGE..].iter().all(|&b| b == 0));
 }
 
 #[test]

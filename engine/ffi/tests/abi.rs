@@ -13,6 +13,36 @@ use RmigStatus::*;
 
 const KEY: &[u8] = b"abi test key, 32 bytes long.....";
 
+/// A watchdog for one test (as `rmig_tests::Deadline`, which this crate cannot depend on):
+/// if it is still alive after its time, it names the test and aborts the test process, so a
+/// hang fails instead of stalling CI. Dropping it disarms it.
+struct Deadline(Option<std::sync::mpsc::Sender<()>>);
+
+impl Deadline {
+    fn secs(secs: u64) -> Deadline {
+        let name = std::thread::current()
+            .name()
+            .unwrap_or("a test")
+            .to_string();
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        std::thread::spawn(move || {
+            if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                rx.recv_timeout(Duration::from_secs(secs))
+            {
+                eprintln!("{name}: still running after its deadline of {secs} s; aborting");
+                std::process::abort();
+            }
+        });
+        Deadline(Some(tx))
+    }
+}
+
+impl Drop for Deadline {
+    fn drop(&mut self) {
+        drop(self.0.take());
+    }
+}
+
 fn last_error() -> String {
     // SAFETY: rmig_last_error returns a valid NUL-terminated string owned by the library.
     unsafe { CStr::from_ptr(rmig_last_error()) }
@@ -136,6 +166,7 @@ fn aligned(v: &mut [u64]) -> *mut u8 {
 
 #[test]
 fn null_and_misaligned_pointers_are_refused() {
+    let _deadline = Deadline::secs(120);
     let addr = c"127.0.0.1:1";
     let mut s = 0;
     // SAFETY: the library must check these pointers itself.
@@ -179,6 +210,7 @@ fn null_and_misaligned_pointers_are_refused() {
 
 #[test]
 fn short_keys_are_refused() {
+    let _deadline = Deadline::secs(120);
     let key = b"fifteen bytes!!";
     assert_eq!(key.len(), 15);
     let mut c = config(c"127.0.0.1:1");
@@ -200,6 +232,7 @@ fn short_keys_are_refused() {
 
 #[test]
 fn bad_regions_are_refused() {
+    let _deadline = Deadline::secs(120);
     let s = source(c"127.0.0.1:1");
     let mut v = mem(1 << 20);
     let p = aligned(&mut v);
@@ -241,6 +274,7 @@ fn bad_regions_are_refused() {
 
 #[test]
 fn calls_in_the_wrong_order_and_double_free() {
+    let _deadline = Deadline::secs(120);
     let s = source(c"127.0.0.1:1");
     let mut ready = 0;
     // SAFETY: valid out pointer.
@@ -260,6 +294,7 @@ fn calls_in_the_wrong_order_and_double_free() {
 
 #[test]
 fn unreachable_destination_fails_setup_cleanly() {
+    let _deadline = Deadline::secs(120);
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -294,6 +329,7 @@ unsafe extern "C" fn save_dev(_: *mut c_void, out: *mut RmigBytes) -> i32 {
 
 #[test]
 fn a_whole_migration_through_the_abi() {
+    let _deadline = Deadline::secs(120);
     let len = 8 << 20;
     let mut sv = mem(len);
     let mut dv = mem(len);
@@ -384,6 +420,7 @@ fn a_whole_migration_through_the_abi() {
 
 #[test]
 fn cancel_from_another_thread() {
+    let _deadline = Deadline::secs(120);
     let len = 64 << 20;
     let mut sv = mem(len);
     let mut dv = mem(len);
@@ -418,6 +455,7 @@ fn cancel_from_another_thread() {
 
 #[test]
 fn out_of_range_transport_is_refused_by_name() {
+    let _deadline = Deadline::secs(120);
     let addr = c"127.0.0.1:1";
     for bad in [3, 7, u32::MAX] {
         let mut c = config(addr);
@@ -479,6 +517,7 @@ unsafe extern "C" fn gated_load(_: *mut c_void, _: *const u8, _: usize) -> i32 {
 
 #[test]
 fn free_waits_for_the_call_in_flight() {
+    let _deadline = Deadline::secs(120);
     let len = 1 << 20;
     let (mut sv, mut dv) = (mem(len), mem(len));
     let (sp, dp) = (aligned(&mut sv), aligned(&mut dv));
@@ -522,6 +561,7 @@ fn free_waits_for_the_call_in_flight() {
 
 #[test]
 fn free_cancels_a_blocked_receive() {
+    let _deadline = Deadline::secs(120);
     let len = 64 << 20;
     let (mut sv, mut dv) = (mem(len), mem(len));
     let (sp, dp) = (aligned(&mut sv), aligned(&mut dv));
@@ -555,6 +595,7 @@ fn free_cancels_a_blocked_receive() {
 
 #[test]
 fn resolve_handover_refuses_bad_decisions_and_settled_sessions() {
+    let _deadline = Deadline::secs(120);
     let s = source(c"127.0.0.1:1");
     for bad in [0, 3, u32::MAX] {
         assert_eq!(rmig_resolve_handover(s, bad), RmigErrInvalidArgument);
@@ -769,6 +810,7 @@ fn json(s: RmigSession) -> String {
 /// guest paused until the operator decides.
 #[test]
 fn destination_handover_unknown_is_settled_by_the_operator() {
+    let _deadline = Deadline::secs(120);
     for decision in [
         RmigHandover::RmigHandoverRunThere,
         RmigHandover::RmigHandoverRunHere,
@@ -850,6 +892,7 @@ fn destination_handover_unknown_is_settled_by_the_operator() {
 /// decides.
 #[test]
 fn source_handover_unknown_is_settled_by_the_operator() {
+    let _deadline = Deadline::secs(120);
     for decision in [
         RmigHandover::RmigHandoverRunThere,
         RmigHandover::RmigHandoverRunHere,
@@ -921,4 +964,308 @@ fn source_handover_unknown_is_settled_by_the_operator() {
         assert_eq!(rmig_free(s), RmigOk);
         assert_eq!(rmig_free(d), RmigOk);
     }
+}
+
+/// What the embedder callbacks of a scripted session do, and what they saw; `opaque` points
+/// at one, which outlives the session.
+#[derive(Default)]
+struct Script {
+    fail_dirty_sync: bool,
+    fail_pause: bool,
+    fail_save: bool,
+    fail_load: bool,
+    pauses: AtomicU64,
+    resumes: AtomicU64,
+    loads: AtomicU64,
+}
+
+/// The script behind `opaque`.
+///
+/// # Safety
+/// `opaque` is the pointer [`scripted`] put in the callbacks, to a `Script` that outlives the
+/// session.
+unsafe fn script<'a>(opaque: *mut c_void) -> &'a Script {
+    // SAFETY: per this function's contract.
+    unsafe { &*(opaque as *const Script) }
+}
+
+unsafe extern "C" fn s_dirty(o: *mut c_void, _: u32, _: *mut u64, _: usize) -> i32 {
+    // SAFETY: `o` is the session's script.
+    -i32::from(unsafe { script(o) }.fail_dirty_sync)
+}
+
+unsafe extern "C" fn s_pause(o: *mut c_void) -> i32 {
+    // SAFETY: `o` is the session's script.
+    let s = unsafe { script(o) };
+    s.pauses.fetch_add(1, Ordering::Relaxed);
+    -i32::from(s.fail_pause)
+}
+
+unsafe extern "C" fn s_resume(o: *mut c_void) {
+    // SAFETY: `o` is the session's script.
+    unsafe { script(o) }.resumes.fetch_add(1, Ordering::Relaxed);
+}
+
+unsafe extern "C" fn s_save(o: *mut c_void, out: *mut RmigBytes) -> i32 {
+    // SAFETY: `o` is the session's script.
+    if unsafe { script(o) }.fail_save {
+        return -1;
+    }
+    // SAFETY: `out` is the library's buffer for this call.
+    unsafe { rmig_bytes_append(out, b"state".as_ptr(), 5) as i32 }
+}
+
+unsafe extern "C" fn s_load(o: *mut c_void, _: *const u8, _: usize) -> i32 {
+    // SAFETY: `o` is the session's script.
+    let s = unsafe { script(o) };
+    s.loads.fetch_add(1, Ordering::Relaxed);
+    -i32::from(s.fail_load)
+}
+
+fn scripted(s: &Script) -> RmigCallbacks {
+    RmigCallbacks {
+        opaque: s as *const Script as *mut c_void,
+        dirty_sync: Some(s_dirty),
+        pause: Some(s_pause),
+        resume: Some(s_resume),
+        throttle: None,
+        save_device_state: Some(s_save),
+        load_device_state: Some(s_load),
+    }
+}
+
+/// A 4 MiB migration between scripted ends: the source's status and last error, and the
+/// destination's status. Both sessions are freed before it returns.
+fn migrate_scripted(src: &Script, dst: &Script) -> (RmigStatus, String, RmigStatus) {
+    let len = 4 << 20;
+    let mut sv = mem(len);
+    let mut dv = mem(len);
+    let (sp, dp) = (aligned(&mut sv), aligned(&mut dv));
+    // SAFETY: inside the aligned buffer.
+    unsafe { sp.write_bytes(0x5a, len) };
+    let (d, addr) = dest_session(&scripted(dst), dp, len);
+    let dt = spawn_call(move || rmig_migrate(d));
+    let mut s = 0;
+    // SAFETY: valid pointers; the memory and the script outlive the session.
+    unsafe {
+        assert_eq!(
+            rmig_source_new(&config(&addr), &scripted(src), &mut s),
+            RmigOk
+        );
+        assert_eq!(
+            rmig_add_region(s, 0, null(), sp, len as u64, u64::MAX, 4096),
+            RmigOk
+        );
+    }
+    let st = spawn_call(move || (rmig_migrate(s), last_error()));
+    let (sr, smsg) = within(&st, 30, "source migrate");
+    let dr = within(&dt, 30, "destination migrate");
+    assert_eq!(rmig_free(s), RmigOk);
+    assert_eq!(rmig_free(d), RmigOk);
+    (sr, smsg, dr)
+}
+
+#[test]
+fn a_failing_dirty_sync_callback_fails_the_source_before_the_pause() {
+    let _deadline = Deadline::secs(120);
+    let src = Script {
+        fail_dirty_sync: true,
+        ..Default::default()
+    };
+    let dst = Script::default();
+    let (sr, smsg, dr) = migrate_scripted(&src, &dst);
+    assert_eq!(sr, RmigErrEmbedder, "{smsg}");
+    assert!(smsg.contains("dirty_sync"), "names the callback: {smsg}");
+    assert_eq!(dr, RmigErrIo, "the destination is told");
+    assert_eq!(src.pauses.load(Ordering::Relaxed), 0);
+    assert_eq!(src.resumes.load(Ordering::Relaxed), 0);
+    assert_eq!(dst.resumes.load(Ordering::Relaxed), 0);
+}
+
+#[test]
+fn a_failing_pause_callback_fails_without_a_resume() {
+    let _deadline = Deadline::secs(120);
+    let src = Script {
+        fail_pause: true,
+        ..Default::default()
+    };
+    let dst = Script::default();
+    let (sr, smsg, dr) = migrate_scripted(&src, &dst);
+    assert_eq!(sr, RmigErrEmbedder, "{smsg}");
+    assert!(smsg.contains("pause"), "names the callback: {smsg}");
+    assert_eq!(dr, RmigErrIo);
+    assert_eq!(src.pauses.load(Ordering::Relaxed), 1);
+    assert_eq!(src.resumes.load(Ordering::Relaxed), 0, "it never stopped");
+    assert_eq!(dst.resumes.load(Ordering::Relaxed), 0);
+}
+
+#[test]
+fn a_failing_save_device_state_callback_resumes_the_source() {
+    let _deadline = Deadline::secs(120);
+    let src = Script {
+        fail_save: true,
+        ..Default::default()
+    };
+    let dst = Script::default();
+    let (sr, smsg, dr) = migrate_scripted(&src, &dst);
+    assert_eq!(sr, RmigErrEmbedder, "{smsg}");
+    assert!(smsg.contains("save_device_state"), "{smsg}");
+    assert_eq!(dr, RmigErrIo);
+    assert_eq!(src.resumes.load(Ordering::Relaxed), 1);
+    assert_eq!(dst.loads.load(Ordering::Relaxed), 0);
+    assert_eq!(dst.resumes.load(Ordering::Relaxed), 0);
+}
+
+#[test]
+fn a_failing_load_device_state_callback_refuses_and_the_source_resumes() {
+    let _deadline = Deadline::secs(120);
+    let src = Script::default();
+    let dst = Script {
+        fail_load: true,
+        ..Default::default()
+    };
+    let (sr, smsg, dr) = migrate_scripted(&src, &dst);
+    assert_eq!(dr, RmigErrEmbedder);
+    assert_eq!(sr, RmigErrIo, "{smsg}");
+    assert!(smsg.contains("load_device_state"), "{smsg}");
+    assert_eq!(dst.loads.load(Ordering::Relaxed), 1);
+    assert_eq!(dst.resumes.load(Ordering::Relaxed), 0);
+    assert_eq!(src.resumes.load(Ordering::Relaxed), 1, "the source runs on");
+}
+
+#[test]
+fn scripted_callbacks_migrate_when_nothing_fails() {
+    let _deadline = Deadline::secs(120);
+    // The control case of the four above: the same ends, nothing failing, complete.
+    let (src, dst) = (Script::default(), Script::default());
+    let (sr, smsg, dr) = migrate_scripted(&src, &dst);
+    assert_eq!((sr, dr), (RmigOk, RmigOk), "{smsg}");
+    assert_eq!(src.pauses.load(Ordering::Relaxed), 1);
+    assert_eq!(src.resumes.load(Ordering::Relaxed), 0);
+    assert_eq!(dst.loads.load(Ordering::Relaxed), 1);
+    assert_eq!(dst.resumes.load(Ordering::Relaxed), 1);
+}
+
+#[test]
+fn set_max_bandwidth_takes_effect_while_running() {
+    let _deadline = Deadline::secs(120);
+    let len = 32 << 20;
+    let mut sv = mem(len);
+    let mut dv = mem(len);
+    let (sp, dp) = (aligned(&mut sv), aligned(&mut dv));
+    // SAFETY: inside the aligned buffer.
+    unsafe { sp.write_bytes(0x33, len) };
+    let (d, addr) = dest_session(&callbacks(), dp, len);
+    let dt = spawn_call(move || rmig_migrate(d));
+    let mut c = config(&addr);
+    c.max_bandwidth = 2_000_000; // 32 MiB would take 17 s
+    let s = source_session(&c, sp, len);
+    let t = Instant::now();
+    let st = spawn_call(move || rmig_migrate(s));
+    std::thread::sleep(Duration::from_secs(1));
+    // The ceiling held: 2 MB/s for a second, plus a 1 MiB batch per lane and the burst.
+    let sent = stats(s).unwrap().ram_transferred;
+    assert!(sent <= 5 << 20, "{sent} bytes in the first second");
+    assert_eq!(rmig_set_max_bandwidth(s, 0), RmigOk);
+    assert_eq!(within(&st, 20, "source migrate"), RmigOk, "{}", json(s));
+    assert_eq!(within(&dt, 20, "destination migrate"), RmigOk);
+    assert!(t.elapsed() < Duration::from_secs(8), "{:?}", t.elapsed());
+    assert_eq!(rmig_free(s), RmigOk);
+    assert_eq!(rmig_free(d), RmigOk);
+}
+
+#[test]
+fn cancel_on_a_destination_ends_both_ends() {
+    let _deadline = Deadline::secs(120);
+    let len = 64 << 20;
+    let mut sv = mem(len);
+    let mut dv = mem(len);
+    let (sp, dp) = (aligned(&mut sv), aligned(&mut dv));
+    // SAFETY: inside the aligned buffer.
+    unsafe { sp.write_bytes(0x77, len) };
+    let dst = Script::default();
+    let (d, addr) = dest_session(&scripted(&dst), dp, len);
+    let dt = spawn_call(move || rmig_migrate(d));
+    let mut c = config(&addr);
+    c.max_bandwidth = 20_000_000;
+    let s = source_session(&c, sp, len);
+    let st = spawn_call(move || rmig_migrate(s));
+    wait_until(10, "the source's first bytes", || {
+        stats(s).is_ok_and(|st| st.ram_transferred > 0)
+    });
+    let reason = c"destination host going down";
+    // SAFETY: a valid C string.
+    let r = unsafe { rmig_cancel(d, reason.as_ptr()) };
+    assert_eq!(r, RmigOk);
+    assert_eq!(within(&dt, 20, "destination migrate"), RmigErrCancelled);
+    assert_eq!(within(&st, 20, "source migrate"), RmigErrCancelled);
+    assert!(
+        json(s).contains("destination host going down"),
+        "the source learns why: {}",
+        json(s)
+    );
+    assert_eq!(stats(d).unwrap().state, RmigState::RmigStateCancelled);
+    assert_eq!(dst.resumes.load(Ordering::Relaxed), 0);
+    assert_eq!(rmig_free(s), RmigOk);
+    assert_eq!(rmig_free(d), RmigOk);
+}
+
+#[test]
+fn the_step_api_driven_from_rust_as_c_would() {
+    let _deadline = Deadline::secs(120);
+    let len = 8 << 20;
+    let mut sv = mem(len);
+    let mut dv = mem(len);
+    let (sp, dp) = (aligned(&mut sv), aligned(&mut dv));
+    for i in 0..len / 8 {
+        // SAFETY: inside the aligned buffer.
+        unsafe { sp.cast::<u64>().add(i).write(!(i as u64)) };
+    }
+    let (src, dst) = (Script::default(), Script::default());
+    let (d, addr) = dest_session(&scripted(&dst), dp, len);
+    let dt = spawn_call(move || rmig_migrate(d));
+    let mut s = 0;
+    // SAFETY: valid pointers; the memory and the script outlive the session.
+    unsafe {
+        assert_eq!(
+            rmig_source_new(&config(&addr), &scripted(&src), &mut s),
+            RmigOk
+        );
+        assert_eq!(
+            rmig_add_region(s, 0, null(), sp, len as u64, u64::MAX, 4096),
+            RmigOk
+        );
+    }
+    let mut ready = 0;
+    // SAFETY: a valid out pointer.
+    let iterate = |ready: &mut i32| unsafe { rmig_iterate(s, ready) };
+    assert_eq!(iterate(&mut ready), RmigErrState, "iterate before setup");
+    assert_eq!(rmig_setup(s), RmigOk, "{}", last_error());
+    assert_eq!(stats(s).unwrap().state, RmigState::RmigStateActive);
+    let mut rounds = 0;
+    while ready == 0 {
+        assert_eq!(iterate(&mut ready), RmigOk, "{}", last_error());
+        rounds += 1;
+        assert!(rounds < 30, "nothing is written: ready within a few rounds");
+    }
+    assert_eq!(
+        src.pauses.load(Ordering::Relaxed),
+        0,
+        "not paused before complete"
+    );
+    assert_eq!(rmig_complete(s), RmigOk, "{}", last_error());
+    assert_eq!(src.pauses.load(Ordering::Relaxed), 1);
+    assert_eq!(within(&dt, 30, "destination migrate"), RmigOk);
+    assert_eq!(dst.resumes.load(Ordering::Relaxed), 1);
+    let st = stats(s).unwrap();
+    assert_eq!((st.state, st.verified), (RmigState::RmigStateCompleted, 1));
+    // SAFETY: both buffers are live and no longer written.
+    unsafe {
+        assert_eq!(
+            std::slice::from_raw_parts(sp, len),
+            std::slice::from_raw_parts(dp, len)
+        );
+    }
+    assert_eq!(rmig_free(s), RmigOk);
+    assert_eq!(rmig_free(d), RmigOk);
 }
