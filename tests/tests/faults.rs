@@ -312,8 +312,6 @@ fn a_lane_failing_during_the_stop_and_copy_resumes_the_guest() {
 }
 
 #[test]
-#[ignore = "bug: a cancel requested after the pause is ignored; the migration completes \
-            (SourceSession::complete_inner never checks the cancel token after the pause)"]
 fn cancel_after_the_pause_resumes_the_guest_and_tells_the_destination() {
     let _deadline = Deadline::secs(60);
     let len = 16 * MIB;

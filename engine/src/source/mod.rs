@@ -321,6 +321,8 @@ impl SourceSession {
                 Message::Ready => Ok(()),
                 m => Err(m),
             })?;
+        // The last moment a cancel can still be honoured: the guest is ours until `Commit`.
+        self.check_cancel()?;
         self.link.send(Message::Commit);
         self.committed = true;
         let wait = self.cfg.liveness.peer_timeout * 2;
