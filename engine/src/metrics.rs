@@ -11,108 +11,144 @@ use std::sync::Once;
 use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
 use metrics::{Counter, Unit};
 
+/// What a metric is, for its description.
+#[derive(Clone, Copy)]
+enum Kind {
+    Counter,
+    Gauge,
+    Histogram,
+}
+
+/// Every metric: its kind, name, unit and help text (Prometheus `# HELP`).
+const METRICS: &[(Kind, &str, Unit, &str)] = &[
+    (
+        Kind::Counter,
+        "rmig_sent_bytes_total",
+        Unit::Bytes,
+        "Bytes put on the wire by the source, per lane.",
+    ),
+    (
+        Kind::Counter,
+        "rmig_sent_pages_total",
+        Unit::Count,
+        "Pages sent by the source, per lane and kind (normal or zero).",
+    ),
+    (
+        Kind::Counter,
+        "rmig_acked_batches_total",
+        Unit::Count,
+        "Batches the destination acknowledged, per lane.",
+    ),
+    (
+        Kind::Counter,
+        "rmig_rounds_total",
+        Unit::Count,
+        "Pre-copy rounds finished (the stop-and-copy included).",
+    ),
+    (
+        Kind::Counter,
+        "rmig_lane_failures_total",
+        Unit::Count,
+        "Data lanes that failed, per transport.",
+    ),
+    (
+        Kind::Counter,
+        "rmig_transport_fallbacks_total",
+        Unit::Count,
+        "Times RDMA lanes were replaced by TCP lanes.",
+    ),
+    (
+        Kind::Counter,
+        "rmig_migrations_total",
+        Unit::Count,
+        "Migrations ended, per status.",
+    ),
+    (
+        Kind::Counter,
+        "rmig_received_bytes_total",
+        Unit::Bytes,
+        "Page bytes landed in destination memory.",
+    ),
+    (
+        Kind::Gauge,
+        "rmig_round",
+        Unit::Count,
+        "The current round (0 sends all of memory).",
+    ),
+    (
+        Kind::Gauge,
+        "rmig_remaining_bytes",
+        Unit::Bytes,
+        "Dirty bytes still to send.",
+    ),
+    (
+        Kind::Gauge,
+        "rmig_dirty_rate_bytes_per_second",
+        Unit::Bytes,
+        "Rate at which the guest dirtied memory in the last round.",
+    ),
+    (
+        Kind::Gauge,
+        "rmig_bandwidth_bytes_per_second",
+        Unit::Bytes,
+        "Measured sending rate.",
+    ),
+    (
+        Kind::Gauge,
+        "rmig_expected_downtime_seconds",
+        Unit::Seconds,
+        "Downtime expected if the switchover came now.",
+    ),
+    (
+        Kind::Gauge,
+        "rmig_throttle_ratio",
+        Unit::Count,
+        "Share of guest CPU time taken away by auto-converge (0 to 1).",
+    ),
+    (
+        Kind::Gauge,
+        "rmig_setup_seconds",
+        Unit::Seconds,
+        "Time to connect, authenticate and open the lanes.",
+    ),
+    (Kind::Gauge, "rmig_lanes", Unit::Count, "Data lanes opened."),
+    (
+        Kind::Gauge,
+        "rmig_ram_total_bytes",
+        Unit::Bytes,
+        "Guest memory migrated.",
+    ),
+    (
+        Kind::Gauge,
+        "rmig_downtime_seconds",
+        Unit::Seconds,
+        "Downtime of the last completed migration.",
+    ),
+    (
+        Kind::Gauge,
+        "rmig_build_info",
+        Unit::Count,
+        "Always 1; the labels say which rmig this is.",
+    ),
+    (
+        Kind::Histogram,
+        "rmig_round_duration_seconds",
+        Unit::Seconds,
+        "Wall time of each round.",
+    ),
+];
+
 /// Describes every metric once per process, and sets `rmig_build_info`.
 fn describe() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
-        let c = |n: &'static str, u: Unit, h: &'static str| describe_counter!(n, u, h);
-        let g = |n: &'static str, u: Unit, h: &'static str| describe_gauge!(n, u, h);
-        c(
-            "rmig_sent_bytes_total",
-            Unit::Bytes,
-            "Bytes put on the wire by the source, per lane.",
-        );
-        c(
-            "rmig_sent_pages_total",
-            Unit::Count,
-            "Pages sent by the source, per lane and kind (normal or zero).",
-        );
-        c(
-            "rmig_acked_batches_total",
-            Unit::Count,
-            "Batches the destination acknowledged, per lane.",
-        );
-        c(
-            "rmig_rounds_total",
-            Unit::Count,
-            "Pre-copy rounds finished (the stop-and-copy included).",
-        );
-        c(
-            "rmig_lane_failures_total",
-            Unit::Count,
-            "Data lanes that failed, per transport.",
-        );
-        c(
-            "rmig_transport_fallbacks_total",
-            Unit::Count,
-            "Times RDMA lanes were replaced by TCP lanes.",
-        );
-        c(
-            "rmig_migrations_total",
-            Unit::Count,
-            "Migrations ended, per status.",
-        );
-        c(
-            "rmig_received_bytes_total",
-            Unit::Bytes,
-            "Page bytes landed in destination memory.",
-        );
-        g(
-            "rmig_round",
-            Unit::Count,
-            "The current round (0 sends all of memory).",
-        );
-        g(
-            "rmig_remaining_bytes",
-            Unit::Bytes,
-            "Dirty bytes still to send.",
-        );
-        g(
-            "rmig_dirty_rate_bytes_per_second",
-            Unit::Bytes,
-            "Rate at which the guest dirtied memory in the last round.",
-        );
-        g(
-            "rmig_bandwidth_bytes_per_second",
-            Unit::Bytes,
-            "Measured sending rate.",
-        );
-        g(
-            "rmig_expected_downtime_seconds",
-            Unit::Seconds,
-            "Downtime expected if the switchover came now.",
-        );
-        g(
-            "rmig_throttle_ratio",
-            Unit::Count,
-            "Share of guest CPU time taken away by auto-converge (0 to 1).",
-        );
-        g(
-            "rmig_setup_seconds",
-            Unit::Seconds,
-            "Time to connect, authenticate and open the lanes.",
-        );
-        g("rmig_lanes", Unit::Count, "Data lanes opened.");
-        g(
-            "rmig_ram_total_bytes",
-            Unit::Bytes,
-            "Guest memory migrated.",
-        );
-        g(
-            "rmig_downtime_seconds",
-            Unit::Seconds,
-            "Downtime of the last completed migration.",
-        );
-        g(
-            "rmig_build_info",
-            Unit::Count,
-            "Always 1; the labels say which rmig this is.",
-        );
-        describe_histogram!(
-            "rmig_round_duration_seconds",
-            Unit::Seconds,
-            "Wall time of each round."
-        );
+        for &(kind, name, unit, help) in METRICS {
+            match kind {
+                Kind::Counter => describe_counter!(name, unit, help),
+                Kind::Gauge => describe_gauge!(name, unit, help),
+                Kind::Histogram => describe_histogram!(name, unit, help),
+            }
+        }
         gauge!("rmig_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
     });
 }
