@@ -13,6 +13,8 @@ pub struct RoundStats {
     pub pages: u64,
     /// Of which zero pages (sent as markers).
     pub zero_pages: u64,
+    /// Bytes of guest memory those pages hold (each at its region's page size).
+    pub memory_bytes: u64,
     /// Bytes put on the wire (payload and framing).
     pub bytes: u64,
     /// Wall time of the round.

@@ -150,6 +150,10 @@ fn several_regions_and_huge_pages() {
     let (s, _) = setup.run();
     let s = s.unwrap();
     assert_eq!(s.lanes, 3);
+    // Round 0 covers all of memory, each page at its own region's size (the convergence
+    // policy compares this with what is still dirty).
+    assert_eq!(s.rounds[0].memory_bytes, len as u64, "{:?}", s.rounds[0]);
+    assert_eq!(s.rounds[0].pages, 1024 + 8 + 1024);
     assert_same(src.bytes(), dst.bytes());
 }
 

@@ -161,7 +161,7 @@ impl SourceSession {
             Err(e) => return Err(e),
         };
         let remaining = rs.remaining;
-        let sent_bytes = rs.pages * self.regions[0].page_size();
+        let sent_bytes = rs.memory_bytes;
         let decision = self
             .converge
             .after_round(self.round, sent_bytes, remaining, self.bandwidth);

@@ -108,6 +108,7 @@ impl SourceSession {
         d.waiting -= 1;
         d.stats.pages += r.data_pages + r.zero_pages;
         d.stats.zero_pages += r.zero_pages;
+        d.stats.memory_bytes += r.memory_bytes;
         d.stats.bytes += r.wire_bytes;
         self.monitor.update(|s| {
             s.ram.duplicate += r.zero_pages;

@@ -71,6 +71,8 @@ pub(crate) struct Report {
     pub lane: usize,
     pub data_pages: u64,
     pub zero_pages: u64,
+    /// Bytes of guest memory the pages sent hold (data and zero, at their regions' page size).
+    pub memory_bytes: u64,
     pub payload: u64,
     pub wire_bytes: u64,
     /// Set when the lane failed (and its worker exited).
@@ -267,6 +269,12 @@ impl Worker {
                 RunKind::Data => rep.data_pages += r.npages as u64,
                 RunKind::Zero => rep.zero_pages += r.npages as u64,
             }
+            let psize = self
+                .shared
+                .map
+                .get(r.region as usize)
+                .map_or(0, |m| m.page_size());
+            rep.memory_bytes += r.npages as u64 * psize as u64;
         }
         self.unacked
             .push_back((self.seq, wire, std::mem::take(&mut batch.runs)));
