@@ -361,7 +361,13 @@ where
 mod tests {
     use super::*;
 
+    /// One of each message (two layouts of some).
     fn all_messages() -> Vec<Message> {
+        [handshake_messages(), session_messages()].concat()
+    }
+
+    /// One of each handshake and lane message.
+    fn handshake_messages() -> Vec<Message> {
         vec![
             Message::Hello {
                 min_version: 1,
@@ -416,6 +422,12 @@ mod tests {
                 next_round: 4,
                 mac: [5; 32],
             },
+        ]
+    }
+
+    /// One of each message after the handshake.
+    fn session_messages() -> Vec<Message> {
+        vec![
             Message::RoundStart {
                 round: 3,
                 last: true,
