@@ -55,6 +55,36 @@ pub enum Cmd {
     Plot(PlotArgs),
     /// Print the NUMA topology and the placement plan for a migration.
     Topology(TopologyArgs),
+    /// Move the same bytes over plain loopback TCP connections, no protocol: the honest limit.
+    Bare(BareArgs),
+}
+
+/// `bare`: a plain TCP transfer of guest-sized memory, the yardstick for `loopback`.
+#[derive(Args, Clone)]
+pub struct BareArgs {
+    /// Bytes to move (e.g. 2GiB, 512MiB).
+    #[arg(long, default_value = "2GiB", value_parser = parse::size, allow_hyphen_values = true)]
+    pub size: u64,
+    /// TCP connections, one thread each, 1 to 64 (default: one per CPU, like `loopback`).
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=MAX_LANES as i64))]
+    pub lanes: Option<u16>,
+    /// Prefault both mappings (with huge pages) before the transfer, as `loopback` does by
+    /// default; without it both are cold: freshly mapped, never touched.
+    #[arg(long, overrides_with = "cold")]
+    pub warm: bool,
+    /// Leave both mappings cold (the default).
+    #[arg(long)]
+    pub cold: bool,
+    /// Fill the source with random bytes first, then compare both ends and print their hashes
+    /// (touches the source, so only the destination stays cold).
+    #[arg(long)]
+    pub check: bool,
+    /// Seed of the `--check` fill.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `topology`: the NUMA plan for a migration.
@@ -432,6 +462,10 @@ pub struct DestArgs {
     /// that fail the handshake (wrong key or version, scanners) do not end the wait.
     #[arg(long, default_value_t = 0.0, value_parser = parse::seconds)]
     pub incoming_timeout: f64,
+    /// After each migration (whatever its outcome), report it and wait for the next source on
+    /// the same address, like `iperf3 -s`; Ctrl-C ends it (exit 130).
+    #[arg(long)]
+    pub keep_serving: bool,
     #[command(flatten)]
     pub key: KeyArgs,
     #[command(flatten)]
@@ -527,6 +561,21 @@ pub fn validate(cmd: &Cmd) -> Result<(), clap::Error> {
                 check_memory("dest", a.guest.size, "preallocated memory", true)?;
             }
             Ok(())
+        }
+        Cmd::Bare(a) => {
+            if a.size == 0 || usize::try_from(a.size).is_err() {
+                return Err(usage(
+                    "bare",
+                    format!("--size {} is zero or beyond this machine", a.size),
+                ));
+            }
+            // Both ends are written during the transfer: both must fit.
+            check_memory(
+                "bare",
+                a.size.saturating_mul(2),
+                "memory for both ends",
+                false,
+            )
         }
         Cmd::Topology(_) | Cmd::Plot(_) => Ok(()),
     }

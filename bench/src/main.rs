@@ -10,6 +10,7 @@
 //! `migrate_cancel` (`signals`).
 
 mod args;
+mod bare;
 mod fail;
 mod mem;
 mod parse;
@@ -477,14 +478,37 @@ fn dest(a: DestArgs) -> Result<i32> {
     cfg.incoming_timeout =
         (a.incoming_timeout > 0.0).then(|| Duration::from_secs_f64(a.incoming_timeout));
     // The port first: one already in use is found before any memory is allocated.
-    let listener = match DestListener::bind(&a.listen, cfg) {
+    let mut listener = match DestListener::bind(&a.listen, cfg.clone()) {
         Ok(l) => l,
         Err(e) => {
             eprintln!("{}", fail::line(Side::Dest, &e));
             return Ok(EXIT_FAILED);
         }
     };
+    // With --keep-serving the same address (the port actually bound) is bound again.
+    let addr = listener.local_addr()?.to_string();
     a.out.start_metrics()?;
+    loop {
+        let (code, r) = serve_one(&a, listener)?;
+        let no_source = matches!(r, Some(EngineError::NoSource { .. }));
+        if !a.keep_serving || signals::interrupted() || no_source {
+            a.out.linger();
+            return Ok(code);
+        }
+        eprintln!("migration ended (exit code {code}); waiting for the next source");
+        listener = match DestListener::bind(&addr, cfg.clone()) {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("{}", fail::line(Side::Dest, &e));
+                return Ok(EXIT_FAILED);
+            }
+        };
+    }
+}
+
+/// Receives one migration on `listener` into fresh memory and reports it; returns the exit
+/// code of that migration and its error, if any.
+fn serve_one(a: &DestArgs, listener: DestListener) -> Result<(i32, Option<EngineError>)> {
     let t = Instant::now();
     let dst = Mapping::new(
         a.guest.size as usize,
@@ -515,7 +539,20 @@ fn dest(a: DestArgs) -> Result<i32> {
     }
     let stats = monitor.stats();
     let figures = dest_figures(&stats, &monitor);
-    let info = RunInfo {
+    let info = dest_info(a, prep, dest_huge, stats.verified.is_some());
+    let mut report = Report::new(stats, None, cpu_time() - cpu0, info);
+    report.stats.ram.transferred = figures.received_bytes;
+    report.dest = Some(figures);
+    print(&report, a.out.json)?;
+    let err = r.err();
+    let errors: Vec<(Side, &EngineError)> = err.iter().map(|e| (Side::Dest, e)).collect();
+    let code = conclude(&report, &errors);
+    Ok((code, err))
+}
+
+/// What a destination's report states about its run.
+fn dest_info(a: &DestArgs, prep_ms: f64, dest_huge: u64, verify: bool) -> RunInfo {
+    RunInfo {
         mode: "dest",
         size: a.guest.size,
         page_size: a.guest.page_size,
@@ -525,27 +562,14 @@ fn dest(a: DestArgs) -> Result<i32> {
         hot_set: None,
         pages_dirtied: None,
         prealloc: Some(a.prealloc.on()),
-        verify: stats.verified.is_some(),
+        verify,
         downtime_limit_ms: None,
         source_prepare_ms: None,
-        dest_prepare_ms: Some(prep),
+        dest_prepare_ms: Some(prep_ms),
         thp: a.guest.thp,
         source_huge_bytes: None,
         dest_huge_bytes: Some(dest_huge),
-    };
-    let mut report = Report::new(stats, None, cpu_time() - cpu0, info);
-    report.stats.ram.transferred = figures.received_bytes;
-    report.dest = Some(figures);
-    print(&report, a.out.json)?;
-    let errors: Vec<(Side, &EngineError)> = r
-        .as_ref()
-        .err()
-        .map(|e| (Side::Dest, e))
-        .into_iter()
-        .collect();
-    let code = conclude(&report, &errors);
-    a.out.linger();
-    Ok(code)
+    }
 }
 
 /// Applies the operator's decision on a destination whose handover is unknown: the bench's
@@ -576,6 +600,7 @@ fn main() {
         Cmd::Source(a) => source(a),
         Cmd::Dest(a) => dest(a),
         Cmd::Topology(a) => topology::topology(a).map(|()| 0),
+        Cmd::Bare(a) => bare::bare(&a).map(|()| 0),
         Cmd::Plot(a) => plot::plot(&a.result, &a.out).map(|()| 0),
     };
     let code = r.unwrap_or_else(|e| {

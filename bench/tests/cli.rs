@@ -182,6 +182,8 @@ struct DestChild {
     addr: String,
     out: std::thread::JoinHandle<Vec<u8>>,
     err: std::thread::JoinHandle<String>,
+    /// How many times it has said "listening on" (once per migration with --keep-serving).
+    listening: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl DestChild {
@@ -200,10 +202,13 @@ impl DestChild {
             .unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
         let stderr = child.stderr.take().unwrap();
+        let listening = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let seen = listening.clone();
         let err = std::thread::spawn(move || {
             let mut all = String::new();
             for l in BufReader::new(stderr).lines().map_while(Result::ok) {
                 if l.starts_with("listening on") {
+                    seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                     let _ = tx.send(());
                 }
                 all.push_str(&l);
@@ -222,6 +227,7 @@ impl DestChild {
             addr,
             out,
             err,
+            listening,
         };
         if rx.recv_timeout(Duration::from_secs(20)).is_err() {
             let _ = d.child.kill();
@@ -229,6 +235,18 @@ impl DestChild {
             panic!("the destination never listened: {}", d.err.join().unwrap());
         }
         d
+    }
+
+    /// Waits (at most 20 s) until it has said "listening on" `n` times.
+    fn wait_listening(&self, n: usize) {
+        let t = Instant::now();
+        while self.listening.load(std::sync::atomic::Ordering::SeqCst) < n {
+            assert!(
+                t.elapsed() < Duration::from_secs(20),
+                "the destination did not listen a {n}th time"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 
     /// Waits for the end (at most `limit`) and returns what it printed.
@@ -1251,4 +1269,105 @@ fn a_destination_name_that_does_not_resolve_fails_before_allocating() {
         rss < 256 << 20,
         "{rss} bytes resident: the guest was allocated first"
     );
+}
+
+/// One `source` run of 32 MiB against `addr`, within the deadline.
+fn source_to(addr: &str) -> Output {
+    let mut cmd = bench();
+    cmd.args(["source", "--connect", &format!("tcp:{addr}")])
+        .args(["--size", "32MiB", "--fill", "random", "--json"])
+        .env("RMIG_KEY", KEY);
+    output(&mut cmd)
+}
+
+#[test]
+fn keep_serving_takes_one_source_after_another_until_ctrl_c() {
+    let dest = DestChild::start(&["--size", "32MiB", "--json", "--keep-serving"], KEY);
+    let first = source_to(&dest.addr);
+    assert!(first.status.success(), "{}", stderr_of(&first));
+    dest.wait_listening(2);
+    let second = source_to(&dest.addr);
+    assert!(second.status.success(), "{}", stderr_of(&second));
+    dest.wait_listening(3);
+    signal(&dest.child, libc::SIGINT);
+    let out = dest.finish(Duration::from_secs(20));
+    assert_eq!(out.status.code(), Some(130), "{}", stderr_of(&out));
+    let reports: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let statuses: Vec<&str> = reports
+        .iter()
+        .map(|r| r["status"].as_str().unwrap())
+        .collect();
+    assert_eq!(statuses, ["completed", "completed", "cancelled"]);
+    for r in &reports[..2] {
+        assert!(
+            r["dest"]["received_bytes"].as_u64().unwrap() >= 32 << 20,
+            "{r}"
+        );
+    }
+}
+
+#[test]
+fn bare_transfer_moves_the_bytes_cold_or_warm() {
+    for (flag, memory) in [("--cold", "cold"), ("--warm", "warm")] {
+        let out = output(bench().args([
+            "bare", "--size", "8MiB", "--lanes", "3", "--check", "--json", flag,
+        ]));
+        assert!(out.status.success(), "{}", stderr_of(&out));
+        let j = json_of(&out);
+        assert_eq!(j["memory"], memory);
+        assert_eq!(j["connections"], 3);
+        assert_eq!(j["bytes"], 8 << 20);
+        assert_eq!(j["memory_equal"], true, "{j}");
+        assert_eq!(j["source_hash"], j["dest_hash"]);
+        assert!(j["data_rate"].as_f64().unwrap() > 0.0);
+    }
+    let text = output(bench().args(["bare", "--size", "1MiB", "--lanes", "2"]));
+    assert!(String::from_utf8_lossy(&text.stdout).contains("memory: cold (neither end prefaulted)"));
+}
+
+/// The figure after `label` in `line`, e.g. `rmig 0.68 GB/s` gives 0.68 for `rmig `.
+fn figure_after(line: &str, label: &str) -> f64 {
+    let rest = &line[line
+        .find(label)
+        .unwrap_or_else(|| panic!("{label:?} in {line}"))
+        + label.len()..];
+    rest.split([' ', ','])
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap_or_else(|e| panic!("{label:?} in {line}: {e}"))
+}
+
+#[test]
+fn vs_iperf3_script_prints_the_bare_column_and_its_ratio() {
+    if Command::new("iperf3").arg("--version").output().is_err() {
+        eprintln!("iperf3 is not installed; nothing to compare against");
+        return;
+    }
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/vs-iperf3.sh");
+    let out = output_within(
+        Command::new(script)
+            .arg("2")
+            .env("RUNS", "1")
+            .env("SIZE", "8MiB")
+            .env("IPERF_SECONDS", "1")
+            .env("BENCH", env!("CARGO_BIN_EXE_rmig-bench")),
+        Duration::from_secs(120),
+    );
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let median = stdout
+        .lines()
+        .find(|l| l.starts_with("median:"))
+        .unwrap_or_else(|| panic!("no median line: {stdout}"));
+    let rmig = figure_after(median, "rmig ");
+    let bare = figure_after(median, "bare (warm) ");
+    let ratio = figure_after(median, "rmig/bare ");
+    assert!(rmig > 0.0 && bare > 0.0, "{median}");
+    // Both rates are printed rounded to 0.01 GB/s; the ratio is of the unrounded rates.
+    let tol = 0.01 / bare * (1.0 + ratio) + 0.01;
+    assert!((ratio - rmig / bare).abs() <= tol, "{median}");
 }
