@@ -9,10 +9,10 @@
 # IPERF_ARGS (default "-l 1M": iperf3's own default of 128 KiB writes reaches only about half
 # of this machine's loopback TCP rate, so 1 MiB writes make the stricter yardstick; set it to ""
 # for iperf3's defaults),
-# BARE_MEMORY (default warm: both ends of the bare transfer prefaulted, because `loopback` by
-# default fills its source and preallocates its destination before it starts the clock, so the
-# ratio rmig / bare isolates rmig's own cost; set it to cold when passing --no-prealloc, or to
-# see what first-touch page faults cost here).
+# BARE_MEMORY (default prefaulted: both ends of the bare transfer faulted in first, because
+# `loopback` by default fills its source and preallocates its destination before it starts the
+# clock, so the ratio rmig / bare isolates rmig's own cost; set it to unfaulted when passing
+# --no-prealloc, or to see what first-touch page faults cost here).
 set -euo pipefail
 n=${1:-2}
 shift || true
@@ -26,15 +26,19 @@ port=$((20000 + RANDOM % 20000))
 iperf3 -s -p "$port" -D --pidfile /tmp/rmig-iperf3.$$.pid >/dev/null
 trap 'kill $(cat /tmp/rmig-iperf3.$$.pid) 2>/dev/null; rm -f /tmp/rmig-iperf3.$$.pid' EXIT
 sleep 0.5
-bare_memory=${BARE_MEMORY:-warm}
-case $bare_memory in warm|cold) ;; *) echo "BARE_MEMORY must be warm or cold" >&2; exit 2;; esac
+bare_memory=${BARE_MEMORY:-prefaulted}
+case $bare_memory in
+  prefaulted) bare_flag=--prefault ;;
+  unfaulted) bare_flag= ;;
+  *) echo "BARE_MEMORY must be prefaulted or unfaulted" >&2; exit 2 ;;
+esac
 ips=(); rms=(); bas=()
 for i in $(seq "$runs"); do
   ip=$(timeout 60 iperf3 -c 127.0.0.1 -p "$port" -P "$n" -t "${IPERF_SECONDS:-1}" ${IPERF_ARGS--l 1M} -J |
        python3 -c 'import json,sys; print(json.load(sys.stdin)["end"]["sum_received"]["bits_per_second"]/8)')
   js=$("$bench" loopback --size "$size" --lanes "$n" --json "$@" | tail -1)
   rm_rate=$(printf '%s' "$js" | python3 -c 'import json,sys; j=json.load(sys.stdin); assert j["status"]=="completed" and j["memory_equal"], j.get("error"); print(j["data_rate"])')
-  ba=$("$bench" bare --size "$size" --lanes "$n" --"$bare_memory" --json | tail -1 |
+  ba=$("$bench" bare --size "$size" --lanes "$n" $bare_flag --json | tail -1 |
        python3 -c 'import json,sys; print(json.load(sys.stdin)["data_rate"])')
   printf 'run %d: iperf3 -P %d %.2f GB/s   rmig %.2f GB/s   bare (%s) %.2f GB/s   rmig/iperf3 %.2f   rmig/bare %.2f\n' \
     "$i" "$n" "$(python3 -c "print($ip/1e9)")" "$(python3 -c "print($rm_rate/1e9)")" "$bare_memory" \

@@ -69,14 +69,12 @@ pub struct BareArgs {
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..=MAX_LANES as i64))]
     pub lanes: Option<u16>,
     /// Prefault both mappings (with huge pages) before the transfer, as `loopback` does by
-    /// default; without it both are cold: freshly mapped, never touched.
-    #[arg(long, overrides_with = "cold")]
-    pub warm: bool,
-    /// Leave both mappings cold (the default).
+    /// default; without it both are unfaulted: freshly mapped, never touched. Either way the
+    /// memory is cold in the cache sense (far larger than the caches), unlike iperf3's buffer.
     #[arg(long)]
-    pub cold: bool,
+    pub prefault: bool,
     /// Fill the source with random bytes first, then compare both ends and print their hashes
-    /// (touches the source, so only the destination stays cold).
+    /// (touches the source, so only the destination stays unfaulted).
     #[arg(long)]
     pub check: bool,
     /// Seed of the `--check` fill.

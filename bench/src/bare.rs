@@ -6,9 +6,11 @@
 //! `read`s straight from and into the memory, with no checksums, no pages, no rounds. The
 //! only protocol is a 4-byte connection index, so that each receiver knows its slice.
 //!
-//! Memory is *cold* by default (freshly mapped, never touched): the receiver pays the page
-//! faults of first touch inside the transfer, as a real destination without preallocation
-//! does, and that cost is large on some hosts. `--warm` prefaults both mappings first (and
+//! Memory is far larger than the caches, so it is cold in the cache sense (iperf3's buffer
+//! stays in cache), whichever mode runs. By default it is also *unfaulted* (freshly mapped,
+//! never touched): the receiver pays the page faults of first touch inside the transfer, as a
+//! real destination without preallocation does, and that cost is large on some hosts.
+//! `--prefault` faults both mappings in first (and
 //! asks for huge pages, as `loopback` does for memory it faults in beforehand), which is what
 //! `rmig-bench loopback` measures by default (source filled, destination preallocated).
 
@@ -34,7 +36,7 @@ struct BareResult {
     mode: &'static str,
     bytes: u64,
     connections: usize,
-    /// `cold` (neither mapping touched before the transfer) or `warm` (both prefaulted).
+    /// `unfaulted` (neither mapping touched before the transfer) or `prefaulted` (both).
     memory: &'static str,
     /// Whether the source was filled with random bytes (`--check`), which touches it.
     source_filled: bool,
@@ -53,8 +55,8 @@ pub fn bare(a: &BareArgs) -> Result<()> {
         || thread::available_parallelism().map_or(1, |n| n.get()),
         usize::from,
     );
-    let mut src = Mapping::new(len, a.warm, a.warm)?;
-    let mut dst = Mapping::new(len, a.warm, a.warm)?;
+    let mut src = Mapping::new(len, a.prefault, a.prefault)?;
+    let mut dst = Mapping::new(len, a.prefault, a.prefault)?;
     if a.check {
         mem::fill(src.bytes_mut(), 4096, Fill::Random, 0.0, a.seed);
     }
@@ -69,7 +71,11 @@ pub fn bare(a: &BareArgs) -> Result<()> {
         mode: "bare",
         bytes: a.size,
         connections,
-        memory: if a.warm { "warm" } else { "cold" },
+        memory: if a.prefault {
+            "prefaulted"
+        } else {
+            "unfaulted"
+        },
         source_filled: a.check,
         seconds: secs,
         data_rate: a.size as f64 / secs,
@@ -89,12 +95,12 @@ fn print(r: &BareResult, json: bool) -> Result<()> {
         println!("{}", serde_json::to_string(r)?);
         return Ok(());
     }
-    let memory = if r.memory == "warm" {
-        "warm (both ends prefaulted)"
+    let memory = if r.memory == "prefaulted" {
+        "prefaulted (both ends)"
     } else if r.source_filled {
-        "source filled for --check, destination cold (not prefaulted)"
+        "source filled for --check, destination unfaulted"
     } else {
-        "cold (neither end prefaulted)"
+        "unfaulted (neither end touched before)"
     };
     println!(
         "bare TCP: {} over {} connections in {:.3} s: {}",

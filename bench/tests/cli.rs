@@ -1310,11 +1310,15 @@ fn keep_serving_takes_one_source_after_another_until_ctrl_c() {
 }
 
 #[test]
-fn bare_transfer_moves_the_bytes_cold_or_warm() {
-    for (flag, memory) in [("--cold", "cold"), ("--warm", "warm")] {
-        let out = output(bench().args([
-            "bare", "--size", "8MiB", "--lanes", "3", "--check", "--json", flag,
-        ]));
+fn bare_transfer_moves_the_bytes_unfaulted_or_prefaulted() {
+    for (flags, memory) in [(&[][..], "unfaulted"), (&["--prefault"][..], "prefaulted")] {
+        let out = output(
+            bench()
+                .args([
+                    "bare", "--size", "8MiB", "--lanes", "3", "--check", "--json",
+                ])
+                .args(flags),
+        );
         assert!(out.status.success(), "{}", stderr_of(&out));
         let j = json_of(&out);
         assert_eq!(j["memory"], memory);
@@ -1325,7 +1329,8 @@ fn bare_transfer_moves_the_bytes_cold_or_warm() {
         assert!(j["data_rate"].as_f64().unwrap() > 0.0);
     }
     let text = output(bench().args(["bare", "--size", "1MiB", "--lanes", "2"]));
-    assert!(String::from_utf8_lossy(&text.stdout).contains("memory: cold (neither end prefaulted)"));
+    assert!(String::from_utf8_lossy(&text.stdout)
+        .contains("memory: unfaulted (neither end touched before)"));
 }
 
 /// The figure after `label` in `line`, e.g. `rmig 0.68 GB/s` gives 0.68 for `rmig `.
@@ -1364,7 +1369,7 @@ fn vs_iperf3_script_prints_the_bare_column_and_its_ratio() {
         .find(|l| l.starts_with("median:"))
         .unwrap_or_else(|| panic!("no median line: {stdout}"));
     let rmig = figure_after(median, "rmig ");
-    let bare = figure_after(median, "bare (warm) ");
+    let bare = figure_after(median, "bare (prefaulted) ");
     let ratio = figure_after(median, "rmig/bare ");
     assert!(rmig > 0.0 && bare > 0.0, "{median}");
     // Both rates are printed rounded to 0.01 GB/s; the ratio is of the unrounded rates.
