@@ -391,7 +391,6 @@ fn one_page_sent_on_two_lanes_at_once_is_written_by_one_of_them() {
 }
 
 #[test]
-#[ignore = "bug: a refused lane's connection stays open until the session ends (LaneThreads keeps a clone of its socket as its shutdown handle), so its peer is never told"]
 fn a_lane_refused_for_a_page_another_lane_writes_is_closed() {
     let _deadline = Deadline::secs(60);
     let Raw {

@@ -232,11 +232,18 @@ impl LaneThreads {
     pub fn start(&mut self, i: usize, mut lane: Box<dyn DestLane>) -> Result<(), EngineError> {
         self.shutdowns.push(lane.shutdown_handle()?);
         self.sink.crash.watch(lane.as_ref())?;
+        // A lane that ends in error (refused, broken, hostile) is closed at once, so that its
+        // sender learns it then and not when the session ends (the handle above keeps the
+        // socket open until then).
+        let own = lane.shutdown_handle()?;
         let sink = self.sink.clone();
         let tx = self.results.clone();
         self.joins
             .push(self.pool.spawn(rmig_numa::Role::DestLane, i, move || {
                 let r = lane.run(sink.as_ref());
+                if r.is_err() {
+                    let _ = own.shutdown(Shutdown::Both);
+                }
                 let _ = tx.send((i, r));
             })?);
         Ok(())
