@@ -4,6 +4,11 @@ use rmig_transport::MemRegion;
 
 use crate::EngineError;
 
+/// Longest region name, in bytes (checked by [`validate`], cut when encoded).
+pub const MAX_NAME: usize = 256;
+/// Most regions a session may have (region tables, checksums).
+pub const MAX_REGIONS: usize = 4096;
+
 /// Default page size: 4 KiB.
 pub const PAGE_4K: u64 = 4096;
 /// Huge page size allowed for regions backed by 2 MiB pages.
@@ -122,11 +127,9 @@ pub struct RegionDesc {
     pub gpa: Option<u64>,
 }
 
-/// Checks a local region table: at most [`MAX_REGIONS`](crate::protocol::codec::MAX_REGIONS)
-/// regions with names of at most [`MAX_NAME`](crate::protocol::codec::MAX_NAME) bytes, unique
-/// ids, no overlapping host ranges or guest ranges.
+/// Checks a local region table: at most [`MAX_REGIONS`] regions with names of at most
+/// [`MAX_NAME`] bytes, unique ids, no overlapping host ranges or guest ranges.
 pub fn validate(regions: &[Region]) -> Result<(), EngineError> {
-    use crate::protocol::codec::{MAX_NAME, MAX_REGIONS};
     if regions.is_empty() {
         return Err(EngineError::Config("no memory regions".into()));
     }
@@ -230,7 +233,6 @@ mod tests {
 
     #[test]
     fn tables_that_do_not_fit_their_frame_are_refused() {
-        use crate::protocol::codec::{MAX_NAME, MAX_REGIONS};
         let mut v = vec![0u8; 8 << 10];
         let pad = (4096 - v.as_ptr() as usize % 4096) % 4096;
         let mut a = region(&mut v, 1, pad, 4096);

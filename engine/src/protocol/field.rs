@@ -16,10 +16,7 @@ use crate::EngineError;
 /// Longest human-readable text in a frame (`Error`, `Cancel`, a transport note); longer text
 /// is cut at a character boundary when encoded.
 pub const MAX_TEXT: usize = 64 << 10;
-/// Longest region name, in bytes (checked by `region::validate`, cut when encoded).
-pub const MAX_NAME: usize = 256;
-/// Most regions a session may have (region tables, checksums, RDMA keys).
-pub const MAX_REGIONS: usize = 4096;
+pub use crate::region::{MAX_NAME, MAX_REGIONS};
 
 /// A malformed-frame error.
 pub(crate) fn bad(what: &str) -> EngineError {

@@ -13,6 +13,9 @@ use super::error::io_of;
 use super::{RdmaDevice, RdmaError};
 use crate::LaneError;
 
+/// Most scatter-gather entries rmig puts in one WRITE (the device may allow fewer).
+pub(crate) const MAX_SGE: u32 = 16;
+
 /// What the peer needs to connect its queue pair to ours.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct QpEndpoint {
@@ -91,7 +94,7 @@ impl Queue {
         let mut qb = dev.pd.create_qp_builder();
         qb.setup_max_send_wr(send)
             .setup_max_recv_wr(recv.max(1))
-            .setup_max_send_sge(dev.max_sge.min(super::source::MAX_SGE))
+            .setup_max_send_sge(dev.max_sge.min(MAX_SGE))
             .setup_max_recv_sge(1)
             .setup_max_inline_data(0)
             .setup_send_cq(cq.clone())

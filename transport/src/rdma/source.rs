@@ -20,14 +20,12 @@ use sideway::ibverbs::queue_pair::{
 };
 
 use super::memory::{chunk_span, register, ChunkCache, LocalMemory, Registration, RemoteMemory};
-use super::queue::{Completion, QpEndpoint, Queue};
+use super::queue::{Completion, QpEndpoint, Queue, MAX_SGE};
 use super::wire::{self, Reply, REPLY_LEN, SLOT_BYTES};
 use super::{RdmaDevice, RdmaError};
 use crate::replies::{lock, read_records};
 use crate::{Batch, LaneError, Pacer, RunKind, SourceLane};
 
-/// Most scatter-gather entries rmig puts in one WRITE (the device may allow fewer).
-pub const MAX_SGE: u32 = 16;
 /// Descriptor buffers; the destination keeps as many receives posted.
 pub const SLOTS: usize = 32;
 /// Work requests in one posted chain; the last is signalled.
