@@ -67,92 +67,21 @@ fn hw<E: std::fmt::Display>(e: E) -> NumaError {
 impl Topology {
     /// Reads the topology from `src` with hwloc.
     pub fn load(src: &TopologySource) -> Result<Topology, NumaError> {
-        let b = hwlocality::Topology::builder();
-        let (b, name) = match src {
-            TopologySource::System => (b, "hwloc".to_string()),
-            TopologySource::Xml(p) => {
-                let xml = std::fs::read_to_string(p).map_err(|err| NumaError::Io {
-                    path: p.display().to_string(),
-                    err,
-                })?;
-                (
-                    b.from_xml(&xml).map_err(hw)?,
-                    format!("hwloc-xml {}", p.display()),
-                )
-            }
-            TopologySource::Synthetic(s) => (
-                b.from_synthetic(s).map_err(hw)?,
-                format!("hwloc-synthetic {s}"),
-            ),
-        };
-        // I/O discovery on a live system goes through plugins (PCI, udev) that leak; sysfs
-        // tells the same for network devices. Files carry their I/O objects with them.
-        let b = if *src == TopologySource::System {
-            b
-        } else {
-            b.with_io_type_filter(TypeFilter::KeepImportant)
-                .map_err(hw)?
-        };
-        let t = b.build().map_err(hw)?;
+        let (t, name) = build_hwloc(src)?;
         let count = |ty| t.objects_with_type(ty).count();
-        let mut nodes: Vec<Node> = t
-            .objects_with_type(ObjectType::NUMANode)
-            .map(|n| {
-                let cpus = n
-                    .cpuset()
-                    .map(|c| c.iter_set().map(usize::from).collect())
-                    .unwrap_or_default();
-                let mut package = None;
-                let mut a = n.parent();
-                while let Some(o) = a {
-                    if o.object_type() == ObjectType::Package {
-                        package = o.os_index();
-                        break;
-                    }
-                    a = o.parent();
-                }
-                Node {
-                    os_index: n.os_index().unwrap_or(0),
-                    package,
-                    cpus,
-                    memory: n.total_memory(),
-                }
-            })
-            .collect();
-        nodes.sort_by_key(|n| n.os_index);
-        let nics = t
-            .objects_with_type(ObjectType::OSDevice)
-            .filter(|o| {
-                matches!(
-                    o.attributes(),
-                    Some(ObjectAttributes::OSDevice(d))
-                        if matches!(d.device_type(), OSDeviceType::Network | OSDeviceType::OpenFabrics)
-                )
-            })
-            .map(|o| {
-                let node = o
-                    .first_non_io_ancestor()
-                    .and_then(|a| a.nodeset())
-                    .and_then(|ns| {
-                        // A device local to exactly one node.
-                        (ns.weight() == Some(1)).then(|| ns.first_set().map(usize::from)).flatten()
-                    });
-                Nic {
-                    name: o.name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
-                    node,
-                }
-            })
-            .collect();
-        let mut nics: Vec<Nic> = nics;
-        if *src == TopologySource::System {
-            nics = sysfs_nics();
-        }
+        // Network devices come from sysfs on a live system (see `build_hwloc`), from the file
+        // otherwise.
+        let nics = if *src == TopologySource::System {
+            sysfs_nics()
+        } else {
+            hwloc_nics(&t)
+        };
         Ok(Topology {
             source: name,
             packages: count(ObjectType::Package),
             cores: count(ObjectType::Core),
             pus: count(ObjectType::PU),
-            nodes,
+            nodes: hwloc_nodes(&t),
             nics,
         })
     }
@@ -251,6 +180,98 @@ impl std::fmt::Display for Topology {
         }
         Ok(())
     }
+}
+
+/// Builds the hwloc topology `src` names, with a name saying where it came from.
+fn build_hwloc(src: &TopologySource) -> Result<(hwlocality::Topology, String), NumaError> {
+    let b = hwlocality::Topology::builder();
+    let (b, name) = match src {
+        TopologySource::System => (b, "hwloc".to_string()),
+        TopologySource::Xml(p) => {
+            let xml = std::fs::read_to_string(p).map_err(|err| NumaError::Io {
+                path: p.display().to_string(),
+                err,
+            })?;
+            (
+                b.from_xml(&xml).map_err(hw)?,
+                format!("hwloc-xml {}", p.display()),
+            )
+        }
+        TopologySource::Synthetic(s) => (
+            b.from_synthetic(s).map_err(hw)?,
+            format!("hwloc-synthetic {s}"),
+        ),
+    };
+    // I/O discovery on a live system goes through plugins (PCI, udev) that leak; sysfs
+    // tells the same for network devices. Files carry their I/O objects with them.
+    let b = if *src == TopologySource::System {
+        b
+    } else {
+        b.with_io_type_filter(TypeFilter::KeepImportant)
+            .map_err(hw)?
+    };
+    Ok((b.build().map_err(hw)?, name))
+}
+
+/// The NUMA nodes of `t`, by OS index, each with its CPUs, package and memory.
+fn hwloc_nodes(t: &hwlocality::Topology) -> Vec<Node> {
+    let mut nodes: Vec<Node> = t
+        .objects_with_type(ObjectType::NUMANode)
+        .map(|n| {
+            let cpus = n
+                .cpuset()
+                .map(|c| c.iter_set().map(usize::from).collect())
+                .unwrap_or_default();
+            let mut package = None;
+            let mut a = n.parent();
+            while let Some(o) = a {
+                if o.object_type() == ObjectType::Package {
+                    package = o.os_index();
+                    break;
+                }
+                a = o.parent();
+            }
+            Node {
+                os_index: n.os_index().unwrap_or(0),
+                package,
+                cpus,
+                memory: n.total_memory(),
+            }
+        })
+        .collect();
+    nodes.sort_by_key(|n| n.os_index);
+    nodes
+}
+
+/// The network and RDMA devices hwloc found in `t`, each with the one node it is local to.
+fn hwloc_nics(t: &hwlocality::Topology) -> Vec<Nic> {
+    t.objects_with_type(ObjectType::OSDevice)
+        .filter(|o| {
+            matches!(
+                o.attributes(),
+                Some(ObjectAttributes::OSDevice(d))
+                    if matches!(d.device_type(), OSDeviceType::Network | OSDeviceType::OpenFabrics)
+            )
+        })
+        .map(|o| {
+            let node = o
+                .first_non_io_ancestor()
+                .and_then(|a| a.nodeset())
+                .and_then(|ns| {
+                    // A device local to exactly one node.
+                    (ns.weight() == Some(1))
+                        .then(|| ns.first_set().map(usize::from))
+                        .flatten()
+                });
+            Nic {
+                name: o
+                    .name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default(),
+                node,
+            }
+        })
+        .collect()
 }
 
 /// Network and RDMA devices of this machine with their NUMA nodes, from sysfs.
