@@ -22,6 +22,12 @@ pub const EXIT_CODES: &str = "Exit status:
        decision was given; neither end runs the guest until an operator decides
   130  cancelled here by Ctrl-C or SIGTERM (the peer is told; the source guest keeps running)";
 
+/// What each exit code of the commands that migrate nothing means, for `--help`.
+pub const TOOL_EXIT_CODES: &str = "Exit status:
+  0    done
+  1    failed (the last line on stderr says why)
+  2    usage error: a flag or value that cannot work";
+
 /// The most data lanes a destination accepts.
 const MAX_LANES: u16 = 64;
 
@@ -58,10 +64,13 @@ pub enum Cmd {
     #[command(after_help = EXIT_CODES)]
     Dest(DestArgs),
     /// Draw a result (`--json` output) round by round into an SVG or PNG file.
+    #[command(after_help = TOOL_EXIT_CODES)]
     Plot(PlotArgs),
     /// Print the NUMA topology and the placement plan for a migration.
+    #[command(after_help = TOOL_EXIT_CODES)]
     Topology(TopologyArgs),
     /// Move the same bytes over plain loopback TCP connections, no protocol: the honest limit.
+    #[command(after_help = TOOL_EXIT_CODES)]
     Bare(BareArgs),
 }
 

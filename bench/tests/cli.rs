@@ -694,12 +694,20 @@ fn help_says_what_the_exit_codes_mean() {
         &["--help"][..],
         &["loopback", "--help"],
         &["source", "--help"],
+        &["dest", "--help"],
     ] {
         let out = output_within(bench().args(sub), Duration::from_secs(10));
         assert!(out.status.success());
         let h = String::from_utf8_lossy(&out.stdout);
         for code in ["  0 ", "  1 ", "  2 ", "  3 ", "  130 "] {
             assert!(h.contains(code), "{sub:?} lacks exit code {code:?}: {h}");
+        }
+    }
+    for sub in ["plot", "topology", "bare"] {
+        let out = output_within(bench().args([sub, "--help"]), Duration::from_secs(10));
+        let h = String::from_utf8_lossy(&out.stdout);
+        for code in ["  0 ", "  1 ", "  2 "] {
+            assert!(h.contains(code), "{sub} lacks exit code {code:?}: {h}");
         }
     }
     let out = output_within(
@@ -715,6 +723,32 @@ fn help_says_what_the_exit_codes_mean() {
         "Output:",
     ] {
         assert!(h.contains(heading), "no {heading:?} group: {h}");
+    }
+}
+
+#[test]
+fn every_flag_of_every_subcommand_is_in_the_readme() {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
+    for sub in ["loopback", "source", "dest", "topology", "plot", "bare"] {
+        let out = output_within(bench().args([sub, "--help"]), Duration::from_secs(10));
+        let help = String::from_utf8_lossy(&out.stdout);
+        let flags: Vec<&str> = help
+            .lines()
+            .filter_map(|l| {
+                l.trim_start()
+                    .split([' ', ',', '='])
+                    .find(|w| w.starts_with("--"))
+            })
+            .filter(|f| *f != "--help")
+            .collect();
+        assert!(flags.len() >= 2, "{sub}: {help}");
+        for f in flags {
+            assert!(
+                readme.contains(&format!("`{f}")),
+                "README has no row for {sub} {f}"
+            );
+        }
     }
 }
 
