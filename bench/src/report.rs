@@ -189,8 +189,8 @@ impl Report {
         if let Some(h) = r.source_huge_bytes {
             v.push(("source pages", host_pages(r.thp, h)));
         }
-        // In loopback both ends are this process; the destination's own report is below.
-        let peer_says = s.peer.is_some();
+        // In loopback both ends are this process: the destination's word is in its rows below.
+        let peer_says = s.peer.is_some() && r.mode != "dest";
         if let Some(h) = r.dest_huge_bytes.filter(|_| !peer_says) {
             v.push(("destination pages", host_pages(r.thp, h)));
         }
@@ -512,8 +512,14 @@ mod tests {
             !t.contains("preallocated (faulted in"),
             "no guess beside the peer's word: {t}"
         );
-        let t = Report::new(stats, None, 0.1, run("dest")).table();
+        let mut own = run("dest");
+        own.prealloc = Some(true);
+        let t = Report::new(stats, None, 0.1, own).table();
         assert!(t.contains("source sent            64.0 MiB"), "{t}");
+        assert!(
+            t.contains("destination memory     preallocated"),
+            "its own word: {t}"
+        );
         assert!(t.contains("source memory          not prefaulted"), "{t}");
         // Without the peer's figures there are no rows for it.
         let t = Report::new(MigrationStats::default(), None, 0.1, run("dest")).table();

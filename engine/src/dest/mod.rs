@@ -398,7 +398,7 @@ impl DestListener {
 const FIGURES_WAIT: Duration = Duration::from_secs(1);
 
 /// How often the received bytes reach the monitor while lanes land data.
-const LIVE_PERIOD: Duration = Duration::from_millis(200);
+const LIVE_PERIOD: Duration = Duration::from_millis(50);
 
 /// Copies the bytes landed so far into the monitor's live figures, so that a destination's
 /// progress moves within a round (round 0 is most of a migration) rather than only when a
