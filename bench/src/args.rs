@@ -22,8 +22,20 @@ pub const EXIT_CODES: &str = "Exit status:
        decision was given; neither end runs the guest until an operator decides
   130  cancelled here by Ctrl-C or SIGTERM (the peer is told; the source guest keeps running)";
 
+/// What each exit code of the commands that migrate nothing means, for `--help`.
+pub const TOOL_EXIT_CODES: &str = "Exit status:
+  0    done
+  1    failed (the last line on stderr says why)
+  2    usage error: a flag or value that cannot work";
+
 /// The most data lanes a destination accepts.
 const MAX_LANES: u16 = 64;
+
+/// The lanes used without `--lanes`: one per CPU (`cpus`), at most what a destination
+/// accepts, so that a large host does not ask for lanes that would be refused.
+pub fn default_lanes(cpus: usize) -> usize {
+    cpus.clamp(1, MAX_LANES.into())
+}
 
 /// `rmig-bench` and its subcommands.
 #[derive(Parser)]
@@ -52,10 +64,13 @@ pub enum Cmd {
     #[command(after_help = EXIT_CODES)]
     Dest(DestArgs),
     /// Draw a result (`--json` output) round by round into an SVG or PNG file.
+    #[command(after_help = TOOL_EXIT_CODES)]
     Plot(PlotArgs),
     /// Print the NUMA topology and the placement plan for a migration.
+    #[command(after_help = TOOL_EXIT_CODES)]
     Topology(TopologyArgs),
     /// Move the same bytes over plain loopback TCP connections, no protocol: the honest limit.
+    #[command(after_help = TOOL_EXIT_CODES)]
     Bare(BareArgs),
 }
 
@@ -65,7 +80,8 @@ pub struct BareArgs {
     /// Bytes to move (e.g. 2GiB, 512MiB).
     #[arg(long, default_value = "2GiB", value_parser = parse::size, allow_hyphen_values = true)]
     pub size: u64,
-    /// TCP connections, one thread each, 1 to 64 (default: one per CPU, like `loopback`).
+    /// TCP connections, one thread each, 1 to 64 (default: one per CPU, at most 64, like
+    /// `loopback`).
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..=MAX_LANES as i64))]
     pub lanes: Option<u16>,
     /// Prefault both mappings (with huge pages) before the transfer, as `loopback` does by
@@ -206,7 +222,7 @@ pub enum OnNoConvergence {
 #[derive(Args, Clone)]
 #[command(next_help_heading = "Migration")]
 pub struct MigrateArgs {
-    /// Data lanes, 1 to 64 (default: one per CPU).
+    /// Data lanes, 1 to 64 (default: one per CPU, at most 64).
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..=MAX_LANES as i64))]
     pub lanes: Option<u16>,
     /// Downtime ceiling in milliseconds (at least 1).
@@ -658,4 +674,17 @@ fn mem_available() -> Option<u64> {
 /// A usage error of `topology` (a node the machine does not have).
 pub fn topology_usage(msg: String) -> clap::Error {
     usage("topology", msg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_lanes_are_one_per_cpu_up_to_what_a_destination_accepts() {
+        assert_eq!(default_lanes(0), 1);
+        assert_eq!(default_lanes(2), 2);
+        assert_eq!(default_lanes(64), 64);
+        assert_eq!(default_lanes(256), 64);
+    }
 }

@@ -52,7 +52,7 @@ struct BareResult {
 pub fn bare(a: &BareArgs) -> Result<()> {
     let len = usize::try_from(a.size).context("--size does not fit this machine")?;
     let lanes = a.lanes.map_or_else(
-        || thread::available_parallelism().map_or(1, |n| n.get()),
+        || crate::args::default_lanes(thread::available_parallelism().map_or(1, |n| n.get())),
         usize::from,
     );
     let mut src = Mapping::new(len, a.prefault, a.prefault)?;

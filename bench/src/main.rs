@@ -66,9 +66,9 @@ impl DestEmbedder for BenchDest {
 
 fn source_config(dest: String, key: Key, m: &MigrateArgs) -> SourceConfig {
     let mut c = SourceConfig::new(dest, key);
-    if let Some(l) = m.lanes {
-        c.lanes = l.into();
-    }
+    c.lanes = m
+        .lanes
+        .map_or_else(|| args::default_lanes(c.lanes), usize::from);
     c.policy = ConvergePolicy {
         downtime_limit: Duration::from_millis(m.downtime_limit),
         max_rounds: m.max_rounds,
@@ -201,6 +201,8 @@ fn run_source(
 ) -> Result<SourceRun> {
     let monitor = Monitor::new();
     signals::cancel_on_signal(&monitor);
+    // The source's memory is filled (so faulted in) before the migration starts.
+    monitor.set_memory_facts(report::facts(true, src.huge_bytes, g.thp));
     let regions = vec![region_of(&src.mem, g, false)?];
     let (log, emb, m) = (src.log.clone(), src.workload.embedder(dev), monitor.clone());
     let join = std::thread::Builder::new()
@@ -350,6 +352,7 @@ fn loopback(a: LoopbackArgs) -> Result<i32> {
     let got = Arc::new(std::sync::Mutex::new(None));
     let dest_embedder = BenchDest { got: got.clone() };
     let dm = Monitor::new();
+    dm.set_memory_facts(report::facts(a.prealloc.on(), dest_huge, a.guest.thp));
     let dest = std::thread::Builder::new()
         .name("bench-dest".into())
         .spawn(move || listener.serve(vec![dregion], Box::new(dest_embedder), dm))?;
@@ -466,6 +469,8 @@ fn dest_figures(stats: &MigrationStats, monitor: &Monitor) -> DestFigures {
         rate,
         downtime_ms: match (at(MigrationStatus::Device), at(MigrationStatus::Completed)) {
             (Some(d), Some(c)) => Some(ms(c - d)),
+            // Paused and not (yet) resumed, as after an unknown handover: the pause so far.
+            (Some(_), None) => Some(stats.downtime_ms),
             _ => None,
         },
         total_ms: connected.zip(end).map(|(c, e)| ms(e) - c),
@@ -478,37 +483,30 @@ fn dest(a: DestArgs) -> Result<i32> {
     cfg.incoming_timeout =
         (a.incoming_timeout > 0.0).then(|| Duration::from_secs_f64(a.incoming_timeout));
     // The port first: one already in use is found before any memory is allocated.
-    let mut listener = match DestListener::bind(&a.listen, cfg.clone()) {
-        Ok(l) => l,
+    let listener = match DestListener::bind(&a.listen, cfg) {
+        Ok(l) => Arc::new(l),
         Err(e) => {
             eprintln!("{}", fail::line(Side::Dest, &e));
             return Ok(EXIT_FAILED);
         }
     };
-    // With --keep-serving the same address (the port actually bound) is bound again.
-    let addr = listener.local_addr()?.to_string();
     a.out.start_metrics()?;
+    // With --keep-serving the listener stays bound between migrations: a source that
+    // connects while the last report prints waits in the backlog and is served next.
     loop {
-        let (code, r) = serve_one(&a, listener)?;
+        let (code, r) = serve_one(&a, listener.clone())?;
         let no_source = matches!(r, Some(EngineError::NoSource { .. }));
         if !a.keep_serving || signals::interrupted() || no_source {
             a.out.linger();
             return Ok(code);
         }
         eprintln!("migration ended (exit code {code}); waiting for the next source");
-        listener = match DestListener::bind(&addr, cfg.clone()) {
-            Ok(l) => l,
-            Err(e) => {
-                eprintln!("{}", fail::line(Side::Dest, &e));
-                return Ok(EXIT_FAILED);
-            }
-        };
     }
 }
 
 /// Receives one migration on `listener` into fresh memory and reports it; returns the exit
 /// code of that migration and its error, if any.
-fn serve_one(a: &DestArgs, listener: DestListener) -> Result<(i32, Option<EngineError>)> {
+fn serve_one(a: &DestArgs, listener: Arc<DestListener>) -> Result<(i32, Option<EngineError>)> {
     let t = Instant::now();
     let dst = Mapping::new(
         a.guest.size as usize,
@@ -519,6 +517,7 @@ fn serve_one(a: &DestArgs, listener: DestListener) -> Result<(i32, Option<Engine
     let dest_huge = dst.huge_bytes();
     let monitor = Monitor::new();
     signals::cancel_on_signal(&monitor);
+    monitor.set_memory_facts(report::facts(a.prealloc.on(), dest_huge, a.guest.thp));
     let got = Arc::new(std::sync::Mutex::new(None));
     let region = region_of(&dst, &a.guest, true)?;
     let emb = BenchDest { got: got.clone() };

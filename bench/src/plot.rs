@@ -1,5 +1,10 @@
 //! `rmig-bench plot`: one picture of a run, round by round: bytes sent, dirty rate, bandwidth,
 //! and the expected downtime against the limit (with the real downtime at the end).
+//!
+//! Bytes per round are on a logarithmic scale because round 0 sends all of memory and later
+//! rounds only what was dirtied meanwhile, a hundredth to a millionth of it: on a linear
+//! scale every round after the first is a flat line. The labels' font is built in, so a
+//! plot draws the same on a host without fonts.
 
 use std::path::Path;
 
@@ -8,28 +13,20 @@ use plotters::coord::Shift;
 use plotters::prelude::*;
 use serde_json::Value;
 
-/// Fonts tried for the labels (Debian's fonts-dejavu-core first).
-const FONTS: &[&str] = &[
-    "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
-    "/usr/share/fonts/dejavu/DejaVuSans.ttf",
-    "/usr/share/fonts/TTF/DejaVuSans.ttf",
-];
+use crate::parse::iec;
 
+/// Registers DejaVu Sans, built into the binary, as the labels' font: a plot needs no font
+/// installed where it is drawn. The SVG holds `<text>` elements naming `sans-serif`, which
+/// every viewer renders with a font of its own.
 fn register_font() -> Result<()> {
-    let path = FONTS
-        .iter()
-        .find(|p| Path::new(p).exists())
-        .context("no DejaVu Sans font found (apt-get install fonts-dejavu-core)")?;
-    let bytes: &'static [u8] = Box::leak(std::fs::read(path)?.into_boxed_slice());
-    plotters::style::register_font("sans-serif", FontStyle::Normal, bytes)
-        .map_err(|_| anyhow::anyhow!("cannot load the font {path}"))?;
-    Ok(())
+    plotters::style::register_font("sans-serif", FontStyle::Normal, dejavu::sans::regular())
+        .map_err(|_| anyhow::anyhow!("cannot load the built-in DejaVu Sans font"))
 }
 
 struct Round {
     n: f64,
     last: bool,
-    mb: f64,
+    bytes: f64,
     dirty: f64,
     bw: f64,
     expected: f64,
@@ -45,7 +42,7 @@ fn rounds(j: &Value) -> Result<Vec<Round>> {
         .map(|r| Round {
             n: r["round"].as_f64().unwrap_or(0.0),
             last: r["last"].as_bool().unwrap_or(false),
-            mb: r["bytes"].as_f64().unwrap_or(0.0) / 1e6,
+            bytes: r["bytes"].as_f64().unwrap_or(0.0),
             dirty: r["dirty_rate"].as_f64().unwrap_or(0.0) / 1e6,
             bw: r["mbps"].as_f64().unwrap_or(0.0) / 8.0,
             expected: r["expected_downtime_ms"].as_f64().unwrap_or(0.0),
@@ -71,6 +68,70 @@ pub fn plot(result: &Path, out: &Path) -> Result<()> {
         Some("png") => draw(BitMapBackend::new(out, size).into_drawing_area(), &j, &rs),
         _ => bail!("the output must end in .svg or .png"),
     }
+}
+
+/// Bytes sent per round on a logarithmic scale: round 0 sends all of memory and later rounds
+/// only what was dirtied, often a thousandth of it or less, which a linear scale flattens to
+/// nothing. Each bar is labelled with its size; a round that sent nothing has no bar and a
+/// `0 B` label on the floor.
+fn bytes_panel<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, rs: &[Round]) -> Result<()>
+where
+    DB::ErrorType: 'static,
+{
+    let (floor, top) = log_range(rs.iter().map(|r| r.bytes));
+    let xmax = rs.last().map_or(1.0, |r| r.n) + 0.5;
+    let mut c = ChartBuilder::on(area)
+        .caption(
+            "bytes sent per round (logarithmic scale)",
+            ("sans-serif", 20),
+        )
+        .margin(10)
+        .x_label_area_size(35)
+        .y_label_area_size(70)
+        .build_cartesian_2d(-0.5..xmax, (floor..top).log_scale())?;
+    c.configure_mesh()
+        .x_desc("round (last: stop-and-copy)")
+        .y_desc("bytes")
+        .x_labels(rs.len().min(20) + 1)
+        .x_label_formatter(&|x| format!("{x:.0}"))
+        .y_label_formatter(&|y| decimal_bytes(*y))
+        .draw()?;
+    c.draw_series(rs.iter().filter(|r| r.bytes >= floor).map(|r| {
+        let col = if r.last { RED.mix(0.7) } else { BLUE.mix(0.7) };
+        Rectangle::new([(r.n - 0.35, floor), (r.n + 0.35, r.bytes)], col.filled())
+    }))?;
+    c.draw_series(rs.iter().map(|r| {
+        Text::new(
+            iec(r.bytes as u64),
+            (r.n - 0.3, r.bytes.max(floor) * 1.6),
+            ("sans-serif", 14),
+        )
+    }))?;
+    Ok(())
+}
+
+/// A byte count at a power-of-ten tick, in SI units (`100 kB`, `1 GB`).
+fn decimal_bytes(b: f64) -> String {
+    const UNITS: [&str; 7] = ["B", "kB", "MB", "GB", "TB", "PB", "EB"];
+    let mut v = b;
+    let mut u = 0;
+    while v >= 999.5 && u + 1 < UNITS.len() {
+        v /= 1000.0;
+        u += 1;
+    }
+    format!("{v:.0} {}", UNITS[u])
+}
+
+/// The range of a log axis that shows every positive value: from the power of ten a decade
+/// below the smallest (at least 1) to ten times the largest, with room above for the labels.
+fn log_range(values: impl Iterator<Item = f64>) -> (f64, f64) {
+    let (lo, hi) = values
+        .filter(|v| *v > 0.0)
+        .fold((f64::MAX, 1.0f64), |(lo, hi), v| (lo.min(v), hi.max(v)));
+    let lo = if lo == f64::MAX { 1.0 } else { lo };
+    // A decade below the smallest, so that its bar is a decade tall.
+    let floor = 10f64.powf((lo.max(1.0).log10().floor() - 1.0).max(0.0));
+    (floor, (hi * 10.0).max(floor * 10.0))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -160,16 +221,7 @@ where
     top.titled(&title, ("sans-serif", 24))?;
     let areas = body.split_evenly((4, 1));
     let max = |f: &dyn Fn(&Round) -> f64| rs.iter().map(f).fold(0.0, f64::max);
-    panel(
-        &areas[0],
-        "bytes sent per round",
-        "MB",
-        rs,
-        max(&|r| r.mb),
-        BLUE,
-        true,
-        |r| r.mb,
-    )?;
+    bytes_panel(&areas[0], rs)?;
     panel(
         &areas[1],
         "dirty rate while the round ran",
@@ -222,4 +274,60 @@ where
         .draw()?;
     root.present()?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_log_axis_shows_the_smallest_and_largest_round() {
+        let (floor, top) = log_range([2.0e9, 4096.0 * 3.0, 0.0].into_iter());
+        assert_eq!(floor, 1e3);
+        assert!(top >= 2.0e10, "{top}");
+        assert_eq!(log_range(std::iter::empty()), (1.0, 10.0));
+        assert_eq!(log_range([0.5].into_iter()).0, 1.0);
+        assert_eq!(decimal_bytes(1e5), "100 kB");
+        assert_eq!(decimal_bytes(1e9), "1 GB");
+        assert_eq!(decimal_bytes(10.0), "10 B");
+    }
+
+    #[test]
+    fn a_round_a_millionth_of_round_0_still_has_a_bar() {
+        let dir = std::env::temp_dir().join(format!("rmig-plot-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let result = dir.join("r.json");
+        let round = |n: u32, bytes: u64, last: bool| {
+            serde_json::json!({"round": n, "last": last, "bytes": bytes, "dirty_rate": 1e6,
+                "mbps": 8000.0, "expected_downtime_ms": 1.0})
+        };
+        let j = serde_json::json!({"status": "completed", "total_time_ms": 900.0,
+            "downtime_ms": 2.0, "verified": true, "run": {"mode": "loopback"},
+            "rounds": [round(0, 2 << 30, false), round(1, 2 << 20, false),
+                round(2, 2 << 10, true)]});
+        std::fs::write(&result, j.to_string()).unwrap();
+        let svg = dir.join("p.svg");
+        plot(&result, &svg).unwrap();
+        let text = std::fs::read_to_string(&svg).unwrap();
+        // The bars of the bytes panel: blue, and red for the stop-and-copy round.
+        let heights: Vec<f64> = text
+            .split("<rect ")
+            .skip(1)
+            .filter(|r| r.contains("opacity=\"0.7\""))
+            .map(|r| {
+                let h = r.split("height=\"").nth(1).unwrap();
+                h[..h.find('"').unwrap()].parse().unwrap()
+            })
+            .collect();
+        assert_eq!(heights.len(), 3, "{heights:?}");
+        assert!(heights.iter().all(|h| *h >= 20.0), "{heights:?}");
+        assert!(
+            heights[0] > heights[1] && heights[1] > heights[2],
+            "{heights:?}"
+        );
+        // Labels are SVG text in a generic family: no font file is named or needed.
+        assert!(text.contains("font-family=\"sans-serif\""));
+        assert!(!text.contains(".ttf"));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

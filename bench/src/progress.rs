@@ -7,8 +7,9 @@
 //! display then says so instead of running backwards. The bar covers the current round, so
 //! it starts again with each round instead of sitting at 100 % after the first.
 //!
-//! The destination learns its figures at the end of each round (bytes landed, rounds
-//! closed), so its lines move round by round.
+//! The destination shows the bytes landed so far, which its engine publishes several times a
+//! second while lanes land data, so its lines and gauges move within round 0 too; rounds
+//! count as they close.
 
 use std::fs::File;
 use std::io::{IsTerminal, Write};
@@ -121,8 +122,8 @@ pub fn watch(
         let stats = monitor.stats();
         let mut p = monitor.progress();
         if side == Side::Dest {
-            // The destination's figures: what has landed, as of the last closed round.
-            p.transferred = stats.ram.normal_bytes;
+            // The destination's figures: what has landed so far (live within a round).
+            p.transferred = p.transferred.max(stats.ram.normal_bytes);
             p.total = stats.ram.total;
             p.remaining = p.total.saturating_sub(p.transferred);
             p.round_bytes = p.total;
@@ -130,10 +131,8 @@ pub fn watch(
         }
         let rate = meter.sample(p.transferred);
         let eta_s = eta(&p, rate);
-        if side == Side::Source {
-            metrics::gauge!("rmig_remaining_bytes").set(p.remaining as f64);
-            metrics::gauge!("rmig_bandwidth_bytes_per_second").set(rate);
-        }
+        metrics::gauge!("rmig_remaining_bytes").set(p.remaining as f64);
+        metrics::gauge!("rmig_bandwidth_bytes_per_second").set(rate);
         if let Some(b) = &bar {
             b.set_length(p.round_bytes.max(p.round_sent).max(1));
             b.set_position(p.round_sent);

@@ -2,11 +2,13 @@
 //!
 //! Each end reports what it knows and nothing else: the source does not know how the
 //! destination's memory was prepared, and the destination does not know the workload, so
-//! those figures are `null` in the JSON and left out of the table rather than guessed. A
-//! failed run's table says what did not happen (`not reached`) instead of printing defaults
-//! that read like results (`verified off`, `0 Mbit/s`).
+//! those figures are `null` in the JSON and left out of the table rather than guessed. What
+//! the other end knows arrives with its own figures after the handover (`peer` in the JSON,
+//! the rows named after that end in the table), as iperf3 shows sender and receiver at both
+//! ends. A failed run's table says what did not happen (`not reached`) instead of printing
+//! defaults that read like results (`verified off`, `0 Mbit/s`).
 
-use rmig_engine::{MigrationStats, MigrationStatus};
+use rmig_engine::{MemoryFacts, MigrationStats, MigrationStatus};
 use serde::Serialize;
 
 use crate::mem::Fill;
@@ -156,6 +158,9 @@ impl Report {
         for (k, v) in self.result_rows() {
             row(k, v);
         }
+        for (k, v) in self.peer_rows() {
+            row(&k, v);
+        }
         o.push_str(&self.rounds_table());
         o
     }
@@ -184,10 +189,12 @@ impl Report {
         if let Some(h) = r.source_huge_bytes {
             v.push(("source pages", host_pages(r.thp, h)));
         }
-        if let Some(h) = r.dest_huge_bytes {
+        // In loopback both ends are this process: the destination's word is in its rows below.
+        let peer_says = s.peer.is_some() && r.mode != "dest";
+        if let Some(h) = r.dest_huge_bytes.filter(|_| !peer_says) {
             v.push(("destination pages", host_pages(r.thp, h)));
         }
-        if let Some(p) = r.prealloc {
+        if let Some(p) = r.prealloc.filter(|_| !peer_says) {
             v.push((
                 "destination memory",
                 if p {
@@ -296,6 +303,49 @@ impl Report {
         v
     }
 
+    /// The other end's own figures, as it sent them after the handover.
+    fn peer_rows(&self) -> Vec<(String, String)> {
+        let Some(p) = &self.stats.peer else {
+            return Vec::new();
+        };
+        let (other, moved) = match self.run.mode {
+            "dest" => ("source", "sent"),
+            _ => ("destination", "received"),
+        };
+        let ms = |us: u64| us as f64 / 1e3;
+        let mut v = vec![
+            (
+                format!("{other} {moved}"),
+                format!(
+                    "{} in {} round(s){} (as it reported)",
+                    iec(p.page_bytes),
+                    p.rounds,
+                    if p.rate > 0 {
+                        format!(" at {}", si_rate(p.rate as f64))
+                    } else {
+                        String::new()
+                    }
+                ),
+            ),
+            (
+                format!("{other} downtime"),
+                format!("{:.1} ms (as seen there)", ms(p.downtime_us)),
+            ),
+            (
+                format!("{other} times"),
+                format!(
+                    "setup {:.1} ms, total {:.1} ms (from its connection)",
+                    ms(p.setup_us),
+                    ms(p.total_us)
+                ),
+            ),
+        ];
+        if let Some(m) = memory_facts(other, &p.memory) {
+            v.push((format!("{other} memory"), m));
+        }
+        v
+    }
+
     /// One line per round.
     fn rounds_table(&self) -> String {
         let s = &self.stats;
@@ -324,6 +374,44 @@ impl Report {
     }
 }
 
+/// How an end's memory was prepared, in words; `None` when it stated nothing.
+fn memory_facts(end: &str, m: &MemoryFacts) -> Option<String> {
+    let mut parts = Vec::new();
+    match (m.prefaulted, end) {
+        (Some(true), "destination") => parts.push("preallocated".to_string()),
+        (Some(false), "destination") => parts.push("not preallocated".to_string()),
+        (Some(true), _) => parts.push("prefaulted".to_string()),
+        (Some(false), _) => parts.push("not prefaulted".to_string()),
+        (None, _) => {}
+    }
+    if let Some(h) = m.huge_bytes {
+        parts.push(format!("{} in huge pages", iec(h)));
+    }
+    let mut text = parts.join(", ");
+    if !m.huge_pages.is_empty() {
+        text = format!("{text} ({})", m.huge_pages)
+            .trim_start()
+            .to_string();
+    }
+    (!text.is_empty()).then_some(text)
+}
+
+/// This end's memory facts as the bench states them to the engine (and so to the peer).
+pub fn facts(prefaulted: bool, huge_bytes: u64, thp: crate::Thp) -> MemoryFacts {
+    MemoryFacts {
+        prefaulted: Some(prefaulted),
+        huge_bytes: Some(huge_bytes),
+        huge_pages: format!(
+            "--thp {}",
+            match thp {
+                crate::Thp::On => "on",
+                crate::Thp::Off => "off",
+                crate::Thp::Auto => "auto",
+            }
+        ),
+    }
+}
+
 /// Host page facts of one end's memory.
 fn host_pages(thp: crate::Thp, huge: u64) -> String {
     match thp {
@@ -339,6 +427,7 @@ fn host_pages(thp: crate::Thp, huge: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rmig_engine::EndFigures;
 
     fn run(mode: &'static str) -> RunInfo {
         RunInfo {
@@ -381,6 +470,60 @@ mod tests {
             "the source knows nothing of it: {t}"
         );
         assert!(t.contains("before the run ended"), "{t}");
+    }
+
+    #[test]
+    fn each_end_shows_the_other_s_figures_and_no_guesses() {
+        let peer = EndFigures {
+            page_bytes: 64 << 20,
+            rounds: 3,
+            rate: 500_000_000,
+            downtime_us: 12_500,
+            setup_us: 4_000,
+            total_us: 150_000,
+            memory: facts(false, 2 << 20, crate::Thp::Off),
+        };
+        let stats = MigrationStats {
+            status: MigrationStatus::Completed,
+            verified: Some(true),
+            peer: Some(peer.clone()),
+            ..Default::default()
+        };
+        let mut info = run("source");
+        // What the source would know only by guessing: not shown once the peer has spoken.
+        info.prealloc = Some(true);
+        info.dest_huge_bytes = Some(1 << 30);
+        let t = Report::new(stats.clone(), None, 0.1, info).table();
+        assert!(
+            t.contains("destination received   64.0 MiB in 3 round(s) at 500 MB/s"),
+            "{t}"
+        );
+        assert!(
+            t.contains("destination downtime   12.5 ms (as seen there)"),
+            "{t}"
+        );
+        assert!(
+            t.contains(
+                "destination memory     not preallocated, 2.00 MiB in huge pages (--thp off)"
+            ),
+            "{t}"
+        );
+        assert!(
+            !t.contains("preallocated (faulted in"),
+            "no guess beside the peer's word: {t}"
+        );
+        let mut own = run("dest");
+        own.prealloc = Some(true);
+        let t = Report::new(stats, None, 0.1, own).table();
+        assert!(t.contains("source sent            64.0 MiB"), "{t}");
+        assert!(
+            t.contains("destination memory     preallocated"),
+            "its own word: {t}"
+        );
+        assert!(t.contains("source memory          not prefaulted"), "{t}");
+        // Without the peer's figures there are no rows for it.
+        let t = Report::new(MigrationStats::default(), None, 0.1, run("dest")).table();
+        assert!(!t.contains("source sent"), "{t}");
     }
 
     #[test]

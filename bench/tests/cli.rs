@@ -694,12 +694,20 @@ fn help_says_what_the_exit_codes_mean() {
         &["--help"][..],
         &["loopback", "--help"],
         &["source", "--help"],
+        &["dest", "--help"],
     ] {
         let out = output_within(bench().args(sub), Duration::from_secs(10));
         assert!(out.status.success());
         let h = String::from_utf8_lossy(&out.stdout);
         for code in ["  0 ", "  1 ", "  2 ", "  3 ", "  130 "] {
             assert!(h.contains(code), "{sub:?} lacks exit code {code:?}: {h}");
+        }
+    }
+    for sub in ["plot", "topology", "bare"] {
+        let out = output_within(bench().args([sub, "--help"]), Duration::from_secs(10));
+        let h = String::from_utf8_lossy(&out.stdout);
+        for code in ["  0 ", "  1 ", "  2 "] {
+            assert!(h.contains(code), "{sub} lacks exit code {code:?}: {h}");
         }
     }
     let out = output_within(
@@ -715,6 +723,32 @@ fn help_says_what_the_exit_codes_mean() {
         "Output:",
     ] {
         assert!(h.contains(heading), "no {heading:?} group: {h}");
+    }
+}
+
+#[test]
+fn every_flag_of_every_subcommand_is_in_the_readme() {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
+    for sub in ["loopback", "source", "dest", "topology", "plot", "bare"] {
+        let out = output_within(bench().args([sub, "--help"]), Duration::from_secs(10));
+        let help = String::from_utf8_lossy(&out.stdout);
+        let flags: Vec<&str> = help
+            .lines()
+            .filter_map(|l| {
+                l.trim_start()
+                    .split([' ', ',', '='])
+                    .find(|w| w.starts_with("--"))
+            })
+            .filter(|f| *f != "--help")
+            .collect();
+        assert!(flags.len() >= 2, "{sub}: {help}");
+        for f in flags {
+            assert!(
+                readme.contains(&format!("`{f}")),
+                "README has no row for {sub} {f}"
+            );
+        }
     }
 }
 
@@ -981,6 +1015,9 @@ fn the_destination_reports_what_it_received() {
             "--size",
             "32MiB",
             "--json",
+            "--no-prealloc",
+            "--thp",
+            "off",
             "--incoming-timeout",
             "20",
             "--progress-json",
@@ -1021,7 +1058,26 @@ fn the_destination_reports_what_it_received() {
     assert!(j["setup_time_ms"].as_f64().unwrap() < 900.0, "{j}");
     // What the source alone knows is not in the destination's report, and the reverse.
     assert!(j["run"]["fill"].is_null() && j["run"]["dirty_rate_mbs"].is_null());
-    assert!(json_of(&s)["run"]["prealloc"].is_null());
+    let sj = json_of(&s);
+    assert!(sj["run"]["prealloc"].is_null());
+    // Each end's own figures reach the other (iperf3's sender and receiver at both ends):
+    // the destination's, memory facts included, are its word, not the source's guess.
+    let theirs = &sj["peer"];
+    assert_eq!(theirs["page_bytes"], 32 << 20, "{sj}");
+    assert_eq!(theirs["rounds"].as_u64().unwrap(), src_rounds, "{theirs}");
+    assert_eq!(theirs["memory"]["prefaulted"], false, "{theirs}");
+    assert_eq!(theirs["memory"]["huge_pages"], "--thp off", "{theirs}");
+    let dest_downtime_us = (f["downtime_ms"].as_f64().unwrap() * 1e3) as i64;
+    assert!(
+        (theirs["downtime_us"].as_i64().unwrap() - dest_downtime_us).abs() <= 1,
+        "{theirs} vs {f}"
+    );
+    assert!(theirs["setup_us"].as_f64().unwrap() < 900e3, "{theirs}");
+    let ours = &j["peer"];
+    assert_eq!(ours["page_bytes"], sj["ram"]["normal_bytes"], "{j}");
+    assert_eq!(ours["memory"]["prefaulted"], true, "{ours}");
+    assert_eq!(ours["memory"], sj["memory"], "{ours}");
+
     let lines: Vec<Value> = std::fs::read_to_string(&prog)
         .unwrap()
         .lines()
@@ -1033,6 +1089,57 @@ fn the_destination_reports_what_it_received() {
     assert_eq!(last["status"], "completed");
     assert_eq!(last["transferred"], 32 << 20);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn the_destination_shows_live_bytes_within_round_0() {
+    let prog = progress_file("dest-live");
+    let dest = DestChild::start(
+        &[
+            "--size",
+            "48MiB",
+            "--json",
+            "--incoming-timeout",
+            "20",
+            "--progress-json",
+            prog.to_str().unwrap(),
+        ],
+        KEY,
+    );
+    // Round 0 takes about three seconds at 16 MB/s.
+    let mut cmd = bench();
+    cmd.args(["source", "--connect", &dest.addr, "--size", "48MiB"])
+        .args(["--max-bandwidth", "16MB", "--json"])
+        .env("RMIG_KEY", KEY);
+    let s = output(&mut cmd);
+    let d = dest.finish(Duration::from_secs(30));
+    assert!(s.status.success(), "{}", stderr_of(&s));
+    assert!(d.status.success(), "{}", stderr_of(&d));
+    let total = 48u64 << 20;
+    let mid: Vec<(f64, u64)> = std::fs::read_to_string(&prog)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|l| l["kind"] == "tick" && l["status"] == "active" && l["round"] == 0)
+        .map(|l| {
+            (
+                l["t_ms"].as_f64().unwrap(),
+                l["transferred"].as_u64().unwrap(),
+            )
+        })
+        .filter(|&(_, b)| b > 0 && b < total)
+        .collect();
+    // Several lines inside round 0, each second's bytes more than the last's.
+    assert!(
+        mid.len() >= 3,
+        "the destination's bytes move only per round: {mid:?}"
+    );
+    for w in mid.windows(2) {
+        assert!(w[1].0 - w[0].0 <= 1200.0, "a gap in {mid:?}");
+        assert!(w[1].1 >= w[0].1, "bytes went back: {mid:?}");
+    }
+    assert!(mid.last().unwrap().1 > mid[0].1, "no movement: {mid:?}");
+    let _ = std::fs::remove_dir_all(prog.parent().unwrap());
 }
 
 #[test]
@@ -1188,6 +1295,9 @@ fn an_unknown_handover_waits_for_a_decision_and_exits_3() {
     for (o, side) in [(&s, "source"), (&d, "destination")] {
         assert_eq!(o.status.code(), Some(3), "{side}: {}", stderr_of(o));
         assert_eq!(json_of(o)["status"], "handover-unknown", "{side}");
+        // The guest was paused here and is not resumed: the pause so far, not 0.
+        let paused = json_of(o)["downtime_ms"].as_f64().unwrap();
+        assert!(paused > 0.0, "{side}: downtime_ms {paused}");
         let line = last_err_line(o);
         assert!(
             line.contains(&format!("rmig-bench: {side}: handover unknown"))
@@ -1285,7 +1395,8 @@ fn keep_serving_takes_one_source_after_another_until_ctrl_c() {
     let dest = DestChild::start(&["--size", "32MiB", "--json", "--keep-serving"], KEY);
     let first = source_to(&dest.addr);
     assert!(first.status.success(), "{}", stderr_of(&first));
-    dest.wait_listening(2);
+    // The next source comes at once, before the destination says it listens again: the
+    // listener stays bound between migrations, so it waits in the backlog and is served.
     let second = source_to(&dest.addr);
     assert!(second.status.success(), "{}", stderr_of(&second));
     dest.wait_listening(3);

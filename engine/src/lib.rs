@@ -44,7 +44,8 @@ pub use region::{Region, RegionDesc, PAGE_2M, PAGE_4K};
 pub use rmig_transport::rdma::Registration;
 pub use source::{SourceSession, Step};
 pub use stats::{
-    LaneObserved, MigrationStats, MigrationStatus, NumaReport, RamStats, RdmaReport, RoundStats,
+    EndFigures, LaneObserved, MemoryFacts, MigrationStats, MigrationStatus, NumaReport, RamStats,
+    RdmaReport, RoundStats,
 };
 
 /// A fault plan that kills a lane once `bytes` of payload went out on it (tests).

@@ -154,6 +154,13 @@ impl Monitor {
         }
     }
 
+    /// States how this end's guest memory was prepared (only the embedder knows): it shows
+    /// in this end's statistics and travels to the other end with this end's figures after
+    /// the handover. Call it before the migration ends.
+    pub fn set_memory_facts(&self, facts: crate::stats::MemoryFacts) {
+        self.update(|s| s.memory = Some(facts));
+    }
+
     /// Cancels the migration; the peer is told `reason`.
     pub fn cancel(&self, reason: &str) {
         self.cancel.cancel(reason);

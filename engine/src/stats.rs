@@ -1,5 +1,7 @@
 //! Migration statistics, named after QEMU's `query-migrate` (in snake_case).
 
+use std::time::Duration;
+
 use serde::Serialize;
 
 /// One pre-copy round.
@@ -151,6 +153,104 @@ pub struct MigrationStats {
     pub error: Option<String>,
     /// NUMA placement: topology, plan, and where each lane really ran (source only).
     pub numa: Option<NumaReport>,
+    /// How this end's guest memory was prepared, as its embedder stated it
+    /// ([`Monitor::set_memory_facts`](crate::Monitor::set_memory_facts)); `null` if it did not.
+    pub memory: Option<MemoryFacts>,
+    /// The other end's own figures, as it sent them after the handover (`Figures`); `null`
+    /// when the migration did not complete or the peer sent none.
+    pub peer: Option<EndFigures>,
+}
+
+/// How one end's guest memory was prepared. Only the embedder knows (it allocated the
+/// memory), so it states these facts and the engine passes them on to the other end.
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct MemoryFacts {
+    /// Whether the memory was faulted in before the migration (a destination's
+    /// preallocation, `-mem-prealloc`; a source's memory touched before it started).
+    pub prefaulted: Option<bool>,
+    /// Bytes of the memory backed by huge pages when the migration started.
+    pub huge_bytes: Option<u64>,
+    /// The end's huge page setting in its own words (for example `thp auto`); at most
+    /// [`MAX_NOTE`] bytes travel.
+    pub huge_pages: String,
+}
+
+/// Longest [`MemoryFacts::huge_pages`] text on the wire.
+pub const MAX_NOTE: usize = 64;
+
+/// One end's own figures of a completed migration. Each end sends its own to the other
+/// after the handover, so that both reports hold both ends' views, as iperf3's do. Times are
+/// whole microseconds and the rate whole bytes/s, so that the message has an exact layout.
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct EndFigures {
+    /// Bytes of page data this end sent (source) or that landed in its guest memory
+    /// (destination); zero pages travel as markers and are not counted.
+    pub page_bytes: u64,
+    /// Rounds this end ran (source) or closed (destination), the stop-and-copy included.
+    pub rounds: u32,
+    /// `page_bytes` over the time from the end of setup to the end, bytes/s.
+    pub rate: u64,
+    /// The pause as this end saw it: on the source from pausing the guest to `Done`, on the
+    /// destination from the stop-and-copy round's start to resuming its guest.
+    pub downtime_us: u64,
+    /// From the start of the connection to the lanes being open.
+    pub setup_us: u64,
+    /// From the start of the connection to the end of the handover (a destination's wait
+    /// for its source is not counted).
+    pub total_us: u64,
+    /// How this end's memory was prepared.
+    pub memory: MemoryFacts,
+}
+
+impl EndFigures {
+    /// Figures from durations; the rate is `page_bytes` over `total - setup`.
+    pub fn new(
+        page_bytes: u64,
+        rounds: u32,
+        downtime: Duration,
+        setup: Duration,
+        total: Duration,
+        memory: MemoryFacts,
+    ) -> EndFigures {
+        let moving = total.saturating_sub(setup).as_secs_f64();
+        let rate = if moving > 0.0 {
+            (page_bytes as f64 / moving) as u64
+        } else {
+            0
+        };
+        let us = |d: Duration| u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+        EndFigures {
+            page_bytes,
+            rounds,
+            rate,
+            downtime_us: us(downtime),
+            setup_us: us(setup),
+            total_us: us(total),
+            memory,
+        }
+    }
+}
+
+/// After a completed handover: sends this end's `figures` and waits up to `wait` for the
+/// peer's. The exchange comes after `Done`, when the destination's guest already runs, so it
+/// cannot lengthen the downtime; a peer that sends none (an older build, or a connection
+/// that closed) costs at most `wait` and leaves `None`, never a failure.
+pub(crate) fn exchange_figures(
+    link: &crate::control::link::ControlLink,
+    figures: EndFigures,
+    wait: Duration,
+) -> Option<EndFigures> {
+    link.send(crate::protocol::Message::Figures { figures });
+    let deadline = std::time::Instant::now() + wait;
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match link.recv_timeout(left) {
+            Ok(Some(crate::protocol::Message::Figures { figures })) => return Some(figures),
+            // Nothing else is expected now; what a newer peer may add is not ours to judge.
+            Ok(Some(_)) if !left.is_zero() => continue,
+            _ => return None,
+        }
+    }
 }
 
 /// Where a lane was planned and where it ran.

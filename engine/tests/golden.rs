@@ -9,6 +9,7 @@
 use rmig_engine::protocol::codec::{decode, encode};
 use rmig_engine::protocol::{Message, TransportKind};
 use rmig_engine::region::RegionDesc;
+use rmig_engine::{EndFigures, MemoryFacts};
 
 /// `n` bytes counting up from `start`, so that a reversed or shifted array shows.
 fn seq<const N: usize>(start: u8) -> [u8; N] {
@@ -158,6 +159,58 @@ fn golden_rounds() -> Vec<(Message, &'static str)> {
         (Message::Ready, "0100000018"),
         (Message::Commit, "0100000011"),
         (Message::Done, "0100000012"),
+        (
+            Message::Figures {
+                figures: EndFigures {
+                    page_bytes: 0x0102_0304_0506_0708,
+                    rounds: 0x090a_0b0c,
+                    rate: 0x1112_1314_1516_1718,
+                    downtime_us: 0x2122_2324_2526_2728,
+                    setup_us: 0x3132_3334_3536_3738,
+                    total_us: 0x4142_4344_4546_4748,
+                    memory: MemoryFacts {
+                        prefaulted: Some(true),
+                        huge_bytes: Some(0x5152_5354_5556_5758),
+                        huge_pages: "thp".into(),
+                    },
+                },
+            },
+            concat!(
+                "3e0000001c",
+                "0807060504030201",
+                "0c0b0a09",
+                "1817161514131211",
+                "2827262524232221",
+                "3837363534333231",
+                "4847464544434241",
+                "02",
+                "015857565554535251",
+                "03000000746870",
+            ),
+        ),
+        (
+            Message::Figures {
+                figures: EndFigures {
+                    memory: MemoryFacts {
+                        prefaulted: Some(false),
+                        ..Default::default()
+                    },
+                    ..Default::default()
+                },
+            },
+            concat!(
+                "330000001c",
+                "0000000000000000",
+                "00000000",
+                "0000000000000000",
+                "0000000000000000",
+                "0000000000000000",
+                "0000000000000000",
+                "01",
+                "00",
+                "00000000",
+            ),
+        ),
         (Message::Heartbeat, "0100000013"),
         (
             Message::Cancel {
@@ -197,7 +250,7 @@ fn every_message_has_its_golden_bytes() {
     let mut names: Vec<&str> = cases.iter().map(|(m, _)| m.name()).collect();
     names.sort_unstable();
     names.dedup();
-    assert_eq!(names.len(), 25, "one golden vector per message type");
+    assert_eq!(names.len(), 26, "one golden vector per message type");
     for (m, want) in cases {
         assert_eq!(hex(&encode(&m)), want, "{} encodes differently", m.name());
         assert_eq!(

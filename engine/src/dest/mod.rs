@@ -109,8 +109,12 @@ impl DestListener {
     /// Waits for one source and receives its migration into `regions`. Connections that fail
     /// the handshake are dropped and counted; the wait ends with a source, a cancel, or the
     /// configured incoming timeout.
+    ///
+    /// The listener stays bound afterwards: call `serve` again for the next source, which
+    /// may already have connected (the kernel holds it in the listen backlog meanwhile), like
+    /// `iperf3 -s`.
     pub fn serve(
-        self,
+        &self,
         regions: Vec<Region>,
         mut embedder: Box<dyn DestEmbedder>,
         monitor: Arc<Monitor>,
@@ -130,10 +134,15 @@ impl DestListener {
                 })
             }
             Err(e) => {
+                // The pause so far, if the guest was paused here (the stop-and-copy began).
+                let paused = paused_since_device(&monitor);
                 monitor.update(|s| {
                     s.status = MigrationStatus::of_error(&e);
                     s.error = Some(e.to_string());
                     s.total_time_ms = total;
+                    if let Some(d) = paused {
+                        s.downtime_ms = d.as_secs_f64() * 1e3;
+                    }
                 });
                 Err(e)
             }
@@ -191,6 +200,7 @@ impl DestListener {
                     rejoins,
                 },
         } = opened;
+        let live = self.rt.spawn(live_bytes(sink.clone(), monitor.clone()));
         let mut session = Receiving {
             sink,
             monitor,
@@ -203,7 +213,16 @@ impl DestListener {
             reconnect: self.reconnect(&agreed, slots, rejoins, limits),
         };
         let r = session.run(&results, kept, embedder);
+        live.abort();
+        // The session's door closes first: a next source that connects once this one has
+        // its figures waits in the listener's backlog for the next `serve`, unrefused.
         admit.abort();
+        if r.is_ok() {
+            // `Done` is sent: the guest runs here. Then (not before) the figures go both ways.
+            let figures = resumed(monitor, &session.sink, connected);
+            let peer = crate::stats::exchange_figures(session.link, figures, FIGURES_WAIT);
+            monitor.update(|s| s.peer = peer);
+        }
         let summaries = collect_lanes(session.lanes, &results, r.is_ok());
         self.finish(&mut link, r).map(|()| summaries)
     }
@@ -373,6 +392,58 @@ impl DestListener {
             rejoins,
         }
     }
+}
+
+/// How long each end waits for the other's figures after `Done` (they are sent at once).
+const FIGURES_WAIT: Duration = Duration::from_secs(1);
+
+/// How often the received bytes reach the monitor while lanes land data.
+const LIVE_PERIOD: Duration = Duration::from_millis(50);
+
+/// Copies the bytes landed so far into the monitor's live figures, so that a destination's
+/// progress moves within a round (round 0 is most of a migration) rather than only when a
+/// round closes.
+async fn live_bytes(sink: Arc<DestSink>, monitor: Arc<Monitor>) {
+    let mut tick = tokio::time::interval(LIVE_PERIOD);
+    loop {
+        tick.tick().await;
+        let landed = sink.landed.load(std::sync::atomic::Ordering::Relaxed);
+        monitor
+            .bytes_acked
+            .store(landed, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// The pause as this end saw it so far: from entering the stop-and-copy round to now.
+fn paused_since_device(monitor: &Monitor) -> Option<Duration> {
+    let t = monitor.timeline.lock().unwrap_or_else(|e| e.into_inner());
+    let (made, steps) = (&t.0, &t.1);
+    let device = steps.iter().find(|(s, _)| *s == MigrationStatus::Device)?.1;
+    Some(made.elapsed().saturating_sub(device))
+}
+
+/// The guest runs here (`Done` was sent): records the completion and the pause as seen
+/// here, and returns this end's figures for the source.
+fn resumed(monitor: &Monitor, sink: &DestSink, connected: Instant) -> crate::stats::EndFigures {
+    let paused = paused_since_device(monitor).unwrap_or_default();
+    let landed = sink.landed.load(std::sync::atomic::Ordering::Relaxed);
+    monitor
+        .bytes_acked
+        .store(landed, std::sync::atomic::Ordering::Relaxed);
+    monitor.update(|s| {
+        s.status = MigrationStatus::Completed;
+        s.downtime_ms = paused.as_secs_f64() * 1e3;
+        s.ram.normal_bytes = landed;
+    });
+    let s = monitor.stats();
+    crate::stats::EndFigures::new(
+        landed,
+        u32::try_from(s.ram.dirty_sync_count).unwrap_or(u32::MAX),
+        paused,
+        Duration::from_secs_f64(s.setup_time_ms.max(0.0) / 1e3),
+        connected.elapsed(),
+        s.memory.unwrap_or_default(),
+    )
 }
 
 /// Starts a thread for each joined lane: the RDMA lane set up on its socket when there is

@@ -20,6 +20,7 @@
 use super::field::{bad, get_list, list_max, put_list, Field, Listed, R};
 use super::{Message, TransportKind};
 use crate::region::RegionDesc;
+use crate::stats::EndFigures;
 use crate::EngineError;
 
 pub use super::field::{MAX_NAME, MAX_REGIONS, MAX_TEXT};
@@ -161,6 +162,7 @@ messages! {
     DIGESTS = 25 => Digests { chunks: Vec<(u32, u64, u64)> },
     REJOIN = 26 => Rejoin { session: [u8; 16], attempt: u32, mac: [u8; 32] },
     REJOIN_OK = 27 => RejoinOk { next_round: u32, mac: [u8; 32] },
+    FIGURES = 28 => Figures { figures: EndFigures },
 }
 
 /// The largest body each message type may have. The defaults are what a well-formed message
@@ -425,6 +427,23 @@ mod tests {
         ]
     }
 
+    /// Figures with every optional part present.
+    fn figures() -> EndFigures {
+        EndFigures {
+            page_bytes: 1 << 31,
+            rounds: 4,
+            rate: 3_000_000_000,
+            downtime_us: 12_345,
+            setup_us: 6_789,
+            total_us: 1_234_567,
+            memory: crate::stats::MemoryFacts {
+                prefaulted: Some(true),
+                huge_bytes: Some(1 << 30),
+                huge_pages: "thp auto".into(),
+            },
+        }
+    }
+
     /// One of each message after the handshake.
     fn session_messages() -> Vec<Message> {
         vec![
@@ -451,6 +470,10 @@ mod tests {
             Message::Ready,
             Message::Commit,
             Message::Done,
+            Message::Figures { figures: figures() },
+            Message::Figures {
+                figures: EndFigures::default(),
+            },
             Message::Heartbeat,
             Message::Cancel {
                 reason: "operator".into(),
@@ -548,6 +571,10 @@ mod tests {
             (tag::VERIFIED, 1 + 1 + 4 + 12 * MAX_MISMATCHES),
             (tag::ERROR, 1 + 4 + MAX_TEXT),
             (tag::READY, 1),
+            (
+                tag::FIGURES,
+                1 + 8 + 4 + 8 * 4 + 1 + 9 + 4 + crate::stats::MAX_NOTE,
+            ),
             (tag::CHECKSUMS, MAX_FRAME),
         ] {
             assert_eq!(l.max_body(t), Some(max), "{}", tag::name(t));
@@ -585,6 +612,24 @@ mod tests {
         };
         assert_eq!(l.digests, encode(&digests).len() - 4);
         assert_eq!(Limits::for_chunks([u64::MAX]).checksums, MAX_FRAME);
+    }
+
+    #[test]
+    fn a_long_memory_note_is_cut_and_a_bad_optional_refused() {
+        let mut f = figures();
+        f.memory.huge_pages = "é".repeat(crate::stats::MAX_NOTE);
+        let enc = encode(&Message::Figures { figures: f.clone() });
+        let Message::Figures { figures: back } = decode(&enc[4..]).unwrap() else {
+            panic!("not Figures");
+        };
+        assert_eq!(back.memory.huge_pages.len(), crate::stats::MAX_NOTE);
+        assert!(f.memory.huge_pages.starts_with(&back.memory.huge_pages));
+        // The optional boolean is 0, 1 or 2; 3 is refused.
+        let mut body = encode(&Message::Figures { figures: back })[4..].to_vec();
+        let at = 1 + 8 + 4 + 8 * 4;
+        assert_eq!(body[at], 2);
+        body[at] = 3;
+        assert!(decode(&body).is_err());
     }
 
     #[test]

@@ -11,6 +11,7 @@
 
 use super::TransportKind;
 use crate::region::RegionDesc;
+use crate::stats::{EndFigures, MemoryFacts, MAX_NOTE};
 use crate::EngineError;
 
 /// Longest human-readable text in a frame (`Error`, `Cancel`, a transport note); longer text
@@ -205,6 +206,23 @@ impl Field for Option<u64> {
     }
 }
 
+/// An optional boolean: one byte, 0 absent, 1 false, 2 true; anything else is refused.
+impl Field for Option<bool> {
+    const MIN: usize = 1;
+    const MAX: usize = 1;
+    fn put(&self, w: &mut Vec<u8>) {
+        w.push(self.map_or(0, |b| 1 + b as u8));
+    }
+    fn get(r: &mut R<'_>) -> Result<Self, EngineError> {
+        match u8::get(r)? {
+            0 => Ok(None),
+            1 => Ok(Some(false)),
+            2 => Ok(Some(true)),
+            _ => Err(bad("bad optional boolean")),
+        }
+    }
+}
+
 /// Writes `s`, cut to at most `max` bytes at a character boundary, as a byte list.
 pub(crate) fn put_text(w: &mut Vec<u8>, s: &str, max: usize) {
     let mut n = s.len().min(max);
@@ -312,6 +330,50 @@ impl Field for RegionDesc {
             len: u64::get(r)?,
             page_size: u64::get(r)?,
             gpa: <Option<u64>>::get(r)?,
+        })
+    }
+}
+
+/// How one end's memory was prepared; its note is at most [`MAX_NOTE`] bytes.
+impl Field for MemoryFacts {
+    const MIN: usize = 1 + <Option<u64> as Field>::MIN + 4;
+    const MAX: usize = 1 + <Option<u64> as Field>::MAX + 4 + MAX_NOTE;
+    fn put(&self, w: &mut Vec<u8>) {
+        self.prefaulted.put(w);
+        self.huge_bytes.put(w);
+        put_text(w, &self.huge_pages, MAX_NOTE);
+    }
+    fn get(r: &mut R<'_>) -> Result<Self, EngineError> {
+        Ok(MemoryFacts {
+            prefaulted: <Option<bool>>::get(r)?,
+            huge_bytes: <Option<u64>>::get(r)?,
+            huge_pages: get_text(r, MAX_NOTE)?,
+        })
+    }
+}
+
+/// One end's figures: byte count, rounds, rate, three durations, then its memory facts.
+impl Field for EndFigures {
+    const MIN: usize = 8 + 4 + 8 * 4 + MemoryFacts::MIN;
+    const MAX: usize = 8 + 4 + 8 * 4 + MemoryFacts::MAX;
+    fn put(&self, w: &mut Vec<u8>) {
+        self.page_bytes.put(w);
+        self.rounds.put(w);
+        self.rate.put(w);
+        self.downtime_us.put(w);
+        self.setup_us.put(w);
+        self.total_us.put(w);
+        self.memory.put(w);
+    }
+    fn get(r: &mut R<'_>) -> Result<Self, EngineError> {
+        Ok(EndFigures {
+            page_bytes: u64::get(r)?,
+            rounds: u32::get(r)?,
+            rate: u64::get(r)?,
+            downtime_us: u64::get(r)?,
+            setup_us: u64::get(r)?,
+            total_us: u64::get(r)?,
+            memory: MemoryFacts::get(r)?,
         })
     }
 }

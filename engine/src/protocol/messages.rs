@@ -1,6 +1,7 @@
 //! Control-plane messages.
 
 use crate::region::RegionDesc;
+use crate::stats::EndFigures;
 
 /// Lowest protocol version this build speaks. Version 2 brought the two-phase handover
 /// (`Ready`/`Commit`); a version-1 peer would resume its guest on its own, so it is refused.
@@ -54,7 +55,9 @@ impl TransportKind {
 /// after the final round `DeviceState`, `Digests` S→D, `Verified` D→S;
 /// then the two-phase handover: `Ready` D→S (device state loaded, guest still paused), `Commit`
 /// S→D (from here on the source never resumes on its own), `Done` D→S (the destination's guest
-/// runs). `Heartbeat`, `Cancel` and `Error` may come at any time before `Commit`.
+/// runs). `Heartbeat`, `Cancel` and `Error` may come at any time before `Commit`. After `Done`
+/// each end sends its own `Figures` (D→S right after `Done`, S→D once `Done` arrived), so
+/// both reports show both ends; the guest already runs, so this cannot lengthen the pause.
 ///
 /// Each variant's tag and field order on the wire are declared once, in the message table of
 /// [`codec`](super::codec); the compiler keeps that table and this enum in step.
@@ -189,6 +192,11 @@ pub enum Message {
     Commit,
     /// The destination's guest runs.
     Done,
+    /// One end's own figures of the completed migration, sent after `Done` (either way).
+    Figures {
+        /// What this end measured, and how its memory was prepared.
+        figures: EndFigures,
+    },
     /// Liveness.
     Heartbeat,
     /// Either side gives up on purpose.
@@ -229,6 +237,7 @@ impl Message {
             Message::Ready => "Ready",
             Message::Commit => "Commit",
             Message::Done => "Done",
+            Message::Figures { .. } => "Figures",
             Message::Heartbeat => "Heartbeat",
             Message::Cancel { .. } => "Cancel",
             Message::Error { .. } => "Error",

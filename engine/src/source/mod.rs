@@ -212,12 +212,15 @@ impl SourceSession {
         self.send_device_state()?;
         let verified = self.verify()?;
         self.hand_over()?;
-        let downtime = t0.elapsed().as_secs_f64() * 1e3;
+        let paused = t0.elapsed();
+        let downtime = paused.as_secs_f64() * 1e3;
         crate::metrics::finished("completed", Some(downtime / 1e3));
+        // The total ends with the handover; the exchange of figures is not part of it.
+        let total = self.started.elapsed().as_secs_f64() * 1e3;
+        let peer = self.exchange_figures(paused);
         self.lanes.close();
         self.link.close(Duration::from_secs(1));
         self.state = State::Done;
-        let total = self.started.elapsed().as_secs_f64() * 1e3;
         self.monitor.update(|s| {
             s.status = MigrationStatus::Completed;
             s.verified = verified;
@@ -225,6 +228,7 @@ impl SourceSession {
             s.expected_downtime_ms = expected;
             s.total_time_ms = total;
             s.ram.remaining = 0;
+            s.peer = peer;
             let secs = (total - s.setup_time_ms) / 1e3;
             if secs > 0.0 {
                 s.ram.mbps = s.ram.transferred as f64 * 8.0 / 1e6 / secs;
@@ -342,6 +346,22 @@ impl SourceSession {
         }
     }
 
+    /// After `Done` (the destination's guest runs): sends this end's figures and takes the
+    /// destination's, waiting at most a second (it sent them right after `Done`).
+    fn exchange_figures(&self, paused: Duration) -> Option<crate::stats::EndFigures> {
+        let s = self.monitor.stats();
+        let ms = |x: f64| Duration::from_secs_f64(x.max(0.0) / 1e3);
+        let mine = crate::stats::EndFigures::new(
+            s.ram.normal_bytes,
+            self.round,
+            paused,
+            ms(s.setup_time_ms),
+            self.started.elapsed(),
+            s.memory.unwrap_or_default(),
+        );
+        crate::stats::exchange_figures(&self.link, mine, Duration::from_secs(1))
+    }
+
     /// Settles a `handover-unknown` outcome on the operator's word: `run_here` resumes the
     /// guest on this host (only if the destination is known not to run it); otherwise the
     /// guest is the destination's and this copy stays paused for good.
@@ -454,10 +474,15 @@ impl SourceSession {
         let status = MigrationStatus::of_error(&e);
         crate::metrics::finished(status.name(), None);
         let total = self.started.elapsed().as_secs_f64() * 1e3;
+        // The pause so far: up to the resumption, or (handover unknown) until now.
+        let paused = self.paused_at.map(|t| t.elapsed().as_secs_f64() * 1e3);
         self.monitor.update(|s| {
             s.status = status;
             s.error = Some(e.to_string());
             s.total_time_ms = total;
+            if let Some(d) = paused {
+                s.downtime_ms = d;
+            }
         });
         e
     }

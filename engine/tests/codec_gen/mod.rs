@@ -11,6 +11,7 @@ use rmig_engine::protocol::codec::{
 };
 use rmig_engine::protocol::{Message, TransportKind};
 use rmig_engine::region::RegionDesc;
+use rmig_engine::{EndFigures, MemoryFacts};
 
 /// Lengths mostly small, sometimes exactly `max` or near it.
 pub fn len_upto(max: usize) -> impl Strategy<Value = usize> {
@@ -170,7 +171,36 @@ fn sized() -> impl Strategy<Value = Message> {
             .prop_map(|(ok, mismatches)| Message::Verified { ok, mismatches }),
         text(MAX_TEXT).prop_map(|reason| Message::Cancel { reason }),
         text(MAX_TEXT).prop_map(|message| Message::Error { message }),
+        figures(),
     ]
+}
+
+/// One end's figures; the note stays within its limit (the cut is a unit test's).
+fn figures() -> impl Strategy<Value = Message> {
+    (
+        any::<(u64, u32, u64, u64, u64, u64)>(),
+        any::<(Option<bool>, Option<u64>)>(),
+        "[a-z0-9 ]{0,64}",
+    )
+        .prop_map(
+            |((page_bytes, rounds, rate, downtime_us, setup_us, total_us), (p, h), note)| {
+                Message::Figures {
+                    figures: EndFigures {
+                        page_bytes,
+                        rounds,
+                        rate,
+                        downtime_us,
+                        setup_us,
+                        total_us,
+                        memory: MemoryFacts {
+                            prefaulted: p,
+                            huge_bytes: h,
+                            huge_pages: note,
+                        },
+                    },
+                }
+            },
+        )
 }
 
 /// Any message, within its type's limits except for texts.
