@@ -161,6 +161,7 @@ static void config(rmig_config *c, const char *addr) {
     c->key_len = sizeof KEY - 1;
     c->lanes = 2;
     c->transport = RMIG_TRANSPORT_AUTO; /* a uint32_t holding one of the RMIG_TRANSPORT_* */
+    c->encryption = RMIG_ENCRYPTION_TLS_PSK; /* TLS 1.3, the key proven on each connection */
     c->downtime_limit_ms = 100;
 }
 
@@ -272,6 +273,11 @@ int main(int argc, char **argv) {
     for (int i = 0; i < WRITERS; i++)
         pthread_join(vm.writers[i], NULL);
 
+    rmig_stats st;
+    if (ok && (rmig_get_stats(s, &st) != RMIG_OK || st.encryption != RMIG_ENCRYPTION_TLS_PSK)) {
+        fprintf(stderr, "minivmm: the migration was not encrypted\n");
+        ok = 0;
+    }
     size_t need = 0;
     rmig_stats_json(s, NULL, 0, &need);
     char *json = malloc(need ? need : 1);

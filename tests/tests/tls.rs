@@ -209,7 +209,7 @@ fn flipped_byte_ends_the_lane_and_never_lands() {
             // The lane ended and its pages went over the other lane.
             assert_eq!(s.verified, Some(true));
             assert_eq!(d.stats.status, MigrationStatus::Completed);
-            assert!(d.stats.error.is_none() || s.status == MigrationStatus::Completed);
+            assert!(s.lanes_failed >= 1, "no lane ended: {s:?}");
             assert_same(src.bytes(), dst.bytes());
         }
         (s, d) => {
