@@ -12,11 +12,9 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
-};
-use rmig_engine::{DestOutcome, Encryption, EngineError, MigrationStats, MigrationStatus};
+use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair};
 use rmig_engine::X509Creds;
+use rmig_engine::{DestOutcome, Encryption, EngineError, MigrationStats, MigrationStatus};
 use rmig_tests::{assert_same, last_refusal, Deadline, Mem, Setup};
 
 const MIB: usize = 1 << 20;
@@ -61,18 +59,33 @@ impl Tap {
                         let i = n.fetch_add(1, Ordering::Relaxed);
                         let b = TcpStream::connect(target).unwrap();
                         let f = flip.filter(|f| f.conn == i).map(|f| f.offset);
-                        pump(a.try_clone().unwrap(), b.try_clone().unwrap(), Some(seen2.clone()), f, flipped2.clone());
+                        pump(
+                            a.try_clone().unwrap(),
+                            b.try_clone().unwrap(),
+                            Some(seen2.clone()),
+                            f,
+                            flipped2.clone(),
+                        );
                         pump(b, a, None, None, flipped2.clone());
                     }
                     Err(_) => std::thread::sleep(Duration::from_millis(5)),
                 }
             }
         });
-        Tap { addr, seen, stop, flipped }
+        Tap {
+            addr,
+            seen,
+            stop,
+            flipped,
+        }
     }
 
     fn saw(&self, needle: &[u8]) -> bool {
-        self.seen.lock().unwrap().windows(needle.len()).any(|w| w == needle)
+        self.seen
+            .lock()
+            .unwrap()
+            .windows(needle.len())
+            .any(|w| w == needle)
     }
 
     fn bytes_seen(&self) -> usize {
@@ -189,7 +202,11 @@ fn marker_never_on_the_wire_with_encryption() {
         d.unwrap_or_else(|e| panic!("{name}: destination: {e}"));
         assert_eq!(s.verified, Some(true), "{name}");
         assert_same(src.bytes(), dst.bytes());
-        assert!(tap.bytes_seen() >= len, "{name}: the tap saw {} bytes", tap.bytes_seen());
+        assert!(
+            tap.bytes_seen() >= len,
+            "{name}: the tap saw {} bytes",
+            tap.bytes_seen()
+        );
         assert_eq!(tap.saw(MARKER), visible, "{name}: marker on the wire");
     }
 }
@@ -201,9 +218,15 @@ fn flipped_byte_ends_the_lane_and_never_lands() {
     let src = Mem::random(len, 0.0, 11);
     let dst = Mem::new(len);
     // Connection 1 is the first data lane; 1 MiB in, its records carry pages.
-    let flip = Flip { conn: 1, offset: MIB as u64 };
+    let flip = Flip {
+        conn: 1,
+        offset: MIB as u64,
+    };
     let ((s, d), tap) = run_tapped(setup(&src, &dst, len, Encryption::Psk), Some(flip));
-    assert!(tap.flipped.load(Ordering::Relaxed), "the tap flipped no byte");
+    assert!(
+        tap.flipped.load(Ordering::Relaxed),
+        "the tap flipped no byte"
+    );
     match (s, d) {
         (Ok(s), Ok(d)) => {
             // The lane ended and its pages went over the other lane.
@@ -214,7 +237,9 @@ fn flipped_byte_ends_the_lane_and_never_lands() {
         }
         (s, d) => {
             // Or it failed cleanly: the destination did not resume.
-            let d_ok = d.as_ref().map(|d| d.stats.status == MigrationStatus::Completed);
+            let d_ok = d
+                .as_ref()
+                .map(|d| d.stats.status == MigrationStatus::Completed);
             assert_ne!(d_ok.ok(), Some(true), "destination resumed after {s:?}");
         }
     }
@@ -302,10 +327,14 @@ fn mitm(target: SocketAddr) -> SocketAddr {
                 };
                 let (acceptor, connector) = (acceptor.clone(), connector.clone());
                 tokio::spawn(async move {
-                    let Ok(mut a) = acceptor.accept(a).await else { return };
+                    let Ok(mut a) = acceptor.accept(a).await else {
+                        return;
+                    };
                     let b = tokio::net::TcpStream::connect(target).await.unwrap();
                     let name = rustls::pki_types::ServerName::try_from("rmig").unwrap();
-                    let Ok(mut b) = connector.connect(name, b).await else { return };
+                    let Ok(mut b) = connector.connect(name, b).await else {
+                        return;
+                    };
                     let _ = tokio::io::copy_bidirectional(&mut a, &mut b).await;
                 });
             }
@@ -328,7 +357,10 @@ fn psk_relay_with_its_own_tls_fails_the_bound_proof() {
     assert!(e.to_string().contains("could not prove"), "source: {e}");
     let d = last_refusal(d.join().unwrap().expect_err("no source may be accepted"));
     assert!(matches!(d, EngineError::Auth(_)), "destination: {d}");
-    assert!(dst.bytes().iter().all(|&b| b == 0), "bytes landed through the relay");
+    assert!(
+        dst.bytes().iter().all(|&b| b == 0),
+        "bytes landed through the relay"
+    );
 }
 
 // ---------------------------------------------------------------------------------------
@@ -342,7 +374,11 @@ struct Spec {
     until: i32,
 }
 
-const GOOD: Spec = Spec { names: &["localhost", "127.0.0.1"], from: 2020, until: 2099 };
+const GOOD: Spec = Spec {
+    names: &["localhost", "127.0.0.1"],
+    from: 2020,
+    until: 2099,
+};
 
 struct Ca {
     cert: rcgen::Certificate,
@@ -354,7 +390,10 @@ fn ca(name: &str) -> Ca {
     p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     p.distinguished_name.push(DnType::CommonName, name);
     let key = KeyPair::generate().unwrap();
-    Ca { cert: p.self_signed(&key).unwrap(), key }
+    Ca {
+        cert: p.self_signed(&key).unwrap(),
+        key,
+    }
 }
 
 /// Writes `stem-cert.pem` and `stem-key.pem` (mode 600) into `dir`, signed by `ca`.
@@ -380,8 +419,20 @@ fn creds(name: &str, ca_in_dir: &Ca, signer: &Ca, server: Spec, client: Spec) ->
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("ca-cert.pem"), ca_in_dir.cert.pem()).unwrap();
-    issue(&dir, "server", signer, server, ExtendedKeyUsagePurpose::ServerAuth);
-    issue(&dir, "client", signer, client, ExtendedKeyUsagePurpose::ClientAuth);
+    issue(
+        &dir,
+        "server",
+        signer,
+        server,
+        ExtendedKeyUsagePurpose::ServerAuth,
+    );
+    issue(
+        &dir,
+        "client",
+        signer,
+        client,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    );
     dir
 }
 
@@ -394,7 +445,15 @@ fn x509(dir: &Path) -> Encryption {
 
 /// Migrates 4 MiB with the source using `src_dir` and the destination `dst_dir`; returns
 /// both results (the destination's error is its last refusal when it gave up waiting).
-fn run_x509(src_enc: Encryption, dst_enc: Encryption) -> (Result<MigrationStats, EngineError>, Result<DestOutcome, EngineError>, Mem, Mem) {
+fn run_x509(
+    src_enc: Encryption,
+    dst_enc: Encryption,
+) -> (
+    Result<MigrationStats, EngineError>,
+    Result<DestOutcome, EngineError>,
+    Mem,
+    Mem,
+) {
     let len = 4 * MIB;
     let src = Mem::random(len, 0.0, 9);
     let dst = Mem::new(len);
@@ -438,7 +497,12 @@ fn x509_wrong_ca_is_refused_on_both_sides() {
     let good = creds("ca-good", &ca1, &ca1, GOOD, GOOD);
     // The destination's certificate comes from another CA than the source trusts.
     let other = creds("ca-other", &ca2, &ca2, GOOD, GOOD);
-    refused(x509(&good), x509(&other), "not signed by our CA", "not signed by its CA");
+    refused(
+        x509(&good),
+        x509(&other),
+        "not signed by our CA",
+        "not signed by its CA",
+    );
 }
 
 #[test]
@@ -446,22 +510,48 @@ fn x509_expired_and_not_yet_valid_are_refused() {
     let _deadline = Deadline::secs(90);
     let ca = ca("rmig test CA");
     let good = creds("time-good", &ca, &ca, GOOD, GOOD);
-    let old = Spec { from: 2010, until: 2015, ..GOOD };
+    let old = Spec {
+        from: 2010,
+        until: 2015,
+        ..GOOD
+    };
     let expired = creds("expired", &ca, &ca, old, old);
-    refused(x509(&good), x509(&expired), "has expired", "refused our certificate: it has expired");
-    let future = Spec { from: 2090, until: 2099, ..GOOD };
+    refused(
+        x509(&good),
+        x509(&expired),
+        "has expired",
+        "refused our certificate: it has expired",
+    );
+    let future = Spec {
+        from: 2090,
+        until: 2099,
+        ..GOOD
+    };
     let early = creds("early", &ca, &ca, GOOD, future);
     // The source's client certificate is not valid yet: the destination refuses it.
-    refused(x509(&early), x509(&good), "refused our certificate", "not valid yet");
+    refused(
+        x509(&early),
+        x509(&good),
+        "refused our certificate",
+        "not valid yet",
+    );
 }
 
 #[test]
 fn x509_wrong_hostname_is_refused_unless_overridden() {
     let _deadline = Deadline::secs(60);
     let ca = ca("rmig test CA");
-    let other = Spec { names: &["dest.example"], ..GOOD };
+    let other = Spec {
+        names: &["dest.example"],
+        ..GOOD
+    };
     let dir = creds("name", &ca, &ca, other, GOOD);
-    refused(x509(&dir), x509(&dir), "not valid for the name", "refused our certificate");
+    refused(
+        x509(&dir),
+        x509(&dir),
+        "not valid for the name",
+        "refused our certificate",
+    );
     let named = Encryption::X509(X509Creds {
         dir: dir.clone(),
         hostname: Some("dest.example".into()),
@@ -482,17 +572,29 @@ fn x509_missing_files_and_readable_keys_are_clear_errors() {
     std::fs::remove_file(missing.join("server-cert.pem")).unwrap();
     let (s, d, _, _) = run_x509(x509(&missing), x509(&missing));
     let s = s.unwrap_err().to_string();
-    assert!(s.contains("client-key.pem") && s.contains("cannot read"), "source: {s}");
+    assert!(
+        s.contains("client-key.pem") && s.contains("cannot read"),
+        "source: {s}"
+    );
     let d = d.unwrap_err().to_string();
-    assert!(d.contains("server-cert.pem") && d.contains("cannot read"), "destination: {d}");
+    assert!(
+        d.contains("server-cert.pem") && d.contains("cannot read"),
+        "destination: {d}"
+    );
     for f in ["client-key.pem", "server-key.pem"] {
         std::fs::set_permissions(dir.join(f), std::fs::Permissions::from_mode(0o644)).unwrap();
     }
     let (s, d, _, _) = run_x509(x509(&dir), x509(&dir));
     let s = s.unwrap_err().to_string();
-    assert!(s.contains("client-key.pem") && s.contains("chmod 600"), "source: {s}");
+    assert!(
+        s.contains("client-key.pem") && s.contains("chmod 600"),
+        "source: {s}"
+    );
     let d = d.unwrap_err().to_string();
-    assert!(d.contains("server-key.pem") && d.contains("chmod 600"), "destination: {d}");
+    assert!(
+        d.contains("server-key.pem") && d.contains("chmod 600"),
+        "destination: {d}"
+    );
 }
 
 #[test]
@@ -520,7 +622,13 @@ fn x509_relay_with_its_own_certificate_is_refused() {
     s.src.dest = mitm(([127, 0, 0, 1], port).into()).to_string();
     let r = migrate(s);
     let e = r.expect_err("the source must refuse the relay's certificate");
-    assert!(e.to_string().contains("not signed by our CA"), "source: {e}");
+    assert!(
+        e.to_string().contains("not signed by our CA"),
+        "source: {e}"
+    );
     let _ = d.join();
-    assert!(dst.bytes().iter().all(|&b| b == 0), "bytes landed through the relay");
+    assert!(
+        dst.bytes().iter().all(|&b| b == 0),
+        "bytes landed through the relay"
+    );
 }

@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use rmig_engine::{
     ConvergePolicy, DestConfig, DestEmbedder, DestListener, Encryption, EngineError, Key,
-    MigrationStatus, X509Creds,
-    NoConvergence, Region, SourceConfig, SourceSession, Step, TransportChoice, PAGE_2M, PAGE_4K,
+    MigrationStatus, NoConvergence, Region, SourceConfig, SourceSession, Step, TransportChoice,
+    X509Creds, PAGE_2M, PAGE_4K,
 };
 
 use crate::embedder::{CDirty, C};

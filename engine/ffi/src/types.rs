@@ -57,9 +57,15 @@ pub enum RmigEncryption {
 impl RmigEncryption {
     /// Every value, with its C name.
     const ALL: [(RmigEncryption, &'static str); 3] = [
-        (RmigEncryption::RmigEncryptionTlsPsk, "RMIG_ENCRYPTION_TLS_PSK"),
+        (
+            RmigEncryption::RmigEncryptionTlsPsk,
+            "RMIG_ENCRYPTION_TLS_PSK",
+        ),
         (RmigEncryption::RmigEncryptionOff, "RMIG_ENCRYPTION_OFF"),
-        (RmigEncryption::RmigEncryptionTlsX509, "RMIG_ENCRYPTION_TLS_X509"),
+        (
+            RmigEncryption::RmigEncryptionTlsX509,
+            "RMIG_ENCRYPTION_TLS_X509",
+        ),
     ];
 }
 

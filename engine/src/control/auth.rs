@@ -167,13 +167,19 @@ impl SessionAuth {
 
     /// The source's proof.
     pub fn source_proof(&self) -> [u8; 32] {
-        let parts = bound(&[&self.dest_nonce, &self.source_nonce], self.binding.as_ref());
+        let parts = bound(
+            &[&self.dest_nonce, &self.source_nonce],
+            self.binding.as_ref(),
+        );
         self.key.sign(label::SOURCE, &parts)
     }
 
     /// The destination's proof.
     pub fn dest_proof(&self) -> [u8; 32] {
-        let parts = bound(&[&self.source_nonce, &self.dest_nonce], self.binding.as_ref());
+        let parts = bound(
+            &[&self.source_nonce, &self.dest_nonce],
+            self.binding.as_ref(),
+        );
         self.key.sign(label::DEST, &parts)
     }
 
@@ -252,13 +258,19 @@ impl SessionAuth {
 
     /// Checks the source's proof.
     pub fn check_source(&self, tag: &[u8; 32]) -> bool {
-        let parts = bound(&[&self.dest_nonce, &self.source_nonce], self.binding.as_ref());
+        let parts = bound(
+            &[&self.dest_nonce, &self.source_nonce],
+            self.binding.as_ref(),
+        );
         self.key.check(label::SOURCE, &parts, tag)
     }
 
     /// Checks the destination's proof.
     pub fn check_dest(&self, tag: &[u8; 32]) -> bool {
-        let parts = bound(&[&self.source_nonce, &self.dest_nonce], self.binding.as_ref());
+        let parts = bound(
+            &[&self.source_nonce, &self.dest_nonce],
+            self.binding.as_ref(),
+        );
         self.key.check(label::DEST, &parts, tag)
     }
 }

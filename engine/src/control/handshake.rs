@@ -70,7 +70,11 @@ pub async fn write<S: AsyncWrite + Unpin>(s: &mut S, m: &Message) -> Result<(), 
 }
 
 /// Reads the next message; a timeout or a malformed frame is reported to the peer too.
-pub async fn recv<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S, d: Duration, what: &str) -> Result<Message, EngineError> {
+pub async fn recv<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+    d: Duration,
+    what: &str,
+) -> Result<Message, EngineError> {
     match tokio::time::timeout(d, codec::read_async(s)).await {
         Err(_) => {
             let e = EngineError::Protocol(format!("no {what} within {} ms", d.as_millis()));
@@ -90,7 +94,10 @@ fn unexpected(what: &str, m: &Message) -> EngineError {
 }
 
 /// Tells the peer why we give up (best effort), then returns the error.
-pub async fn refuse<T, S: AsyncRead + AsyncWrite + Unpin>(s: &mut S, e: EngineError) -> Result<T, EngineError> {
+pub async fn refuse<T, S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+    e: EngineError,
+) -> Result<T, EngineError> {
     let _ = write(
         s,
         &Message::Error {

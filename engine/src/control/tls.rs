@@ -26,7 +26,9 @@ use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, Server
 use rustls::crypto::{ring, CryptoProvider};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
-use rustls::{CertificateError, ClientConfig, DigitallySignedStruct, ServerConfig, SignatureScheme};
+use rustls::{
+    CertificateError, ClientConfig, DigitallySignedStruct, ServerConfig, SignatureScheme,
+};
 
 /// The exporter label of rmig's channel binding (RFC 5705 labels start with `EXPORTER`).
 const BINDING_LABEL: &[u8] = b"EXPORTER-rmig-v1-channel-binding";
@@ -86,7 +88,9 @@ pub enum TlsError {
         source: std::io::Error,
     },
     /// A private key file that group or others may read.
-    #[error("TLS key file {path} has mode {mode:03o}, so others may read it; run `chmod 600 {path}`")]
+    #[error(
+        "TLS key file {path} has mode {mode:03o}, so others may read it; run `chmod 600 {path}`"
+    )]
     KeyReadable {
         /// The file.
         path: PathBuf,
@@ -337,9 +341,7 @@ pub fn explain(e: &std::io::Error) -> TlsError {
 /// completed (TLS 1.3 clients learn it on their first read); other errors unchanged.
 pub fn surface(e: crate::EngineError) -> crate::EngineError {
     match &e {
-        crate::EngineError::Io(io)
-            if io.get_ref().is_some_and(|i| i.is::<rustls::Error>()) =>
-        {
+        crate::EngineError::Io(io) if io.get_ref().is_some_and(|i| i.is::<rustls::Error>()) => {
             explain(io).into()
         }
         _ => e,

@@ -345,7 +345,11 @@ async fn open(
             handshake::refuse(&mut s, e).await
         }
         Some(tls) => {
-            let t = tls.acceptor().accept(s).await.map_err(|e| tls::explain(&e))?;
+            let t = tls
+                .acceptor()
+                .accept(s)
+                .await
+                .map_err(|e| tls::explain(&e))?;
             let binding = tls::binding(t.get_ref().1)?;
             Ok((Sock::Tls(Box::new(t)), Some(binding), local))
         }

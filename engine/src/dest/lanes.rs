@@ -21,8 +21,8 @@ use tokio::net::TcpStream;
 use super::incoming::{Arrival, Door, LaneClaim, RejoinClaim, Sock};
 use super::sink::DestSink;
 use crate::control::auth::SessionAuth;
-use crate::control::link::{ControlLink, INBOX};
 use crate::control::handshake;
+use crate::control::link::{ControlLink, INBOX};
 use crate::protocol::Message;
 use crate::EngineError;
 
@@ -65,7 +65,9 @@ fn verdict(claim: &LaneClaim, auth: &SessionAuth) -> Result<u16, String> {
 async fn answer(mut s: Sock, verdict: Result<u16, String>) -> Option<LaneSocket> {
     match verdict {
         Ok(_) => {
-            handshake::write(&mut s, &Message::LaneAccepted).await.ok()?;
+            handshake::write(&mut s, &Message::LaneAccepted)
+                .await
+                .ok()?;
             let (tcp, tls) = match s {
                 Sock::Plain(t) => (t, None),
                 Sock::Tls(t) => {

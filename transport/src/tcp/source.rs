@@ -155,7 +155,10 @@ fn advance(iov: &mut &mut [libc::iovec], mut n: usize) {
 /// # Safety
 /// Every entry describes memory valid for reads for the whole call: ordinary buffers, or
 /// guest memory by the contract of the [`MemRegion`](crate::MemRegion) it came from.
-pub(super) unsafe fn write_all_iov(s: &TcpStream, mut iov: &mut [libc::iovec]) -> std::io::Result<()> {
+pub(super) unsafe fn write_all_iov(
+    s: &TcpStream,
+    mut iov: &mut [libc::iovec],
+) -> std::io::Result<()> {
     while !iov.is_empty() {
         let n = iov.len().min(IOV_MAX);
         // `sendmsg` rather than `writev` for MSG_NOSIGNAL: a peer that closed must be an
