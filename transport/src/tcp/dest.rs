@@ -33,7 +33,7 @@ pub struct TcpDestLane {
 /// A lane's connection: the socket itself, or a TLS session over it.
 enum Conn {
     Plain(TcpStream),
-    Tls(Box<rustls::StreamOwned<rustls::ServerConnection, TcpStream>>),
+    Tls(Box<TlsIn>),
 }
 
 impl Conn {
@@ -42,6 +42,76 @@ impl Conn {
             Conn::Plain(s) => s,
             Conn::Tls(t) => &t.sock,
         }
+    }
+}
+
+/// Records read from the socket at once. rustls reads at most 4 KiB per call from what it
+/// is given; fed from this buffer, that is a copy in cache instead of a system call (measured
+/// on the 2-core host: reading the socket 4 KiB at a time, through rustls's `StreamOwned`,
+/// held TLS lanes to a fifth of the cleartext rate).
+const TLS_READ: usize = 256 * 1024;
+
+/// A TLS session over a lane socket, read in large pieces.
+struct TlsIn {
+    conn: rustls::ServerConnection,
+    sock: TcpStream,
+    raw: Vec<u8>,
+    start: usize,
+    end: usize,
+    eof: bool,
+}
+
+impl TlsIn {
+    /// Feeds the next piece of the socket's bytes to the session and opens the records that
+    /// are whole. A record that fails authentication is an `InvalidData` error.
+    fn feed(&mut self) -> std::io::Result<()> {
+        if self.start == self.end && !self.eof {
+            let n = loop {
+                match self.sock.read(&mut self.raw) {
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    r => break r?,
+                }
+            };
+            (self.start, self.end, self.eof) = (0, n, n == 0);
+        }
+        let mut piece = &self.raw[self.start..self.end];
+        let before = piece.len();
+        self.conn.read_tls(&mut piece)?;
+        self.start += before - piece.len();
+        self.conn
+            .process_new_packets()
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+        Ok(())
+    }
+}
+
+impl Read for TlsIn {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        loop {
+            match self.conn.reader().read(buf) {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                r => return r,
+            }
+            if self.eof && self.start == self.end {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+            self.feed()?;
+        }
+    }
+}
+
+impl Write for TlsIn {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.conn.writer().write(buf)?;
+        self.flush()?;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        while self.conn.wants_write() {
+            self.conn.write_tls(&mut self.sock)?;
+        }
+        Ok(())
     }
 }
 
@@ -194,7 +264,14 @@ impl TcpDestLane {
         map: MemoryMap,
     ) -> Result<Self, LaneError> {
         stream.set_nodelay(true)?;
-        let tls = rustls::StreamOwned::new(conn, stream);
+        let tls = TlsIn {
+            conn,
+            sock: stream,
+            raw: vec![0u8; TLS_READ],
+            start: 0,
+            end: 0,
+            eof: false,
+        };
         Ok(Self::over(Conn::Tls(Box::new(tls)), map))
     }
 
