@@ -23,7 +23,8 @@
  *    call returns RMIG_ERR_HANDOVER_UNKNOWN with this end's guest paused, and only
  *    rmig_resolve_handover (the operator's decision) resumes or gives it up.
  *  - Enumerations that the caller fills in are uint32_t values holding one of the named
- *    constants (rmig_config.transport: RMIG_TRANSPORT_*; the decision of
+ *    constants (rmig_config.transport: RMIG_TRANSPORT_*; rmig_config.encryption:
+ *    RMIG_ENCRYPTION_*; the decision of
  *    rmig_resolve_handover: RMIG_HANDOVER_*); any other value is refused with
  *    RMIG_ERR_INVALID_ARGUMENT. rmig_status (return values) and rmig_state (rmig_stats.state)
  *    are C enums that only the library writes.
@@ -152,6 +153,30 @@ typedef uint32_t rmig_handover;
 #endif // __STDC_VERSION__ >= 202311L
 #endif // __cplusplus
 
+// Encryption of a session: the allowed values of `rmig_config.encryption`, and what
+// `rmig_stats.encryption` reports.
+//
+// Zero is TLS with the pre-shared key, so that a configuration left zeroed is encrypted.
+enum rmig_encryption
+#if defined(__cplusplus) || __STDC_VERSION__ >= 202311L
+  : uint32_t
+#endif // defined(__cplusplus) || __STDC_VERSION__ >= 202311L
+ {
+  // TLS 1.3 on every connection, the pre-shared key's proofs bound to each (the default).
+  RMIG_ENCRYPTION_TLS_PSK = 0,
+  // Cleartext: anyone on the path can read and change guest memory.
+  RMIG_ENCRYPTION_OFF = 1,
+  // TLS 1.3 with mutual x509 certificates from `rmig_config.tls_creds`.
+  RMIG_ENCRYPTION_TLS_X509 = 2,
+};
+#ifndef __cplusplus
+#if __STDC_VERSION__ >= 202311L
+typedef enum rmig_encryption rmig_encryption;
+#else
+typedef uint32_t rmig_encryption;
+#endif // __STDC_VERSION__ >= 202311L
+#endif // __cplusplus
+
 // Growable bytes owned by the library, filled by a callback with `rmig_bytes_append`.
 typedef struct rmig_bytes rmig_bytes;
 
@@ -183,6 +208,17 @@ typedef struct {
   uint32_t auto_converge;
   // End-to-end verification (default 1).
   uint32_t verify;
+  // Encryption: one of the `RMIG_ENCRYPTION_*` values of `rmig_encryption` (default
+  // `RMIG_ENCRYPTION_TLS_PSK`). RDMA lanes cannot be encrypted: with encryption on,
+  // `RMIG_TRANSPORT_AUTO` uses TCP.
+  uint32_t encryption;
+  // With `RMIG_ENCRYPTION_TLS_X509`: a directory laid out as QEMU's tls-creds-x509
+  // (`ca-cert.pem`, `server-cert.pem`, `server-key.pem`, `client-cert.pem`,
+  // `client-key.pem`). Borrowed during `rmig_*_new` only.
+  const char *tls_creds;
+  // With `RMIG_ENCRYPTION_TLS_X509` on a source: the name the destination's certificate
+  // must carry; NULL: the host of `address`. Borrowed during `rmig_*_new` only.
+  const char *tls_hostname;
 } rmig_config;
 
 // Callbacks into the embedder, all called on the thread that drives the session.
@@ -246,6 +282,9 @@ typedef struct {
   uint64_t ram_normal_bytes;
   // Dirty-log syncs.
   uint64_t dirty_sync_count;
+  // How the session's connections were protected: one of the `RMIG_ENCRYPTION_*` values
+  // (meaningful once the migration is past its setup).
+  uint32_t encryption;
 } rmig_stats;
 
 #ifdef __cplusplus

@@ -8,6 +8,7 @@
 #   3. down for 10 s with a 2 s reconnect window (the window opens when the 5 s peer timeout
 #      ends): it fails cleanly within a bound, says why, the source exits 1 and its guest was
 #      never paused; the destination fails too.
+# Cleartext (--encryption off): an encrypted session does not reconnect yet.
 # Needs root (namespaces). Addresses from 198.18.0.0/15 (benchmarking range).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -48,7 +49,7 @@ migrate() {
     local name=$1 brk=$2 window=$3
     port=$((port + 1))
     timeout -k 5 60 ip netns exec "$dst" "$bench" dest --listen 198.18.0.2:$port --size $size \
-        --reconnect-window "$window" --incoming-timeout 30 --json \
+        --reconnect-window "$window" --incoming-timeout 30 --encryption off --json \
         > "$out/$name.dst.json" 2> "$out/$name.dst.err" &
     local dpid=$!
     # Ready when the destination listens.
@@ -58,7 +59,7 @@ migrate() {
     done
     local t0=$SECONDS
     timeout -k 5 60 ip netns exec "$src" "$bench" source --connect 198.18.0.2:$port --size $size \
-        --dirty-rate 20 --hot-set 0.05 --lanes 2 --reconnect-window "$window" --json \
+        --dirty-rate 20 --hot-set 0.05 --lanes 2 --reconnect-window "$window" --encryption off --json \
         > "$out/$name.src.json" 2> "$out/$name.src.err" &
     local spid=$!
     # Round 0 is under way once lane data flows: wait for established lanes, then 1 s more.

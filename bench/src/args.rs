@@ -275,6 +275,19 @@ pub struct TransportArgs {
     /// 0 fails the migration at once.
     #[arg(long, default_value_t = 10.0, value_parser = parse::seconds)]
     pub reconnect_window: f64,
+    /// TLS 1.3 on the control connection and every TCP lane [default: on for source and
+    /// dest, off for loopback]. RDMA lanes cannot be encrypted: with it on, `auto` uses TCP.
+    #[arg(long, value_enum, help_heading = "Encryption")]
+    pub encryption: Option<OnOff>,
+    /// x509 credentials directory laid out as QEMU's tls-creds-x509 (ca-cert.pem,
+    /// server-cert.pem, server-key.pem, client-cert.pem, client-key.pem); without it, TLS
+    /// authenticates with the pre-shared key.
+    #[arg(long, value_name = "DIR", help_heading = "Encryption")]
+    pub tls_creds: Option<std::path::PathBuf>,
+    /// Name the destination's certificate must carry (x509; default: the host of the
+    /// destination address).
+    #[arg(long, value_name = "NAME", help_heading = "Encryption")]
+    pub tls_hostname: Option<String>,
 }
 
 /// The data transport.
@@ -316,9 +329,25 @@ impl TransportArgs {
         }
     }
 
-    /// A destination configuration with these transport settings.
+    /// The engine's encryption: `--encryption` (or `default_on`), with x509 credentials when
+    /// `--tls-creds` names them.
+    pub fn encryption(&self, default_on: bool) -> rmig_engine::Encryption {
+        let on = self.encryption.map_or(default_on, |e| e == OnOff::On);
+        match (&self.tls_creds, on) {
+            (_, false) => rmig_engine::Encryption::Off,
+            (None, true) => rmig_engine::Encryption::Psk,
+            (Some(dir), true) => rmig_engine::Encryption::X509(rmig_engine::X509Creds {
+                dir: dir.clone(),
+                hostname: self.tls_hostname.clone(),
+            }),
+        }
+    }
+
+    /// A destination configuration with these transport settings (encryption on unless
+    /// `--encryption off`).
     pub fn dest_config(&self, key: Key) -> DestConfig {
         let mut d = DestConfig::new(key);
+        d.encryption = self.encryption(true);
         d.transport = self.choice();
         d.rdma = self.rdma();
         d.reconnect_window = Duration::from_secs_f64(self.reconnect_window);
@@ -553,6 +582,7 @@ fn usage(sub: &str, msg: String) -> clap::Error {
 pub fn validate(cmd: &Cmd) -> Result<(), clap::Error> {
     match cmd {
         Cmd::Loopback(a) => {
+            check_tls("loopback", &a.migrate.transport, false)?;
             check_guest("loopback", &a.guest)?;
             check_workload("loopback", &a.workload)?;
             let prealloc = a.prealloc.on();
@@ -565,11 +595,13 @@ pub fn validate(cmd: &Cmd) -> Result<(), clap::Error> {
             check_memory("loopback", need, what, prealloc)
         }
         Cmd::Source(a) => {
+            check_tls("source", &a.migrate.transport, true)?;
             check_guest("source", &a.guest)?;
             check_workload("source", &a.workload)?;
             check_memory("source", a.guest.size, "source memory", false)
         }
         Cmd::Dest(a) => {
+            check_tls("dest", &a.transport, true)?;
             check_guest("dest", &a.guest)?;
             if a.prealloc.on() {
                 check_memory("dest", a.guest.size, "preallocated memory", true)?;
@@ -593,6 +625,21 @@ pub fn validate(cmd: &Cmd) -> Result<(), clap::Error> {
         }
         Cmd::Topology(_) | Cmd::Plot(_) => Ok(()),
     }
+}
+
+/// `--tls-creds` and `--tls-hostname` need encryption on (`default_on`: this command's
+/// default), and the name needs the credentials it is checked with.
+fn check_tls(sub: &str, t: &TransportArgs, default_on: bool) -> Result<(), clap::Error> {
+    let on = t.encryption.map_or(default_on, |e| e == OnOff::On);
+    if !on && t.tls_creds.is_some() {
+        let msg = "--tls-creds needs encryption on (--encryption on)".to_string();
+        return Err(usage(sub, msg));
+    }
+    if t.tls_hostname.is_some() && t.tls_creds.is_none() {
+        let msg = "--tls-hostname checks an x509 certificate: give --tls-creds too".to_string();
+        return Err(usage(sub, msg));
+    }
+    Ok(())
 }
 
 fn check_guest(sub: &str, g: &GuestArgs) -> Result<(), clap::Error> {

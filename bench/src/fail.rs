@@ -91,6 +91,10 @@ pub fn hint(side: Side, e: &EngineError) -> String {
         E::AllLanesFailed(_) | E::Lane { .. } => "the data connections failed: check the \
             network, or try fewer --lanes"
             .into(),
+        E::Tls(_) => "check --tls-creds and --tls-hostname at both ends, or use the same \
+            --encryption on both"
+            .into(),
+        _ if peer_text.contains("encryption") => "use the same --encryption on both ends".into(),
         E::Rdma(_) => "use --transport tcp (or auto), or name the device with --rdma-dev".into(),
         E::VerifyFailed(_) => "destination memory differs from the source: this is a bug in \
             rmig or in the memory under it; please report it with this output"

@@ -81,6 +81,7 @@ fn source_config(dest: String, key: Key, m: &MigrateArgs) -> SourceConfig {
     };
     c.max_bandwidth = m.max_bandwidth;
     c.verify = m.verify == OnOff::On;
+    c.encryption = m.transport.encryption(true);
     c.transport = m.transport.choice();
     c.rdma = m.transport.rdma();
     c.reconnect_window = Duration::from_secs_f64(m.transport.reconnect_window);
@@ -337,7 +338,10 @@ fn loopback(a: LoopbackArgs) -> Result<i32> {
     } else {
         format!("{}:0", a.addr)
     };
-    let listener = DestListener::bind(&bind, a.migrate.transport.dest_config(key.clone()))?;
+    // Both ends in one process: cleartext unless `--encryption on`.
+    let mut dcfg = a.migrate.transport.dest_config(key.clone());
+    dcfg.encryption = a.migrate.transport.encryption(false);
+    let listener = DestListener::bind(&bind, dcfg)?;
     let addr = listener.local_addr()?;
     let mut src = prepare_source(&a.guest, &a.workload)?;
     let t = Instant::now();
@@ -357,7 +361,8 @@ fn loopback(a: LoopbackArgs) -> Result<i32> {
         .name("bench-dest".into())
         .spawn(move || listener.serve(vec![dregion], Box::new(dest_embedder), dm))?;
 
-    let cfg = source_config(addr.to_string(), key, &a.migrate);
+    let mut cfg = source_config(addr.to_string(), key, &a.migrate);
+    cfg.encryption = a.migrate.transport.encryption(false);
     let dev = device_state(a.workload.seed);
     // No operator between two ends of one process: an unknown handover stays unknown.
     let on_unknown = OnHandoverUnknown::Ask;

@@ -213,6 +213,15 @@ impl Report {
                 ),
             ));
         }
+        let enc = match s.encryption.as_str() {
+            "tls-psk" => "tls-psk (TLS 1.3, pre-shared key proven on each connection)",
+            "tls-x509" => "tls-x509 (TLS 1.3, mutual certificates)",
+            "off" => "off (cleartext: anyone on the path can read and change guest memory)",
+            other => other,
+        };
+        if !enc.is_empty() {
+            v.push(("encryption", enc.to_string()));
+        }
         if let Some(f) = &s.fallback_reason {
             v.push(("fallback reason", f.clone()));
         }

@@ -1272,7 +1272,9 @@ fn pipe(mut from: std::net::TcpStream, mut to: std::net::TcpStream, stop: Option
 /// A two-host migration through a relay that cuts the control connection at `cut`, with
 /// the given `--on-handover-unknown` decisions (`None`: the default, asking).
 fn cut_handover(cut: Cut, src_says: Option<&str>, dest_says: Option<&str>) -> (Output, Output) {
+    // The relay reads the control frames: cleartext.
     let mut dargs = vec!["--size", "32MiB", "--json", "--incoming-timeout", "20"];
+    dargs.extend(["--encryption", "off"]);
     if let Some(d) = dest_says {
         dargs.extend(["--on-handover-unknown", d]);
     }
@@ -1280,7 +1282,7 @@ fn cut_handover(cut: Cut, src_says: Option<&str>, dest_says: Option<&str>) -> (O
     let via = relay(dest.addr.clone(), cut);
     let mut cmd = bench();
     cmd.args(["source", "--connect", &via, "--size", "32MiB", "--json"])
-        .args(["--reconnect-window", "0"])
+        .args(["--reconnect-window", "0", "--encryption", "off"])
         .env("RMIG_KEY", KEY);
     if let Some(s) = src_says {
         cmd.args(["--on-handover-unknown", s]);

@@ -8,6 +8,7 @@ use rmig_transport::FaultPlan;
 
 use crate::control::auth::Key;
 use crate::control::link::Liveness;
+pub use crate::control::tls::{Encryption, X509Creds};
 use crate::converge::ConvergePolicy;
 use crate::protocol::{PROTOCOL_MAX, PROTOCOL_MIN};
 
@@ -51,6 +52,10 @@ pub struct SourceConfig {
     pub dest: String,
     /// Pre-shared key.
     pub key: Key,
+    /// Encryption of the control connection and the TCP lanes (default: TLS with the
+    /// pre-shared key's proofs bound to each session). RDMA lanes cannot be encrypted
+    /// (one-sided WRITEs), so with encryption on `auto` picks TCP and `rdma` is refused.
+    pub encryption: Encryption,
     /// Data lanes (default: one per CPU).
     pub lanes: usize,
     /// Transport preference.
@@ -89,6 +94,7 @@ impl SourceConfig {
         SourceConfig {
             dest: dest.into(),
             key,
+            encryption: Encryption::default(),
             lanes: std::thread::available_parallelism().map_or(1, |n| n.get()),
             transport: TransportChoice::Auto,
             rdma: RdmaConfig::default(),
@@ -121,6 +127,9 @@ pub struct DestFault {
 pub struct DestConfig {
     /// Pre-shared key.
     pub key: Key,
+    /// Encryption: whether every connection must be TLS, and how it authenticates. A
+    /// connection that does not match is refused with a message saying so.
+    pub encryption: Encryption,
     /// Transport preference.
     pub transport: TransportChoice,
     /// RDMA device and registration.
@@ -151,6 +160,7 @@ impl DestConfig {
     pub fn new(key: Key) -> Self {
         DestConfig {
             key,
+            encryption: Encryption::default(),
             transport: TransportChoice::Auto,
             rdma: RdmaConfig::default(),
             max_lanes: 64,

@@ -120,6 +120,9 @@ pub enum EngineError {
     /// A step was called in a state that does not allow it.
     #[error("invalid state: {0}")]
     State(String),
+    /// TLS could not be set up (credentials) or a TLS handshake failed.
+    #[error("{0}")]
+    Tls(#[source] Arc<crate::control::tls::TlsError>),
 }
 
 impl EngineError {
@@ -156,6 +159,12 @@ impl EngineError {
 impl From<io::Error> for EngineError {
     fn from(e: io::Error) -> Self {
         EngineError::Io(Arc::new(e))
+    }
+}
+
+impl From<crate::control::tls::TlsError> for EngineError {
+    fn from(e: crate::control::tls::TlsError) -> Self {
+        EngineError::Tls(Arc::new(e))
     }
 }
 

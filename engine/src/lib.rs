@@ -32,7 +32,9 @@ pub mod verify;
 pub use cancel::CancelToken;
 #[cfg(feature = "fault-injection")]
 pub use config::DestFault;
-pub use config::{DestConfig, NumaMode, RdmaConfig, SourceConfig, TransportChoice};
+pub use config::{
+    DestConfig, Encryption, NumaMode, RdmaConfig, SourceConfig, TransportChoice, X509Creds,
+};
 pub use control::auth::Key;
 pub use converge::{ConvergePolicy, NoConvergence};
 pub use dest::{DestListener, DestOutcome};

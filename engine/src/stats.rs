@@ -127,6 +127,8 @@ pub struct MigrationStats {
     pub expected_downtime_ms: f64,
     /// `tcp`.
     pub transport: String,
+    /// How the connections were protected: `tls-x509`, `tls-psk` or `off` (cleartext).
+    pub encryption: String,
     /// Why the preferred transport was not used, if it was not.
     pub fallback_reason: Option<String>,
     /// The RDMA device and registration, when the transport is RDMA.

@@ -154,6 +154,9 @@ static int check(rmig_status s, const char *what) {
     return s == RMIG_OK;
 }
 
+/* Downtime limit; a second argument changes it (valgrind slows the encryption tenfold). */
+static uint64_t downtime_limit_ms = 100;
+
 static void config(rmig_config *c, const char *addr) {
     rmig_config_default(c);
     c->address = addr;
@@ -161,7 +164,8 @@ static void config(rmig_config *c, const char *addr) {
     c->key_len = sizeof KEY - 1;
     c->lanes = 2;
     c->transport = RMIG_TRANSPORT_AUTO; /* a uint32_t holding one of the RMIG_TRANSPORT_* */
-    c->downtime_limit_ms = 100;
+    c->encryption = RMIG_ENCRYPTION_TLS_PSK; /* TLS 1.3, the key proven on each connection */
+    c->downtime_limit_ms = downtime_limit_ms;
 }
 
 /* ---- destination (the forked child) ---- */
@@ -209,8 +213,10 @@ static int run_dest(size_t size, int port_fd, int hash_fd) {
 
 int main(int argc, char **argv) {
     size_t size = (size_t)(argc > 1 ? strtoul(argv[1], NULL, 10) : 64) << 20;
-    if (size == 0 || size % PAGE) {
-        fprintf(stderr, "usage: %s [size in MiB]\n", argv[0]);
+    if (argc > 2)
+        downtime_limit_ms = strtoull(argv[2], NULL, 10);
+    if (size == 0 || size % PAGE || downtime_limit_ms == 0) {
+        fprintf(stderr, "usage: %s [size in MiB] [downtime limit in ms]\n", argv[0]);
         return 2;
     }
     int port_pipe[2], hash_pipe[2];
@@ -272,6 +278,11 @@ int main(int argc, char **argv) {
     for (int i = 0; i < WRITERS; i++)
         pthread_join(vm.writers[i], NULL);
 
+    rmig_stats st;
+    if (ok && (rmig_get_stats(s, &st) != RMIG_OK || st.encryption != RMIG_ENCRYPTION_TLS_PSK)) {
+        fprintf(stderr, "minivmm: the migration was not encrypted\n");
+        ok = 0;
+    }
     size_t need = 0;
     rmig_stats_json(s, NULL, 0, &need);
     char *json = malloc(need ? need : 1);

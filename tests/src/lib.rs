@@ -394,7 +394,11 @@ impl Setup {
     pub fn new(src: &Mem, dst: &Mem, len: usize) -> Setup {
         let mut s = SourceConfig::new("unset", key());
         s.lanes = 2;
+        // The suite speaks the cleartext protocol to the engine (hostile peers, raw lanes);
+        // tests/tls.rs turns encryption on.
+        s.encryption = rmig_engine::Encryption::Off;
         let mut d = DestConfig::new(key());
+        d.encryption = rmig_engine::Encryption::Off;
         // A deadline for every test: a destination that no source reaches gives up.
         d.incoming_timeout = Some(Duration::from_secs(20));
         Setup {

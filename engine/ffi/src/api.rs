@@ -8,8 +8,9 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::time::Duration;
 
 use rmig_engine::{
-    ConvergePolicy, DestConfig, DestEmbedder, DestListener, EngineError, Key, MigrationStatus,
-    NoConvergence, Region, SourceConfig, SourceSession, Step, TransportChoice, PAGE_2M, PAGE_4K,
+    ConvergePolicy, DestConfig, DestEmbedder, DestListener, Encryption, EngineError, Key,
+    MigrationStatus, NoConvergence, Region, SourceConfig, SourceSession, Step, TransportChoice,
+    X509Creds, PAGE_2M, PAGE_4K,
 };
 
 use crate::embedder::{CDirty, C};
@@ -76,6 +77,9 @@ pub unsafe extern "C" fn rmig_config_default(out: *mut RmigConfig) -> RmigStatus
             force_switchover: 0,
             auto_converge: 1,
             verify: 1,
+            encryption: RmigEncryption::RmigEncryptionTlsPsk as u32,
+            tls_creds: std::ptr::null(),
+            tls_hostname: std::ptr::null(),
         };
         // SAFETY: checked non-null and aligned above; writable by the caller's contract.
         unsafe { out.write(c) };
@@ -87,6 +91,46 @@ struct Parsed {
     address: String,
     key: Key,
     transport: TransportChoice,
+    encryption: Encryption,
+}
+
+/// An optional UTF-8 string from C (`None` for NULL).
+///
+/// # Safety
+/// `p` is NULL or a valid NUL-terminated string.
+unsafe fn opt_str(p: *const c_char, what: &str) -> Result<Option<String>, RmigStatus> {
+    if p.is_null() {
+        return Ok(None);
+    }
+    // SAFETY: non-null; a NUL-terminated string by the caller's contract.
+    let s = unsafe { CStr::from_ptr(p) }.to_str();
+    let s = s.map_err(|_| fail(RmigErrInvalidArgument, &format!("{what} is not UTF-8")))?;
+    Ok(Some(s.to_string()))
+}
+
+/// The engine's encryption from `c.encryption`, `c.tls_creds` and `c.tls_hostname`.
+///
+/// # Safety
+/// The strings of `c` are NULL or valid.
+unsafe fn encryption(c: &RmigConfig) -> Result<Encryption, RmigStatus> {
+    let e = RmigEncryption::try_from(c.encryption)
+        .map_err(|e| fail(RmigErrInvalidArgument, &e.message("config.encryption")))?;
+    // SAFETY: the caller's contract.
+    let creds = unsafe { opt_str(c.tls_creds, "config.tls_creds")? };
+    // SAFETY: as above.
+    let hostname = unsafe { opt_str(c.tls_hostname, "config.tls_hostname")? };
+    Ok(match (e, creds) {
+        (RmigEncryption::RmigEncryptionOff, _) => Encryption::Off,
+        (RmigEncryption::RmigEncryptionTlsPsk, _) => Encryption::Psk,
+        (RmigEncryption::RmigEncryptionTlsX509, Some(dir)) => Encryption::X509(X509Creds {
+            dir: dir.into(),
+            hostname,
+        }),
+        (RmigEncryption::RmigEncryptionTlsX509, None) => {
+            let why = "config.encryption is RMIG_ENCRYPTION_TLS_X509 but config.tls_creds is NULL";
+            return Err(fail(RmigErrInvalidArgument, why));
+        }
+    })
 }
 
 /// # Safety
@@ -110,10 +154,13 @@ unsafe fn parse(cfg: *const RmigConfig) -> Result<(RmigConfig, Parsed), RmigStat
     let key = Key::new(kb).map_err(|e| from_engine(&e))?;
     let t = RmigTransport::try_from(c.transport)
         .map_err(|e| fail(RmigErrInvalidArgument, &e.message("config.transport")))?;
+    // SAFETY: the caller's contract covers the config's strings.
+    let encryption = unsafe { encryption(&c)? };
     let p = Parsed {
         address,
         key,
         transport: transport(t),
+        encryption,
     };
     Ok((c, p))
 }
@@ -185,6 +232,7 @@ pub unsafe extern "C" fn rmig_source_new(
             s.lanes = c.lanes as usize;
         }
         s.transport = p.transport;
+        s.encryption = p.encryption;
         s.max_bandwidth = c.max_bandwidth;
         s.verify = c.verify != 0;
         s.policy = ConvergePolicy {
@@ -225,6 +273,7 @@ pub unsafe extern "C" fn rmig_dest_new(
         unsafe { borrow(out.cast_const(), "out")? };
         let mut d = DestConfig::new(p.key);
         d.transport = p.transport;
+        d.encryption = p.encryption;
         let l = DestListener::bind(&p.address, d).map_err(|e| from_engine(&e))?;
         // SAFETY: `out` was checked above.
         unsafe {
@@ -688,6 +737,11 @@ pub unsafe extern "C" fn rmig_get_stats(session: RmigSession, out: *mut RmigStat
             ram_normal: s.ram.normal,
             ram_normal_bytes: s.ram.normal_bytes,
             dirty_sync_count: s.ram.dirty_sync_count,
+            encryption: match s.encryption.as_str() {
+                "tls-x509" => RmigEncryption::RmigEncryptionTlsX509,
+                "off" => RmigEncryption::RmigEncryptionOff,
+                _ => RmigEncryption::RmigEncryptionTlsPsk,
+            } as u32,
         };
         // SAFETY: checked above.
         unsafe { out.write(st) };

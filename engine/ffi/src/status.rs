@@ -80,6 +80,7 @@ pub(crate) fn from_engine(e: &EngineError) -> RmigStatus {
         | EngineError::AllLanesFailed(_)
         | EngineError::Lane { .. }
         | EngineError::Rdma(_) => RmigStatus::RmigErrIo,
+        EngineError::Tls(_) => RmigStatus::RmigErrAuth,
         EngineError::Cancelled(_) | EngineError::PeerCancelled(_) => RmigStatus::RmigErrCancelled,
         EngineError::NotConverged(_) => RmigStatus::RmigErrNotConverged,
         EngineError::VerifyFailed(_) => RmigStatus::RmigErrVerify,

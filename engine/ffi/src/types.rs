@@ -39,6 +39,36 @@ impl RmigTransport {
     ];
 }
 
+/// Encryption of a session: the allowed values of `rmig_config.encryption`, and what
+/// `rmig_stats.encryption` reports.
+///
+/// Zero is TLS with the pre-shared key, so that a configuration left zeroed is encrypted.
+#[repr(u32)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RmigEncryption {
+    /// TLS 1.3 on every connection, the pre-shared key's proofs bound to each (the default).
+    RmigEncryptionTlsPsk = 0,
+    /// Cleartext: anyone on the path can read and change guest memory.
+    RmigEncryptionOff = 1,
+    /// TLS 1.3 with mutual x509 certificates from `rmig_config.tls_creds`.
+    RmigEncryptionTlsX509 = 2,
+}
+
+impl RmigEncryption {
+    /// Every value, with its C name.
+    const ALL: [(RmigEncryption, &'static str); 3] = [
+        (
+            RmigEncryption::RmigEncryptionTlsPsk,
+            "RMIG_ENCRYPTION_TLS_PSK",
+        ),
+        (RmigEncryption::RmigEncryptionOff, "RMIG_ENCRYPTION_OFF"),
+        (
+            RmigEncryption::RmigEncryptionTlsX509,
+            "RMIG_ENCRYPTION_TLS_X509",
+        ),
+    ];
+}
+
 /// A `uint32_t` from C that names no value of the enum it stands for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UnknownValue {
@@ -82,6 +112,14 @@ impl TryFrom<u32> for RmigTransport {
 
     fn try_from(value: u32) -> Result<Self, UnknownValue> {
         named(value, &RmigTransport::ALL, |t| t as u32)
+    }
+}
+
+impl TryFrom<u32> for RmigEncryption {
+    type Error = UnknownValue;
+
+    fn try_from(value: u32) -> Result<Self, UnknownValue> {
+        named(value, &RmigEncryption::ALL, |t| t as u32)
     }
 }
 
@@ -151,6 +189,17 @@ pub struct RmigConfig {
     pub auto_converge: u32,
     /// End-to-end verification (default 1).
     pub verify: u32,
+    /// Encryption: one of the `RMIG_ENCRYPTION_*` values of `rmig_encryption` (default
+    /// `RMIG_ENCRYPTION_TLS_PSK`). RDMA lanes cannot be encrypted: with encryption on,
+    /// `RMIG_TRANSPORT_AUTO` uses TCP.
+    pub encryption: u32,
+    /// With `RMIG_ENCRYPTION_TLS_X509`: a directory laid out as QEMU's tls-creds-x509
+    /// (`ca-cert.pem`, `server-cert.pem`, `server-key.pem`, `client-cert.pem`,
+    /// `client-key.pem`). Borrowed during `rmig_*_new` only.
+    pub tls_creds: *const c_char,
+    /// With `RMIG_ENCRYPTION_TLS_X509` on a source: the name the destination's certificate
+    /// must carry; NULL: the host of `address`. Borrowed during `rmig_*_new` only.
+    pub tls_hostname: *const c_char,
 }
 
 /// Growable bytes owned by the library, filled by a callback with `rmig_bytes_append`.
@@ -257,4 +306,7 @@ pub struct RmigStats {
     pub ram_normal_bytes: u64,
     /// Dirty-log syncs.
     pub dirty_sync_count: u64,
+    /// How the session's connections were protected: one of the `RMIG_ENCRYPTION_*` values
+    /// (meaningful once the migration is past its setup).
+    pub encryption: u32,
 }

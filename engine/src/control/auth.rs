@@ -4,6 +4,10 @@
 //! both challenges under its own label, so a recorded answer is useless in another session and
 //! neither side can be used as an oracle for the other's proof. Data lanes prove membership of
 //! the session with an HMAC over both challenges and their lane number.
+//!
+//! Over TLS, each proof also covers the channel binding of the connection it travels on
+//! ([`tls::binding`](super::tls::binding)): a relay that terminates TLS towards both ends
+//! holds two sessions with different bindings, so a proof it passes along fails.
 
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
@@ -109,12 +113,27 @@ pub mod label {
     pub const REJOIN_OK: &[u8] = b"rmig-v2-rejoin-ok";
 }
 
-/// What both ends know once authenticated: the two challenges.
+/// What both ends know once authenticated: the two challenges, the control connection's
+/// channel binding (over TLS), and on a source how its lanes open their TLS sessions.
 #[derive(Debug, Clone)]
 pub struct SessionAuth {
     key: Key,
     dest_nonce: [u8; 32],
     source_nonce: [u8; 32],
+    /// The control connection's TLS channel binding, when it is encrypted.
+    binding: Option<[u8; 32]>,
+    /// How a source's lanes open TLS sessions (`None`: cleartext, or a destination).
+    lane_tls: Option<std::sync::Arc<super::tls::ClientTls>>,
+}
+
+/// A proof's parts, with the channel binding last when there is one (a cleartext session's
+/// proofs are unchanged by it).
+fn bound<'a>(parts: &[&'a [u8]], binding: Option<&'a [u8; 32]>) -> Vec<&'a [u8]> {
+    let mut v = parts.to_vec();
+    if let Some(b) = binding {
+        v.push(b);
+    }
+    v
 }
 
 impl SessionAuth {
@@ -124,19 +143,44 @@ impl SessionAuth {
             key,
             dest_nonce,
             source_nonce,
+            binding: None,
+            lane_tls: None,
         }
+    }
+
+    /// Binds the control proofs to the channel binding of the connection they travel on.
+    pub fn bound_to(mut self, binding: Option<[u8; 32]>) -> Self {
+        self.binding = binding;
+        self
+    }
+
+    /// Sets how this source's lanes open their TLS sessions.
+    pub fn with_lane_tls(mut self, tls: Option<std::sync::Arc<super::tls::ClientTls>>) -> Self {
+        self.lane_tls = tls;
+        self
+    }
+
+    /// How this source's lanes open their TLS sessions (`None`: cleartext).
+    pub fn lane_tls(&self) -> Option<&std::sync::Arc<super::tls::ClientTls>> {
+        self.lane_tls.as_ref()
     }
 
     /// The source's proof.
     pub fn source_proof(&self) -> [u8; 32] {
-        self.key
-            .sign(label::SOURCE, &[&self.dest_nonce, &self.source_nonce])
+        let parts = bound(
+            &[&self.dest_nonce, &self.source_nonce],
+            self.binding.as_ref(),
+        );
+        self.key.sign(label::SOURCE, &parts)
     }
 
     /// The destination's proof.
     pub fn dest_proof(&self) -> [u8; 32] {
-        self.key
-            .sign(label::DEST, &[&self.source_nonce, &self.dest_nonce])
+        let parts = bound(
+            &[&self.source_nonce, &self.dest_nonce],
+            self.binding.as_ref(),
+        );
+        self.key.sign(label::DEST, &parts)
     }
 
     /// The session's identifier.
@@ -147,21 +191,24 @@ impl SessionAuth {
         t[..16].try_into().expect("16 of 32 bytes")
     }
 
-    /// Lane `lane`'s proof of membership.
+    /// Lane `lane`'s proof of membership (on a cleartext lane).
     pub fn lane_proof(&self, lane: u16) -> [u8; 32] {
-        self.key.sign(
-            label::LANE,
-            &[&self.dest_nonce, &self.source_nonce, &lane.to_le_bytes()],
-        )
+        self.bound_lane_proof(lane, None)
     }
 
-    /// Checks a lane's proof in constant time.
-    pub fn check_lane(&self, lane: u16, tag: &[u8; 32]) -> bool {
-        self.key.check(
-            label::LANE,
-            &[&self.dest_nonce, &self.source_nonce, &lane.to_le_bytes()],
-            tag,
-        )
+    /// Lane `lane`'s proof of membership, bound to the lane connection's own TLS channel
+    /// binding when it has one.
+    pub fn bound_lane_proof(&self, lane: u16, binding: Option<&[u8; 32]>) -> [u8; 32] {
+        let l = lane.to_le_bytes();
+        let parts = bound(&[&self.dest_nonce, &self.source_nonce, &l], binding);
+        self.key.sign(label::LANE, &parts)
+    }
+
+    /// Checks a lane's proof in constant time, against the lane connection's binding.
+    pub fn check_lane(&self, lane: u16, binding: Option<&[u8; 32]>, tag: &[u8; 32]) -> bool {
+        let l = lane.to_le_bytes();
+        let parts = bound(&[&self.dest_nonce, &self.source_nonce, &l], binding);
+        self.key.check(label::LANE, &parts, tag)
     }
 
     /// The source's proof for reconnect attempt `attempt` (each attempt's proof differs, and
@@ -211,14 +258,20 @@ impl SessionAuth {
 
     /// Checks the source's proof.
     pub fn check_source(&self, tag: &[u8; 32]) -> bool {
-        self.key
-            .check(label::SOURCE, &[&self.dest_nonce, &self.source_nonce], tag)
+        let parts = bound(
+            &[&self.dest_nonce, &self.source_nonce],
+            self.binding.as_ref(),
+        );
+        self.key.check(label::SOURCE, &parts, tag)
     }
 
     /// Checks the destination's proof.
     pub fn check_dest(&self, tag: &[u8; 32]) -> bool {
-        self.key
-            .check(label::DEST, &[&self.source_nonce, &self.dest_nonce], tag)
+        let parts = bound(
+            &[&self.source_nonce, &self.dest_nonce],
+            self.binding.as_ref(),
+        );
+        self.key.check(label::DEST, &parts, tag)
     }
 }
 
@@ -259,8 +312,17 @@ mod tests {
         assert!(a.check_source(&a.source_proof()));
         assert!(a.check_dest(&a.dest_proof()));
         assert!(!a.check_source(&a.dest_proof()));
-        assert!(a.check_lane(3, &a.lane_proof(3)));
-        assert!(!a.check_lane(4, &a.lane_proof(3)));
+        assert!(a.check_lane(3, None, &a.lane_proof(3)));
+        assert!(!a.check_lane(4, None, &a.lane_proof(3)));
+        // Bound to a TLS session: only that session's binding checks.
+        let p = a.bound_lane_proof(3, Some(&[7; 32]));
+        assert!(a.check_lane(3, Some(&[7; 32]), &p));
+        assert!(!a.check_lane(3, Some(&[8; 32]), &p));
+        assert!(!a.check_lane(3, None, &p));
+        let b = a.clone().bound_to(Some([7; 32]));
+        assert!(b.check_source(&b.source_proof()));
+        assert!(!a.check_source(&b.source_proof()));
+        assert!(!b.check_dest(&a.dest_proof()));
         let other = SessionAuth::new(
             Key::new(b"another sixteen bytes").unwrap(),
             [1; 32],

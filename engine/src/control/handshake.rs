@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::auth::{self, Key, SessionAuth};
 use crate::protocol::{codec, Message, TransportKind};
@@ -61,8 +61,20 @@ pub struct DestAccept {
     pub note: String,
 }
 
+/// Writes `m` and flushes it (a TLS session may hold back what the socket did not take).
+pub async fn write<S: AsyncWrite + Unpin>(s: &mut S, m: &Message) -> Result<(), EngineError> {
+    use tokio::io::AsyncWriteExt;
+    codec::write_async(s, m).await?;
+    s.flush().await?;
+    Ok(())
+}
+
 /// Reads the next message; a timeout or a malformed frame is reported to the peer too.
-pub async fn recv(s: &mut TcpStream, d: Duration, what: &str) -> Result<Message, EngineError> {
+pub async fn recv<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+    d: Duration,
+    what: &str,
+) -> Result<Message, EngineError> {
     match tokio::time::timeout(d, codec::read_async(s)).await {
         Err(_) => {
             let e = EngineError::Protocol(format!("no {what} within {} ms", d.as_millis()));
@@ -82,8 +94,11 @@ fn unexpected(what: &str, m: &Message) -> EngineError {
 }
 
 /// Tells the peer why we give up (best effort), then returns the error.
-pub async fn refuse<T>(s: &mut TcpStream, e: EngineError) -> Result<T, EngineError> {
-    let _ = codec::write_async(
+pub async fn refuse<T, S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+    e: EngineError,
+) -> Result<T, EngineError> {
+    let _ = write(
         s,
         &Message::Error {
             message: e.to_string(),
@@ -93,19 +108,30 @@ pub async fn refuse<T>(s: &mut TcpStream, e: EngineError) -> Result<T, EngineErr
     Err(e)
 }
 
-/// The source's side of the handshake: version, mutual proof of the key, region table,
-/// transport, each answer checked and a wrong one refused with its reason.
-pub async fn source(
-    s: &mut TcpStream,
+/// The source's side of the handshake on a cleartext connection.
+pub async fn source<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
     offer: &SourceOffer,
     timeout: Duration,
 ) -> Result<Agreed, EngineError> {
+    source_bound(s, offer, None, timeout).await
+}
+
+/// The source's side of the handshake: version, mutual proof of the key (bound to the TLS
+/// connection's `binding` when there is one), region table, transport, each answer checked and
+/// a wrong one refused with its reason.
+pub async fn source_bound<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+    offer: &SourceOffer,
+    binding: Option<[u8; 32]>,
+    timeout: Duration,
+) -> Result<Agreed, EngineError> {
     let (version, dnonce) = source_version(s, offer, timeout).await?;
-    let auth = source_auth(s, offer, dnonce, timeout).await?;
+    let auth = source_auth(s, offer, dnonce, binding, timeout).await?;
     let regions = Message::RegionTable {
         regions: offer.regions.clone(),
     };
-    codec::write_async(s, &regions).await?;
+    write(s, &regions).await?;
     match recv(s, timeout, "RegionsOk").await? {
         Message::RegionsOk => {}
         m => return refuse(s, unexpected("RegionsOk", &m)).await,
@@ -123,8 +149,8 @@ pub async fn source(
 
 /// `Hello` with our versions; returns the version the destination picked (one we speak) and
 /// its challenge.
-async fn source_version(
-    s: &mut TcpStream,
+async fn source_version<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
     offer: &SourceOffer,
     timeout: Duration,
 ) -> Result<(u16, [u8; 32]), EngineError> {
@@ -132,7 +158,7 @@ async fn source_version(
         min_version: offer.versions.0,
         max_version: offer.versions.1,
     };
-    codec::write_async(s, &hello).await?;
+    write(s, &hello).await?;
     let (version, dnonce) = match recv(s, timeout, "HelloAck").await? {
         Message::HelloAck { version, nonce } => (version, nonce),
         m => return refuse(s, unexpected("HelloAck", &m)).await,
@@ -147,19 +173,20 @@ async fn source_version(
 }
 
 /// Answers the destination's challenge `dnonce` and checks its proof of the key.
-async fn source_auth(
-    s: &mut TcpStream,
+async fn source_auth<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
     offer: &SourceOffer,
     dnonce: [u8; 32],
+    binding: Option<[u8; 32]>,
     timeout: Duration,
 ) -> Result<SessionAuth, EngineError> {
     let snonce = auth::nonce()?;
-    let a = SessionAuth::new(offer.key.clone(), dnonce, snonce);
+    let a = SessionAuth::new(offer.key.clone(), dnonce, snonce).bound_to(binding);
     let proof = Message::AuthProof {
         nonce: snonce,
         mac: a.source_proof(),
     };
-    codec::write_async(s, &proof).await?;
+    write(s, &proof).await?;
     match recv(s, timeout, "AuthOk").await? {
         Message::AuthOk { mac } if a.check_dest(&mac) => Ok(a),
         Message::AuthOk { .. } => {
@@ -172,8 +199,8 @@ async fn source_auth(
 
 /// Offers the transports and lanes; returns what the destination picked, if it is one we
 /// offered, with its note.
-async fn source_transport(
-    s: &mut TcpStream,
+async fn source_transport<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
     offer: &SourceOffer,
     timeout: Duration,
 ) -> Result<(TransportKind, u16, String), EngineError> {
@@ -182,7 +209,7 @@ async fn source_transport(
         lanes: offer.lanes,
         verify: offer.verify,
     };
-    codec::write_async(s, &m).await?;
+    write(s, &m).await?;
     match recv(s, timeout, "TransportAccept").await? {
         Message::TransportAccept { kind, lanes, note }
             if offer.transports.contains(&kind) && lanes >= 1 && lanes <= offer.lanes =>
@@ -194,26 +221,28 @@ async fn source_transport(
 }
 
 /// The destination's side of the handshake.
-pub async fn dest(
-    s: &mut TcpStream,
+pub async fn dest<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
     acc: &DestAccept,
     timeout: Duration,
 ) -> Result<Agreed, EngineError> {
     let hello = recv(s, timeout, "Hello").await?;
-    dest_after(s, hello, acc, timeout).await
+    dest_after(s, hello, acc, None, timeout).await
 }
 
 /// The destination's side of the handshake, once the connection's first message (`first`,
 /// which must be `Hello`) has been read: version, mutual proof of the key, region table,
-/// transport, each step refused with its reason.
-pub async fn dest_after(
-    s: &mut TcpStream,
+/// transport, each step refused with its reason. Over TLS, the proofs are bound to the
+/// connection's `binding`.
+pub async fn dest_after<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
     first: Message,
     acc: &DestAccept,
+    binding: Option<[u8; 32]>,
     timeout: Duration,
 ) -> Result<Agreed, EngineError> {
     let (version, dnonce) = pick_version(s, first, acc).await?;
-    let auth = prove_key(s, acc, dnonce, timeout).await?;
+    let auth = prove_key(s, acc, dnonce, binding, timeout).await?;
     match recv(s, timeout, "RegionTable").await? {
         Message::RegionTable { regions } => {
             if let Err(e) = region::compare(&acc.regions, &regions) {
@@ -222,7 +251,7 @@ pub async fn dest_after(
         }
         m => return refuse(s, unexpected("RegionTable", &m)).await,
     }
-    codec::write_async(s, &Message::RegionsOk).await?;
+    write(s, &Message::RegionsOk).await?;
     let (transport, lanes, verify) = pick_transport(s, acc, timeout).await?;
     Ok(Agreed {
         version,
@@ -235,8 +264,8 @@ pub async fn dest_after(
 }
 
 /// Answers `Hello` with the highest common version and our challenge.
-async fn pick_version(
-    s: &mut TcpStream,
+async fn pick_version<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
     first: Message,
     acc: &DestAccept,
 ) -> Result<(u16, [u8; 32]), EngineError> {
@@ -262,20 +291,21 @@ async fn pick_version(
         version,
         nonce: dnonce,
     };
-    codec::write_async(s, &ack).await?;
+    write(s, &ack).await?;
     Ok((version, dnonce))
 }
 
 /// Checks the source's proof of the key and proves it back.
-async fn prove_key(
-    s: &mut TcpStream,
+async fn prove_key<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
     acc: &DestAccept,
     dnonce: [u8; 32],
+    binding: Option<[u8; 32]>,
     timeout: Duration,
 ) -> Result<SessionAuth, EngineError> {
     let a = match recv(s, timeout, "AuthProof").await? {
         Message::AuthProof { nonce, mac } => {
-            let a = SessionAuth::new(acc.key.clone(), dnonce, nonce);
+            let a = SessionAuth::new(acc.key.clone(), dnonce, nonce).bound_to(binding);
             if !a.check_source(&mac) {
                 let e = EngineError::Auth("the source could not prove the pre-shared key".into());
                 return refuse(s, e).await;
@@ -287,13 +317,13 @@ async fn prove_key(
     let ok = Message::AuthOk {
         mac: a.dest_proof(),
     };
-    codec::write_async(s, &ok).await?;
+    write(s, &ok).await?;
     Ok(a)
 }
 
 /// Picks the first offered transport we can serve and the number of lanes.
-async fn pick_transport(
-    s: &mut TcpStream,
+async fn pick_transport<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
     acc: &DestAccept,
     timeout: Duration,
 ) -> Result<(TransportKind, u16, bool), EngineError> {
@@ -328,6 +358,6 @@ async fn pick_transport(
         lanes,
         note,
     };
-    codec::write_async(s, &accept).await?;
+    write(s, &accept).await?;
     Ok((transport, lanes, verify))
 }

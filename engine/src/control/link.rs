@@ -9,7 +9,7 @@
 use std::time::Duration;
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncWrite, ReadHalf, WriteHalf};
 use tokio::runtime::Handle;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -36,6 +36,14 @@ impl Default for Liveness {
     }
 }
 
+/// What a control connection runs on: a TCP connection, or a TLS session over one.
+pub trait ControlIo: AsyncRead + AsyncWrite + Unpin + Send {}
+
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> ControlIo for T {}
+
+/// A control connection of either kind.
+pub type ControlStream = Box<dyn ControlIo>;
+
 /// Most messages waiting in a control connection's inbox.
 pub const INBOX: usize = 8;
 
@@ -48,9 +56,13 @@ pub struct ControlLink {
 }
 
 impl ControlLink {
-    /// Starts the reader and writer tasks on `rt` for `stream`; frames are held to `limits`.
-    pub fn start(rt: &Handle, stream: TcpStream, live: Liveness, limits: Limits) -> ControlLink {
-        let (rd, wr) = stream.into_split();
+    /// Starts the reader and writer tasks on `rt` for `stream` (a TCP connection, or a TLS
+    /// session over one); frames are held to `limits`.
+    pub fn start<S>(rt: &Handle, stream: S, live: Liveness, limits: Limits) -> ControlLink
+    where
+        S: AsyncRead + AsyncWrite + Send + 'static,
+    {
+        let (rd, wr) = tokio::io::split(stream);
         let (in_tx, inbox) = crossbeam_channel::bounded(INBOX);
         let (out, out_rx) = mpsc::unbounded_channel();
         let (done_tx, writer_done) = crossbeam_channel::bounded(1);
@@ -144,8 +156,8 @@ async fn deliver(
     }
 }
 
-async fn read_loop(
-    mut rd: tokio::net::tcp::OwnedReadHalf,
+async fn read_loop<S: AsyncRead>(
+    mut rd: ReadHalf<S>,
     tx: Sender<Result<Message, EngineError>>,
     live: Liveness,
     limits: Limits,
@@ -166,8 +178,8 @@ async fn read_loop(
     }
 }
 
-async fn write_loop(
-    mut wr: tokio::net::tcp::OwnedWriteHalf,
+async fn write_loop<S: AsyncWrite>(
+    mut wr: WriteHalf<S>,
     mut rx: mpsc::UnboundedReceiver<Message>,
     errs: Sender<Result<Message, EngineError>>,
     live: Liveness,
@@ -183,7 +195,7 @@ async fn write_loop(
             },
             _ = tick.tick() => Message::Heartbeat,
         };
-        if let Err(e) = codec::write_async(&mut wr, &m).await {
+        if let Err(e) = super::handshake::write(&mut wr, &m).await {
             deliver(&errs, Err(e)).await;
             break;
         }

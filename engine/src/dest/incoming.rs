@@ -12,8 +12,10 @@
 //! cancels, or the incoming timeout passes.
 
 use std::net::IpAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use rmig_transport::rdma::RdmaDevice;
@@ -22,6 +24,7 @@ use tokio::task::JoinSet;
 
 use crate::config::TransportChoice;
 use crate::control::handshake::{self, Agreed, DestAccept};
+use crate::control::tls::{self, ServerTls, TlsError};
 use crate::monitor::Monitor;
 use crate::protocol::{codec, Message, TransportKind};
 use crate::{DestConfig, EngineError};
@@ -32,10 +35,58 @@ const MAX_PENDING: usize = 64;
 /// How long a connection has to send its first frame.
 const FIRST_FRAME: Duration = Duration::from_secs(5);
 
+/// A connection to the destination: cleartext, or a TLS session over TCP.
+pub(crate) enum Sock {
+    /// Cleartext.
+    Plain(TcpStream),
+    /// TLS.
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+}
+
+impl tokio::io::AsyncRead for Sock {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Sock::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Sock::Tls(t) => Pin::new(t.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for Sock {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Sock::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Sock::Tls(t) => Pin::new(t.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Sock::Plain(s) => Pin::new(s).poll_flush(cx),
+            Sock::Tls(t) => Pin::new(t.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Sock::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Sock::Tls(t) => Pin::new(t.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
 /// A source that passed the handshake.
 pub(crate) struct Incoming {
     /// Its control connection.
-    pub stream: TcpStream,
+    pub stream: Sock,
     /// What the handshake settled.
     pub agreed: Agreed,
     /// The RDMA device that serves the address the source reached us on, if any.
@@ -45,7 +96,9 @@ pub(crate) struct Incoming {
 /// A data lane's opening claim, not yet checked.
 pub(crate) struct LaneClaim {
     /// Its connection.
-    pub stream: TcpStream,
+    pub stream: Sock,
+    /// The channel binding of its TLS session, when it has one.
+    pub binding: Option<[u8; 32]>,
     /// The session it names.
     pub session: [u8; 16],
     /// The lane number it claims.
@@ -57,7 +110,7 @@ pub(crate) struct LaneClaim {
 /// A source's claim to reconnect its session, not yet checked.
 pub(crate) struct RejoinClaim {
     /// The new control connection.
-    pub stream: TcpStream,
+    pub stream: Sock,
     /// The session it names.
     pub session: [u8; 16],
     /// The reconnect attempt.
@@ -87,6 +140,8 @@ pub(crate) struct Door {
     /// Set once a source has been chosen: later `Hello`s are refused.
     busy: Arc<AtomicBool>,
     monitor: Arc<Monitor>,
+    /// TLS, when every connection must be encrypted.
+    tls: Option<Arc<ServerTls>>,
 }
 
 impl Door {
@@ -96,15 +151,17 @@ impl Door {
         cfg: DestConfig,
         accept: DestAccept,
         monitor: Arc<Monitor>,
-    ) -> Door {
-        Door {
+    ) -> Result<Door, EngineError> {
+        let tls = ServerTls::new(&cfg.encryption)?;
+        Ok(Door {
             listener,
             pending: JoinSet::new(),
             cfg,
             accept,
             busy: Arc::new(AtomicBool::new(false)),
             monitor,
-        }
+            tls,
+        })
     }
 
     /// The next classified connection. Cancel-safe: it may race other futures in a
@@ -115,7 +172,7 @@ impl Door {
             tokio::select! {
                 r = self.listener.accept() => match r {
                     Ok((s, _)) if self.pending.len() < MAX_PENDING => {
-                        let task = classify(s, self.cfg.clone(), self.accept.clone(), self.busy.clone());
+                        let task = classify(s, self.cfg.clone(), self.accept.clone(), self.busy.clone(), self.tls.clone());
                         self.pending.spawn(task);
                     }
                     Ok(_) => return Arrival::Refused(EngineError::io(std::io::ErrorKind::Other, "too many connections at once")),
@@ -189,14 +246,25 @@ pub(crate) async fn accept_source(
     }
 }
 
-/// Reads a connection's first frame and acts on it: a handshake for `Hello` (unless a source
-/// has been chosen), a claim for `LaneJoin`, a refusal for anything else.
+/// Reads a connection's first frame (inside TLS when the destination is encrypted) and acts
+/// on it: a handshake for `Hello` (unless a source has been chosen), a claim for `LaneJoin`,
+/// a refusal for anything else.
 async fn classify(
-    mut s: TcpStream,
+    s: TcpStream,
     cfg: DestConfig,
     accept: DestAccept,
     busy: Arc<AtomicBool>,
+    tls: Option<Arc<ServerTls>>,
 ) -> Arrival {
+    let opened = tokio::time::timeout(FIRST_FRAME, open(s, tls.as_deref())).await;
+    let (mut s, binding, local) = match opened {
+        Err(_) => {
+            let e = TlsError::Handshake("no TLS handshake in time".into());
+            return Arrival::Refused(e.into());
+        }
+        Ok(Err(e)) => return Arrival::Refused(e),
+        Ok(Ok(o)) => o,
+    };
     let first = match tokio::time::timeout(FIRST_FRAME, codec::read_async(&mut s)).await {
         Err(_) => Err(EngineError::Protocol("no first frame in time".into())),
         Ok(Ok(Some(m))) => Ok(m),
@@ -207,6 +275,7 @@ async fn classify(
         Ok(Message::LaneJoin { session, lane, mac }) => {
             return Arrival::Lane(LaneClaim {
                 stream: s,
+                binding,
                 session,
                 lane,
                 mac,
@@ -228,7 +297,7 @@ async fn classify(
             let e = EngineError::Protocol("a migration is already in progress here".into());
             handshake::refuse(&mut s, e).await
         }
-        Ok(hello) => handshake_one(s, hello, cfg, accept).await,
+        Ok(hello) => handshake_one(s, hello, cfg, accept, binding, local).await,
         Err(e @ EngineError::Protocol(_)) => handshake::refuse(&mut s, e).await,
         Err(e) => Err(e),
     };
@@ -238,16 +307,69 @@ async fn classify(
     }
 }
 
+/// The first byte of a TLS handshake record.
+const TLS_HANDSHAKE: u8 = 0x16;
+
+/// Opens a connection as this destination requires: a TLS handshake when it is encrypted,
+/// nothing more when not. A peer whose first byte says it does not match is told so (in
+/// cleartext, which is all it could read). Returns the connection, its channel binding and
+/// our address on it.
+async fn open(
+    s: TcpStream,
+    tls: Option<&ServerTls>,
+) -> Result<(Sock, Option<[u8; 32]>, IpAddr), EngineError> {
+    s.set_nodelay(true)?;
+    let local = s.local_addr()?.ip();
+    let mut first = [0u8; 1];
+    let mut s = s;
+    if s.peek(&mut first).await? == 0 {
+        return Err(EngineError::PeerClosed);
+    }
+    let is_tls = first[0] == TLS_HANDSHAKE;
+    match tls {
+        None if is_tls => {
+            let e = EngineError::Protocol(
+                "the source speaks TLS, but this destination's encryption is off \
+                 (--encryption)"
+                    .into(),
+            );
+            handshake::refuse(&mut s, e).await
+        }
+        None => Ok((Sock::Plain(s), None, local)),
+        Some(_) if !is_tls => {
+            let e = EngineError::Protocol(
+                "this destination requires encryption (TLS), but the source's is off \
+                 (--encryption)"
+                    .into(),
+            );
+            handshake::refuse(&mut s, e).await
+        }
+        Some(tls) => {
+            let t = tls
+                .acceptor()
+                .accept(s)
+                .await
+                .map_err(|e| tls::explain(&e))?;
+            let binding = tls::binding(t.get_ref().1)?;
+            Ok((Sock::Tls(Box::new(t)), Some(binding), local))
+        }
+    }
+}
+
 /// Runs the rest of the handshake on a connection whose first frame was `hello`.
 async fn handshake_one(
-    mut s: TcpStream,
+    mut s: Sock,
     hello: Message,
     cfg: DestConfig,
     mut accept: DestAccept,
+    binding: Option<[u8; 32]>,
+    local: IpAddr,
 ) -> Result<Incoming, EngineError> {
-    s.set_nodelay(true)?;
-    let device = offer_transports(&cfg, &mut accept, s.local_addr()?.ip());
-    let agreed = handshake::dest_after(&mut s, hello, &accept, cfg.handshake_timeout).await?;
+    let device = offer_transports(&cfg, &mut accept, local);
+    let timeout = cfg.handshake_timeout;
+    let agreed = handshake::dest_after(&mut s, hello, &accept, binding, timeout)
+        .await
+        .map_err(tls::surface)?;
     Ok(Incoming {
         stream: s,
         agreed,
@@ -263,7 +385,11 @@ fn offer_transports(
     local: IpAddr,
 ) -> Option<Arc<RdmaDevice>> {
     let mut device = None;
-    if cfg.transport != TransportChoice::Tcp {
+    if cfg.encryption.is_on() {
+        accept.note = "encryption is on and RDMA lanes cannot be encrypted (one-sided \
+                       WRITEs); use --encryption off for RDMA"
+            .into();
+    } else if cfg.transport != TransportChoice::Tcp {
         match RdmaDevice::open(cfg.rdma.device.as_deref(), local) {
             Ok(d) => {
                 accept.transports.push(TransportKind::Rdma);

@@ -14,38 +14,73 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crossbeam_channel::Sender;
-use rmig_transport::tcp::DestLaneSummary;
+use rmig_transport::tcp::{DestLaneSummary, TcpDestLane};
 use rmig_transport::{DestLane, LaneError};
 use tokio::net::TcpStream;
 
-use super::incoming::{Arrival, Door, LaneClaim, RejoinClaim};
+use super::incoming::{Arrival, Door, LaneClaim, RejoinClaim, Sock};
 use super::sink::DestSink;
 use crate::control::auth::SessionAuth;
+use crate::control::handshake;
 use crate::control::link::{ControlLink, INBOX};
-use crate::protocol::{codec, Message};
+use crate::protocol::Message;
 use crate::EngineError;
 
-/// Checks a claim: the lane number it proved, or why it is refused.
+/// An admitted lane's blocking socket, with its TLS session when it is encrypted. It
+/// dereferences to the socket.
+pub(crate) struct LaneSocket {
+    sock: StdStream,
+    tls: Option<rustls::ServerConnection>,
+}
+
+impl std::ops::Deref for LaneSocket {
+    type Target = StdStream;
+
+    fn deref(&self) -> &StdStream {
+        &self.sock
+    }
+}
+
+impl LaneSocket {
+    /// The TCP lane that runs on this socket (inside its TLS session, if it has one).
+    pub fn into_lane(self, map: rmig_transport::MemoryMap) -> Result<TcpDestLane, LaneError> {
+        match self.tls {
+            None => TcpDestLane::new(self.sock, map),
+            Some(conn) => TcpDestLane::new_tls(self.sock, conn, map),
+        }
+    }
+}
+
+/// Checks a claim: the lane number it proved (bound to its own TLS session when it has one),
+/// or why it is refused.
 fn verdict(claim: &LaneClaim, auth: &SessionAuth) -> Result<u16, String> {
-    if claim.session != auth.session_id() || !auth.check_lane(claim.lane, &claim.mac) {
+    let binding = claim.binding.as_ref();
+    if claim.session != auth.session_id() || !auth.check_lane(claim.lane, binding, &claim.mac) {
         return Err("lane could not prove that it belongs to the session".into());
     }
     Ok(claim.lane)
 }
 
 /// Answers a proven lane (its blocking socket), or refuses it with an error frame (`None`).
-async fn answer(mut s: TcpStream, verdict: Result<u16, String>) -> Option<StdStream> {
+async fn answer(mut s: Sock, verdict: Result<u16, String>) -> Option<LaneSocket> {
     match verdict {
         Ok(_) => {
-            codec::write_async(&mut s, &Message::LaneAccepted)
+            handshake::write(&mut s, &Message::LaneAccepted)
                 .await
                 .ok()?;
-            let std = s.into_std().ok()?;
-            std.set_nonblocking(false).ok()?;
-            Some(std)
+            let (tcp, tls) = match s {
+                Sock::Plain(t) => (t, None),
+                Sock::Tls(t) => {
+                    let (tcp, conn) = t.into_inner();
+                    (tcp, Some(conn))
+                }
+            };
+            let sock = tcp.into_std().ok()?;
+            sock.set_nonblocking(false).ok()?;
+            Some(LaneSocket { sock, tls })
         }
         Err(why) => {
-            let _ = codec::write_async(&mut s, &Message::Error { message: why }).await;
+            let _ = handshake::write(&mut s, &Message::Error { message: why }).await;
             None
         }
     }
@@ -59,7 +94,7 @@ async fn settle(
     arrival: Arrival,
     auth: &SessionAuth,
     want: &mut impl FnMut(u16) -> Result<(), String>,
-) -> Option<(u16, StdStream)> {
+) -> Option<(u16, LaneSocket)> {
     let claim = match arrival {
         Arrival::Lane(claim) => claim,
         Arrival::Source(mut other) => {
@@ -113,9 +148,9 @@ pub(crate) async fn join(
     n: u16,
     timeout: Duration,
     control: (&Inbox, &mut Vec<Message>),
-) -> Result<Vec<StdStream>, EngineError> {
+) -> Result<Vec<LaneSocket>, EngineError> {
     let (inbox, kept) = control;
-    let mut lanes: Vec<Option<StdStream>> = (0..n).map(|_| None).collect();
+    let mut lanes: Vec<Option<LaneSocket>> = (0..n).map(|_| None).collect();
     let deadline = tokio::time::Instant::now() + timeout;
     let mut early = early.into_iter();
     let mut tick = tokio::time::interval(Duration::from_millis(20));
@@ -176,6 +211,16 @@ pub(crate) async fn in_session(
     };
     loop {
         match door.next().await {
+            // Lanes and reconnects after setup run cleartext only (an encrypted session
+            // neither falls back from RDMA nor reconnects).
+            Arrival::Lane(LaneClaim {
+                stream: mut s @ Sock::Tls(_),
+                ..
+            }) => {
+                let why = "an encrypted session takes lanes only while it sets up".to_string();
+                let _ = handshake::write(&mut s, &Message::Error { message: why }).await;
+                door.refused();
+            }
             Arrival::Rejoin(claim) => match proven_rejoin(claim, &auth) {
                 Some(r) => {
                     if rejoins.send(r).is_err() {
@@ -185,8 +230,8 @@ pub(crate) async fn in_session(
                 None => door.refused(),
             },
             arrival => {
-                if let Some(lane) = settle(&door, arrival, &auth, &mut want).await {
-                    if lanes.send(lane).is_err() {
+                if let Some((n, lane)) = settle(&door, arrival, &auth, &mut want).await {
+                    if lanes.send((n, lane.sock)).is_err() {
                         return;
                     }
                 }
@@ -195,10 +240,14 @@ pub(crate) async fn in_session(
     }
 }
 
-/// A reconnect whose proof holds, or `None`.
+/// A reconnect whose proof holds, or `None` (and for a TLS connection: an encrypted session
+/// does not reconnect).
 fn proven_rejoin(c: RejoinClaim, auth: &SessionAuth) -> Option<Rejoin> {
+    let Sock::Plain(stream) = c.stream else {
+        return None;
+    };
     (c.session == auth.session_id() && auth.check_rejoin(c.attempt, &c.mac))
-        .then_some((c.stream, c.attempt))
+        .then_some((stream, c.attempt))
 }
 
 /// What a lane thread reports when its lane ends: lane number and result.

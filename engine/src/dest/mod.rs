@@ -14,7 +14,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rmig_transport::tcp::{DestLaneSummary, TcpDestLane};
+use rmig_transport::tcp::DestLaneSummary;
 use tokio::net::TcpListener;
 
 use crate::config::{RdmaConfig, TransportChoice};
@@ -29,7 +29,7 @@ use crate::stats::{MigrationStats, MigrationStatus};
 use crate::verify::CHUNK_PAGES;
 use crate::{DestConfig, EngineError};
 use incoming::{Door, Incoming};
-use lanes::{LaneResult, LaneThreads};
+use lanes::{LaneResult, LaneSocket, LaneThreads};
 use phase::{Failure, Receiving};
 use rmig_transport::rdma::{LocalMemory, RdmaDestLane, RdmaDevice};
 use rmig_transport::{DestLane, MemoryMap};
@@ -243,7 +243,7 @@ impl DestListener {
             self.cfg.clone(),
             accept,
             monitor.clone(),
-        );
+        )?;
         let mut early = Vec::new();
         let incoming = self
             .rt
@@ -321,7 +321,7 @@ impl DestListener {
         &self,
         regions: &[Region],
         agreed: &Agreed,
-        sockets: Vec<TcpStream>,
+        sockets: Vec<LaneSocket>,
         door: Door,
         device: Option<Arc<RdmaDevice>>,
         monitor: &Arc<Monitor>,
@@ -351,6 +351,7 @@ impl DestListener {
                 s.rdma = Some(crate::stats::RdmaReport::of(dev, mem));
             }
             s.transport = agreed.transport.name().into();
+            s.encryption = self.cfg.encryption.name().into();
             s.lanes = sockets.len();
             s.setup_time_ms = connected.elapsed().as_secs_f64() * 1e3;
             s.ram.total = regions.iter().map(Region::len).sum();
@@ -450,7 +451,7 @@ fn resumed(monitor: &Monitor, sink: &DestSink, connected: Instant) -> crate::sta
 /// one, else a TCP lane on the socket itself. Returns the threads and where they report.
 fn start_lanes(
     sink: &Arc<DestSink>,
-    sockets: Vec<TcpStream>,
+    sockets: Vec<LaneSocket>,
     rdma: Option<Vec<RdmaDestLane>>,
 ) -> Result<(LaneThreads, crossbeam_channel::Receiver<LaneResult>), EngineError> {
     let (mut lanes, results) = LaneThreads::new(sink.clone());
@@ -459,7 +460,8 @@ fn start_lanes(
         let lane: Box<dyn DestLane> = match rdma_lanes.as_mut().and_then(Iterator::next) {
             Some(l) => Box::new(l),
             None => Box::new(
-                TcpDestLane::new(s, sink.map().clone()).map_err(|e| EngineError::lane(i, e))?,
+                s.into_lane(sink.map().clone())
+                    .map_err(|e| EngineError::lane(i, e))?,
             ),
         };
         lanes.start(i, lane)?;
@@ -506,7 +508,7 @@ fn rdma_setup(
     dev: &Arc<RdmaDevice>,
     map: &MemoryMap,
     cfg: &RdmaConfig,
-    sockets: &[TcpStream],
+    sockets: &[LaneSocket],
     timeout: Duration,
 ) -> Result<(Arc<LocalMemory>, Vec<RdmaDestLane>), EngineError> {
     let mem = Arc::new(LocalMemory::register(dev, map, cfg.registration, true)?);

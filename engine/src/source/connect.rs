@@ -9,7 +9,7 @@ use rmig_transport::rdma::{LocalMemory, RdmaDevice, RdmaSourceLane};
 use rmig_transport::tcp::TcpSourceLane;
 use rmig_transport::{MemoryMap, Pacer, SourceLane};
 
-use crate::config::{RdmaConfig, SourceConfig, TransportChoice};
+use crate::config::{SourceConfig, TransportChoice};
 use crate::control::auth::SessionAuth;
 use crate::protocol::{codec, Message, TransportKind};
 use crate::EngineError;
@@ -22,12 +22,24 @@ pub(crate) struct Offer {
     pub fallback: Option<String>,
 }
 
-/// Decides what to offer for a control connection from `local`.
-pub(crate) fn offer(
-    choice: TransportChoice,
-    rdma: &RdmaConfig,
-    local: IpAddr,
-) -> Result<Offer, EngineError> {
+/// Why an encrypted session does not use RDMA.
+const RDMA_CLEAR: &str = "encryption is on and RDMA lanes cannot be encrypted (one-sided \
+     WRITEs); use --encryption off for RDMA";
+
+/// Decides what to offer for a control connection from `local`. An encrypted session offers
+/// TCP only: with `auto` the fallback reason says why, with `rdma` it is an error.
+pub(crate) fn offer(cfg: &SourceConfig, local: IpAddr) -> Result<Offer, EngineError> {
+    let (choice, rdma) = (cfg.transport, &cfg.rdma);
+    if cfg.encryption.is_on() && choice != TransportChoice::Tcp {
+        if choice == TransportChoice::Rdma {
+            return Err(EngineError::Config(RDMA_CLEAR.into()));
+        }
+        return Ok(Offer {
+            kinds: vec![TransportKind::Tcp],
+            device: None,
+            fallback: Some(format!("source: {RDMA_CLEAR}")),
+        });
+    }
     if choice == TransportChoice::Tcp {
         return Ok(Offer {
             kinds: vec![TransportKind::Tcp],
@@ -54,24 +66,74 @@ pub(crate) fn offer(
     }
 }
 
-/// Connects lane `lane` to `addr` and proves that it belongs to the session.
+/// A lane socket that joined its session, with its TLS session when it is encrypted. It
+/// dereferences to the socket.
+pub(crate) struct JoinedLane {
+    sock: TcpStream,
+    tls: Option<rustls::ClientConnection>,
+}
+
+impl std::ops::Deref for JoinedLane {
+    type Target = TcpStream;
+
+    fn deref(&self) -> &TcpStream {
+        &self.sock
+    }
+}
+
+/// Connects lane `lane` to `addr` and proves that it belongs to the session (inside a TLS
+/// session bound into the proof when the session is encrypted).
 pub(crate) fn join_lane(
     addr: SocketAddr,
     auth: &SessionAuth,
     lane: u16,
     timeout: Duration,
-) -> Result<TcpStream, EngineError> {
-    let mut s = TcpStream::connect_timeout(&addr, timeout)?;
+) -> Result<JoinedLane, EngineError> {
+    let s = TcpStream::connect_timeout(&addr, timeout)?;
     s.set_read_timeout(Some(timeout))?;
+    s.set_write_timeout(Some(timeout))?;
+    match auth.lane_tls() {
+        None => {
+            let mut s = s;
+            claim_lane(&mut s, auth, lane, None)?;
+            s.set_write_timeout(None)?;
+            Ok(JoinedLane { sock: s, tls: None })
+        }
+        Some(tls) => {
+            let mut t = rustls::StreamOwned::new(tls.session()?, s);
+            while t.conn.is_handshaking() {
+                t.conn
+                    .complete_io(&mut t.sock)
+                    .map_err(|e| crate::control::tls::explain(&e))?;
+            }
+            let binding = crate::control::tls::binding(&t.conn)?;
+            claim_lane(&mut t, auth, lane, Some(&binding)).map_err(crate::control::tls::surface)?;
+            let (conn, sock) = t.into_parts();
+            sock.set_write_timeout(None)?;
+            Ok(JoinedLane {
+                sock,
+                tls: Some(conn),
+            })
+        }
+    }
+}
+
+/// Sends lane `lane`'s claim on `s` and reads the destination's answer.
+fn claim_lane(
+    s: &mut (impl std::io::Read + std::io::Write),
+    auth: &SessionAuth,
+    lane: u16,
+    binding: Option<&[u8; 32]>,
+) -> Result<(), EngineError> {
     codec::write_sync(
-        &mut s,
+        s,
         &Message::LaneJoin {
             session: auth.session_id(),
             lane,
-            mac: auth.lane_proof(lane),
+            mac: auth.bound_lane_proof(lane, binding),
         },
     )?;
-    match codec::read_sync(&mut s)? {
+    match codec::read_sync(s)? {
         Message::LaneAccepted => {}
         Message::Error { message } => return Err(EngineError::PeerError(message)),
         m => {
@@ -81,32 +143,36 @@ pub(crate) fn join_lane(
             )))
         }
     }
-    Ok(s)
+    Ok(())
 }
 
 /// A TCP lane on a joined socket.
 pub(crate) fn tcp_lane(
-    s: TcpStream,
+    s: JoinedLane,
     lane: u16,
     map: MemoryMap,
     pacer: Arc<Pacer>,
 ) -> Result<TcpSourceLane, EngineError> {
-    s.set_read_timeout(None)?;
-    TcpSourceLane::new(s, map, pacer).map_err(|e| EngineError::lane(lane as usize, e))
+    s.sock.set_read_timeout(None)?;
+    match s.tls {
+        None => TcpSourceLane::new(s.sock, map, pacer),
+        Some(conn) => TcpSourceLane::new_tls(s.sock, conn, map, pacer),
+    }
+    .map_err(|e| EngineError::lane(lane as usize, e))
 }
 
 /// An RDMA lane on a joined socket: the transport exchanges queue pair addresses and the
 /// destination's memory keys on it. `wait` bounds the destination's answer (it registers its
 /// memory first).
 pub(crate) fn rdma_lane(
-    s: TcpStream,
+    s: JoinedLane,
     dev: &Arc<RdmaDevice>,
     mem: &Arc<LocalMemory>,
     pacer: Arc<Pacer>,
     wait: Duration,
 ) -> Result<RdmaSourceLane, EngineError> {
     Ok(rmig_transport::rdma::connect_source_lane(
-        s, dev, mem, pacer, wait,
+        s.sock, dev, mem, pacer, wait,
     )?)
 }
 

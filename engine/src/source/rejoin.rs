@@ -41,6 +41,9 @@ impl SourceSession {
             && self.monitor.stats().reconnects < MAX_RECONNECTS
             && self.lanes.transport() == TransportKind::Tcp
             && self.paused_at.is_none()
+            // An encrypted session's reconnect would need the destination to take a TLS
+            // control connection back mid-session, which it does not do yet.
+            && !self.cfg.encryption.is_on()
     }
 
     /// Reconnects within the window, or fails with `why` and the last attempt's error.

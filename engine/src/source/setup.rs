@@ -5,16 +5,19 @@
 use std::io::ErrorKind;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use rmig_transport::rdma::{LocalMemory, RdmaDevice};
 use rmig_transport::MemoryMap;
+use tokio::net::TcpStream;
 
 use super::connect::{self, Offer};
 use super::worker::Shared;
 use crate::bitmap::AtomicBitmap;
 use crate::cancel::CancelToken;
 use crate::control::handshake::{self, Agreed, SourceOffer};
-use crate::control::link::ControlLink;
+use crate::control::link::{ControlLink, ControlStream};
+use crate::control::tls::{self, ClientTls, TlsError};
 use crate::monitor::Monitor;
 use crate::protocol::codec::Limits;
 use crate::protocol::{Message, TransportKind};
@@ -77,26 +80,25 @@ pub(super) fn connect_control(
     };
     let timeout = cfg.handshake_timeout;
     let dest = cfg.dest.as_str();
+    let tls = ClientTls::new(&cfg.encryption, dest)?;
     let (stream, peer, local, agreed, offered) = rt.block_on(async {
-        let connect = tokio::net::TcpStream::connect(dest);
-        let mut s = match tokio::time::timeout(timeout, connect).await {
-            Err(_) => {
-                let what = format!("connecting to {dest} timed out");
-                return Err(EngineError::io(ErrorKind::TimedOut, what));
-            }
-            Ok(r) => {
-                r.map_err(|e| EngineError::io(e.kind(), format!("connecting to {dest}: {e}")))?
-            }
-        };
-        s.set_nodelay(true)?;
+        let s = tcp_connect(dest, timeout).await?;
         let peer = s.peer_addr()?;
         let local = s.local_addr()?;
-        // RDMA is offered when a device serves the address this connection uses.
-        let offered = connect::offer(cfg.transport, &cfg.rdma, local.ip())?;
+        // RDMA is offered when a device serves the address this connection uses (and the
+        // session is not encrypted: RDMA WRITEs cannot be).
+        let offered = connect::offer(cfg, local.ip())?;
         offer.transports = offered.kinds.clone();
-        let a = handshake::source(&mut s, &offer, timeout).await?;
-        Ok((s, peer, local, a, offered))
+        let (mut s, binding) = secure(s, tls.as_deref(), timeout).await?;
+        let a = handshake::source_bound(&mut s, &offer, binding, timeout)
+            .await
+            .map_err(tls::surface)?;
+        Ok::<_, EngineError>((s, peer, local, a, offered))
     })?;
+    let agreed = Agreed {
+        auth: agreed.auth.with_lane_tls(tls),
+        ..agreed
+    };
     let link = ControlLink::start(rt.handle(), stream, cfg.liveness, Limits::default());
     if cancel.is_cancelled() {
         link.send(Message::Cancel {
@@ -111,6 +113,42 @@ pub(super) fn connect_control(
         agreed,
         offered,
     })
+}
+
+/// Connects to `dest` within `timeout`.
+async fn tcp_connect(dest: &str, timeout: Duration) -> Result<TcpStream, EngineError> {
+    let connect = TcpStream::connect(dest);
+    let s = match tokio::time::timeout(timeout, connect).await {
+        Err(_) => {
+            let what = format!("connecting to {dest} timed out");
+            return Err(EngineError::io(ErrorKind::TimedOut, what));
+        }
+        Ok(r) => r.map_err(|e| EngineError::io(e.kind(), format!("connecting to {dest}: {e}")))?,
+    };
+    s.set_nodelay(true)?;
+    Ok(s)
+}
+
+/// Runs the TLS handshake on `s` when the session is encrypted (within `timeout`); returns
+/// the connection to speak on and its channel binding.
+async fn secure(
+    s: TcpStream,
+    tls: Option<&ClientTls>,
+    timeout: Duration,
+) -> Result<(ControlStream, Option<[u8; 32]>), EngineError> {
+    let Some(tls) = tls else {
+        return Ok((Box::new(s), None));
+    };
+    let (connector, name) = tls.connector();
+    let t = match tokio::time::timeout(timeout, connector.connect(name, s)).await {
+        Err(_) => {
+            let why = format!("no TLS handshake within {} ms", timeout.as_millis());
+            return Err(TlsError::Handshake(why).into());
+        }
+        Ok(r) => r.map_err(|e| tls::explain(&e))?,
+    };
+    let binding = tls::binding(t.get_ref().1)?;
+    Ok((Box::new(t), Some(binding)))
 }
 
 /// The round and pending sets, the page hashes (when verifying) and the abort flag, shared by
@@ -196,6 +234,7 @@ impl super::SourceSession {
             s.status = MigrationStatus::Active;
             s.setup_time_ms = setup_ms;
             s.transport = self.lanes.transport().name().into();
+            s.encryption = self.cfg.encryption.name().into();
             s.fallback_reason = fallback;
             if let Some(r) = rdma {
                 s.rdma = Some(crate::stats::RdmaReport::of(&r.dev, &r.mem));

@@ -5,8 +5,14 @@
 //! guest memory (a 24-byte header per run, no staging copy); the destination reads each run's
 //! payload straight into guest memory and acknowledges every batch once it has landed and its
 //! pages were handed to the [`PageSink`](crate::PageSink). Zero runs carry no payload.
+//!
+//! An encrypted lane carries the same stream inside one TLS 1.3 session (rustls): the source
+//! gathers headers and pages into a buffer in cache and seals it into records, the destination
+//! opens records into its staging buffer and streams them into guest memory. A record that
+//! fails authentication ends the lane like any broken connection.
 
 mod dest;
+mod seal;
 mod source;
 pub mod wire;
 

@@ -7,6 +7,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use super::seal::Sealer;
 use super::wire::{self, Header, ACK_LEN, HEADER_LEN};
 use crate::replies::{lock, read_records};
 use crate::{Batch, LaneError, MemoryMap, Pacer, RunKind, SourceLane};
@@ -28,8 +29,8 @@ struct Acks {
     cv: Condvar,
 }
 
-/// A TCP source lane: vectored writes from guest memory, acknowledgements read on a helper
-/// thread so that sending never waits for them.
+/// A TCP source lane: vectored writes from guest memory (or TLS records sealed from it),
+/// acknowledgements read on a helper thread so that sending never waits for them.
 pub struct TcpSourceLane {
     stream: TcpStream,
     map: MemoryMap,
@@ -37,6 +38,8 @@ pub struct TcpSourceLane {
     acks: Arc<Acks>,
     reader: Option<JoinHandle<()>>,
     headers: Vec<[u8; HEADER_LEN]>,
+    /// The TLS session, when the lane is encrypted.
+    tls: Option<Sealer>,
 }
 
 impl TcpSourceLane {
@@ -56,6 +59,34 @@ impl TcpSourceLane {
             acks,
             reader: Some(reader),
             headers: Vec::new(),
+            tls: None,
+        })
+    }
+
+    /// Takes over a connected lane socket whose TLS session `conn` is established and
+    /// authenticated: every byte of the lane then travels in TLS records.
+    pub fn new_tls(
+        stream: TcpStream,
+        conn: rustls::ClientConnection,
+        map: MemoryMap,
+        pacer: Arc<Pacer>,
+    ) -> Result<Self, LaneError> {
+        stream.set_nodelay(true)?;
+        let acks = Arc::new(Acks::default());
+        let sealer = Sealer::new(conn);
+        let mut rd = stream.try_clone()?;
+        let (a, conn) = (acks.clone(), sealer.conn.clone());
+        let reader = std::thread::Builder::new()
+            .name("rmig-ack".into())
+            .spawn(move || read_acks_tls(&mut rd, &conn, &a))?;
+        Ok(TcpSourceLane {
+            stream,
+            map,
+            pacer,
+            acks,
+            reader: Some(reader),
+            headers: Vec::new(),
+            tls: Some(sealer),
         })
     }
 
@@ -64,20 +95,33 @@ impl TcpSourceLane {
     }
 }
 
-fn read_acks(rd: &mut TcpStream, acks: &Acks) {
-    let reason = read_records::<ACK_LEN>(rd, |b| {
-        let seq = wire::decode_ack(b)?;
-        let mut g = lock(&acks.inner);
-        g.seq = g.seq.max(seq);
-        acks.cv.notify_all();
-        Ok(())
-    });
+/// Records acknowledgement `b`.
+fn on_ack(acks: &Acks, b: &[u8; ACK_LEN]) -> Result<(), String> {
+    let seq = wire::decode_ack(b)?;
+    let mut g = lock(&acks.inner);
+    g.seq = g.seq.max(seq);
+    acks.cv.notify_all();
+    Ok(())
+}
+
+/// Marks the lane ended for `reason`.
+fn ack_reader_stopped(acks: &Acks, reason: String) {
     lock(&acks.inner).closed = Some(reason);
     acks.cv.notify_all();
 }
 
+fn read_acks(rd: &mut TcpStream, acks: &Acks) {
+    let reason = read_records::<ACK_LEN>(rd, |b| on_ack(acks, b));
+    ack_reader_stopped(acks, reason);
+}
+
+fn read_acks_tls(rd: &mut TcpStream, conn: &Mutex<rustls::ClientConnection>, acks: &Acks) {
+    let reason = super::seal::read_records_tls::<ACK_LEN>(rd, conn, |b| on_ack(acks, b));
+    ack_reader_stopped(acks, reason);
+}
+
 /// An I/O vector entry for ordinary memory (a header).
-fn iovec_of(b: &[u8]) -> libc::iovec {
+pub(super) fn iovec_of(b: &[u8]) -> libc::iovec {
     libc::iovec {
         iov_base: b.as_ptr().cast_mut().cast(),
         iov_len: b.len(),
@@ -111,7 +155,10 @@ fn advance(iov: &mut &mut [libc::iovec], mut n: usize) {
 /// # Safety
 /// Every entry describes memory valid for reads for the whole call: ordinary buffers, or
 /// guest memory by the contract of the [`MemRegion`](crate::MemRegion) it came from.
-unsafe fn write_all_iov(s: &TcpStream, mut iov: &mut [libc::iovec]) -> std::io::Result<()> {
+pub(super) unsafe fn write_all_iov(
+    s: &TcpStream,
+    mut iov: &mut [libc::iovec],
+) -> std::io::Result<()> {
     while !iov.is_empty() {
         let n = iov.len().min(IOV_MAX);
         // `sendmsg` rather than `writev` for MSG_NOSIGNAL: a peer that closed must be an
@@ -193,6 +240,9 @@ impl TcpSourceLane {
 
 impl SourceLane for TcpSourceLane {
     fn send(&mut self, batch: &Batch) -> Result<u64, LaneError> {
+        if self.tls.is_some() {
+            return self.send_tls(batch, None);
+        }
         let (mut iov, total) = self.frame(batch)?;
         self.pacer.take(total);
         // SAFETY: the entries describe `self.headers`, unchanged until the call returns, and
@@ -236,14 +286,56 @@ impl SourceLane for TcpSourceLane {
             count: 0,
         }
         .encode();
-        let _ = self.stream.write_all(&h);
+        match &mut self.tls {
+            Some(t) => {
+                t.plain.extend_from_slice(&h);
+                let _ = t.flush(&self.stream, true);
+            }
+            None => {
+                let _ = self.stream.write_all(&h);
+            }
+        }
         let _ = self.stream.shutdown(Shutdown::Write);
+    }
+}
+
+impl TcpSourceLane {
+    /// Sends `batch` through the lane's TLS session: headers and pages are gathered into the
+    /// sealer's plaintext buffer (guest memory is copied out with [`GuestPages::copy_to`],
+    /// never borrowed as `&[u8]`), sealed into records and written. With `limit`, only that
+    /// many plaintext bytes are sent (a torn batch, for fault injection).
+    fn send_tls(&mut self, batch: &Batch, limit: Option<u64>) -> Result<u64, LaneError> {
+        let total = self.frame(batch)?.1;
+        self.pacer.take(total);
+        let t = self.tls.as_mut().expect("a TLS lane");
+        let mut budget = limit.unwrap_or(u64::MAX);
+        for (run, h) in batch.runs.iter().zip(&self.headers) {
+            t.push(&self.stream, h, &mut budget)?;
+            if run.kind == RunKind::Data {
+                let region = self.map.get(run.region as usize).expect("checked by frame");
+                let g = region.guest_pages(run.first_page, run.npages as u64);
+                t.push_guest(&self.stream, g, &mut budget)?;
+            }
+        }
+        let end = self.headers.last().expect("batch end header");
+        t.push(&self.stream, end, &mut budget)?;
+        t.flush(&self.stream, false)?;
+        Ok(total)
     }
 }
 
 #[cfg(feature = "fault-injection")]
 impl crate::fault::Breakable for TcpSourceLane {
     fn tear(&mut self, batch: &Batch) -> LaneError {
+        if self.tls.is_some() {
+            let total = match self.frame(batch) {
+                Ok(f) => f.1,
+                Err(e) => return e,
+            };
+            let _ = self.send_tls(batch, Some(total / 2));
+            let _ = self.stream.shutdown(Shutdown::Both);
+            return LaneError::Injected("lane killed mid-batch");
+        }
         let (mut iov, total) = match self.frame(batch) {
             Ok(f) => f,
             Err(e) => return e,
