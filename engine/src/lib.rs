@@ -46,6 +46,7 @@ pub use source::{SourceSession, Step};
 pub use stats::{
     LaneObserved, MigrationStats, MigrationStatus, NumaReport, RamStats, RdmaReport, RoundStats,
 };
+pub use verify::VerifyMode;
 
 /// A fault plan that kills a lane once `bytes` of payload went out on it (tests).
 #[cfg(feature = "fault-injection")]

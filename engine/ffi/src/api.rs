@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use rmig_engine::{
     ConvergePolicy, DestConfig, DestEmbedder, DestListener, EngineError, Key, MigrationStatus,
-    NoConvergence, Region, SourceConfig, SourceSession, Step, TransportChoice, PAGE_2M, PAGE_4K,
+    NoConvergence, Region, SourceConfig, SourceSession, Step, TransportChoice, VerifyMode, PAGE_2M,
+    PAGE_4K,
 };
 
 use crate::embedder::{CDirty, C};
@@ -75,7 +76,7 @@ pub unsafe extern "C" fn rmig_config_default(out: *mut RmigConfig) -> RmigStatus
             max_rounds: d.max_rounds,
             force_switchover: 0,
             auto_converge: 1,
-            verify: 1,
+            verify: RmigVerify::RmigVerifyReceived as u32,
         };
         // SAFETY: checked non-null and aligned above; writable by the caller's contract.
         unsafe { out.write(c) };
@@ -87,6 +88,7 @@ struct Parsed {
     address: String,
     key: Key,
     transport: TransportChoice,
+    verify: VerifyMode,
 }
 
 /// # Safety
@@ -110,10 +112,17 @@ unsafe fn parse(cfg: *const RmigConfig) -> Result<(RmigConfig, Parsed), RmigStat
     let key = Key::new(kb).map_err(|e| from_engine(&e))?;
     let t = RmigTransport::try_from(c.transport)
         .map_err(|e| fail(RmigErrInvalidArgument, &e.message("config.transport")))?;
+    let v = RmigVerify::try_from(c.verify)
+        .map_err(|e| fail(RmigErrInvalidArgument, &e.message("config.verify")))?;
     let p = Parsed {
         address,
         key,
         transport: transport(t),
+        verify: match v {
+            RmigVerify::RmigVerifyOff => VerifyMode::Off,
+            RmigVerify::RmigVerifyReceived => VerifyMode::Received,
+            RmigVerify::RmigVerifyMemory => VerifyMode::Memory,
+        },
     };
     Ok((c, p))
 }
@@ -186,7 +195,7 @@ pub unsafe extern "C" fn rmig_source_new(
         }
         s.transport = p.transport;
         s.max_bandwidth = c.max_bandwidth;
-        s.verify = c.verify != 0;
+        s.verify = p.verify;
         s.policy = ConvergePolicy {
             downtime_limit: Duration::from_millis(c.downtime_limit_ms),
             max_rounds: c.max_rounds.max(1),
