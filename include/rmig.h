@@ -23,9 +23,9 @@
  *    call returns RMIG_ERR_HANDOVER_UNKNOWN with this end's guest paused, and only
  *    rmig_resolve_handover (the operator's decision) resumes or gives it up.
  *  - Enumerations that the caller fills in are uint32_t values holding one of the named
- *    constants (rmig_config.transport: RMIG_TRANSPORT_*; rmig_config.encryption:
- *    RMIG_ENCRYPTION_*; the decision of
- *    rmig_resolve_handover: RMIG_HANDOVER_*); any other value is refused with
+ *    constants (rmig_config.transport: RMIG_TRANSPORT_*; rmig_config.verify: RMIG_VERIFY_*;
+ *    rmig_config.encryption: RMIG_ENCRYPTION_*; the decision of rmig_resolve_handover:
+ *    RMIG_HANDOVER_*); any other value is refused with
  *    RMIG_ERR_INVALID_ARGUMENT. rmig_status (return values) and rmig_state (rmig_stats.state)
  *    are C enums that only the library writes.
  */
@@ -177,6 +177,31 @@ typedef uint32_t rmig_encryption;
 #endif // __STDC_VERSION__ >= 202311L
 #endif // __cplusplus
 
+// End-to-end verification: the allowed values of `rmig_config.verify` (a `uint32_t`, checked
+// as `transport` is). The source's value decides; a destination does what its source asks.
+enum rmig_verify
+#if defined(__cplusplus) || __STDC_VERSION__ >= 202311L
+  : uint32_t
+#endif // defined(__cplusplus) || __STDC_VERSION__ >= 202311L
+ {
+  // No checksums: nothing proves the destination holds the source's memory.
+  RMIG_VERIFY_OFF = 0,
+  // Every page the destination received equals the page the source sent last. Blind to
+  // writes into destination memory after a page landed.
+  RMIG_VERIFY_RECEIVED = 1,
+  // As `RMIG_VERIFY_RECEIVED`, and in the pause the destination re-reads all of its memory:
+  // it still holds what it received, so it equals the source's memory at the handover.
+  // Costs downtime (one pass over destination memory).
+  RMIG_VERIFY_MEMORY = 2,
+};
+#ifndef __cplusplus
+#if __STDC_VERSION__ >= 202311L
+typedef enum rmig_verify rmig_verify;
+#else
+typedef uint32_t rmig_verify;
+#endif // __STDC_VERSION__ >= 202311L
+#endif // __cplusplus
+
 // Growable bytes owned by the library, filled by a callback with `rmig_bytes_append`.
 typedef struct rmig_bytes rmig_bytes;
 
@@ -206,7 +231,9 @@ typedef struct {
   uint32_t force_switchover;
   // Ask the embedder to throttle when rounds stop shrinking (default 1).
   uint32_t auto_converge;
-  // End-to-end verification (default 1).
+  // End-to-end verification: one of the `RMIG_VERIFY_*` values of `rmig_verify` (default
+  // `RMIG_VERIFY_RECEIVED`, 1). Any other value makes `rmig_*_new` fail with
+  // `RMIG_ERR_INVALID_ARGUMENT`.
   uint32_t verify;
   // Encryption: one of the `RMIG_ENCRYPTION_*` values of `rmig_encryption` (default
   // `RMIG_ENCRYPTION_TLS_PSK`). RDMA lanes cannot be encrypted: with encryption on,

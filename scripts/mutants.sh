@@ -6,10 +6,22 @@
 #   scripts/mutants.sh engine/src/verify.rs # just these files
 #
 # Each mutant is built in a copy of the tree and judged by the engine's unit tests (`--lib`:
-# the doctests and the end-to-end suite are too slow to run hundreds of times). Results go to
-# $MUTANTS_OUT (default target/mutants): mutants.out/{caught,missed,timeout,unviable}.txt.
+# the doctests and the whole end-to-end suite are too slow to run hundreds of times), or by the
+# tests named in MUTANTS_TESTS. Results go to $MUTANTS_OUT (default target/mutants):
+# mutants.out/{caught,missed,timeout,unviable}.txt.
 # Knobs: MUTANTS_JOBS (default 1), MUTANTS_TIMEOUT (seconds per test run, default 120),
-# MUTANTS_ITERATE=1 (test again only what the previous run in $MUTANTS_OUT did not catch).
+# MUTANTS_ITERATE=1 (test again only what the previous run in $MUTANTS_OUT did not catch),
+# MUTANTS_TEST_PACKAGE (judge by this package's tests instead of the engine's),
+# MUTANTS_TESTS (cargo test's target selection, default `--lib`), MUTANTS_RE (only mutants
+# whose name matches this regex, e.g. the functions a change touched).
+# Mutants build in the dev profile (incremental, so each mutant rebuilds little) with the
+# dependencies optimised: the end-to-end tests hash and move real memory.
+#
+# The files and the tests that judge them, as run for issue 17:
+#   MUTANTS_TESTS="--lib --test golden --test codec_props" \
+#       scripts/mutants.sh engine/src/protocol/codec.rs engine/src/protocol/field.rs
+#   MUTANTS_TEST_PACKAGE=rmig-tests MUTANTS_TESTS="--test hostile --test verify --test callbacks \
+#       --test migrate" scripts/mutants.sh engine/src/dest/phase.rs engine/src/dest/mod.rs
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if ! command -v cargo-mutants >/dev/null; then
@@ -27,6 +39,15 @@ fi
 for f in "${files[@]}"; do
     args+=(--file "$f")
 done
+if [ -n "${MUTANTS_TEST_PACKAGE:-}" ]; then
+    # cargo-mutants runs its unmutated baseline with the mutated package's tests only, where
+    # another package's test targets do not exist: skip it (the suite is green before this).
+    args+=(--test-package "$MUTANTS_TEST_PACKAGE" --baseline skip)
+fi
+if [ -n "${MUTANTS_RE:-}" ]; then
+    args+=(--re "$MUTANTS_RE")
+fi
+read -r -a tests <<<"${MUTANTS_TESTS:---lib}"
 out="${MUTANTS_OUT:-target/mutants}"
 mkdir -p "$out"
 # Exit status 2 means some mutants were missed: report it, but let the summary print.
@@ -38,8 +59,9 @@ nice -n 10 cargo mutants \
     --timeout "${MUTANTS_TIMEOUT:-120}" \
     --build-timeout 900 \
     --no-shuffle \
+    --cargo-arg=--config='profile.dev.package."*".opt-level=2' \
     --output "$out" \
-    -- --lib || status=$?
+    -- "${tests[@]}" || status=$?
 for k in caught missed timeout unviable; do
     f="$out/mutants.out/$k.txt"
     printf '%-9s %s\n' "$k" "$( [ -f "$f" ] && wc -l <"$f" || echo 0)"

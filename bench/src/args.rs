@@ -211,6 +211,29 @@ pub enum OnOff {
     Off,
 }
 
+/// What end-to-end verification proves (`rmig_engine::VerifyMode`).
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum VerifyArg {
+    /// Every page received equals the page sent last.
+    On,
+    /// No checksums.
+    Off,
+    /// As `on`, and in the pause the destination re-reads its memory: it still holds what it
+    /// received (costs downtime).
+    Memory,
+}
+
+impl VerifyArg {
+    /// The engine's mode.
+    pub fn mode(self) -> rmig_engine::VerifyMode {
+        match self {
+            VerifyArg::On => rmig_engine::VerifyMode::Received,
+            VerifyArg::Off => rmig_engine::VerifyMode::Off,
+            VerifyArg::Memory => rmig_engine::VerifyMode::Memory,
+        }
+    }
+}
+
 /// What to do when the round limit is reached above the downtime limit.
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum OnNoConvergence {
@@ -240,9 +263,10 @@ pub struct MigrateArgs {
     /// Throttle the guest when rounds stop shrinking.
     #[arg(long, value_enum, default_value_t = OnOff::On)]
     pub auto_converge: OnOff,
-    /// End-to-end verification of every page.
-    #[arg(long, value_enum, default_value_t = OnOff::On)]
-    pub verify: OnOff,
+    /// End-to-end verification of every page (`memory`: also re-read destination memory in
+    /// the pause, so a write after a page landed is caught; costs downtime).
+    #[arg(long, value_enum, default_value_t = VerifyArg::On)]
+    pub verify: VerifyArg,
     /// Place and pin lanes next to the memory they serve (`off`: let the scheduler decide).
     #[arg(long, value_enum, default_value_t = NumaArg::Auto)]
     pub numa: NumaArg,

@@ -80,7 +80,7 @@ fn source_config(dest: String, key: Key, m: &MigrateArgs) -> SourceConfig {
         ..Default::default()
     };
     c.max_bandwidth = m.max_bandwidth;
-    c.verify = m.verify == OnOff::On;
+    c.verify = m.verify.mode();
     c.encryption = m.transport.encryption(true);
     c.transport = m.transport.choice();
     c.rdma = m.transport.rdma();
@@ -293,7 +293,7 @@ impl RunInfo {
             hot_set: Some(w.hot_set),
             pages_dirtied: Some(src.workload.pages_written()),
             prealloc: None,
-            verify: m.verify == OnOff::On,
+            verify: m.verify.mode().is_on(),
             downtime_limit_ms: Some(m.downtime_limit),
             source_prepare_ms: Some(src.prepare_ms),
             dest_prepare_ms: None,

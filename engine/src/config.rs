@@ -11,6 +11,7 @@ use crate::control::link::Liveness;
 pub use crate::control::tls::{Encryption, X509Creds};
 use crate::converge::ConvergePolicy;
 use crate::protocol::{PROTOCOL_MAX, PROTOCOL_MIN};
+use crate::verify::VerifyMode;
 
 /// Which transport to use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -66,8 +67,9 @@ pub struct SourceConfig {
     pub policy: ConvergePolicy,
     /// Bandwidth ceiling in bytes/s; 0 is unlimited.
     pub max_bandwidth: u64,
-    /// End-to-end verification.
-    pub verify: bool,
+    /// End-to-end verification: what it proves at the handover (see [`VerifyMode`]; the
+    /// destination does what the source asks).
+    pub verify: VerifyMode,
     /// Heartbeats.
     pub liveness: Liveness,
     /// Limit for each step of the handshake and for connecting.
@@ -100,7 +102,7 @@ impl SourceConfig {
             rdma: RdmaConfig::default(),
             policy: ConvergePolicy::default(),
             max_bandwidth: 0,
-            verify: true,
+            verify: VerifyMode::Received,
             liveness: Liveness::default(),
             handshake_timeout: Duration::from_secs(10),
             reconnect_window: Duration::from_secs(10),

@@ -49,6 +49,7 @@ pub use stats::{
     EndFigures, LaneObserved, MemoryFacts, MigrationStats, MigrationStatus, NumaReport, RamStats,
     RdmaReport, RoundStats,
 };
+pub use verify::VerifyMode;
 
 /// A fault plan that kills a lane once `bytes` of payload went out on it (tests).
 #[cfg(feature = "fault-injection")]

@@ -10,13 +10,67 @@
 //! The checksum reads a `&[u8]`, which guest memory may never be (see `rmig_transport::mem`):
 //! a page is hashed from a private copy made by [`HashScratch::hash_guest`], or, on a TCP
 //! destination that verifies, from the staging buffer it was received into.
+//!
+//! What that proves is that the bytes *received* equal the bytes *sent* ([`VerifyMode::Received`]).
+//! It says nothing about a write into destination memory after a page landed: a bug in the
+//! copy out of the staging buffer, an RDMA WRITE with no descriptor, a device model writing
+//! early. [`VerifyMode::Memory`] closes that gap: in the pause, after the last round, the
+//! destination hashes its memory again ([`rehash_memory`]) and compares every page with the
+//! hash of what it received. Why in the pause and not in the background during pre-copy: a
+//! page re-hashed early proves nothing about a write that comes after the re-hash, which is
+//! exactly what the mode is for; re-hashing in the pause is what makes the promise hold at
+//! handover, and it costs downtime (one read of destination memory, spread over the CPUs).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::bitmap::AtomicBitmap;
 
 use crc_fast::{checksum, CrcAlgorithm, Digest};
-use rmig_transport::GuestPages;
+use rmig_transport::{GuestPages, MemoryMap};
+
+/// What end-to-end verification proves at the handover.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum VerifyMode {
+    /// No checksums: the destination's memory is trusted to hold what the lanes carried.
+    Off,
+    /// Every page the destination received equals the page the source sent last (checksums
+    /// of both ends, compared before and in the pause). Cheap: each page is hashed while it
+    /// passes through anyway. Blind to writes into destination memory after a page landed.
+    #[default]
+    Received,
+    /// [`Received`](Self::Received), and in the pause the destination re-reads all of its
+    /// memory and checks that every page still holds what it received, so that destination
+    /// memory equals the source's at handover. Costs downtime: one pass over destination
+    /// memory.
+    Memory,
+}
+
+impl VerifyMode {
+    /// Whether checksums are kept at all.
+    pub fn is_on(self) -> bool {
+        self != VerifyMode::Off
+    }
+
+    /// Its one-byte wire value (0, 1, 2; 0 and 1 are the `false`/`true` of protocol 2's
+    /// boolean, so peers that only know those agree on them).
+    pub fn wire(self) -> u8 {
+        match self {
+            VerifyMode::Off => 0,
+            VerifyMode::Received => 1,
+            VerifyMode::Memory => 2,
+        }
+    }
+
+    /// The mode with wire value `b`, if any.
+    pub fn from_wire(b: u8) -> Option<VerifyMode> {
+        match b {
+            0 => Some(VerifyMode::Off),
+            1 => Some(VerifyMode::Received),
+            2 => Some(VerifyMode::Memory),
+            _ => None,
+        }
+    }
+}
 
 /// Pages folded into one chunk digest.
 pub const CHUNK_PAGES: u64 = 512;
@@ -82,18 +136,12 @@ impl HashScratch {
         }
         let mut digest = Digest::new(CrcAlgorithm::Crc64Nvme);
         let mut zero = true;
-        let mut off = 0;
-        while off < page.len() {
+        for off in (0..page.len()).step_by(COPY_CHUNK) {
             let n = COPY_CHUNK.min(page.len() - off);
-            if off + n < page.len() {
-                page.subrange(off + n, page.len() - off - n)
-                    .prefetch(COPY_CHUNK);
-            }
             let buf = &mut self.0[..n];
             page.subrange(off, n).copy_to(buf);
             zero = zero && is_zero(buf);
             digest.update(buf);
-            off += n;
         }
         (!zero).then(|| digest.finalize())
     }
@@ -201,9 +249,9 @@ pub fn baseline_digests(hashes: &[RegionHashes], pending: &[AtomicBitmap]) -> Ve
             h.take_touched();
             (0..h.chunks())
                 .map(|c| {
-                    let pages = (c * CHUNK_PAGES, CHUNK_PAGES.min(p.len() - c * CHUNK_PAGES));
                     let d = h.chunk_digest(c);
-                    if p.any_set(pages.0, pages.1) {
+                    // The last chunk may be partial: `any_set` stops at the bitmap's end.
+                    if p.any_set(c * CHUNK_PAGES, CHUNK_PAGES) {
                         SKIP
                     } else {
                         if d == SKIP {
@@ -270,24 +318,83 @@ pub fn check_touched(
     let mut out = Vec::new();
     let (mut a, mut b) = (mine.iter().peekable(), theirs.iter().peekable());
     loop {
-        let next = match (a.peek(), b.peek()) {
+        // Which side holds the next chunk in (region, chunk) order; a chunk only one side
+        // touched differs.
+        let order = match (a.peek(), b.peek()) {
             (None, None) => break,
-            (Some(x), Some(y)) if (x.0, x.1) == (y.0, y.1) => {
-                let differs = x.2 != y.2;
-                let at = (x.0, x.1);
-                a.next();
-                b.next();
-                differs.then_some(at)
-            }
-            (Some(x), Some(y)) if (x.0, x.1) < (y.0, y.1) => a.next().map(|x| (x.0, x.1)),
-            (Some(_), Some(_)) | (None, Some(_)) => b.next().map(|y| (y.0, y.1)),
-            (Some(_), None) => a.next().map(|x| (x.0, x.1)),
+            (Some(_), None) => std::cmp::Ordering::Less,
+            (None, Some(_)) => std::cmp::Ordering::Greater,
+            (Some(x), Some(y)) => (x.0, x.1).cmp(&(y.0, y.1)),
+        };
+        let next = match order {
+            std::cmp::Ordering::Less => a.next().map(|x| (x.0, x.1)),
+            std::cmp::Ordering::Greater => b.next().map(|y| (y.0, y.1)),
+            std::cmp::Ordering::Equal => match (a.next(), b.next()) {
+                (Some(x), Some(y)) => (x.2 != y.2).then_some((x.0, x.1)),
+                _ => unreachable!("both sides peeked a chunk"),
+            },
         };
         if let Some(at) = next {
             if out.len() < limit {
                 out.push(at);
             }
         }
+    }
+    out
+}
+
+/// Destination, in the pause ([`VerifyMode::Memory`]): hashes every page of destination
+/// memory again and compares it with the hash of what was received for it. Returns the
+/// chunks holding a page that changed since it landed, at most `limit`, in order. The pages
+/// are split among `threads` threads (at least one), each reading a contiguous share.
+pub fn rehash_memory(
+    ours: &[RegionHashes],
+    map: &MemoryMap,
+    threads: usize,
+    limit: usize,
+) -> Vec<(u32, u64)> {
+    let total: u64 = ours.iter().map(|h| h.hashes.len() as u64).sum();
+    let share = total.div_ceil(threads.max(1) as u64).max(1);
+    let mut found: Vec<(u32, u64)> = std::thread::scope(|s| {
+        let workers: Vec<_> = (0..total.div_ceil(share))
+            .map(|t| {
+                s.spawn(move || rehash_share(ours, map, t * share..total.min((t + 1) * share)))
+            })
+            .collect();
+        workers
+            .into_iter()
+            .flat_map(|w| w.join().expect("a re-hash thread panicked"))
+            .collect()
+    });
+    found.dedup();
+    found.truncate(limit);
+    found
+}
+
+/// [`rehash_memory`]'s work on pages `span` of the concatenation of all regions: the chunks
+/// whose pages differ from their hashes, in order.
+fn rehash_share(
+    ours: &[RegionHashes],
+    map: &MemoryMap,
+    span: std::ops::Range<u64>,
+) -> Vec<(u32, u64)> {
+    let mut scratch = HashScratch::new();
+    let mut out: Vec<(u32, u64)> = Vec::new();
+    let mut base = 0;
+    for (r, h) in ours.iter().enumerate() {
+        let pages = h.hashes.len() as u64;
+        let (first, end) = (span.start.max(base), span.end.min(base + pages));
+        let region = map.get(r).expect("one memory region per hash table");
+        for p in first.saturating_sub(base)..end.saturating_sub(base) {
+            let now = scratch
+                .hash_guest(region.guest_pages(p, 1))
+                .unwrap_or(h.zero_hash);
+            let at = (r as u32, p / CHUNK_PAGES);
+            if now != h.hashes[p as usize].load(Ordering::Relaxed) && out.last() != Some(&at) {
+                out.push(at);
+            }
+        }
+        base += pages;
     }
     out
 }
@@ -365,6 +472,11 @@ mod tests {
         let mut last = vec![0u8; HUGE];
         last[HUGE - 1] = 5;
         assert_eq!(s.hash_guest(g), Some(hash_page(&last)));
+        // A view that ends inside a copy chunk: the last piece is short.
+        assert_eq!(
+            s.hash_guest(g.subrange(HUGE - 5000, 5000)),
+            Some(hash_page(&last[HUGE - 5000..]))
+        );
     }
 
     #[test]
@@ -511,6 +623,88 @@ mod chunk_tests {
         assert_eq!(clean, vec![vec![h[0].chunk_digest(0)]]);
         pending[0].set(99);
         assert_eq!(baseline_digests(&h, &pending), vec![vec![SKIP]]);
+    }
+
+    /// Two regions of guest memory (random, with some zero pages), their page hashes as a
+    /// destination records them on landing, and the map over them.
+    fn landed(pages: [usize; 2]) -> (Vec<Vec<u8>>, Vec<RegionHashes>, MemoryMap) {
+        let mut mem: Vec<Vec<u8>> = pages
+            .iter()
+            .enumerate()
+            .map(|(r, &n)| {
+                (0..n * 4096)
+                    .map(|i| ((i as u32 ^ r as u32).wrapping_mul(2654435761) >> 11) as u8)
+                    .collect()
+            })
+            .collect();
+        mem[0][4096..8192].fill(0);
+        let hashes: Vec<RegionHashes> = mem
+            .iter()
+            .map(|m| {
+                let h = RegionHashes::new((m.len() / 4096) as u64, 4096);
+                for (p, page) in m.chunks(4096).enumerate() {
+                    if !is_zero(page) {
+                        h.set(p as u64, hash_page(page));
+                    }
+                }
+                h
+            })
+            .collect();
+        let map = MemoryMap::new(
+            mem.iter_mut()
+                // SAFETY: each buffer outlives the map (the tests keep `mem` alive) and is
+                // only read through it.
+                .map(|m| unsafe { rmig_transport::MemRegion::new(m.as_mut_ptr(), m.len(), 4096) })
+                .collect(),
+        );
+        (mem, hashes, map)
+    }
+
+    #[test]
+    fn rehashing_memory_finds_every_page_changed_after_it_landed() {
+        let (mut mem, hashes, map) = landed([3 * CHUNK_PAGES as usize + 10, 700]);
+        for threads in [1, 2, 3, 8] {
+            assert_eq!(
+                rehash_memory(&hashes, &map, threads, 16),
+                vec![],
+                "{threads}"
+            );
+        }
+        // One byte in the last page of region 0, in a zero page, two in one chunk of
+        // region 1 (named once), and one in its partial last chunk.
+        let last0 = mem[0].len() - 1;
+        mem[0][last0] ^= 1;
+        mem[0][4096 + 9] = 3;
+        mem[1][5] ^= 0x80;
+        mem[1][100 * 4096] ^= 1;
+        mem[1][699 * 4096 + 4095] ^= 1;
+        let want = vec![(0, 0), (0, 3), (1, 0), (1, 1)];
+        for threads in [1, 2, 3, 5, 8, 64] {
+            assert_eq!(rehash_memory(&hashes, &map, threads, 16), want, "{threads}");
+        }
+        assert_eq!(rehash_memory(&hashes, &map, 0, 16), want);
+        assert_eq!(rehash_memory(&hashes, &map, 3, 2), want[..2]);
+        // A page that became zero differs too.
+        mem[1][..4096].fill(0);
+        mem[1][100 * 4096] ^= 1;
+        mem[1][699 * 4096 + 4095] ^= 1;
+        mem[0][last0] ^= 1;
+        mem[0][4096 + 9] = 0;
+        assert_eq!(rehash_memory(&hashes, &map, 2, 16), vec![(1, 0)]);
+    }
+
+    #[test]
+    fn verify_modes_travel_as_one_byte() {
+        for m in [VerifyMode::Off, VerifyMode::Received, VerifyMode::Memory] {
+            assert_eq!(VerifyMode::from_wire(m.wire()), Some(m));
+        }
+        assert_eq!(VerifyMode::Off.wire(), 0);
+        assert_eq!(VerifyMode::Received.wire(), 1);
+        assert_eq!(VerifyMode::Memory.wire(), 2);
+        assert_eq!(VerifyMode::from_wire(3), None);
+        assert!(!VerifyMode::Off.is_on());
+        assert!(VerifyMode::Received.is_on() && VerifyMode::Memory.is_on());
+        assert_eq!(VerifyMode::default(), VerifyMode::Received);
     }
 
     #[test]

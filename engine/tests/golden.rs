@@ -9,6 +9,7 @@
 use rmig_engine::protocol::codec::{decode, encode};
 use rmig_engine::protocol::{Message, TransportKind};
 use rmig_engine::region::RegionDesc;
+use rmig_engine::verify::VerifyMode;
 use rmig_engine::{EndFigures, MemoryFacts};
 
 /// `n` bytes counting up from `start`, so that a reversed or shifted array shows.
@@ -73,9 +74,17 @@ fn golden_lanes() -> Vec<(Message, &'static str)> {
             Message::TransportOffer {
                 kinds: vec![TransportKind::Rdma, TransportKind::Tcp],
                 lanes: 0x0102,
-                verify: true,
+                verify: VerifyMode::Received,
             },
             "0a00000007020000000201020101",
+        ),
+        (
+            Message::TransportOffer {
+                kinds: vec![TransportKind::Rdma, TransportKind::Tcp],
+                lanes: 0x0102,
+                verify: VerifyMode::Memory,
+            },
+            "0a00000007020000000201020102",
         ),
         (
             Message::TransportAccept {

@@ -147,7 +147,7 @@ fn authenticated_with(
         regions: setup.src_regions.iter().map(|r| r.desc()).collect(),
         transports: vec![rmig_engine::protocol::TransportKind::Tcp],
         lanes: 1,
-        verify: true,
+        verify: rmig_engine::VerifyMode::Received,
     };
     drop(setup);
     let d =

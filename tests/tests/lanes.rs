@@ -149,7 +149,7 @@ fn second_source(addr: SocketAddr, regions: Vec<rmig_engine::RegionDesc>) -> Str
         regions,
         transports: vec![TransportKind::Tcp],
         lanes: 1,
-        verify: true,
+        verify: rmig_engine::VerifyMode::Received,
     };
     rt.block_on(async {
         let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
@@ -265,7 +265,7 @@ fn authenticated_two_lanes() -> Raw {
         regions: setup.src_regions.iter().map(|r| r.desc()).collect(),
         transports: vec![TransportKind::Tcp],
         lanes: 2,
-        verify: true,
+        verify: rmig_engine::VerifyMode::Received,
     };
     drop(setup);
     let dm = Monitor::new();

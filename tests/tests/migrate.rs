@@ -121,7 +121,7 @@ fn verify_off_reports_null() {
     let src = Mem::random(len, 0.2, 5);
     let dst = Mem::new(len);
     let mut setup = Setup::new(&src, &dst, len);
-    setup.src.verify = false;
+    setup.src.verify = rmig_engine::VerifyMode::Off;
     let (s, d) = setup.run();
     assert_eq!(s.unwrap().verified, None);
     assert_eq!(d.unwrap().stats.verified, None);

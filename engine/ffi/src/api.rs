@@ -10,7 +10,7 @@ use std::time::Duration;
 use rmig_engine::{
     ConvergePolicy, DestConfig, DestEmbedder, DestListener, Encryption, EngineError, Key,
     MigrationStatus, NoConvergence, Region, SourceConfig, SourceSession, Step, TransportChoice,
-    X509Creds, PAGE_2M, PAGE_4K,
+    VerifyMode, X509Creds, PAGE_2M, PAGE_4K,
 };
 
 use crate::embedder::{CDirty, C};
@@ -76,7 +76,7 @@ pub unsafe extern "C" fn rmig_config_default(out: *mut RmigConfig) -> RmigStatus
             max_rounds: d.max_rounds,
             force_switchover: 0,
             auto_converge: 1,
-            verify: 1,
+            verify: RmigVerify::RmigVerifyReceived as u32,
             encryption: RmigEncryption::RmigEncryptionTlsPsk as u32,
             tls_creds: std::ptr::null(),
             tls_hostname: std::ptr::null(),
@@ -92,6 +92,7 @@ struct Parsed {
     key: Key,
     transport: TransportChoice,
     encryption: Encryption,
+    verify: VerifyMode,
 }
 
 /// An optional UTF-8 string from C (`None` for NULL).
@@ -156,11 +157,18 @@ unsafe fn parse(cfg: *const RmigConfig) -> Result<(RmigConfig, Parsed), RmigStat
         .map_err(|e| fail(RmigErrInvalidArgument, &e.message("config.transport")))?;
     // SAFETY: the caller's contract covers the config's strings.
     let encryption = unsafe { encryption(&c)? };
+    let v = RmigVerify::try_from(c.verify)
+        .map_err(|e| fail(RmigErrInvalidArgument, &e.message("config.verify")))?;
     let p = Parsed {
         address,
         key,
         transport: transport(t),
         encryption,
+        verify: match v {
+            RmigVerify::RmigVerifyOff => VerifyMode::Off,
+            RmigVerify::RmigVerifyReceived => VerifyMode::Received,
+            RmigVerify::RmigVerifyMemory => VerifyMode::Memory,
+        },
     };
     Ok((c, p))
 }
@@ -234,7 +242,7 @@ pub unsafe extern "C" fn rmig_source_new(
         s.transport = p.transport;
         s.encryption = p.encryption;
         s.max_bandwidth = c.max_bandwidth;
-        s.verify = c.verify != 0;
+        s.verify = p.verify;
         s.policy = ConvergePolicy {
             downtime_limit: Duration::from_millis(c.downtime_limit_ms),
             max_rounds: c.max_rounds.max(1),

@@ -159,6 +159,39 @@ impl TryFrom<u32> for RmigHandover {
     }
 }
 
+/// End-to-end verification: the allowed values of `rmig_config.verify` (a `uint32_t`, checked
+/// as `transport` is). The source's value decides; a destination does what its source asks.
+#[repr(u32)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RmigVerify {
+    /// No checksums: nothing proves the destination holds the source's memory.
+    RmigVerifyOff = 0,
+    /// Every page the destination received equals the page the source sent last. Blind to
+    /// writes into destination memory after a page landed.
+    RmigVerifyReceived = 1,
+    /// As `RMIG_VERIFY_RECEIVED`, and in the pause the destination re-reads all of its memory:
+    /// it still holds what it received, so it equals the source's memory at the handover.
+    /// Costs downtime (one pass over destination memory).
+    RmigVerifyMemory = 2,
+}
+
+impl RmigVerify {
+    /// Every value, with its C name.
+    const ALL: [(RmigVerify, &'static str); 3] = [
+        (RmigVerify::RmigVerifyOff, "RMIG_VERIFY_OFF"),
+        (RmigVerify::RmigVerifyReceived, "RMIG_VERIFY_RECEIVED"),
+        (RmigVerify::RmigVerifyMemory, "RMIG_VERIFY_MEMORY"),
+    ];
+}
+
+impl TryFrom<u32> for RmigVerify {
+    type Error = UnknownValue;
+
+    fn try_from(value: u32) -> Result<Self, UnknownValue> {
+        named(value, &RmigVerify::ALL, |v| v as u32)
+    }
+}
+
 /// Configuration of a session; start from `rmig_config_default`.
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
@@ -187,7 +220,9 @@ pub struct RmigConfig {
     pub force_switchover: u32,
     /// Ask the embedder to throttle when rounds stop shrinking (default 1).
     pub auto_converge: u32,
-    /// End-to-end verification (default 1).
+    /// End-to-end verification: one of the `RMIG_VERIFY_*` values of `rmig_verify` (default
+    /// `RMIG_VERIFY_RECEIVED`, 1). Any other value makes `rmig_*_new` fail with
+    /// `RMIG_ERR_INVALID_ARGUMENT`.
     pub verify: u32,
     /// Encryption: one of the `RMIG_ENCRYPTION_*` values of `rmig_encryption` (default
     /// `RMIG_ENCRYPTION_TLS_PSK`). RDMA lanes cannot be encrypted: with encryption on,

@@ -499,6 +499,37 @@ fn out_of_range_transport_is_refused_by_name() {
     );
 }
 
+#[test]
+fn out_of_range_verify_mode_is_refused_by_name() {
+    let _deadline = Deadline::secs(120);
+    let addr = c"127.0.0.1:1";
+    for bad in [3, u32::MAX] {
+        let mut c = config(addr);
+        c.verify = bad;
+        let mut s = 0;
+        // SAFETY: valid pointers; the value is the library's to check.
+        let r = unsafe { rmig_source_new(&c, &callbacks(), &mut s) };
+        assert_eq!(r, RmigErrInvalidArgument, "verify {bad}");
+        let msg = last_error();
+        assert!(msg.contains("config.verify"), "{msg}");
+        assert!(msg.contains("RMIG_VERIFY_MEMORY (2)"), "{msg}");
+    }
+    for good in [
+        RmigVerify::RmigVerifyOff,
+        RmigVerify::RmigVerifyReceived,
+        RmigVerify::RmigVerifyMemory,
+    ] {
+        let mut c = config(addr);
+        c.verify = good as u32;
+        let mut s = 0;
+        // SAFETY: valid pointers.
+        let r = unsafe { rmig_source_new(&c, &callbacks(), &mut s) };
+        assert_eq!(r, RmigOk, "{good:?}: {}", last_error());
+        assert_eq!(rmig_free(s), RmigOk);
+    }
+    assert_eq!(config(addr).verify, RmigVerify::RmigVerifyReceived as u32);
+}
+
 // The destination's `load_device_state` of `free_waits_for_the_call_in_flight`: it blocks
 // until released (at most 20 s), so that `rmig_free` meets a call in flight.
 static GATE_ENTERED: AtomicBool = AtomicBool::new(false);

@@ -21,8 +21,8 @@ pub struct Agreed {
     pub transport: TransportKind,
     /// Lanes.
     pub lanes: u16,
-    /// Whether the destination hashes what lands.
-    pub verify: bool,
+    /// What the destination verifies.
+    pub verify: crate::verify::VerifyMode,
     /// Why the destination did not pick the source's first choice (empty if it did).
     pub note: String,
 }
@@ -41,7 +41,7 @@ pub struct SourceOffer {
     /// Lanes wanted.
     pub lanes: u16,
     /// End-to-end verification.
-    pub verify: bool,
+    pub verify: crate::verify::VerifyMode,
 }
 
 /// What a destination accepts.
@@ -326,7 +326,7 @@ async fn pick_transport<S: AsyncRead + AsyncWrite + Unpin>(
     s: &mut S,
     acc: &DestAccept,
     timeout: Duration,
-) -> Result<(TransportKind, u16, bool), EngineError> {
+) -> Result<(TransportKind, u16, crate::verify::VerifyMode), EngineError> {
     let (kinds, lanes, verify) = match recv(s, timeout, "TransportOffer").await? {
         Message::TransportOffer {
             kinds,

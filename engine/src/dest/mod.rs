@@ -330,7 +330,7 @@ impl DestListener {
         let cfg = &self.cfg;
         let sink = Arc::new(DestSink::new(
             regions,
-            agreed.verify,
+            agreed.verify.is_on(),
             sink::Crash::planned(cfg),
         ));
         // RDMA: register guest memory (pin-all: all of it, now) and connect each lane's queue

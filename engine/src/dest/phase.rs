@@ -121,7 +121,8 @@ pub(crate) struct Receiving<'a> {
     pub sink: Arc<DestSink>,
     pub monitor: &'a Arc<Monitor>,
     pub link: &'a mut ControlLink,
-    pub verify: bool,
+    /// What the source asked us to verify.
+    pub verify: crate::verify::VerifyMode,
     /// The comparison before the pause has been made (the one in the pause builds on it).
     pub baseline: bool,
     pub max_device_state: usize,
@@ -251,7 +252,7 @@ impl Receiving<'_> {
             (Phase::Device { state }, Message::DeviceState { data, last }) => {
                 self.device_piece(state, data, last, embedder)
             }
-            (Phase::Between { next }, Message::Checksums { regions }) if self.verify => {
+            (Phase::Between { next }, Message::Checksums { regions }) if self.verify.is_on() => {
                 self.check_baseline(&regions)?;
                 Ok(Phase::Between { next })
             }
@@ -411,7 +412,7 @@ impl Receiving<'_> {
             )));
         }
         state.extend_from_slice(&data);
-        match (last, self.verify) {
+        match (last, self.verify.is_on()) {
             (false, _) => Ok(Phase::Device { state }),
             (true, true) => Ok(Phase::Verifying { state }),
             (true, false) => self.get_ready(state, embedder),
@@ -424,18 +425,29 @@ impl Receiving<'_> {
         let ours = self.sink.hashes.as_ref().expect("verifying");
         let mism = verify::check_baseline(ours, theirs, MISMATCHES).map_err(protocol)?;
         self.baseline = true;
-        self.verdict(mism)
+        self.verdict(mism, "we differ from the source in")
     }
 
-    /// In the pause: compares the digests of the chunks changed since the baseline.
+    /// In the pause: compares the digests of the chunks changed since the baseline; with
+    /// [`VerifyMode::Memory`](crate::verify::VerifyMode::Memory) then checks that our memory
+    /// still holds what we received (when what we received matched).
     fn check_digests(&mut self, theirs: &[(u32, u64, u64)]) -> Result<(), Failure> {
         let ours = self.sink.hashes.as_ref().expect("verifying");
         let mism = verify::check_touched(ours, theirs, MISMATCHES);
-        self.verdict(mism)
+        if !mism.is_empty() || self.verify != crate::verify::VerifyMode::Memory {
+            return self.verdict(mism, "we differ from the source in");
+        }
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let changed = verify::rehash_memory(ours, self.sink.map(), threads, MISMATCHES);
+        self.verdict(
+            changed,
+            "our memory no longer holds what it received (written after it landed) in",
+        )
     }
 
-    /// Tells the source whether the chunks matched; a mismatch ends the session.
-    fn verdict(&mut self, mism: Vec<(u32, u64)>) -> Result<(), Failure> {
+    /// Tells the source whether the chunks matched; a mismatch ends the session, with `what`
+    /// and the chunks as our error.
+    fn verdict(&mut self, mism: Vec<(u32, u64)>, what: &str) -> Result<(), Failure> {
         let ok = mism.is_empty();
         self.monitor.update(|s| s.verified = Some(ok));
         self.link.send(Message::Verified {
@@ -446,10 +458,7 @@ impl Receiving<'_> {
             return Ok(());
         }
         Err((
-            EngineError::VerifyFailed(format!(
-                "we differ from the source in {}",
-                verify::describe(&mism)
-            )),
+            EngineError::VerifyFailed(format!("{what} {}", verify::describe(&mism))),
             false,
         ))
     }

@@ -21,6 +21,7 @@ use super::field::{bad, get_list, list_max, put_list, Field, Listed, R};
 use super::{Message, TransportKind};
 use crate::region::RegionDesc;
 use crate::stats::EndFigures;
+use crate::verify::VerifyMode;
 use crate::EngineError;
 
 pub use super::field::{MAX_NAME, MAX_REGIONS, MAX_TEXT};
@@ -142,7 +143,7 @@ messages! {
     TRANSPORT_OFFER = 7 => TransportOffer {
         kinds: Vec<TransportKind> [MAX_KINDS],
         lanes: u16,
-        verify: bool,
+        verify: VerifyMode,
     },
     TRANSPORT_ACCEPT = 8 => TransportAccept { kind: TransportKind, lanes: u16, note: String },
     LANE_JOIN = 9 => LaneJoin { session: [u8; 16], lane: u16, mac: [u8; 32] },
@@ -397,7 +398,7 @@ mod tests {
             Message::TransportOffer {
                 kinds: vec![TransportKind::Tcp],
                 lanes: 2,
-                verify: true,
+                verify: VerifyMode::Received,
             },
             Message::TransportAccept {
                 kind: TransportKind::Tcp,
@@ -407,7 +408,7 @@ mod tests {
             Message::TransportOffer {
                 kinds: vec![TransportKind::Rdma, TransportKind::Tcp],
                 lanes: 4,
-                verify: false,
+                verify: VerifyMode::Off,
             },
             Message::LaneJoin {
                 session: [9; 16],

@@ -12,6 +12,7 @@
 use super::TransportKind;
 use crate::region::RegionDesc;
 use crate::stats::{EndFigures, MemoryFacts, MAX_NOTE};
+use crate::verify::VerifyMode;
 use crate::EngineError;
 
 /// Longest human-readable text in a frame (`Error`, `Cancel`, a transport note); longer text
@@ -309,6 +310,19 @@ impl Field for TransportKind {
             .iter()
             .filter_map(|&c| TransportKind::from_code(c))
             .collect())
+    }
+}
+
+/// A verification mode is one byte: 0 off and 1 received (the `false`/`true` this field was
+/// before), 2 memory; anything else is refused.
+impl Field for VerifyMode {
+    const MIN: usize = 1;
+    const MAX: usize = 1;
+    fn put(&self, w: &mut Vec<u8>) {
+        w.push(self.wire());
+    }
+    fn get(r: &mut R<'_>) -> Result<Self, EngineError> {
+        VerifyMode::from_wire(u8::get(r)?).ok_or_else(|| bad("unknown verification mode"))
     }
 }
 

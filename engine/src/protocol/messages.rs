@@ -102,8 +102,9 @@ pub enum Message {
         kinds: Vec<TransportKind>,
         /// Lanes wanted.
         lanes: u16,
-        /// Whether the destination must hash what lands (end-to-end verification).
-        verify: bool,
+        /// What end-to-end verification the destination must do (hash what lands; with
+        /// `Memory` also re-hash its memory in the pause).
+        verify: crate::verify::VerifyMode,
     },
     /// The transport and lane count the destination picked.
     TransportAccept {

@@ -168,7 +168,7 @@ pub(super) fn shared_state(
         map: MemoryMap::new(regions.iter().map(|r| r.mem).collect()),
         round: bitmaps(),
         pending: bitmaps(),
-        hashes: cfg.verify.then(|| {
+        hashes: cfg.verify.is_on().then(|| {
             regions
                 .iter()
                 .map(|r| RegionHashes::new(r.pages(), r.page_size()))

@@ -11,6 +11,7 @@ use rmig_engine::protocol::codec::{
 };
 use rmig_engine::protocol::{Message, TransportKind};
 use rmig_engine::region::RegionDesc;
+use rmig_engine::verify::VerifyMode;
 use rmig_engine::{EndFigures, MemoryFacts};
 
 /// Lengths mostly small, sometimes exactly `max` or near it.
@@ -153,13 +154,13 @@ fn sized() -> impl Strategy<Value = Message> {
             list(region(true), MAX_REGIONS)
         ]
         .prop_map(|regions| Message::RegionTable { regions }),
-        (list(kind(), MAX_KINDS), any::<u16>(), any::<bool>()).prop_map(
-            |(kinds, lanes, verify)| Message::TransportOffer {
+        (list(kind(), MAX_KINDS), any::<u16>(), 0u8..3).prop_map(|(kinds, lanes, verify)| {
+            Message::TransportOffer {
                 kinds,
                 lanes,
-                verify
+                verify: VerifyMode::from_wire(verify).expect("0..3 are modes"),
             }
-        ),
+        }),
         (kind(), any::<u16>(), text(MAX_TEXT))
             .prop_map(|(kind, lanes, note)| Message::TransportAccept { kind, lanes, note }),
         (cheap(MAX_DEVICE_PIECE, |w| w as u8), any::<bool>())

@@ -613,16 +613,31 @@ impl SourceLane for RdmaSourceLane {
 
 #[cfg(feature = "fault-injection")]
 impl crate::fault::Breakable for RdmaSourceLane {
+    /// Posts half of the batch's WRITEs, forces the queue pair into the error state, posts the
+    /// other half, and returns the error as a real failure shows it: through a completion that
+    /// the device flushed (`IBV_WC_WR_FLUSH_ERR`), taken from the completion queue. The writes
+    /// posted after the error are flushed by the device in every case, so one always comes.
     fn tear(&mut self, batch: &Batch) -> LaneError {
         if let Err(e) = self.queue_batch(batch) {
             return e;
         }
-        // Post half of the writes, then force the queue pair into the error state.
-        self.pending.truncate(self.pending.len() / 2);
-        let _ = self.post(None);
+        // The second half's entries index `sges`, which posting the first half clears.
+        let (rest, sges) = (
+            self.pending.split_off(self.pending.len() / 2),
+            self.sges.clone(),
+        );
+        if let Err(e) = self.post(None) {
+            return e;
+        }
         self.queue.set_error();
-        let e = self.fail::<()>(LaneError::Injected("queue pair forced into error"));
-        e.expect_err("fail always fails")
+        (self.pending, self.sges) = (rest, sges);
+        if let Err(e) = self.post(None) {
+            return e; // the flushed completion, reaped while waiting for room
+        }
+        match self.poll_until(REPLY_TIMEOUT, "a flushed completion", |_| false) {
+            Err(e) => e,
+            Ok(()) => unreachable!("the condition never holds"),
+        }
     }
 
     fn corrupt_remote_keys(&mut self) {
