@@ -10,7 +10,8 @@
 # Builds what is missing first (integrations/qemu/build.sh, guest/build.sh). TCG (no KVM).
 #
 # Environment: RMIG_DEMO_MIB (guest memory filled, default 256), RMIG_DEMO_RATE (MB/s the
-# guest rewrites during the main migration, default 20), RMIG_DEMO_KEEP=1 keeps the work dir.
+# guest rewrites during the main migration, default 20), RMIG_DEMO_KEEP=1 keeps the work dir,
+# RMIG_DEMO_FAILURES=0 skips the failure cases (4.).
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
@@ -124,16 +125,21 @@ if [ "$st" = completed ]; then
   qmp "$work/src.qmp" "pmemsave {\"val\":0,\"size\":536870912,\"filename\":\"$work/src.mem\"}" >/dev/null
   qmp "$work/dst.qmp" "pmemsave {\"val\":0,\"size\":536870912,\"filename\":\"$work/dst.mem\"}" >/dev/null
   a=$(sha256sum < "$work/src.mem" | cut -c1-64); b=$(sha256sum < "$work/dst.mem" | cut -c1-64)
-  if [ "$a" = "$b" ]; then pass "pmemsave sha256 equal ($a)"; else fail "pmemsave differs: $a vs $b"; fi
+  if [ "$a" = "$b" ]; then
+    pass "pmemsave sha256 equal ($a)"
+  else
+    fail "pmemsave differs: $a vs $b; $(cmp -l "$work/src.mem" "$work/dst.mem" | wc -l) bytes, first at: $(cmp -l "$work/src.mem" "$work/dst.mem" | head -3 | awk '{printf "%x ", $1 - 1}')"
+  fi
   rm -f "$work/src.mem" "$work/dst.mem"
-  before=$(last_tick "$work/dst.serial" || echo 0)
   qmp "$work/dst.qmp" cont >/dev/null
   sleep 30
-  after=$(last_tick "$work/dst.serial" || echo 0)
-  if [ "${after:-0}" -ge $(( ${before:-0} + 20 )) ] && ! grep -q 'bad=[1-9]\|BAD' "$work/dst.serial"; then
-    pass "destination guest after cont: tick ${before:-0} -> $after in 30 s, bad=0"
+  ticks=$(grep -o 'tick=[0-9]*' "$work/dst.serial" | cut -d= -f2 || true)
+  first=$(echo "$ticks" | head -1); last=$(echo "$ticks" | tail -1); n=$(echo "$ticks" | grep -c . || true)
+  if [ -n "$first" ] && [ "$n" -ge 25 ] && [ "$((last - first))" -ge 25 ] &&
+     ! grep -q 'bad=[1-9]\|BAD' "$work/dst.serial"; then
+    pass "destination guest after cont: $n ticks in 30 s (tick $first -> $last), bad=0"
   else
-    fail "destination guest after cont: tick ${before:-0} -> ${after:-none}, $(grep -o 'bad=[0-9]*' "$work/dst.serial" | sort -u | tr '\n' ' ')"
+    fail "destination guest after cont: $n ticks (${first:-none} -> ${last:-none}), $(grep -o 'bad=[0-9]*' "$work/dst.serial" | sort -u | tr '\n' ' ')"
   fi
 fi
 stop_all
@@ -168,9 +174,11 @@ failure_case() { # NAME DEST-KEY ACTION EXPECTED-STATUS REASON-REGEX
   source_lives "$name"
   stop_all
 }
+if [ "${RMIG_DEMO_FAILURES:-1}" = 1 ]; then
 failure_case "migrate_cancel mid-round" "$work/key" cancel cancelled 'x-rmig: .*cancel'
 failure_case "kill -9 of the destination mid-round" "$work/key" kill failed 'x-rmig: '
 failure_case "wrong key" "$work/wrongkey" none failed 'x-rmig: .*(auth|key)'
+fi
 
 if [ "$fails" -eq 0 ]; then echo "demo: every check holds"; exit 0; fi
 echo "demo: $fails check(s) failed"; exit 1
