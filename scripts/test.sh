@@ -4,7 +4,8 @@
 # lane tests again in a debug build (overflow checks, debug assertions), then the C example
 # against the installed librmig under valgrind, then network blips between two network
 # namespaces (tests/netns-blips.sh), then a migration in a two-node NUMA
-# guest and the RDMA tests on soft-RoCE (QEMU guests; tests/vm/vm.sh installs what is missing).
+# guest and the RDMA tests on soft-RoCE (QEMU guests; tests/vm/vm.sh installs what is missing),
+# then a real QEMU migrating a guest through librmig (integrations/qemu/demo.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/deps.sh
@@ -22,3 +23,7 @@ bash tests/netns-blips.sh
 bash tests/vm/numa-guest.sh
 # RDMA on soft-RoCE: natively where the kernel has rdma_rxe, else in a QEMU guest.
 bash tests/vm/rdma.sh
+# A real QEMU (10.0.2 with integrations/qemu/patches) migrates a self-checking guest through
+# librmig: ~2.5 min, plus the QEMU build into /var/cache/rmig-qemu when the patch or librmig
+# changed (~4 min on 2 idle cores; instant otherwise).
+bash integrations/qemu/demo.sh
