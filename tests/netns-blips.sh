@@ -8,7 +8,7 @@
 #   3. down for 10 s with a 2 s reconnect window (the window opens when the 5 s peer timeout
 #      ends): it fails cleanly within a bound, says why, the source exits 1 and its guest was
 #      never paused; the destination fails too.
-# Cleartext (--encryption off): an encrypted session does not reconnect yet.
+# Encrypted (TLS with the pre-shared key, the default): every reconnect is a new TLS session.
 # Needs root (namespaces). Addresses from 198.18.0.0/15 (benchmarking range).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -49,7 +49,7 @@ migrate() {
     local name=$1 brk=$2 window=$3
     port=$((port + 1))
     timeout -k 5 60 ip netns exec "$dst" "$bench" dest --listen 198.18.0.2:$port --size $size \
-        --reconnect-window "$window" --incoming-timeout 30 --encryption off --json \
+        --reconnect-window "$window" --incoming-timeout 30 --json \
         > "$out/$name.dst.json" 2> "$out/$name.dst.err" &
     local dpid=$!
     # Ready when the destination listens.
@@ -59,7 +59,7 @@ migrate() {
     done
     local t0=$SECONDS
     timeout -k 5 60 ip netns exec "$src" "$bench" source --connect 198.18.0.2:$port --size $size \
-        --dirty-rate 20 --hot-set 0.05 --lanes 2 --reconnect-window "$window" --encryption off --json \
+        --dirty-rate 20 --hot-set 0.05 --lanes 2 --reconnect-window "$window" --json \
         > "$out/$name.src.json" 2> "$out/$name.src.err" &
     local spid=$!
     # Round 0 is under way once lane data flows: wait for established lanes, then 1 s more.
@@ -116,6 +116,7 @@ for name in ("outage", "reset"):
     check(name, dst["status"] == "completed", f"destination status {dst['status']}")
     check(name, src["verified"] is True, f"not verified: {src['verified']}")
     check(name, src["reconnects"] >= 1, f"no reconnect: {src['reconnects']}")
+    check(name, src.get("encryption") == "tls-psk", f"encryption {src.get('encryption')}")
     print(f"{name}: completed, verified, {src['reconnects']} reconnect(s), "
           f"{src['total_time_ms'] / 1e3:.1f} s total, downtime {src['downtime_ms']:.1f} ms")
 src, dst, (src_rc, dst_rc, secs) = load("too-long")

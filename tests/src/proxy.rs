@@ -123,6 +123,8 @@ impl FaultyConn {
 
 struct State {
     trigger: Trigger,
+    /// No connection is parsed (an encrypted session's frames cannot be read).
+    opaque: bool,
     action: Break,
     lane_fault: Option<LaneFault>,
     fired: AtomicBool,
@@ -201,12 +203,19 @@ pub struct Proxy {
 impl Proxy {
     /// Starts a relay to `target` that breaks the link as `trigger` and `action` say.
     pub fn start(target: SocketAddr, trigger: Trigger, action: Break) -> Proxy {
-        Proxy::spawn(target, trigger, action, None)
+        Proxy::spawn(target, trigger, action, None, false)
+    }
+
+    /// Starts a relay for an encrypted session, whose frames it cannot read: it breaks the
+    /// link once `after_bytes` have gone to the destination on any connection (the control
+    /// connection's few bytes count with the lanes').
+    pub fn start_opaque(target: SocketAddr, after_bytes: u64, action: Break) -> Proxy {
+        Proxy::spawn(target, Trigger::LaneBytes(after_bytes), action, None, true)
     }
 
     /// Starts a relay to `target` that breaks one data lane as `fault` says, and nothing else.
     pub fn with_lane_fault(target: SocketAddr, fault: LaneFault) -> Proxy {
-        Proxy::spawn(target, Trigger::Never, Break::Cut, Some(fault))
+        Proxy::spawn(target, Trigger::Never, Break::Cut, Some(fault), false)
     }
 
     fn spawn(
@@ -214,12 +223,14 @@ impl Proxy {
         trigger: Trigger,
         action: Break,
         lane_fault: Option<LaneFault>,
+        opaque: bool,
     ) -> Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind relay");
         let addr = listener.local_addr().unwrap();
         listener.set_nonblocking(true).unwrap();
         let state = Arc::new(State {
             trigger,
+            opaque,
             action,
             lane_fault,
             fired: AtomicBool::new(false),
@@ -284,7 +295,7 @@ fn accept_loop(listener: TcpListener, target: SocketAddr, st: Arc<State>) {
         });
         // The first connection is the control connection, and so is a later one that opens
         // with a reconnect: their frames are parsed. Lane k is the (k + 2)th connection.
-        let control = accepted == 0 || opens_with_rejoin(&client);
+        let control = !st.opaque && (accepted == 0 || opens_with_rejoin(&client));
         accepted += 1;
         let faulty = st
             .lane_fault

@@ -11,7 +11,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use rmig_engine::control::link::Liveness;
-use rmig_engine::{driver, EngineError, MigrationStatus, SharedDirtyLog};
+use rmig_engine::{driver, Encryption, EngineError, MigrationStatus, SharedDirtyLog};
 use rmig_tests::proxy::{Break, Proxy, Trigger};
 use rmig_tests::{assert_same, Deadline, Mem, Setup, Writer};
 
@@ -29,7 +29,20 @@ struct Outcome {
     dst: Mem,
 }
 
-fn migrate_through(action: Break, live: Liveness, window: Duration, after_bytes: u64) -> Outcome {
+/// Encryption of the session through the relay: both ends `Psk`, or both `Off`.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Wire {
+    Cleartext,
+    Tls,
+}
+
+fn migrate_through(
+    action: Break,
+    live: Liveness,
+    window: Duration,
+    after_bytes: u64,
+    wire: Wire,
+) -> Outcome {
     let len = 48 * MIB;
     let src = Mem::random(len, 0.1, 31);
     let dst = Mem::new(len);
@@ -44,11 +57,18 @@ fn migrate_through(action: Break, live: Liveness, window: Duration, after_bytes:
     setup.dst.reconnect_window = window;
     setup.src.handshake_timeout = Duration::from_secs(2);
     setup.src.max_bandwidth = 40_000_000;
+    if wire == Wire::Tls {
+        setup.src.encryption = Encryption::Psk;
+        setup.dst.encryption = Encryption::Psk;
+    }
     let rec = setup.dest_embedder.clone();
     let (sm, dm) = (setup.src_monitor.clone(), setup.dst_monitor.clone());
     let (d, port) = setup.spawn_dest("127.0.0.1:0").unwrap();
     let target = format!("127.0.0.1:{port}").parse().unwrap();
-    let proxy = Proxy::start(target, Trigger::LaneBytes(after_bytes), action);
+    let proxy = match wire {
+        Wire::Cleartext => Proxy::start(target, Trigger::LaneBytes(after_bytes), action),
+        Wire::Tls => Proxy::start_opaque(target, after_bytes, action),
+    };
     setup.src.dest = proxy.addr().to_string();
     let source = driver::migrate(
         setup.src,
@@ -71,8 +91,10 @@ fn migrate_through(action: Break, live: Liveness, window: Duration, after_bytes:
     }
 }
 
-fn assert_completed_after_reconnecting(o: Outcome) {
+fn assert_completed_after_reconnecting(o: Outcome, wire: Wire) {
     let s = o.source.expect("the migration completes after the blip");
+    let name = if wire == Wire::Tls { "tls-psk" } else { "off" };
+    assert_eq!(s.encryption, name, "the session kept its encryption");
     o.dest.expect("the destination completes after the blip");
     assert_eq!(s.verified, Some(true));
     assert!(
@@ -87,19 +109,21 @@ fn assert_completed_after_reconnecting(o: Outcome) {
 }
 
 #[test]
-fn a_seven_second_outage_mid_round_is_ridden_out() {
+fn a_seven_second_outage_mid_round_of_an_encrypted_session_is_ridden_out() {
     let _deadline = Deadline::secs(120);
     // The default peer timeout (5 s) and reconnect window (10 s): the outage outlasts the
-    // peer timeout, so both ends give up on their connections, and the source reconnects.
+    // peer timeout, so both ends give up on their connections, and the source reconnects:
+    // a new TLS session for the control connection and each lane, each proof bound to it.
     let t = Instant::now();
     let o = migrate_through(
         Break::Outage(Duration::from_secs(7)),
         Liveness::default(),
         Duration::from_secs(10),
         8 * MIB as u64,
+        Wire::Tls,
     );
     eprintln!("7 s outage: migration took {} ms", t.elapsed().as_millis());
-    assert_completed_after_reconnecting(o);
+    assert_completed_after_reconnecting(o, Wire::Tls);
 }
 
 #[test]
@@ -110,8 +134,22 @@ fn connections_reset_mid_round_are_reopened() {
         Liveness::default(),
         Duration::from_secs(10),
         8 * MIB as u64,
+        Wire::Cleartext,
     );
-    assert_completed_after_reconnecting(o);
+    assert_completed_after_reconnecting(o, Wire::Cleartext);
+}
+
+#[test]
+fn connections_reset_mid_round_of_an_encrypted_session_are_reopened() {
+    let _deadline = Deadline::secs(120);
+    let o = migrate_through(
+        Break::Reset,
+        Liveness::default(),
+        Duration::from_secs(10),
+        8 * MIB as u64,
+        Wire::Tls,
+    );
+    assert_completed_after_reconnecting(o, Wire::Tls);
 }
 
 #[test]
@@ -127,6 +165,7 @@ fn an_outage_longer_than_the_window_fails_cleanly_and_the_source_runs_on() {
         live,
         Duration::from_secs(2),
         8 * MIB as u64,
+        Wire::Cleartext,
     );
     let took = t.elapsed();
     let se = o.source.unwrap_err();

@@ -212,48 +212,45 @@ impl SessionAuth {
     }
 
     /// The source's proof for reconnect attempt `attempt` (each attempt's proof differs, and
-    /// the destination accepts each attempt number once).
-    pub fn rejoin_proof(&self, attempt: u32) -> [u8; 32] {
-        self.key.sign(
-            label::REJOIN,
-            &[&self.dest_nonce, &self.source_nonce, &attempt.to_le_bytes()],
-        )
+    /// the destination accepts each attempt number once), bound to the new control
+    /// connection's TLS channel binding when it has one.
+    pub fn rejoin_proof(&self, attempt: u32, binding: Option<&[u8; 32]>) -> [u8; 32] {
+        let a = attempt.to_le_bytes();
+        let parts = bound(&[&self.dest_nonce, &self.source_nonce, &a], binding);
+        self.key.sign(label::REJOIN, &parts)
     }
 
-    /// Checks a reconnect proof in constant time.
-    pub fn check_rejoin(&self, attempt: u32, tag: &[u8; 32]) -> bool {
-        self.key.check(
-            label::REJOIN,
-            &[&self.dest_nonce, &self.source_nonce, &attempt.to_le_bytes()],
-            tag,
-        )
+    /// Checks a reconnect proof in constant time, against the connection's binding.
+    pub fn check_rejoin(&self, attempt: u32, binding: Option<&[u8; 32]>, tag: &[u8; 32]) -> bool {
+        let a = attempt.to_le_bytes();
+        let parts = bound(&[&self.dest_nonce, &self.source_nonce, &a], binding);
+        self.key.check(label::REJOIN, &parts, tag)
     }
 
-    /// The destination's answer to reconnect attempt `attempt`, binding the round it expects.
-    pub fn rejoin_ok_proof(&self, attempt: u32, next_round: u32) -> [u8; 32] {
-        self.key.sign(
-            label::REJOIN_OK,
-            &[
-                &self.source_nonce,
-                &self.dest_nonce,
-                &attempt.to_le_bytes(),
-                &next_round.to_le_bytes(),
-            ],
-        )
+    /// The destination's answer to reconnect attempt `attempt`, binding the round it expects
+    /// (and the connection's TLS channel binding when it has one).
+    pub fn rejoin_ok_proof(
+        &self,
+        attempt: u32,
+        next_round: u32,
+        binding: Option<&[u8; 32]>,
+    ) -> [u8; 32] {
+        let (a, n) = (attempt.to_le_bytes(), next_round.to_le_bytes());
+        let parts = bound(&[&self.source_nonce, &self.dest_nonce, &a, &n], binding);
+        self.key.sign(label::REJOIN_OK, &parts)
     }
 
     /// Checks the destination's answer to a reconnect.
-    pub fn check_rejoin_ok(&self, attempt: u32, next_round: u32, tag: &[u8; 32]) -> bool {
-        self.key.check(
-            label::REJOIN_OK,
-            &[
-                &self.source_nonce,
-                &self.dest_nonce,
-                &attempt.to_le_bytes(),
-                &next_round.to_le_bytes(),
-            ],
-            tag,
-        )
+    pub fn check_rejoin_ok(
+        &self,
+        attempt: u32,
+        next_round: u32,
+        binding: Option<&[u8; 32]>,
+        tag: &[u8; 32],
+    ) -> bool {
+        let (a, n) = (attempt.to_le_bytes(), next_round.to_le_bytes());
+        let parts = bound(&[&self.source_nonce, &self.dest_nonce, &a, &n], binding);
+        self.key.check(label::REJOIN_OK, &parts, tag)
     }
 
     /// Checks the source's proof.

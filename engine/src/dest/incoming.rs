@@ -111,6 +111,8 @@ pub(crate) struct LaneClaim {
 pub(crate) struct RejoinClaim {
     /// The new control connection.
     pub stream: Sock,
+    /// The channel binding of its TLS session, when it has one.
+    pub binding: Option<[u8; 32]>,
     /// The session it names.
     pub session: [u8; 16],
     /// The reconnect attempt.
@@ -288,6 +290,7 @@ async fn classify(
         }) => {
             return Arrival::Rejoin(RejoinClaim {
                 stream: s,
+                binding,
                 session,
                 attempt,
                 mac,

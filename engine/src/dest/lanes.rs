@@ -16,7 +16,6 @@ use std::time::Duration;
 use crossbeam_channel::Sender;
 use rmig_transport::tcp::{DestLaneSummary, TcpDestLane};
 use rmig_transport::{DestLane, LaneError};
-use tokio::net::TcpStream;
 
 use super::incoming::{Arrival, Door, LaneClaim, RejoinClaim, Sock};
 use super::sink::DestSink;
@@ -187,8 +186,9 @@ pub(crate) async fn join(
 /// `n..2n` over RDMA, and lanes `0..n` again after the source reconnected.
 pub(crate) type Slots = Arc<std::sync::Mutex<Vec<bool>>>;
 
-/// A checked reconnect: the new control connection and its attempt number.
-pub(crate) type Rejoin = (TcpStream, u32);
+/// A checked reconnect: the new control connection (in its TLS session when encrypted), its
+/// attempt number and its channel binding.
+pub(crate) type Rejoin = (Sock, u32, Option<[u8; 32]>);
 
 /// The door while the session runs: admits lanes whose slot is open (handing each to
 /// `lanes`), passes proven reconnects to `rejoins`, and refuses everything else.
@@ -196,7 +196,7 @@ pub(crate) async fn in_session(
     mut door: Door,
     auth: SessionAuth,
     slots: Slots,
-    lanes: Sender<(u16, StdStream)>,
+    lanes: Sender<(u16, LaneSocket)>,
     rejoins: Sender<Rejoin>,
 ) {
     let mut want = |lane: u16| {
@@ -211,16 +211,6 @@ pub(crate) async fn in_session(
     };
     loop {
         match door.next().await {
-            // Lanes and reconnects after setup run cleartext only (an encrypted session
-            // neither falls back from RDMA nor reconnects).
-            Arrival::Lane(LaneClaim {
-                stream: mut s @ Sock::Tls(_),
-                ..
-            }) => {
-                let why = "an encrypted session takes lanes only while it sets up".to_string();
-                let _ = handshake::write(&mut s, &Message::Error { message: why }).await;
-                door.refused();
-            }
             Arrival::Rejoin(claim) => match proven_rejoin(claim, &auth) {
                 Some(r) => {
                     if rejoins.send(r).is_err() {
@@ -231,7 +221,7 @@ pub(crate) async fn in_session(
             },
             arrival => {
                 if let Some((n, lane)) = settle(&door, arrival, &auth, &mut want).await {
-                    if lanes.send((n, lane.sock)).is_err() {
+                    if lanes.send((n, lane)).is_err() {
                         return;
                     }
                 }
@@ -240,14 +230,11 @@ pub(crate) async fn in_session(
     }
 }
 
-/// A reconnect whose proof holds, or `None` (and for a TLS connection: an encrypted session
-/// does not reconnect).
+/// A reconnect whose proof holds (bound to its own TLS session when it has one), or `None`.
 fn proven_rejoin(c: RejoinClaim, auth: &SessionAuth) -> Option<Rejoin> {
-    let Sock::Plain(stream) = c.stream else {
-        return None;
-    };
-    (c.session == auth.session_id() && auth.check_rejoin(c.attempt, &c.mac))
-        .then_some((stream, c.attempt))
+    let proven =
+        c.session == auth.session_id() && auth.check_rejoin(c.attempt, c.binding.as_ref(), &c.mac);
+    proven.then_some((c.stream, c.attempt, c.binding))
 }
 
 /// What a lane thread reports when its lane ends: lane number and result.

@@ -10,7 +10,7 @@ mod lanes;
 mod phase;
 mod sink;
 
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -69,7 +69,7 @@ struct Accepted {
 /// The door's task during the session, and what it hands on.
 struct Admission {
     /// Lanes admitted while running (lane number, socket).
-    more: crossbeam_channel::Receiver<(u16, TcpStream)>,
+    more: crossbeam_channel::Receiver<(u16, lanes::LaneSocket)>,
     /// The task: admits fallback and rejoining lanes, refuses everything else.
     admit: tokio::task::JoinHandle<()>,
     /// Lane numbers that may join while running.

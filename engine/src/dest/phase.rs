@@ -17,7 +17,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crossbeam_channel::{select, Receiver};
-use rmig_transport::tcp::TcpDestLane;
 use rmig_transport::LaneError;
 
 use super::lanes::{LaneResult, LaneThreads};
@@ -129,7 +128,7 @@ pub(crate) struct Receiving<'a> {
     pub lanes: LaneThreads,
     /// TCP lanes that replace failed RDMA lanes, or rejoin after a reconnect (lane number,
     /// socket).
-    pub more: Receiver<(u16, std::net::TcpStream)>,
+    pub more: Receiver<(u16, super::lanes::LaneSocket)>,
     /// Taking the source back after a broken control connection.
     pub reconnect: Reconnect,
 }
@@ -285,12 +284,12 @@ impl Receiving<'_> {
         loop {
             select! {
                 recv(self.reconnect.rejoins) -> r => {
-                    let Ok((stream, attempt)) = r else { break };
+                    let Ok((stream, attempt, binding)) = r else { break };
                     if self.reconnect.last_attempt.is_some_and(|a| attempt <= a) {
                         continue;
                     }
                     self.reconnect.last_attempt = Some(attempt);
-                    if self.take_back(stream, attempt, next) {
+                    if self.take_back(stream, attempt, next, binding.as_ref()) {
                         return Ok(Phase::Between { next });
                     }
                 }
@@ -316,7 +315,7 @@ impl Receiving<'_> {
     fn source_came_back(
         &mut self,
         phase: Phase,
-        (stream, attempt): super::lanes::Rejoin,
+        (stream, attempt, binding): super::lanes::Rejoin,
     ) -> Result<Phase, Failure> {
         let pre_copy = matches!(phase, Phase::Between { .. } | Phase::InRound { .. });
         let fresh = self.reconnect.last_attempt.is_none_or(|a| attempt > a);
@@ -325,7 +324,7 @@ impl Receiving<'_> {
         }
         self.reconnect.last_attempt = Some(attempt);
         let next = self.abandon(phase);
-        if self.take_back(stream, attempt, next) {
+        if self.take_back(stream, attempt, next, binding.as_ref()) {
             Ok(Phase::Between { next })
         } else {
             self.await_source(
@@ -352,15 +351,22 @@ impl Receiving<'_> {
 
     /// Answers a proven reconnect, makes its connection the session's control connection
     /// and lets the lanes join again. False if the answer could not be sent.
-    fn take_back(&mut self, mut stream: tokio::net::TcpStream, attempt: u32, next: u32) -> bool {
+    fn take_back(
+        &mut self,
+        mut stream: super::incoming::Sock,
+        attempt: u32,
+        next: u32,
+        binding: Option<&[u8; 32]>,
+    ) -> bool {
         let rc = &self.reconnect;
         let ok = Message::RejoinOk {
             next_round: next,
-            mac: rc.auth.rejoin_ok_proof(attempt, next),
+            mac: rc.auth.rejoin_ok_proof(attempt, next, binding),
         };
+        // Flushed: a TLS session holds what it sealed until then.
         let sent = rc
             .rt
-            .block_on(crate::protocol::codec::write_async(&mut stream, &ok));
+            .block_on(crate::control::handshake::write(&mut stream, &ok));
         if sent.is_err() {
             return false;
         }
@@ -493,9 +499,11 @@ impl Receiving<'_> {
         }
     }
 
-    /// Starts a TCP lane that replaces the failed RDMA lanes.
-    fn admit(&mut self, lane: u16, sock: std::net::TcpStream) -> Result<(), EngineError> {
-        let l = TcpDestLane::new(sock, self.sink.map().clone())
+    /// Starts a TCP lane (in its TLS session when encrypted) that replaces the failed RDMA
+    /// lanes or rejoins after a reconnect.
+    fn admit(&mut self, lane: u16, sock: super::lanes::LaneSocket) -> Result<(), EngineError> {
+        let l = sock
+            .into_lane(self.sink.map().clone())
             .map_err(|e| EngineError::lane(lane as usize, e))?;
         self.lanes.start(lane as usize, Box::new(l))?;
         if lane < self.reconnect.lanes {

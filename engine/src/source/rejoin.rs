@@ -20,7 +20,8 @@ use super::SourceSession;
 
 /// Most reconnects in one migration: a link that keeps breaking is not a blip.
 const MAX_RECONNECTS: u64 = 8;
-use crate::control::link::ControlLink;
+use crate::control::handshake;
+use crate::control::link::{ControlLink, ControlStream};
 use crate::protocol::codec::{self, Limits};
 use crate::protocol::{Message, TransportKind};
 use crate::EngineError;
@@ -41,9 +42,6 @@ impl SourceSession {
             && self.monitor.stats().reconnects < MAX_RECONNECTS
             && self.lanes.transport() == TransportKind::Tcp
             && self.paused_at.is_none()
-            // An encrypted session's reconnect would need the destination to take a TLS
-            // control connection back mid-session, which it does not do yet.
-            && !self.cfg.encryption.is_on()
     }
 
     /// Reconnects within the window, or fails with `why` and the last attempt's error.
@@ -91,27 +89,32 @@ impl SourceSession {
     }
 }
 
-/// Opens a control connection to the session's destination and proves the session; returns
-/// it with the round the destination expects next.
+/// Opens a control connection to the session's destination (in a new TLS session when the
+/// session is encrypted) and proves the session, bound to that connection; returns it with
+/// the round the destination expects next.
 async fn rejoin_control(
     kit: &TcpKit,
     attempt: u32,
     timeout: Duration,
-) -> Result<(TcpStream, u32), EngineError> {
-    let mut s = tokio::time::timeout(timeout, TcpStream::connect(kit.peer))
+) -> Result<(ControlStream, u32), EngineError> {
+    let s = tokio::time::timeout(timeout, TcpStream::connect(kit.peer))
         .await
         .map_err(|_| EngineError::io(ErrorKind::TimedOut, "connecting timed out"))??;
     s.set_nodelay(true)?;
+    let (mut s, binding) =
+        super::setup::secure(s, kit.auth.lane_tls().map(|t| &**t), timeout).await?;
     let claim = Message::Rejoin {
         session: kit.auth.session_id(),
         attempt,
-        mac: kit.auth.rejoin_proof(attempt),
+        mac: kit.auth.rejoin_proof(attempt, binding.as_ref()),
     };
-    codec::write_async(&mut s, &claim).await?;
+    handshake::write(&mut s, &claim).await?;
     let answer = tokio::time::timeout(timeout, codec::read_async(&mut s)).await;
     match answer {
         Ok(Ok(Some(Message::RejoinOk { next_round, mac })))
-            if kit.auth.check_rejoin_ok(attempt, next_round, &mac) =>
+            if kit
+                .auth
+                .check_rejoin_ok(attempt, next_round, binding.as_ref(), &mac) =>
         {
             Ok((s, next_round))
         }

@@ -131,7 +131,7 @@ async fn tcp_connect(dest: &str, timeout: Duration) -> Result<TcpStream, EngineE
 
 /// Runs the TLS handshake on `s` when the session is encrypted (within `timeout`); returns
 /// the connection to speak on and its channel binding.
-async fn secure(
+pub(super) async fn secure(
     s: TcpStream,
     tls: Option<&ClientTls>,
     timeout: Duration,
