@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # A real QEMU migrates a real guest through librmig (x-rmig), between two QEMU processes on
 # 127.0.0.1, and checks the outcome. Exits 0 only when every check holds:
-#   1. query-migrate says completed, and librmig says verified (both ends);
+#   1. query-migrate says completed, and librmig says verified (both ends) and encrypted;
 #   2. pmemsave of the paused source and of the destination (started -S, before cont) have
 #      the same sha256;
 #   3. after cont, the destination guest's ticks keep rising with bad=0 for 30 s;
@@ -118,6 +118,8 @@ echo "demo: migration took $(python3 -c "print(round($(date +%s.%N) - $t0, 1))")
 qmp "$work/src.qmp" query-migrate > "$work/src.migrate.json"
 if [ "$st" = completed ]; then pass "query-migrate: completed"; else fail "query-migrate: $st ($(error_desc "$work/src.qmp"))"; fi
 if grep -q 'x-rmig: completed: verified=1' "$work/src.log"; then pass "source: librmig verified"; else fail "source: librmig did not verify"; fi
+# librmig encrypts by default (TLS 1.3, the key's proofs bound to it): RMIG_ENCRYPTION_TLS_PSK is 0.
+if grep -q 'x-rmig: completed: .* encryption=0' "$work/src.log"; then pass "source: librmig encrypted (tls-psk)"; else fail "source: librmig did not encrypt"; fi
 sleep 1
 if grep -q 'x-rmig: incoming RAM complete and verified' "$work/dst.log"; then pass "destination: librmig verified"; else fail "destination: librmig did not verify"; fi
 if [ "$st" = completed ]; then
