@@ -233,28 +233,6 @@ impl EndFigures {
     }
 }
 
-/// After a completed handover: sends this end's `figures` and waits up to `wait` for the
-/// peer's. The exchange comes after `Done`, when the destination's guest already runs, so it
-/// cannot lengthen the downtime; a peer that sends none (an older build, or a connection
-/// that closed) costs at most `wait` and leaves `None`, never a failure.
-pub(crate) fn exchange_figures(
-    link: &crate::control::link::ControlLink,
-    figures: EndFigures,
-    wait: Duration,
-) -> Option<EndFigures> {
-    link.send(crate::protocol::Message::Figures { figures });
-    let deadline = std::time::Instant::now() + wait;
-    loop {
-        let left = deadline.saturating_duration_since(std::time::Instant::now());
-        match link.recv_timeout(left) {
-            Ok(Some(crate::protocol::Message::Figures { figures })) => return Some(figures),
-            // Nothing else is expected now; what a newer peer may add is not ours to judge.
-            Ok(Some(_)) if !left.is_zero() => continue,
-            _ => return None,
-        }
-    }
-}
-
 /// Where a lane was planned and where it ran.
 #[derive(Debug, Clone, Default, Serialize, PartialEq)]
 pub struct LaneObserved {

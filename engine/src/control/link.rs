@@ -16,6 +16,7 @@ use tokio::task::JoinHandle;
 
 use crate::protocol::codec::{self, Limits};
 use crate::protocol::Message;
+use crate::stats::EndFigures;
 use crate::EngineError;
 
 /// Heartbeat timing of a control connection.
@@ -73,6 +74,24 @@ impl ControlLink {
             inbox,
             reader,
             writer_done,
+        }
+    }
+
+    /// After a completed handover: sends this end's `figures` and waits up to `wait` for the
+    /// peer's. The exchange comes after `Done`, when the destination's guest already runs, so
+    /// it cannot lengthen the downtime; a peer that sends none (an older build, or a
+    /// connection that closed) costs at most `wait` and leaves `None`, never a failure.
+    pub fn exchange_figures(&self, figures: EndFigures, wait: Duration) -> Option<EndFigures> {
+        self.send(Message::Figures { figures });
+        let deadline = std::time::Instant::now() + wait;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.recv_timeout(left) {
+                Ok(Some(Message::Figures { figures })) => return Some(figures),
+                // Nothing else is expected now; what a newer peer may add is not ours to judge.
+                Ok(Some(_)) if !left.is_zero() => continue,
+                _ => return None,
+            }
         }
     }
 

@@ -220,7 +220,7 @@ impl DestListener {
         if r.is_ok() {
             // `Done` is sent: the guest runs here. Then (not before) the figures go both ways.
             let figures = resumed(monitor, &session.sink, connected);
-            let peer = crate::stats::exchange_figures(session.link, figures, FIGURES_WAIT);
+            let peer = session.link.exchange_figures(figures, FIGURES_WAIT);
             monitor.update(|s| s.peer = peer);
         }
         let summaries = collect_lanes(session.lanes, &results, r.is_ok());

@@ -359,7 +359,7 @@ impl SourceSession {
             self.started.elapsed(),
             s.memory.unwrap_or_default(),
         );
-        crate::stats::exchange_figures(&self.link, mine, Duration::from_secs(1))
+        self.link.exchange_figures(mine, Duration::from_secs(1))
     }
 
     /// Settles a `handover-unknown` outcome on the operator's word: `run_here` resumes the
