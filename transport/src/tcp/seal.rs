@@ -32,8 +32,10 @@ const CHUNK: usize = 256 * 1024;
 pub(super) struct Sealer {
     /// The session.
     conn: rustls::ClientConnection,
-    /// Plaintext not yet sealed.
-    pub plain: Vec<u8>,
+    /// Plaintext not yet sealed: `plain[..used]`. Allocated (and zeroed) once, so that
+    /// filling it is one copy, with no zeroing first (that was 7 % of a lane's CPU time).
+    plain: Box<[u8]>,
+    used: usize,
     /// Plaintext opened from the destination's records, not yet a whole acknowledgement.
     opened: Vec<u8>,
 }
@@ -66,19 +68,25 @@ impl Sealer {
         conn.set_buffer_limit(None);
         Sealer {
             conn,
-            plain: Vec::with_capacity(CHUNK),
+            plain: vec![0u8; CHUNK].into_boxed_slice(),
+            used: 0,
             opened: Vec::new(),
         }
     }
 
     /// Appends ordinary bytes (a header), at most `budget` of them.
     pub fn push(&mut self, s: &TcpStream, b: &[u8], budget: &mut u64) -> Result<(), LaneError> {
-        let n = (b.len() as u64).min(*budget) as usize;
-        self.plain.extend_from_slice(&b[..n]);
-        *budget -= n as u64;
-        if self.plain.len() >= CHUNK {
-            self.flush(s, false)?;
+        let len = (b.len() as u64).min(*budget) as usize;
+        let mut off = 0;
+        while off < len {
+            let n = (CHUNK - self.used).min(len - off);
+            self.plain[self.used..self.used + n].copy_from_slice(&b[off..off + n]);
+            (self.used, off) = (self.used + n, off + n);
+            if self.used == CHUNK {
+                self.flush(s, false)?;
+            }
         }
+        *budget -= len as u64;
         Ok(())
     }
 
@@ -93,12 +101,11 @@ impl Sealer {
         let len = (g.len() as u64).min(*budget) as usize;
         let mut off = 0;
         while off < len {
-            let n = (CHUNK - self.plain.len().min(CHUNK)).max(1).min(len - off);
-            let at = self.plain.len();
-            self.plain.resize(at + n, 0);
-            g.subrange(off, n).copy_to(&mut self.plain[at..]);
-            off += n;
-            if self.plain.len() >= CHUNK {
+            let n = (CHUNK - self.used).min(len - off);
+            g.subrange(off, n)
+                .copy_to(&mut self.plain[self.used..self.used + n]);
+            (self.used, off) = (self.used + n, off + n);
+            if self.used == CHUNK {
                 self.flush(s, false)?;
             }
         }
@@ -109,9 +116,9 @@ impl Sealer {
     /// Seals what is buffered (with `close`, followed by a `close_notify` alert) and writes
     /// the records to `s`.
     pub fn flush(&mut self, s: &TcpStream, close: bool) -> Result<(), LaneError> {
-        if !self.plain.is_empty() {
-            std::io::Write::write_all(&mut self.conn.writer(), &self.plain)?;
-            self.plain.clear();
+        if self.used > 0 {
+            std::io::Write::write_all(&mut self.conn.writer(), &self.plain[..self.used])?;
+            self.used = 0;
         }
         if close {
             self.conn.send_close_notify();

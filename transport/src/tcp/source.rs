@@ -335,8 +335,10 @@ impl SourceLane for TcpSourceLane {
         match &mut self.tls {
             Some(t) => {
                 let t = t.get_mut().unwrap_or_else(|e| e.into_inner());
-                t.plain.extend_from_slice(&h);
-                let _ = t.flush(&self.stream, true);
+                let mut all = u64::MAX;
+                let _ = t
+                    .push(&self.stream, &h, &mut all)
+                    .and_then(|()| t.flush(&self.stream, true));
             }
             None => {
                 let _ = self.stream.write_all(&h);
