@@ -8,7 +8,7 @@
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -27,11 +27,14 @@ const MARKER: &[u8; 32] = b"rmig-secret-marker-0123456789abc";
 // byte of one connection.
 
 /// Flip the byte at `offset` of the `conn`th connection's bytes towards the destination
-/// (connections counted from 0 in accept order: 0 is the control connection).
+/// (connections counted from 0 in accept order: 0 is the control connection); with `back`,
+/// instead the last byte of the first piece the destination sends back once `offset` bytes
+/// went towards it (the end of an acknowledgement's record: its tag).
 #[derive(Clone, Copy)]
 struct Flip {
     conn: usize,
     offset: u64,
+    back: bool,
 }
 
 struct Tap {
@@ -58,15 +61,16 @@ impl Tap {
                         a.set_nonblocking(false).unwrap();
                         let i = n.fetch_add(1, Ordering::Relaxed);
                         let b = TcpStream::connect(target).unwrap();
-                        let f = flip.filter(|f| f.conn == i).map(|f| f.offset);
-                        pump(
-                            a.try_clone().unwrap(),
-                            b.try_clone().unwrap(),
-                            Some(seen2.clone()),
-                            f,
-                            flipped2.clone(),
-                        );
-                        pump(b, a, None, None, flipped2.clone());
+                        let f = flip.filter(|f| f.conn == i);
+                        let sent = Arc::new(AtomicU64::new(0));
+                        let there = f.filter(|f| !f.back).map(|f| Trigger::At(f.offset));
+                        let back = f
+                            .filter(|f| f.back)
+                            .map(|f| Trigger::After(sent.clone(), f.offset));
+                        let (a2, b2) = (a.try_clone().unwrap(), b.try_clone().unwrap());
+                        pump(a2, b2, Some(seen2.clone()), there, sent, flipped2.clone());
+                        let none = Arc::new(AtomicU64::new(0));
+                        pump(b, a, None, back, none, flipped2.clone());
                     }
                     Err(_) => std::thread::sleep(Duration::from_millis(5)),
                 }
@@ -99,13 +103,22 @@ impl Drop for Tap {
     }
 }
 
-/// Copies `from` to `to` on a thread of its own, keeping the bytes in `keep`, flipping the
-/// byte at `flip`.
+/// Which byte a pump flips.
+enum Trigger {
+    /// The byte at this offset.
+    At(u64),
+    /// The last byte of the first piece read once the counter has reached this many bytes.
+    After(Arc<AtomicU64>, u64),
+}
+
+/// Copies `from` to `to` on a thread of its own, keeping the bytes in `keep`, counting them
+/// in `count`, flipping one byte as `flip` says.
 fn pump(
     mut from: TcpStream,
     mut to: TcpStream,
     keep: Option<Arc<Mutex<Vec<u8>>>>,
-    flip: Option<u64>,
+    flip: Option<Trigger>,
+    count: Arc<AtomicU64>,
     flipped: Arc<AtomicBool>,
 ) {
     std::thread::spawn(move || {
@@ -116,11 +129,16 @@ fn pump(
                 Ok(0) | Err(_) => break,
                 Ok(n) => n,
             };
-            if let Some(f) = flip {
-                if f >= at && f < at + n as u64 {
-                    buf[(f - at) as usize] ^= 0x01;
-                    flipped.store(true, Ordering::Relaxed);
+            let hit = match &flip {
+                Some(Trigger::At(f)) => (*f >= at && *f < at + n as u64).then(|| *f - at),
+                Some(Trigger::After(c, f)) if !flipped.load(Ordering::Relaxed) => {
+                    (c.load(Ordering::Relaxed) >= *f).then_some(n as u64 - 1)
                 }
+                _ => None,
+            };
+            if let Some(i) = hit {
+                buf[i as usize] ^= 0x01;
+                flipped.store(true, Ordering::Relaxed);
             }
             at += n as u64;
             if let Some(k) = &keep {
@@ -129,6 +147,7 @@ fn pump(
             if to.write_all(&buf[..n]).is_err() {
                 break;
             }
+            count.fetch_add(n as u64, Ordering::Relaxed);
         }
         let _ = to.shutdown(Shutdown::Write);
     });
@@ -221,6 +240,7 @@ fn flipped_byte_ends_the_lane_and_never_lands() {
     let flip = Flip {
         conn: 1,
         offset: MIB as u64,
+        back: false,
     };
     let ((s, d), tap) = run_tapped(setup(&src, &dst, len, Encryption::Psk), Some(flip));
     assert!(
@@ -243,6 +263,41 @@ fn flipped_byte_ends_the_lane_and_never_lands() {
             assert_ne!(d_ok.ok(), Some(true), "destination resumed after {s:?}");
         }
     }
+}
+
+#[test]
+fn flipped_acknowledgement_ends_the_lane_at_once() {
+    let _deadline = Deadline::secs(120);
+    let len = 32 * MIB;
+    let src = Mem::random(len, 0.0, 12);
+    let dst = Mem::new(len);
+    // The first acknowledgement the first data lane carries after 1 MiB of pages: its
+    // record's tag changed, so it fails to open at the source.
+    let flip = Flip {
+        conn: 1,
+        offset: MIB as u64,
+        back: true,
+    };
+    let mut s = setup(&src, &dst, len, Encryption::Psk);
+    // A lane that ignored the broken record would only end when its acknowledgements time out
+    // (twice this): far longer than the migration may take here.
+    s.src.liveness.peer_timeout = Duration::from_secs(30);
+    let t = std::time::Instant::now();
+    let ((s, d), tap) = run_tapped(s, Some(flip));
+    let took = t.elapsed();
+    assert!(
+        tap.flipped.load(Ordering::Relaxed),
+        "the tap flipped no byte"
+    );
+    let s = s.expect("the source completes on the other lane");
+    assert!(s.lanes_failed >= 1, "no lane ended: {s:?}");
+    assert_eq!(s.verified, Some(true));
+    assert_eq!(
+        d.expect("destination").stats.status,
+        MigrationStatus::Completed
+    );
+    assert_same(src.bytes(), dst.bytes());
+    assert!(took < Duration::from_secs(20), "took {took:?}");
 }
 
 // ---------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 //! The sending end of a TCP lane.
 
-use std::io::Write;
+use std::io::{Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::os::fd::AsRawFd;
 use std::sync::{Arc, Condvar, Mutex};
@@ -19,8 +19,11 @@ const IOV_MAX: usize = 1024;
 #[derive(Debug, Default)]
 struct AckInner {
     seq: u64,
-    /// Set once the reader stopped; the reason why.
+    /// Set once the lane ended (the reader stopped, or a record failed to open); the reason
+    /// why.
     closed: Option<String>,
+    /// An encrypted lane's bytes read from the socket, not yet opened by the lane thread.
+    sealed: Vec<u8>,
 }
 
 #[derive(Debug, Default)]
@@ -38,8 +41,9 @@ pub struct TcpSourceLane {
     acks: Arc<Acks>,
     reader: Option<JoinHandle<()>>,
     headers: Vec<[u8; HEADER_LEN]>,
-    /// The TLS session, when the lane is encrypted.
-    tls: Option<Sealer>,
+    /// The TLS session, when the lane is encrypted. Only the lane thread locks it (`acked`
+    /// takes `&self`), so the lock is never contended.
+    tls: Option<Mutex<Sealer>>,
 }
 
 impl TcpSourceLane {
@@ -73,12 +77,11 @@ impl TcpSourceLane {
     ) -> Result<Self, LaneError> {
         stream.set_nodelay(true)?;
         let acks = Arc::new(Acks::default());
-        let sealer = Sealer::new(conn);
         let mut rd = stream.try_clone()?;
-        let (a, conn) = (acks.clone(), sealer.conn.clone());
+        let a = acks.clone();
         let reader = std::thread::Builder::new()
             .name("rmig-ack".into())
-            .spawn(move || read_acks_tls(&mut rd, &conn, &a))?;
+            .spawn(move || read_sealed(&mut rd, &a))?;
         Ok(TcpSourceLane {
             stream,
             map,
@@ -86,12 +89,26 @@ impl TcpSourceLane {
             acks,
             reader: Some(reader),
             headers: Vec::new(),
-            tls: Some(sealer),
+            tls: Some(Mutex::new(Sealer::new(conn))),
         })
     }
 
     fn closed_reason(&self) -> Option<String> {
         lock(&self.acks.inner).closed.clone()
+    }
+
+    /// Opens what the reader took off an encrypted lane's socket and records the
+    /// acknowledgements it carried; a record that fails to open ends the lane.
+    fn open_acks(&self) {
+        let Some(t) = &self.tls else { return };
+        let mut t = lock(t);
+        let sealed = std::mem::take(&mut lock(&self.acks.inner).sealed);
+        if sealed.is_empty() {
+            return;
+        }
+        if let Err(reason) = t.open::<ACK_LEN>(&sealed, |b| on_ack(&self.acks, b)) {
+            ack_reader_stopped(&self.acks, reason);
+        }
     }
 }
 
@@ -104,9 +121,9 @@ fn on_ack(acks: &Acks, b: &[u8; ACK_LEN]) -> Result<(), String> {
     Ok(())
 }
 
-/// Marks the lane ended for `reason`.
+/// Marks the lane ended for `reason` (the first reason stays).
 fn ack_reader_stopped(acks: &Acks, reason: String) {
-    lock(&acks.inner).closed = Some(reason);
+    lock(&acks.inner).closed.get_or_insert(reason);
     acks.cv.notify_all();
 }
 
@@ -115,8 +132,21 @@ fn read_acks(rd: &mut TcpStream, acks: &Acks) {
     ack_reader_stopped(acks, reason);
 }
 
-fn read_acks_tls(rd: &mut TcpStream, conn: &Mutex<rustls::ClientConnection>, acks: &Acks) {
-    let reason = super::seal::read_records_tls::<ACK_LEN>(rd, conn, |b| on_ack(acks, b));
+/// An encrypted lane's reader: moves what the socket brings into the inbox, for the lane
+/// thread to open, until the socket ends or fails.
+fn read_sealed(rd: &mut TcpStream, acks: &Acks) {
+    let mut raw = vec![0u8; 16 * 1024];
+    let reason = loop {
+        match rd.read(&mut raw) {
+            Ok(0) => break "peer closed the lane".to_string(),
+            Ok(n) => {
+                lock(&acks.inner).sealed.extend_from_slice(&raw[..n]);
+                acks.cv.notify_all();
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => break e.to_string(),
+        }
+    };
     ack_reader_stopped(acks, reason);
 }
 
@@ -147,33 +177,28 @@ fn advance(iov: &mut &mut [libc::iovec], mut n: usize) {
     }
 }
 
-/// Writes all of `iov`, in `sendmsg` calls of at most [`IOV_MAX`] entries.
+/// Writes what one `sendmsg` call takes of `iov` (at most [`IOV_MAX`] entries), retried if
+/// a signal interrupts it; returns how many bytes went.
 ///
-/// Guest memory goes to the kernel as raw `iovec`s: `std`'s `IoSlice` would need a `&[u8]`
-/// over it (see the module doc of [`crate::mem`]).
+/// `sendmsg` rather than `writev` for `MSG_NOSIGNAL`: a peer that closed must be an EPIPE
+/// error, not a SIGPIPE that kills an embedder (QEMU) that did not ignore it.
 ///
 /// # Safety
 /// Every entry describes memory valid for reads for the whole call: ordinary buffers, or
 /// guest memory by the contract of the [`MemRegion`](crate::MemRegion) it came from.
-pub(super) unsafe fn write_all_iov(
-    s: &TcpStream,
-    mut iov: &mut [libc::iovec],
-) -> std::io::Result<()> {
-    while !iov.is_empty() {
-        let n = iov.len().min(IOV_MAX);
-        // `sendmsg` rather than `writev` for MSG_NOSIGNAL: a peer that closed must be an
-        // EPIPE error, not a SIGPIPE that kills an embedder (QEMU) that did not ignore it.
-        // SAFETY: an all-zero `msghdr` is valid (no name, no control data).
-        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-        msg.msg_iov = iov.as_mut_ptr();
-        msg.msg_iovlen = n as _;
-        // SAFETY: `iov[..n]` is a valid array of entries that describe readable memory (this
-        // function's contract) and `msg` points at it; the kernel only reads them, and no
+pub(super) unsafe fn send_some(s: &TcpStream, iov: &[libc::iovec]) -> std::io::Result<usize> {
+    // SAFETY: an all-zero `msghdr` is valid (no name, no control data).
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = iov.as_ptr().cast_mut();
+    msg.msg_iovlen = iov.len().min(IOV_MAX) as _;
+    loop {
+        // SAFETY: `msg` points at the first `msg_iovlen` entries of `iov`, which describe
+        // readable memory (this function's contract); the kernel only reads them, and no
         // reference to guest memory is made here.
         let w = unsafe { libc::sendmsg(s.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) };
         match w {
-            0 => return Err(std::io::ErrorKind::WriteZero.into()),
-            w if w > 0 => advance(&mut iov, w as usize),
+            0 if !iov.is_empty() => return Err(std::io::ErrorKind::WriteZero.into()),
+            w if w >= 0 => return Ok(w as usize),
             _ => {
                 let e = std::io::Error::last_os_error();
                 if e.kind() != std::io::ErrorKind::Interrupted {
@@ -181,6 +206,21 @@ pub(super) unsafe fn write_all_iov(
                 }
             }
         }
+    }
+}
+
+/// Writes all of `iov`, in `sendmsg` calls of at most [`IOV_MAX`] entries.
+///
+/// Guest memory goes to the kernel as raw `iovec`s: `std`'s `IoSlice` would need a `&[u8]`
+/// over it (see the module doc of [`crate::mem`]).
+///
+/// # Safety
+/// As for [`send_some`].
+unsafe fn write_all_iov(s: &TcpStream, mut iov: &mut [libc::iovec]) -> std::io::Result<()> {
+    while !iov.is_empty() {
+        // SAFETY: this function's contract is `send_some`'s.
+        let w = unsafe { send_some(s, iov) }?;
+        advance(&mut iov, w);
     }
     Ok(())
 }
@@ -252,15 +292,20 @@ impl SourceLane for TcpSourceLane {
     }
 
     fn acked(&self) -> u64 {
+        self.open_acks();
         lock(&self.acks.inner).seq
     }
 
     fn wait_acked(&mut self, seq: u64, timeout: Duration) -> Result<(), LaneError> {
         let deadline = Instant::now() + timeout;
-        let mut g = lock(&self.acks.inner);
         loop {
+            self.open_acks();
+            let g = lock(&self.acks.inner);
             if g.seq >= seq {
                 return Ok(());
+            }
+            if !g.sealed.is_empty() {
+                continue; // bytes came in since `open_acks`: open them first
             }
             if let Some(r) = &g.closed {
                 return Err(LaneError::Io(std::io::Error::other(r.clone())));
@@ -269,12 +314,13 @@ impl SourceLane for TcpSourceLane {
             if now >= deadline {
                 return Err(LaneError::AckTimeout(timeout));
             }
-            g = self
-                .acks
-                .cv
-                .wait_timeout(g, deadline - now)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
+            // Woken when the reader brings bytes or stops (both under this lock).
+            drop(
+                self.acks
+                    .cv
+                    .wait_timeout(g, deadline - now)
+                    .unwrap_or_else(|e| e.into_inner()),
+            );
         }
     }
 
@@ -288,8 +334,11 @@ impl SourceLane for TcpSourceLane {
         .encode();
         match &mut self.tls {
             Some(t) => {
-                t.plain.extend_from_slice(&h);
-                let _ = t.flush(&self.stream, true);
+                let t = t.get_mut().unwrap_or_else(|e| e.into_inner());
+                let mut all = u64::MAX;
+                let _ = t
+                    .push(&self.stream, &h, &mut all)
+                    .and_then(|()| t.flush(&self.stream, true));
             }
             None => {
                 let _ = self.stream.write_all(&h);
@@ -308,6 +357,7 @@ impl TcpSourceLane {
         let total = self.frame(batch)?.1;
         self.pacer.take(total);
         let t = self.tls.as_mut().expect("a TLS lane");
+        let t = t.get_mut().unwrap_or_else(|e| e.into_inner());
         let mut budget = limit.unwrap_or(u64::MAX);
         for (run, h) in batch.runs.iter().zip(&self.headers) {
             t.push(&self.stream, h, &mut budget)?;
