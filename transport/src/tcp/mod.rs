@@ -13,6 +13,7 @@
 
 mod dest;
 mod seal;
+mod sendmsg;
 mod source;
 pub mod wire;
 

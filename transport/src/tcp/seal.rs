@@ -20,7 +20,7 @@
 use std::io::Read;
 use std::net::TcpStream;
 
-use super::source::{iovec_of, send_some};
+use super::sendmsg::{iovec_of, send_some};
 use crate::mem::GuestPages;
 use crate::LaneError;
 
