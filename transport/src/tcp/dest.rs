@@ -12,6 +12,7 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::os::fd::AsRawFd;
 
+use super::sendmsg::SocketOut;
 use super::wire::{self, Header, HEADER_LEN};
 use crate::mem::GuestPages;
 use crate::stream_copy::copy_streaming;
@@ -109,7 +110,7 @@ impl Write for TlsIn {
 
     fn flush(&mut self) -> std::io::Result<()> {
         while self.conn.wants_write() {
-            self.conn.write_tls(&mut self.sock)?;
+            self.conn.write_tls(&mut SocketOut(&self.sock))?;
         }
         Ok(())
     }

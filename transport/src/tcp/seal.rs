@@ -20,7 +20,7 @@
 use std::io::Read;
 use std::net::TcpStream;
 
-use super::sendmsg::{iovec_of, send_some};
+use super::sendmsg::SocketOut;
 use crate::mem::GuestPages;
 use crate::LaneError;
 
@@ -38,27 +38,6 @@ pub(super) struct Sealer {
     used: usize,
     /// Plaintext opened from the destination's records, not yet a whole acknowledgement.
     opened: Vec<u8>,
-}
-
-/// The lane socket as rustls's output: records go out with `sendmsg` and `MSG_NOSIGNAL`
-/// (never a SIGPIPE), several of rustls's buffers per call.
-struct SocketOut<'a>(&'a TcpStream);
-
-impl std::io::Write for SocketOut<'_> {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        // SAFETY: the entry describes `buf`, ordinary memory borrowed for the call.
-        unsafe { send_some(self.0, &[iovec_of(buf)]) }
-    }
-
-    fn write_vectored(&mut self, bufs: &[std::io::IoSlice<'_>]) -> std::io::Result<usize> {
-        let iov: Vec<libc::iovec> = bufs.iter().map(|b| iovec_of(b)).collect();
-        // SAFETY: the entries describe `bufs`, ordinary memory borrowed for the call.
-        unsafe { send_some(self.0, &iov) }
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
 }
 
 impl Sealer {

@@ -88,3 +88,26 @@ pub(super) unsafe fn write_all_iov(
     }
     Ok(())
 }
+
+/// A lane socket as rustls's output, at either end: records go out with `sendmsg` and
+/// `MSG_NOSIGNAL` (never a SIGPIPE: `TcpStream`'s own `write_vectored` is a plain `writev`,
+/// which would kill an embedder that does not ignore SIGPIPE when the peer has closed),
+/// several of rustls's buffers per call.
+pub(super) struct SocketOut<'a>(pub &'a TcpStream);
+
+impl std::io::Write for SocketOut<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        // SAFETY: the entry describes `buf`, ordinary memory borrowed for the call.
+        unsafe { send_some(self.0, &[iovec_of(buf)]) }
+    }
+
+    fn write_vectored(&mut self, bufs: &[std::io::IoSlice<'_>]) -> std::io::Result<usize> {
+        let iov: Vec<libc::iovec> = bufs.iter().map(|b| iovec_of(b)).collect();
+        // SAFETY: the entries describe `bufs`, ordinary memory borrowed for the call.
+        unsafe { send_some(self.0, &iov) }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
