@@ -46,22 +46,7 @@ pub struct TcpSourceLane {
 impl TcpSourceLane {
     /// Takes over a connected, authenticated lane socket.
     pub fn new(stream: TcpStream, map: MemoryMap, pacer: Arc<Pacer>) -> Result<Self, LaneError> {
-        stream.set_nodelay(true)?;
-        let acks = Arc::new(Acks::default());
-        let mut rd = stream.try_clone()?;
-        let a = acks.clone();
-        let reader = std::thread::Builder::new()
-            .name("rmig-ack".into())
-            .spawn(move || read_acks(&mut rd, &a))?;
-        Ok(TcpSourceLane {
-            stream,
-            map,
-            pacer,
-            acks,
-            reader: Some(reader),
-            headers: Vec::new(),
-            tls: None,
-        })
+        Self::start(stream, map, pacer, read_acks, None)
     }
 
     /// Takes over a connected lane socket whose TLS session `conn` is established and
@@ -72,13 +57,26 @@ impl TcpSourceLane {
         map: MemoryMap,
         pacer: Arc<Pacer>,
     ) -> Result<Self, LaneError> {
+        let sealer = Mutex::new(Sealer::new(conn));
+        Self::start(stream, map, pacer, read_sealed, Some(sealer))
+    }
+
+    /// Starts the lane's acknowledgement reader (`read`: cleartext acknowledgements, or
+    /// sealed records for the TLS session in `tls`) and takes over the socket.
+    fn start(
+        stream: TcpStream,
+        map: MemoryMap,
+        pacer: Arc<Pacer>,
+        read: fn(&mut TcpStream, &Acks),
+        tls: Option<Mutex<Sealer>>,
+    ) -> Result<Self, LaneError> {
         stream.set_nodelay(true)?;
         let acks = Arc::new(Acks::default());
         let mut rd = stream.try_clone()?;
         let a = acks.clone();
         let reader = std::thread::Builder::new()
             .name("rmig-ack".into())
-            .spawn(move || read_sealed(&mut rd, &a))?;
+            .spawn(move || read(&mut rd, &a))?;
         Ok(TcpSourceLane {
             stream,
             map,
@@ -86,7 +84,7 @@ impl TcpSourceLane {
             acks,
             reader: Some(reader),
             headers: Vec::new(),
-            tls: Some(Mutex::new(Sealer::new(conn))),
+            tls,
         })
     }
 
