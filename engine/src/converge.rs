@@ -33,6 +33,31 @@ pub struct ConvergePolicy {
     pub throttle_initial: u8,
     /// Added on each further stall.
     pub throttle_increment: u8,
+    /// When to switch to post-copy instead of throttling or failing (off by default).
+    pub postcopy: Postcopy,
+}
+
+/// When a migration switches to post-copy: the guest moves to the destination early and the
+/// pages it still lacks follow (on demand when it touches them, in the background otherwise).
+/// It bounds the migration's length whatever the guest's dirty rate, at the risk described in
+/// the user guide: from the switch on, the guest depends on both hosts and the link.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Postcopy {
+    /// Pre-copy only.
+    #[default]
+    Off,
+    /// Switch when pre-copy does not converge: where the policy would throttle the guest
+    /// (two stalled rounds in a row) or give up at the round limit.
+    WhenStalled,
+    /// As `WhenStalled`, and at the latest after this many rounds (round 0 included).
+    AfterRounds(u32),
+}
+
+impl Postcopy {
+    /// Whether post-copy may be used at all.
+    pub fn is_on(self) -> bool {
+        self != Postcopy::Off
+    }
 }
 
 impl Default for ConvergePolicy {
@@ -44,6 +69,7 @@ impl Default for ConvergePolicy {
             auto_converge: true,
             throttle_initial: 20,
             throttle_increment: 10,
+            postcopy: Postcopy::Off,
         }
     }
 }
@@ -59,6 +85,8 @@ pub enum Decision {
     Switchover,
     /// Stop: the migration cannot meet the limit.
     Fail(String),
+    /// Pause the guest, hand it over at once and send the rest after it (post-copy).
+    Postcopy,
 }
 
 /// A dirty set that shrank to at most this fraction of the previous round is "shrinking well".
@@ -119,13 +147,22 @@ impl Converge {
             remaining as f64 / sent as f64
         };
         let last_round = round + 1 >= self.policy.max_rounds;
+        let postcopy = self.policy.postcopy;
         if expected <= self.policy.downtime_limit {
             if expected <= NEGLIGIBLE || ratio > GOOD_SHRINK || last_round {
                 return Decision::Switchover;
             }
             return Decision::Iterate;
         }
+        if let Postcopy::AfterRounds(n) = postcopy {
+            if round + 1 >= n {
+                return Decision::Postcopy;
+            }
+        }
         if last_round {
+            if postcopy.is_on() {
+                return Decision::Postcopy;
+            }
             return match self.policy.on_no_convergence {
                 NoConvergence::ForceSwitchover => Decision::Switchover,
                 NoConvergence::Fail => Decision::Fail(format!(
@@ -138,6 +175,9 @@ impl Converge {
         }
         if ratio > STALL && round > 0 {
             self.stalls += 1;
+            if postcopy.is_on() && self.stalls >= 2 {
+                return Decision::Postcopy;
+            }
             if self.policy.auto_converge && self.stalls >= 2 && self.throttle < 99 {
                 self.throttle = if self.throttle == 0 {
                     self.policy.throttle_initial
@@ -278,5 +318,41 @@ mod tests {
             "no throttle past 99 %, and none repeated at 99"
         );
         assert_eq!(c.throttle(), 99);
+    }
+
+    #[test]
+    fn postcopy_replaces_the_throttle_and_the_failure() {
+        let p = ConvergePolicy {
+            max_rounds: 4,
+            postcopy: Postcopy::WhenStalled,
+            ..Default::default()
+        };
+        let mut c = Converge::new(p);
+        assert_eq!(c.after_round(0, 4 << 30, 2 << 30, GB), Decision::Iterate);
+        assert_eq!(c.after_round(1, 2 << 30, 2 << 30, GB), Decision::Iterate);
+        // Second stall: where auto-converge would throttle, post-copy takes over.
+        assert_eq!(c.after_round(2, 2 << 30, 2 << 30, GB), Decision::Postcopy);
+        assert_eq!(c.throttle(), 0);
+        // At the round limit, above the downtime limit: post-copy rather than failing.
+        let mut c = Converge::new(p);
+        assert_eq!(c.after_round(3, 4 << 30, 1 << 30, GB), Decision::Postcopy);
+        // A migration that converges never switches to post-copy.
+        let mut c = Converge::new(p);
+        assert_eq!(c.after_round(3, 4 << 30, 1 << 20, GB), Decision::Switchover);
+    }
+
+    #[test]
+    fn postcopy_after_n_rounds_unless_converged() {
+        let p = ConvergePolicy {
+            postcopy: Postcopy::AfterRounds(2),
+            ..Default::default()
+        };
+        let mut c = Converge::new(p);
+        assert_eq!(c.after_round(0, 4 << 30, 3 << 30, GB), Decision::Iterate);
+        assert_eq!(c.after_round(1, 3 << 30, 1 << 30, GB), Decision::Postcopy);
+        let mut c = Converge::new(p);
+        assert_eq!(c.after_round(1, 3 << 30, 1 << 20, GB), Decision::Switchover);
+        assert!(p.postcopy.is_on());
+        assert!(!Postcopy::Off.is_on());
     }
 }

@@ -123,6 +123,12 @@ pub enum EngineError {
     /// TLS could not be set up (credentials) or a TLS handshake failed.
     #[error("{0}")]
     Tls(#[source] Arc<crate::control::tls::TlsError>),
+    /// Post-copy broke after the destination resumed the guest: its memory is split between
+    /// the hosts and one of them is gone, so the guest cannot continue anywhere. The
+    /// destination keeps its faulting threads blocked (never given a page that is not the
+    /// source's) and the source keeps its copy paused; neither may run the guest.
+    #[error("the guest is lost: {0}")]
+    GuestLost(String),
 }
 
 impl EngineError {

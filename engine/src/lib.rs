@@ -36,7 +36,7 @@ pub use config::{
     DestConfig, Encryption, NumaMode, RdmaConfig, SourceConfig, TransportChoice, X509Creds,
 };
 pub use control::auth::Key;
-pub use converge::{ConvergePolicy, NoConvergence};
+pub use converge::{ConvergePolicy, NoConvergence, Postcopy};
 pub use dest::{DestListener, DestOutcome};
 pub use dirty::{CallbackDirtyLog, DirtySource, SharedDirtyLog};
 pub use embedder::{DestEmbedder, NullDest, SourceEmbedder, StaticSource};

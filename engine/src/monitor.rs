@@ -54,6 +54,8 @@ pub struct Monitor {
     pub(crate) round_started: Mutex<Option<std::time::Instant>>,
     /// When the monitor was made, and each status it entered since, with when.
     pub(crate) timeline: Mutex<(std::time::Instant, Vec<(MigrationStatus, Duration)>)>,
+    /// Set by [`Monitor::start_postcopy`]: switch to post-copy after the current round.
+    pub(crate) postcopy_requested: std::sync::atomic::AtomicBool,
 }
 
 impl Default for Monitor {
@@ -71,6 +73,7 @@ impl Default for Monitor {
             dirty_bytes: AtomicU64::new(0),
             round_started: Mutex::new(None),
             timeline: Mutex::new((std::time::Instant::now(), Vec::new())),
+            postcopy_requested: std::sync::atomic::AtomicBool::new(false),
         }
     }
 }
@@ -164,6 +167,16 @@ impl Monitor {
     /// Cancels the migration; the peer is told `reason`.
     pub fn cancel(&self, reason: &str) {
         self.cancel.cancel(reason);
+    }
+
+    /// Asks the source to switch to post-copy once the current round ends (QEMU's
+    /// `migrate-start-postcopy`). Only a session configured with post-copy on
+    /// (`ConvergePolicy::postcopy`) honours it; see [`SourceSession::complete`].
+    ///
+    /// [`SourceSession::complete`]: crate::SourceSession::complete
+    pub fn start_postcopy(&self) {
+        self.postcopy_requested
+            .store(true, std::sync::atomic::Ordering::Release);
     }
 
     /// The cancellation handle.

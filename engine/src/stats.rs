@@ -70,6 +70,9 @@ pub enum MigrationStatus {
     Active,
     /// The guest is paused: stop-and-copy, device state, verification, handover.
     Device,
+    /// Post-copy: the guest runs on the destination and the pages it still lacks follow it
+    /// (QEMU's `postcopy-active`).
+    Postcopy,
     /// The destination's guest runs.
     Completed,
     /// Failed before the handover: the source's guest runs, the destination discarded.
@@ -80,6 +83,9 @@ pub enum MigrationStatus {
     /// on the source): this end's guest stays paused until an operator decides which end
     /// runs it.
     HandoverUnknown,
+    /// Post-copy broke past its reconnect window: the guest ran on the destination with pages
+    /// still on the source, so neither end can run it.
+    GuestLost,
 }
 
 impl MigrationStatus {
@@ -89,10 +95,12 @@ impl MigrationStatus {
             MigrationStatus::Setup => "setup",
             MigrationStatus::Active => "active",
             MigrationStatus::Device => "device",
+            MigrationStatus::Postcopy => "postcopy-active",
             MigrationStatus::Completed => "completed",
             MigrationStatus::Failed => "failed",
             MigrationStatus::Cancelled => "cancelled",
             MigrationStatus::HandoverUnknown => "handover-unknown",
+            MigrationStatus::GuestLost => "guest-lost",
         }
     }
 
@@ -101,6 +109,7 @@ impl MigrationStatus {
         match e {
             e if e.is_cancel() => MigrationStatus::Cancelled,
             crate::EngineError::HandoverUnknown(_) => MigrationStatus::HandoverUnknown,
+            crate::EngineError::GuestLost(_) => MigrationStatus::GuestLost,
             _ => MigrationStatus::Failed,
         }
     }
@@ -161,6 +170,32 @@ pub struct MigrationStats {
     /// The other end's own figures, as it sent them after the handover (`Figures`); `null`
     /// when the migration did not complete or the peer sent none.
     pub peer: Option<EndFigures>,
+    /// The post-copy phase, when the migration switched to it; `null` otherwise.
+    pub postcopy: Option<PostcopyReport>,
+}
+
+/// The post-copy phase as one end saw it.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct PostcopyReport {
+    /// From the destination's resume (the end of the downtime) to the last page landing.
+    pub duration_ms: f64,
+    /// Pages the destination still lacked when its guest resumed.
+    pub pages_at_switch: u64,
+    /// Destination: pages that landed because the guest touched them (fetched on fault).
+    /// Source: pages a source thread served on request (over RDMA, where the destination
+    /// reads them itself, this stays zero).
+    pub pages_on_fault: u64,
+    /// Pages that landed (destination) or were sent (source) in the background.
+    pub pages_background: u64,
+    /// Destination: faults on missing pages the guest took, and how long each waited for its
+    /// page, from the fault's report to the page in place.
+    pub faults: u64,
+    /// Fault latency, median, in microseconds.
+    pub fault_p50_us: f64,
+    /// Fault latency, 99th percentile, in microseconds.
+    pub fault_p99_us: f64,
+    /// Longest fault latency, in microseconds.
+    pub fault_max_us: f64,
 }
 
 /// How one end's guest memory was prepared. Only the embedder knows (it allocated the

@@ -97,4 +97,17 @@ pub trait PageSink: Sync {
     fn reads_landed(&self) -> bool {
         false
     }
+    /// Whether the sink puts what lands into guest memory itself (post-copy: the guest
+    /// already runs, so each page must appear whole and at once, with `UFFDIO_COPY`). A lane
+    /// then stages every run and calls [`place`](Self::place) instead of writing guest
+    /// memory, before [`data_landed_from`](Self::data_landed_from).
+    fn places(&self) -> bool {
+        false
+    }
+    /// Puts `bytes` (the `npages` pages from `first_page`) into place; `Err` (why) ends the
+    /// lane. Only called when [`places`](Self::places) says so.
+    fn place(&self, region: usize, first_page: u64, npages: u64, bytes: &[u8]) -> Result<(), String> {
+        let _ = (region, first_page, npages, bytes);
+        Err("this sink does not place pages".into())
+    }
 }

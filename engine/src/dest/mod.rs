@@ -8,6 +8,7 @@
 mod incoming;
 mod lanes;
 mod phase;
+mod postcopy;
 mod sink;
 
 use std::net::SocketAddr;

@@ -35,6 +35,8 @@ pub(crate) struct DestSink {
     pub landed: AtomicU64,
     /// An injected crash (tests only).
     pub crash: Crash,
+    /// Post-copy, once switched: every page is placed through userfaultfd.
+    pub placer: std::sync::OnceLock<std::sync::Arc<super::postcopy::Placer>>,
 }
 
 /// An injected crash (tests, the `fault-injection` feature): once this many payload bytes
@@ -141,6 +143,7 @@ impl DestSink {
                 .collect(),
             landed: AtomicU64::new(0),
             crash,
+            placer: std::sync::OnceLock::new(),
         }
     }
 
@@ -205,6 +208,15 @@ impl PageSink for DestSink {
         self.hashes.is_some()
     }
 
+    fn places(&self) -> bool {
+        self.placer.get().is_some()
+    }
+
+    fn place(&self, region: usize, first: u64, n: u64, bytes: &[u8]) -> Result<(), String> {
+        let placer = self.placer.get().ok_or("not in post-copy")?;
+        placer.place(region, first, n, bytes, super::postcopy::Arrival::Background)
+    }
+
     fn data_landed(&self, region: usize, first: u64, n: u64) {
         if let Some(h) = &self.hashes {
             // Guest memory (written by the lane or its NIC) is hashed from a copy, see
@@ -241,6 +253,16 @@ impl PageSink for DestSink {
     }
 
     fn zero_pages(&self, region: usize, first: u64, n: u64) {
+        if let Some(placer) = self.placer.get() {
+            // Post-copy: the guest runs, so a missing page is never read or written here;
+            // a page the zero page cannot be mapped at stays missing, and the phase's end
+            // reports it.
+            let _ = placer.zero(region, first, n, super::postcopy::Arrival::Background);
+            if let Some(h) = &self.hashes {
+                h[region].set_zero(first, n);
+            }
+            return;
+        }
         let r = self.map.get(region).expect("lane checked the region");
         let kz = &self.known_zero[region];
         if !kz.all_set(first, n) {

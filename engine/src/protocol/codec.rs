@@ -32,6 +32,8 @@ pub const MAX_FRAME: usize = 16 << 20;
 pub const MAX_DEVICE_PIECE: usize = 1 << 20;
 /// Most mismatching chunks a `Verified` names.
 pub const MAX_MISMATCHES: usize = 64;
+/// Most runs in one `PostcopyPages` piece (a larger set travels in several pieces).
+pub const MAX_POSTCOPY_RUNS: usize = 1 << 16;
 /// Most transports one `TransportOffer` lists.
 pub const MAX_KINDS: usize = 256;
 
@@ -164,6 +166,12 @@ messages! {
     REJOIN = 26 => Rejoin { session: [u8; 16], attempt: u32, mac: [u8; 32] },
     REJOIN_OK = 27 => RejoinOk { next_round: u32, mac: [u8; 32] },
     FIGURES = 28 => Figures { figures: EndFigures },
+    POSTCOPY_PAGES = 29 => PostcopyPages {
+        runs: Vec<(u32, u64, u64)> [MAX_POSTCOPY_RUNS],
+        last: bool,
+    },
+    RESUMED = 30 => Resumed {},
+    POSTCOPY_END = 31 => PostcopyEnd {},
 }
 
 /// The largest body each message type may have. The defaults are what a well-formed message

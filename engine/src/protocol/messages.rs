@@ -6,8 +6,10 @@ use crate::stats::EndFigures;
 /// Lowest protocol version this build speaks. Version 2 brought the two-phase handover
 /// (`Ready`/`Commit`); a version-1 peer would resume its guest on its own, so it is refused.
 pub const PROTOCOL_MIN: u16 = 2;
-/// Highest protocol version this build speaks.
-pub const PROTOCOL_MAX: u16 = 2;
+/// Highest protocol version this build speaks. Version 3 added post-copy
+/// (`PostcopyPages`, `Resumed`, `PostcopyEnd`): a source switches to post-copy only with a
+/// peer that agreed on 3.
+pub const PROTOCOL_MAX: u16 = 3;
 
 /// A data transport that a session may use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,7 +57,11 @@ impl TransportKind {
 /// after the final round `DeviceState`, `Digests` S→D, `Verified` D→S;
 /// then the two-phase handover: `Ready` D→S (device state loaded, guest still paused), `Commit`
 /// S→D (from here on the source never resumes on its own), `Done` D→S (the destination's guest
-/// runs). `Heartbeat`, `Cancel` and `Error` may come at any time before `Commit`. After `Done`
+/// runs). With post-copy, the pause carries `PostcopyPages` S→D instead of a final round and
+/// no `Digests`; `Commit` is answered by `Resumed` D→S (the guest runs there with pages still
+/// missing), then rounds send the rest while the destination fetches what its guest touches,
+/// `PostcopyEnd` S→D and `Digests` S→D (when verifying), `Verified` D→S and `Done` D→S once
+/// every page has landed. `Heartbeat`, `Cancel` and `Error` may come at any time before `Commit`. After `Done`
 /// each end sends its own `Figures` (D→S right after `Done`, S→D once `Done` arrived), so
 /// both reports show both ends; the guest already runs, so this cannot lengthen the pause.
 ///
@@ -198,6 +204,22 @@ pub enum Message {
         /// What this end measured, and how its memory was prepared.
         figures: EndFigures,
     },
+    /// Post-copy: a piece of the set of pages the destination does not hold yet (dirty when
+    /// the source paused), sent in the pause instead of a stop-and-copy round. The
+    /// destination drops those pages and fetches them when its guest touches them.
+    PostcopyPages {
+        /// (region, first page, pages), in order.
+        runs: Vec<(u32, u64, u64)>,
+        /// Whether this is the last piece.
+        last: bool,
+    },
+    /// Post-copy: the destination's guest runs (after `Commit`), with the pages of
+    /// `PostcopyPages` still to come. From here on neither end may run the guest alone.
+    Resumed,
+    /// Post-copy: the source has sent every page that was missing (in the background or on
+    /// request); `Digests` follows when verifying, and the destination answers `Done` once
+    /// every page has landed.
+    PostcopyEnd,
     /// Liveness.
     Heartbeat,
     /// Either side gives up on purpose.
@@ -239,6 +261,9 @@ impl Message {
             Message::Commit => "Commit",
             Message::Done => "Done",
             Message::Figures { .. } => "Figures",
+            Message::PostcopyPages { .. } => "PostcopyPages",
+            Message::Resumed => "Resumed",
+            Message::PostcopyEnd => "PostcopyEnd",
             Message::Heartbeat => "Heartbeat",
             Message::Cancel { .. } => "Cancel",
             Message::Error { .. } => "Error",

@@ -5,6 +5,7 @@ use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::time::Duration;
 
+use rmig_transport::tcp::fetch::FetchConn;
 use rmig_transport::rdma::{LocalMemory, RdmaDevice, RdmaSourceLane};
 use rmig_transport::tcp::TcpSourceLane;
 use rmig_transport::{MemoryMap, Pacer, SourceLane};
@@ -144,6 +145,15 @@ fn claim_lane(
         }
     }
     Ok(())
+}
+
+/// The post-copy fetch lane on a joined socket (inside its TLS session when encrypted).
+pub(crate) fn fetch_conn(s: JoinedLane) -> Result<FetchConn, EngineError> {
+    s.sock.set_read_timeout(None)?;
+    Ok(match s.tls {
+        None => FetchConn::plain(s.sock),
+        Some(conn) => FetchConn::tls_client(conn, s.sock),
+    })
 }
 
 /// A TCP lane on a joined socket.

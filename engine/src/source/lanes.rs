@@ -47,7 +47,7 @@ pub(super) struct TcpKit {
     /// The session's keys (lane and reconnect proofs).
     pub auth: SessionAuth,
     /// Lanes per set.
-    lanes: u16,
+    pub lanes: u16,
     map: MemoryMap,
 }
 

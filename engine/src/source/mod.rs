@@ -9,6 +9,7 @@
 mod connect;
 mod lanes;
 mod placement;
+mod postcopy;
 mod rejoin;
 mod round;
 mod setup;
@@ -78,6 +79,13 @@ pub struct SourceSession {
     sync_count: u64,
     /// Reconnect attempts so far (each attempt number is used once).
     rejoins: u32,
+    /// The protocol version agreed on (post-copy needs 3).
+    version: u16,
+    /// The policy or the embedder chose post-copy for `complete`.
+    postcopy: bool,
+    /// The destination said `Resumed`: its guest runs with pages still here, so this end
+    /// never resumes.
+    resumed_there: bool,
 }
 
 impl SourceSession {
@@ -108,6 +116,7 @@ impl SourceSession {
         }
         let rdma = setup::register_rdma(&cfg, &hs, &shared.map).map_err(fail)?;
         let lanes = LaneSet::open(&cfg, &hs, rdma.as_ref(), &shared, placement).map_err(fail)?;
+        let version = hs.agreed.version;
         let session = SourceSession {
             converge: Converge::new(cfg.policy),
             cfg,
@@ -127,6 +136,9 @@ impl SourceSession {
             committed: false,
             sync_count: 0,
             rejoins: 0,
+            version,
+            postcopy: false,
+            resumed_there: false,
         };
         session.record_setup(total, fallback, rdma.as_ref());
         Ok(session)
@@ -166,6 +178,11 @@ impl SourceSession {
             .converge
             .after_round(self.round, sent_bytes, remaining, self.bandwidth);
         self.round += 1;
+        if self.postcopy_wanted(&decision) {
+            self.postcopy = true;
+            self.state = State::Ready;
+            return Ok(Step::ReadyForSwitchover);
+        }
         match decision {
             Decision::Iterate => Ok(Step::Continue),
             Decision::Throttle(p) => {
@@ -178,12 +195,33 @@ impl SourceSession {
                 self.state = State::Ready;
                 Ok(Step::ReadyForSwitchover)
             }
+            Decision::Postcopy => Err(EngineError::NotConverged(
+                "post-copy is needed, but the destination does not speak protocol 3 or the                  lanes are RDMA (post-copy runs over TCP lanes)"
+                    .into(),
+            )),
             Decision::Fail(why) => Err(EngineError::NotConverged(why)),
         }
     }
 
+    /// Whether this round's outcome (or the embedder's request) switches to post-copy: the
+    /// policy allows it, the peer speaks protocol 3 and the lanes are TCP.
+    fn postcopy_wanted(&self, decision: &Decision) -> bool {
+        let requested = self.monitor.postcopy_requested.load(Ordering::Acquire);
+        let asked = *decision == Decision::Postcopy || requested;
+        asked && self.postcopy_possible()
+    }
+
+    /// Whether post-copy can run in this session.
+    fn postcopy_possible(&self) -> bool {
+        self.cfg.policy.postcopy.is_on()
+            && self.version >= 3
+            && self.lanes.transport() == crate::protocol::TransportKind::Tcp
+    }
+
     /// Pauses the guest, copies what is left, hands over device state, verifies and finishes.
-    /// May be called before the policy is ready (a forced switchover).
+    /// May be called before the policy is ready (a forced switchover). With post-copy chosen
+    /// (by the policy, or asked for with [`Monitor::start_postcopy`]), the guest is handed
+    /// over in the pause and the rest follows it (see `source/postcopy.rs`).
     pub fn complete(&mut self) -> Result<MigrationStats, EngineError> {
         match self.state {
             State::Iterating | State::Ready => {}
@@ -193,7 +231,12 @@ impl SourceSession {
                 )))
             }
         }
-        let r = self.complete_inner();
+        let requested = self.monitor.postcopy_requested.load(Ordering::Acquire);
+        let r = if (self.postcopy || requested) && self.postcopy_possible() {
+            self.complete_postcopy()
+        } else {
+            self.complete_inner()
+        };
         match r {
             Ok(()) => Ok(self.monitor.stats()),
             Err(e) => Err(self.fail(e)),
@@ -211,8 +254,14 @@ impl SourceSession {
         self.stop_and_copy()?;
         self.send_device_state()?;
         let verified = self.verify()?;
-        self.hand_over()?;
-        let paused = t0.elapsed();
+        self.hand_over_expecting(Message::Done)?;
+        self.finish_completed(t0.elapsed(), expected, verified);
+        Ok(())
+    }
+
+    /// The migration completed: exchanges the figures, closes everything and records the
+    /// outcome (`paused`: the downtime).
+    fn finish_completed(&mut self, paused: Duration, expected: f64, verified: Option<bool>) {
         let downtime = paused.as_secs_f64() * 1e3;
         crate::metrics::finished("completed", Some(downtime / 1e3));
         // The total ends with the handover; the exchange of figures is not part of it.
@@ -234,7 +283,6 @@ impl SourceSession {
                 s.ram.mbps = s.ram.transferred as f64 * 8.0 / 1e6 / secs;
             }
         });
-        Ok(())
     }
 
     /// The final copy with the guest paused, repeated only if a lane failure left pages
@@ -316,10 +364,11 @@ impl SourceSession {
     }
 
     /// The two-phase handover: waits for the destination's `Ready` (its guest loaded and
-    /// paused), sends `Commit`, and from then on never resumes on its own. `Done` completes
-    /// the migration; the destination's explicit refusal (`Error`, `Cancel`) means it will
-    /// not run the guest, so we may; silence or a lost link leaves the outcome unknown.
-    fn hand_over(&mut self) -> Result<(), EngineError> {
+    /// paused), sends `Commit`, and from then on never resumes on its own. `answer` (`Done`,
+    /// or `Resumed` in post-copy) says the destination's guest runs; the destination's
+    /// explicit refusal (`Error`, `Cancel`) means it will not run the guest, so we may;
+    /// silence or a lost link leaves the outcome unknown.
+    fn hand_over_expecting(&mut self, answer: Message) -> Result<(), EngineError> {
         self.link
             .expect(self.cfg.ready_timeout, "Ready", |m| match m {
                 Message::Ready => Ok(()),
@@ -330,10 +379,8 @@ impl SourceSession {
         self.link.send(Message::Commit);
         self.committed = true;
         let wait = self.cfg.liveness.peer_timeout * 2;
-        match self.link.expect(wait, "Done", |m| match m {
-            Message::Done => Ok(()),
-            m => Err(m),
-        }) {
+        let name = answer.name();
+        match self.link.expect(wait, name, |m| if m == answer { Ok(()) } else { Err(m) }) {
             Ok(()) => Ok(()),
             Err(e @ (EngineError::PeerError(_) | EngineError::PeerCancelled(_))) => {
                 // The destination said it will not run the guest: it is ours again.
@@ -341,7 +388,7 @@ impl SourceSession {
                 Err(e)
             }
             Err(e) => Err(EngineError::HandoverUnknown(format!(
-                "Commit was sent but no Done came back ({e})"
+                "Commit was sent but no {name} came back ({e})"
             ))),
         }
     }

@@ -296,7 +296,8 @@ impl TcpDestLane {
 
     /// Lands a data run for a sink that reads what lands: each piece is received into the
     /// staging buffer (which stays in cache), streamed into guest memory without reading it
-    /// first, and handed to the sink from the staging buffer.
+    /// first (or placed by the sink, in post-copy), and handed to the sink from the staging
+    /// buffer.
     fn land_staged(
         &mut self,
         sink: &dyn PageSink,
@@ -317,10 +318,14 @@ impl TcpDestLane {
             }
             let staged = &mut lines_as_bytes(&mut self.stage)[..len];
             self.rx.read_into(staged)?;
-            // SAFETY: destination memory is writable (the region's contract), and the sink
-            // admitted this run (`claim`): no other lane writes these pages until it is
-            // released.
-            unsafe { copy_streaming(region.guest_pages(p, n), staged) };
+            if sink.places() {
+                sink.place(idx, p, n, staged).map_err(LaneError::Refused)?;
+            } else {
+                // SAFETY: destination memory is writable (the region's contract), and the
+                // sink admitted this run (`claim`): no other lane writes these pages until
+                // it is released.
+                unsafe { copy_streaming(region.guest_pages(p, n), staged) };
+            }
             sink.data_landed_from(idx, p, n, staged);
             p += n;
         }
@@ -342,7 +347,7 @@ impl TcpDestLane {
             sum.zero_pages += h.count;
             return Ok(());
         }
-        if sink.reads_landed() || matches!(self.rx.stream, Conn::Tls(_)) {
+        if sink.reads_landed() || sink.places() || matches!(self.rx.stream, Conn::Tls(_)) {
             self.land_staged(sink, idx, region, h.first_page, h.count)?;
         } else {
             let dst = region.guest_pages(h.first_page, h.count);

@@ -12,6 +12,7 @@
 //! fails authentication ends the lane like any broken connection.
 
 mod dest;
+pub mod fetch;
 mod seal;
 mod sendmsg;
 mod source;

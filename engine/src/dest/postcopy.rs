@@ -1,0 +1,427 @@
+//! Post-copy on the destination: the guest resumes before every page has arrived, and the
+//! pages it still lacks land behind its back or the moment it touches them.
+//!
+//! At the switch the source names the pages that were dirty when it paused. We drop our stale
+//! copies of them (`MADV_DONTNEED`, after which private anonymous memory reads as missing)
+//! and register all guest memory with userfaultfd in missing-page mode, so that a guest
+//! thread touching such a page stops in the kernel until we put the page in place. From then
+//! on nothing writes guest memory directly: every page arrives with `UFFDIO_COPY`, which
+//! places a whole page at once and wakes whoever waits for it, or refuses (`EEXIST`) when the
+//! page is there already. Two arrivals of one page (the background lanes and a fault's fetch)
+//! therefore cannot tear it or land it twice; both carry the source's final bytes.
+//!
+//! A fault thread reads the fault reports: a page still missing is fetched on the fetch lane
+//! (a connection of its own, answered by the source ahead of the background pages); a page
+//! never written here and not missing is zero on the source too (every other page was sent
+//! in pre-copy), so it gets `UFFDIO_ZEROPAGE`; a page that landed meanwhile only needs a wake.
+//!
+//! If the source is lost after the switch, the pages it still held are lost with it. The
+//! guest's faulting threads must then never be released onto a zero page (closing a
+//! userfaultfd does exactly that), so a failed post-copy keeps the descriptor open for the
+//! life of the process ([`Placer::keep_blocked`]) and the session ends in `guest-lost`.
+
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use rmig_transport::tcp::fetch::{Fetch, FetchClient};
+use rmig_transport::{MemRegion, MemoryMap, PageSink};
+use userfaultfd::{Event, Uffd, UffdBuilder};
+
+use super::sink::DestSink;
+use crate::bitmap::AtomicBitmap;
+use crate::EngineError;
+
+/// The page size post-copy works in: `UFFDIO_COPY` and `MADV_DONTNEED` on private anonymous
+/// memory, in base pages.
+const BASE_PAGE: usize = 4096;
+
+/// Guest memory under userfaultfd, and which of its pages are still missing.
+pub(crate) struct Placer {
+    uffd: Uffd,
+    map: MemoryMap,
+    /// Pages dropped at the switch that have not landed since, per region.
+    missing: Vec<AtomicBitmap>,
+    /// How many of them are left, with a condition to wait on until none is.
+    left: Mutex<u64>,
+    all_landed: Condvar,
+    /// Pages at the switch.
+    pub at_switch: u64,
+    /// Pages that landed from the fetch lane (the guest touched them).
+    pub on_fault: AtomicU64,
+    /// Pages that landed from the background lanes.
+    pub background: AtomicU64,
+}
+
+/// How a page arrived.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Arrival {
+    /// On the fetch lane, because the guest touched it.
+    Fetched,
+    /// On a data lane.
+    Background,
+}
+
+fn uffd_error(what: &str, e: userfaultfd::Error) -> EngineError {
+    EngineError::io(std::io::ErrorKind::Other, format!("post-copy: {what}: {e}"))
+}
+
+impl Placer {
+    /// The switch: drops our copies of the source's `runs` (region, first page, pages),
+    /// checks that they are really gone (memory that `MADV_DONTNEED` does not drop, such as
+    /// shared memory, would keep serving stale pages), and registers every region with
+    /// userfaultfd. Fails, before our guest runs, for memory post-copy cannot serve.
+    pub fn switch(map: &MemoryMap, runs: &[(u32, u64, u64)]) -> Result<Placer, EngineError> {
+        for r in map.regions() {
+            if r.page_size() != BASE_PAGE {
+                return Err(EngineError::Config(format!(
+                    "post-copy needs {BASE_PAGE}-byte pages; a region has {}-byte pages",
+                    r.page_size()
+                )));
+            }
+        }
+        let missing: Vec<AtomicBitmap> =
+            map.regions().iter().map(|r| AtomicBitmap::new(r.pages())).collect();
+        let mut total = 0;
+        for &(region, first, n) in runs {
+            let r = map.get(region as usize).filter(|r| r.contains(first, n)).ok_or_else(|| {
+                EngineError::Protocol(format!(
+                    "PostcopyPages names {n} pages at {first} outside region {region}"
+                ))
+            })?;
+            drop_pages(r, first, n)?;
+            missing[region as usize].set_range(first, n);
+            total += n;
+        }
+        let uffd = UffdBuilder::new()
+            .close_on_exec(true)
+            .non_blocking(true)
+            .user_mode_only(false)
+            .create()
+            .map_err(|e| uffd_error("cannot create a userfaultfd (root or vm.unprivileged_userfaultfd=1 is needed)", e))?;
+        for r in map.regions() {
+            uffd.register(r.as_ptr().cast(), r.len())
+                .map_err(|e| uffd_error("cannot register guest memory", e))?;
+        }
+        Ok(Placer {
+            uffd,
+            map: map.clone(),
+            missing,
+            left: Mutex::new(total),
+            all_landed: Condvar::new(),
+            at_switch: total,
+            on_fault: AtomicU64::new(0),
+            background: AtomicU64::new(0),
+        })
+    }
+
+    /// Whether page `p` of `region` is still missing.
+    pub fn is_missing(&self, region: usize, p: u64) -> bool {
+        self.missing[region].test(p)
+    }
+
+    /// Pages still missing.
+    pub fn left(&self) -> u64 {
+        *self.left.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Puts `bytes` (pages `first..first+n` of `region`) in place, page by page where some
+    /// are there already; counts what it placed as `how`.
+    pub fn place(&self, region: usize, first: u64, n: u64, bytes: &[u8], how: Arrival) -> Result<(), String> {
+        let r = self.map.get(region).ok_or("unknown region")?;
+        assert_eq!(bytes.len() as u64, n * r.page_size() as u64, "whole pages");
+        let dst = r.guest_pages(first, n).as_ptr();
+        // SAFETY: `dst..dst+len` lies inside a registered region (the lane checked the run);
+        // UFFDIO_COPY writes there only where no page is present, atomically per page, so no
+        // reader ever sees a partial page and nothing present is overwritten; `bytes` is
+        // ordinary memory, only read.
+        let whole = unsafe { self.uffd.copy(bytes.as_ptr().cast(), dst.cast(), bytes.len(), true) };
+        if whole.is_ok() {
+            self.landed(region, first, n, how);
+            return Ok(());
+        }
+        let ps = r.page_size();
+        for i in 0..n {
+            let src = &bytes[i as usize * ps..(i as usize + 1) * ps];
+            let d = r.guest_pages(first + i, 1).as_ptr();
+            // SAFETY: as above, for one page of the run.
+            match unsafe { self.uffd.copy(src.as_ptr().cast(), d.cast(), ps, true) } {
+                Ok(_) => self.landed(region, first + i, 1, how),
+                // There already: placed by the other arrival (or by the whole-run attempt,
+                // which reports no partial count), with the same final bytes.
+                Err(userfaultfd::Error::CopyFailed(e)) if is_eexist(e as i32) => {
+                    self.landed(region, first + i, 1, how)
+                }
+                Err(e) => return Err(format!("UFFDIO_COPY failed: {e}")),
+            }
+        }
+        Ok(())
+    }
+
+    /// The source says pages `first..first+n` of `region` are zero: maps the zero page where
+    /// they are missing.
+    pub fn zero(&self, region: usize, first: u64, n: u64, how: Arrival) -> Result<(), String> {
+        let r = self.map.get(region).ok_or("unknown region")?;
+        for p in first..first + n {
+            self.zero_page(r, p)?;
+            if self.missing[region].test(p) {
+                self.landed(region, p, 1, how);
+            }
+        }
+        Ok(())
+    }
+
+    fn zero_page(&self, r: &MemRegion, p: u64) -> Result<(), String> {
+        let d = r.guest_pages(p, 1).as_ptr();
+        // SAFETY: one page inside a registered region; UFFDIO_ZEROPAGE maps the zero page
+        // only where no page is present.
+        match unsafe { self.uffd.zeropage(d.cast(), r.page_size(), true) } {
+            Ok(_) => Ok(()),
+            Err(userfaultfd::Error::ZeropageFailed(e)) if is_eexist(e as i32) => Ok(()),
+            Err(e) => Err(format!("UFFDIO_ZEROPAGE failed: {e}")),
+        }
+    }
+
+    /// Marks pages landed (only those still missing count).
+    fn landed(&self, region: usize, first: u64, n: u64, how: Arrival) {
+        let m = &self.missing[region];
+        let mut newly = 0;
+        for p in first..first + n {
+            if m.test(p) {
+                m.clear(p);
+                newly += 1;
+            }
+        }
+        if newly == 0 {
+            return;
+        }
+        match how {
+            Arrival::Fetched => &self.on_fault,
+            Arrival::Background => &self.background,
+        }
+        .fetch_add(newly, Ordering::Relaxed);
+        let mut left = self.left.lock().unwrap_or_else(|e| e.into_inner());
+        *left = left.saturating_sub(newly);
+        if *left == 0 {
+            self.all_landed.notify_all();
+        }
+    }
+
+    /// Waits until every missing page has landed, at most `wait`; the pages left.
+    pub fn wait_all_landed(&self, wait: Duration) -> u64 {
+        let left = self.left.lock().unwrap_or_else(|e| e.into_inner());
+        let (left, _) = self
+            .all_landed
+            .wait_timeout_while(left, wait, |l| *l > 0)
+            .unwrap_or_else(|e| e.into_inner());
+        *left
+    }
+
+    /// Keeps the userfaultfd open for the life of the process: after a failed post-copy the
+    /// guest's threads that touch a missing page must stay blocked, and closing the
+    /// descriptor would let them run on zero pages instead.
+    pub fn keep_blocked(self: &Arc<Self>) {
+        std::mem::forget(self.clone());
+    }
+
+    /// Where a fault at `addr` is: (region, page).
+    fn locate(&self, addr: usize) -> Option<(usize, u64)> {
+        self.map.regions().iter().enumerate().find_map(|(i, r)| {
+            let start = r.as_ptr() as usize;
+            (addr >= start && addr < start + r.len()).then(|| (i, ((addr - start) / r.page_size()) as u64))
+        })
+    }
+}
+
+fn is_eexist(errno: i32) -> bool {
+    errno == libc::EEXIST
+}
+
+/// Drops pages `first..first+n` of `r` and checks that they are gone.
+fn drop_pages(r: &MemRegion, first: u64, n: u64) -> Result<(), EngineError> {
+    let g = r.guest_pages(first, n);
+    // SAFETY: the range is inside the region, page aligned; our guest is paused and no round
+    // is open, so nobody reads or writes it; afterwards it reads as missing (or zero).
+    let rc = unsafe { libc::madvise(g.as_ptr().cast(), g.len(), libc::MADV_DONTNEED) };
+    if rc != 0 {
+        return Err(EngineError::io(
+            std::io::Error::last_os_error().kind(),
+            format!("post-copy: madvise(MADV_DONTNEED): {}", std::io::Error::last_os_error()),
+        ));
+    }
+    let mut resident = vec![0u8; n as usize];
+    // SAFETY: `resident` has one byte per page of the range, which is mapped.
+    let rc = unsafe { libc::mincore(g.as_ptr().cast(), g.len(), resident.as_mut_ptr()) };
+    if rc == 0 && resident.iter().any(|b| b & 1 != 0) {
+        return Err(EngineError::Config(
+            "post-copy needs private anonymous destination memory: dropped pages stayed \
+             resident (shared or file-backed memory keeps them)"
+                .into(),
+        ));
+    }
+    Ok(())
+}
+
+/// What the fault thread measured.
+#[derive(Debug, Default, Clone)]
+pub(crate) struct FaultFigures {
+    /// Faults on missing pages that waited for a fetch, with their latencies (µs).
+    pub latencies_us: Vec<f64>,
+    /// Why the fetch lane ended, if it failed.
+    pub error: Option<String>,
+}
+
+/// The thread that serves the guest's faults.
+pub(crate) struct FaultThread {
+    stop: Arc<AtomicBool>,
+    join: std::thread::JoinHandle<FaultFigures>,
+}
+
+/// How often the fault thread looks at its stop flag while no fault comes.
+const POLL_MS: i32 = 20;
+
+impl FaultThread {
+    /// Starts serving faults on `placer`'s memory, fetching missing pages with `client` and
+    /// handing what lands to `sink` (hashes, counters).
+    pub fn start(placer: Arc<Placer>, client: FetchClient, sink: Arc<DestSink>) -> std::io::Result<Self> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        let join = std::thread::Builder::new()
+            .name("rmig-faults".into())
+            .spawn(move || serve_faults(&placer, client, &sink, &s))?;
+        Ok(FaultThread { stop, join })
+    }
+
+    /// Stops the thread (it closes the fetch lane) and returns its figures.
+    pub fn finish(self) -> FaultFigures {
+        self.stop.store(true, Ordering::Release);
+        self.join.join().unwrap_or_default()
+    }
+}
+
+/// One fault waiting for its page.
+struct Waiting {
+    region: usize,
+    page: u64,
+    since: Instant,
+}
+
+/// The fault thread's loop: waits for fault reports, resolves what it can at once, fetches
+/// the rest (every report gathered so far in one go) and places the answers.
+fn serve_faults(placer: &Placer, mut client: FetchClient, sink: &DestSink, stop: &AtomicBool) -> FaultFigures {
+    let mut figures = FaultFigures::default();
+    let mut waiting: Vec<Waiting> = Vec::new();
+    let mut buf = Vec::new();
+    while !stop.load(Ordering::Acquire) {
+        if !wait_readable(placer.uffd.as_raw_fd()) {
+            continue;
+        }
+        if let Err(e) = gather(placer, &mut waiting) {
+            figures.error = Some(e);
+            break;
+        }
+        if waiting.is_empty() {
+            continue;
+        }
+        if let Err(e) = fetch(placer, &mut client, sink, &mut waiting, &mut buf, &mut figures) {
+            figures.error = Some(e);
+            break;
+        }
+    }
+    client.close();
+    figures
+}
+
+/// Whether `fd` became readable within the poll period.
+fn wait_readable(fd: i32) -> bool {
+    let mut p = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+    // SAFETY: one valid pollfd, for the duration of the call.
+    let n = unsafe { libc::poll(&mut p, 1, POLL_MS) };
+    n > 0 && p.revents & libc::POLLIN != 0
+}
+
+/// Reads every fault report queued: resolves at once what needs no fetch, and adds the rest
+/// to `waiting` (one entry per page).
+fn gather(placer: &Placer, waiting: &mut Vec<Waiting>) -> Result<(), String> {
+    loop {
+        let ev = match placer.uffd.read_event() {
+            Ok(Some(ev)) => ev,
+            Ok(None) => return Ok(()),
+            Err(e) => return Err(format!("reading fault reports: {e}")),
+        };
+        let Event::Pagefault { addr, .. } = ev else { continue };
+        let Some((region, page)) = placer.locate(addr as usize) else { continue };
+        if placer.is_missing(region, page) {
+            if !waiting.iter().any(|w| w.region == region && w.page == page) {
+                waiting.push(Waiting { region, page, since: Instant::now() });
+            }
+            continue;
+        }
+        let r = placer.map.get(region).expect("located");
+        // Not dropped at the switch: either it landed meanwhile (a wake is enough) or it was
+        // never written here, which means zero on the source too.
+        placer.zero_page(r, page)?;
+        let d = r.guest_pages(page, 1).as_ptr();
+        let _ = placer.uffd.wake(d.cast(), r.page_size());
+    }
+}
+
+/// Fetches every waiting page (skipping those that landed meanwhile), places the answers and
+/// records each fault's latency.
+fn fetch(
+    placer: &Placer,
+    client: &mut FetchClient,
+    sink: &DestSink,
+    waiting: &mut Vec<Waiting>,
+    buf: &mut Vec<u8>,
+    figures: &mut FaultFigures,
+) -> Result<(), String> {
+    let asked: Vec<Waiting> = waiting.drain(..).collect();
+    let mut sent = Vec::new();
+    for w in asked {
+        if !placer.is_missing(w.region, w.page) {
+            let r = placer.map.get(w.region).expect("located");
+            let _ = placer.uffd.wake(r.guest_pages(w.page, 1).as_ptr().cast(), r.page_size());
+            continue;
+        }
+        let f = Fetch { region: w.region as u32, first_page: w.page, pages: 1 };
+        client.request(&f).map_err(|e| format!("fetch lane: {e}"))?;
+        sent.push(w);
+    }
+    for w in sent {
+        let f = client.answer(buf).map_err(|e| format!("fetch lane: {e}"))?;
+        if (f.region as usize, f.first_page) != (w.region, w.page) {
+            return Err(format!(
+                "fetch lane: asked for page {} of region {}, got page {} of region {}",
+                w.page, w.region, f.first_page, f.region
+            ));
+        }
+        placer.place(w.region, w.page, 1, buf, Arrival::Fetched)?;
+        sink.data_landed_from(w.region, w.page, 1, buf);
+        figures.latencies_us.push(w.since.elapsed().as_secs_f64() * 1e6);
+    }
+    Ok(())
+}
+
+/// The median, 99th percentile and maximum of `v` (sorted here).
+pub(crate) fn percentiles(v: &mut [f64]) -> (f64, f64, f64) {
+    if v.is_empty() {
+        return (0.0, 0.0, 0.0);
+    }
+    v.sort_by(f64::total_cmp);
+    let at = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize];
+    (at(0.5), at(0.99), v[v.len() - 1])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_of_a_known_set() {
+        let mut v: Vec<f64> = (1..=100).rev().map(f64::from).collect();
+        assert_eq!(percentiles(&mut v), (51.0, 99.0, 100.0));
+        assert_eq!(percentiles(&mut []), (0.0, 0.0, 0.0));
+    }
+}

@@ -1,0 +1,212 @@
+//! Post-copy on the source: hand the guest over before all of its memory has moved, then
+//! send the rest while the destination's guest runs.
+//!
+//! Pre-copy cannot end while the guest dirties memory faster than the wire moves it. Here the
+//! pause carries no final copy: the source sends the set of pages still dirty
+//! (`PostcopyPages`) and the device state, the two-phase handover runs as always (`Ready`,
+//! `Commit`), and the destination answers `Resumed` once its guest runs. The downtime is
+//! that exchange, whatever the dirty set's size. The pages then go two ways at once: the data
+//! lanes send the whole set in rounds as in pre-copy (the background), and the fetch lane, a
+//! connection of its own, answers the destination's requests for the pages its guest touched
+//! ahead of everything else. A page served on request is taken out of the background set
+//! (unless a lane took it already; the destination keeps whichever copy lands first, and
+//! both hold the same bytes: this guest never runs again).
+//!
+//! From `Resumed` on the guest's memory is split between the hosts, so this end never
+//! resumes its copy: a failure from then on is `guest-lost`.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use rmig_transport::tcp::fetch::{self, Fetch};
+
+use super::connect;
+use super::worker::Shared;
+use super::SourceSession;
+use crate::protocol::codec::MAX_POSTCOPY_RUNS;
+use crate::protocol::Message;
+use crate::stats::{MigrationStatus, PostcopyReport};
+use crate::EngineError;
+
+/// The fetch lane's server thread and its count of pages served.
+pub(super) struct FetchServer {
+    served: Arc<AtomicU64>,
+    join: std::thread::JoinHandle<Result<u64, String>>,
+    shutdown: std::net::TcpStream,
+}
+
+impl FetchServer {
+    /// Pages served so far.
+    pub fn served(&self) -> u64 {
+        self.served.load(Ordering::Relaxed)
+    }
+
+    /// Ends the lane (the destination closes its end once every page has landed) and
+    /// returns the pages served.
+    pub fn finish(self) -> u64 {
+        let _ = self.shutdown.shutdown(std::net::Shutdown::Both);
+        let _ = self.join.join();
+        self.served.load(Ordering::Relaxed)
+    }
+}
+
+/// Serves fetches from the paused guest's memory: each answer's pages leave the background
+/// set and get their hashes (when verifying) before they go out.
+fn serve(mut conn: fetch::FetchConn, shared: Arc<Shared>, served: Arc<AtomicU64>) -> Result<u64, String> {
+    let map = shared.map.clone();
+    let r = fetch::serve(&mut conn, &map, &mut |f: &Fetch, bytes: &[u8]| {
+        let (region, first, n) = (f.region as usize, f.first_page, f.pages as u64);
+        shared.round[region].clear_range(first, n);
+        shared.pending[region].clear_range(first, n);
+        if let Some(h) = &shared.hashes {
+            let ps = bytes.len() / n as usize;
+            for (i, page) in bytes.chunks_exact(ps).enumerate() {
+                h[region].set(first + i as u64, crate::verify::hash_page(page));
+            }
+        }
+        served.fetch_add(n, Ordering::Relaxed);
+    });
+    r.map_err(|e| e.to_string())
+}
+
+impl SourceSession {
+    /// Joins the fetch lane (lane number `2n`, after the fallback lanes) and starts serving
+    /// it; requests come only once the destination's guest runs.
+    pub(super) fn open_fetch_lane(&mut self) -> Result<FetchServer, EngineError> {
+        let kit = self.lanes.kit();
+        let lane = 2 * kit.lanes;
+        let sock = connect::join_lane(kit.peer, &kit.auth, lane, self.cfg.handshake_timeout)?;
+        let shutdown = sock.try_clone()?;
+        let conn = connect::fetch_conn(sock)?;
+        let served = Arc::new(AtomicU64::new(0));
+        let (shared, s) = (self.shared.clone(), served.clone());
+        let join = std::thread::Builder::new()
+            .name("rmig-fetch".into())
+            .spawn(move || serve(conn, shared, s))?;
+        Ok(FetchServer { served, join, shutdown })
+    }
+
+    /// Post-copy's `complete`: the pause hands the guest over at once, then every page it
+    /// left behind follows. See the module documentation.
+    pub(super) fn complete_postcopy(&mut self) -> Result<(), EngineError> {
+        self.check_cancel()?;
+        let expected = self.monitor.stats().expected_downtime_ms;
+        self.verify_baseline()?;
+        let server = self.open_fetch_lane()?;
+        self.monitor.update(|s| s.status = MigrationStatus::Device);
+        let t0 = Instant::now();
+        self.embedder.pause().map_err(EngineError::Embedder)?;
+        self.paused_at = Some(t0);
+        self.fill_round_set()?;
+        let at_switch = self.send_postcopy_pages();
+        self.send_device_state()?;
+        self.hand_over_expecting(Message::Resumed)?;
+        let downtime = t0.elapsed();
+        self.resumed_there = true;
+        self.monitor.update(|s| {
+            s.status = MigrationStatus::Postcopy;
+            s.downtime_ms = downtime.as_secs_f64() * 1e3;
+            s.expected_downtime_ms = expected;
+        });
+        let acked_at_switch = self.monitor.bytes_acked.load(Ordering::Relaxed);
+        let r = self.finish_postcopy(&server, at_switch, t0 + downtime);
+        let served = server.finish();
+        let verified = r.map_err(|e| EngineError::GuestLost(format!("post-copy failed: {e}")))?;
+        let sent = self.monitor.bytes_acked.load(Ordering::Relaxed) - acked_at_switch;
+        let background = sent / self.regions[0].page_size();
+        self.record_postcopy(at_switch, served, background, t0 + downtime);
+        self.finish_completed(downtime, expected, verified);
+        Ok(())
+    }
+
+    /// After `Resumed`: sends the rest in the background until every page is confirmed,
+    /// then says so and waits for the destination's `Done` (its verdict first, when
+    /// verifying).
+    fn finish_postcopy(&mut self, server: &FetchServer, at_switch: u64, resumed: Instant) -> Result<Option<bool>, EngineError> {
+        loop {
+            self.run_round(true)?;
+            self.round += 1;
+            self.monitor.update(|s| {
+                s.postcopy = Some(PostcopyReport {
+                    duration_ms: resumed.elapsed().as_secs_f64() * 1e3,
+                    pages_at_switch: at_switch,
+                    pages_on_fault: server.served(),
+                    ..Default::default()
+                })
+            });
+            if self.sync_pending()? == 0 {
+                break;
+            }
+            self.fill_round_set()?;
+        }
+        self.link.send(Message::PostcopyEnd);
+        let verified = match &self.shared.hashes {
+            Some(h) => {
+                let chunks = crate::verify::touched_digests(h);
+                self.link.send(Message::Digests { chunks });
+                self.await_verdict()?;
+                Some(true)
+            }
+            None => None,
+        };
+        // The destination may still be placing the answers to its last requests.
+        let wait = self.cfg.liveness.peer_timeout * 2;
+        self.link.expect(wait, "Done", |m| match m {
+            Message::Done => Ok(()),
+            m => Err(m),
+        })?;
+        Ok(verified)
+    }
+
+    /// Sends the round set (the pages still dirty in the pause) in pieces; returns its pages.
+    fn send_postcopy_pages(&mut self) -> u64 {
+        let mut runs = Vec::new();
+        let mut total = 0;
+        for (ri, b) in self.shared.round.iter().enumerate() {
+            let mut start: Option<(u64, u64)> = None;
+            for p in 0..b.len() {
+                if !b.test(p) {
+                    continue;
+                }
+                total += 1;
+                start = match start {
+                    Some((f, n)) if f + n == p => Some((f, n + 1)),
+                    Some((f, n)) => {
+                        runs.push((ri as u32, f, n));
+                        Some((p, 1))
+                    }
+                    None => Some((p, 1)),
+                };
+            }
+            if let Some((f, n)) = start {
+                runs.push((ri as u32, f, n));
+            }
+        }
+        let mut pieces = runs.chunks(MAX_POSTCOPY_RUNS).peekable();
+        if pieces.peek().is_none() {
+            self.link.send(Message::PostcopyPages { runs: Vec::new(), last: true });
+        }
+        while let Some(p) = pieces.next() {
+            self.link.send(Message::PostcopyPages {
+                runs: p.to_vec(),
+                last: pieces.peek().is_none(),
+            });
+        }
+        total
+    }
+
+    /// The post-copy figures as this end saw them.
+    fn record_postcopy(&self, at_switch: u64, served: u64, background: u64, resumed: Instant) {
+        let duration_ms = resumed.elapsed().as_secs_f64() * 1e3;
+        self.monitor.update(|s| {
+            s.postcopy = Some(PostcopyReport {
+                duration_ms,
+                pages_at_switch: at_switch,
+                pages_on_fault: served,
+                pages_background: background,
+                ..Default::default()
+            })
+        });
+    }
+}
