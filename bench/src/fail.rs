@@ -58,6 +58,10 @@ pub fn hint(side: Side, e: &EngineError) -> String {
             "the {} cancelled the migration; the source guest keeps running",
             other(side)
         ),
+        E::GuestLost(_) => "post-copy broke after the destination resumed the guest: neither \
+            host holds all of its memory, so it cannot run on either; restart it from a \
+            backup or a fresh boot"
+            .into(),
         E::HandoverUnknown(_) => "this end's guest stays paused: check the other end, then run \
             the guest on exactly one of them (rmig-bench decides with --on-handover-unknown \
             run-here or run-there, or asks when run on a terminal)"

@@ -351,7 +351,7 @@ mod tests {
         assert_eq!(c.after_round(0, 4 << 30, 3 << 30, GB), Decision::Iterate);
         assert_eq!(c.after_round(1, 3 << 30, 1 << 30, GB), Decision::Postcopy);
         let mut c = Converge::new(p);
-        assert_eq!(c.after_round(1, 3 << 30, 1 << 20, GB), Decision::Switchover);
+        assert_eq!(c.after_round(1, 3 << 30, 100, GB), Decision::Switchover);
         assert!(p.postcopy.is_on());
         assert!(!Postcopy::Off.is_on());
     }

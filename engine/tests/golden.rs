@@ -222,6 +222,22 @@ fn golden_rounds() -> Vec<(Message, &'static str)> {
         ),
         (Message::Heartbeat, "0100000013"),
         (
+            Message::PostcopyPages {
+                runs: vec![(1, 0x0203, 0x0405)],
+                last: true,
+            },
+            concat!(
+                "1a0000001d",
+                "01000000",
+                "01000000",
+                "0302000000000000",
+                "0504000000000000",
+                "01",
+            ),
+        ),
+        (Message::Resumed, "010000001e"),
+        (Message::PostcopyEnd, "010000001f"),
+        (
             Message::Cancel {
                 reason: "operator".into(),
             },
@@ -259,7 +275,7 @@ fn every_message_has_its_golden_bytes() {
     let mut names: Vec<&str> = cases.iter().map(|(m, _)| m.name()).collect();
     names.sort_unstable();
     names.dedup();
-    assert_eq!(names.len(), 26, "one golden vector per message type");
+    assert_eq!(names.len(), 29, "one golden vector per message type");
     for (m, want) in cases {
         assert_eq!(hex(&encode(&m)), want, "{} encodes differently", m.name());
         assert_eq!(

@@ -381,6 +381,8 @@ pub struct Setup {
     pub embedder: Box<dyn SourceEmbedder>,
     /// Destination embedder.
     pub dest_embedder: RecordingDest,
+    /// A destination embedder to use instead of `dest_embedder` (a guest that runs).
+    pub dest_guest: Option<Box<dyn DestEmbedder>>,
     /// Monitors of both ends.
     pub src_monitor: Arc<Monitor>,
     /// Destination monitor.
@@ -409,6 +411,7 @@ impl Setup {
             dirty: Box::new(SharedDirtyLog::new(&[(len / 4096) as u64])),
             embedder: Box::new(StaticSource),
             dest_embedder: RecordingDest::default(),
+            dest_guest: None,
             src_monitor: Monitor::new(),
             dst_monitor: Monitor::new(),
             bind: "127.0.0.1:0".into(),
@@ -430,12 +433,9 @@ impl Setup {
         let l = DestListener::bind(bind, self.dst.clone())?;
         let port = l.local_addr()?.port();
         let regions = self.dst_regions.clone();
-        let emb = self.dest_embedder.clone();
+        let emb = Box::new(self.dest_embedder.clone());
         let dm = self.dst_monitor.clone();
-        Ok((
-            std::thread::spawn(move || l.serve(regions, Box::new(emb), dm)),
-            port,
-        ))
+        Ok((std::thread::spawn(move || l.serve(regions, emb, dm)), port))
     }
 
     /// Runs both ends; returns the source's and the destination's results.
@@ -445,12 +445,12 @@ impl Setup {
         Result<MigrationStats, EngineError>,
         Result<DestOutcome, EngineError>,
     ) {
+        let emb = self.dest_embedder();
         let l = DestListener::bind(&self.bind, self.dst).expect("bind");
         self.src.dest = l.local_addr().unwrap().to_string();
-        let emb = self.dest_embedder.clone();
         let dm = self.dst_monitor.clone();
         let regions = self.dst_regions;
-        let d = std::thread::spawn(move || l.serve(regions, Box::new(emb), dm));
+        let d = std::thread::spawn(move || l.serve(regions, emb, dm));
         let s = driver::migrate(
             self.src,
             self.src_regions,
@@ -463,6 +463,15 @@ impl Setup {
 }
 
 impl Setup {
+    /// The destination's embedder: `dest_guest` (taken) if set, else a clone of
+    /// `dest_embedder`.
+    fn dest_embedder(&mut self) -> Box<dyn DestEmbedder> {
+        match self.dest_guest.take() {
+            Some(g) => g,
+            None => Box::new(self.dest_embedder.clone()),
+        }
+    }
+
     /// Runs both ends, the source connecting through the relay that `relay` starts in front
     /// of the destination's address; returns the source's and the destination's results.
     pub fn run_via(
@@ -472,7 +481,11 @@ impl Setup {
         Result<MigrationStats, EngineError>,
         Result<DestOutcome, EngineError>,
     ) {
-        let (d, port) = self.spawn_dest("127.0.0.1:0").expect("destination");
+        let emb = self.dest_embedder();
+        let l = DestListener::bind("127.0.0.1:0", self.dst.clone()).expect("bind");
+        let port = l.local_addr().expect("bound").port();
+        let (regions, dm) = (self.dst_regions.clone(), self.dst_monitor.clone());
+        let d = std::thread::spawn(move || l.serve(regions, emb, dm));
         let relay = relay(([127, 0, 0, 1], port).into());
         self.src.dest = relay.addr().to_string();
         let s = driver::migrate(

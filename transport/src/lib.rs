@@ -106,7 +106,13 @@ pub trait PageSink: Sync {
     }
     /// Puts `bytes` (the `npages` pages from `first_page`) into place; `Err` (why) ends the
     /// lane. Only called when [`places`](Self::places) says so.
-    fn place(&self, region: usize, first_page: u64, npages: u64, bytes: &[u8]) -> Result<(), String> {
+    fn place(
+        &self,
+        region: usize,
+        first_page: u64,
+        npages: u64,
+        bytes: &[u8],
+    ) -> Result<(), String> {
         let _ = (region, first_page, npages, bytes);
         Err("this sink does not place pages".into())
     }

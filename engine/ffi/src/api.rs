@@ -727,6 +727,8 @@ pub unsafe extern "C" fn rmig_get_stats(session: RmigSession, out: *mut RmigStat
             MigrationStatus::Cancelled => RmigState::RmigStateCancelled,
             MigrationStatus::Failed => RmigState::RmigStateFailed,
             MigrationStatus::HandoverUnknown => RmigState::RmigStateHandoverUnknown,
+            MigrationStatus::Postcopy => RmigState::RmigStatePostcopy,
+            MigrationStatus::GuestLost => RmigState::RmigStateGuestLost,
         };
         let st = RmigStats {
             state,

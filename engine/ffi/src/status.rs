@@ -43,6 +43,10 @@ pub enum RmigStatus {
     /// The link failed during the handover: this end's guest stays paused until
     /// `rmig_resolve_handover` decides which end runs it.
     RmigErrHandoverUnknown = -14,
+    /// Post-copy broke after the destination resumed the guest: its memory is split between
+    /// the hosts and one is gone, so neither end may run it (the destination's threads that
+    /// touch a missing page stay blocked).
+    RmigErrGuestLost = -15,
 }
 
 thread_local! {
@@ -87,6 +91,7 @@ pub(crate) fn from_engine(e: &EngineError) -> RmigStatus {
         EngineError::Embedder(_) => RmigStatus::RmigErrEmbedder,
         EngineError::State(_) => RmigStatus::RmigErrState,
         EngineError::HandoverUnknown(_) => RmigStatus::RmigErrHandoverUnknown,
+        EngineError::GuestLost(_) => RmigStatus::RmigErrGuestLost,
     }
 }
 

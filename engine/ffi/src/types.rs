@@ -303,6 +303,10 @@ pub enum RmigState {
     /// The link failed during the handover: this end's guest stays paused until
     /// `rmig_resolve_handover` decides which end runs it.
     RmigStateHandoverUnknown = 7,
+    /// Post-copy: the destination runs the guest while the pages it lacks follow it.
+    RmigStatePostcopy = 8,
+    /// Post-copy broke: neither end may run the guest.
+    RmigStateGuestLost = 9,
 }
 
 /// Statistics (QEMU `query-migrate` names).

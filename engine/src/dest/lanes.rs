@@ -50,6 +50,17 @@ impl LaneSocket {
     }
 }
 
+impl LaneSocket {
+    /// The post-copy fetch lane on this socket (inside its TLS session, if it has one).
+    pub fn into_fetch(self) -> std::io::Result<rmig_transport::tcp::fetch::FetchConn> {
+        self.sock.set_nodelay(true)?;
+        Ok(match self.tls {
+            None => rmig_transport::tcp::fetch::FetchConn::plain(self.sock),
+            Some(conn) => rmig_transport::tcp::fetch::FetchConn::tls_server(conn, self.sock),
+        })
+    }
+}
+
 /// Checks a claim: the lane number it proved (bound to its own TLS session when it has one),
 /// or why it is refused.
 fn verdict(claim: &LaneClaim, auth: &SessionAuth) -> Result<u16, String> {

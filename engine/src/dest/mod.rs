@@ -10,6 +10,7 @@ mod lanes;
 mod phase;
 mod postcopy;
 mod sink;
+mod switch;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -212,6 +213,7 @@ impl DestListener {
             lanes,
             more,
             reconnect: self.reconnect(&agreed, slots, rejoins, limits),
+            postcopy: Default::default(),
         };
         let r = session.run(&results, kept, embedder);
         live.abort();
@@ -378,7 +380,11 @@ impl DestListener {
             agreed.transport == TransportKind::Rdma && self.cfg.transport == TransportChoice::Auto;
         let n = agreed.lanes as usize;
         let slots: lanes::Slots = Arc::new(std::sync::Mutex::new(
-            (0..2 * n).map(|i| may_fall_back && i >= n).collect(),
+            // `0..n` rejoin after a reconnect, `n..2n` replace failed RDMA lanes, `2n` is
+            // post-copy's fetch lane (joined once, if the source switches to post-copy).
+            (0..=2 * n)
+                .map(|i| i == 2 * n || (may_fall_back && i >= n))
+                .collect(),
         ));
         let admit = self.rt.spawn(lanes::in_session(
             door,
@@ -417,7 +423,7 @@ async fn live_bytes(sink: Arc<DestSink>, monitor: Arc<Monitor>) {
 }
 
 /// The pause as this end saw it so far: from entering the stop-and-copy round to now.
-fn paused_since_device(monitor: &Monitor) -> Option<Duration> {
+pub(super) fn paused_since_device(monitor: &Monitor) -> Option<Duration> {
     let t = monitor.timeline.lock().unwrap_or_else(|e| e.into_inner());
     let (made, steps) = (&t.0, &t.1);
     let device = steps.iter().find(|(s, _)| *s == MigrationStatus::Device)?.1;
@@ -427,7 +433,11 @@ fn paused_since_device(monitor: &Monitor) -> Option<Duration> {
 /// The guest runs here (`Done` was sent): records the completion and the pause as seen
 /// here, and returns this end's figures for the source.
 fn resumed(monitor: &Monitor, sink: &DestSink, connected: Instant) -> crate::stats::EndFigures {
-    let paused = paused_since_device(monitor).unwrap_or_default();
+    // After post-copy the pause ended at `Resumed`, recorded then.
+    let paused = match monitor.stats().postcopy {
+        Some(_) => Duration::from_secs_f64(monitor.stats().downtime_ms / 1e3),
+        None => paused_since_device(monitor).unwrap_or_default(),
+    };
     let landed = sink.landed.load(std::sync::atomic::Ordering::Relaxed);
     monitor
         .bytes_acked

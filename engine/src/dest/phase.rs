@@ -63,6 +63,18 @@ pub(crate) enum Phase {
     },
     /// Verified and loaded; our guest is paused until the source's `Commit`.
     Ready,
+    /// The source paused for post-copy: the set of pages we lack is arriving in pieces.
+    Switching {
+        /// The round the source starts after the handover.
+        next: u32,
+    },
+    /// Post-copy: our guest runs, and the pages it lacks arrive in rounds (and on request).
+    Postcopy {
+        /// The round the source must start next.
+        next: u32,
+    },
+    /// Post-copy: every page was sent; the source's digests come next.
+    PostcopyVerifying,
     /// Our guest runs.
     Done,
 }
@@ -77,6 +89,9 @@ impl Phase {
             Phase::Device { .. } => "while device state arrives".into(),
             Phase::Verifying { .. } => "while waiting for checksums".into(),
             Phase::Ready => "while ready for the handover".into(),
+            Phase::Switching { .. } => "while the post-copy page set arrives".into(),
+            Phase::Postcopy { next } => format!("in post-copy (next round {next})"),
+            Phase::PostcopyVerifying => "after post-copy, while waiting for digests".into(),
             Phase::Done => "after the handover".into(),
         }
     }
@@ -131,12 +146,25 @@ pub(crate) struct Receiving<'a> {
     pub more: Receiver<(u16, super::lanes::LaneSocket)>,
     /// Taking the source back after a broken control connection.
     pub reconnect: Reconnect,
+    /// Post-copy, when the source switches to it.
+    pub postcopy: super::switch::DestPostcopy,
 }
 
 impl Receiving<'_> {
     /// Serves the session until our guest runs (`Ok`) or it fails. `kept` holds control
     /// messages that arrived while the lanes joined.
     pub fn run(
+        &mut self,
+        results: &Receiver<LaneResult>,
+        kept: Vec<Message>,
+        embedder: &mut dyn DestEmbedder,
+    ) -> Result<(), Failure> {
+        let r = self.serve(results, kept, embedder);
+        self.settle_postcopy(r)
+    }
+
+    /// `run`'s loop.
+    fn serve(
         &mut self,
         results: &Receiver<LaneResult>,
         kept: Vec<Message>,
@@ -180,7 +208,10 @@ impl Receiving<'_> {
                     let Ok(rejoin) = r else { continue };
                     phase = self.source_came_back(phase, rejoin)?;
                 }
-                default(Duration::from_millis(20)) => self.check_cancel()?,
+                default(Duration::from_millis(20)) => {
+                    self.check_cancel()?;
+                    self.check_faults()?;
+                }
             }
         }
     }
@@ -239,7 +270,9 @@ impl Receiving<'_> {
             (Phase::InRound { round, last }, Message::RoundEnd { round: r }) if r == round => {
                 self.close_round(round);
                 let next = round + 1;
-                Ok(if last {
+                Ok(if self.postcopy.resumed() {
+                    Phase::Postcopy { next }
+                } else if last {
                     Phase::Stopped { next }
                 } else {
                     Phase::Between { next }
@@ -259,12 +292,29 @@ impl Receiving<'_> {
                 self.check_digests(&chunks)?;
                 self.get_ready(state, embedder)
             }
+            (Phase::Ready, Message::Commit) if self.postcopy.armed() => {
+                self.resume_postcopy(embedder)
+            }
             (Phase::Ready, Message::Commit) => {
                 embedder
                     .resume()
                     .map_err(|e| (EngineError::Embedder(e), true))?;
                 self.link.send(Message::Done);
                 Ok(Phase::Done)
+            }
+            (Phase::Between { next }, Message::PostcopyPages { runs, last })
+            | (Phase::Switching { next }, Message::PostcopyPages { runs, last }) => {
+                self.postcopy_piece(next, runs, last)
+            }
+            (Phase::Postcopy { next }, Message::RoundStart { round, last: true })
+                if round == next =>
+            {
+                Ok(self.open_round(round, true))
+            }
+            (Phase::Postcopy { .. }, Message::PostcopyEnd) => self.postcopy_end(),
+            (Phase::PostcopyVerifying, Message::Digests { chunks }) => {
+                self.check_digests(&chunks)?;
+                self.finish_postcopy()
             }
             (phase, m) => Err(protocol(format!(
                 "{} is not expected {}",
@@ -384,7 +434,7 @@ impl Receiving<'_> {
     fn open_round(&mut self, round: u32, last: bool) -> Phase {
         self.sink.set_round_open(true);
         self.monitor.round.store(round, Ordering::Relaxed);
-        if last {
+        if last && !self.postcopy.resumed() {
             self.monitor.update(|s| s.status = MigrationStatus::Device);
         }
         Phase::InRound { round, last }
@@ -418,6 +468,11 @@ impl Receiving<'_> {
             )));
         }
         state.extend_from_slice(&data);
+        if last && self.postcopy.armed() {
+            // Post-copy: nothing to compare yet (the pages come after the handover).
+            self.switch_to_postcopy()?;
+            return self.get_ready(state, embedder);
+        }
         match (last, self.verify.is_on()) {
             (false, _) => Ok(Phase::Device { state }),
             (true, true) => Ok(Phase::Verifying { state }),
@@ -440,7 +495,9 @@ impl Receiving<'_> {
     fn check_digests(&mut self, theirs: &[(u32, u64, u64)]) -> Result<(), Failure> {
         let ours = self.sink.hashes.as_ref().expect("verifying");
         let mism = verify::check_touched(ours, theirs, MISMATCHES);
-        if !mism.is_empty() || self.verify != crate::verify::VerifyMode::Memory {
+        // After post-copy our guest runs and writes its memory: only what landed compares.
+        let rehash = self.verify == crate::verify::VerifyMode::Memory && !self.postcopy.resumed();
+        if !mism.is_empty() || !rehash {
             return self.verdict(mism, "we differ from the source in");
         }
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -501,7 +558,15 @@ impl Receiving<'_> {
 
     /// Starts a TCP lane (in its TLS session when encrypted) that replaces the failed RDMA
     /// lanes or rejoins after a reconnect.
-    fn admit(&mut self, lane: u16, sock: super::lanes::LaneSocket) -> Result<(), EngineError> {
+    pub(super) fn admit(
+        &mut self,
+        lane: u16,
+        sock: super::lanes::LaneSocket,
+    ) -> Result<(), EngineError> {
+        if lane == 2 * self.reconnect.lanes {
+            self.postcopy.fetch = Some(sock);
+            return Ok(());
+        }
         let l = sock
             .into_lane(self.sink.map().clone())
             .map_err(|e| EngineError::lane(lane as usize, e))?;
@@ -519,7 +584,9 @@ impl Receiving<'_> {
     }
 
     fn check_cancel(&mut self) -> Result<(), Failure> {
-        if !self.monitor.cancel.is_cancelled() {
+        // Once our guest runs in post-copy there is nothing to go back to: a cancel cannot
+        // be honoured.
+        if !self.monitor.cancel.is_cancelled() || self.postcopy.resumed() {
             return Ok(());
         }
         let reason = self.monitor.cancel.reason();

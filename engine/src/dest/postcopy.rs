@@ -81,15 +81,21 @@ impl Placer {
                 )));
             }
         }
-        let missing: Vec<AtomicBitmap> =
-            map.regions().iter().map(|r| AtomicBitmap::new(r.pages())).collect();
+        let missing: Vec<AtomicBitmap> = map
+            .regions()
+            .iter()
+            .map(|r| AtomicBitmap::new(r.pages()))
+            .collect();
         let mut total = 0;
         for &(region, first, n) in runs {
-            let r = map.get(region as usize).filter(|r| r.contains(first, n)).ok_or_else(|| {
-                EngineError::Protocol(format!(
-                    "PostcopyPages names {n} pages at {first} outside region {region}"
-                ))
-            })?;
+            let r = map
+                .get(region as usize)
+                .filter(|r| r.contains(first, n))
+                .ok_or_else(|| {
+                    EngineError::Protocol(format!(
+                        "PostcopyPages names {n} pages at {first} outside region {region}"
+                    ))
+                })?;
             drop_pages(r, first, n)?;
             missing[region as usize].set_range(first, n);
             total += n;
@@ -99,7 +105,12 @@ impl Placer {
             .non_blocking(true)
             .user_mode_only(false)
             .create()
-            .map_err(|e| uffd_error("cannot create a userfaultfd (root or vm.unprivileged_userfaultfd=1 is needed)", e))?;
+            .map_err(|e| {
+                uffd_error(
+                    "cannot create a userfaultfd (root or vm.unprivileged_userfaultfd=1 is needed)",
+                    e,
+                )
+            })?;
         for r in map.regions() {
             uffd.register(r.as_ptr().cast(), r.len())
                 .map_err(|e| uffd_error("cannot register guest memory", e))?;
@@ -128,7 +139,14 @@ impl Placer {
 
     /// Puts `bytes` (pages `first..first+n` of `region`) in place, page by page where some
     /// are there already; counts what it placed as `how`.
-    pub fn place(&self, region: usize, first: u64, n: u64, bytes: &[u8], how: Arrival) -> Result<(), String> {
+    pub fn place(
+        &self,
+        region: usize,
+        first: u64,
+        n: u64,
+        bytes: &[u8],
+        how: Arrival,
+    ) -> Result<(), String> {
         let r = self.map.get(region).ok_or("unknown region")?;
         assert_eq!(bytes.len() as u64, n * r.page_size() as u64, "whole pages");
         let dst = r.guest_pages(first, n).as_ptr();
@@ -136,7 +154,10 @@ impl Placer {
         // UFFDIO_COPY writes there only where no page is present, atomically per page, so no
         // reader ever sees a partial page and nothing present is overwritten; `bytes` is
         // ordinary memory, only read.
-        let whole = unsafe { self.uffd.copy(bytes.as_ptr().cast(), dst.cast(), bytes.len(), true) };
+        let whole = unsafe {
+            self.uffd
+                .copy(bytes.as_ptr().cast(), dst.cast(), bytes.len(), true)
+        };
         if whole.is_ok() {
             self.landed(region, first, n, how);
             return Ok(());
@@ -229,7 +250,8 @@ impl Placer {
     fn locate(&self, addr: usize) -> Option<(usize, u64)> {
         self.map.regions().iter().enumerate().find_map(|(i, r)| {
             let start = r.as_ptr() as usize;
-            (addr >= start && addr < start + r.len()).then(|| (i, ((addr - start) / r.page_size()) as u64))
+            (addr >= start && addr < start + r.len())
+                .then(|| (i, ((addr - start) / r.page_size()) as u64))
         })
     }
 }
@@ -247,7 +269,10 @@ fn drop_pages(r: &MemRegion, first: u64, n: u64) -> Result<(), EngineError> {
     if rc != 0 {
         return Err(EngineError::io(
             std::io::Error::last_os_error().kind(),
-            format!("post-copy: madvise(MADV_DONTNEED): {}", std::io::Error::last_os_error()),
+            format!(
+                "post-copy: madvise(MADV_DONTNEED): {}",
+                std::io::Error::last_os_error()
+            ),
         ));
     }
     let mut resident = vec![0u8; n as usize];
@@ -284,13 +309,22 @@ const POLL_MS: i32 = 20;
 impl FaultThread {
     /// Starts serving faults on `placer`'s memory, fetching missing pages with `client` and
     /// handing what lands to `sink` (hashes, counters).
-    pub fn start(placer: Arc<Placer>, client: FetchClient, sink: Arc<DestSink>) -> std::io::Result<Self> {
+    pub fn start(
+        placer: Arc<Placer>,
+        client: FetchClient,
+        sink: Arc<DestSink>,
+    ) -> std::io::Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
         let s = stop.clone();
         let join = std::thread::Builder::new()
             .name("rmig-faults".into())
             .spawn(move || serve_faults(&placer, client, &sink, &s))?;
         Ok(FaultThread { stop, join })
+    }
+
+    /// Whether the thread ended on its own (its fetch lane failed).
+    pub fn is_finished(&self) -> bool {
+        self.join.is_finished()
     }
 
     /// Stops the thread (it closes the fetch lane) and returns its figures.
@@ -309,7 +343,12 @@ struct Waiting {
 
 /// The fault thread's loop: waits for fault reports, resolves what it can at once, fetches
 /// the rest (every report gathered so far in one go) and places the answers.
-fn serve_faults(placer: &Placer, mut client: FetchClient, sink: &DestSink, stop: &AtomicBool) -> FaultFigures {
+fn serve_faults(
+    placer: &Placer,
+    mut client: FetchClient,
+    sink: &DestSink,
+    stop: &AtomicBool,
+) -> FaultFigures {
     let mut figures = FaultFigures::default();
     let mut waiting: Vec<Waiting> = Vec::new();
     let mut buf = Vec::new();
@@ -324,7 +363,14 @@ fn serve_faults(placer: &Placer, mut client: FetchClient, sink: &DestSink, stop:
         if waiting.is_empty() {
             continue;
         }
-        if let Err(e) = fetch(placer, &mut client, sink, &mut waiting, &mut buf, &mut figures) {
+        if let Err(e) = fetch(
+            placer,
+            &mut client,
+            sink,
+            &mut waiting,
+            &mut buf,
+            &mut figures,
+        ) {
             figures.error = Some(e);
             break;
         }
@@ -335,7 +381,11 @@ fn serve_faults(placer: &Placer, mut client: FetchClient, sink: &DestSink, stop:
 
 /// Whether `fd` became readable within the poll period.
 fn wait_readable(fd: i32) -> bool {
-    let mut p = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+    let mut p = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
     // SAFETY: one valid pollfd, for the duration of the call.
     let n = unsafe { libc::poll(&mut p, 1, POLL_MS) };
     n > 0 && p.revents & libc::POLLIN != 0
@@ -350,11 +400,19 @@ fn gather(placer: &Placer, waiting: &mut Vec<Waiting>) -> Result<(), String> {
             Ok(None) => return Ok(()),
             Err(e) => return Err(format!("reading fault reports: {e}")),
         };
-        let Event::Pagefault { addr, .. } = ev else { continue };
-        let Some((region, page)) = placer.locate(addr as usize) else { continue };
+        let Event::Pagefault { addr, .. } = ev else {
+            continue;
+        };
+        let Some((region, page)) = placer.locate(addr as usize) else {
+            continue;
+        };
         if placer.is_missing(region, page) {
             if !waiting.iter().any(|w| w.region == region && w.page == page) {
-                waiting.push(Waiting { region, page, since: Instant::now() });
+                waiting.push(Waiting {
+                    region,
+                    page,
+                    since: Instant::now(),
+                });
             }
             continue;
         }
@@ -377,15 +435,21 @@ fn fetch(
     buf: &mut Vec<u8>,
     figures: &mut FaultFigures,
 ) -> Result<(), String> {
-    let asked: Vec<Waiting> = waiting.drain(..).collect();
+    let asked = std::mem::take(waiting);
     let mut sent = Vec::new();
     for w in asked {
         if !placer.is_missing(w.region, w.page) {
             let r = placer.map.get(w.region).expect("located");
-            let _ = placer.uffd.wake(r.guest_pages(w.page, 1).as_ptr().cast(), r.page_size());
+            let _ = placer
+                .uffd
+                .wake(r.guest_pages(w.page, 1).as_ptr().cast(), r.page_size());
             continue;
         }
-        let f = Fetch { region: w.region as u32, first_page: w.page, pages: 1 };
+        let f = Fetch {
+            region: w.region as u32,
+            first_page: w.page,
+            pages: 1,
+        };
         client.request(&f).map_err(|e| format!("fetch lane: {e}"))?;
         sent.push(w);
     }
@@ -399,7 +463,9 @@ fn fetch(
         }
         placer.place(w.region, w.page, 1, buf, Arrival::Fetched)?;
         sink.data_landed_from(w.region, w.page, 1, buf);
-        figures.latencies_us.push(w.since.elapsed().as_secs_f64() * 1e6);
+        figures
+            .latencies_us
+            .push(w.since.elapsed().as_secs_f64() * 1e6);
     }
     Ok(())
 }

@@ -214,7 +214,13 @@ impl PageSink for DestSink {
 
     fn place(&self, region: usize, first: u64, n: u64, bytes: &[u8]) -> Result<(), String> {
         let placer = self.placer.get().ok_or("not in post-copy")?;
-        placer.place(region, first, n, bytes, super::postcopy::Arrival::Background)
+        placer.place(
+            region,
+            first,
+            n,
+            bytes,
+            super::postcopy::Arrival::Background,
+        )
     }
 
     fn data_landed(&self, region: usize, first: u64, n: u64) {

@@ -5,8 +5,8 @@ use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::time::Duration;
 
-use rmig_transport::tcp::fetch::FetchConn;
 use rmig_transport::rdma::{LocalMemory, RdmaDevice, RdmaSourceLane};
+use rmig_transport::tcp::fetch::FetchConn;
 use rmig_transport::tcp::TcpSourceLane;
 use rmig_transport::{MemoryMap, Pacer, SourceLane};
 
@@ -150,6 +150,8 @@ fn claim_lane(
 /// The post-copy fetch lane on a joined socket (inside its TLS session when encrypted).
 pub(crate) fn fetch_conn(s: JoinedLane) -> Result<FetchConn, EngineError> {
     s.sock.set_read_timeout(None)?;
+    // One small answer per request: Nagle would hold each for the peer's delayed ack.
+    s.sock.set_nodelay(true)?;
     Ok(match s.tls {
         None => FetchConn::plain(s.sock),
         Some(conn) => FetchConn::tls_client(conn, s.sock),

@@ -380,7 +380,10 @@ impl SourceSession {
         self.committed = true;
         let wait = self.cfg.liveness.peer_timeout * 2;
         let name = answer.name();
-        match self.link.expect(wait, name, |m| if m == answer { Ok(()) } else { Err(m) }) {
+        match self
+            .link
+            .expect(wait, name, |m| if m == answer { Ok(()) } else { Err(m) })
+        {
             Ok(()) => Ok(()),
             Err(e @ (EngineError::PeerError(_) | EngineError::PeerCancelled(_))) => {
                 // The destination said it will not run the guest: it is ours again.

@@ -53,7 +53,11 @@ impl FetchServer {
 
 /// Serves fetches from the paused guest's memory: each answer's pages leave the background
 /// set and get their hashes (when verifying) before they go out.
-fn serve(mut conn: fetch::FetchConn, shared: Arc<Shared>, served: Arc<AtomicU64>) -> Result<u64, String> {
+fn serve(
+    mut conn: fetch::FetchConn,
+    shared: Arc<Shared>,
+    served: Arc<AtomicU64>,
+) -> Result<u64, String> {
     let map = shared.map.clone();
     let r = fetch::serve(&mut conn, &map, &mut |f: &Fetch, bytes: &[u8]| {
         let (region, first, n) = (f.region as usize, f.first_page, f.pages as u64);
@@ -84,7 +88,11 @@ impl SourceSession {
         let join = std::thread::Builder::new()
             .name("rmig-fetch".into())
             .spawn(move || serve(conn, shared, s))?;
-        Ok(FetchServer { served, join, shutdown })
+        Ok(FetchServer {
+            served,
+            join,
+            shutdown,
+        })
     }
 
     /// Post-copy's `complete`: the pause hands the guest over at once, then every page it
@@ -123,7 +131,12 @@ impl SourceSession {
     /// After `Resumed`: sends the rest in the background until every page is confirmed,
     /// then says so and waits for the destination's `Done` (its verdict first, when
     /// verifying).
-    fn finish_postcopy(&mut self, server: &FetchServer, at_switch: u64, resumed: Instant) -> Result<Option<bool>, EngineError> {
+    fn finish_postcopy(
+        &mut self,
+        server: &FetchServer,
+        at_switch: u64,
+        resumed: Instant,
+    ) -> Result<Option<bool>, EngineError> {
         loop {
             self.run_round(true)?;
             self.round += 1;
@@ -185,7 +198,10 @@ impl SourceSession {
         }
         let mut pieces = runs.chunks(MAX_POSTCOPY_RUNS).peekable();
         if pieces.peek().is_none() {
-            self.link.send(Message::PostcopyPages { runs: Vec::new(), last: true });
+            self.link.send(Message::PostcopyPages {
+                runs: Vec::new(),
+                last: true,
+            });
         }
         while let Some(p) = pieces.next() {
             self.link.send(Message::PostcopyPages {

@@ -7,7 +7,7 @@ use proptest::collection::vec;
 use proptest::prelude::*;
 use proptest::sample::SizeRange;
 use rmig_engine::protocol::codec::{
-    MAX_DEVICE_PIECE, MAX_KINDS, MAX_MISMATCHES, MAX_NAME, MAX_REGIONS, MAX_TEXT,
+    MAX_DEVICE_PIECE, MAX_KINDS, MAX_MISMATCHES, MAX_NAME, MAX_POSTCOPY_RUNS, MAX_REGIONS, MAX_TEXT,
 };
 use rmig_engine::protocol::{Message, TransportKind};
 use rmig_engine::region::RegionDesc;
@@ -142,6 +142,8 @@ fn fixed() -> impl Strategy<Value = Message> {
             Just(Message::Commit),
             Just(Message::Done),
             Just(Message::Heartbeat),
+            Just(Message::Resumed),
+            Just(Message::PostcopyEnd),
         ],
     ]
 }
@@ -173,6 +175,11 @@ fn sized() -> impl Strategy<Value = Message> {
         text(MAX_TEXT).prop_map(|reason| Message::Cancel { reason }),
         text(MAX_TEXT).prop_map(|message| Message::Error { message }),
         figures(),
+        (
+            cheap(MAX_POSTCOPY_RUNS, |w| (w as u32, w >> 3, w.rotate_left(17))),
+            any::<bool>()
+        )
+            .prop_map(|(runs, last)| Message::PostcopyPages { runs, last }),
     ]
 }
 

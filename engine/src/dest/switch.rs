@@ -1,0 +1,245 @@
+//! The destination's post-copy phases: taking the page set in the pause, resuming the guest
+//! with those pages missing, and ending once every one of them has landed.
+//!
+//! The session's phase machine (`phase.rs`) routes the post-copy messages here; the
+//! userfaultfd side (dropping pages, placing them, serving the guest's faults) is in
+//! `postcopy.rs`.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rmig_transport::tcp::fetch::FetchClient;
+
+use super::phase::{Failure, Phase, Receiving};
+use super::postcopy::{percentiles, FaultThread, Placer};
+use crate::embedder::DestEmbedder;
+use crate::protocol::Message;
+use crate::stats::{MigrationStatus, PostcopyReport};
+use crate::EngineError;
+
+/// Post-copy's state on the destination.
+#[derive(Default)]
+pub(crate) struct DestPostcopy {
+    /// The pages the source still holds (region, first, pages), as they arrive.
+    runs: Vec<(u32, u64, u64)>,
+    /// All of `PostcopyPages` arrived: the handover will resume the guest with them missing.
+    armed: bool,
+    /// The fetch lane, once the source joined it.
+    pub fetch: Option<super::lanes::LaneSocket>,
+    /// Guest memory under userfaultfd, after the switch.
+    placer: Option<Arc<Placer>>,
+    /// The thread that serves the guest's faults.
+    faults: Option<FaultThread>,
+    /// When our guest resumed.
+    resumed_at: Option<Instant>,
+    /// The round the source starts after the handover.
+    next: u32,
+}
+
+impl DestPostcopy {
+    /// Whether the source switched to post-copy (the page set arrived).
+    pub fn armed(&self) -> bool {
+        self.armed
+    }
+
+    /// Whether our guest runs with pages still on the source.
+    pub fn resumed(&self) -> bool {
+        self.resumed_at.is_some()
+    }
+}
+
+/// How long the fetch lane may take to join after the page set arrived (the source joins
+/// it before it pauses, so it is normally here already).
+const FETCH_JOINS_WITHIN: Duration = Duration::from_secs(10);
+
+impl Receiving<'_> {
+    /// A piece of the page set; the last one arms the switch (the device state follows).
+    pub(super) fn postcopy_piece(
+        &mut self,
+        next: u32,
+        runs: Vec<(u32, u64, u64)>,
+        last: bool,
+    ) -> Result<Phase, Failure> {
+        let pages: u64 = self.sink.map().regions().iter().map(|r| r.pages()).sum();
+        if (self.postcopy.runs.len() + runs.len()) as u64 > pages {
+            return Err((
+                EngineError::Protocol("PostcopyPages lists more runs than we have pages".into()),
+                true,
+            ));
+        }
+        self.monitor.update(|s| s.status = MigrationStatus::Device);
+        self.postcopy.runs.extend(runs);
+        if !last {
+            return Ok(Phase::Switching { next });
+        }
+        self.postcopy.armed = true;
+        self.postcopy.next = next;
+        Ok(Phase::Stopped { next })
+    }
+
+    /// In the pause, before `Ready`: drops the pages the source still holds, puts guest
+    /// memory under userfaultfd and starts serving faults on the fetch lane. A failure here
+    /// is an ordinary one: the source resumes its guest.
+    pub(super) fn switch_to_postcopy(&mut self) -> Result<(), Failure> {
+        let sock = self.await_fetch_lane().map_err(|e| (e, true))?;
+        let runs = std::mem::take(&mut self.postcopy.runs);
+        let placer = Arc::new(Placer::switch(self.sink.map(), &runs).map_err(|e| (e, true))?);
+        let conn = sock
+            .into_fetch()
+            .map_err(|e| (EngineError::from(e), true))?;
+        let client = FetchClient::new(conn, self.sink.map().clone());
+        let _ = self.sink.placer.set(placer.clone());
+        let faults = FaultThread::start(placer.clone(), client, self.sink.clone())
+            .map_err(|e| (EngineError::from(e), true))?;
+        self.postcopy.placer = Some(placer);
+        self.postcopy.faults = Some(faults);
+        Ok(())
+    }
+
+    /// Waits for the fetch lane (admitting any other lane that comes meanwhile).
+    fn await_fetch_lane(&mut self) -> Result<super::lanes::LaneSocket, EngineError> {
+        let deadline = Instant::now() + FETCH_JOINS_WITHIN;
+        while self.postcopy.fetch.is_none() {
+            match self.more.recv_deadline(deadline) {
+                Ok((lane, sock)) => self.admit(lane, sock)?,
+                Err(_) => {
+                    return Err(EngineError::Protocol(
+                        "the source switched to post-copy without its fetch lane".into(),
+                    ))
+                }
+            }
+        }
+        Ok(self.postcopy.fetch.take().expect("joined"))
+    }
+
+    /// `Commit` in post-copy: resumes our guest with pages missing and says `Resumed`; from
+    /// here on the guest's memory is split between the hosts.
+    pub(super) fn resume_postcopy(
+        &mut self,
+        embedder: &mut dyn DestEmbedder,
+    ) -> Result<Phase, Failure> {
+        embedder
+            .resume()
+            .map_err(|e| (EngineError::Embedder(e), true))?;
+        self.link.send(Message::Resumed);
+        self.postcopy.resumed_at = Some(Instant::now());
+        let paused = super::paused_since_device(self.monitor).unwrap_or_default();
+        let at_switch = self.postcopy.placer.as_ref().map_or(0, |p| p.at_switch);
+        self.monitor.update(|s| {
+            s.status = MigrationStatus::Postcopy;
+            s.downtime_ms = paused.as_secs_f64() * 1e3;
+            s.postcopy = Some(PostcopyReport {
+                pages_at_switch: at_switch,
+                ..Default::default()
+            });
+        });
+        Ok(Phase::Postcopy {
+            next: self.postcopy.next,
+        })
+    }
+
+    /// `PostcopyEnd`: waits (bounded) for the answers still in flight, then compares (when
+    /// verifying) or finishes.
+    pub(super) fn postcopy_end(&mut self) -> Result<Phase, Failure> {
+        let placer = self.postcopy.placer.clone().expect("switched");
+        let wait = self.reconnect.liveness.peer_timeout * 2;
+        let left = placer.wait_all_landed(wait);
+        if left > 0 {
+            return Err((
+                EngineError::Protocol(format!(
+                    "the source says every page was sent, but {left} pages are still missing \
+                     after {} ms",
+                    wait.as_millis()
+                )),
+                true,
+            ));
+        }
+        if self.verify.is_on() {
+            return Ok(Phase::PostcopyVerifying);
+        }
+        self.finish_postcopy()
+    }
+
+    /// Every page is here (and matched, when verifying): stops the fault thread, records the
+    /// phase's figures and says `Done`.
+    pub(super) fn finish_postcopy(&mut self) -> Result<Phase, Failure> {
+        let figures = self
+            .postcopy
+            .faults
+            .take()
+            .map(FaultThread::finish)
+            .unwrap_or_default();
+        let placer = self.postcopy.placer.clone().expect("switched");
+        let mut lat = figures.latencies_us;
+        let (p50, p99, max) = percentiles(&mut lat);
+        let duration = self
+            .postcopy
+            .resumed_at
+            .map_or(0.0, |t| t.elapsed().as_secs_f64() * 1e3);
+        self.monitor.update(|s| {
+            s.postcopy = Some(PostcopyReport {
+                duration_ms: duration,
+                pages_at_switch: placer.at_switch,
+                pages_on_fault: placer.on_fault.load(std::sync::atomic::Ordering::Relaxed),
+                pages_background: placer.background.load(std::sync::atomic::Ordering::Relaxed),
+                faults: lat.len() as u64,
+                fault_p50_us: p50,
+                fault_p99_us: p99,
+                fault_max_us: max,
+            })
+        });
+        self.link.send(Message::Done);
+        Ok(Phase::Done)
+    }
+
+    /// A fault thread that ended on its own lost the fetch lane: the guest's faults would
+    /// wait forever.
+    pub(super) fn check_faults(&mut self) -> Result<(), Failure> {
+        let ended = self
+            .postcopy
+            .faults
+            .as_ref()
+            .is_some_and(FaultThread::is_finished);
+        if !ended {
+            return Ok(());
+        }
+        let figures = self
+            .postcopy
+            .faults
+            .take()
+            .map(FaultThread::finish)
+            .unwrap_or_default();
+        Err((
+            EngineError::GuestLost(format!(
+                "the fetch lane failed: {}",
+                figures.error.unwrap_or_else(|| "it ended".into())
+            )),
+            true,
+        ))
+    }
+
+    /// The session's end after a switch to post-copy: a failure once our guest ran is
+    /// `guest-lost` (the pages it lacks are on a source we lost), and its faulting threads
+    /// stay blocked for good.
+    pub(super) fn settle_postcopy(&mut self, r: Result<(), Failure>) -> Result<(), Failure> {
+        let Err((e, tell)) = r else { return Ok(()) };
+        if !self.postcopy.resumed() {
+            return Err((e, tell));
+        }
+        if let Some(p) = &self.postcopy.placer {
+            p.keep_blocked();
+        }
+        if let Some(f) = self.postcopy.faults.take() {
+            f.finish();
+        }
+        let left = self.postcopy.placer.as_ref().map_or(0, |p| p.left());
+        let e = match e {
+            e @ EngineError::GuestLost(_) => e,
+            e => EngineError::GuestLost(format!(
+                "post-copy broke with {left} pages still on the source ({e}); the guest's \
+                 threads that touch them stay blocked"
+            )),
+        };
+        Err((e, tell))
+    }
+}

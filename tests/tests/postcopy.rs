@@ -1,0 +1,176 @@
+//! Post-copy: a guest that dirties memory faster than the wire moves it still migrates. The
+//! destination's guest runs before every page arrived, reads the source's bytes on every page
+//! it touches (fetched on fault), and at the end the destination's memory equals the source's
+//! as it was at the pause; the source never resumes its copy. A link lost after the switch
+//! loses the guest at both ends, and nothing claims success.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rmig_engine::protocol::codec::tag;
+use rmig_engine::{
+    DestEmbedder, EngineError, MigrationStatus, Postcopy, SharedDirtyLog, VerifyMode,
+};
+use rmig_tests::proxy::{Break, Proxy, Trigger};
+use rmig_tests::{assert_same, Deadline, Mem, Rng, Setup, Writer};
+
+const LEN: usize = 32 << 20;
+const HOT: u64 = 2048; // 8 MiB rewritten all the time
+
+/// A page the destination's guest read, and the bytes it saw.
+type PageRead = (u64, Vec<u8>);
+
+/// A destination guest: once resumed, a thread reads `reads` pages of the hot set in random
+/// order, as a guest would, and keeps each page's bytes for the test to compare.
+#[derive(Clone)]
+struct ReadingGuest {
+    addr: usize,
+    reads: u64,
+    seen: Arc<Mutex<Vec<PageRead>>>,
+    done: Arc<AtomicBool>,
+    resumed: Arc<AtomicU64>,
+}
+
+impl ReadingGuest {
+    fn new(mem: &Mem, reads: u64) -> Self {
+        ReadingGuest {
+            addr: mem.ptr() as usize,
+            reads,
+            seen: Arc::default(),
+            done: Arc::default(),
+            resumed: Arc::default(),
+        }
+    }
+}
+
+impl DestEmbedder for ReadingGuest {
+    fn load_device_state(&mut self, _s: Vec<u8>) -> Result<(), String> {
+        Ok(())
+    }
+
+    fn resume(&mut self) -> Result<(), String> {
+        self.resumed.fetch_add(1, Ordering::Relaxed);
+        let g = self.clone();
+        std::thread::spawn(move || {
+            let mut r = Rng(99);
+            for _ in 0..g.reads {
+                let page = r.next_u64() % HOT;
+                let mut bytes = vec![0u8; 4096];
+                for (i, b) in bytes.iter_mut().enumerate() {
+                    // SAFETY: inside the destination's memory, which the test keeps mapped;
+                    // a missing page makes this read wait for the fault thread.
+                    *b = unsafe {
+                        std::ptr::read_volatile((g.addr + page as usize * 4096 + i) as *const u8)
+                    };
+                }
+                g.seen.lock().unwrap().push((page, bytes));
+            }
+            g.done.store(true, Ordering::Release);
+        });
+        Ok(())
+    }
+}
+
+/// A source whose writer rewrites 8 MiB about four times faster than its 20 MB/s ceiling,
+/// with post-copy after two rounds.
+fn outrun(src: &Mem, dst: &Mem) -> (Setup, Writer) {
+    let log = SharedDirtyLog::new(&[(LEN / 4096) as u64]);
+    let writer = Writer::start(src, log.clone(), HOT, 20);
+    let mut setup = Setup::new(src, dst, LEN);
+    setup.dirty = Box::new(log);
+    setup.embedder = writer.embedder(b"device".to_vec());
+    setup.src.max_bandwidth = 20_000_000;
+    setup.src.policy.downtime_limit = Duration::from_millis(20);
+    setup.src.policy.auto_converge = false;
+    setup.src.policy.postcopy = Postcopy::AfterRounds(2);
+    setup.src.verify = VerifyMode::Received;
+    (setup, writer)
+}
+
+#[test]
+fn a_guest_that_outruns_its_link_moves_with_postcopy_and_reads_the_source_bytes() {
+    let _deadline = Deadline::secs(60);
+    let src = Mem::random(LEN, 0.2, 1);
+    let dst = Mem::new(LEN);
+    let guest = ReadingGuest::new(&dst, 400);
+    let (mut setup, mut writer) = outrun(&src, &dst);
+    setup.dest_guest = Some(Box::new(guest.clone()));
+    let (s, d) = setup.run();
+    let s = s.expect("source");
+    let d = d.expect("destination");
+    assert!(writer.is_paused(), "the source's guest stays paused");
+    assert_eq!(
+        writer.resumed.load(Ordering::Relaxed),
+        0,
+        "the source never resumes"
+    );
+    writer.stop();
+    assert_eq!(s.status, MigrationStatus::Completed);
+    assert_eq!(s.verified, Some(true));
+    assert_eq!(d.stats.verified, Some(true));
+    let pc = d
+        .stats
+        .postcopy
+        .clone()
+        .expect("the destination ran post-copy");
+    assert!(
+        pc.pages_at_switch > 0,
+        "pages were left for post-copy: {pc:?}"
+    );
+    assert_eq!(
+        pc.pages_on_fault + pc.pages_background,
+        pc.pages_at_switch,
+        "every page left at the switch landed exactly once: {pc:?}"
+    );
+    eprintln!(
+        "dest {pc:?}\nsource {:?} downtime {} / {}",
+        s.postcopy, s.downtime_ms, d.stats.downtime_ms
+    );
+    assert!(s.postcopy.is_some(), "the source reports post-copy too");
+    assert_eq!(guest.resumed.load(Ordering::Relaxed), 1);
+    // The destination's guest ran before all its memory was there, and read what the
+    // source held at the pause on every page it touched.
+    while !guest.done.load(Ordering::Acquire) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    for (page, bytes) in guest.seen.lock().unwrap().iter() {
+        let p = *page as usize * 4096;
+        assert!(
+            bytes[..] == src.bytes()[p..p + 4096],
+            "page {page} read wrong bytes"
+        );
+    }
+    assert_same(src.bytes(), dst.bytes());
+}
+
+#[test]
+fn a_link_lost_after_the_switch_loses_the_guest_at_both_ends() {
+    let _deadline = Deadline::secs(60);
+    let src = Mem::random(LEN, 0.2, 2);
+    let dst = Mem::new(LEN);
+    let guest = ReadingGuest::new(&dst, 400);
+    let (mut setup, mut writer) = outrun(&src, &dst);
+    setup.dest_guest = Some(Box::new(guest.clone()));
+    // Everything is cut once `Resumed` reached the source: the guest runs on the destination
+    // with pages that will never come.
+    let trigger = Trigger::Frame {
+        to_dest: false,
+        tag: tag::RESUMED,
+        nth: 1,
+    };
+    let (s, d) = setup.run_via(|a| Proxy::start(a, trigger, Break::Cut));
+    let se = s.expect_err("the source cannot succeed");
+    let de = d.expect_err("the destination cannot succeed");
+    assert!(matches!(se, EngineError::GuestLost(_)), "source: {se}");
+    assert!(matches!(de, EngineError::GuestLost(_)), "destination: {de}");
+    assert_eq!(
+        writer.resumed.load(Ordering::Relaxed),
+        0,
+        "the source never resumes"
+    );
+    writer.stop();
+    // The destination's guest thread waits for pages that will not come: its memory stays
+    // mapped (and its userfaultfd open) for the rest of the process.
+    std::mem::forget(dst);
+}
