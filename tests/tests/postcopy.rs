@@ -152,8 +152,11 @@ fn a_link_lost_after_the_switch_loses_the_guest_at_both_ends() {
     let guest = ReadingGuest::new(&dst, 400);
     let (mut setup, mut writer) = outrun(&src, &dst);
     setup.dest_guest = Some(Box::new(guest.clone()));
-    // Everything is cut once `Resumed` reached the source: the guest runs on the destination
-    // with pages that will never come.
+    // Everything is cut once `Resumed` reached the source, for good: the guest runs on the
+    // destination with pages that will never come. Both ends wait out their reconnect window
+    // (1 s here) before they say so.
+    setup.src.reconnect_window = Duration::from_secs(1);
+    setup.dst.reconnect_window = Duration::from_secs(1);
     let trigger = Trigger::Frame {
         to_dest: false,
         tag: tag::RESUMED,
@@ -173,4 +176,41 @@ fn a_link_lost_after_the_switch_loses_the_guest_at_both_ends() {
     // The destination's guest thread waits for pages that will not come: its memory stays
     // mapped (and its userfaultfd open) for the rest of the process.
     std::mem::forget(dst);
+}
+
+#[test]
+fn a_two_second_outage_during_postcopy_is_ridden_out_and_verifies() {
+    let _deadline = Deadline::secs(90);
+    let src = Mem::random(LEN, 0.2, 3);
+    let dst = Mem::new(LEN);
+    let guest = ReadingGuest::new(&dst, 400);
+    let (mut setup, mut writer) = outrun(&src, &dst);
+    setup.dest_guest = Some(Box::new(guest.clone()));
+    // Nothing moves for 2 s once `Resumed` reached the source, then every connection that
+    // was open is reset: the source reconnects (control, lanes, fetch lane) and goes on; the
+    // destination's faults wait meanwhile.
+    let trigger = Trigger::Frame {
+        to_dest: false,
+        tag: tag::RESUMED,
+        nth: 1,
+    };
+    let outage = Break::Outage(Duration::from_secs(2));
+    let (s, d) = setup.run_via(|a| Proxy::start(a, trigger, outage));
+    let s = s.expect("source");
+    let d = d.expect("destination");
+    assert_eq!(writer.resumed.load(Ordering::Relaxed), 0, "the source never resumes");
+    writer.stop();
+    assert_eq!(s.status, MigrationStatus::Completed);
+    assert!(s.reconnects >= 1, "the source reconnected: {}", s.reconnects);
+    assert_eq!(d.stats.verified, Some(true));
+    let pc = d.stats.postcopy.clone().expect("post-copy");
+    assert!(pc.duration_ms >= 2000.0, "the outage was inside post-copy: {pc:?}");
+    while !guest.done.load(Ordering::Acquire) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    for (page, bytes) in guest.seen.lock().unwrap().iter() {
+        let p = *page as usize * 4096;
+        assert!(bytes[..] == src.bytes()[p..p + 4096], "page {page} read wrong bytes");
+    }
+    assert_same(src.bytes(), dst.bytes());
 }

@@ -233,7 +233,7 @@ impl Receiving<'_> {
                 Err(
                     e @ (EngineError::PeerClosed | EngineError::PeerSilent(_) | EngineError::Io(_)),
                 ),
-                Phase::Between { .. } | Phase::InRound { .. },
+                Phase::Between { .. } | Phase::InRound { .. } | Phase::Postcopy { .. },
             ) if !self.reconnect.window.is_zero() => self.await_source(phase, e),
             (
                 Err(
@@ -340,7 +340,7 @@ impl Receiving<'_> {
                     }
                     self.reconnect.last_attempt = Some(attempt);
                     if self.take_back(stream, attempt, next, binding.as_ref()) {
-                        return Ok(Phase::Between { next });
+                        return Ok(self.going_on(next));
                     }
                 }
                 default(Duration::from_millis(50)) => {
@@ -367,7 +367,10 @@ impl Receiving<'_> {
         phase: Phase,
         (stream, attempt, binding): super::lanes::Rejoin,
     ) -> Result<Phase, Failure> {
-        let pre_copy = matches!(phase, Phase::Between { .. } | Phase::InRound { .. });
+        let pre_copy = matches!(
+            phase,
+            Phase::Between { .. } | Phase::InRound { .. } | Phase::Postcopy { .. }
+        );
         let fresh = self.reconnect.last_attempt.is_none_or(|a| attempt > a);
         if !pre_copy || self.reconnect.window.is_zero() || !fresh {
             return Ok(phase); // dropped: the source's attempt fails and it gives up in time
@@ -375,10 +378,10 @@ impl Receiving<'_> {
         self.reconnect.last_attempt = Some(attempt);
         let next = self.abandon(phase);
         if self.take_back(stream, attempt, next, binding.as_ref()) {
-            Ok(Phase::Between { next })
+            Ok(self.going_on(next))
         } else {
             self.await_source(
-                Phase::Between { next },
+                self.going_on(next),
                 EngineError::io(
                     std::io::ErrorKind::BrokenPipe,
                     "the reconnect's answer could not be sent",
@@ -393,9 +396,18 @@ impl Receiving<'_> {
         self.sink.set_round_open(false);
         self.lanes.stop();
         match phase {
-            Phase::Between { next } => next,
+            Phase::Between { next } | Phase::Postcopy { next } => next,
             Phase::InRound { round, .. } => round + 1,
-            _ => unreachable!("only pre-copy phases reconnect"),
+            _ => unreachable!("only the phases with rounds reconnect"),
+        }
+    }
+
+    /// The phase a session goes on in after a reconnect, with round `next`.
+    fn going_on(&self, next: u32) -> Phase {
+        if self.postcopy.resumed() {
+            Phase::Postcopy { next }
+        } else {
+            Phase::Between { next }
         }
     }
 
@@ -424,6 +436,12 @@ impl Receiving<'_> {
             let mut slots = rc.slots.lock().unwrap_or_else(|e| e.into_inner());
             for s in slots.iter_mut().take(rc.lanes as usize) {
                 *s = true;
+            }
+            if self.postcopy.resumed() {
+                // The fetch lane joins again too.
+                if let Some(s) = slots.get_mut(2 * rc.lanes as usize) {
+                    *s = true;
+                }
             }
         }
         *self.link = ControlLink::start(&rc.rt, stream, rc.liveness, rc.limits);
@@ -564,8 +582,7 @@ impl Receiving<'_> {
         sock: super::lanes::LaneSocket,
     ) -> Result<(), EngineError> {
         if lane == 2 * self.reconnect.lanes {
-            self.postcopy.fetch = Some(sock);
-            return Ok(());
+            return self.fetch_lane_joined(sock);
         }
         let l = sock
             .into_lane(self.sink.map().clone())

@@ -300,6 +300,8 @@ pub(crate) struct FaultFigures {
 /// The thread that serves the guest's faults.
 pub(crate) struct FaultThread {
     stop: Arc<AtomicBool>,
+    /// A new fetch lane after a reconnect.
+    replace: crossbeam_channel::Sender<FetchClient>,
     join: std::thread::JoinHandle<FaultFigures>,
 }
 
@@ -315,14 +317,24 @@ impl FaultThread {
         sink: Arc<DestSink>,
     ) -> std::io::Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
+        let (replace, replacements) = crossbeam_channel::bounded(1);
         let s = stop.clone();
         let join = std::thread::Builder::new()
             .name("rmig-faults".into())
-            .spawn(move || serve_faults(&placer, client, &sink, &s))?;
-        Ok(FaultThread { stop, join })
+            .spawn(move || serve_faults(&placer, client, &replacements, &sink, &s))?;
+        Ok(FaultThread {
+            stop,
+            replace,
+            join,
+        })
     }
 
-    /// Whether the thread ended on its own (its fetch lane failed).
+    /// Hands the thread the fetch lane that joined again after a reconnect.
+    pub fn replace_lane(&self, client: FetchClient) {
+        let _ = self.replace.try_send(client);
+    }
+
+    /// Whether the thread ended on its own (it could not read fault reports).
     pub fn is_finished(&self) -> bool {
         self.join.is_finished()
     }
@@ -342,40 +354,42 @@ struct Waiting {
 }
 
 /// The fault thread's loop: waits for fault reports, resolves what it can at once, fetches
-/// the rest (every report gathered so far in one go) and places the answers.
+/// the rest (every report gathered so far in one go) and places the answers. When the fetch
+/// lane breaks, the faults wait (the guest's threads that touch missing pages stay blocked,
+/// the others run on) until the session hands over a new lane after a reconnect; the session
+/// decides when to give up.
 fn serve_faults(
     placer: &Placer,
-    mut client: FetchClient,
+    client: FetchClient,
+    replacements: &crossbeam_channel::Receiver<FetchClient>,
     sink: &DestSink,
     stop: &AtomicBool,
 ) -> FaultFigures {
     let mut figures = FaultFigures::default();
     let mut waiting: Vec<Waiting> = Vec::new();
     let mut buf = Vec::new();
+    let mut lane = Some(client);
     while !stop.load(Ordering::Acquire) {
-        if !wait_readable(placer.uffd.as_raw_fd()) {
+        if let Ok(c) = replacements.try_recv() {
+            lane = Some(c);
+        }
+        if wait_readable(placer.uffd.as_raw_fd()) {
+            if let Err(e) = gather(placer, &mut waiting) {
+                figures.error = Some(e);
+                break;
+            }
+        }
+        let Some(client) = lane.as_mut().filter(|_| !waiting.is_empty()) else {
             continue;
-        }
-        if let Err(e) = gather(placer, &mut waiting) {
+        };
+        if let Err(e) = fetch(placer, client, sink, &mut waiting, &mut buf, &mut figures) {
             figures.error = Some(e);
-            break;
-        }
-        if waiting.is_empty() {
-            continue;
-        }
-        if let Err(e) = fetch(
-            placer,
-            &mut client,
-            sink,
-            &mut waiting,
-            &mut buf,
-            &mut figures,
-        ) {
-            figures.error = Some(e);
-            break;
+            lane = None;
         }
     }
-    client.close();
+    if let Some(mut c) = lane {
+        c.close();
+    }
     figures
 }
 
@@ -435,9 +449,9 @@ fn fetch(
     buf: &mut Vec<u8>,
     figures: &mut FaultFigures,
 ) -> Result<(), String> {
-    let asked = std::mem::take(waiting);
+    let mut asked = std::mem::take(waiting).into_iter();
     let mut sent = Vec::new();
-    for w in asked {
+    while let Some(w) = asked.next() {
         if !placer.is_missing(w.region, w.page) {
             let r = placer.map.get(w.region).expect("located");
             let _ = placer
@@ -450,11 +464,26 @@ fn fetch(
             first_page: w.page,
             pages: 1,
         };
-        client.request(&f).map_err(|e| format!("fetch lane: {e}"))?;
+        if let Err(e) = client.request(&f) {
+            // Everything not answered is asked again on the next lane.
+            waiting.extend(sent);
+            waiting.push(w);
+            waiting.extend(asked);
+            return Err(format!("fetch lane: {e}"));
+        }
         sent.push(w);
     }
-    for w in sent {
-        let f = client.answer(buf).map_err(|e| format!("fetch lane: {e}"))?;
+    let mut sent = sent.into_iter();
+    while let Some(w) = sent.next() {
+        let f = match client.answer(buf) {
+            Ok(f) => f,
+            Err(e) => {
+                // Asked again on the next lane.
+                waiting.push(w);
+                waiting.extend(sent);
+                return Err(format!("fetch lane: {e}"));
+            }
+        };
         if (f.region as usize, f.first_page) != (w.region, w.page) {
             return Err(format!(
                 "fetch lane: asked for page {} of region {}, got page {} of region {}",

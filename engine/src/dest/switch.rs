@@ -192,8 +192,24 @@ impl Receiving<'_> {
         Ok(Phase::Done)
     }
 
-    /// A fault thread that ended on its own lost the fetch lane: the guest's faults would
-    /// wait forever.
+    /// The fetch lane joined: kept for the switch, or handed to the fault thread after a
+    /// reconnect.
+    pub(super) fn fetch_lane_joined(
+        &mut self,
+        sock: super::lanes::LaneSocket,
+    ) -> Result<(), EngineError> {
+        match &self.postcopy.faults {
+            None => self.postcopy.fetch = Some(sock),
+            Some(faults) => {
+                let conn = sock.into_fetch()?;
+                faults.replace_lane(FetchClient::new(conn, self.sink.map().clone()));
+            }
+        }
+        Ok(())
+    }
+
+    /// A fault thread that ended on its own could not read fault reports: the guest's
+    /// faults would wait forever.
     pub(super) fn check_faults(&mut self) -> Result<(), Failure> {
         let ended = self
             .postcopy
@@ -211,7 +227,7 @@ impl Receiving<'_> {
             .unwrap_or_default();
         Err((
             EngineError::GuestLost(format!(
-                "the fetch lane failed: {}",
+                "the fault thread failed: {}",
                 figures.error.unwrap_or_else(|| "it ended".into())
             )),
             true,

@@ -37,6 +37,34 @@ pub(super) struct FetchServer {
 }
 
 impl FetchServer {
+    /// Joins the fetch lane of `session` and serves it on a thread, counting into `served`.
+    fn start(session: &SourceSession, served: Arc<AtomicU64>) -> Result<FetchServer, EngineError> {
+        let kit = session.lanes.kit();
+        let lane = 2 * kit.lanes;
+        let timeout = session.cfg.handshake_timeout;
+        let sock = connect::join_lane(kit.peer, &kit.auth, lane, timeout)?;
+        let shutdown = sock.try_clone()?;
+        let conn = connect::fetch_conn(sock)?;
+        let (shared, s) = (session.shared.clone(), served.clone());
+        let join = std::thread::Builder::new()
+            .name("rmig-fetch".into())
+            .spawn(move || serve(conn, shared, s))?;
+        Ok(FetchServer {
+            served,
+            join,
+            shutdown,
+        })
+    }
+
+    /// After a reconnect: ends the old lane and joins a new one, keeping the count.
+    fn rejoin(&mut self, session: &SourceSession) -> Result<(), EngineError> {
+        let _ = self.shutdown.shutdown(std::net::Shutdown::Both);
+        let fresh = FetchServer::start(session, self.served.clone())?;
+        let old = std::mem::replace(self, fresh);
+        let _ = old.join.join();
+        Ok(())
+    }
+
     /// Pages served so far.
     pub fn served(&self) -> u64 {
         self.served.load(Ordering::Relaxed)
@@ -78,21 +106,7 @@ impl SourceSession {
     /// Joins the fetch lane (lane number `2n`, after the fallback lanes) and starts serving
     /// it; requests come only once the destination's guest runs.
     pub(super) fn open_fetch_lane(&mut self) -> Result<FetchServer, EngineError> {
-        let kit = self.lanes.kit();
-        let lane = 2 * kit.lanes;
-        let sock = connect::join_lane(kit.peer, &kit.auth, lane, self.cfg.handshake_timeout)?;
-        let shutdown = sock.try_clone()?;
-        let conn = connect::fetch_conn(sock)?;
-        let served = Arc::new(AtomicU64::new(0));
-        let (shared, s) = (self.shared.clone(), served.clone());
-        let join = std::thread::Builder::new()
-            .name("rmig-fetch".into())
-            .spawn(move || serve(conn, shared, s))?;
-        Ok(FetchServer {
-            served,
-            join,
-            shutdown,
-        })
+        FetchServer::start(self, Arc::new(AtomicU64::new(0)))
     }
 
     /// Post-copy's `complete`: the pause hands the guest over at once, then every page it
@@ -101,7 +115,7 @@ impl SourceSession {
         self.check_cancel()?;
         let expected = self.monitor.stats().expected_downtime_ms;
         self.verify_baseline()?;
-        let server = self.open_fetch_lane()?;
+        let mut server = self.open_fetch_lane()?;
         self.monitor.update(|s| s.status = MigrationStatus::Device);
         let t0 = Instant::now();
         self.embedder.pause().map_err(EngineError::Embedder)?;
@@ -118,7 +132,7 @@ impl SourceSession {
             s.expected_downtime_ms = expected;
         });
         let acked_at_switch = self.monitor.bytes_acked.load(Ordering::Relaxed);
-        let r = self.finish_postcopy(&server, at_switch, t0 + downtime);
+        let r = self.finish_postcopy(&mut server, at_switch, t0 + downtime);
         let served = server.finish();
         let verified = r.map_err(|e| EngineError::GuestLost(format!("post-copy failed: {e}")))?;
         let sent = self.monitor.bytes_acked.load(Ordering::Relaxed) - acked_at_switch;
@@ -133,13 +147,19 @@ impl SourceSession {
     /// verifying).
     fn finish_postcopy(
         &mut self,
-        server: &FetchServer,
+        server: &mut FetchServer,
         at_switch: u64,
         resumed: Instant,
     ) -> Result<Option<bool>, EngineError> {
         loop {
-            self.run_round(true)?;
-            self.round += 1;
+            match self.run_round(true) {
+                Ok(_) => self.round += 1,
+                Err(e) if self.may_reconnect(&e) => {
+                    self.reconnect(&e)?;
+                    server.rejoin(self)?;
+                }
+                Err(e) => return Err(e),
+            }
             self.monitor.update(|s| {
                 s.postcopy = Some(PostcopyReport {
                     duration_ms: resumed.elapsed().as_secs_f64() * 1e3,

@@ -7,8 +7,10 @@
 //! ones, become pending again), opens a new control connection that proves with `Rejoin` that
 //! it holds the session, learns from `RejoinOk` which round comes next, opens its lanes again
 //! and goes on. Verification is unaffected: every page the destination holds was hashed as it
-//! landed, and every page sent again is hashed again on both ends. Over RDMA, and once the
-//! guest is paused, a broken link still ends the migration (the guest then runs on here).
+//! landed, and every page sent again is hashed again on both ends. Post-copy reconnects the
+//! same way while its background rounds run (the fetch lane joins again too; the guest's
+//! faults on the destination wait meanwhile). Over RDMA, and between the pause and the
+//! destination's `Resumed`, a broken link still ends the migration.
 
 use std::io::ErrorKind;
 use std::time::{Duration, Instant};
@@ -41,7 +43,7 @@ impl SourceSession {
             && !self.cfg.reconnect_window.is_zero()
             && self.monitor.stats().reconnects < MAX_RECONNECTS
             && self.lanes.transport() == TransportKind::Tcp
-            && self.paused_at.is_none()
+            && (self.paused_at.is_none() || self.resumed_there)
     }
 
     /// Reconnects within the window, or fails with `why` and the last attempt's error.
