@@ -75,6 +75,10 @@ typedef enum {
   // The link failed during the handover: this end's guest stays paused until
   // `rmig_resolve_handover` decides which end runs it.
   RMIG_ERR_HANDOVER_UNKNOWN = -14,
+  // Post-copy broke after the destination resumed the guest: its memory is split between
+  // the hosts and one is gone, so neither end may run it (the destination's threads that
+  // touch a missing page stay blocked).
+  RMIG_ERR_GUEST_LOST = -15,
 } rmig_status;
 
 // Outcome of a migration as `rmig_get_stats` reports it.
@@ -101,6 +105,10 @@ typedef enum {
   // The link failed during the handover: this end's guest stays paused until
   // `rmig_resolve_handover` decides which end runs it.
   RMIG_STATE_HANDOVER_UNKNOWN = 7,
+  // Post-copy: the destination runs the guest while the pages it lacks follow it.
+  RMIG_STATE_POSTCOPY = 8,
+  // Post-copy broke: neither end may run the guest.
+  RMIG_STATE_GUEST_LOST = 9,
 } rmig_state;
 
 // Transport preference: the allowed values of `rmig_config.transport`.
@@ -246,6 +254,14 @@ typedef struct {
   // With `RMIG_ENCRYPTION_TLS_X509` on a source: the name the destination's certificate
   // must carry; NULL: the host of `address`. Borrowed during `rmig_*_new` only.
   const char *tls_hostname;
+  // Source: post-copy when pre-copy does not converge (where auto-converge would throttle,
+  // or at the round limit), or when `rmig_start_postcopy` asks (default 0: off). The guest
+  // then resumes on the destination before all of its memory is there; see the user guide
+  // for what that risks. Needs TCP lanes and private anonymous destination memory.
+  uint32_t postcopy;
+  // Source: with `postcopy`, switch at the latest after this many rounds (0: no such
+  // limit). Non-zero turns `postcopy` on.
+  uint32_t postcopy_after_rounds;
 } rmig_config;
 
 // Callbacks into the embedder, all called on the thread that drives the session.
@@ -312,6 +328,24 @@ typedef struct {
   // How the session's connections were protected: one of the `RMIG_ENCRYPTION_*` values
   // (meaningful once the migration is past its setup).
   uint32_t encryption;
+  // 1 if the migration switched to post-copy, else 0.
+  uint32_t postcopy;
+  // Post-copy: milliseconds from the destination's resume to the last page landing (so
+  // far, while it runs).
+  double postcopy_ms;
+  // Post-copy: pages the destination lacked when it resumed.
+  uint64_t postcopy_pages_at_switch;
+  // Post-copy: pages fetched because the guest touched them (destination), or served on
+  // request (source).
+  uint64_t postcopy_pages_on_fault;
+  // Post-copy: pages that landed (destination) or were sent (source) in the background.
+  uint64_t postcopy_pages_background;
+  // Post-copy, destination: median wait of a fault for its page, in microseconds.
+  double postcopy_fault_p50_us;
+  // Post-copy, destination: 99th percentile of that wait, in microseconds.
+  double postcopy_fault_p99_us;
+  // Post-copy, destination: longest wait, in microseconds.
+  double postcopy_fault_max_us;
 } rmig_stats;
 
 #ifdef __cplusplus
@@ -462,6 +496,12 @@ rmig_status rmig_cancel(rmig_session session, const char *reason);
 // Changes the bandwidth ceiling (bytes/s, 0 unlimited), also mid-migration. *Any thread*,
 // also while another thread is inside a call on the session.
 rmig_status rmig_set_max_bandwidth(rmig_session session, uint64_t bytes_per_sec);
+
+// Source: switches to post-copy once the current round ends (QEMU's
+// `migrate-start-postcopy`), if the session was configured with `postcopy` and runs over
+// TCP lanes with a destination that speaks post-copy; otherwise the request is ignored.
+// *Any thread*, also while another thread is inside a call on the session.
+rmig_status rmig_start_postcopy(rmig_session session);
 
 // Fills `out` with the statistics as they stand. *Any thread*, any time, also while another
 // thread is inside a call on the session (or from one of its callbacks).

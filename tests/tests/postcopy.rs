@@ -123,8 +123,10 @@ fn a_guest_that_outruns_its_link_moves_with_postcopy_and_reads_the_source_bytes(
         pc.pages_at_switch,
         "every page left at the switch landed exactly once: {pc:?}"
     );
+    assert!(pc.faults > 0, "the guest touched missing pages: {pc:?}");
     eprintln!(
-        "dest {pc:?}\nsource {:?} downtime {} / {}",
+        "post-copy figures: destination {pc:?}; source {:?}; downtime {} ms (source), {} ms \
+         (destination)",
         s.postcopy, s.downtime_ms, d.stats.downtime_ms
     );
     assert!(s.postcopy.is_some(), "the source reports post-copy too");
@@ -198,19 +200,33 @@ fn a_two_second_outage_during_postcopy_is_ridden_out_and_verifies() {
     let (s, d) = setup.run_via(|a| Proxy::start(a, trigger, outage));
     let s = s.expect("source");
     let d = d.expect("destination");
-    assert_eq!(writer.resumed.load(Ordering::Relaxed), 0, "the source never resumes");
+    assert_eq!(
+        writer.resumed.load(Ordering::Relaxed),
+        0,
+        "the source never resumes"
+    );
     writer.stop();
     assert_eq!(s.status, MigrationStatus::Completed);
-    assert!(s.reconnects >= 1, "the source reconnected: {}", s.reconnects);
+    assert!(
+        s.reconnects >= 1,
+        "the source reconnected: {}",
+        s.reconnects
+    );
     assert_eq!(d.stats.verified, Some(true));
     let pc = d.stats.postcopy.clone().expect("post-copy");
-    assert!(pc.duration_ms >= 2000.0, "the outage was inside post-copy: {pc:?}");
+    assert!(
+        pc.duration_ms >= 2000.0,
+        "the outage was inside post-copy: {pc:?}"
+    );
     while !guest.done.load(Ordering::Acquire) {
         std::thread::sleep(Duration::from_millis(10));
     }
     for (page, bytes) in guest.seen.lock().unwrap().iter() {
         let p = *page as usize * 4096;
-        assert!(bytes[..] == src.bytes()[p..p + 4096], "page {page} read wrong bytes");
+        assert!(
+            bytes[..] == src.bytes()[p..p + 4096],
+            "page {page} read wrong bytes"
+        );
     }
     assert_same(src.bytes(), dst.bytes());
 }

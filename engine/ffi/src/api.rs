@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use rmig_engine::{
     ConvergePolicy, DestConfig, DestEmbedder, DestListener, Encryption, EngineError, Key,
-    MigrationStatus, NoConvergence, Region, SourceConfig, SourceSession, Step, TransportChoice,
-    VerifyMode, X509Creds, PAGE_2M, PAGE_4K,
+    MigrationStatus, NoConvergence, Postcopy, Region, SourceConfig, SourceSession, Step,
+    TransportChoice, VerifyMode, X509Creds, PAGE_2M, PAGE_4K,
 };
 
 use crate::embedder::{CDirty, C};
@@ -80,6 +80,8 @@ pub unsafe extern "C" fn rmig_config_default(out: *mut RmigConfig) -> RmigStatus
             encryption: RmigEncryption::RmigEncryptionTlsPsk as u32,
             tls_creds: std::ptr::null(),
             tls_hostname: std::ptr::null(),
+            postcopy: 0,
+            postcopy_after_rounds: 0,
         };
         // SAFETY: checked non-null and aligned above; writable by the caller's contract.
         unsafe { out.write(c) };
@@ -252,6 +254,11 @@ pub unsafe extern "C" fn rmig_source_new(
                 NoConvergence::Fail
             },
             auto_converge: c.auto_converge != 0,
+            postcopy: match (c.postcopy, c.postcopy_after_rounds) {
+                (_, n) if n > 0 => Postcopy::AfterRounds(n),
+                (0, _) => Postcopy::Off,
+                _ => Postcopy::WhenStalled,
+            },
             ..Default::default()
         };
         // SAFETY: `out` was checked above.
@@ -704,6 +711,18 @@ pub extern "C" fn rmig_set_max_bandwidth(session: RmigSession, bytes_per_sec: u6
     })
 }
 
+/// Source: switches to post-copy once the current round ends (QEMU's
+/// `migrate-start-postcopy`), if the session was configured with `postcopy` and runs over
+/// TCP lanes with a destination that speaks post-copy; otherwise the request is ignored.
+/// *Any thread*, also while another thread is inside a call on the session.
+#[no_mangle]
+pub extern "C" fn rmig_start_postcopy(session: RmigSession) -> RmigStatus {
+    guard(|| {
+        handles::get(session)?.monitor.start_postcopy();
+        Ok(())
+    })
+}
+
 /// Fills `out` with the statistics as they stand. *Any thread*, any time, also while another
 /// thread is inside a call on the session (or from one of its callbacks).
 ///
@@ -730,6 +749,7 @@ pub unsafe extern "C" fn rmig_get_stats(session: RmigSession, out: *mut RmigStat
             MigrationStatus::Postcopy => RmigState::RmigStatePostcopy,
             MigrationStatus::GuestLost => RmigState::RmigStateGuestLost,
         };
+        let pc = s.postcopy.clone();
         let st = RmigStats {
             state,
             verified: s.verified.map_or(-1, i32::from),
@@ -752,6 +772,14 @@ pub unsafe extern "C" fn rmig_get_stats(session: RmigSession, out: *mut RmigStat
                 "off" => RmigEncryption::RmigEncryptionOff,
                 _ => RmigEncryption::RmigEncryptionTlsPsk,
             } as u32,
+            postcopy: u32::from(pc.is_some()),
+            postcopy_ms: pc.as_ref().map_or(0.0, |p| p.duration_ms),
+            postcopy_pages_at_switch: pc.as_ref().map_or(0, |p| p.pages_at_switch),
+            postcopy_pages_on_fault: pc.as_ref().map_or(0, |p| p.pages_on_fault),
+            postcopy_pages_background: pc.as_ref().map_or(0, |p| p.pages_background),
+            postcopy_fault_p50_us: pc.as_ref().map_or(0.0, |p| p.fault_p50_us),
+            postcopy_fault_p99_us: pc.as_ref().map_or(0.0, |p| p.fault_p99_us),
+            postcopy_fault_max_us: pc.as_ref().map_or(0.0, |p| p.fault_max_us),
         };
         // SAFETY: checked above.
         unsafe { out.write(st) };

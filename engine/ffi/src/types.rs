@@ -235,6 +235,14 @@ pub struct RmigConfig {
     /// With `RMIG_ENCRYPTION_TLS_X509` on a source: the name the destination's certificate
     /// must carry; NULL: the host of `address`. Borrowed during `rmig_*_new` only.
     pub tls_hostname: *const c_char,
+    /// Source: post-copy when pre-copy does not converge (where auto-converge would throttle,
+    /// or at the round limit), or when `rmig_start_postcopy` asks (default 0: off). The guest
+    /// then resumes on the destination before all of its memory is there; see the user guide
+    /// for what that risks. Needs TCP lanes and private anonymous destination memory.
+    pub postcopy: u32,
+    /// Source: with `postcopy`, switch at the latest after this many rounds (0: no such
+    /// limit). Non-zero turns `postcopy` on.
+    pub postcopy_after_rounds: u32,
 }
 
 /// Growable bytes owned by the library, filled by a callback with `rmig_bytes_append`.
@@ -348,4 +356,22 @@ pub struct RmigStats {
     /// How the session's connections were protected: one of the `RMIG_ENCRYPTION_*` values
     /// (meaningful once the migration is past its setup).
     pub encryption: u32,
+    /// 1 if the migration switched to post-copy, else 0.
+    pub postcopy: u32,
+    /// Post-copy: milliseconds from the destination's resume to the last page landing (so
+    /// far, while it runs).
+    pub postcopy_ms: f64,
+    /// Post-copy: pages the destination lacked when it resumed.
+    pub postcopy_pages_at_switch: u64,
+    /// Post-copy: pages fetched because the guest touched them (destination), or served on
+    /// request (source).
+    pub postcopy_pages_on_fault: u64,
+    /// Post-copy: pages that landed (destination) or were sent (source) in the background.
+    pub postcopy_pages_background: u64,
+    /// Post-copy, destination: median wait of a fault for its page, in microseconds.
+    pub postcopy_fault_p50_us: f64,
+    /// Post-copy, destination: 99th percentile of that wait, in microseconds.
+    pub postcopy_fault_p99_us: f64,
+    /// Post-copy, destination: longest wait, in microseconds.
+    pub postcopy_fault_max_us: f64,
 }

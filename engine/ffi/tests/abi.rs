@@ -1300,3 +1300,62 @@ fn the_step_api_driven_from_rust_as_c_would() {
     assert_eq!(rmig_free(s), RmigOk);
     assert_eq!(rmig_free(d), RmigOk);
 }
+
+/// Reports the first 64 pages dirty at every sync, as a guest that keeps rewriting them
+/// would: they are still dirty when the source switches.
+unsafe extern "C" fn first_64_dirty(_: *mut c_void, _: u32, bitmap: *mut u64, words: usize) -> i32 {
+    if words > 0 {
+        // SAFETY: the library hands `words` writable words.
+        unsafe { bitmap.write(u64::MAX) };
+    }
+    0
+}
+
+#[test]
+fn postcopy_through_the_abi_on_request() {
+    let _deadline = Deadline::secs(120);
+    let len = 8 << 20;
+    let mut sv = mem(len);
+    let mut dv = mem(len);
+    let sp = aligned(&mut sv);
+    let dp = aligned(&mut dv);
+    for i in 0..len / 8 {
+        // SAFETY: inside the aligned buffer.
+        unsafe { sp.cast::<u64>().add(i).write((i as u64) ^ 0x5555) };
+    }
+    let (d, addr) = dest_session(&callbacks(), dp, len);
+    let dt = spawn_call(move || rmig_migrate(d));
+    let mut c = config(&addr);
+    c.postcopy = 1;
+    let mut s = 0;
+    let mut scb = callbacks();
+    scb.dirty_sync = Some(first_64_dirty);
+    // SAFETY: valid pointers; the memory outlives the session.
+    unsafe {
+        assert_eq!(rmig_source_new(&c, &scb, &mut s), RmigOk);
+        assert_eq!(
+            rmig_add_region(s, 0, null(), sp, len as u64, u64::MAX, 4096),
+            RmigOk
+        );
+    }
+    // Asked for before the first round: the source switches right after it.
+    assert_eq!(rmig_start_postcopy(s), RmigOk);
+    assert_eq!(rmig_migrate(s), RmigOk, "{}", last_error());
+    assert_eq!(within(&dt, 60, "destination migrate"), RmigOk);
+    // SAFETY: both buffers are live and no longer written.
+    unsafe {
+        assert_eq!(
+            std::slice::from_raw_parts(sp, len),
+            std::slice::from_raw_parts(dp, len)
+        );
+    }
+    for h in [s, d] {
+        let st = stats(h).unwrap();
+        assert_eq!(st.state, RmigState::RmigStateCompleted);
+        assert_eq!(st.postcopy, 1, "both ends report the switch");
+        assert_eq!(st.postcopy_pages_at_switch, 64);
+        assert_eq!(st.verified, 1);
+    }
+    assert_eq!(rmig_free(s), RmigOk);
+    assert_eq!(rmig_free(d), RmigOk);
+}

@@ -168,10 +168,11 @@ impl SourceSession {
                     ..Default::default()
                 })
             });
-            if self.sync_pending()? == 0 {
+            // No dirty log after the switch: the guest is not ours to write any more. What
+            // is pending is what a failed lane could not confirm.
+            if self.refill_from_pending() == 0 {
                 break;
             }
-            self.fill_round_set()?;
         }
         self.link.send(Message::PostcopyEnd);
         let verified = match &self.shared.hashes {
@@ -190,6 +191,16 @@ impl SourceSession {
             m => Err(m),
         })?;
         Ok(verified)
+    }
+
+    /// Moves the pending pages into the round set; returns how many there are.
+    fn refill_from_pending(&mut self) -> u64 {
+        let mut n = 0;
+        for (b, p) in self.shared.round.iter().zip(&self.shared.pending) {
+            b.clear_all();
+            n += b.take_from(p);
+        }
+        n
     }
 
     /// Sends the round set (the pages still dirty in the pause) in pieces; returns its pages.
