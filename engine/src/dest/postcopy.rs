@@ -224,19 +224,27 @@ impl Placer {
         .fetch_add(newly, Ordering::Relaxed);
         let mut left = self.left.lock().unwrap_or_else(|e| e.into_inner());
         *left = left.saturating_sub(newly);
-        if *left == 0 {
-            self.all_landed.notify_all();
-        }
+        self.all_landed.notify_all();
     }
 
-    /// Waits until every missing page has landed, at most `wait`; the pages left.
-    pub fn wait_all_landed(&self, wait: Duration) -> u64 {
-        let left = self.left.lock().unwrap_or_else(|e| e.into_inner());
-        let (left, _) = self
-            .all_landed
-            .wait_timeout_while(left, wait, |l| *l > 0)
-            .unwrap_or_else(|e| e.into_inner());
-        *left
+    /// Waits until every missing page has landed, as long as pages keep landing: returns
+    /// the pages left once none landed for `idle` (0 when all are here).
+    pub fn wait_all_landed(&self, idle: Duration) -> u64 {
+        let mut left = self.left.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            let before = *left;
+            if before == 0 {
+                return 0;
+            }
+            let (l, _) = self
+                .all_landed
+                .wait_timeout_while(left, idle, |l| *l == before)
+                .unwrap_or_else(|e| e.into_inner());
+            left = l;
+            if *left == before {
+                return before;
+            }
+        }
     }
 
     /// Keeps the userfaultfd open for the life of the process: after a failed post-copy the
@@ -512,6 +520,99 @@ pub(crate) fn percentiles(v: &mut [f64]) -> (f64, f64, f64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `pages` pages of fresh memory (`flags`: private or shared), filled with a pattern,
+    /// as a one-region map.
+    fn memory(pages: usize, flags: i32) -> MemoryMap {
+        let len = pages * BASE_PAGE;
+        // SAFETY: a fresh anonymous mapping, leaked for the test process (a test that fails
+        // may leave a thread blocked on it).
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                flags | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(p, libc::MAP_FAILED);
+        // SAFETY: the mapping is ours, `len` bytes long.
+        unsafe { std::ptr::write_bytes(p.cast::<u8>(), 0xa5, len) };
+        // SAFETY: mapped for the rest of the process, written only through the map.
+        let r = unsafe { MemRegion::new(p.cast(), len, BASE_PAGE) };
+        MemoryMap::new(vec![r])
+    }
+
+    fn read_page(map: &MemoryMap, p: u64) -> Vec<u8> {
+        let mut v = vec![0u8; BASE_PAGE];
+        map.get(0).unwrap().guest_pages(p, 1).copy_to(&mut v);
+        v
+    }
+
+    #[test]
+    fn dropped_pages_wait_for_their_bytes_and_land_once() {
+        let map = memory(16, libc::MAP_PRIVATE);
+        let placer = Arc::new(Placer::switch(&map, &[(0, 4, 3)]).expect("switch"));
+        assert_eq!((placer.at_switch, placer.left()), (3, 3));
+        assert!(placer.is_missing(0, 5) && !placer.is_missing(0, 3));
+        // Page 3 was not dropped: it keeps its bytes and never waits.
+        assert_eq!(read_page(&map, 3), vec![0xa5; BASE_PAGE]);
+        // A reader of page 5 waits until the page is placed, then sees the placed bytes.
+        let (m, started) = (map.clone(), Instant::now());
+        let reader = std::thread::spawn(move || (read_page(&m, 5), started.elapsed()));
+        std::thread::sleep(Duration::from_millis(100));
+        let bytes: Vec<u8> = (0..3 * BASE_PAGE)
+            .map(|i| (i / BASE_PAGE) as u8 + 1)
+            .collect();
+        placer
+            .place(0, 4, 3, &bytes, Arrival::Background)
+            .expect("place");
+        let (seen, waited) = reader.join().unwrap();
+        assert_eq!(seen, vec![2u8; BASE_PAGE]);
+        assert!(
+            waited >= Duration::from_millis(100),
+            "the reader waited: {waited:?}"
+        );
+        // A second arrival of a page changes nothing and counts nothing.
+        placer
+            .place(0, 5, 1, &[9u8; BASE_PAGE], Arrival::Fetched)
+            .expect("again");
+        assert_eq!(read_page(&map, 5), vec![2u8; BASE_PAGE]);
+        assert_eq!(placer.background.load(Ordering::Relaxed), 3);
+        assert_eq!(placer.on_fault.load(Ordering::Relaxed), 0);
+        assert_eq!(placer.wait_all_landed(Duration::from_millis(10)), 0);
+    }
+
+    #[test]
+    fn zero_runs_and_the_wait_for_the_rest() {
+        let map = memory(8, libc::MAP_PRIVATE);
+        let placer = Placer::switch(&map, &[(0, 0, 2), (0, 6, 2)]).expect("switch");
+        placer.zero(0, 0, 2, Arrival::Background).expect("zero");
+        assert_eq!(read_page(&map, 1), vec![0u8; BASE_PAGE]);
+        // Two pages never arrive: the wait gives up once nothing lands, and says how many.
+        assert_eq!(placer.wait_all_landed(Duration::from_millis(50)), 2);
+    }
+
+    #[test]
+    fn runs_outside_the_regions_and_shared_memory_are_refused() {
+        let map = memory(8, libc::MAP_PRIVATE);
+        for runs in [[(0u32, 7u64, 2u64)], [(1, 0, 1)], [(0, u64::MAX, 1)]] {
+            let e = Placer::switch(&map, &runs).err().expect("refused");
+            assert!(e.to_string().contains("outside region"), "{e}");
+        }
+        let shared = memory(8, libc::MAP_SHARED);
+        let e = Placer::switch(&shared, &[(0, 0, 1)])
+            .err()
+            .expect("refused");
+        assert!(e.to_string().contains("private anonymous"), "{e}");
+        assert_eq!(
+            read_page(&shared, 0),
+            vec![0xa5; BASE_PAGE],
+            "left as it was"
+        );
+    }
 
     #[test]
     fn percentiles_of_a_known_set() {

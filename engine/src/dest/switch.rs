@@ -138,8 +138,9 @@ impl Receiving<'_> {
         })
     }
 
-    /// `PostcopyEnd`: waits (bounded) for the answers still in flight, then compares (when
-    /// verifying) or finishes.
+    /// `PostcopyEnd`: waits for the pages still in flight (as long as they keep landing:
+    /// none for twice the peer timeout is a failure), then compares (when verifying) or
+    /// finishes.
     pub(super) fn postcopy_end(&mut self) -> Result<Phase, Failure> {
         let placer = self.postcopy.placer.clone().expect("switched");
         let wait = self.reconnect.liveness.peer_timeout * 2;
@@ -148,7 +149,7 @@ impl Receiving<'_> {
             return Err((
                 EngineError::Protocol(format!(
                     "the source says every page was sent, but {left} pages are still missing \
-                     after {} ms",
+                     and none landed for {} ms",
                     wait.as_millis()
                 )),
                 true,
