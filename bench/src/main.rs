@@ -29,6 +29,7 @@ use anyhow::{anyhow, Result};
 use rmig_engine::{
     ConvergePolicy, DestEmbedder, DestListener, EngineError, Key, MigrationStats, MigrationStatus,
     Monitor, NoConvergence, Region, SharedDirtyLog, SourceConfig, SourceSession, Step,
+    TransportChoice,
 };
 
 pub use args::Thp;
@@ -202,6 +203,7 @@ fn run_source(
 ) -> Result<SourceRun> {
     let monitor = Monitor::new();
     signals::cancel_on_signal(&monitor);
+    let rdma_wanted = cfg.transport != TransportChoice::Tcp;
     // The source's memory is filled (so faulted in) before the migration starts.
     monitor.set_memory_facts(report::facts(true, src.huge_bytes, g.thp));
     let regions = vec![region_of(&src.mem, g, false)?];
@@ -235,12 +237,24 @@ fn run_source(
     if let Some(w) = stats.numa.as_ref().and_then(|n| n.fallback.as_ref()) {
         eprintln!("rmig-bench: NUMA placement: {w}; using a flat pool");
     }
+    // The library prints nothing; the reason is in the report. Said here only when RDMA was
+    // possible on this host and not refused by the operator (`--transport tcp`).
+    if let Some(why) = &stats.fallback_reason {
+        if rdma_wanted && rdma_device_here() {
+            eprintln!("rmig-bench: using TCP, not RDMA: {why}");
+        }
+    }
     Ok(SourceRun {
         result: result.map(|_| ()),
         stats,
         cpu,
         guest_running,
     })
+}
+
+/// Whether this host has an RDMA device at all (any entry in `/sys/class/infiniband`).
+fn rdma_device_here() -> bool {
+    std::fs::read_dir("/sys/class/infiniband").is_ok_and(|mut d| d.next().is_some())
 }
 
 /// The operator's decision on an unknown handover: `Some(true)` runs the guest here.

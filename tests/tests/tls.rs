@@ -205,6 +205,9 @@ fn psk_migration_verifies_and_reports_encryption() {
     assert_eq!(s.verified, Some(true));
     assert_eq!(s.encryption, "tls-psk");
     assert_eq!(d.stats.encryption, "tls-psk");
+    // `auto` over TLS: why not RDMA is in the statistics (the library prints nothing).
+    let why = s.fallback_reason.as_deref().unwrap_or_default();
+    assert!(why.contains("encryption is on"), "{why:?}");
     assert_same(src.bytes(), dst.bytes());
 }
 
