@@ -27,9 +27,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Result};
 use rmig_engine::{
-    ConvergePolicy, DestEmbedder, DestListener, EngineError, Key, MigrationStats, MigrationStatus,
-    Monitor, NoConvergence, Region, SharedDirtyLog, SourceConfig, SourceSession, Step,
-    TransportChoice,
+    ConvergePolicy, DestEmbedder, DestListener, Encryption, EngineError, Key, MigrationStats,
+    MigrationStatus, Monitor, NoConvergence, Region, SharedDirtyLog, SourceConfig, SourceSession,
+    Step, TransportChoice,
 };
 
 pub use args::Thp;
@@ -421,7 +421,8 @@ fn loopback(a: LoopbackArgs) -> Result<i32> {
 
 fn source(a: SourceArgs) -> Result<i32> {
     a.out.start_metrics()?;
-    let key = a.key.load()?;
+    let x509 = matches!(a.migrate.transport.encryption(true), Encryption::X509(_));
+    let key = a.key.load(x509)?;
     // A name that does not resolve is found before the guest is allocated and filled.
     if let Err(e) = std::net::ToSocketAddrs::to_socket_addrs(a.connect.as_str()) {
         eprintln!(
@@ -497,7 +498,8 @@ fn dest_figures(stats: &MigrationStats, monitor: &Monitor) -> DestFigures {
 }
 
 fn dest(a: DestArgs) -> Result<i32> {
-    let key = a.key.load()?;
+    let x509 = matches!(a.transport.encryption(true), Encryption::X509(_));
+    let key = a.key.load(x509)?;
     let mut cfg = a.transport.dest_config(key);
     cfg.incoming_timeout =
         (a.incoming_timeout > 0.0).then(|| Duration::from_secs_f64(a.incoming_timeout));

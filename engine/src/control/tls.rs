@@ -17,7 +17,12 @@
 //!   sides has two different sessions, so the proofs it passes along do not hold on either.
 //!
 //! In x509 mode the proofs are bound too: the pre-shared key then ties the lanes to the
-//! session exactly as in PSK mode.
+//! session exactly as in PSK mode. There the key is optional ([`Key::per_session`](super::auth::Key::per_session)): the
+//! session's key is then derived from the control connection's binding (see
+//! [`auth`](super::auth)).
+//!
+//! Every async connection runs over [`NoSigPipe`], so that a write to a peer that has gone
+//! is an error and not a SIGPIPE that ends a C embedder.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
