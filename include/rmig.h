@@ -218,7 +218,9 @@ typedef struct {
   // Source: the destination's `host:port`. Destination: the address to listen on
   // (`host:0` picks a port; see `rmig_dest_port`). Borrowed during `rmig_*_new` only.
   const char *address;
-  // The pre-shared key; borrowed during `rmig_*_new` only.
+  // The pre-shared key; borrowed during `rmig_*_new` only. May be NULL with
+  // `RMIG_ENCRYPTION_TLS_X509`: the certificates authenticate both ends, and each session's
+  // key is derived from its control connection's TLS session.
   const uint8_t *key;
   // Length of `key` in bytes: at least 16 once surrounding whitespace is trimmed (a shorter
   // key makes `rmig_*_new` fail with `RMIG_ERR_CONFIG`).
@@ -363,7 +365,7 @@ rmig_status rmig_config_default(rmig_config *out);
 // session may then be driven from any one thread at a time.
 //
 // Fails with `RMIG_ERR_INVALID_ARGUMENT` for a NULL or misaligned pointer, a NULL or non-UTF-8
-// address, an empty key, a `config->transport` that is no `RMIG_TRANSPORT_*` value, or no
+// address, an empty key (unless x509), a `config->transport` that is no `RMIG_TRANSPORT_*` value, or no
 // `dirty_sync` callback; with `RMIG_ERR_CONFIG` for a key shorter than 16 bytes.
 //
 // # Safety

@@ -481,21 +481,28 @@ pub struct LoopbackArgs {
 #[derive(Args, Clone)]
 #[command(next_help_heading = "Connection")]
 pub struct KeyArgs {
-    /// File holding the pre-shared key (else the RMIG_KEY environment variable).
+    /// File holding the pre-shared key (else the RMIG_KEY environment variable; with
+    /// --tls-creds, neither is needed).
     #[arg(long)]
     pub key_file: Option<std::path::PathBuf>,
 }
 
 impl KeyArgs {
-    /// The key from the file or the environment.
-    pub fn load(&self) -> anyhow::Result<Key> {
+    /// The key from the file or the environment. With x509 encryption (`x509`) the key is
+    /// optional, as with QEMU's tls-creds-x509: the certificates authenticate both ends, and
+    /// without a key each session's key comes from its control connection's TLS session.
+    pub fn load(&self, x509: bool) -> anyhow::Result<Key> {
         if let Some(p) = &self.key_file {
             return Ok(Key::from_file(p)?);
         }
-        let bytes = std::env::var("RMIG_KEY")
-            .context("no key: pass --key-file or set RMIG_KEY")?
-            .into_bytes();
-        Ok(Key::new(&bytes)?)
+        use std::os::unix::ffi::OsStrExt;
+        match std::env::var_os("RMIG_KEY") {
+            Some(k) => Ok(Key::new(k.as_bytes())?),
+            None if x509 => Ok(Key::per_session()),
+            None => anyhow::bail!(
+                "no key: pass --key-file or set RMIG_KEY (or use x509 certificates: --tls-creds)"
+            ),
+        }
     }
 }
 

@@ -116,7 +116,8 @@ fn same_guest() -> String {
 }
 
 fn same_key() -> String {
-    "use the same key on both ends (--key-file or RMIG_KEY)".into()
+    "use the same key on both ends (--key-file or RMIG_KEY), or with --tls-creds none at either"
+        .into()
 }
 
 fn other(side: Side) -> &'static str {

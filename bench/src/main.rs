@@ -27,8 +27,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Result};
 use rmig_engine::{
-    ConvergePolicy, DestEmbedder, DestListener, EngineError, Key, MigrationStats, MigrationStatus,
-    Monitor, NoConvergence, Region, SharedDirtyLog, SourceConfig, SourceSession, Step,
+    ConvergePolicy, DestEmbedder, DestListener, Encryption, EngineError, Key, MigrationStats,
+    MigrationStatus, Monitor, NoConvergence, Region, SharedDirtyLog, SourceConfig, SourceSession,
+    Step, TransportChoice,
 };
 
 pub use args::Thp;
@@ -202,6 +203,7 @@ fn run_source(
 ) -> Result<SourceRun> {
     let monitor = Monitor::new();
     signals::cancel_on_signal(&monitor);
+    let rdma_wanted = cfg.transport != TransportChoice::Tcp;
     // The source's memory is filled (so faulted in) before the migration starts.
     monitor.set_memory_facts(report::facts(true, src.huge_bytes, g.thp));
     let regions = vec![region_of(&src.mem, g, false)?];
@@ -235,12 +237,24 @@ fn run_source(
     if let Some(w) = stats.numa.as_ref().and_then(|n| n.fallback.as_ref()) {
         eprintln!("rmig-bench: NUMA placement: {w}; using a flat pool");
     }
+    // The library prints nothing; the reason is in the report. Said here only when RDMA was
+    // possible on this host and not refused by the operator (`--transport tcp`).
+    if let Some(why) = &stats.fallback_reason {
+        if rdma_wanted && rdma_device_here() {
+            eprintln!("rmig-bench: using TCP, not RDMA: {why}");
+        }
+    }
     Ok(SourceRun {
         result: result.map(|_| ()),
         stats,
         cpu,
         guest_running,
     })
+}
+
+/// Whether this host has an RDMA device at all (any entry in `/sys/class/infiniband`).
+fn rdma_device_here() -> bool {
+    std::fs::read_dir("/sys/class/infiniband").is_ok_and(|mut d| d.next().is_some())
 }
 
 /// The operator's decision on an unknown handover: `Some(true)` runs the guest here.
@@ -407,7 +421,8 @@ fn loopback(a: LoopbackArgs) -> Result<i32> {
 
 fn source(a: SourceArgs) -> Result<i32> {
     a.out.start_metrics()?;
-    let key = a.key.load()?;
+    let x509 = matches!(a.migrate.transport.encryption(true), Encryption::X509(_));
+    let key = a.key.load(x509)?;
     // A name that does not resolve is found before the guest is allocated and filled.
     if let Err(e) = std::net::ToSocketAddrs::to_socket_addrs(a.connect.as_str()) {
         eprintln!(
@@ -483,7 +498,8 @@ fn dest_figures(stats: &MigrationStats, monitor: &Monitor) -> DestFigures {
 }
 
 fn dest(a: DestArgs) -> Result<i32> {
-    let key = a.key.load()?;
+    let x509 = matches!(a.transport.encryption(true), Encryption::X509(_));
+    let key = a.key.load(x509)?;
     let mut cfg = a.transport.dest_config(key);
     cfg.incoming_timeout =
         (a.incoming_timeout > 0.0).then(|| Duration::from_secs_f64(a.incoming_timeout));

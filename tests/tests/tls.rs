@@ -14,7 +14,9 @@ use std::time::Duration;
 
 use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair};
 use rmig_engine::X509Creds;
-use rmig_engine::{DestOutcome, Encryption, EngineError, MigrationStats, MigrationStatus};
+use rmig_engine::{
+    DestListener, DestOutcome, Encryption, EngineError, Key, MigrationStats, MigrationStatus,
+};
 use rmig_tests::{assert_same, last_refusal, Deadline, Mem, Setup};
 
 const MIB: usize = 1 << 20;
@@ -205,6 +207,9 @@ fn psk_migration_verifies_and_reports_encryption() {
     assert_eq!(s.verified, Some(true));
     assert_eq!(s.encryption, "tls-psk");
     assert_eq!(d.stats.encryption, "tls-psk");
+    // `auto` over TLS: why not RDMA is in the statistics (the library prints nothing).
+    let why = s.fallback_reason.as_deref().unwrap_or_default();
+    assert!(why.contains("encryption is on"), "{why:?}");
     assert_same(src.bytes(), dst.bytes());
 }
 
@@ -686,4 +691,109 @@ fn x509_relay_with_its_own_certificate_is_refused() {
         dst.bytes().iter().all(|&b| b == 0),
         "bytes landed through the relay"
     );
+}
+
+// ---------------------------------------------------------------------------------------
+// x509 without a pre-shared key: the certificates authenticate both ends, and each session's
+// key is derived from its control connection's TLS session.
+
+/// `run_x509`, with the given keys at the source and the destination.
+fn run_x509_keys(
+    enc: Encryption,
+    src_key: Key,
+    dst_key: Key,
+) -> (
+    Result<MigrationStats, EngineError>,
+    Result<DestOutcome, EngineError>,
+    Mem,
+    Mem,
+) {
+    let len = 4 * MIB;
+    let src = Mem::random(len, 0.0, 11);
+    let dst = Mem::new(len);
+    let mut s = setup(&src, &dst, len, enc);
+    s.src.key = src_key;
+    s.dst.key = dst_key;
+    let (a, b) = s.run();
+    (a, b.map_err(last_refusal), src, dst)
+}
+
+#[test]
+fn x509_without_a_key_migrates_and_verifies() {
+    let _deadline = Deadline::secs(60);
+    let ca = ca("rmig test CA");
+    let dir = creds("keyless", &ca, &ca, GOOD, GOOD);
+    let (s, d, src, dst) = run_x509_keys(x509(&dir), Key::per_session(), Key::per_session());
+    let s = s.expect("source");
+    assert_eq!(s.verified, Some(true));
+    assert_eq!(s.encryption, "tls-x509");
+    assert_eq!(s.lanes, 2, "both lanes proved the session");
+    d.expect("destination");
+    assert_same(src.bytes(), dst.bytes());
+}
+
+#[test]
+fn a_key_at_one_end_only_is_refused() {
+    let _deadline = Deadline::secs(60);
+    let ca = ca("rmig test CA");
+    let dir = creds("one-key", &ca, &ca, GOOD, GOOD);
+    let (s, d, _, dst) = run_x509_keys(x509(&dir), Key::per_session(), rmig_tests::key());
+    let s = s.expect_err("the source must fail").to_string();
+    let d = d.expect_err("the destination must fail").to_string();
+    assert!(s.contains("could not prove"), "source: {s}");
+    assert!(d.contains("could not prove"), "destination: {d}");
+    assert!(dst.bytes().iter().all(|&b| b == 0), "bytes landed");
+}
+
+#[test]
+fn no_key_without_x509_is_refused_before_connecting() {
+    let _deadline = Deadline::secs(60);
+    for enc in [Encryption::Psk, Encryption::Off] {
+        let (src, dst) = (Mem::new(MIB), Mem::new(MIB));
+        let mut s = setup(&src, &dst, MIB, enc.clone());
+        s.dst.key = Key::per_session();
+        let e = match DestListener::bind("127.0.0.1:0", s.dst.clone()) {
+            Err(e) => e.to_string(),
+            Ok(_) => panic!("a {} destination without a key was accepted", enc.name()),
+        };
+        assert!(e.contains("no pre-shared key"), "destination: {e}");
+        // The source: refused before it connects (nothing listens at port 1).
+        s.src.key = Key::per_session();
+        s.src.dest = "127.0.0.1:1".into();
+        let e = migrate(s).expect_err("the source must refuse").to_string();
+        assert!(e.contains("no pre-shared key"), "source: {e}");
+    }
+}
+
+/// A reset of every connection mid-round: the source reconnects, its proof made with the
+/// session's derived key (from the first control connection) and bound to the new one.
+#[test]
+fn x509_without_a_key_reconnects_after_a_reset() {
+    use rmig_tests::proxy::{Break, Proxy};
+    let _deadline = Deadline::secs(120);
+    let ca = ca("rmig test CA");
+    let dir = creds("keyless-reset", &ca, &ca, GOOD, GOOD);
+    let len = 48 * MIB;
+    let src = Mem::random(len, 0.1, 13);
+    let dst = Mem::new(len);
+    let mut s = setup(&src, &dst, len, x509(&dir));
+    s.src.key = Key::per_session();
+    s.dst.key = Key::per_session();
+    s.src.reconnect_window = Duration::from_secs(10);
+    s.dst.reconnect_window = Duration::from_secs(10);
+    s.dst.incoming_timeout = Some(Duration::from_secs(20));
+    s.src.max_bandwidth = 40_000_000;
+    let (sm, dm) = (s.src_monitor.clone(), s.dst_monitor.clone());
+    let (d, port) = s.spawn_dest("127.0.0.1:0").unwrap();
+    let target = ([127, 0, 0, 1], port).into();
+    let proxy = Proxy::start_opaque(target, 8 * MIB as u64, Break::Reset);
+    s.src.dest = proxy.addr().to_string();
+    let r = migrate(s);
+    let d = d.join().expect("destination thread");
+    drop(proxy);
+    let s = r.expect("the migration completes after the reset");
+    d.expect("the destination completes after the reset");
+    assert_eq!(s.verified, Some(true));
+    assert!(sm.stats().reconnects >= 1 && dm.stats().reconnects >= 1);
+    assert_same(src.bytes(), dst.bytes());
 }

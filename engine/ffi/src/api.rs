@@ -149,16 +149,22 @@ unsafe fn parse(cfg: *const RmigConfig) -> Result<(RmigConfig, Parsed), RmigStat
         .to_str()
         .map_err(|_| fail(RmigErrInvalidArgument, "config.address is not UTF-8"))?
         .to_string();
-    if c.key.is_null() || c.key_len == 0 {
-        return Err(fail(RmigErrInvalidArgument, "config.key is NULL or empty"));
-    }
-    // SAFETY: non-null, `key_len` bytes by the caller's contract.
-    let kb = unsafe { std::slice::from_raw_parts(c.key, c.key_len) };
-    let key = Key::new(kb).map_err(|e| from_engine(&e))?;
     let t = RmigTransport::try_from(c.transport)
         .map_err(|e| fail(RmigErrInvalidArgument, &e.message("config.transport")))?;
     // SAFETY: the caller's contract covers the config's strings.
     let encryption = unsafe { encryption(&c)? };
+    let key = if c.key.is_null() || c.key_len == 0 {
+        // x509 certificates authenticate both ends without a key (each session's key then
+        // comes from its control connection's TLS session), as QEMU's tls-creds-x509 does.
+        if !matches!(encryption, Encryption::X509(_)) {
+            return Err(fail(RmigErrInvalidArgument, "config.key is NULL or empty"));
+        }
+        Key::per_session()
+    } else {
+        // SAFETY: non-null, `key_len` bytes by the caller's contract.
+        let kb = unsafe { std::slice::from_raw_parts(c.key, c.key_len) };
+        Key::new(kb).map_err(|e| from_engine(&e))?
+    };
     let v = RmigVerify::try_from(c.verify)
         .map_err(|e| fail(RmigErrInvalidArgument, &e.message("config.verify")))?;
     let p = Parsed {
@@ -212,7 +218,7 @@ unsafe fn register(
 /// session may then be driven from any one thread at a time.
 ///
 /// Fails with `RMIG_ERR_INVALID_ARGUMENT` for a NULL or misaligned pointer, a NULL or non-UTF-8
-/// address, an empty key, a `config->transport` that is no `RMIG_TRANSPORT_*` value, or no
+/// address, an empty key (unless x509), a `config->transport` that is no `RMIG_TRANSPORT_*` value, or no
 /// `dirty_sync` callback; with `RMIG_ERR_CONFIG` for a key shorter than 16 bytes.
 ///
 /// # Safety

@@ -199,7 +199,9 @@ pub struct RmigConfig {
     /// Source: the destination's `host:port`. Destination: the address to listen on
     /// (`host:0` picks a port; see `rmig_dest_port`). Borrowed during `rmig_*_new` only.
     pub address: *const c_char,
-    /// The pre-shared key; borrowed during `rmig_*_new` only.
+    /// The pre-shared key; borrowed during `rmig_*_new` only. May be NULL with
+    /// `RMIG_ENCRYPTION_TLS_X509`: the certificates authenticate both ends, and each session's
+    /// key is derived from its control connection's TLS session.
     pub key: *const u8,
     /// Length of `key` in bytes: at least 16 once surrounding whitespace is trimmed (a shorter
     /// key makes `rmig_*_new` fail with `RMIG_ERR_CONFIG`).

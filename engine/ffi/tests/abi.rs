@@ -230,6 +230,31 @@ fn short_keys_are_refused() {
     assert!(last_error().contains("at least 16"), "{}", last_error());
 }
 
+/// No key: refused unless x509 certificates authenticate both ends (then each session's key
+/// comes from its control connection's TLS session).
+#[test]
+fn a_null_key_is_accepted_with_x509_only() {
+    let _deadline = Deadline::secs(120);
+    let mut s = 0;
+    let mut c = config(c"127.0.0.1:0");
+    c.key = null();
+    c.key_len = 0;
+    // SAFETY: valid pointers; a NULL key is the library's to judge.
+    let r = unsafe { rmig_dest_new(&c, &callbacks(), &mut s) };
+    assert_eq!(r, RmigErrInvalidArgument, "PSK mode without a key");
+    c.encryption = RmigEncryption::RmigEncryptionTlsX509 as u32;
+    c.tls_creds = c"/nonexistent/rmig-creds".as_ptr();
+    // SAFETY: as above; the credentials are read when the session starts.
+    let r = unsafe { rmig_dest_new(&c, &callbacks(), &mut s) };
+    assert_eq!(r, RmigOk, "{}", last_error());
+    assert_eq!(rmig_free(s), RmigOk);
+    c.address = c"127.0.0.1:1".as_ptr();
+    // SAFETY: as above.
+    let r = unsafe { rmig_source_new(&c, &callbacks(), &mut s) };
+    assert_eq!(r, RmigOk, "{}", last_error());
+    assert_eq!(rmig_free(s), RmigOk);
+}
+
 #[test]
 fn bad_regions_are_refused() {
     let _deadline = Deadline::secs(120);

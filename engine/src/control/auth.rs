@@ -8,21 +8,35 @@
 //! Over TLS, each proof also covers the channel binding of the connection it travels on
 //! ([`tls::binding`](super::tls::binding)): a relay that terminates TLS towards both ends
 //! holds two sessions with different bindings, so a proof it passes along fails.
+//!
+//! **x509 without a pre-shared key** ([`Key::per_session`]), as QEMU's `tls-creds-x509` needs
+//! no extra secret: the certificates authenticate both ends of every connection, and what
+//! remains to prove is that a lane (or a reconnecting control connection) belongs to *this*
+//! session. The session's HMAC key is then derived from the control connection's channel
+//! binding, a TLS exporter value that only the two ends of that TLS session can compute; a
+//! lane's proof under it, bound to the lane's own TLS session, shows that the lane was opened
+//! by the end that holds the control connection. Without certificates (PSK mode, or
+//! cleartext) such a key would prove nothing, since a relay that terminates TLS is an end of
+//! both sessions it holds: [`check_key`] refuses that combination.
 
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
+use super::tls::Encryption;
 use crate::EngineError;
 
 type HmacSha256 = Hmac<Sha256>;
 
-/// A pre-shared key.
+/// A pre-shared key, or none: each session's key derived from its TLS session (x509 only).
 #[derive(Clone)]
-pub struct Key(Vec<u8>);
+pub struct Key(Option<Secret>);
 
 impl std::fmt::Debug for Key {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Key(..)")
+        match self.0 {
+            Some(_) => f.write_str("Key(..)"),
+            None => f.write_str("Key(per session)"),
+        }
     }
 }
 
@@ -41,12 +55,24 @@ impl Key {
                 t.len()
             )));
         }
-        Ok(Key(t.to_vec()))
+        Ok(Key(Some(Secret(t.to_vec()))))
+    }
+
+    /// No pre-shared key: each session's key is derived from the channel binding of its
+    /// control connection (see the module doc). Only a session with mutual x509
+    /// authentication ([`Encryption::X509`]) may use it ([`check_key`]).
+    pub fn per_session() -> Key {
+        Key(None)
+    }
+
+    /// Whether this is a pre-shared key (else [`Key::per_session`]).
+    pub fn is_shared(&self) -> bool {
+        self.0.is_some()
     }
 
     /// A fresh key of 32 random bytes from the operating system.
     pub fn random() -> Result<Key, EngineError> {
-        Ok(Key(nonce()?.to_vec()))
+        Ok(Key(Some(Secret(nonce()?.to_vec()))))
     }
 
     /// Reads a key file. Like ssh, refuses a file that group or others may read or write,
@@ -67,6 +93,42 @@ impl Key {
             .map_err(|e| EngineError::Config(format!("key file {shown}: {e}")))?;
         Key::new(&bytes)
     }
+}
+
+/// Refuses a session without a pre-shared key unless it is authenticated by mutual x509
+/// certificates: with throwaway certificates (PSK mode) or in cleartext, a key derived from
+/// the connection would be known to any relay that terminates it.
+pub fn check_key(key: &Key, enc: &Encryption) -> Result<(), EngineError> {
+    match (key.is_shared(), enc) {
+        (true, _) | (false, Encryption::X509(_)) => Ok(()),
+        (false, _) => Err(EngineError::Config(format!(
+            "no pre-shared key, and encryption is {}: only x509 certificates (tls-x509) \
+             authenticate the peer without one; give a key or x509 credentials",
+            enc.name()
+        ))),
+    }
+}
+
+/// An HMAC key in use: a pre-shared key, or one derived for a session.
+#[derive(Clone)]
+struct Secret(Vec<u8>);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(..)")
+    }
+}
+
+impl Secret {
+    /// The key of an x509 session without a pre-shared key: derived from the control
+    /// connection's channel binding (a TLS exporter value, so a uniformly random secret of
+    /// that TLS session) with HMAC as the key derivation function, under its own label so
+    /// that it is independent of every other use of the binding.
+    fn of_binding(binding: &[u8; 32]) -> Secret {
+        let mut m = HmacSha256::new_from_slice(binding).expect("HMAC takes any key length");
+        m.update(label::X509_SESSION_KEY);
+        Secret(m.finalize().into_bytes().to_vec())
+    }
 
     fn mac(&self, label: &[u8], parts: &[&[u8]]) -> HmacSha256 {
         let mut m = HmacSha256::new_from_slice(&self.0).expect("HMAC takes any key length");
@@ -79,12 +141,12 @@ impl Key {
     }
 
     /// The HMAC of `parts` under `label`.
-    pub fn sign(&self, label: &[u8], parts: &[&[u8]]) -> [u8; 32] {
+    fn sign(&self, label: &[u8], parts: &[&[u8]]) -> [u8; 32] {
         self.mac(label, parts).finalize().into_bytes().into()
     }
 
     /// Checks `tag` in constant time.
-    pub fn check(&self, label: &[u8], parts: &[&[u8]], tag: &[u8; 32]) -> bool {
+    fn check(&self, label: &[u8], parts: &[&[u8]], tag: &[u8; 32]) -> bool {
         self.mac(label, parts).verify_slice(tag).is_ok()
     }
 }
@@ -111,13 +173,15 @@ pub mod label {
     pub const REJOIN: &[u8] = b"rmig-v2-rejoin";
     /// The destination's answer to a reconnect.
     pub const REJOIN_OK: &[u8] = b"rmig-v2-rejoin-ok";
+    /// The derivation of an x509 session's key from its control connection.
+    pub const X509_SESSION_KEY: &[u8] = b"rmig-v1-x509-session-key";
 }
 
 /// What both ends know once authenticated: the two challenges, the control connection's
 /// channel binding (over TLS), and on a source how its lanes open their TLS sessions.
 #[derive(Debug, Clone)]
 pub struct SessionAuth {
-    key: Key,
+    key: Secret,
     dest_nonce: [u8; 32],
     source_nonce: [u8; 32],
     /// The control connection's TLS channel binding, when it is encrypted.
@@ -137,21 +201,34 @@ fn bound<'a>(parts: &[&'a [u8]], binding: Option<&'a [u8; 32]>) -> Vec<&'a [u8]>
 }
 
 impl SessionAuth {
-    /// From the key and both challenges.
-    pub fn new(key: Key, dest_nonce: [u8; 32], source_nonce: [u8; 32]) -> Self {
-        SessionAuth {
+    /// From the key and both challenges, the control proofs bound to the channel binding of
+    /// the connection they travel on (`None`: cleartext). Without a pre-shared key
+    /// ([`Key::per_session`]) the session's key is derived from that binding, so there must
+    /// be one.
+    pub fn new(
+        key: Key,
+        dest_nonce: [u8; 32],
+        source_nonce: [u8; 32],
+        binding: Option<[u8; 32]>,
+    ) -> Result<Self, EngineError> {
+        let key = match (key.0, &binding) {
+            (Some(k), _) => k,
+            (None, Some(b)) => Secret::of_binding(b),
+            (None, None) => {
+                return Err(EngineError::Config(
+                    "no pre-shared key, and the control connection is not TLS: nothing to \
+                     derive the session's key from"
+                        .into(),
+                ))
+            }
+        };
+        Ok(SessionAuth {
             key,
             dest_nonce,
             source_nonce,
-            binding: None,
+            binding,
             lane_tls: None,
-        }
-    }
-
-    /// Binds the control proofs to the channel binding of the connection they travel on.
-    pub fn bound_to(mut self, binding: Option<[u8; 32]>) -> Self {
-        self.binding = binding;
-        self
+        })
     }
 
     /// Sets how this source's lanes open their TLS sessions.
@@ -305,7 +382,7 @@ mod tests {
     #[test]
     fn proofs_bind_key_nonces_and_lane() {
         let k = Key::new(b"secret of sixteen bytes\n").unwrap();
-        let a = SessionAuth::new(k.clone(), [1; 32], [2; 32]);
+        let a = SessionAuth::new(k.clone(), [1; 32], [2; 32], None).unwrap();
         assert!(a.check_source(&a.source_proof()));
         assert!(a.check_dest(&a.dest_proof()));
         assert!(!a.check_source(&a.dest_proof()));
@@ -316,7 +393,7 @@ mod tests {
         assert!(a.check_lane(3, Some(&[7; 32]), &p));
         assert!(!a.check_lane(3, Some(&[8; 32]), &p));
         assert!(!a.check_lane(3, None, &p));
-        let b = a.clone().bound_to(Some([7; 32]));
+        let b = SessionAuth::new(k.clone(), [1; 32], [2; 32], Some([7; 32])).unwrap();
         assert!(b.check_source(&b.source_proof()));
         assert!(!a.check_source(&b.source_proof()));
         assert!(!b.check_dest(&a.dest_proof()));
@@ -324,9 +401,53 @@ mod tests {
             Key::new(b"another sixteen bytes").unwrap(),
             [1; 32],
             [2; 32],
-        );
+            None,
+        )
+        .unwrap();
         assert!(!a.check_source(&other.source_proof()));
-        let replay = SessionAuth::new(k, [9; 32], [2; 32]);
+        let replay = SessionAuth::new(k, [9; 32], [2; 32], None).unwrap();
         assert!(!replay.check_source(&a.source_proof()));
+    }
+
+    #[test]
+    fn per_session_keys_come_from_the_control_connection() {
+        let pk = Key::per_session;
+        // Cleartext: nothing to derive from.
+        assert!(SessionAuth::new(pk(), [1; 32], [2; 32], None).is_err());
+        let a = SessionAuth::new(pk(), [1; 32], [2; 32], Some([7; 32])).unwrap();
+        let same = SessionAuth::new(pk(), [1; 32], [2; 32], Some([7; 32])).unwrap();
+        assert!(same.check_source(&a.source_proof()));
+        assert_eq!(a.session_id(), same.session_id());
+        // Another control connection (a relay's, another session's) has another binding:
+        // none of its proofs hold here, lanes' included.
+        let b = SessionAuth::new(pk(), [1; 32], [2; 32], Some([8; 32])).unwrap();
+        assert!(!b.check_source(&a.source_proof()));
+        assert_ne!(a.session_id(), b.session_id());
+        let lane = a.bound_lane_proof(0, Some(&[9; 32]));
+        assert!(same.check_lane(0, Some(&[9; 32]), &lane));
+        assert!(!b.check_lane(0, Some(&[9; 32]), &lane));
+        // The derived key is not the binding itself.
+        let raw = SessionAuth::new(
+            Key(Some(Secret(vec![7; 32]))),
+            [1; 32],
+            [2; 32],
+            Some([7; 32]),
+        )
+        .unwrap();
+        assert!(!raw.check_source(&a.source_proof()));
+    }
+
+    #[test]
+    fn only_x509_may_go_without_a_key() {
+        let x509 = Encryption::X509(crate::X509Creds {
+            dir: "/nonexistent".into(),
+            hostname: None,
+        });
+        assert!(check_key(&Key::per_session(), &x509).is_ok());
+        for enc in [Encryption::Psk, Encryption::Off] {
+            let e = check_key(&Key::per_session(), &enc).unwrap_err();
+            assert!(e.to_string().contains(enc.name()), "{e}");
+            assert!(check_key(&Key::random().unwrap(), &enc).is_ok());
+        }
     }
 }

@@ -181,7 +181,10 @@ async fn source_auth<S: AsyncRead + AsyncWrite + Unpin>(
     timeout: Duration,
 ) -> Result<SessionAuth, EngineError> {
     let snonce = auth::nonce()?;
-    let a = SessionAuth::new(offer.key.clone(), dnonce, snonce).bound_to(binding);
+    let a = match SessionAuth::new(offer.key.clone(), dnonce, snonce, binding) {
+        Ok(a) => a,
+        Err(e) => return refuse(s, e).await,
+    };
     let proof = Message::AuthProof {
         nonce: snonce,
         mac: a.source_proof(),
@@ -189,10 +192,7 @@ async fn source_auth<S: AsyncRead + AsyncWrite + Unpin>(
     write(s, &proof).await?;
     match recv(s, timeout, "AuthOk").await? {
         Message::AuthOk { mac } if a.check_dest(&mac) => Ok(a),
-        Message::AuthOk { .. } => {
-            let e = EngineError::Auth("the destination could not prove the pre-shared key".into());
-            refuse(s, e).await
-        }
+        Message::AuthOk { .. } => refuse(s, unproven("destination", &offer.key)).await,
         m => refuse(s, unexpected("AuthOk", &m)).await,
     }
 }
@@ -263,6 +263,19 @@ pub async fn dest_after<S: AsyncRead + AsyncWrite + Unpin>(
     })
 }
 
+/// The `peer` failed its proof of the session's key: a wrong pre-shared key, a relay, or a
+/// key at one end only.
+fn unproven(peer: &str, ours: &Key) -> EngineError {
+    EngineError::Auth(if ours.is_shared() {
+        format!("the {peer} could not prove the pre-shared key")
+    } else {
+        format!(
+            "the {peer} could not prove the session (this end has no pre-shared key; has the \
+             {peer} one?)"
+        )
+    })
+}
+
 /// Answers `Hello` with the highest common version and our challenge.
 async fn pick_version<S: AsyncRead + AsyncWrite + Unpin>(
     s: &mut S,
@@ -305,10 +318,12 @@ async fn prove_key<S: AsyncRead + AsyncWrite + Unpin>(
 ) -> Result<SessionAuth, EngineError> {
     let a = match recv(s, timeout, "AuthProof").await? {
         Message::AuthProof { nonce, mac } => {
-            let a = SessionAuth::new(acc.key.clone(), dnonce, nonce).bound_to(binding);
+            let a = match SessionAuth::new(acc.key.clone(), dnonce, nonce, binding) {
+                Ok(a) => a,
+                Err(e) => return refuse(s, e).await,
+            };
             if !a.check_source(&mac) {
-                let e = EngineError::Auth("the source could not prove the pre-shared key".into());
-                return refuse(s, e).await;
+                return refuse(s, unproven("source", &acc.key)).await;
             }
             a
         }

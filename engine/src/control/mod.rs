@@ -9,6 +9,7 @@
 pub mod auth;
 pub mod handshake;
 pub mod link;
+pub mod nosigpipe;
 pub mod tls;
 
 /// A runtime for one session's control connection.

@@ -17,7 +17,12 @@
 //!   sides has two different sessions, so the proofs it passes along do not hold on either.
 //!
 //! In x509 mode the proofs are bound too: the pre-shared key then ties the lanes to the
-//! session exactly as in PSK mode.
+//! session exactly as in PSK mode. There the key is optional ([`Key::per_session`](super::auth::Key::per_session)): the
+//! session's key is then derived from the control connection's binding (see
+//! [`auth`](super::auth)).
+//!
+//! Every async connection runs over [`NoSigPipe`], so that a write to a peer that has gone
+//! is an error and not a SIGPIPE that ends a C embedder.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -26,6 +31,9 @@ use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, Server
 use rustls::crypto::{ring, CryptoProvider};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use tokio::net::TcpStream;
+
+use super::nosigpipe::NoSigPipe;
 use rustls::{
     CertificateError, ClientConfig, DigitallySignedStruct, ServerConfig, SignatureScheme,
 };
@@ -170,8 +178,8 @@ impl ClientTls {
     }
 
     /// A tokio connector and the name to check.
-    pub fn connector(&self) -> (tokio_rustls::TlsConnector, ServerName<'static>) {
-        (self.config.clone().into(), self.name.clone())
+    pub fn connector(&self) -> (Connector, ServerName<'static>) {
+        (Connector(self.config.clone().into()), self.name.clone())
     }
 
     /// A blocking client session (for a lane).
@@ -219,8 +227,38 @@ impl ServerTls {
     }
 
     /// A tokio acceptor.
-    pub fn acceptor(&self) -> tokio_rustls::TlsAcceptor {
-        self.config.clone().into()
+    pub fn acceptor(&self) -> Acceptor {
+        Acceptor(self.config.clone().into())
+    }
+}
+
+/// A source's encrypted control connection (or a lane's, while it joins).
+pub type ClientStream = tokio_rustls::client::TlsStream<NoSigPipe>;
+
+/// A destination's encrypted connection, while it is async (control, or a lane joining).
+pub type ServerStream = tokio_rustls::server::TlsStream<NoSigPipe>;
+
+/// Opens TLS sessions over TCP connections that write without SIGPIPE ([`NoSigPipe`]).
+pub struct Connector(tokio_rustls::TlsConnector);
+
+impl Connector {
+    /// The TLS handshake as the client on `s`, checking the server's certificate for `name`.
+    pub fn connect(
+        &self,
+        name: ServerName<'static>,
+        s: TcpStream,
+    ) -> tokio_rustls::Connect<NoSigPipe> {
+        self.0.connect(name, NoSigPipe::new(s))
+    }
+}
+
+/// Accepts TLS sessions over TCP connections that write without SIGPIPE ([`NoSigPipe`]).
+pub struct Acceptor(tokio_rustls::TlsAcceptor);
+
+impl Acceptor {
+    /// The TLS handshake as the server on `s`.
+    pub fn accept(&self, s: TcpStream) -> tokio_rustls::Accept<NoSigPipe> {
+        self.0.accept(NoSigPipe::new(s))
     }
 }
 

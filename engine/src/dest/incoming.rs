@@ -40,7 +40,7 @@ pub(crate) enum Sock {
     /// Cleartext.
     Plain(TcpStream),
     /// TLS.
-    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+    Tls(Box<tls::ServerStream>),
 }
 
 impl tokio::io::AsyncRead for Sock {

@@ -82,7 +82,7 @@ async fn answer(mut s: Sock, verdict: Result<u16, String>) -> Option<LaneSocket>
                 Sock::Plain(t) => (t, None),
                 Sock::Tls(t) => {
                     let (tcp, conn) = t.into_inner();
-                    (tcp, Some(conn))
+                    (tcp.into_inner(), Some(conn))
                 }
             };
             let sock = tcp.into_std().ok()?;

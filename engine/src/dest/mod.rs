@@ -92,6 +92,7 @@ struct Opened {
 impl DestListener {
     /// Listens on `addr` (`host:port`; port 0 picks one).
     pub fn bind(addr: &str, cfg: DestConfig) -> Result<DestListener, EngineError> {
+        crate::control::auth::check_key(&cfg.key, &cfg.encryption)?;
         let rt = crate::control::runtime()?;
         let listener = rt
             .block_on(TcpListener::bind(addr))

@@ -111,9 +111,6 @@ impl SourceSession {
         let local_ip = Some(hs.local.ip());
         let placement = placement::Placement::new(cfg.numa, &regions, lane_count, local_ip);
         let fallback = setup::fallback_reason(&hs);
-        if let Some(f) = &fallback {
-            eprintln!("rmig: using TCP: {f}");
-        }
         let rdma = setup::register_rdma(&cfg, &hs, &shared.map).map_err(fail)?;
         let lanes = LaneSet::open(&cfg, &hs, rdma.as_ref(), &shared, placement).map_err(fail)?;
         let version = hs.agreed.version;

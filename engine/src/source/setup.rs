@@ -56,6 +56,7 @@ pub(super) fn record_failure(monitor: &Monitor, e: EngineError) -> EngineError {
 /// Checks the region table and the lane count before anything connects.
 pub(super) fn validate(cfg: &SourceConfig, regions: &[Region]) -> Result<(), EngineError> {
     region::validate(regions)?;
+    crate::control::auth::check_key(&cfg.key, &cfg.encryption)?;
     if cfg.lanes == 0 || cfg.lanes > u16::MAX as usize {
         return Err(EngineError::Config("lanes must be 1..=65535".into()));
     }
