@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The RDMA tests on soft-RoCE (rxe): the transport's lane tests, the engine's migrations over
-# RDMA (tests/tests/rdma.rs, the ones marked `ignore` elsewhere) and a bench run.
+# The RDMA tests on soft-RoCE (rxe): the transport's lane tests and post-copy's RDMA READ tests
+# (rdma_read), the engine's migrations over RDMA (tests/tests/rdma.rs, the ones marked `ignore`
+# elsewhere) and a bench run.
 #
 # Where the kernel has rdma_rxe (an ordinary Linux host), it runs natively: a network namespace
 # with a veth pair on 198.18.0.1/24 and an rxe device on it, removed again at the end.
@@ -11,7 +12,7 @@ cd "$(dirname "$0")/../.."
 root=$PWD
 # Test binaries built here run unchanged in the guest (it shares this root filesystem).
 bins=$(cargo test --release -q --no-run --message-format=json \
-         -p rmig-transport --test rdma_lane -p rmig-tests --test rdma 2>/dev/null \
+         -p rmig-transport --test rdma_lane --test rdma_read -p rmig-tests --test rdma 2>/dev/null \
        | /usr/bin/python3 -c 'import json,sys
 for l in sys.stdin:
     m = json.loads(l)

@@ -28,6 +28,10 @@ pub struct RdmaDevice {
     pub(crate) max_sge: u32,
     /// Most outstanding work requests on one queue.
     pub(crate) max_qp_wr: u32,
+    /// Most RDMA READs a queue pair may answer at once (responder resources).
+    pub(crate) max_rd_atom: u8,
+    /// Most RDMA READs a queue pair may have outstanding as the reader (initiator depth).
+    pub(crate) max_init_rd_atom: u8,
 }
 
 impl std::fmt::Debug for RdmaDevice {
@@ -110,6 +114,8 @@ impl RdmaDevice {
                 mtu: pattr.active_mtu(),
                 max_sge: attr.max_sge().max(1) as u32,
                 max_qp_wr: attr.max_qp_wr().max(16) as u32,
+                max_rd_atom: attr.max_qp_rd_atom().clamp(0, 255) as u8,
+                max_init_rd_atom: attr.max_qp_init_rd_atom().clamp(0, 255) as u8,
                 ctx,
             });
         }

@@ -85,8 +85,19 @@ pub(crate) fn register(
     if remote_write {
         access |= AccessFlags::RemoteWrite;
     }
-    // SAFETY: the memory belongs to a `MemRegion`, whose contract keeps it mapped for the
-    // session; every registration is dropped (deregistered) before the session ends.
+    register_with(dev, ptr, len, access)
+}
+
+/// Registers `len` bytes at `ptr` with `access` (e.g. remote read for post-copy's exposure).
+pub(crate) fn register_with(
+    dev: &RdmaDevice,
+    ptr: *mut u8,
+    len: usize,
+    access: AccessFlags,
+) -> Result<Arc<MemoryRegion>, RdmaError> {
+    // SAFETY: the memory is guest memory, which `MemRegion`'s contract keeps mapped for the
+    // session, or a buffer of a lane or reader, which owns it and drops the registration
+    // (deregisters) before the buffer; every registration is dropped before the session ends.
     let r = unsafe { dev.pd.reg_mr(ptr as usize, len, access) };
     r.map_err(|e| {
         let io = io_of(&e);

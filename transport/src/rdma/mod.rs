@@ -20,6 +20,10 @@
 //! is the per-batch fence; the engine's round fence (`RoundEnd` on the control connection)
 //! follows once every batch of the round is acknowledged.
 //!
+//! Post-copy uses the same devices the other way round: the source exposes its memory for
+//! remote read (`exposure.rs`) and the destination fetches the pages it lacks with one-sided
+//! RDMA READs (`reader.rs`), so no thread of the source is on the path of a fault.
+//!
 //! The verbs come from [`sideway`], which loads `libibverbs` at run time: one binary runs with
 //! or without rdma-core installed, and a missing library or a kernel without RDMA (where
 //! `ibv_get_device_list` fails with `ENOSYS`) is simply "no device".
@@ -32,14 +36,20 @@ mod queue;
 pub mod wire;
 
 mod dest;
+mod exposure;
+pub mod read_wire;
+mod reader;
 mod source;
 
 pub use connector::{accept_dest_lane, connect_source_lane, Setup};
 pub use dest::{DestPrepared, RdmaDestLane};
 pub use device::RdmaDevice;
 pub use error::RdmaError;
+pub use exposure::{serve_reader, ExposedMemory, ReadExposure};
 pub use memory::{LocalMemory, Registration, RemoteMemory, RemoteRegion};
 pub use queue::QpEndpoint;
+pub use read_wire::{ExposedRegion, ReadSetup};
+pub use reader::{RdmaPageReader, ReadError, ReaderConfig};
 pub use source::{RdmaSourceLane, SourcePrepared};
 
 /// How long the end of a lane may take under a slow device (soft-RoCE under emulation): the

@@ -42,17 +42,22 @@ impl Completion {
 
     /// The failure as a lane error, named as verbs names it.
     pub fn error(&self, what: &str) -> LaneError {
+        let name = self.status_name();
+        LaneError::Rdma(format!("{what} failed: {name} (status {})", self.status))
+    }
+
+    /// The status as verbs names it (`ibv_wc_status_str`).
+    pub fn status_name(&self) -> String {
         // SAFETY: ibv_wc_status_str returns a pointer to a static string for any value (or
         // null when libibverbs is missing, handled below).
-        let name = unsafe {
+        unsafe {
             let p = rdma_mummy_sys::ibv_wc_status_str(self.status);
             if p.is_null() {
                 format!("status {}", self.status)
             } else {
                 std::ffi::CStr::from_ptr(p).to_string_lossy().into_owned()
             }
-        };
-        LaneError::Rdma(format!("{what} failed: {name} (status {})", self.status))
+        }
     }
 }
 
@@ -63,6 +68,12 @@ pub(crate) struct Queue {
     pub cq: Arc<BasicCompletionQueue>,
     chan: Option<Arc<CompletionChannel>>,
     psn: u32,
+    /// RDMA READs this queue pair may have outstanding as the reader (0: it reads nothing).
+    read_depth: u8,
+    /// RDMA READs it may answer at once as the responder (0: it allows none).
+    read_resources: u8,
+    /// Transport retries before a work request fails with "retry exceeded".
+    retry_cnt: u8,
 }
 
 impl Queue {
@@ -73,6 +84,19 @@ impl Queue {
         send: u32,
         recv: u32,
         events: bool,
+    ) -> Result<Queue, RdmaError> {
+        let access = AccessFlags::LocalWrite | AccessFlags::RemoteWrite;
+        Queue::with_access(dev, send, recv, events, access)
+    }
+
+    /// As [`new`](Self::new), with `access` for what the peer may do to memory through it
+    /// (post-copy's exposure allows remote reads only).
+    pub fn with_access(
+        dev: Arc<RdmaDevice>,
+        send: u32,
+        recv: u32,
+        events: bool,
+        access: AccessFlags,
     ) -> Result<Queue, RdmaError> {
         let chan = if events {
             Some(
@@ -106,7 +130,7 @@ impl Queue {
         attr.setup_state(QueuePairState::Init)
             .setup_pkey_index(0)
             .setup_port(dev.port)
-            .setup_access_flags(AccessFlags::LocalWrite | AccessFlags::RemoteWrite);
+            .setup_access_flags(access);
         qp.modify(&attr)
             .map_err(|e| RdmaError::verbs("queue pair to INIT", io_of(&e)))?;
         let mut r = [0u8; 4];
@@ -117,7 +141,24 @@ impl Queue {
             cq,
             chan,
             psn: u32::from_le_bytes(r) & 0x00ff_ffff,
+            read_depth: 0,
+            read_resources: 0,
+            retry_cnt: 7,
         })
+    }
+
+    /// Sets, before [`connect`](Self::connect), how many RDMA READs this queue pair may have
+    /// outstanding as the reader (`depth`) and answer at once as the responder (`resources`).
+    pub fn set_reads(&mut self, depth: u8, resources: u8) {
+        self.read_depth = depth;
+        self.read_resources = resources;
+    }
+
+    /// Sets, before [`connect`](Self::connect), how often the queue pair retransmits before
+    /// it fails its work request (at most 7). Soft-RoCE takes 7 for "retry for ever", as the
+    /// spec does for RNR retries only: a peer that is gone then never fails a request.
+    pub fn set_retries(&mut self, n: u8) {
+        self.retry_cnt = n.min(7);
     }
 
     /// Our end, for the peer.
@@ -136,7 +177,7 @@ impl Queue {
             .setup_path_mtu(self.dev.mtu)
             .setup_dest_qp_num(peer.qpn)
             .setup_rq_psn(peer.psn & 0x00ff_ffff)
-            .setup_max_dest_read_atomic(0)
+            .setup_max_dest_read_atomic(self.read_resources)
             .setup_min_rnr_timer(12);
         let mut ah = AddressHandleAttribute::new();
         ah.setup_dest_lid(0)
@@ -153,9 +194,9 @@ impl Queue {
         attr.setup_state(QueuePairState::ReadyToSend)
             .setup_sq_psn(self.psn)
             .setup_timeout(14)
-            .setup_retry_cnt(7)
+            .setup_retry_cnt(self.retry_cnt)
             .setup_rnr_retry(7)
-            .setup_max_read_atomic(0);
+            .setup_max_read_atomic(self.read_depth);
         self.qp
             .modify(&attr)
             .map_err(|e| RdmaError::verbs("queue pair to RTS", io_of(&e)))?;
