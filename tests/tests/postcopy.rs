@@ -4,73 +4,17 @@
 //! as it was at the pause; the source never resumes its copy. A link lost after the switch
 //! loses the guest at both ends, and nothing claims success.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use rmig_engine::protocol::codec::tag;
-use rmig_engine::{
-    DestEmbedder, EngineError, MigrationStatus, Postcopy, SharedDirtyLog, VerifyMode,
-};
+use rmig_engine::{EngineError, MigrationStatus, Postcopy, SharedDirtyLog, VerifyMode};
+use rmig_tests::guest::ReadingGuest;
 use rmig_tests::proxy::{Break, Proxy, Trigger};
-use rmig_tests::{assert_same, Deadline, Mem, Rng, Setup, Writer};
+use rmig_tests::{assert_same, Deadline, Mem, Setup, Writer};
 
 const LEN: usize = 32 << 20;
 const HOT: u64 = 2048; // 8 MiB rewritten all the time
-
-/// A page the destination's guest read, and the bytes it saw.
-type PageRead = (u64, Vec<u8>);
-
-/// A destination guest: once resumed, a thread reads `reads` pages of the hot set in random
-/// order, as a guest would, and keeps each page's bytes for the test to compare.
-#[derive(Clone)]
-struct ReadingGuest {
-    addr: usize,
-    reads: u64,
-    seen: Arc<Mutex<Vec<PageRead>>>,
-    done: Arc<AtomicBool>,
-    resumed: Arc<AtomicU64>,
-}
-
-impl ReadingGuest {
-    fn new(mem: &Mem, reads: u64) -> Self {
-        ReadingGuest {
-            addr: mem.ptr() as usize,
-            reads,
-            seen: Arc::default(),
-            done: Arc::default(),
-            resumed: Arc::default(),
-        }
-    }
-}
-
-impl DestEmbedder for ReadingGuest {
-    fn load_device_state(&mut self, _s: Vec<u8>) -> Result<(), String> {
-        Ok(())
-    }
-
-    fn resume(&mut self) -> Result<(), String> {
-        self.resumed.fetch_add(1, Ordering::Relaxed);
-        let g = self.clone();
-        std::thread::spawn(move || {
-            let mut r = Rng(99);
-            for _ in 0..g.reads {
-                let page = r.next_u64() % HOT;
-                let mut bytes = vec![0u8; 4096];
-                for (i, b) in bytes.iter_mut().enumerate() {
-                    // SAFETY: inside the destination's memory, which the test keeps mapped;
-                    // a missing page makes this read wait for the fault thread.
-                    *b = unsafe {
-                        std::ptr::read_volatile((g.addr + page as usize * 4096 + i) as *const u8)
-                    };
-                }
-                g.seen.lock().unwrap().push((page, bytes));
-            }
-            g.done.store(true, Ordering::Release);
-        });
-        Ok(())
-    }
-}
 
 /// A source whose writer rewrites 8 MiB about four times faster than its 20 MB/s ceiling,
 /// with post-copy after two rounds.
@@ -93,7 +37,7 @@ fn a_guest_that_outruns_its_link_moves_with_postcopy_and_reads_the_source_bytes(
     let _deadline = Deadline::secs(60);
     let src = Mem::random(LEN, 0.2, 1);
     let dst = Mem::new(LEN);
-    let guest = ReadingGuest::new(&dst, 400);
+    let guest = ReadingGuest::new(&dst, HOT, 400);
     let (mut setup, mut writer) = outrun(&src, &dst);
     setup.dest_guest = Some(Box::new(guest.clone()));
     let (s, d) = setup.run();
@@ -133,16 +77,7 @@ fn a_guest_that_outruns_its_link_moves_with_postcopy_and_reads_the_source_bytes(
     assert_eq!(guest.resumed.load(Ordering::Relaxed), 1);
     // The destination's guest ran before all its memory was there, and read what the
     // source held at the pause on every page it touched.
-    while !guest.done.load(Ordering::Acquire) {
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    for (page, bytes) in guest.seen.lock().unwrap().iter() {
-        let p = *page as usize * 4096;
-        assert!(
-            bytes[..] == src.bytes()[p..p + 4096],
-            "page {page} read wrong bytes"
-        );
-    }
+    guest.check_reads(&src);
     assert_same(src.bytes(), dst.bytes());
 }
 
@@ -151,7 +86,7 @@ fn a_link_lost_after_the_switch_loses_the_guest_at_both_ends() {
     let _deadline = Deadline::secs(60);
     let src = Mem::random(LEN, 0.2, 2);
     let dst = Mem::new(LEN);
-    let guest = ReadingGuest::new(&dst, 400);
+    let guest = ReadingGuest::new(&dst, HOT, 400);
     let (mut setup, mut writer) = outrun(&src, &dst);
     setup.dest_guest = Some(Box::new(guest.clone()));
     // Everything is cut once `Resumed` reached the source, for good: the guest runs on the
@@ -185,7 +120,7 @@ fn a_two_second_outage_during_postcopy_is_ridden_out_and_verifies() {
     let _deadline = Deadline::secs(90);
     let src = Mem::random(LEN, 0.2, 3);
     let dst = Mem::new(LEN);
-    let guest = ReadingGuest::new(&dst, 400);
+    let guest = ReadingGuest::new(&dst, HOT, 400);
     let (mut setup, mut writer) = outrun(&src, &dst);
     setup.dest_guest = Some(Box::new(guest.clone()));
     // Nothing moves for 2 s once `Resumed` reached the source, then every connection that
@@ -218,15 +153,6 @@ fn a_two_second_outage_during_postcopy_is_ridden_out_and_verifies() {
         pc.duration_ms >= 2000.0,
         "the outage was inside post-copy: {pc:?}"
     );
-    while !guest.done.load(Ordering::Acquire) {
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    for (page, bytes) in guest.seen.lock().unwrap().iter() {
-        let p = *page as usize * 4096;
-        assert!(
-            bytes[..] == src.bytes()[p..p + 4096],
-            "page {page} read wrong bytes"
-        );
-    }
+    guest.check_reads(&src);
     assert_same(src.bytes(), dst.bytes());
 }

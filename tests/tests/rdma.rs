@@ -170,3 +170,52 @@ fn rdma_without_a_device_is_a_clear_error_and_auto_falls_back() {
 fn snapshot_equal(m: &Mem) -> Vec<u8> {
     m.bytes().to_vec()
 }
+
+/// Post-copy over RDMA: the destination reads every missing page itself (one-sided READs of
+/// the source's memory), the ones its guest touches first; no source thread serves any.
+#[test]
+#[ignore = "needs an RDMA device: tests/vm/rdma.sh"]
+fn postcopy_over_rdma_reads_every_page_without_the_source() {
+    let _deadline = Deadline::secs(300);
+    let len = 16 * MIB;
+    let hot = 1024;
+    let src = Mem::random(len, 0.2, 21);
+    let dst = Mem::new(len);
+    let log = SharedDirtyLog::new(&[(len / 4096) as u64]);
+    let mut w = Writer::start(&src, log.clone(), hot, 20);
+    let mut setup = rdma_setup(&src, &dst, len);
+    let guest = rmig_tests::guest::ReadingGuest::new(&dst, hot, 200);
+    setup.dest_guest = Some(Box::new(guest.clone()));
+    setup.dirty = Box::new(log);
+    setup.embedder = w.embedder(b"device".to_vec());
+    setup.src.policy.postcopy = rmig_engine::Postcopy::AfterRounds(1);
+    let (s, d) = setup.run();
+    let s = s.expect("source");
+    let d = d.expect("destination");
+    assert_eq!(w.resumed.load(std::sync::atomic::Ordering::Relaxed), 0);
+    w.stop();
+    assert_eq!((s.transport.as_str(), s.verified), ("rdma", Some(true)));
+    let theirs = d.stats.postcopy.clone().expect("destination post-copy");
+    let ours = s.postcopy.clone().expect("source post-copy");
+    eprintln!("post-copy over RDMA: destination {theirs:?}; source {ours:?}");
+    assert!(theirs.pages_at_switch > 0, "{theirs:?}");
+    assert!(
+        theirs.faults > 0,
+        "the guest touched missing pages: {theirs:?}"
+    );
+    assert_eq!(
+        theirs.pages_on_fault + theirs.pages_background,
+        theirs.pages_at_switch,
+        "every page read once: {theirs:?}"
+    );
+    assert_eq!(
+        ours.pages_on_fault, 0,
+        "no source thread served a page: {ours:?}"
+    );
+    assert_eq!(
+        ours.pages_background, 0,
+        "the source sent nothing after the switch"
+    );
+    guest.check_reads(&src);
+    assert_same(src.bytes(), dst.bytes());
+}

@@ -9,6 +9,7 @@ mod incoming;
 mod lanes;
 mod phase;
 mod postcopy;
+mod pull;
 mod sink;
 mod switch;
 
@@ -179,6 +180,10 @@ impl DestListener {
             self.cfg.handshake_timeout,
             (link.inbox(), &mut kept),
         ));
+        // Over RDMA, post-copy's missing pages are read with one-sided READs on this device.
+        let postcopy_dev = device
+            .clone()
+            .filter(|_| agreed.transport == TransportKind::Rdma);
         let opened = joined.and_then(|sockets| {
             self.open_lanes(regions, &agreed, sockets, door, device, monitor, connected)
         });
@@ -214,7 +219,7 @@ impl DestListener {
             lanes,
             more,
             reconnect: self.reconnect(&agreed, slots, rejoins, limits),
-            postcopy: Default::default(),
+            postcopy: switch::DestPostcopy::new(postcopy_dev, self.cfg.handshake_timeout),
         };
         let r = session.run(&results, kept, embedder);
         live.abort();

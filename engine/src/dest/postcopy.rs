@@ -39,10 +39,10 @@ const BASE_PAGE: usize = 4096;
 
 /// Guest memory under userfaultfd, and which of its pages are still missing.
 pub(crate) struct Placer {
-    uffd: Uffd,
-    map: MemoryMap,
+    pub(super) uffd: Uffd,
+    pub(super) map: MemoryMap,
     /// Pages dropped at the switch that have not landed since, per region.
-    missing: Vec<AtomicBitmap>,
+    pub(super) missing: Vec<AtomicBitmap>,
     /// How many of them are left, with a condition to wait on until none is.
     left: Mutex<u64>,
     all_landed: Condvar,
@@ -130,6 +130,14 @@ impl Placer {
     /// Whether page `p` of `region` is still missing.
     pub fn is_missing(&self, region: usize, p: u64) -> bool {
         self.missing[region].test(p)
+    }
+
+    /// Wakes whoever waits for page `p` of `region` (it is there already).
+    pub fn wake(&self, region: usize, p: u64) {
+        let r = self.map.get(region).expect("located");
+        let _ = self
+            .uffd
+            .wake(r.guest_pages(p, 1).as_ptr().cast(), r.page_size());
     }
 
     /// Pages still missing.
@@ -305,6 +313,18 @@ pub(crate) struct FaultFigures {
     pub error: Option<String>,
 }
 
+/// What fetches missing pages for the fault thread.
+pub(crate) enum Fetcher {
+    /// TCP: requests on the fetch lane, answered by a source thread.
+    Tcp(FetchClient),
+    /// RDMA: one-sided READs of the source's memory; the lane socket that set the reader up
+    /// stays open as long as it is used.
+    Rdma(
+        Box<rmig_transport::rdma::RdmaPageReader>,
+        Box<super::lanes::LaneSocket>,
+    ),
+}
+
 /// The thread that serves the guest's faults.
 pub(crate) struct FaultThread {
     stop: Arc<AtomicBool>,
@@ -317,11 +337,12 @@ pub(crate) struct FaultThread {
 const POLL_MS: i32 = 20;
 
 impl FaultThread {
-    /// Starts serving faults on `placer`'s memory, fetching missing pages with `client` and
-    /// handing what lands to `sink` (hashes, counters).
+    /// Starts serving faults on `placer`'s memory, fetching missing pages with `fetcher`
+    /// (over RDMA it also pulls every other missing page) and handing what lands to `sink`
+    /// (hashes, counters).
     pub fn start(
         placer: Arc<Placer>,
-        client: FetchClient,
+        fetcher: Fetcher,
         sink: Arc<DestSink>,
     ) -> std::io::Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
@@ -329,7 +350,12 @@ impl FaultThread {
         let s = stop.clone();
         let join = std::thread::Builder::new()
             .name("rmig-faults".into())
-            .spawn(move || serve_faults(&placer, client, &replacements, &sink, &s))?;
+            .spawn(move || match fetcher {
+                Fetcher::Tcp(client) => serve_faults(&placer, client, &replacements, &sink, &s),
+                Fetcher::Rdma(mut reader, _sock) => {
+                    super::pull::serve_faults_rdma(&placer, &mut reader, &sink, &s)
+                }
+            })?;
         Ok(FaultThread {
             stop,
             replace,
@@ -355,10 +381,10 @@ impl FaultThread {
 }
 
 /// One fault waiting for its page.
-struct Waiting {
-    region: usize,
-    page: u64,
-    since: Instant,
+pub(super) struct Waiting {
+    pub region: usize,
+    pub page: u64,
+    pub since: Instant,
 }
 
 /// The fault thread's loop: waits for fault reports, resolves what it can at once, fetches
@@ -381,7 +407,7 @@ fn serve_faults(
         if let Ok(c) = replacements.try_recv() {
             lane = Some(c);
         }
-        if wait_readable(placer.uffd.as_raw_fd()) {
+        if wait_readable(placer.uffd.as_raw_fd(), POLL_MS) {
             if let Err(e) = gather(placer, &mut waiting) {
                 figures.error = Some(e);
                 break;
@@ -401,21 +427,21 @@ fn serve_faults(
     figures
 }
 
-/// Whether `fd` became readable within the poll period.
-fn wait_readable(fd: i32) -> bool {
+/// Whether `fd` became readable within `ms` milliseconds.
+pub(super) fn wait_readable(fd: i32, ms: i32) -> bool {
     let mut p = libc::pollfd {
         fd,
         events: libc::POLLIN,
         revents: 0,
     };
     // SAFETY: one valid pollfd, for the duration of the call.
-    let n = unsafe { libc::poll(&mut p, 1, POLL_MS) };
+    let n = unsafe { libc::poll(&mut p, 1, ms) };
     n > 0 && p.revents & libc::POLLIN != 0
 }
 
 /// Reads every fault report queued: resolves at once what needs no fetch, and adds the rest
 /// to `waiting` (one entry per page).
-fn gather(placer: &Placer, waiting: &mut Vec<Waiting>) -> Result<(), String> {
+pub(super) fn gather(placer: &Placer, waiting: &mut Vec<Waiting>) -> Result<(), String> {
     loop {
         let ev = match placer.uffd.read_event() {
             Ok(Some(ev)) => ev,

@@ -8,18 +8,23 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use rmig_transport::rdma::{RdmaDevice, RdmaPageReader};
 use rmig_transport::tcp::fetch::FetchClient;
 
 use super::phase::{Failure, Phase, Receiving};
-use super::postcopy::{percentiles, FaultThread, Placer};
+use super::postcopy::{percentiles, FaultThread, Fetcher, Placer};
 use crate::embedder::DestEmbedder;
 use crate::protocol::Message;
 use crate::stats::{MigrationStatus, PostcopyReport};
 use crate::EngineError;
 
 /// Post-copy's state on the destination.
-#[derive(Default)]
 pub(crate) struct DestPostcopy {
+    /// Over RDMA: the device the missing pages are read with, and how long the source's
+    /// answer to the reader's setup may take.
+    rdma: Option<(Arc<RdmaDevice>, Duration)>,
+    /// Over RDMA: the reader, connected as soon as the fetch lane joined (before the pause).
+    reader: Option<(RdmaPageReader, super::lanes::LaneSocket)>,
     /// The pages the source still holds (region, first, pages), as they arrive.
     runs: Vec<(u32, u64, u64)>,
     /// All of `PostcopyPages` arrived: the handover will resume the guest with them missing.
@@ -37,6 +42,21 @@ pub(crate) struct DestPostcopy {
 }
 
 impl DestPostcopy {
+    /// Post-copy's state before any switch; `rdma`: the device of RDMA lanes.
+    pub fn new(rdma: Option<Arc<RdmaDevice>>, setup_wait: Duration) -> Self {
+        DestPostcopy {
+            rdma: rdma.map(|d| (d, setup_wait)),
+            reader: None,
+            runs: Vec::new(),
+            armed: false,
+            fetch: None,
+            placer: None,
+            faults: None,
+            resumed_at: None,
+            next: 0,
+        }
+    }
+
     /// Whether the source switched to post-copy (the page set arrived).
     pub fn armed(&self) -> bool {
         self.armed
@@ -81,25 +101,22 @@ impl Receiving<'_> {
     /// memory under userfaultfd and starts serving faults on the fetch lane. A failure here
     /// is an ordinary one: the source resumes its guest.
     pub(super) fn switch_to_postcopy(&mut self) -> Result<(), Failure> {
-        let sock = self.await_fetch_lane().map_err(|e| (e, true))?;
+        let fetcher = self.await_fetcher().map_err(|e| (e, true))?;
         let runs = std::mem::take(&mut self.postcopy.runs);
         let placer = Arc::new(Placer::switch(self.sink.map(), &runs).map_err(|e| (e, true))?);
-        let conn = sock
-            .into_fetch()
-            .map_err(|e| (EngineError::from(e), true))?;
-        let client = FetchClient::new(conn, self.sink.map().clone());
         let _ = self.sink.placer.set(placer.clone());
-        let faults = FaultThread::start(placer.clone(), client, self.sink.clone())
+        let faults = FaultThread::start(placer.clone(), fetcher, self.sink.clone())
             .map_err(|e| (EngineError::from(e), true))?;
         self.postcopy.placer = Some(placer);
         self.postcopy.faults = Some(faults);
         Ok(())
     }
 
-    /// Waits for the fetch lane (admitting any other lane that comes meanwhile).
-    fn await_fetch_lane(&mut self) -> Result<super::lanes::LaneSocket, EngineError> {
+    /// Waits for the fetch lane (admitting any other lane that comes meanwhile); returns what
+    /// fetches pages through it: the TCP client, or the RDMA reader set up on it.
+    fn await_fetcher(&mut self) -> Result<Fetcher, EngineError> {
         let deadline = Instant::now() + FETCH_JOINS_WITHIN;
-        while self.postcopy.fetch.is_none() {
+        while self.postcopy.fetch.is_none() && self.postcopy.reader.is_none() {
             match self.more.recv_deadline(deadline) {
                 Ok((lane, sock)) => self.admit(lane, sock)?,
                 Err(_) => {
@@ -109,7 +126,15 @@ impl Receiving<'_> {
                 }
             }
         }
-        Ok(self.postcopy.fetch.take().expect("joined"))
+        if let Some((reader, sock)) = self.postcopy.reader.take() {
+            // The socket stays open as long as the reader's queue pair is used.
+            return Ok(Fetcher::Rdma(Box::new(reader), Box::new(sock)));
+        }
+        let conn = self.postcopy.fetch.take().expect("joined").into_fetch()?;
+        Ok(Fetcher::Tcp(FetchClient::new(
+            conn,
+            self.sink.map().clone(),
+        )))
     }
 
     /// `Commit` in post-copy: resumes our guest with pages missing and says `Resumed`; from
@@ -199,6 +224,14 @@ impl Receiving<'_> {
         &mut self,
         sock: super::lanes::LaneSocket,
     ) -> Result<(), EngineError> {
+        if let Some((dev, wait)) = &self.postcopy.rdma {
+            // The source answers on this socket at once; the queue pair is ready before the
+            // pause, so the switch costs no RDMA setup.
+            let cfg = rmig_transport::rdma::ReaderConfig::default();
+            let reader = RdmaPageReader::connect(&sock, dev, cfg, *wait)?;
+            self.postcopy.reader = Some((reader, sock));
+            return Ok(());
+        }
         match &self.postcopy.faults {
             None => self.postcopy.fetch = Some(sock),
             Some(faults) => {

@@ -86,6 +86,8 @@ pub struct SourceSession {
     /// The destination said `Resumed`: its guest runs with pages still here, so this end
     /// never resumes.
     resumed_there: bool,
+    /// The RDMA device of the lanes, when they are RDMA (post-copy exposes memory on it).
+    rdma_dev: Option<Arc<rmig_transport::rdma::RdmaDevice>>,
 }
 
 impl SourceSession {
@@ -136,6 +138,7 @@ impl SourceSession {
             version,
             postcopy: false,
             resumed_there: false,
+            rdma_dev: rdma.as_ref().map(|r| r.dev.clone()),
         };
         session.record_setup(total, fallback, rdma.as_ref());
         Ok(session)
@@ -193,8 +196,7 @@ impl SourceSession {
                 Ok(Step::ReadyForSwitchover)
             }
             Decision::Postcopy => Err(EngineError::NotConverged(
-                "post-copy is needed, but the destination does not speak protocol 3 or the                  lanes are RDMA (post-copy runs over TCP lanes)"
-                    .into(),
+                "post-copy is needed, but the destination does not speak protocol 3".into(),
             )),
             Decision::Fail(why) => Err(EngineError::NotConverged(why)),
         }
@@ -208,11 +210,11 @@ impl SourceSession {
         asked && self.postcopy_possible()
     }
 
-    /// Whether post-copy can run in this session.
+    /// Whether post-copy can run in this session: allowed, and the peer speaks protocol 3.
+    /// (Over RDMA the destination reads the missing pages itself; over TCP the source sends
+    /// them.)
     fn postcopy_possible(&self) -> bool {
-        self.cfg.policy.postcopy.is_on()
-            && self.version >= 3
-            && self.lanes.transport() == crate::protocol::TransportKind::Tcp
+        self.cfg.policy.postcopy.is_on() && self.version >= 3
     }
 
     /// Pauses the guest, copies what is left, hands over device state, verifies and finishes.

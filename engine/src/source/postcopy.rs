@@ -79,6 +79,28 @@ impl FetchServer {
     }
 }
 
+/// What serves the destination's missing pages after the switch.
+pub(super) enum PageServer {
+    /// TCP: a thread answers the fetch lane's requests; the data lanes push the rest.
+    Fetch(FetchServer),
+    /// RDMA: the destination reads every page itself with one-sided READs; this end only
+    /// keeps its memory registered for it (no thread of ours serves anything).
+    Exposed {
+        exposure: rmig_transport::rdma::ReadExposure,
+        _sock: Box<connect::JoinedLane>,
+    },
+}
+
+impl PageServer {
+    /// Ends serving; returns the pages a source thread served.
+    fn finish(self) -> u64 {
+        match self {
+            PageServer::Fetch(f) => f.finish(),
+            PageServer::Exposed { exposure, .. } => exposure.source_completions(),
+        }
+    }
+}
+
 /// Serves fetches from the paused guest's memory: each answer's pages leave the background
 /// set and get their hashes (when verifying) before they go out.
 fn serve(
@@ -103,10 +125,28 @@ fn serve(
 }
 
 impl SourceSession {
-    /// Joins the fetch lane (lane number `2n`, after the fallback lanes) and starts serving
-    /// it; requests come only once the destination's guest runs.
-    pub(super) fn open_fetch_lane(&mut self) -> Result<FetchServer, EngineError> {
-        FetchServer::start(self, Arc::new(AtomicU64::new(0)))
+    /// Joins the fetch lane (lane number `2n`, after the fallback lanes). Over TCP a thread
+    /// serves it; requests come only once the destination's guest runs. Over RDMA the lane
+    /// only carries the setup of a queue pair through which the destination reads this
+    /// end's memory, registered for remote reads.
+    pub(super) fn open_fetch_lane(&mut self) -> Result<PageServer, EngineError> {
+        let dev = match (self.lanes.transport(), &self.rdma_dev) {
+            (crate::protocol::TransportKind::Rdma, Some(dev)) => dev.clone(),
+            _ => {
+                let served = Arc::new(AtomicU64::new(0));
+                return Ok(PageServer::Fetch(FetchServer::start(self, served)?));
+            }
+        };
+        // Registered first: the destination waits for the answer to its reader's setup.
+        let mem = rmig_transport::rdma::ExposedMemory::register(&dev, &self.shared.map)?;
+        let kit = self.lanes.kit();
+        let timeout = self.cfg.handshake_timeout;
+        let sock = connect::join_lane(kit.peer, &kit.auth, 2 * kit.lanes, timeout)?;
+        let exposure = rmig_transport::rdma::serve_reader(&sock, &mem, timeout)?;
+        Ok(PageServer::Exposed {
+            exposure,
+            _sock: Box::new(sock),
+        })
     }
 
     /// Post-copy's `complete`: the pause hands the guest over at once, then every page it
@@ -147,10 +187,82 @@ impl SourceSession {
     /// verifying).
     fn finish_postcopy(
         &mut self,
-        server: &mut FetchServer,
+        server: &mut PageServer,
         at_switch: u64,
         resumed: Instant,
     ) -> Result<Option<bool>, EngineError> {
+        match server {
+            PageServer::Fetch(fetch) => self.push_rest(fetch, at_switch, resumed)?,
+            PageServer::Exposed { .. } => self.hash_remaining(),
+        }
+        self.link.send(Message::PostcopyEnd);
+        let verified = match &self.shared.hashes {
+            Some(h) => {
+                let chunks = crate::verify::touched_digests(h);
+                self.link.send(Message::Digests { chunks });
+                let (ok, mism) = self.await_patiently("Verified", |m| match m {
+                    Message::Verified { ok, mismatches } => Ok((ok, mismatches)),
+                    m => Err(m),
+                })?;
+                self.monitor.update(|s| s.verified = Some(ok));
+                if !ok {
+                    return Err(EngineError::VerifyFailed(format!(
+                        "destination differs in {}",
+                        crate::verify::describe(&mism)
+                    )));
+                }
+                Some(true)
+            }
+            None => None,
+        };
+        self.await_patiently("Done", |m| match m {
+            Message::Done => Ok(()),
+            m => Err(m),
+        })?;
+        Ok(verified)
+    }
+
+    /// Waits for the message `want` accepts for as long as the link lives: the destination
+    /// answers once every page has landed, and bounds that wait itself (it gives up when no
+    /// page lands for twice the peer timeout), while a dead link ends this wait.
+    fn await_patiently<T>(
+        &self,
+        what: &str,
+        want: impl FnOnce(Message) -> Result<T, Message>,
+    ) -> Result<T, EngineError> {
+        loop {
+            if let Some(m) = self.link.recv_timeout(std::time::Duration::from_secs(1))? {
+                return want(m).map_err(|m| {
+                    EngineError::Protocol(format!("expected {what}, got {}", m.name()))
+                });
+            }
+        }
+    }
+
+    /// Over RDMA the pages leave without passing a source thread, so their checksums are
+    /// taken here, from the paused guest's memory (while the destination reads them).
+    fn hash_remaining(&self) {
+        let Some(h) = &self.shared.hashes else { return };
+        let mut scratch = crate::verify::HashScratch::new();
+        for (ri, b) in self.shared.round.iter().enumerate() {
+            let r = self.shared.map.get(ri).expect("region");
+            for p in b.take_set() {
+                match scratch.hash_guest(r.guest_pages(p, 1)) {
+                    Some(x) => h[ri].set(p, x),
+                    None => h[ri].set_zero(p, 1),
+                }
+            }
+        }
+    }
+
+    /// TCP: sends the rest in rounds until every page is confirmed (reconnecting after a
+    /// broken link, the fetch lane too).
+    fn push_rest(
+        &mut self,
+        server: &mut FetchServer,
+        at_switch: u64,
+        resumed: Instant,
+    ) -> Result<(), EngineError> {
         loop {
             match self.run_round(true) {
                 Ok(_) => self.round += 1,
@@ -171,26 +283,9 @@ impl SourceSession {
             // No dirty log after the switch: the guest is not ours to write any more. What
             // is pending is what a failed lane could not confirm.
             if self.refill_from_pending() == 0 {
-                break;
+                return Ok(());
             }
         }
-        self.link.send(Message::PostcopyEnd);
-        let verified = match &self.shared.hashes {
-            Some(h) => {
-                let chunks = crate::verify::touched_digests(h);
-                self.link.send(Message::Digests { chunks });
-                self.await_verdict()?;
-                Some(true)
-            }
-            None => None,
-        };
-        // The destination may still be placing the answers to its last requests.
-        let wait = self.cfg.liveness.peer_timeout * 2;
-        self.link.expect(wait, "Done", |m| match m {
-            Message::Done => Ok(()),
-            m => Err(m),
-        })?;
-        Ok(verified)
     }
 
     /// Moves the pending pages into the round set; returns how many there are.
