@@ -7,6 +7,7 @@
 # with a veth pair on 198.18.0.1/24 and an rxe device on it, removed again at the end.
 # Otherwise (this project's CI machines: no RDMA, no module loading) it runs in a QEMU guest
 # booted by tests/vm/vm.sh --rxe. Installs what is missing (rdma-core, perftest, QEMU, kernel).
+# RMIG_RDMA_ONLY=NAME runs only the tests whose names contain NAME, and no bench (development).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 root=$PWD
@@ -27,8 +28,9 @@ set -e
 ulimit -l unlimited
 for b in $(echo $bins); do
   echo "== \$b" >&2
-  \$b --ignored --test-threads 1
+  \$b --ignored --test-threads 1 ${RMIG_RDMA_ONLY:-}
 done
+[ -z "${RMIG_RDMA_ONLY:-}" ] || exit 0
 echo "== rmig-bench loopback --transport rdma" >&2
 $root/target/release/rmig-bench loopback --addr \$RMIG_RDMA_IP --transport rdma --size 128MiB --lanes 2 --json > $out/bench.json
 /usr/bin/python3 -c 'import json,sys; j=json.load(open("$out/bench.json")); assert j["status"]=="completed" and j["transport"]=="rdma" and j["verified"] and j["memory_equal"], j; print("bench over rdma: %.1f MB/s, verified, memories equal" % (j["data_rate"]/1e6))'
