@@ -188,6 +188,9 @@ fn postcopy_over_rdma_reads_every_page_without_the_source() {
     setup.dest_guest = Some(Box::new(guest.clone()));
     setup.dirty = Box::new(log);
     setup.embedder = w.embedder(b"device".to_vec());
+    // A limit the writer cannot meet: after round 0 the source switches to post-copy.
+    setup.src.policy.downtime_limit = std::time::Duration::from_millis(1);
+    setup.src.policy.auto_converge = false;
     setup.src.policy.postcopy = rmig_engine::Postcopy::AfterRounds(1);
     let (s, d) = setup.run();
     let s = s.expect("source");

@@ -28,7 +28,7 @@ set -e
 ulimit -l unlimited
 for b in $(echo $bins); do
   echo "== \$b" >&2
-  \$b --ignored --test-threads 1 ${RMIG_RDMA_ONLY:-}
+  \$b --ignored --test-threads 1 ${RMIG_RDMA_ONLY:+--nocapture $RMIG_RDMA_ONLY}
 done
 [ -z "${RMIG_RDMA_ONLY:-}" ] || exit 0
 echo "== rmig-bench loopback --transport rdma" >&2

@@ -416,9 +416,19 @@ fn serve_faults(
         let Some(client) = lane.as_mut().filter(|_| !waiting.is_empty()) else {
             continue;
         };
-        if let Err(e) = fetch(placer, client, sink, &mut waiting, &mut buf, &mut figures) {
-            figures.error = Some(e);
-            lane = None;
+        match fetch(placer, client, sink, &mut waiting, &mut buf, &mut figures) {
+            Ok(()) => {}
+            // A broken connection: the faults wait for the lane of a reconnect.
+            Err(FetchFailed::Broken(e)) => {
+                figures.error = Some(e);
+                lane = None;
+            }
+            // Answers that are not what was asked, or pages that cannot be placed: the
+            // session ends.
+            Err(FetchFailed::Fatal(e)) => {
+                figures.error = Some(e);
+                break;
+            }
         }
     }
     if let Some(mut c) = lane {
@@ -482,7 +492,7 @@ fn fetch(
     waiting: &mut Vec<Waiting>,
     buf: &mut Vec<u8>,
     figures: &mut FaultFigures,
-) -> Result<(), String> {
+) -> Result<(), FetchFailed> {
     let mut asked = std::mem::take(waiting).into_iter();
     let mut sent = Vec::new();
     while let Some(w) = asked.next() {
@@ -503,7 +513,7 @@ fn fetch(
             waiting.extend(sent);
             waiting.push(w);
             waiting.extend(asked);
-            return Err(format!("fetch lane: {e}"));
+            return Err(FetchFailed::of(e));
         }
         sent.push(w);
     }
@@ -515,22 +525,43 @@ fn fetch(
                 // Asked again on the next lane.
                 waiting.push(w);
                 waiting.extend(sent);
-                return Err(format!("fetch lane: {e}"));
+                return Err(FetchFailed::of(e));
             }
         };
         if (f.region as usize, f.first_page) != (w.region, w.page) {
-            return Err(format!(
+            return Err(FetchFailed::Fatal(format!(
                 "fetch lane: asked for page {} of region {}, got page {} of region {}",
                 w.page, w.region, f.first_page, f.region
-            ));
+            )));
         }
-        placer.place(w.region, w.page, 1, buf, Arrival::Fetched)?;
+        placer
+            .place(w.region, w.page, 1, buf, Arrival::Fetched)
+            .map_err(FetchFailed::Fatal)?;
         sink.data_landed_from(w.region, w.page, 1, buf);
         figures
             .latencies_us
             .push(w.since.elapsed().as_secs_f64() * 1e6);
     }
     Ok(())
+}
+
+/// Why a fetch failed.
+enum FetchFailed {
+    /// The connection broke: a reconnect brings a new one.
+    Broken(String),
+    /// The source broke the protocol, or a page could not be placed.
+    Fatal(String),
+}
+
+impl FetchFailed {
+    fn of(e: rmig_transport::LaneError) -> Self {
+        match e {
+            rmig_transport::LaneError::Malformed(m) => {
+                FetchFailed::Fatal(format!("fetch lane: {m}"))
+            }
+            e => FetchFailed::Broken(format!("fetch lane: {e}")),
+        }
+    }
 }
 
 /// The median, 99th percentile and maximum of `v` (sorted here).
