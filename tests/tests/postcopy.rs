@@ -99,6 +99,7 @@ fn a_link_lost_after_the_switch_loses_the_guest_at_both_ends() {
         tag: tag::RESUMED,
         nth: 1,
     };
+    let (sm, dm) = (setup.src_monitor.clone(), setup.dst_monitor.clone());
     let (s, d) = setup.run_via(|a| Proxy::start(a, trigger, Break::Cut));
     let se = s.expect_err("the source cannot succeed");
     let de = d.expect_err("the destination cannot succeed");
@@ -110,6 +111,14 @@ fn a_link_lost_after_the_switch_loses_the_guest_at_both_ends() {
         "the source never resumes"
     );
     writer.stop();
+    for (end, m) in [("source", sm), ("destination", dm)] {
+        let st = m.stats();
+        assert_eq!(st.status, MigrationStatus::GuestLost, "{end}");
+        assert_eq!(st.verified, None, "{end}: nothing claims a verified copy");
+        assert!(st.postcopy.is_some(), "{end} reports the post-copy phase");
+        // The pause ended at `Resumed`; the failure came a reconnect window (1 s) later.
+        assert!(st.downtime_ms < 1000.0, "{end}: downtime {} ms", st.downtime_ms);
+    }
     // The destination's guest thread waits for pages that will not come: its memory stays
     // mapped (and its userfaultfd open) for the rest of the process.
     std::mem::forget(dst);

@@ -177,14 +177,14 @@ fn snapshot_equal(m: &Mem) -> Vec<u8> {
 #[ignore = "needs an RDMA device: tests/vm/rdma.sh"]
 fn postcopy_over_rdma_reads_every_page_without_the_source() {
     let _deadline = Deadline::secs(300);
-    let len = 16 * MIB;
-    let hot = 1024;
+    let len = 32 * MIB;
+    let hot = 4096;
     let src = Mem::random(len, 0.2, 21);
     let dst = Mem::new(len);
     let log = SharedDirtyLog::new(&[(len / 4096) as u64]);
     let mut w = Writer::start(&src, log.clone(), hot, 20);
     let mut setup = rdma_setup(&src, &dst, len);
-    let guest = rmig_tests::guest::ReadingGuest::new(&dst, hot, 200);
+    let guest = rmig_tests::guest::ReadingGuest::new(&dst, hot, 1000);
     setup.dest_guest = Some(Box::new(guest.clone()));
     setup.dirty = Box::new(log);
     setup.embedder = w.embedder(b"device".to_vec());

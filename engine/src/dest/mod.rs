@@ -138,8 +138,10 @@ impl DestListener {
                 })
             }
             Err(e) => {
-                // The pause so far, if the guest was paused here (the stop-and-copy began).
-                let paused = paused_since_device(&monitor);
+                // The pause so far, if the guest was paused here (the stop-and-copy began);
+                // after post-copy's resume it was recorded then.
+                let resumed = monitor.stats().postcopy.is_some();
+                let paused = paused_since_device(&monitor).filter(|_| !resumed);
                 monitor.update(|s| {
                     s.status = MigrationStatus::of_error(&e);
                     s.error = Some(e.to_string());

@@ -189,13 +189,22 @@ impl Receiving<'_> {
     /// Every page is here (and matched, when verifying): stops the fault thread, records the
     /// phase's figures and says `Done`.
     pub(super) fn finish_postcopy(&mut self) -> Result<Phase, Failure> {
+        self.record_postcopy();
+        self.link.send(Message::Done);
+        Ok(Phase::Done)
+    }
+
+    /// Stops the fault thread (if it runs) and records the phase's figures so far.
+    fn record_postcopy(&mut self) {
         let figures = self
             .postcopy
             .faults
             .take()
             .map(FaultThread::finish)
             .unwrap_or_default();
-        let placer = self.postcopy.placer.clone().expect("switched");
+        let Some(placer) = self.postcopy.placer.clone() else {
+            return;
+        };
         let mut lat = figures.latencies_us;
         let (p50, p99, max) = percentiles(&mut lat);
         let duration = self
@@ -214,8 +223,6 @@ impl Receiving<'_> {
                 fault_max_us: max,
             })
         });
-        self.link.send(Message::Done);
-        Ok(Phase::Done)
     }
 
     /// The fetch lane joined: kept for the switch, or handed to the fault thread after a
@@ -279,10 +286,10 @@ impl Receiving<'_> {
         if let Some(p) = &self.postcopy.placer {
             p.keep_blocked();
         }
-        if let Some(f) = self.postcopy.faults.take() {
-            f.finish();
-        }
+        self.record_postcopy();
         let left = self.postcopy.placer.as_ref().map_or(0, |p| p.left());
+        // Nothing was verified: the pages still on the source never arrived.
+        self.monitor.update(|s| s.verified = None);
         let e = match e {
             e @ EngineError::GuestLost(_) => e,
             e => EngineError::GuestLost(format!(

@@ -523,14 +523,22 @@ impl SourceSession {
         let status = MigrationStatus::of_error(&e);
         crate::metrics::finished(status.name(), None);
         let total = self.started.elapsed().as_secs_f64() * 1e3;
-        // The pause so far: up to the resumption, or (handover unknown) until now.
-        let paused = self.paused_at.map(|t| t.elapsed().as_secs_f64() * 1e3);
+        // The pause so far: up to the resumption, or (handover unknown) until now; after
+        // post-copy's `Resumed` it was recorded then, and nothing was verified.
+        let paused = self
+            .paused_at
+            .filter(|_| !self.resumed_there)
+            .map(|t| t.elapsed().as_secs_f64() * 1e3);
+        let lost = self.resumed_there;
         self.monitor.update(|s| {
             s.status = status;
             s.error = Some(e.to_string());
             s.total_time_ms = total;
             if let Some(d) = paused {
                 s.downtime_ms = d;
+            }
+            if lost {
+                s.verified = None;
             }
         });
         e

@@ -174,10 +174,10 @@ impl SourceSession {
         let acked_at_switch = self.monitor.bytes_acked.load(Ordering::Relaxed);
         let r = self.finish_postcopy(&mut server, at_switch, t0 + downtime);
         let served = server.finish();
-        let verified = r.map_err(|e| EngineError::GuestLost(format!("post-copy failed: {e}")))?;
         let sent = self.monitor.bytes_acked.load(Ordering::Relaxed) - acked_at_switch;
         let background = sent / self.regions[0].page_size();
         self.record_postcopy(at_switch, served, background, t0 + downtime);
+        let verified = r.map_err(|e| EngineError::GuestLost(format!("post-copy failed: {e}")))?;
         self.finish_completed(downtime, expected, verified);
         Ok(())
     }
