@@ -134,7 +134,7 @@ impl DestEmbedder for BenchDest {
         let log = SharedDirtyLog::new(&[m.pages]);
         // The guest goes on writing, not repeating what it wrote on the source.
         let spec = WorkloadSpec {
-            seed: spec.seed.wrapping_add(0x5eed_0f_0de5),
+            seed: spec.seed.wrapping_add(0x5eed_0f0d_e500),
             ..spec
         };
         let workload = Workload::start(m.addr as *mut u8, m.pages, m.page, spec, log.clone());

@@ -371,29 +371,15 @@ fn loopback(a: LoopbackArgs) -> Result<i32> {
     let lost = [run.result.as_ref().err(), dest_result.as_ref().err()]
         .iter()
         .any(|e| matches!(e, Some(EngineError::GuestLost(_))));
-    let written = if lost {
-        guest.abandon();
-        None
-    } else {
-        guest.stop()
-    };
     let completed = run.result.is_ok() && dest_result.is_ok();
-    let (memory_equal, left_out) = if completed {
-        let (eq, left_out) = guest::compare(
-            src.mem.bytes(),
-            dst.bytes(),
-            a.guest.page_size as usize,
-            written.as_ref(),
-        );
-        let state_equal = guest.device_state().as_deref() == Some(&dev[..]);
-        (Some(eq && state_equal), Some(left_out))
-    } else {
-        (None, None)
-    };
-    if lost {
-        // Writers wait on pages that will never come: the memory stays for the process's life.
-        std::mem::forget(dst);
-    }
+    let (memory_equal, left_out, written) = compare_ends(
+        &src,
+        dst,
+        &guest,
+        &dev,
+        a.guest.page_size,
+        (completed, lost),
+    );
     let mut info = RunInfo::of_source("loopback", &a.guest, &a.workload, &a.migrate, &src);
     info.prealloc = Some(a.prealloc.on());
     info.dest_prepare_ms = Some(dest_ms);
@@ -425,6 +411,38 @@ fn loopback(a: LoopbackArgs) -> Result<i32> {
     let code = conclude(&report, &errors);
     a.out.linger();
     Ok(code)
+}
+
+/// After a loopback run: stops the destination's guest and compares both ends (memory on
+/// every page that guest did not write since it resumed, and the device state) when the run
+/// `completed`. Returns whether they are equal, the pages left out, and what the guest wrote.
+/// After a `lost` guest nothing is compared, and the destination's memory stays mapped for
+/// the rest of the process: its writers wait on pages that will never come.
+fn compare_ends(
+    src: &SourceGuest,
+    dst: Mapping,
+    guest: &DestGuest,
+    dev: &[u8],
+    page: u64,
+    (completed, lost): (bool, bool),
+) -> (Option<bool>, Option<u64>, Option<guest::Written>) {
+    if lost {
+        guest.abandon();
+        std::mem::forget(dst);
+        return (None, None, None);
+    }
+    let written = guest.stop();
+    if !completed {
+        return (None, None, written);
+    }
+    let (eq, left_out) = guest::compare(
+        src.mem.bytes(),
+        dst.bytes(),
+        page as usize,
+        written.as_ref(),
+    );
+    let state_equal = guest.device_state().as_deref() == Some(dev);
+    (Some(eq && state_equal), Some(left_out), written)
 }
 
 fn source(a: SourceArgs) -> Result<i32> {
@@ -494,14 +512,18 @@ fn dest_figures(stats: &MigrationStats, monitor: &Monitor) -> DestFigures {
         received_bytes: stats.ram.normal_bytes,
         rounds: stats.ram.dirty_sync_count,
         rate,
-        // After a post-copy switch the guest resumed here at the start of post-copy.
+        // Completed: the engine's own figure, the one it sent the source (after post-copy,
+        // the pause ended when the guest resumed here at the switch). A guest lost in
+        // post-copy resumed at the switch too; paused and not resumed (an unknown handover):
+        // the pause so far.
         downtime_ms: match (
             at(MigrationStatus::Device),
-            at(MigrationStatus::Postcopy).or(at(MigrationStatus::Completed)),
+            at(MigrationStatus::Postcopy),
+            stats.status,
         ) {
-            (Some(d), Some(c)) => Some(ms(c - d)),
-            // Paused and not (yet) resumed, as after an unknown handover: the pause so far.
-            (Some(_), None) => Some(stats.downtime_ms),
+            (Some(_), _, MigrationStatus::Completed) => Some(stats.downtime_ms),
+            (Some(d), Some(p), _) => Some(ms(p.saturating_sub(d))),
+            (Some(_), None, _) => Some(stats.downtime_ms),
             _ => None,
         },
         total_ms: connected.zip(end).map(|(c, e)| ms(e) - c),

@@ -131,6 +131,11 @@ impl Report {
         for r in &mut stats.rounds {
             r.mbps = crate::progress::round_mbps(r);
         }
+        // A guest lost in post-copy never finished verifying, whatever the pages that landed
+        // before the loss matched: the report must not read `verified: true` beside it.
+        if stats.status == MigrationStatus::GuestLost {
+            stats.verified = None;
+        }
         let secs = (stats.total_time_ms - stats.setup_time_ms) / 1e3;
         let data_rate = if secs > 0.0 {
             stats.ram.transferred as f64 / secs
