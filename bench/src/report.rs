@@ -655,6 +655,60 @@ mod tests {
     }
 
     #[test]
+    fn post_copy_rows_say_where_the_pages_came_from_and_a_lost_guest_is_not_verified() {
+        let dest_pc = PostcopyReport {
+            duration_ms: 2050.0,
+            pages_at_switch: 100,
+            pages_on_fault: 30,
+            pages_background: 70,
+            faults: 31,
+            fault_p50_us: 80.0,
+            fault_p99_us: 2000.0,
+            fault_max_us: 7000.0,
+        };
+        let src_pc = PostcopyReport {
+            pages_on_fault: 31,
+            pages_background: 72,
+            faults: 0,
+            ..dest_pc.clone()
+        };
+        let stats = MigrationStats {
+            status: MigrationStatus::Completed,
+            verified: Some(true),
+            postcopy: Some(src_pc),
+            ..Default::default()
+        };
+        let mut r = Report::new(stats, Some(true), 0.1, run("loopback"));
+        r.dest_postcopy = Some(dest_pc.clone());
+        r.memory_pages_left_out = Some(12);
+        let t = r.table();
+        for want in [
+            "post-copy              2050.0 ms from the destination's resumption",
+            "100 left at the switch: 31 served on request, 72 sent in the background",
+            "100 pages missing at the switch: 30 fetched on fault, 70 in the background",
+            "31 faults: p50 80 us, p99 2000 us, max 7000 us",
+            "true on every page but the 12 the destination's guest wrote",
+        ] {
+            assert!(t.contains(want), "{want:?} not in {t}");
+        }
+        let stats = MigrationStats {
+            status: MigrationStatus::GuestLost,
+            verified: Some(true),
+            postcopy: Some(dest_pc),
+            ..Default::default()
+        };
+        let r = Report::new(stats, None, 0.1, run("dest"));
+        assert_eq!(
+            r.stats.verified, None,
+            "a lost guest never finished verifying"
+        );
+        assert!(!r.ok());
+        let t = r.table();
+        assert!(t.contains("verified               not reached"), "{t}");
+        assert!(t.contains("30 fetched on fault"), "its own figures: {t}");
+    }
+
+    #[test]
     fn rounds_carry_their_own_rate() {
         let stats = MigrationStats {
             status: MigrationStatus::Completed,
