@@ -267,7 +267,7 @@ pub struct MigrateArgs {
     pub auto_converge: OnOff,
     /// Switch to post-copy when pre-copy does not converge (where auto-converge would
     /// throttle, or at the round limit): the guest resumes on the destination at once and the
-    /// pages it still lacks follow it (TCP lanes, 4KiB pages). From the switch on the guest
+    /// pages it still lacks follow it (4KiB pages only). From the switch on the guest
     /// needs both hosts and the link between them (exit status 4 if that breaks).
     #[arg(long)]
     pub postcopy: bool,
@@ -691,8 +691,8 @@ fn check_tls(sub: &str, t: &TransportArgs, default_on: bool) -> Result<(), clap:
     Ok(())
 }
 
-/// Post-copy places pages with userfaultfd in 4 KiB base pages and fetches them on TCP lanes:
-/// a combination that cannot switch is refused now, not after minutes of pre-copy.
+/// Post-copy places pages with userfaultfd in 4 KiB base pages: a guest that cannot switch is
+/// refused now, not after minutes of pre-copy.
 fn check_postcopy(sub: &str, m: &MigrateArgs, g: &GuestArgs) -> Result<(), clap::Error> {
     if !m.postcopy().is_on() {
         return Ok(());
@@ -703,10 +703,6 @@ fn check_postcopy(sub: &str, m: &MigrateArgs, g: &GuestArgs) -> Result<(), clap:
              userfaultfd in base pages), not {}",
             parse::iec(g.page_size)
         );
-        return Err(usage(sub, msg));
-    }
-    if m.transport.transport == TransportArg::Rdma {
-        let msg = "--postcopy runs over TCP lanes: use --transport tcp or auto".to_string();
         return Err(usage(sub, msg));
     }
     Ok(())

@@ -721,18 +721,6 @@ fn bad_values_are_usage_errors_before_anything_runs() {
             &["loopback", "--postcopy", "--page-size", "2MiB"],
             "--postcopy needs --page-size 4KiB",
         ),
-        (
-            &[
-                "source",
-                "--connect",
-                "127.0.0.1:1",
-                "--postcopy-after",
-                "3",
-                "--transport",
-                "rdma",
-            ],
-            "over TCP lanes",
-        ),
         (&["loopback", "--downtime-limit", "0"], "--downtime-limit"),
         (&["loopback", "--size", "-1"], "cannot be negative"),
         (&["loopback", "--size", "99999999999TiB"], "too large"),
