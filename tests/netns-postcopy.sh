@@ -94,8 +94,9 @@ migrate() {
     wait "$dpid" || dst_rc=$?
     echo "$src_rc $dst_rc $((SECONDS - t0)) $((SECONDS - tb))" > "$out/$name.rc"
     echo "netns-postcopy: $name: source exit $src_rc, destination exit $dst_rc, $((SECONDS - t0)) s"
-    sed 's/^/  source: /' "$out/$name.src.err" | grep -v '^  source: *$' | tail -3
-    sed 's/^/  destination: /' "$out/$name.dst.err" | grep -v '^  destination: *$' | tail -3
+    # Their last lines, if any (an empty stderr is no failure).
+    sed 's/^/  source: /' "$out/$name.src.err" | grep -v '^  source: *$' | tail -3 || true
+    sed 's/^/  destination: /' "$out/$name.dst.err" | grep -v '^  destination: *$' | tail -3 || true
 }
 
 outage_2s() {
