@@ -19,6 +19,7 @@ cargo test -p rmig-transport --test tcp_lane
 bash scripts/test-c-example.sh
 # Network blips on a veth pair between two network namespaces (needs root).
 bash tests/netns-blips.sh
+bash tests/netns-postcopy.sh
 # A migration on a real two-node NUMA machine: a QEMU guest with two nodes.
 bash tests/vm/numa-guest.sh
 # RDMA on soft-RoCE: natively where the kernel has rdma_rxe, else in a QEMU guest.

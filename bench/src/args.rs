@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
-use rmig_engine::{DestConfig, Key, PAGE_2M, PAGE_4K};
+use rmig_engine::{DestConfig, Key, Postcopy, PAGE_2M, PAGE_4K};
 
 use crate::mem::Fill;
 use crate::parse;
@@ -20,6 +20,8 @@ pub const EXIT_CODES: &str = "Exit status:
   2    usage error: a flag or value that cannot work (nothing was allocated or connected)
   3    handover unknown: the link failed during the handover and no --on-handover-unknown
        decision was given; neither end runs the guest until an operator decides
+  4    guest lost: post-copy broke after the destination resumed the guest, so neither end
+       holds all of its memory and it cannot run on either
   130  cancelled here by Ctrl-C or SIGTERM (the peer is told; the source guest keeps running)";
 
 /// What each exit code of the commands that migrate nothing means, for `--help`.
@@ -263,6 +265,16 @@ pub struct MigrateArgs {
     /// Throttle the guest when rounds stop shrinking.
     #[arg(long, value_enum, default_value_t = OnOff::On)]
     pub auto_converge: OnOff,
+    /// Switch to post-copy when pre-copy does not converge (where auto-converge would
+    /// throttle, or at the round limit): the guest resumes on the destination at once and the
+    /// pages it still lacks follow it (4KiB pages only). From the switch on the guest
+    /// needs both hosts and the link between them (exit status 4 if that breaks).
+    #[arg(long)]
+    pub postcopy: bool,
+    /// As --postcopy, and switch at the latest after N pre-copy rounds (round 0 included; at
+    /// least 1).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub postcopy_after: Option<u32>,
     /// End-to-end verification of every page (`memory`: also re-read destination memory in
     /// the pause, so a write after a page landed is caught; costs downtime).
     #[arg(long, value_enum, default_value_t = VerifyArg::On)]
@@ -272,6 +284,17 @@ pub struct MigrateArgs {
     pub numa: NumaArg,
     #[command(flatten)]
     pub transport: TransportArgs,
+}
+
+impl MigrateArgs {
+    /// The engine's post-copy policy: `--postcopy-after N` implies `--postcopy`.
+    pub fn postcopy(&self) -> Postcopy {
+        match (self.postcopy_after, self.postcopy) {
+            (Some(n), _) => Postcopy::AfterRounds(n),
+            (None, true) => Postcopy::WhenStalled,
+            (None, false) => Postcopy::Off,
+        }
+    }
 }
 
 /// Transport choice and RDMA settings (both ends).
@@ -615,6 +638,7 @@ pub fn validate(cmd: &Cmd) -> Result<(), clap::Error> {
         Cmd::Loopback(a) => {
             check_tls("loopback", &a.migrate.transport, false)?;
             check_guest("loopback", &a.guest)?;
+            check_postcopy("loopback", &a.migrate, &a.guest)?;
             check_workload("loopback", &a.workload)?;
             let prealloc = a.prealloc.on();
             let need = a.guest.size.saturating_mul(1 + prealloc as u64);
@@ -628,6 +652,7 @@ pub fn validate(cmd: &Cmd) -> Result<(), clap::Error> {
         Cmd::Source(a) => {
             check_tls("source", &a.migrate.transport, true)?;
             check_guest("source", &a.guest)?;
+            check_postcopy("source", &a.migrate, &a.guest)?;
             check_workload("source", &a.workload)?;
             check_memory("source", a.guest.size, "source memory", false)
         }
@@ -668,6 +693,23 @@ fn check_tls(sub: &str, t: &TransportArgs, default_on: bool) -> Result<(), clap:
     }
     if t.tls_hostname.is_some() && t.tls_creds.is_none() {
         let msg = "--tls-hostname checks an x509 certificate: give --tls-creds too".to_string();
+        return Err(usage(sub, msg));
+    }
+    Ok(())
+}
+
+/// Post-copy places pages with userfaultfd in 4 KiB base pages: a guest that cannot switch is
+/// refused now, not after minutes of pre-copy.
+fn check_postcopy(sub: &str, m: &MigrateArgs, g: &GuestArgs) -> Result<(), clap::Error> {
+    if !m.postcopy().is_on() {
+        return Ok(());
+    }
+    if g.page_size != PAGE_4K {
+        let msg = format!(
+            "--postcopy needs --page-size 4KiB (the destination places pages with \
+             userfaultfd in base pages), not {}",
+            parse::iec(g.page_size)
+        );
         return Err(usage(sub, msg));
     }
     Ok(())

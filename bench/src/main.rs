@@ -12,6 +12,7 @@
 mod args;
 mod bare;
 mod fail;
+mod guest;
 mod mem;
 mod parse;
 mod plot;
@@ -27,9 +28,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Result};
 use rmig_engine::{
-    ConvergePolicy, DestEmbedder, DestListener, Encryption, EngineError, Key, MigrationStats,
-    MigrationStatus, Monitor, NoConvergence, Region, SharedDirtyLog, SourceConfig, SourceSession,
-    Step, TransportChoice,
+    ConvergePolicy, DestListener, Encryption, EngineError, Key, MigrationStats, MigrationStatus,
+    Monitor, NoConvergence, Region, SharedDirtyLog, SourceConfig, SourceSession, Step,
+    TransportChoice,
 };
 
 pub use args::Thp;
@@ -38,31 +39,32 @@ use args::{
     OnNoConvergence, OnOff, OutputArgs, SourceArgs, WorkloadArgs,
 };
 use fail::Side;
+use guest::DestGuest;
 use mem::Mapping;
-use report::{DestFigures, Report, RunInfo};
+use report::{DestFigures, DestGuestFigures, Report, RunInfo};
 use workload::{Workload, WorkloadSpec};
 
 /// Exit code of a failed migration, or of one that could not start.
 const EXIT_FAILED: i32 = 1;
 /// Exit code when the handover is unknown and nobody decided.
 const EXIT_HANDOVER_UNKNOWN: i32 = 3;
+/// Exit code when post-copy broke after the destination resumed: the guest is lost.
+const EXIT_GUEST_LOST: i32 = 4;
 
-/// Device state the bench's guest "has": bytes derived from the seed, checked at the far end.
-fn device_state(seed: u64) -> Vec<u8> {
-    let mut r = mem::Rng::new(seed ^ 0xdead_beef);
-    (0..64 * 1024).map(|_| r.next_u64() as u8).collect()
-}
-
-/// A destination embedder that keeps the device state it is handed.
-struct BenchDest {
-    got: Arc<std::sync::Mutex<Option<Vec<u8>>>>,
-}
-
-impl DestEmbedder for BenchDest {
-    fn load_device_state(&mut self, state: Vec<u8>) -> Result<(), String> {
-        *self.got.lock().unwrap_or_else(|e| e.into_inner()) = Some(state);
-        Ok(())
+/// What the synthetic guest does, from its flags.
+fn spec_of(w: &WorkloadArgs) -> WorkloadSpec {
+    WorkloadSpec {
+        dirty_rate: w.dirty_rate * 1e6,
+        hot_set: w.hot_set,
+        writers: w.writers.into(),
+        seed: w.seed,
     }
+}
+
+/// Device state the bench's guest "has": its workload (so that the destination's guest goes
+/// on doing the same), then bytes derived from the seed, checked at the far end.
+fn device_state(w: &WorkloadArgs) -> Vec<u8> {
+    spec_of(w).device_state(64 * 1024)
 }
 
 fn source_config(dest: String, key: Key, m: &MigrateArgs) -> SourceConfig {
@@ -78,6 +80,7 @@ fn source_config(dest: String, key: Key, m: &MigrateArgs) -> SourceConfig {
             OnNoConvergence::Switchover => NoConvergence::ForceSwitchover,
         },
         auto_converge: m.auto_converge == OnOff::On,
+        postcopy: m.postcopy(),
         ..Default::default()
     };
     c.max_bandwidth = m.max_bandwidth;
@@ -117,18 +120,7 @@ fn prepare_source(g: &GuestArgs, w: &WorkloadArgs) -> Result<SourceGuest> {
     );
     let pages = g.size / g.page_size;
     let log = SharedDirtyLog::new(&[pages]);
-    let workload = Workload::start(
-        mem.ptr(),
-        pages,
-        g.page_size,
-        WorkloadSpec {
-            dirty_rate: w.dirty_rate * 1e6,
-            hot_set: w.hot_set,
-            writers: w.writers.into(),
-            seed: w.seed,
-        },
-        log.clone(),
-    );
+    let workload = Workload::start(mem.ptr(), pages, g.page_size, spec_of(w), log.clone());
     Ok(SourceGuest {
         huge_bytes: mem.huge_bytes(),
         mem,
@@ -324,6 +316,10 @@ fn conclude(report: &Report, errors: &[(Side, &EngineError)]) -> i32 {
         eprintln!("{}", fail::line(*side, e));
     }
     let status = report.stats.status;
+    let lost = status == MigrationStatus::GuestLost
+        || errors
+            .iter()
+            .any(|(_, e)| matches!(e, EngineError::GuestLost(_)));
     if errors.is_empty() && !report.ok() {
         eprintln!(
             "rmig-bench: {}: the migration ended {status} but {}; this is a bug, please report \
@@ -339,6 +335,7 @@ fn conclude(report: &Report, errors: &[(Side, &EngineError)]) -> i32 {
     match status {
         MigrationStatus::Cancelled if signals::interrupted() => signals::EXIT_CANCELLED,
         MigrationStatus::HandoverUnknown => EXIT_HANDOVER_UNKNOWN,
+        _ if lost => EXIT_GUEST_LOST,
         _ if report.ok() => 0,
         _ => EXIT_FAILED,
     }
@@ -367,33 +364,44 @@ fn loopback(a: LoopbackArgs) -> Result<i32> {
     let dest_ms = t.elapsed().as_secs_f64() * 1e3;
     let dest_huge = dst.huge_bytes();
     let dregion = region_of(&dst, &a.guest, true)?;
-    let got = Arc::new(std::sync::Mutex::new(None));
-    let dest_embedder = BenchDest { got: got.clone() };
+    let guest = DestGuest::new(&dst, a.guest.page_size);
+    let dest_embedder = guest.embedder();
     let dm = Monitor::new();
     dm.set_memory_facts(report::facts(a.prealloc.on(), dest_huge, a.guest.thp));
+    let dest_monitor = dm.clone();
     let dest = std::thread::Builder::new()
         .name("bench-dest".into())
         .spawn(move || listener.serve(vec![dregion], Box::new(dest_embedder), dm))?;
 
     let mut cfg = source_config(addr.to_string(), key, &a.migrate);
     cfg.encryption = a.migrate.transport.encryption(false);
-    let dev = device_state(a.workload.seed);
+    let dev = device_state(&a.workload);
     // No operator between two ends of one process: an unknown handover stays unknown.
     let on_unknown = OnHandoverUnknown::Ask;
     let run = run_source(&mut src, cfg, &a.guest, dev.clone(), &a.out, on_unknown)?;
     let dest_result = dest
         .join()
         .map_err(|_| anyhow!("destination thread panicked"))?;
+    let lost = [run.result.as_ref().err(), dest_result.as_ref().err()]
+        .iter()
+        .any(|e| matches!(e, Some(EngineError::GuestLost(_))));
     let completed = run.result.is_ok() && dest_result.is_ok();
-    let memory_equal = completed.then(|| {
-        src.mem.bytes() == dst.bytes()
-            && got.lock().unwrap_or_else(|e| e.into_inner()).as_deref() == Some(&dev[..])
-    });
+    let (memory_equal, left_out, written) = compare_ends(
+        &src,
+        dst,
+        &guest,
+        &dev,
+        a.guest.page_size,
+        (completed, lost),
+    );
     let mut info = RunInfo::of_source("loopback", &a.guest, &a.workload, &a.migrate, &src);
     info.prealloc = Some(a.prealloc.on());
     info.dest_prepare_ms = Some(dest_ms);
     info.dest_huge_bytes = Some(dest_huge);
     let mut report = Report::new(run.stats, memory_equal, run.cpu, info);
+    report.memory_pages_left_out = left_out;
+    report.dest_postcopy = dest_monitor.stats().postcopy;
+    report.dest_guest = written.as_ref().map(DestGuestFigures::of);
     report.source_guest = Some(if run.guest_running {
         "running"
     } else {
@@ -419,6 +427,38 @@ fn loopback(a: LoopbackArgs) -> Result<i32> {
     Ok(code)
 }
 
+/// After a loopback run: stops the destination's guest and compares both ends (memory on
+/// every page that guest did not write since it resumed, and the device state) when the run
+/// `completed`. Returns whether they are equal, the pages left out, and what the guest wrote.
+/// After a `lost` guest nothing is compared, and the destination's memory stays mapped for
+/// the rest of the process: its writers wait on pages that will never come.
+fn compare_ends(
+    src: &SourceGuest,
+    dst: Mapping,
+    guest: &DestGuest,
+    dev: &[u8],
+    page: u64,
+    (completed, lost): (bool, bool),
+) -> (Option<bool>, Option<u64>, Option<guest::Written>) {
+    if lost {
+        guest.abandon();
+        std::mem::forget(dst);
+        return (None, None, None);
+    }
+    let written = guest.stop();
+    if !completed {
+        return (None, None, written);
+    }
+    let (eq, left_out) = guest::compare(
+        src.mem.bytes(),
+        dst.bytes(),
+        page as usize,
+        written.as_ref(),
+    );
+    let state_equal = guest.device_state().as_deref() == Some(dev);
+    (Some(eq && state_equal), Some(left_out), written)
+}
+
 fn source(a: SourceArgs) -> Result<i32> {
     a.out.start_metrics()?;
     let x509 = matches!(a.migrate.transport.encryption(true), Encryption::X509(_));
@@ -433,7 +473,7 @@ fn source(a: SourceArgs) -> Result<i32> {
     }
     let mut src = prepare_source(&a.guest, &a.workload)?;
     let cfg = source_config(a.connect.clone(), key, &a.migrate);
-    let dev = device_state(a.workload.seed);
+    let dev = device_state(&a.workload);
     let run = run_source(
         &mut src,
         cfg,
@@ -487,10 +527,18 @@ fn dest_figures(stats: &MigrationStats, monitor: &Monitor) -> DestFigures {
         received_bytes: stats.ram.normal_bytes,
         rounds: stats.ram.dirty_sync_count,
         rate,
-        downtime_ms: match (at(MigrationStatus::Device), at(MigrationStatus::Completed)) {
-            (Some(d), Some(c)) => Some(ms(c - d)),
-            // Paused and not (yet) resumed, as after an unknown handover: the pause so far.
-            (Some(_), None) => Some(stats.downtime_ms),
+        // Completed: the engine's own figure, the one it sent the source (after post-copy,
+        // the pause ended when the guest resumed here at the switch). A guest lost in
+        // post-copy resumed at the switch too; paused and not resumed (an unknown handover):
+        // the pause so far.
+        downtime_ms: match (
+            at(MigrationStatus::Device),
+            at(MigrationStatus::Postcopy),
+            stats.status,
+        ) {
+            (Some(_), _, MigrationStatus::Completed) => Some(stats.downtime_ms),
+            (Some(d), Some(p), _) => Some(ms(p.saturating_sub(d))),
+            (Some(_), None, _) => Some(stats.downtime_ms),
             _ => None,
         },
         total_ms: connected.zip(end).map(|(c, e)| ms(e) - c),
@@ -539,9 +587,9 @@ fn serve_one(a: &DestArgs, listener: Arc<DestListener>) -> Result<(i32, Option<E
     let monitor = Monitor::new();
     signals::cancel_on_signal(&monitor);
     monitor.set_memory_facts(report::facts(a.prealloc.on(), dest_huge, a.guest.thp));
-    let got = Arc::new(std::sync::Mutex::new(None));
+    let guest = DestGuest::new(&dst, a.guest.page_size);
     let region = region_of(&dst, &a.guest, true)?;
-    let emb = BenchDest { got: got.clone() };
+    let emb = guest.embedder();
     let m = monitor.clone();
     eprintln!("listening on {}", listener.local_addr()?);
     let cpu0 = cpu_time();
@@ -557,12 +605,21 @@ fn serve_one(a: &DestArgs, listener: Arc<DestListener>) -> Result<(i32, Option<E
     if let Err(EngineError::HandoverUnknown(_)) = &r {
         settle_dest(&monitor, decide(a.handover.on_handover_unknown, Side::Dest));
     }
+    let written = if let Err(EngineError::GuestLost(_)) = &r {
+        // Writers wait on pages that will never come: the memory stays for the process's life.
+        guest.abandon();
+        std::mem::forget(dst);
+        None
+    } else {
+        guest.stop()
+    };
     let stats = monitor.stats();
     let figures = dest_figures(&stats, &monitor);
     let info = dest_info(a, prep, dest_huge, stats.verified.is_some());
     let mut report = Report::new(stats, None, cpu_time() - cpu0, info);
     report.stats.ram.transferred = figures.received_bytes;
     report.dest = Some(figures);
+    report.dest_guest = written.as_ref().map(DestGuestFigures::of);
     print(&report, a.out.json)?;
     let err = r.err();
     let errors: Vec<(Side, &EngineError)> = err.iter().map(|e| (Side::Dest, e)).collect();

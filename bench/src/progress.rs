@@ -142,6 +142,9 @@ pub fn watch(
                 MigrationStatus::Device => {
                     "guest paused: final copy, device state, verification".into()
                 }
+                MigrationStatus::Postcopy => {
+                    "post-copy: the guest runs on the destination; its missing pages follow".into()
+                }
                 _ => message(&p, rate, eta_s),
             });
         }

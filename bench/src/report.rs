@@ -8,6 +8,7 @@
 //! ends. A failed run's table says what did not happen (`not reached`) instead of printing
 //! defaults that read like results (`verified off`, `0 Mbit/s`).
 
+use rmig_engine::stats::PostcopyReport;
 use rmig_engine::{MemoryFacts, MigrationStats, MigrationStatus};
 use serde::Serialize;
 
@@ -67,6 +68,27 @@ pub struct DestFigures {
     pub total_ms: Option<f64>,
 }
 
+/// What the destination's guest did after it resumed (dest, loopback). After a post-copy
+/// switch it ran before all of its memory was there; its writes are why `loopback` leaves
+/// pages out of the memory comparison.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct DestGuestFigures {
+    /// Pages its writers wrote since it resumed (each counted once).
+    pub pages_written: u64,
+    /// Seconds its writers ran, from the resumption to the end of the run.
+    pub seconds: f64,
+}
+
+impl DestGuestFigures {
+    /// The figures of what the guest wrote.
+    pub fn of(w: &crate::guest::Written) -> DestGuestFigures {
+        DestGuestFigures {
+            pages_written: w.pages,
+            seconds: w.seconds,
+        }
+    }
+}
+
 /// One bench result.
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
@@ -74,8 +96,12 @@ pub struct Report {
     /// `mbps` is that round's own bytes over its own duration.
     #[serde(flatten)]
     pub stats: MigrationStats,
-    /// Byte-for-byte comparison of the two memories after the migration (loopback only).
+    /// Byte-for-byte comparison of the two memories after the migration (loopback only), on
+    /// every page but those the destination's guest wrote after it resumed.
     pub memory_equal: Option<bool>,
+    /// Pages left out of `memory_equal`: written by the destination's guest since it resumed
+    /// (loopback; `null` when the memories were not compared).
+    pub memory_pages_left_out: Option<u64>,
     /// Data rate in bytes/s: `ram.transferred` over `total_time_ms - setup_time_ms`.
     pub data_rate: f64,
     /// CPU seconds (user and system, all threads of this process) spent while the migration
@@ -85,6 +111,11 @@ pub struct Report {
     pub source_guest: Option<&'static str>,
     /// The destination's own figures (dest).
     pub dest: Option<DestFigures>,
+    /// The destination's post-copy figures (loopback; `postcopy` holds the source's): pages
+    /// fetched on fault and in the background, fault latency.
+    pub dest_postcopy: Option<PostcopyReport>,
+    /// What the destination's guest did once resumed (dest, loopback; `null` without writers).
+    pub dest_guest: Option<DestGuestFigures>,
     /// How the run was set up.
     pub run: RunInfo,
 }
@@ -100,6 +131,11 @@ impl Report {
         for r in &mut stats.rounds {
             r.mbps = crate::progress::round_mbps(r);
         }
+        // A guest lost in post-copy never finished verifying, whatever the pages that landed
+        // before the loss matched: the report must not read `verified: true` beside it.
+        if stats.status == MigrationStatus::GuestLost {
+            stats.verified = None;
+        }
         let secs = (stats.total_time_ms - stats.setup_time_ms) / 1e3;
         let data_rate = if secs > 0.0 {
             stats.ram.transferred as f64 / secs
@@ -109,10 +145,13 @@ impl Report {
         Report {
             stats,
             memory_equal,
+            memory_pages_left_out: None,
             data_rate,
             cpu_seconds,
             source_guest: None,
             dest: None,
+            dest_postcopy: None,
+            dest_guest: None,
             run,
         }
     }
@@ -156,6 +195,9 @@ impl Report {
         );
         row("setup time", format!("{:.1} ms", s.setup_time_ms));
         for (k, v) in self.result_rows() {
+            row(k, v);
+        }
+        for (k, v) in self.postcopy_rows() {
             row(k, v);
         }
         for (k, v) in self.peer_rows() {
@@ -301,13 +343,78 @@ impl Report {
             },
         ));
         if let Some(eq) = self.memory_equal {
-            v.push(("memory equal", eq.to_string()));
+            v.push((
+                "memory equal",
+                match self.memory_pages_left_out {
+                    Some(n) if n > 0 => format!(
+                        "{eq} on every page but the {n} the destination's guest wrote since it \
+                     resumed (left out)"
+                    ),
+                    _ => eq.to_string(),
+                },
+            ));
         }
         if let Some(g) = self.source_guest {
             v.push(("source guest", g.into()));
         }
         if s.cpu_throttle_percentage > 0 {
             v.push(("throttle", format!("{}%", s.cpu_throttle_percentage)));
+        }
+        v
+    }
+
+    /// The post-copy phase: its length, where the pages left at the switch came from, and
+    /// how long the destination's guest waited on a fault. The source's own figures count the
+    /// pages it served on request; the fault figures are the destination's.
+    fn postcopy_rows(&self) -> Vec<(&'static str, String)> {
+        let mut v = Vec::new();
+        let own = self.stats.postcopy.as_ref();
+        let here_is_dest = self.run.mode == "dest";
+        if let Some(p) = own.filter(|_| !here_is_dest) {
+            v.push(("post-copy", phase(p)));
+            v.push((
+                "post-copy pages",
+                format!(
+                    "{} left at the switch: {} served on request, {} sent in the background",
+                    p.pages_at_switch, p.pages_on_fault, p.pages_background
+                ),
+            ));
+        }
+        let dest = if here_is_dest {
+            own
+        } else {
+            self.dest_postcopy.as_ref()
+        };
+        if let Some(p) = dest {
+            if here_is_dest {
+                v.push(("post-copy", phase(p)));
+            }
+            v.push((
+                "post-copy landed",
+                format!(
+                    "{} pages missing at the switch: {} fetched on fault, {} in the background{}",
+                    p.pages_at_switch,
+                    p.pages_on_fault,
+                    p.pages_background,
+                    if here_is_dest { "" } else { " (destination)" }
+                ),
+            ));
+            v.push((
+                "fault latency",
+                format!(
+                    "{} faults: p50 {:.0} us, p99 {:.0} us, max {:.0} us",
+                    p.faults, p.fault_p50_us, p.fault_p99_us, p.fault_max_us
+                ),
+            ));
+        }
+        if let Some(g) = &self.dest_guest {
+            v.push((
+                "destination guest",
+                format!(
+                    "wrote {} pages in {:.1} s after it resumed",
+                    g.pages_written, g.seconds
+                ),
+            ));
         }
         v
     }
@@ -376,11 +483,23 @@ impl Report {
                 si_rate(r.mbps * 1e6 / 8.0),
                 si_rate(r.dirty_rate),
                 r.expected_downtime_ms,
-                if r.last { "  (stop-and-copy)" } else { "" }
+                match (r.last, s.postcopy.is_some()) {
+                    (true, false) => "  (stop-and-copy)",
+                    (true, true) => "  (post-copy: after the switch)",
+                    _ => "",
+                }
             ));
         }
         o
     }
+}
+
+/// A post-copy phase's length in words.
+fn phase(p: &PostcopyReport) -> String {
+    format!(
+        "{:.1} ms from the destination's resumption to the last page",
+        p.duration_ms
+    )
 }
 
 /// How an end's memory was prepared, in words; `None` when it stated nothing.
@@ -533,6 +652,60 @@ mod tests {
         // Without the peer's figures there are no rows for it.
         let t = Report::new(MigrationStats::default(), None, 0.1, run("dest")).table();
         assert!(!t.contains("source sent"), "{t}");
+    }
+
+    #[test]
+    fn post_copy_rows_say_where_the_pages_came_from_and_a_lost_guest_is_not_verified() {
+        let dest_pc = PostcopyReport {
+            duration_ms: 2050.0,
+            pages_at_switch: 100,
+            pages_on_fault: 30,
+            pages_background: 70,
+            faults: 31,
+            fault_p50_us: 80.0,
+            fault_p99_us: 2000.0,
+            fault_max_us: 7000.0,
+        };
+        let src_pc = PostcopyReport {
+            pages_on_fault: 31,
+            pages_background: 72,
+            faults: 0,
+            ..dest_pc.clone()
+        };
+        let stats = MigrationStats {
+            status: MigrationStatus::Completed,
+            verified: Some(true),
+            postcopy: Some(src_pc),
+            ..Default::default()
+        };
+        let mut r = Report::new(stats, Some(true), 0.1, run("loopback"));
+        r.dest_postcopy = Some(dest_pc.clone());
+        r.memory_pages_left_out = Some(12);
+        let t = r.table();
+        for want in [
+            "post-copy              2050.0 ms from the destination's resumption",
+            "100 left at the switch: 31 served on request, 72 sent in the background",
+            "100 pages missing at the switch: 30 fetched on fault, 70 in the background",
+            "31 faults: p50 80 us, p99 2000 us, max 7000 us",
+            "true on every page but the 12 the destination's guest wrote",
+        ] {
+            assert!(t.contains(want), "{want:?} not in {t}");
+        }
+        let stats = MigrationStats {
+            status: MigrationStatus::GuestLost,
+            verified: Some(true),
+            postcopy: Some(dest_pc),
+            ..Default::default()
+        };
+        let r = Report::new(stats, None, 0.1, run("dest"));
+        assert_eq!(
+            r.stats.verified, None,
+            "a lost guest never finished verifying"
+        );
+        assert!(!r.ok());
+        let t = r.table();
+        assert!(t.contains("verified               not reached"), "{t}");
+        assert!(t.contains("30 fetched on fault"), "its own figures: {t}");
     }
 
     #[test]

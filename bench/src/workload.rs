@@ -1,5 +1,10 @@
 //! The guest stand-in: writer threads that dirty pages at a set rate over a hot set, marking
 //! a dirty log as KVM's would (write first, then set the bit), and that stop for a pause.
+//!
+//! The guest goes on where it resumes: what its writers do travels in its device state (as a
+//! real guest's CPU state carries what it was doing), so a destination starts the same
+//! writers after the handover without being told the workload on its command line. After a
+//! post-copy switch that is what makes the destination fault as a real guest would.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
@@ -31,6 +36,48 @@ struct Gate {
     stop: AtomicBool,
     throttle: AtomicU8,
     pages_written: AtomicU64,
+}
+
+/// What a device state starts with: this magic, then the spec's fields (little endian).
+const GUEST_MAGIC: &[u8; 16] = b"rmig-bench-gst/1";
+/// Bytes of the header: the magic and four 8-byte fields.
+const GUEST_HEADER: usize = 16 + 4 * 8;
+
+impl WorkloadSpec {
+    /// The bench guest's device state: the spec in a header, then `len` bytes in all of
+    /// data derived from the seed (checked at the far end in `loopback`).
+    pub fn device_state(&self, len: usize) -> Vec<u8> {
+        let mut r = Rng::new(self.seed ^ 0xdead_beef);
+        let mut v: Vec<u8> = (0..len.max(GUEST_HEADER))
+            .map(|_| r.next_u64() as u8)
+            .collect();
+        v[..16].copy_from_slice(GUEST_MAGIC);
+        v[16..24].copy_from_slice(&self.dirty_rate.to_le_bytes());
+        v[24..32].copy_from_slice(&self.hot_set.to_le_bytes());
+        v[32..40].copy_from_slice(&(self.writers as u64).to_le_bytes());
+        v[40..48].copy_from_slice(&self.seed.to_le_bytes());
+        v
+    }
+
+    /// The spec a device state carries; `None` for one the bench did not make.
+    pub fn of_device_state(state: &[u8]) -> Option<WorkloadSpec> {
+        if state.len() < GUEST_HEADER || &state[..16] != GUEST_MAGIC {
+            return None;
+        }
+        let word = |i: usize| <[u8; 8]>::try_from(&state[i..i + 8]).ok();
+        let spec = WorkloadSpec {
+            dirty_rate: f64::from_le_bytes(word(16)?),
+            hot_set: f64::from_le_bytes(word(24)?),
+            writers: usize::try_from(u64::from_le_bytes(word(32)?)).ok()?,
+            seed: u64::from_le_bytes(word(40)?),
+        };
+        let sane = spec.dirty_rate.is_finite()
+            && spec.dirty_rate >= 0.0
+            && spec.hot_set > 0.0
+            && spec.hot_set <= 1.0
+            && spec.writers <= 1024;
+        sane.then_some(spec)
+    }
 }
 
 /// Running writers.
@@ -114,6 +161,19 @@ impl Workload {
         for j in self.joins.drain(..) {
             let _ = j.join();
         }
+    }
+}
+
+impl Workload {
+    /// Stops the writers without waiting for them: after a lost post-copy, a writer that
+    /// touched a page still on the lost source stays blocked in the kernel for good, so it
+    /// cannot be joined. The memory they write must then stay mapped for the life of the
+    /// process (forget its mapping too).
+    pub fn abandon(mut self) {
+        self.gate.stop.store(true, Ordering::Release);
+        resume(&self.gate);
+        // Detached: dropping a handle does not wait for its thread.
+        self.joins.clear();
     }
 }
 
@@ -220,6 +280,28 @@ impl SourceEmbedder for BenchEmbedder {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_device_state_carries_the_workload() {
+        let spec = WorkloadSpec {
+            dirty_rate: 300e6,
+            hot_set: 0.5,
+            writers: 3,
+            seed: 42,
+        };
+        let state = spec.device_state(64 * 1024);
+        assert_eq!(state.len(), 64 * 1024);
+        let back = WorkloadSpec::of_device_state(&state).expect("a bench guest's state");
+        assert_eq!(
+            (back.dirty_rate, back.hot_set, back.writers, back.seed),
+            (300e6, 0.5, 3, 42)
+        );
+        assert_eq!(state, spec.device_state(64 * 1024), "deterministic");
+        let mut other = state.clone();
+        other[3] ^= 1;
+        assert!(WorkloadSpec::of_device_state(&other).is_none());
+        assert!(WorkloadSpec::of_device_state(&state[..20]).is_none());
+    }
 
     /// Pages written over `secs` by writers at `rate` bytes/s under `throttle` percent.
     fn written(throttle: u8, secs: f64) -> f64 {

@@ -134,6 +134,67 @@ fn loopback_json_has_query_migrate_names_and_equal_memory() {
     assert_eq!(j["run"]["prealloc"], true);
 }
 
+/// A guest that rewrites half its memory four times faster than its 400 Mbit/s ceiling:
+/// post-copy after two rounds moves it, the destination's guest faults on pages it lacks,
+/// every page missing at the switch lands exactly once, and the memories are compared on
+/// every page the destination's guest did not write since it resumed.
+#[test]
+fn loopback_postcopy_reports_the_phase_and_compares_what_the_guest_left_alone() {
+    let out = output(bench().args([
+        "loopback",
+        "--size",
+        "64MiB",
+        "--dirty-rate",
+        "200",
+        "--hot-set",
+        "0.5",
+        "--max-bandwidth",
+        "400Mbit",
+        "--auto-converge",
+        "off",
+        "--postcopy-after",
+        "2",
+        "--lanes",
+        "2",
+        "--json",
+    ]));
+    let err = stderr_of(&out);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    let j = json_of(&out);
+    assert_eq!(j["status"], "completed", "{j}");
+    assert_eq!(j["verified"], true);
+    assert_eq!(
+        j["source_guest"], "paused",
+        "the source never resumes its copy"
+    );
+    let src = &j["postcopy"];
+    let dst = &j["dest_postcopy"];
+    let n = |v: &Value, k: &str| v[k].as_u64().unwrap_or_else(|| panic!("{k}: {j}"));
+    assert!(n(dst, "pages_at_switch") > 0, "{j}");
+    assert_eq!(n(src, "pages_at_switch"), n(dst, "pages_at_switch"));
+    assert_eq!(
+        n(dst, "pages_on_fault") + n(dst, "pages_background"),
+        n(dst, "pages_at_switch"),
+        "every page missing at the switch landed once: {dst}"
+    );
+    assert!(
+        n(dst, "faults") > 0,
+        "the destination's guest faulted: {dst}"
+    );
+    assert!(n(dst, "pages_on_fault") > 0, "{dst}");
+    assert!(dst["fault_p50_us"].as_f64().unwrap() > 0.0, "{dst}");
+    assert!(src["duration_ms"].as_f64().unwrap() > 0.0, "{src}");
+    let written = n(&j["dest_guest"], "pages_written");
+    assert!(written > 0, "the destination's guest ran: {j}");
+    assert_eq!(j["memory_pages_left_out"].as_u64(), Some(written));
+    assert!(written < 64 * 256, "the rest of memory was compared: {j}");
+    assert_eq!(j["memory_equal"], true);
+    assert_eq!(
+        j["rounds"].as_array().unwrap().last().unwrap()["last"],
+        true
+    );
+}
+
 #[test]
 fn verify_off_and_no_prealloc() {
     let mut cmd = bench();
@@ -655,6 +716,11 @@ fn bad_values_are_usage_errors_before_anything_runs() {
             "needs at least one writer",
         ),
         (&["loopback", "--max-rounds", "0"], "--max-rounds"),
+        (&["loopback", "--postcopy-after", "0"], "--postcopy-after"),
+        (
+            &["loopback", "--postcopy", "--page-size", "2MiB"],
+            "--postcopy needs --page-size 4KiB",
+        ),
         (&["loopback", "--downtime-limit", "0"], "--downtime-limit"),
         (&["loopback", "--size", "-1"], "cannot be negative"),
         (&["loopback", "--size", "99999999999TiB"], "too large"),
@@ -699,7 +765,7 @@ fn help_says_what_the_exit_codes_mean() {
         let out = output_within(bench().args(sub), Duration::from_secs(10));
         assert!(out.status.success());
         let h = String::from_utf8_lossy(&out.stdout);
-        for code in ["  0 ", "  1 ", "  2 ", "  3 ", "  130 "] {
+        for code in ["  0 ", "  1 ", "  2 ", "  3 ", "  4 ", "  130 "] {
             assert!(h.contains(code), "{sub:?} lacks exit code {code:?}: {h}");
         }
     }

@@ -117,7 +117,11 @@ fn a_link_lost_after_the_switch_loses_the_guest_at_both_ends() {
         assert_eq!(st.verified, None, "{end}: nothing claims a verified copy");
         assert!(st.postcopy.is_some(), "{end} reports the post-copy phase");
         // The pause ended at `Resumed`; the failure came a reconnect window (1 s) later.
-        assert!(st.downtime_ms < 1000.0, "{end}: downtime {} ms", st.downtime_ms);
+        assert!(
+            st.downtime_ms < 1000.0,
+            "{end}: downtime {} ms",
+            st.downtime_ms
+        );
     }
     // The destination's guest thread waits for pages that will not come: its memory stays
     // mapped (and its userfaultfd open) for the rest of the process.
