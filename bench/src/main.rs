@@ -408,23 +408,31 @@ fn loopback(a: LoopbackArgs) -> Result<i32> {
         "paused"
     });
     print(&report, a.out.json)?;
-    // The source's error first; the destination's only when it adds something.
+    let code = conclude(&report, &loopback_errors(&run.result, &dest_result));
+    a.out.linger();
+    Ok(code)
+}
+
+/// A loopback run's errors to tell: the source's first; the destination's only when it adds
+/// something (not an echo of the source's own failure).
+fn loopback_errors<'a, S, D>(
+    source: &'a Result<S, EngineError>,
+    dest: &'a Result<D, EngineError>,
+) -> Vec<(Side, &'a EngineError)> {
     let mut errors = Vec::new();
-    if let Err(e) = &run.result {
+    if let Err(e) = source {
         errors.push((Side::Source, e));
     }
-    if let Err(e) = &dest_result {
+    if let Err(e) = dest {
         let echo = matches!(
             e,
             EngineError::PeerError(_) | EngineError::PeerCancelled(_) | EngineError::PeerClosed
         );
-        if run.result.is_ok() || !echo {
+        if source.is_ok() || !echo {
             errors.push((Side::Dest, e));
         }
     }
-    let code = conclude(&report, &errors);
-    a.out.linger();
-    Ok(code)
+    errors
 }
 
 /// After a loopback run: stops the destination's guest and compares both ends (memory on

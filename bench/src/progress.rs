@@ -16,7 +16,7 @@ use std::io::{IsTerminal, Write};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use rmig_engine::{MigrationStatus, Monitor, Progress, RoundStats};
+use rmig_engine::{MigrationStats, MigrationStatus, Monitor, Progress, RoundStats};
 use serde::Serialize;
 
 use crate::fail::Side;
@@ -134,60 +134,22 @@ pub fn watch(
         metrics::gauge!("rmig_remaining_bytes").set(p.remaining as f64);
         metrics::gauge!("rmig_bandwidth_bytes_per_second").set(rate);
         if let Some(b) = &bar {
-            b.set_length(p.round_bytes.max(p.round_sent).max(1));
-            b.set_position(p.round_sent);
-            b.set_prefix(p.round.to_string());
-            b.set_message(match stats.status {
-                MigrationStatus::Setup => "setting up: connecting, handshake, lanes".into(),
-                MigrationStatus::Device => {
-                    "guest paused: final copy, device state, verification".into()
-                }
-                MigrationStatus::Postcopy => {
-                    "post-copy: the guest runs on the destination; its missing pages follow".into()
-                }
-                _ => message(&p, rate, eta_s),
-            });
+            show(b, &p, &stats, rate, eta_s);
         }
         if let Some(f) = out.as_mut() {
             for r in stats.rounds.iter().skip(rounds_seen) {
-                let mbps = round_mbps(r);
-                let line = Line {
-                    kind: "round",
-                    side: side_name(side),
-                    t_ms: start.elapsed().as_secs_f64() * 1e3,
-                    status: stats.status.name(),
-                    round: r.round,
-                    transferred: p.transferred,
-                    total: p.total,
-                    remaining: r.remaining,
-                    rate: mbps * 1e6 / 8.0,
-                    bandwidth: mbps * 1e6 / 8.0,
-                    mbps,
-                    dirty_rate: r.dirty_rate,
-                    eta_switchover_s: None,
-                    growing: r.dirty_rate >= mbps * 1e6 / 8.0,
-                };
+                let line = Line::of_round(r, side, start, &stats, &p);
                 writeln!(f, "{}", serde_json::to_string(&line)?)?;
             }
             rounds_seen = stats.rounds.len();
             let due = last_line.is_none_or(|t| t.elapsed() >= Duration::from_millis(500));
             if due || finished {
-                let line = Line {
-                    kind: "tick",
-                    side: side_name(side),
-                    t_ms: start.elapsed().as_secs_f64() * 1e3,
-                    status: stats.status.name(),
-                    round: p.round,
-                    transferred: p.transferred,
-                    total: p.total,
-                    remaining: if finished { 0 } else { p.remaining },
+                let tick = Tick {
                     rate,
-                    bandwidth: if p.bandwidth > 0.0 { p.bandwidth } else { rate },
-                    mbps: rate * 8.0 / 1e6,
-                    dirty_rate: p.dirty_rate,
-                    eta_switchover_s: if finished { None } else { eta_s },
-                    growing: p.growing,
+                    eta_s,
+                    finished,
                 };
+                let line = Line::tick(side, start, &stats, &p, tick);
                 writeln!(f, "{}", serde_json::to_string(&line)?)?;
                 f.flush()?;
                 last_line = Some(Instant::now());
@@ -202,6 +164,93 @@ pub fn watch(
         b.finish_and_clear();
     }
     Ok(())
+}
+
+/// What a tick line adds to the monitor's figures.
+struct Tick {
+    rate: f64,
+    eta_s: Option<f64>,
+    finished: bool,
+}
+
+impl Line<'static> {
+    /// The line of a round that ended.
+    fn of_round(
+        r: &RoundStats,
+        side: Side,
+        start: Instant,
+        stats: &MigrationStats,
+        p: &Progress,
+    ) -> Line<'static> {
+        let mbps = round_mbps(r);
+        Line {
+            kind: "round",
+            side: side_name(side),
+            t_ms: start.elapsed().as_secs_f64() * 1e3,
+            status: stats.status.name(),
+            round: r.round,
+            transferred: p.transferred,
+            total: p.total,
+            remaining: r.remaining,
+            rate: mbps * 1e6 / 8.0,
+            bandwidth: mbps * 1e6 / 8.0,
+            mbps,
+            dirty_rate: r.dirty_rate,
+            eta_switchover_s: None,
+            growing: r.dirty_rate >= mbps * 1e6 / 8.0,
+        }
+    }
+
+    /// A line of the figures as they stand (twice a second, and at the end).
+    fn tick(
+        side: Side,
+        start: Instant,
+        stats: &MigrationStats,
+        p: &Progress,
+        t: Tick,
+    ) -> Line<'static> {
+        Line {
+            kind: "tick",
+            side: side_name(side),
+            t_ms: start.elapsed().as_secs_f64() * 1e3,
+            status: stats.status.name(),
+            round: p.round,
+            transferred: p.transferred,
+            total: p.total,
+            remaining: if t.finished { 0 } else { p.remaining },
+            rate: t.rate,
+            bandwidth: if p.bandwidth > 0.0 {
+                p.bandwidth
+            } else {
+                t.rate
+            },
+            mbps: t.rate * 8.0 / 1e6,
+            dirty_rate: p.dirty_rate,
+            eta_switchover_s: if t.finished { None } else { t.eta_s },
+            growing: p.growing,
+        }
+    }
+}
+
+/// Puts the figures on the progress bar.
+fn show(
+    b: &indicatif::ProgressBar,
+    p: &Progress,
+    stats: &MigrationStats,
+    rate: f64,
+    eta_s: Option<f64>,
+) {
+    b.set_length(p.round_bytes.max(p.round_sent).max(1));
+    b.set_position(p.round_sent);
+    b.set_prefix(p.round.to_string());
+    b.set_message(match stats.status {
+        MigrationStatus::Setup => "setting up: connecting, handshake, lanes".into(),
+        MigrationStatus::Device => "guest paused: final copy, device state, verification".into(),
+        MigrationStatus::Postcopy => {
+            "post-copy: the guest runs on the destination; its missing pages follow".into()
+        }
+        _ => message(p, rate, eta_s),
+    });
 }
 
 fn side_name(side: Side) -> &'static str {

@@ -342,17 +342,8 @@ impl Report {
                 (None, true) => "not reached".into(),
             },
         ));
-        if let Some(eq) = self.memory_equal {
-            v.push((
-                "memory equal",
-                match self.memory_pages_left_out {
-                    Some(n) if n > 0 => format!(
-                        "{eq} on every page but the {n} the destination's guest wrote since it \
-                     resumed (left out)"
-                    ),
-                    _ => eq.to_string(),
-                },
-            ));
+        if let Some(eq) = self.memory_row() {
+            v.push(("memory equal", eq));
         }
         if let Some(g) = self.source_guest {
             v.push(("source guest", g.into()));
@@ -361,6 +352,19 @@ impl Report {
             v.push(("throttle", format!("{}%", s.cpu_throttle_percentage)));
         }
         v
+    }
+
+    /// Whether both ends' memories were equal, and on which pages (after post-copy the
+    /// destination's guest wrote some, which are left out).
+    fn memory_row(&self) -> Option<String> {
+        let eq = self.memory_equal?;
+        Some(match self.memory_pages_left_out {
+            Some(n) if n > 0 => format!(
+                "{eq} on every page but the {n} the destination's guest wrote since it resumed \
+                 (left out)"
+            ),
+            _ => eq.to_string(),
+        })
     }
 
     /// The post-copy phase: its length, where the pages left at the switch came from, and
