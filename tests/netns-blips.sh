@@ -21,24 +21,13 @@ fi
 tag=$$
 src=rmig-src-$tag dst=rmig-dst-$tag
 out=$(mktemp -d /tmp/rmig-blips.XXXXXX)
+. tests/netns-pair.sh
 cleanup() {
-    ip netns pids "$src" 2>/dev/null | xargs -r kill -9 2>/dev/null || true
-    ip netns pids "$dst" 2>/dev/null | xargs -r kill -9 2>/dev/null || true
-    ip netns del "$src" 2>/dev/null || true
-    ip netns del "$dst" 2>/dev/null || true
+    netns_remove "$src" "$dst"
     rm -rf "$out"
 }
 trap cleanup EXIT
-ip netns add "$src"
-ip netns add "$dst"
-ip link add vs-$tag netns "$src" type veth peer name vd-$tag netns "$dst"
-ip -n "$src" addr add 198.18.0.1/30 dev vs-$tag
-ip -n "$dst" addr add 198.18.0.2/30 dev vd-$tag
-for ns in "$src" "$dst"; do ip -n "$ns" link set lo up; done
-ip -n "$src" link set vs-$tag up
-ip -n "$dst" link set vd-$tag up
-ip netns exec "$src" tc qdisc add dev vs-$tag root tbf rate 1gbit burst 256k latency 50ms
-ip netns exec "$dst" tc qdisc add dev vd-$tag root tbf rate 1gbit burst 256k latency 50ms
+netns_pair "$src" "$dst" vs-$tag vd-$tag 198.18.0.1/30 198.18.0.2/30 1gbit
 export RMIG_KEY=netns-blips-test-key-$tag
 size=384MiB
 port=7900

@@ -28,24 +28,13 @@ fi
 tag=$$
 src=rmig-pcs-$tag dst=rmig-pcd-$tag
 out=$(mktemp -d /tmp/rmig-postcopy.XXXXXX)
+. tests/netns-pair.sh
 cleanup() {
-    ip netns pids "$src" 2>/dev/null | xargs -r kill -9 2>/dev/null || true
-    ip netns pids "$dst" 2>/dev/null | xargs -r kill -9 2>/dev/null || true
-    ip netns del "$src" 2>/dev/null || true
-    ip netns del "$dst" 2>/dev/null || true
+    netns_remove "$src" "$dst"
     [ -n "${KEEP_OUT:-}" ] || rm -rf "$out"
 }
 trap cleanup EXIT
-ip netns add "$src"
-ip netns add "$dst"
-ip link add ps-$tag netns "$src" type veth peer name pd-$tag netns "$dst"
-ip -n "$src" addr add 198.18.0.5/30 dev ps-$tag
-ip -n "$dst" addr add 198.18.0.6/30 dev pd-$tag
-for ns in "$src" "$dst"; do ip -n "$ns" link set lo up; done
-ip -n "$src" link set ps-$tag up
-ip -n "$dst" link set pd-$tag up
-ip netns exec "$src" tc qdisc add dev ps-$tag root tbf rate 1gbit burst 256k latency 50ms
-ip netns exec "$dst" tc qdisc add dev pd-$tag root tbf rate 1gbit burst 256k latency 50ms
+netns_pair "$src" "$dst" ps-$tag pd-$tag 198.18.0.5/30 198.18.0.6/30 1gbit
 export RMIG_KEY=netns-postcopy-test-key-$tag
 guest=(--size 512MiB --dirty-rate 300 --hot-set 0.5 --writers 1)
 port=7950

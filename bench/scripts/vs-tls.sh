@@ -24,15 +24,13 @@ rate=${RATE:-1gbit}
 here=$(cd "$(dirname "$0")/../.." && pwd)
 bench=${BENCH:-$here/target/release/rmig-bench}
 [ -x "$bench" ] || (cd "$here" && cargo build --release -q -p rmig-bench)
+. "$here/tests/netns-pair.sh"
 tmp=$(mktemp -d /tmp/rmig-vs-tls.XXXXXX)
 tag=$$
 src=rmig-vts-$tag dst=rmig-vtd-$tag
 cleanup() {
   if [ "$netns" = 1 ]; then
-    for ns in "$src" "$dst"; do
-      ip netns pids "$ns" 2>/dev/null | xargs -r kill -9 2>/dev/null || true
-      ip netns del "$ns" 2>/dev/null || true
-    done
+    netns_remove "$src" "$dst"
   fi
   rm -rf "$tmp"
 }
@@ -43,16 +41,7 @@ if [ "$netns" = 1 ]; then
     echo "vs-tls: NETNS=1 needs root to create network namespaces" >&2
     exit 1
   fi
-  ip netns add "$src"
-  ip netns add "$dst"
-  ip link add vs-$tag netns "$src" type veth peer name vd-$tag netns "$dst"
-  ip -n "$src" addr add 198.18.0.1/30 dev vs-$tag
-  ip -n "$dst" addr add 198.18.0.2/30 dev vd-$tag
-  for ns in "$src" "$dst"; do ip -n "$ns" link set lo up; done
-  ip -n "$src" link set vs-$tag up
-  ip -n "$dst" link set vd-$tag up
-  ip netns exec "$src" tc qdisc add dev vs-$tag root tbf rate "$rate" burst 256k latency 50ms
-  ip netns exec "$dst" tc qdisc add dev vd-$tag root tbf rate "$rate" burst 256k latency 50ms
+  netns_pair "$src" "$dst" vs-$tag vd-$tag 198.18.0.1/30 198.18.0.2/30 "$rate"
   export RMIG_KEY=vs-tls-key-$tag-$RANDOM$RANDOM
 fi
 
