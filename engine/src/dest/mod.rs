@@ -5,9 +5,11 @@
 //! matched (when verifying) and the source said `Complete`. On any error it tells the source
 //! why, closes everything and returns the error; the guest is not resumed.
 
+mod faults;
 mod incoming;
 mod lanes;
 mod phase;
+mod placer;
 mod postcopy;
 mod pull;
 mod sink;
@@ -221,7 +223,7 @@ impl DestListener {
             lanes,
             more,
             reconnect: self.reconnect(&agreed, slots, rejoins, limits),
-            postcopy: switch::DestPostcopy::new(postcopy_dev, self.cfg.handshake_timeout),
+            postcopy: postcopy::DestPostcopy::new(postcopy_dev, self.cfg.handshake_timeout),
         };
         let r = session.run(&results, kept, embedder);
         live.abort();

@@ -147,7 +147,7 @@ pub(crate) struct Receiving<'a> {
     /// Taking the source back after a broken control connection.
     pub reconnect: Reconnect,
     /// Post-copy, when the source switches to it.
-    pub postcopy: super::switch::DestPostcopy,
+    pub postcopy: super::postcopy::DestPostcopy,
 }
 
 impl Receiving<'_> {

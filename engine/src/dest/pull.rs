@@ -8,14 +8,13 @@
 //! places whatever lands. When no READ is in flight and no page is missing it only waits for
 //! fault reports (which can then only be about pages that are there, or zero).
 
-use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use rmig_transport::rdma::RdmaPageReader;
 use rmig_transport::PageSink;
 
-use super::postcopy::{gather, wait_readable, Arrival, FaultFigures, Placer, Waiting};
+use super::placer::{gather, Arrival, FaultFigures, Placer, Waiting};
 use super::sink::DestSink;
 
 /// How long the thread waits for a background READ before it looks at fault reports again.
@@ -176,7 +175,7 @@ fn step(
     figures: &mut FaultFigures,
     busy: bool,
 ) -> Result<(), String> {
-    if wait_readable(placer.uffd.as_raw_fd(), if busy { 0 } else { IDLE_MS }) {
+    if placer.wait_reports(if busy { 0 } else { IDLE_MS }) {
         gather(placer, waiting)?;
     }
     for w in std::mem::take(waiting) {

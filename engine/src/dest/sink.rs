@@ -36,7 +36,7 @@ pub(crate) struct DestSink {
     /// An injected crash (tests only).
     pub crash: Crash,
     /// Post-copy, once switched: every page is placed through userfaultfd.
-    pub placer: std::sync::OnceLock<std::sync::Arc<super::postcopy::Placer>>,
+    pub placer: std::sync::OnceLock<std::sync::Arc<super::placer::Placer>>,
 }
 
 /// An injected crash (tests, the `fault-injection` feature): once this many payload bytes
@@ -214,13 +214,7 @@ impl PageSink for DestSink {
 
     fn place(&self, region: usize, first: u64, n: u64, bytes: &[u8]) -> Result<(), String> {
         let placer = self.placer.get().ok_or("not in post-copy")?;
-        placer.place(
-            region,
-            first,
-            n,
-            bytes,
-            super::postcopy::Arrival::Background,
-        )
+        placer.place(region, first, n, bytes, super::placer::Arrival::Background)
     }
 
     fn data_landed(&self, region: usize, first: u64, n: u64) {
@@ -263,7 +257,7 @@ impl PageSink for DestSink {
             // Post-copy: the guest runs, so a missing page is never read or written here;
             // a page the zero page cannot be mapped at stays missing, and the phase's end
             // reports it.
-            let _ = placer.zero(region, first, n, super::postcopy::Arrival::Background);
+            let _ = placer.zero(region, first, n, super::placer::Arrival::Background);
             if let Some(h) = &self.hashes {
                 h[region].set_zero(first, n);
             }

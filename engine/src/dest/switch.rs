@@ -1,72 +1,24 @@
 //! The destination's post-copy phases: taking the page set in the pause, resuming the guest
 //! with those pages missing, and ending once every one of them has landed.
 //!
-//! The session's phase machine (`phase.rs`) routes the post-copy messages here; the
-//! userfaultfd side (dropping pages, placing them, serving the guest's faults) is in
-//! `postcopy.rs`.
+//! The session's phase machine (`phase.rs`) routes the post-copy messages here; the state
+//! kept between them is `postcopy.rs`'s, the userfaultfd side (dropping pages, placing them)
+//! `placer.rs`'s, and the threads that serve the guest's faults are in `faults.rs` (TCP) and
+//! `pull.rs` (RDMA).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rmig_transport::rdma::{RdmaDevice, RdmaPageReader};
+use rmig_transport::rdma::RdmaPageReader;
 use rmig_transport::tcp::fetch::FetchClient;
 
+use super::faults::{percentiles, FaultThread, Fetcher};
 use super::phase::{Failure, Phase, Receiving};
-use super::postcopy::{percentiles, FaultThread, Fetcher, Placer};
+use super::placer::Placer;
 use crate::embedder::DestEmbedder;
 use crate::protocol::Message;
 use crate::stats::{MigrationStatus, PostcopyReport};
 use crate::EngineError;
-
-/// Post-copy's state on the destination.
-pub(crate) struct DestPostcopy {
-    /// Over RDMA: the device the missing pages are read with, and how long the source's
-    /// answer to the reader's setup may take.
-    rdma: Option<(Arc<RdmaDevice>, Duration)>,
-    /// Over RDMA: the reader, connected as soon as the fetch lane joined (before the pause).
-    reader: Option<(RdmaPageReader, super::lanes::LaneSocket)>,
-    /// The pages the source still holds (region, first, pages), as they arrive.
-    runs: Vec<(u32, u64, u64)>,
-    /// All of `PostcopyPages` arrived: the handover will resume the guest with them missing.
-    armed: bool,
-    /// The fetch lane, once the source joined it.
-    pub fetch: Option<super::lanes::LaneSocket>,
-    /// Guest memory under userfaultfd, after the switch.
-    placer: Option<Arc<Placer>>,
-    /// The thread that serves the guest's faults.
-    faults: Option<FaultThread>,
-    /// When our guest resumed.
-    resumed_at: Option<Instant>,
-    /// The round the source starts after the handover.
-    next: u32,
-}
-
-impl DestPostcopy {
-    /// Post-copy's state before any switch; `rdma`: the device of RDMA lanes.
-    pub fn new(rdma: Option<Arc<RdmaDevice>>, setup_wait: Duration) -> Self {
-        DestPostcopy {
-            rdma: rdma.map(|d| (d, setup_wait)),
-            reader: None,
-            runs: Vec::new(),
-            armed: false,
-            fetch: None,
-            placer: None,
-            faults: None,
-            resumed_at: None,
-            next: 0,
-        }
-    }
-
-    /// Whether the source switched to post-copy (the page set arrived).
-    pub fn armed(&self) -> bool {
-        self.armed
-    }
-
-    /// Whether our guest runs with pages still on the source.
-    pub fn resumed(&self) -> bool {
-        self.resumed_at.is_some()
-    }
-}
 
 /// How long the fetch lane may take to join after the page set arrived (the source joins
 /// it before it pauses, so it is normally here already).
