@@ -445,6 +445,40 @@ mod tests {
     }
 
     #[test]
+    fn a_run_around_a_page_that_arrived_first_lands_page_by_page() {
+        let map = memory(16, libc::MAP_PRIVATE);
+        let placer = Placer::switch(&map, &[(0, 4, 4)]).expect("switch");
+        // Page 5 came on a fault first.
+        placer
+            .place(0, 5, 1, &[7u8; BASE_PAGE], Arrival::Fetched)
+            .expect("fetched");
+        // Then the background run 4..8: the whole-run copy stops at page 5, so every other
+        // page is placed on its own, each with its own bytes.
+        let run: Vec<u8> = (0..4 * BASE_PAGE)
+            .map(|i| (i / BASE_PAGE) as u8 + 10)
+            .collect();
+        placer
+            .place(0, 4, 4, &run, Arrival::Background)
+            .expect("run");
+        assert_eq!(read_page(&map, 4), vec![10u8; BASE_PAGE]);
+        assert_eq!(
+            read_page(&map, 5),
+            vec![7u8; BASE_PAGE],
+            "the first arrival stays"
+        );
+        assert_eq!(read_page(&map, 6), vec![12u8; BASE_PAGE]);
+        assert_eq!(read_page(&map, 7), vec![13u8; BASE_PAGE]);
+        assert_eq!(
+            read_page(&map, 8),
+            vec![0xa5; BASE_PAGE],
+            "not dropped, not touched"
+        );
+        assert_eq!(placer.on_fault.load(Ordering::Relaxed), 1);
+        assert_eq!(placer.background.load(Ordering::Relaxed), 3);
+        assert_eq!(placer.left(), 0);
+    }
+
+    #[test]
     fn zero_runs_and_the_wait_for_the_rest() {
         let map = memory(8, libc::MAP_PRIVATE);
         let placer = Placer::switch(&map, &[(0, 0, 2), (0, 6, 2)]).expect("switch");
