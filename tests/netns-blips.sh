@@ -105,6 +105,9 @@ for name in ("outage", "reset"):
     check(name, dst["status"] == "completed", f"destination status {dst['status']}")
     check(name, src["verified"] is True, f"not verified: {src['verified']}")
     check(name, src["reconnects"] >= 1, f"no reconnect: {src['reconnects']}")
+    said = open(f"{out}/{name}.src.err").read()
+    check(name, "the session came back (reconnect 1)" in said,
+          "the source's stderr does not tell the reconnect as it happens")
     check(name, src.get("encryption") == "tls-psk", f"encryption {src.get('encryption')}")
     print(f"{name}: completed, verified, {src['reconnects']} reconnect(s), "
           f"{src['total_time_ms'] / 1e3:.1f} s total, downtime {src['downtime_ms']:.1f} ms")

@@ -117,9 +117,11 @@ pub fn watch(
     let mut meter = Meter::new();
     let mut last_line: Option<Instant> = None;
     let mut rounds_seen = 0;
+    let mut events = Events::default();
     loop {
         let finished = done();
         let stats = monitor.stats();
+        events.tell(&stats, bar.as_ref());
         let mut p = monitor.progress();
         if side == Side::Dest {
             // The destination's figures: what has landed so far (live within a round).
@@ -164,6 +166,43 @@ pub fn watch(
         b.finish_and_clear();
     }
     Ok(())
+}
+
+/// What happened to the session that the user should hear of as it happens (the library
+/// prints nothing; its statistics say it).
+#[derive(Default)]
+struct Events {
+    reconnects: u64,
+    fell_back: bool,
+}
+
+impl Events {
+    /// Says on stderr (above the bar, if there is one) what is new since the last call.
+    fn tell(&mut self, stats: &MigrationStats, bar: Option<&indicatif::ProgressBar>) {
+        let mut lines = Vec::new();
+        if stats.reconnects > self.reconnects {
+            self.reconnects = stats.reconnects;
+            lines.push(format!(
+                "rmig-bench: the link broke and the session came back (reconnect {})",
+                stats.reconnects
+            ));
+        }
+        let fallback = stats.rdma.is_some() && stats.transport == "tcp";
+        if fallback && !self.fell_back {
+            self.fell_back = true;
+            let why = stats
+                .fallback_reason
+                .as_deref()
+                .unwrap_or("every RDMA lane failed");
+            lines.push(format!("rmig-bench: continuing over TCP: {why}"));
+        }
+        for l in lines {
+            match bar {
+                Some(b) => b.println(l),
+                None => eprintln!("{l}"),
+            }
+        }
+    }
 }
 
 /// What a tick line adds to the monitor's figures.

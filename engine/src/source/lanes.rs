@@ -267,7 +267,6 @@ impl LaneSet {
     fn fall_back_to_tcp(&mut self, queues: &Queues) -> Result<usize, EngineError> {
         self.may_fall_back = false;
         let why = &self.last_error;
-        eprintln!("rmig: every RDMA lane failed ({why}); continuing over TCP");
         let reason = format!("every RDMA lane failed (last: {why}); continued over TCP");
         let n = self.kit.lanes;
         self.open_tcp(n, Some(queues))?;

@@ -48,7 +48,6 @@ impl SourceSession {
 
     /// Reconnects within the window, or fails with `why` and the last attempt's error.
     pub(super) fn reconnect(&mut self, why: &EngineError) -> Result<(), EngineError> {
-        eprintln!("rmig: {why}; reconnecting");
         // The interrupted round's unsent pages go back with the unconfirmed ones.
         self.lanes.stand_down();
         let deadline = Instant::now() + self.cfg.reconnect_window;
@@ -85,8 +84,8 @@ impl SourceSession {
         );
         self.lanes.reopen()?;
         self.round = next;
+        // The statistics say so (`reconnects`); a library prints nothing.
         self.monitor.update(|s| s.reconnects += 1);
-        eprintln!("rmig: reconnected; going on with round {next}");
         Ok(())
     }
 }
