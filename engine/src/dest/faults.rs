@@ -143,10 +143,7 @@ fn fetch(
     let mut sent = Vec::new();
     while let Some(w) = asked.next() {
         if !placer.is_missing(w.region, w.page) {
-            let r = placer.map.get(w.region).expect("located");
-            let _ = placer
-                .uffd
-                .wake(r.guest_pages(w.page, 1).as_ptr().cast(), r.page_size());
+            placer.wake(w.region, w.page);
             continue;
         }
         let f = Fetch {

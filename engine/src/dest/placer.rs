@@ -371,8 +371,7 @@ pub(super) fn gather(placer: &Placer, waiting: &mut Vec<Waiting>) -> Result<(), 
         // Not dropped at the switch: either it landed meanwhile (a wake is enough) or it was
         // never written here, which means zero on the source too.
         placer.zero_page(r, page)?;
-        let d = r.guest_pages(page, 1).as_ptr();
-        let _ = placer.uffd.wake(d.cast(), r.page_size());
+        placer.wake(region, page);
     }
 }
 
