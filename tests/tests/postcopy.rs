@@ -169,3 +169,39 @@ fn a_two_second_outage_during_postcopy_is_ridden_out_and_verifies() {
     guest.check_reads(&src);
     assert_same(src.bytes(), dst.bytes());
 }
+
+#[test]
+fn a_source_that_freezes_after_the_switch_loses_the_guest_within_a_bound() {
+    let _deadline = Deadline::secs(60);
+    let src = Mem::random(LEN, 0.2, 4);
+    let dst = Mem::new(LEN);
+    let guest = ReadingGuest::new(&dst, HOT, 400);
+    let (mut setup, mut writer) = outrun(&src, &dst);
+    setup.dest_guest = Some(Box::new(guest.clone()));
+    // Everything stays open but nothing moves once `Resumed` reached the source, as with a
+    // source stopped by `kill -STOP`: the destination's faults get no answer. It must still
+    // end (its fault thread's read has a deadline), saying the guest is lost.
+    for live in [&mut setup.src.liveness, &mut setup.dst.liveness] {
+        live.peer_timeout = Duration::from_secs(1);
+        live.heartbeat = Duration::from_millis(200);
+    }
+    setup.src.reconnect_window = Duration::from_secs(1);
+    setup.dst.reconnect_window = Duration::from_secs(1);
+    let trigger = Trigger::Frame {
+        to_dest: false,
+        tag: tag::RESUMED,
+        nth: 1,
+    };
+    let (s, d) = setup.run_via(|a| Proxy::start(a, trigger, Break::Freeze));
+    let se = s.expect_err("the source cannot succeed");
+    let de = d.expect_err("the destination cannot succeed");
+    assert!(matches!(se, EngineError::GuestLost(_)), "source: {se}");
+    assert!(matches!(de, EngineError::GuestLost(_)), "destination: {de}");
+    assert_eq!(
+        writer.resumed.load(Ordering::Relaxed),
+        0,
+        "the source never resumes"
+    );
+    writer.stop();
+    std::mem::forget(dst);
+}

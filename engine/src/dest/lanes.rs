@@ -52,8 +52,15 @@ impl LaneSocket {
 
 impl LaneSocket {
     /// The post-copy fetch lane on this socket (inside its TLS session, if it has one).
-    pub fn into_fetch(self) -> std::io::Result<rmig_transport::tcp::fetch::FetchConn> {
+    /// An answer that takes longer than `answer_within` ends the lane (the fault thread then
+    /// waits for the lane of a reconnect, and the session decides), so a source that froze
+    /// cannot hold the fault thread in a read for ever.
+    pub fn into_fetch(
+        self,
+        answer_within: std::time::Duration,
+    ) -> std::io::Result<rmig_transport::tcp::fetch::FetchConn> {
         self.sock.set_nodelay(true)?;
+        self.sock.set_read_timeout(Some(answer_within))?;
         Ok(match self.tls {
             None => rmig_transport::tcp::fetch::FetchConn::plain(self.sock),
             Some(conn) => rmig_transport::tcp::fetch::FetchConn::tls_server(conn, self.sock),

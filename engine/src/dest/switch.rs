@@ -82,7 +82,12 @@ impl Receiving<'_> {
             // The socket stays open as long as the reader's queue pair is used.
             return Ok(Fetcher::Rdma(Box::new(reader), Box::new(sock)));
         }
-        let conn = self.postcopy.fetch.take().expect("joined").into_fetch()?;
+        let conn = self
+            .postcopy
+            .fetch
+            .take()
+            .expect("joined")
+            .into_fetch(self.reconnect.liveness.peer_timeout * 2)?;
         Ok(Fetcher::Tcp(FetchClient::new(
             conn,
             self.sink.map().clone(),
@@ -194,7 +199,7 @@ impl Receiving<'_> {
         match &self.postcopy.faults {
             None => self.postcopy.fetch = Some(sock),
             Some(faults) => {
-                let conn = sock.into_fetch()?;
+                let conn = sock.into_fetch(self.reconnect.liveness.peer_timeout * 2)?;
                 faults.replace_lane(FetchClient::new(conn, self.sink.map().clone()));
             }
         }
