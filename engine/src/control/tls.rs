@@ -138,8 +138,20 @@ pub struct ServerTls {
     config: Arc<ServerConfig>,
 }
 
+/// ring's provider with AES-128-GCM first: TLS 1.3's mandatory suite, and about a third
+/// cheaper per byte than AES-256-GCM (10 AES rounds instead of 14), which on a host whose
+/// cores seal and open every page is the migration's speed. The server picks from the
+/// client's order (rustls's default), so both ends agree on it.
 fn provider() -> Arc<CryptoProvider> {
-    Arc::new(ring::default_provider())
+    use rustls::crypto::ring::cipher_suite;
+    Arc::new(CryptoProvider {
+        cipher_suites: vec![
+            cipher_suite::TLS13_AES_128_GCM_SHA256,
+            cipher_suite::TLS13_AES_256_GCM_SHA384,
+            cipher_suite::TLS13_CHACHA20_POLY1305_SHA256,
+        ],
+        ..ring::default_provider()
+    })
 }
 
 impl ClientTls {

@@ -86,6 +86,31 @@ impl TlsIn {
     }
 }
 
+impl TlsIn {
+    /// The opened plaintext of the next record (what is left of it), opening records as
+    /// needed: ordinary memory inside rustls, read in place instead of copied out. The peer
+    /// closing the session is `UnexpectedEof`.
+    fn chunk(&mut self) -> std::io::Result<&[u8]> {
+        loop {
+            match self.conn.reader().into_first_chunk() {
+                Ok([]) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+                Ok(_) => return self.conn.reader().into_first_chunk(),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+            if self.eof && self.start == self.end {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+            self.feed()?;
+        }
+    }
+
+    /// Marks the first `n` bytes of [`TlsIn::chunk`] as used.
+    fn consume(&mut self, n: usize) {
+        std::io::BufRead::consume(&mut self.conn.reader(), n);
+    }
+}
+
 impl Read for TlsIn {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         loop {
@@ -178,8 +203,14 @@ impl Incoming {
         self.buf.copy_within(self.start..self.end, 0);
         self.end -= self.start;
         self.start = 0;
+        // A TLS lane reads no further than it needs: the payload that follows is used in
+        // place, in rustls's buffer (`TcpDestLane::land_in_place`).
+        let ahead = match self.stream {
+            Conn::Plain(_) => self.buf.len(),
+            Conn::Tls(_) => n,
+        };
         while self.end < n {
-            match self.stream.read(&mut self.buf[self.end..]) {
+            match self.stream.read(&mut self.buf[self.end..ahead]) {
                 Ok(0) if self.end == 0 => return Ok(false),
                 Ok(0) => return Err(LaneError::Closed),
                 Ok(k) => self.end += k,
@@ -332,6 +363,51 @@ impl TcpDestLane {
         Ok(())
     }
 
+    /// Lands a data run from a TLS lane: whole pages are hashed and streamed into guest memory
+    /// (or placed) straight from the opened records in rustls's buffer; a page that straddles
+    /// two records (a peer that cuts records elsewhere, or pages larger than a record) goes
+    /// through the staging buffer.
+    fn land_in_place(
+        &mut self,
+        sink: &dyn PageSink,
+        idx: usize,
+        region: &MemRegion,
+        first: u64,
+        count: u64,
+    ) -> Result<(), LaneError> {
+        let psize = region.page_size() as u64;
+        let mut p = first;
+        while p < first + count {
+            let Conn::Tls(tls) = &mut self.rx.stream else {
+                unreachable!("a TLS lane")
+            };
+            let chunk = tls.chunk().map_err(|e| match e.kind() {
+                std::io::ErrorKind::UnexpectedEof => LaneError::Closed,
+                _ => e.into(),
+            })?;
+            let n = (chunk.len() as u64 / psize).min(first + count - p);
+            if n == 0 {
+                self.land_staged(sink, idx, region, p, 1)?;
+                p += 1;
+                continue;
+            }
+            let bytes = &chunk[..(n * psize) as usize];
+            if sink.places() {
+                sink.place(idx, p, n, bytes).map_err(LaneError::Refused)?;
+            } else {
+                // SAFETY: destination memory is writable (the region's contract), and the
+                // sink admitted this run (`claim`): no other lane writes these pages until
+                // it is released.
+                unsafe { copy_streaming(region.guest_pages(p, n), bytes) };
+            }
+            sink.data_landed_from(idx, p, n, bytes);
+            let used = bytes.len();
+            tls.consume(used);
+            p += n;
+        }
+        Ok(())
+    }
+
     /// Lands one admitted run: its payload into guest memory (straight, or staged when the
     /// sink reads what lands), or the zero pages it names.
     fn land_run(
@@ -347,7 +423,10 @@ impl TcpDestLane {
             sum.zero_pages += h.count;
             return Ok(());
         }
-        if sink.reads_landed() || sink.places() || matches!(self.rx.stream, Conn::Tls(_)) {
+        let tls = matches!(self.rx.stream, Conn::Tls(_));
+        if tls && self.rx.start == self.rx.end {
+            self.land_in_place(sink, idx, region, h.first_page, h.count)?;
+        } else if sink.reads_landed() || sink.places() || tls {
             self.land_staged(sink, idx, region, h.first_page, h.count)?;
         } else {
             let dst = region.guest_pages(h.first_page, h.count);
