@@ -34,9 +34,10 @@ use super::sendmsg::SocketOut;
 use crate::mem::GuestPages;
 use crate::LaneError;
 
-/// Plaintext sealed at once: large enough that `sendmsg` is paid rarely, small enough (with
-/// its sealed copy) to stay in a core's L2.
-const CHUNK: usize = 256 * 1024;
+/// Plaintext sealed at once: four records, so that `sendmsg` is paid once per 64 KiB, while
+/// the plaintext and its sealed copy stay in L1/L2 (256 KiB cost about 15 % more CPU per GiB
+/// in alternated loopback runs).
+const CHUNK: usize = 64 * 1024;
 
 /// Most plaintext in one TLS record (rustls's default fragment size, TLS's maximum).
 const RECORD: usize = 16 * 1024;
