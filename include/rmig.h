@@ -288,6 +288,10 @@ typedef struct {
   // Destination: the source's device state, before `resume`. `data` is valid during the
   // call only.
   int (*load_device_state)(void *opaque, const uint8_t *data, size_t len);
+  // Source, optional (NULL: not called): a sync of the dirty log begins; `dirty_sync` then
+  // follows once per region, in `rmig_add_region` order. An embedder that syncs its whole
+  // log at once (QEMU's `migration_bitmap_sync_precopy`) does it here.
+  int (*dirty_sync_begin)(void *opaque);
 } rmig_callbacks;
 
 // A session: a handle, not a pointer. 0 is never a valid session.
@@ -498,6 +502,11 @@ rmig_status rmig_cancel(rmig_session session, const char *reason);
 // Changes the bandwidth ceiling (bytes/s, 0 unlimited), also mid-migration. *Any thread*,
 // also while another thread is inside a call on the session.
 rmig_status rmig_set_max_bandwidth(rmig_session session, uint64_t bytes_per_sec);
+
+// Source: changes the downtime limit (milliseconds) mid-migration, as QEMU's
+// `downtime-limit` set while migrating: the convergence decision after the round in progress
+// uses it. *Any thread*, also while another thread is inside a call on the session.
+rmig_status rmig_set_downtime_limit(rmig_session session, uint64_t ms);
 
 // Source: switches to post-copy once the current round ends (QEMU's
 // `migrate-start-postcopy`), if the session was configured with `postcopy` and runs over

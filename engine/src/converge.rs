@@ -120,6 +120,11 @@ impl Converge {
         self.throttle
     }
 
+    /// Changes the downtime limit for the decisions to come.
+    pub fn set_downtime_limit(&mut self, limit: Duration) {
+        self.policy.downtime_limit = limit;
+    }
+
     /// Expected downtime for `remaining` bytes at `bandwidth` bytes/s.
     pub fn expected_downtime(remaining: u64, bandwidth: f64) -> Duration {
         if remaining == 0 {

@@ -11,6 +11,13 @@ use crate::EngineError;
 
 /// Reports pages written since the previous sync.
 pub trait DirtySource: Send {
+    /// A sync of every region begins: [`DirtySource::sync`] follows once per region, in table
+    /// order. An embedder whose log is synced as a whole (QEMU's
+    /// `migration_bitmap_sync_precopy`) syncs it here, rather than on some region's call.
+    fn begin(&mut self) -> Result<(), EngineError> {
+        Ok(())
+    }
+
     /// ORs the pages of region number `region` (table order) dirtied since the previous sync
     /// into `into`, and forgets them. Returns how many bits it reported.
     fn sync(&mut self, region: usize, into: &AtomicBitmap) -> Result<u64, EngineError>;

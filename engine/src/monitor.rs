@@ -56,6 +56,9 @@ pub struct Monitor {
     pub(crate) timeline: Mutex<(std::time::Instant, Vec<(MigrationStatus, Duration)>)>,
     /// Set by [`Monitor::start_postcopy`]: switch to post-copy after the current round.
     pub(crate) postcopy_requested: std::sync::atomic::AtomicBool,
+    /// Set by [`Monitor::set_downtime_limit`] (milliseconds; `u64::MAX`: not changed), taken
+    /// by the source before its next convergence decision.
+    pub(crate) downtime_limit_ms: AtomicU64,
 }
 
 impl Default for Monitor {
@@ -74,6 +77,7 @@ impl Default for Monitor {
             round_started: Mutex::new(None),
             timeline: Mutex::new((std::time::Instant::now(), Vec::new())),
             postcopy_requested: std::sync::atomic::AtomicBool::new(false),
+            downtime_limit_ms: AtomicU64::new(u64::MAX),
         }
     }
 }
@@ -187,6 +191,24 @@ impl Monitor {
     /// Changes the bandwidth ceiling (bytes/s, 0 = unlimited) while the migration runs.
     pub fn set_max_bandwidth(&self, bytes_per_sec: u64) {
         self.pacer.set_rate(bytes_per_sec);
+    }
+
+    /// Changes the downtime limit while the migration runs (QEMU's `downtime-limit` set during
+    /// a migration): the source's next convergence decision, after the round in progress,
+    /// uses it.
+    pub fn set_downtime_limit(&self, limit: Duration) {
+        let ms = u64::try_from(limit.as_millis()).unwrap_or(u64::MAX);
+        // u64::MAX means "not changed": the longest limit that can be set is one less.
+        self.downtime_limit_ms
+            .store(ms.min(u64::MAX - 1), Ordering::Release);
+    }
+
+    /// A downtime limit set since the last call, if any.
+    pub(crate) fn take_downtime_limit(&self) -> Option<Duration> {
+        match self.downtime_limit_ms.swap(u64::MAX, Ordering::AcqRel) {
+            u64::MAX => None,
+            ms => Some(Duration::from_millis(ms)),
+        }
     }
 
     /// The current bandwidth ceiling.

@@ -717,6 +717,19 @@ pub extern "C" fn rmig_set_max_bandwidth(session: RmigSession, bytes_per_sec: u6
     })
 }
 
+/// Source: changes the downtime limit (milliseconds) mid-migration, as QEMU's
+/// `downtime-limit` set while migrating: the convergence decision after the round in progress
+/// uses it. *Any thread*, also while another thread is inside a call on the session.
+#[no_mangle]
+pub extern "C" fn rmig_set_downtime_limit(session: RmigSession, ms: u64) -> RmigStatus {
+    guard(|| {
+        handles::get(session)?
+            .monitor
+            .set_downtime_limit(Duration::from_millis(ms));
+        Ok(())
+    })
+}
+
 /// Source: switches to post-copy once the current round ends (QEMU's
 /// `migrate-start-postcopy`), if the session was configured with `postcopy` and runs over
 /// TCP lanes with a destination that speaks post-copy; otherwise the request is ignored.

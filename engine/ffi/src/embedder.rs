@@ -78,6 +78,20 @@ pub(crate) struct CDirty {
 }
 
 impl DirtySource for CDirty {
+    fn begin(&mut self) -> Result<(), EngineError> {
+        let Some(f) = self.c.0.dirty_sync_begin else {
+            return Ok(());
+        };
+        // SAFETY: the embedder's callback, called with its own opaque pointer as documented.
+        let r = unsafe { f(self.c.0.opaque) };
+        if r != 0 {
+            return Err(EngineError::Embedder(format!(
+                "dirty_sync_begin callback returned {r}"
+            )));
+        }
+        Ok(())
+    }
+
     fn sync(
         &mut self,
         region: usize,

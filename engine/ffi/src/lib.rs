@@ -11,6 +11,7 @@
 //! `rmig_migrate`, `rmig_resolve_handover`) must not overlap on one session; they may come from different threads one
 //! after another, and one that overlaps another fails with `RMIG_ERR_STATE` without doing
 //! anything. The *any thread* calls (`rmig_cancel`, `rmig_set_max_bandwidth`,
+//! `rmig_set_downtime_limit`, `rmig_start_postcopy`,
 //! `rmig_get_stats`, `rmig_stats_json`, `rmig_free`) may be made from any thread at any time,
 //! also while a driving call runs on the same session. `rmig_free` makes the handle invalid at
 //! once, cancels the migration and returns only after every call in flight on the session has

@@ -285,6 +285,10 @@ pub struct RmigCallbacks {
     /// call only.
     pub load_device_state:
         Option<unsafe extern "C" fn(opaque: *mut c_void, data: *const u8, len: usize) -> c_int>,
+    /// Source, optional (NULL: not called): a sync of the dirty log begins; `dirty_sync` then
+    /// follows once per region, in `rmig_add_region` order. An embedder that syncs its whole
+    /// log at once (QEMU's `migration_bitmap_sync_precopy`) does it here.
+    pub dirty_sync_begin: Option<unsafe extern "C" fn(opaque: *mut c_void) -> c_int>,
 }
 
 /// Outcome of a migration as `rmig_get_stats` reports it.

@@ -76,6 +76,7 @@ fn callbacks() -> RmigCallbacks {
         throttle: None,
         save_device_state: None,
         load_device_state: None,
+        dirty_sync_begin: None,
     }
 }
 
@@ -1027,6 +1028,14 @@ fn source_handover_unknown_is_settled_by_the_operator() {
 #[derive(Default)]
 struct Script {
     fail_dirty_sync: bool,
+    fail_sync_begin: bool,
+    /// `dirty_sync` reports every page written at every sync until the pause: a guest that
+    /// never converges.
+    all_dirty: bool,
+    /// With `all_dirty`: also after the pause (a `pause` that does not stop every writer).
+    writes_when_paused: bool,
+    /// The dirty-log calls in order: -1 for `dirty_sync_begin`, else the region synced.
+    syncs: std::sync::Mutex<Vec<i64>>,
     fail_pause: bool,
     fail_save: bool,
     fail_load: bool,
@@ -1045,9 +1054,23 @@ unsafe fn script<'a>(opaque: *mut c_void) -> &'a Script {
     unsafe { &*(opaque as *const Script) }
 }
 
-unsafe extern "C" fn s_dirty(o: *mut c_void, _: u32, _: *mut u64, _: usize) -> i32 {
+unsafe extern "C" fn s_dirty(o: *mut c_void, region: u32, bits: *mut u64, words: usize) -> i32 {
     // SAFETY: `o` is the session's script.
-    -i32::from(unsafe { script(o) }.fail_dirty_sync)
+    let s = unsafe { script(o) };
+    s.syncs.lock().unwrap().push(region.into());
+    // A paused guest writes nothing, unless the script says it keeps writing.
+    if s.all_dirty && (s.pauses.load(Ordering::Relaxed) == 0 || s.writes_when_paused) {
+        // SAFETY: the library's bitmap of `words` words, for this call.
+        unsafe { std::slice::from_raw_parts_mut(bits, words) }.fill(u64::MAX);
+    }
+    -i32::from(s.fail_dirty_sync)
+}
+
+unsafe extern "C" fn s_sync_begin(o: *mut c_void) -> i32 {
+    // SAFETY: `o` is the session's script.
+    let s = unsafe { script(o) };
+    s.syncs.lock().unwrap().push(-1);
+    -i32::from(s.fail_sync_begin)
 }
 
 unsafe extern "C" fn s_pause(o: *mut c_void) -> i32 {
@@ -1087,33 +1110,58 @@ fn scripted(s: &Script) -> RmigCallbacks {
         throttle: None,
         save_device_state: Some(s_save),
         load_device_state: Some(s_load),
+        dirty_sync_begin: Some(s_sync_begin),
     }
 }
 
 /// A 4 MiB migration between scripted ends: the source's status and last error, and the
 /// destination's status. Both sessions are freed before it returns.
 fn migrate_scripted(src: &Script, dst: &Script) -> (RmigStatus, String, RmigStatus) {
+    migrate_scripted_with(src, dst, |_| {}, |_| {})
+}
+
+/// [`migrate_scripted`] with the source configured by `tune`, and `meanwhile` run on the
+/// source session while it migrates; the two halves of the memory are two regions.
+fn migrate_scripted_with(
+    src: &Script,
+    dst: &Script,
+    tune: impl FnOnce(&mut RmigConfig),
+    meanwhile: impl FnOnce(RmigSession),
+) -> (RmigStatus, String, RmigStatus) {
     let len = 4 << 20;
     let mut sv = mem(len);
     let mut dv = mem(len);
     let (sp, dp) = (aligned(&mut sv), aligned(&mut dv));
     // SAFETY: inside the aligned buffer.
     unsafe { sp.write_bytes(0x5a, len) };
-    let (d, addr) = dest_session(&scripted(dst), dp, len);
+    let (d, addr) = dest_session(&scripted(dst), dp, len / 2);
+    // SAFETY: the second half of the buffer, which outlives the session.
+    let r = unsafe {
+        rmig_add_region(
+            d,
+            1,
+            null(),
+            dp.add(len / 2),
+            len as u64 / 2,
+            u64::MAX,
+            4096,
+        )
+    };
+    assert_eq!(r, RmigOk);
     let dt = spawn_call(move || rmig_migrate(d));
     let mut s = 0;
+    let mut c = config(&addr);
+    tune(&mut c);
     // SAFETY: valid pointers; the memory and the script outlive the session.
     unsafe {
-        assert_eq!(
-            rmig_source_new(&config(&addr), &scripted(src), &mut s),
-            RmigOk
-        );
-        assert_eq!(
-            rmig_add_region(s, 0, null(), sp, len as u64, u64::MAX, 4096),
-            RmigOk
-        );
+        assert_eq!(rmig_source_new(&c, &scripted(src), &mut s), RmigOk);
+        for (i, p) in [sp, sp.add(len / 2)].into_iter().enumerate() {
+            let r = rmig_add_region(s, i as u32, null(), p, len as u64 / 2, u64::MAX, 4096);
+            assert_eq!(r, RmigOk);
+        }
     }
     let st = spawn_call(move || (rmig_migrate(s), last_error()));
+    meanwhile(s);
     let (sr, smsg) = within(&st, 30, "source migrate");
     let dr = within(&dt, 30, "destination migrate");
     assert_eq!(rmig_free(s), RmigOk);
@@ -1383,4 +1431,104 @@ fn postcopy_through_the_abi_on_request() {
     }
     assert_eq!(rmig_free(s), RmigOk);
     assert_eq!(rmig_free(d), RmigOk);
+}
+
+#[test]
+fn dirty_sync_begin_opens_every_sync_of_every_region() {
+    let _deadline = Deadline::secs(120);
+    let (src, dst) = (Script::default(), Script::default());
+    let (sr, smsg, dr) = migrate_scripted(&src, &dst);
+    assert_eq!((sr, dr), (RmigOk, RmigOk), "{smsg}");
+    let syncs = src.syncs.lock().unwrap().clone();
+    assert!(
+        syncs.len() >= 6,
+        "round 0, a pre-copy round and the pause: {syncs:?}"
+    );
+    for (i, group) in syncs.chunks(3).enumerate() {
+        assert_eq!(
+            group,
+            [-1, 0, 1],
+            "sync {i}: begin, then region 0, then region 1"
+        );
+    }
+}
+
+#[test]
+fn a_failing_dirty_sync_begin_callback_fails_the_source_before_the_pause() {
+    let _deadline = Deadline::secs(120);
+    let src = Script {
+        fail_sync_begin: true,
+        ..Default::default()
+    };
+    let dst = Script::default();
+    let (sr, smsg, dr) = migrate_scripted(&src, &dst);
+    assert_eq!(sr, RmigErrEmbedder, "{smsg}");
+    assert!(
+        smsg.contains("dirty_sync_begin"),
+        "names the callback: {smsg}"
+    );
+    assert_eq!(dr, RmigErrIo, "the destination is told");
+    assert_eq!(src.pauses.load(Ordering::Relaxed), 0);
+    assert_eq!(dst.resumes.load(Ordering::Relaxed), 0);
+}
+
+#[test]
+fn a_downtime_limit_raised_mid_migration_lets_a_stuck_migration_switch_over() {
+    let _deadline = Deadline::secs(120);
+    // Every page is dirty at every sync, and no downtime is short enough: without a new
+    // limit this source iterates for ever (no round limit, no throttle).
+    let src = Script {
+        all_dirty: true,
+        ..Default::default()
+    };
+    let dst = Script::default();
+    let tune = |c: &mut RmigConfig| {
+        c.downtime_limit_ms = 0;
+        c.max_rounds = u32::MAX;
+        c.auto_converge = 0;
+    };
+    let rounds_before = AtomicU64::new(0);
+    let raise = |s: RmigSession| {
+        wait_until(30, "five syncs", || {
+            stats(s).is_ok_and(|st| st.dirty_sync_count >= 5)
+        });
+        rounds_before.store(stats(s).unwrap().dirty_sync_count, Ordering::Relaxed);
+        assert_eq!(rmig_set_downtime_limit(s, 60_000), RmigOk);
+    };
+    let (sr, smsg, dr) = migrate_scripted_with(&src, &dst, tune, raise);
+    assert_eq!((sr, dr), (RmigOk, RmigOk), "{smsg}");
+    assert!(
+        rounds_before.load(Ordering::Relaxed) >= 5,
+        "it was stuck before"
+    );
+    assert_eq!(src.pauses.load(Ordering::Relaxed), 1);
+    assert_eq!(dst.resumes.load(Ordering::Relaxed), 1);
+    assert_eq!(rmig_set_downtime_limit(0, 10), RmigErrInvalidHandle);
+}
+
+#[test]
+fn a_guest_still_written_after_the_pause_fails_the_migration_and_resumes_the_source() {
+    let _deadline = Deadline::secs(120);
+    let src = Script {
+        all_dirty: true,
+        writes_when_paused: true,
+        ..Default::default()
+    };
+    let dst = Script::default();
+    let tune = |c: &mut RmigConfig| c.downtime_limit_ms = 60_000;
+    let (sr, smsg, dr) = migrate_scripted_with(&src, &dst, tune, |_| {});
+    assert_eq!(sr, RmigErrEmbedder, "{smsg}");
+    assert!(smsg.contains("guest paused"), "says why: {smsg}");
+    assert_eq!(dr, RmigErrIo, "the destination is told");
+    assert_eq!(src.pauses.load(Ordering::Relaxed), 1);
+    assert_eq!(
+        src.resumes.load(Ordering::Relaxed),
+        1,
+        "the source runs again"
+    );
+    assert_eq!(
+        dst.resumes.load(Ordering::Relaxed),
+        0,
+        "one guest, never two"
+    );
 }

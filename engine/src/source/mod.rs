@@ -32,6 +32,11 @@ use crate::{EngineError, SourceConfig};
 use lanes::LaneSet;
 use worker::Shared;
 
+/// Copies with the guest paused before a dirty log that still reports writes is an error: a
+/// paused guest writes nothing, so only pages a failed lane left unconfirmed come back, and
+/// each such pass loses a lane.
+const MAX_PAUSED_PASSES: u32 = 8;
+
 /// What `iterate` found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Step {
@@ -174,6 +179,9 @@ impl SourceSession {
         };
         let remaining = rs.remaining;
         let sent_bytes = rs.memory_bytes;
+        if let Some(limit) = self.monitor.take_downtime_limit() {
+            self.converge.set_downtime_limit(limit);
+        }
         let decision = self
             .converge
             .after_round(self.round, sent_bytes, remaining, self.bandwidth);
@@ -285,9 +293,11 @@ impl SourceSession {
     }
 
     /// The final copy with the guest paused, repeated only if a lane failure left pages
-    /// unconfirmed.
+    /// unconfirmed, or the dirty log still reports writes; a log that keeps doing so after
+    /// [`MAX_PAUSED_PASSES`] passes fails the migration (the source then resumes) instead of
+    /// holding the guest paused for ever.
     fn stop_and_copy(&mut self) -> Result<(), EngineError> {
-        loop {
+        for _ in 0..MAX_PAUSED_PASSES {
             self.fill_round_set()?;
             self.run_round(true)?;
             self.round += 1;
@@ -295,6 +305,10 @@ impl SourceSession {
                 return Ok(());
             }
         }
+        Err(EngineError::Embedder(format!(
+            "the dirty log still reported writes after {MAX_PAUSED_PASSES} copies with the \
+             guest paused: `pause` must stop every writer of guest memory"
+        )))
     }
 
     /// Sends the embedder's device state in pieces.
@@ -445,6 +459,7 @@ impl SourceSession {
                 b.set_range(0, r.pages());
             }
             // Writes before round 0 are covered by it: drop what the log holds already.
+            self.dirty.begin()?;
             for i in 0..self.regions.len() {
                 let scratch = &self.shared.pending[i];
                 self.dirty.sync(i, scratch)?;
@@ -464,6 +479,7 @@ impl SourceSession {
     /// Syncs the dirty log into the pending set; returns the dirty bytes now pending.
     fn sync_pending(&mut self) -> Result<u64, EngineError> {
         let mut bytes = 0;
+        self.dirty.begin()?;
         for (i, r) in self.regions.iter().enumerate() {
             self.dirty.sync(i, &self.shared.pending[i])?;
             bytes += self.shared.pending[i].count() * r.page_size();
