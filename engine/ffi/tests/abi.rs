@@ -1532,3 +1532,40 @@ fn a_guest_still_written_after_the_pause_fails_the_migration_and_resumes_the_sou
         "one guest, never two"
     );
 }
+
+#[test]
+fn a_source_cancel_answered_by_the_destination_reports_the_sources_reason() {
+    let _deadline = Deadline::secs(120);
+    // QEMU's `migrate_cancel`: the source's session is cancelled, then the destination, seeing
+    // its stream end, cancels (frees) its own; that answer may reach the source first.
+    for _ in 0..3 {
+        let len = 16 << 20;
+        let (mut sv, mut dv) = (mem(len), mem(len));
+        let (sp, dp) = (aligned(&mut sv), aligned(&mut dv));
+        // SAFETY: inside the aligned buffer.
+        unsafe { sp.write_bytes(0x5a, len) };
+        let (d, addr) = dest_session(&callbacks(), dp, len);
+        let dt = spawn_call(move || rmig_migrate(d));
+        let mut c = config(&addr);
+        c.max_bandwidth = 4_000_000;
+        let s = source_session(&c, sp, len);
+        let st = spawn_call(move || (rmig_migrate(s), last_error()));
+        wait_until(30, "round 0 under way", || {
+            stats(s).is_ok_and(|st| st.ram_transferred > 0)
+        });
+        // SAFETY: valid C strings.
+        unsafe {
+            assert_eq!(rmig_cancel(s, c"operator asked".as_ptr()), RmigOk);
+            assert_eq!(rmig_cancel(d, c"stream ended".as_ptr()), RmigOk);
+        }
+        let (sr, smsg) = within(&st, 20, "source migrate");
+        assert_eq!(sr, RmigErrCancelled, "{smsg}");
+        assert!(
+            smsg.contains("operator asked"),
+            "the source's own reason: {smsg}"
+        );
+        within(&dt, 20, "destination migrate");
+        assert_eq!(rmig_free(s), RmigOk);
+        assert_eq!(rmig_free(d), RmigOk);
+    }
+}

@@ -512,12 +512,27 @@ impl SourceSession {
         Ok(())
     }
 
+    /// A failure that follows this end's own cancel is reported as that cancel: the peer's
+    /// answer to it (its cancel, or a closed connection once it freed its session) often
+    /// arrives first, and "cancelled by peer" would misname who asked. A failure that says
+    /// something a user must act on (handover unknown, guest lost) is kept.
+    fn as_local_cancel(&self, e: EngineError) -> EngineError {
+        let cancel = &self.monitor.cancel;
+        match e {
+            EngineError::HandoverUnknown(_) | EngineError::GuestLost(_) => e,
+            EngineError::Cancelled(_) => e,
+            _ if cancel.is_cancelled() => EngineError::Cancelled(cancel.reason()),
+            _ => e,
+        }
+    }
+
     /// Records a failure, tells the peer, stops the lanes and resumes the guest if paused.
     fn fail(&mut self, e: EngineError) -> EngineError {
         if self.state == State::Failed {
             return e;
         }
         self.state = State::Failed;
+        let e = self.as_local_cancel(e);
         self.lanes.stop();
         match &e {
             EngineError::Cancelled(r) => self.link.send(Message::Cancel { reason: r.clone() }),
