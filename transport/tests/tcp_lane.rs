@@ -2,17 +2,19 @@
 //! header is refused before a byte of its payload is written, and a lane broken on purpose
 //! mid-batch leaves the destination with a batch cut short.
 
+mod common;
+
 use std::io::Write;
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::{bytes, map_of, pair, Reader};
 use rmig_transport::tcp::wire::{Header, KIND_DATA};
 use rmig_transport::tcp::{TcpDestLane, TcpSourceLane};
 use rmig_transport::{
-    Batch, FaultPlan, FaultyLane, LaneError, MemRegion, MemoryMap, Pacer, PageSink, Run, RunKind,
-    SourceLane,
+    Batch, FaultPlan, FaultyLane, LaneError, Pacer, PageSink, Run, RunKind, SourceLane,
 };
 
 struct Count {
@@ -29,21 +31,8 @@ impl PageSink for Count {
     }
 }
 
-fn pair() -> (TcpStream, TcpStream) {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let a = TcpStream::connect(l.local_addr().unwrap()).unwrap();
-    let (b, _) = l.accept().unwrap();
-    (a, b)
-}
-
 fn aligned(pages: usize) -> Vec<u64> {
     vec![0u64; pages * 512]
-}
-
-fn map_of(buf: &mut [u64]) -> MemoryMap {
-    // SAFETY: the buffer outlives the lanes of each test, which join before returning.
-    let r = unsafe { MemRegion::new(buf.as_mut_ptr().cast(), buf.len() * 8, 4096) };
-    MemoryMap::new(vec![r])
 }
 
 #[test]
@@ -168,29 +157,6 @@ fn unknown_regions_and_kinds_are_refused() {
     }
 }
 
-/// A sink that reads what lands, as a verifying destination does: it keeps a copy of the bytes
-/// it is handed for each page.
-struct Reader {
-    pages: std::sync::Mutex<Vec<Option<Vec<u8>>>>,
-}
-
-impl PageSink for Reader {
-    fn data_landed(&self, _: usize, _: u64, _: u64) {
-        panic!("a reading sink is handed the staged bytes");
-    }
-    fn data_landed_from(&self, _: usize, first: u64, n: u64, bytes: &[u8]) {
-        assert_eq!(bytes.len() as u64, n * 4096);
-        let mut pages = self.pages.lock().unwrap();
-        for (i, pg) in bytes.chunks(4096).enumerate() {
-            pages[first as usize + i] = Some(pg.to_vec());
-        }
-    }
-    fn zero_pages(&self, _: usize, _: u64, _: u64) {}
-    fn reads_landed(&self) -> bool {
-        true
-    }
-}
-
 #[test]
 fn a_reading_sink_gets_the_staged_bytes_of_runs_longer_than_the_stage() {
     const PAGES: usize = 600; // one run of 2.3 MiB: three staged pieces
@@ -206,9 +172,7 @@ fn a_reading_sink_gets_the_staged_bytes_of_runs_longer_than_the_stage() {
     let (a, b) = pair();
     let smap = map_of(&mut src);
     let dmap = map_of(&mut dst);
-    let sink = Arc::new(Reader {
-        pages: std::sync::Mutex::new(vec![None; PAGES]),
-    });
+    let sink = Arc::new(Reader::new(PAGES));
     let s2 = sink.clone();
     let recv = std::thread::spawn(move || TcpDestLane::new(b, dmap).unwrap().run(s2.as_ref()));
     let mut lane = TcpSourceLane::new(a, smap, Arc::new(Pacer::new(0))).unwrap();
@@ -228,9 +192,7 @@ fn a_reading_sink_gets_the_staged_bytes_of_runs_longer_than_the_stage() {
     let sum = recv.join().unwrap().unwrap();
     assert_eq!(sum.data_pages, PAGES as u64);
     assert_eq!(src, dst);
-    let bytes: &[u8] =
-        // SAFETY: a u64 slice viewed as its bytes.
-        unsafe { std::slice::from_raw_parts(src.as_ptr().cast(), src.len() * 8) };
+    let bytes = bytes(&src);
     for (i, seen) in sink.pages.lock().unwrap().iter().enumerate() {
         assert_eq!(
             seen.as_deref(),

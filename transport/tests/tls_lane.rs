@@ -2,15 +2,15 @@
 //! a page (the destination uses them in place), and a destination fed records cut anywhere
 //! still lands every page with its own bytes.
 
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::sync::{Arc, Mutex};
+mod common;
 
+use std::io::{Read, Write};
+use std::sync::Arc;
+
+use common::{bytes, map_of, pair, Reader, PAGE};
 use rmig_transport::tcp::wire::{Header, KIND_BATCH_END, KIND_CLOSE, KIND_DATA};
 use rmig_transport::tcp::{TcpDestLane, TcpSourceLane};
-use rmig_transport::{Batch, MemRegion, MemoryMap, Pacer, PageSink, Run, RunKind, SourceLane};
-
-const PAGE: usize = 4096;
+use rmig_transport::{Batch, Pacer, Run, RunKind, SourceLane};
 
 /// A client and a server session, handshaken in memory.
 fn session() -> (rustls::ClientConnection, rustls::ServerConnection) {
@@ -47,16 +47,6 @@ fn session() -> (rustls::ClientConnection, rustls::ServerConnection) {
     (c, s)
 }
 
-fn pair() -> (TcpStream, TcpStream) {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let a = TcpStream::connect(l.local_addr().unwrap()).unwrap();
-    let (b, _) = l.accept().unwrap();
-    // No test may hang: a lane that stops talking fails the read.
-    b.set_read_timeout(Some(std::time::Duration::from_secs(10)))
-        .unwrap();
-    (a, b)
-}
-
 /// `pages` pages of page-aligned memory, each word different.
 fn memory(pages: usize) -> Vec<u64> {
     let mut x = 0x9e37_79b9_7f4a_7c15u64;
@@ -68,17 +58,6 @@ fn memory(pages: usize) -> Vec<u64> {
             x
         })
         .collect()
-}
-
-fn map_of(buf: &mut [u64]) -> MemoryMap {
-    // SAFETY: the buffer outlives the lanes of each test, which end before it is read.
-    let r = unsafe { MemRegion::new(buf.as_mut_ptr().cast(), buf.len() * 8, PAGE) };
-    MemoryMap::new(vec![r])
-}
-
-fn bytes(v: &[u64]) -> &[u8] {
-    // SAFETY: a u64 slice viewed as its bytes.
-    unsafe { std::slice::from_raw_parts(v.as_ptr().cast(), v.len() * 8) }
 }
 
 /// Two data runs: pages 0..5 and page 7.
@@ -138,28 +117,6 @@ fn every_data_record_starts_on_a_page_and_ends_with_the_next_headers() {
     assert!(got[3][..PAGE] == m[7 * PAGE..8 * PAGE], "page 7");
 }
 
-/// A sink that reads what lands, as a verifying destination does.
-struct Reader {
-    pages: Mutex<Vec<Option<Vec<u8>>>>,
-}
-
-impl PageSink for Reader {
-    fn data_landed(&self, _: usize, _: u64, _: u64) {
-        panic!("a reading sink is handed the bytes");
-    }
-    fn data_landed_from(&self, _: usize, first: u64, n: u64, bytes: &[u8]) {
-        assert_eq!(bytes.len() as u64, n * PAGE as u64);
-        let mut pages = self.pages.lock().unwrap();
-        for (i, pg) in bytes.chunks(PAGE).enumerate() {
-            pages[first as usize + i] = Some(pg.to_vec());
-        }
-    }
-    fn zero_pages(&self, _: usize, _: u64, _: u64) {}
-    fn reads_landed(&self) -> bool {
-        true
-    }
-}
-
 #[test]
 fn records_cut_across_pages_still_land_every_page_with_its_bytes() {
     let (mut client, server) = session();
@@ -167,9 +124,7 @@ fn records_cut_across_pages_still_land_every_page_with_its_bytes() {
     let mut dst = vec![0u64; 8 * 512];
     let (mut a, b) = pair();
     let dmap = map_of(&mut dst);
-    let sink = Arc::new(Reader {
-        pages: Mutex::new(vec![None; 8]),
-    });
+    let sink = Arc::new(Reader::new(8));
     let s2 = sink.clone();
     let recv = std::thread::spawn(move || {
         TcpDestLane::new_tls(b, server, dmap)

@@ -282,6 +282,29 @@ impl Incoming {
     }
 }
 
+/// Puts pages `first..first+n` of region `idx`, received into ordinary memory (`bytes`), where
+/// they belong: placed by the sink (post-copy) or streamed into guest memory; then hands them
+/// to the sink.
+fn put_in_place(
+    sink: &dyn PageSink,
+    idx: usize,
+    region: &MemRegion,
+    first: u64,
+    n: u64,
+    bytes: &[u8],
+) -> Result<(), LaneError> {
+    if sink.places() {
+        sink.place(idx, first, n, bytes)
+            .map_err(LaneError::Refused)?;
+    } else {
+        // SAFETY: destination memory is writable (the region's contract), and the sink
+        // admitted this run (`claim`): no other lane writes these pages until it is released.
+        unsafe { copy_streaming(region.guest_pages(first, n), bytes) };
+    }
+    sink.data_landed_from(idx, first, n, bytes);
+    Ok(())
+}
+
 impl TcpDestLane {
     /// Takes over a connected, authenticated lane socket.
     pub fn new(stream: TcpStream, map: MemoryMap) -> Result<Self, LaneError> {
@@ -351,15 +374,7 @@ impl TcpDestLane {
             }
             let staged = &mut lines_as_bytes(&mut self.stage)[..len];
             self.rx.read_into(staged)?;
-            if sink.places() {
-                sink.place(idx, p, n, staged).map_err(LaneError::Refused)?;
-            } else {
-                // SAFETY: destination memory is writable (the region's contract), and the
-                // sink admitted this run (`claim`): no other lane writes these pages until
-                // it is released.
-                unsafe { copy_streaming(region.guest_pages(p, n), staged) };
-            }
-            sink.data_landed_from(idx, p, n, staged);
+            put_in_place(sink, idx, region, p, n, staged)?;
             p += n;
         }
         Ok(())
@@ -394,15 +409,7 @@ impl TcpDestLane {
                 continue;
             }
             let bytes = &chunk[..(n * psize) as usize];
-            if sink.places() {
-                sink.place(idx, p, n, bytes).map_err(LaneError::Refused)?;
-            } else {
-                // SAFETY: destination memory is writable (the region's contract), and the
-                // sink admitted this run (`claim`): no other lane writes these pages until
-                // it is released.
-                unsafe { copy_streaming(region.guest_pages(p, n), bytes) };
-            }
-            sink.data_landed_from(idx, p, n, bytes);
+            put_in_place(sink, idx, region, p, n, bytes)?;
             let used = bytes.len();
             tls.consume(used);
             p += n;
