@@ -28,3 +28,5 @@ bash tests/vm/rdma.sh
 # librmig: ~2.5 min, plus the QEMU build into /var/cache/rmig-qemu when the patch or librmig
 # changed (~4 min on 2 idle cores; instant otherwise).
 bash integrations/qemu/demo.sh
+# QEMU's own migration qtest, its two x-rmig cases (the patch adds them): ~2 min.
+bash integrations/qemu/qtest.sh

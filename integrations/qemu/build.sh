@@ -38,7 +38,7 @@ ensure_backports() {
 ensure_packages() {
   local need=() p
   for p in ninja-build libglib2.0-dev libpixman-1-dev libslirp-dev libfdt-dev flex bison \
-           python3-venv xz-utils gcc make pkg-config rsync curl; do
+           python3-venv xz-utils gcc make pkg-config rsync curl ipxe-qemu; do
     have_pkg "$p" || need+=("$p")
   done
   local meson_ok=0
@@ -117,8 +117,9 @@ if [ ! -e "$tree/build/build.ninja" ]; then
     --extra-ldflags="-L$tree/rmig/lib -Wl,-rpath,$tree/rmig/lib") >"$tree/configure.log" 2>&1 ||
     { tail -30 "$tree/configure.log" >&2; exit 1; }
 fi
-log "building qemu-system-x86_64 (nice -n 10 ninja -j $jobs; minutes on the first run)"
-(cd "$tree/build" && nice -n 10 ninja -j "$jobs" qemu-system-x86_64) >"$tree/ninja.log" 2>&1 ||
+log "building qemu-system-x86_64 and QEMU's migration qtest (nice -n 10 ninja -j $jobs; minutes on the first run)"
+(cd "$tree/build" && nice -n 10 ninja -j "$jobs" qemu-system-x86_64 tests/qtest/migration-test) \
+  >"$tree/ninja.log" 2>&1 ||
   { grep -B2 -A12 'error' "$tree/ninja.log" | head -60 >&2; exit 1; }
 rm -f "$tree"/built-*
 touch "$stamp"
