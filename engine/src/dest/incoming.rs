@@ -381,17 +381,16 @@ async fn handshake_one(
 }
 
 /// Fills in the transports this destination can serve for a connection that reached it on
-/// `local`: RDMA when a device serves that address (unless TCP only), TCP unless RDMA only.
+/// `local`: RDMA when a device serves that address (unless TCP only, or encrypted without
+/// the cleartext-lanes opt-in), TCP unless RDMA only.
 fn offer_transports(
     cfg: &DestConfig,
     accept: &mut DestAccept,
     local: IpAddr,
 ) -> Option<Arc<RdmaDevice>> {
     let mut device = None;
-    if cfg.encryption.is_on() {
-        accept.note = "encryption is on and RDMA lanes cannot be encrypted (one-sided \
-                       WRITEs); use --encryption off for RDMA"
-            .into();
+    if cfg.encryption.is_on() && !cfg.rdma_cleartext_lanes {
+        accept.note = crate::source::connect::RDMA_CLEAR.into();
     } else if cfg.transport != TransportChoice::Tcp {
         match RdmaDevice::open(cfg.rdma.device.as_deref(), local) {
             Ok(d) => {

@@ -236,6 +236,7 @@ impl super::SourceSession {
             s.setup_time_ms = setup_ms;
             s.transport = self.lanes.transport().name().into();
             s.encryption = self.cfg.encryption.name().into();
+            s.data_lanes_encrypted = self.cfg.encryption.is_on() && rdma.is_none();
             s.fallback_reason = fallback;
             if let Some(r) = rdma {
                 s.rdma = Some(crate::stats::RdmaReport::of(&r.dev, &r.mem));
