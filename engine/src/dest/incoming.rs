@@ -407,3 +407,42 @@ fn offer_transports(
     }
     device
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Encryption;
+    use crate::control::auth::Key;
+
+    fn accept() -> DestAccept {
+        DestAccept {
+            versions: (1, 1),
+            key: Key::new(b"a test key of 16+ bytes").unwrap(),
+            regions: Vec::new(),
+            transports: Vec::new(),
+            max_lanes: 2,
+            note: String::new(),
+        }
+    }
+
+    #[test]
+    fn an_encrypted_destination_offers_rdma_only_when_it_opted_into_cleartext_lanes() {
+        let mut cfg = DestConfig::new(Key::new(b"a test key of 16+ bytes").unwrap());
+        cfg.encryption = Encryption::Psk;
+        let local = IpAddr::from([127, 0, 0, 1]);
+        let mut a = accept();
+        assert!(offer_transports(&cfg, &mut a, local).is_none());
+        assert_eq!(a.transports, vec![TransportKind::Tcp]);
+        assert!(a.note.contains("--rdma-cleartext-lanes"), "{}", a.note);
+        // Opted in, it looks for a device (127.0.0.1 has none anywhere) like a cleartext one.
+        cfg.rdma_cleartext_lanes = true;
+        let mut a = accept();
+        assert!(offer_transports(&cfg, &mut a, local).is_none());
+        assert_eq!(a.transports, vec![TransportKind::Tcp]);
+        assert!(a.note.contains("no RDMA device"), "{}", a.note);
+        cfg.encryption = Encryption::Off;
+        let mut b = accept();
+        assert!(offer_transports(&cfg, &mut b, local).is_none());
+        assert_eq!(b.note, a.note);
+    }
+}

@@ -63,6 +63,18 @@ impl LaneSocket {
         rmig_transport::rdma::accept_dest_lane(&self.sock, self.tls.as_mut(), dev, mem, wait)
     }
 
+    /// Post-copy over RDMA: connects a reader of the source's memory through this fetch lane
+    /// (the exchange inside the lane's TLS session when it has one: the source's answer
+    /// carries its memory keys), the answer within `wait`.
+    pub fn connect_reader(
+        &mut self,
+        dev: &Arc<rmig_transport::rdma::RdmaDevice>,
+        cfg: rmig_transport::rdma::ReaderConfig,
+        wait: Duration,
+    ) -> Result<rmig_transport::rdma::RdmaPageReader, rmig_transport::rdma::RdmaError> {
+        rmig_transport::rdma::RdmaPageReader::connect(&self.sock, self.tls.as_mut(), dev, cfg, wait)
+    }
+
     /// The post-copy fetch lane on this socket (inside its TLS session, if it has one).
     /// An answer that takes longer than `answer_within` ends the lane (the fault thread then
     /// waits for the lane of a reconnect, and the session decides), so a source that froze

@@ -194,6 +194,21 @@ pub(crate) fn rdma_lane(
     )?)
 }
 
+/// Post-copy over RDMA: answers the destination's reader on the fetch lane `s` (inside its
+/// TLS session when it has one: the answer carries this end's memory keys), within `wait`.
+pub(crate) fn serve_reader(
+    s: &mut JoinedLane,
+    mem: &Arc<rmig_transport::rdma::ExposedMemory>,
+    wait: Duration,
+) -> Result<rmig_transport::rdma::ReadExposure, EngineError> {
+    Ok(rmig_transport::rdma::serve_reader(
+        &s.sock,
+        s.tls.as_mut(),
+        mem,
+        wait,
+    )?)
+}
+
 /// Lane `idx` of a session configured by `cfg`, wrapped in the faults the configuration
 /// plans for it (tests).
 #[cfg(feature = "fault-injection")]
