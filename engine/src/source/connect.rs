@@ -1,5 +1,7 @@
 //! Opening a source session's data lanes: each joins the session over TCP and proves that it
-//! belongs; an RDMA lane then exchanges queue pair addresses on that same socket.
+//! belongs; an RDMA lane then exchanges queue pair addresses and memory keys on that same
+//! socket, inside its TLS session when the session is encrypted (only an encrypted session that
+//! opted into cleartext RDMA lanes gets here: its pages cross in clear, its keys do not).
 
 use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::sync::Arc;

@@ -87,7 +87,8 @@ pub(super) fn connect_control(
         let peer = s.peer_addr()?;
         let local = s.local_addr()?;
         // RDMA is offered when a device serves the address this connection uses (and the
-        // session is not encrypted: RDMA WRITEs cannot be).
+        // session is not encrypted, RDMA WRITEs cannot be, unless it opted into cleartext
+        // RDMA lanes).
         let offered = connect::offer(cfg, local.ip())?;
         offer.transports = offered.kinds.clone();
         let (mut s, binding) = secure(s, tls.as_deref(), timeout).await?;

@@ -13,6 +13,13 @@
 //!
 //! Frames are `u32 body length (LE) | u8 kind | body`, integers little-endian. Every read has
 //! a deadline and every length is checked before anything is allocated.
+//!
+//! In an encrypted session (whose RDMA lanes carry pages in clear, by the operator's explicit
+//! choice) the exchange runs inside the lane's TLS session: ACCEPT hands out where the
+//! destination's memory is and the keys that write it, and those only ever cross in TLS. The
+//! frame I/O is generic over `Read + Write` for that; the deadline stays the socket's read
+//! timeout, which bounds every socket read `rustls::Stream` makes. Afterwards the lane leaves
+//! TLS: nothing more goes through the session.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
