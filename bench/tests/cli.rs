@@ -1557,23 +1557,36 @@ fn vs_iperf3_script_prints_the_bare_column_and_its_ratio() {
 }
 
 /// RDMA under encryption: refused without `--rdma-cleartext-lanes` (the error and the hint
-/// name it); with it, the run gets as far as looking for a device (none for 127.0.0.1), and
-/// `auto` migrates over TCP in TLS, the JSON saying every page was encrypted.
+/// name it); with it, the source gets as far as looking for a device (none for 127.0.0.1).
+/// `auto` with the flag migrates over TCP in TLS, the JSON saying every page was encrypted.
 #[test]
 fn rdma_under_encryption_needs_the_cleartext_lanes_flag() {
-    let base = ["loopback", "--size", "16MiB", "--encryption", "on"];
-    let out = output(bench().args(base).args(["--transport", "rdma"]));
+    // The source decides before its TLS handshake: a listener that never accepts will do.
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let to = l.local_addr().unwrap().to_string();
+    let source = [
+        "source",
+        "--connect",
+        &to,
+        "--size",
+        "16MiB",
+        "--transport",
+        "rdma",
+    ];
+    let out = output(bench().args(source).env("RMIG_KEY", KEY));
     assert!(!out.status.success());
     let e = last_err_line(&out);
     assert!(
         e.contains("--rdma-cleartext-lanes") && e.contains("in clear"),
         "{e}"
     );
-    let opted = ["--transport", "rdma", "--rdma-cleartext-lanes"];
-    let out = output(bench().args(base).args(opted));
+    let mut opted = bench();
+    opted.args(source).arg("--rdma-cleartext-lanes");
+    let out = output(opted.env("RMIG_KEY", KEY));
     assert!(!out.status.success());
     let e = last_err_line(&out);
     assert!(e.contains("no RDMA device"), "{e}");
+    let base = ["loopback", "--size", "16MiB", "--encryption", "on"];
     let out = output(
         bench()
             .args(base)
