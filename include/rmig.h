@@ -247,7 +247,7 @@ typedef struct {
   uint32_t verify;
   // Encryption: one of the `RMIG_ENCRYPTION_*` values of `rmig_encryption` (default
   // `RMIG_ENCRYPTION_TLS_PSK`). RDMA lanes cannot be encrypted: with encryption on,
-  // `RMIG_TRANSPORT_AUTO` uses TCP.
+  // `RMIG_TRANSPORT_AUTO` uses TCP unless both ends set `rdma_cleartext_lanes`.
   uint32_t encryption;
   // With `RMIG_ENCRYPTION_TLS_X509`: a directory laid out as QEMU's tls-creds-x509
   // (`ca-cert.pem`, `server-cert.pem`, `server-key.pem`, `client-cert.pem`,
@@ -264,6 +264,11 @@ typedef struct {
   // Source: with `postcopy`, switch at the latest after this many rounds (0: no such
   // limit). Non-zero turns `postcopy` on.
   uint32_t postcopy_after_rounds;
+  // With encryption on: 1 allows RDMA data lanes, whose guest pages cross the network in
+  // clear (one-sided WRITEs cannot be encrypted); the control connection and each lane's
+  // queue pair and memory key exchange stay TLS, and `rmig_stats.data_lanes_encrypted` is
+  // 0. Both ends must set it; a destination that does not offers TCP only. Default 0.
+  uint32_t rdma_cleartext_lanes;
 } rmig_config;
 
 // Callbacks into the embedder, all called on the thread that drives the session.
@@ -332,7 +337,8 @@ typedef struct {
   // Dirty-log syncs.
   uint64_t dirty_sync_count;
   // How the session's connections were protected: one of the `RMIG_ENCRYPTION_*` values
-  // (meaningful once the migration is past its setup).
+  // (meaningful once the migration is past its setup). That is the control connection;
+  // `data_lanes_encrypted` says whether the pages were too.
   uint32_t encryption;
   // 1 if the migration switched to post-copy, else 0.
   uint32_t postcopy;
@@ -352,6 +358,10 @@ typedef struct {
   double postcopy_fault_p99_us;
   // Post-copy, destination: longest wait, in microseconds.
   double postcopy_fault_max_us;
+  // 1 if every guest page crossed inside TLS (encrypted, TCP lanes); 0 with encryption
+  // off, or when an encrypted session moved pages over RDMA lanes in clear
+  // (`rdma_cleartext_lanes`). Meaningful once the migration is past its setup.
+  uint32_t data_lanes_encrypted;
 } rmig_stats;
 
 #ifdef __cplusplus

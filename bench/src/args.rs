@@ -323,9 +323,16 @@ pub struct TransportArgs {
     #[arg(long, default_value_t = 10.0, value_parser = parse::seconds)]
     pub reconnect_window: f64,
     /// TLS 1.3 on the control connection and every TCP lane [default: on for source and
-    /// dest, off for loopback]. RDMA lanes cannot be encrypted: with it on, `auto` uses TCP.
+    /// dest, off for loopback]. RDMA lanes cannot be encrypted: with it on, `auto` uses TCP
+    /// unless both ends give --rdma-cleartext-lanes.
     #[arg(long, value_enum, help_heading = "Encryption")]
     pub encryption: Option<OnOff>,
+    /// With encryption on, allow RDMA data lanes anyway: guest pages then cross the network
+    /// in clear (one-sided WRITEs cannot be encrypted); the control connection and each
+    /// lane's queue pair and memory key exchange stay TLS. Needed on both ends; the report
+    /// says `data lanes: cleartext`.
+    #[arg(long, help_heading = "Encryption")]
+    pub rdma_cleartext_lanes: bool,
     /// x509 credentials directory laid out as QEMU's tls-creds-x509 (ca-cert.pem,
     /// server-cert.pem, server-key.pem, client-cert.pem, client-key.pem); without it, TLS
     /// authenticates with the pre-shared key.
@@ -395,6 +402,7 @@ impl TransportArgs {
     pub fn dest_config(&self, key: Key) -> DestConfig {
         let mut d = DestConfig::new(key);
         d.encryption = self.encryption(true);
+        d.rdma_cleartext_lanes = self.rdma_cleartext_lanes;
         d.transport = self.choice();
         d.rdma = self.rdma();
         d.reconnect_window = Duration::from_secs_f64(self.reconnect_window);

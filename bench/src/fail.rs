@@ -36,6 +36,9 @@ pub fn line(side: Side, e: &EngineError) -> String {
     format!("rmig-bench: {}: {what}; {}", side.name(), hint(side, e))
 }
 
+/// The flag that lets an encrypted session move pages over RDMA in clear.
+const CLEARTEXT_FLAG: &str = "--rdma-cleartext-lanes";
+
 /// What to change after `e`.
 pub fn hint(side: Side, e: &EngineError) -> String {
     use EngineError as E;
@@ -98,6 +101,14 @@ pub fn hint(side: Side, e: &EngineError) -> String {
         E::Tls(_) => "check --tls-creds and --tls-hostname at both ends, or use the same \
             --encryption on both"
             .into(),
+        _ if peer_text.contains(CLEARTEXT_FLAG)
+            || matches!(e, E::Config(m) if m.contains(CLEARTEXT_FLAG)) =>
+        {
+            "RDMA with encryption on moves \
+            pages in clear: give --rdma-cleartext-lanes to both ends to allow it, or use \
+            --transport auto (TCP in TLS)"
+                .into()
+        }
         _ if peer_text.contains("encryption") => "use the same --encryption on both ends".into(),
         E::Rdma(_) => "use --transport tcp (or auto), or name the device with --rdma-dev".into(),
         E::VerifyFailed(_) => "destination memory differs from the source: this is a bug in \
@@ -166,6 +177,28 @@ mod tests {
         ] {
             assert!(h.contains(f), "{f}: {h}");
         }
+    }
+
+    #[test]
+    fn rdma_refused_under_encryption_names_the_opt_in_flag() {
+        let peer = format!(
+            "no transport both ends can use ({})",
+            "x; set --rdma-cleartext-lanes"
+        );
+        let own =
+            EngineError::Config("y: set --rdma-cleartext-lanes (rdma_cleartext_lanes)".into());
+        for e in [EngineError::PeerError(peer), own] {
+            let h = hint(Side::Source, &e);
+            assert!(
+                h.contains("--rdma-cleartext-lanes") && h.contains("in clear"),
+                "{h}"
+            );
+        }
+        let other = hint(
+            Side::Source,
+            &EngineError::PeerError("encryption is off".into()),
+        );
+        assert!(!other.contains("--rdma-cleartext-lanes"), "{other}");
     }
 
     #[test]

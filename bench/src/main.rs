@@ -86,6 +86,7 @@ fn source_config(dest: String, key: Key, m: &MigrateArgs) -> SourceConfig {
     c.max_bandwidth = m.max_bandwidth;
     c.verify = m.verify.mode();
     c.encryption = m.transport.encryption(true);
+    c.rdma_cleartext_lanes = m.transport.rdma_cleartext_lanes;
     c.transport = m.transport.choice();
     c.rdma = m.transport.rdma();
     c.reconnect_window = Duration::from_secs_f64(m.transport.reconnect_window);

@@ -264,6 +264,12 @@ impl Report {
         if !enc.is_empty() {
             v.push(("encryption", enc.to_string()));
         }
+        if s.encryption != "off" && !s.encryption.is_empty() && !s.data_lanes_encrypted {
+            let why = "cleartext (RDMA, --rdma-cleartext-lanes): guest pages crossed the \
+                       network unencrypted; the control connection and the lanes' key \
+                       exchange were TLS";
+            v.push(("data lanes", why.to_string()));
+        }
         if let Some(f) = &s.fallback_reason {
             v.push(("fallback reason", f.clone()));
         }

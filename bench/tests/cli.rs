@@ -1555,3 +1555,46 @@ fn vs_iperf3_script_prints_the_bare_column_and_its_ratio() {
     let tol = 0.01 / bare * (1.0 + ratio) + 0.01;
     assert!((ratio - rmig / bare).abs() <= tol, "{median}");
 }
+
+/// RDMA under encryption: refused without `--rdma-cleartext-lanes` (the error and the hint
+/// name it); with it, the source gets as far as looking for a device (none for 127.0.0.1).
+/// `auto` with the flag migrates over TCP in TLS, the JSON saying every page was encrypted.
+#[test]
+fn rdma_under_encryption_needs_the_cleartext_lanes_flag() {
+    // The source decides before its TLS handshake: a listener that never accepts will do.
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let to = l.local_addr().unwrap().to_string();
+    let source = [
+        "source",
+        "--connect",
+        &to,
+        "--size",
+        "16MiB",
+        "--transport",
+        "rdma",
+    ];
+    let out = output(bench().args(source).env("RMIG_KEY", KEY));
+    assert!(!out.status.success());
+    let e = last_err_line(&out);
+    assert!(
+        e.contains("--rdma-cleartext-lanes") && e.contains("in clear"),
+        "{e}"
+    );
+    let mut opted = bench();
+    opted.args(source).arg("--rdma-cleartext-lanes");
+    let out = output(opted.env("RMIG_KEY", KEY));
+    assert!(!out.status.success());
+    let e = last_err_line(&out);
+    assert!(e.contains("no RDMA device"), "{e}");
+    let base = ["loopback", "--size", "16MiB", "--encryption", "on"];
+    let out = output(
+        bench()
+            .args(base)
+            .args(["--rdma-cleartext-lanes", "--json"]),
+    );
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    let j = json_of(&out);
+    assert_eq!(j["transport"], "tcp");
+    assert_eq!(j["encryption"], "tls-psk");
+    assert_eq!(j["data_lanes_encrypted"], true);
+}

@@ -55,8 +55,14 @@ pub struct SourceConfig {
     pub key: Key,
     /// Encryption of the control connection and the TCP lanes (default: TLS with the
     /// pre-shared key's proofs bound to each session). RDMA lanes cannot be encrypted
-    /// (one-sided WRITEs), so with encryption on `auto` picks TCP and `rdma` is refused.
+    /// (one-sided WRITEs), so with encryption on `auto` picks TCP and `rdma` is refused,
+    /// unless [`rdma_cleartext_lanes`](Self::rdma_cleartext_lanes) says otherwise.
     pub encryption: Encryption,
+    /// With encryption on: allow RDMA data lanes, whose pages cross in clear (default off).
+    /// The control connection stays TLS, and each lane's queue pair and memory key exchange
+    /// runs inside the lane's TLS session; the statistics say `data_lanes_encrypted: false`.
+    /// The destination must allow it too. Without encryption it changes nothing.
+    pub rdma_cleartext_lanes: bool,
     /// Data lanes (default: one per CPU).
     pub lanes: usize,
     /// Transport preference.
@@ -97,6 +103,7 @@ impl SourceConfig {
             dest: dest.into(),
             key,
             encryption: Encryption::default(),
+            rdma_cleartext_lanes: false,
             lanes: std::thread::available_parallelism().map_or(1, |n| n.get()),
             transport: TransportChoice::Auto,
             rdma: RdmaConfig::default(),
@@ -132,6 +139,10 @@ pub struct DestConfig {
     /// Encryption: whether every connection must be TLS, and how it authenticates. A
     /// connection that does not match is refused with a message saying so.
     pub encryption: Encryption,
+    /// With encryption on: accept RDMA data lanes, whose pages cross in clear (default off:
+    /// an encrypted destination then offers TCP only, and says which flag would allow RDMA).
+    /// See [`SourceConfig::rdma_cleartext_lanes`].
+    pub rdma_cleartext_lanes: bool,
     /// Transport preference.
     pub transport: TransportChoice,
     /// RDMA device and registration.
@@ -163,6 +174,7 @@ impl DestConfig {
         DestConfig {
             key,
             encryption: Encryption::default(),
+            rdma_cleartext_lanes: false,
             transport: TransportChoice::Auto,
             rdma: RdmaConfig::default(),
             max_lanes: 64,

@@ -136,8 +136,14 @@ pub struct MigrationStats {
     pub expected_downtime_ms: f64,
     /// `tcp`.
     pub transport: String,
-    /// How the connections were protected: `tls-x509`, `tls-psk` or `off` (cleartext).
+    /// How the connections were protected: `tls-x509`, `tls-psk` or `off` (cleartext). This
+    /// is what the control connection did; see `data_lanes_encrypted` for the pages.
     pub encryption: String,
+    /// Whether every page crossed inside TLS: `true` for an encrypted session over TCP lanes;
+    /// `false` with encryption off, and for an encrypted session that moved pages over RDMA
+    /// lanes (`rdma_cleartext_lanes`: the pages crossed in clear, the control connection and
+    /// the lanes' key exchange in TLS), even if TCP lanes took over later.
+    pub data_lanes_encrypted: bool,
     /// Why the preferred transport was not used, if it was not.
     pub fallback_reason: Option<String>,
     /// The RDMA device and registration, when the transport is RDMA.

@@ -2,7 +2,16 @@
 //! `RMIG_RDMA_IP`: `tests/vm/rdma.sh` brings soft-RoCE up (natively where the kernel has
 //! `rdma_rxe`, else in a QEMU guest) and runs them with `--ignored`.
 
-use rmig_engine::{bad_rkey_after, fail_after, Registration, SharedDirtyLog, TransportChoice};
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rmig_engine::{
+    bad_rkey_after, fail_after, DestListener, DestOutcome, Encryption, EngineError, MigrationStats,
+    Registration, SharedDirtyLog, TransportChoice,
+};
 use rmig_tests::{assert_same, Deadline, Mem, Setup, Writer};
 
 const MIB: usize = 1 << 20;
@@ -220,5 +229,278 @@ fn postcopy_over_rdma_reads_every_page_without_the_source() {
         "the source sent nothing after the switch"
     );
     guest.check_reads(&src);
+    assert_same(src.bytes(), dst.bytes());
+}
+
+// ---------------------------------------------------------------------------------------
+// Encrypted sessions and RDMA: cleartext data lanes only when both ends opt in, and the
+// lanes' key exchanges inside TLS.
+
+/// Encryption on at both ends (pre-shared key), RDMA cleartext lanes as `src`/`dst` say.
+fn encrypted(s: &mut Setup, src: bool, dst: bool) {
+    s.src.encryption = Encryption::Psk;
+    s.dst.encryption = Encryption::Psk;
+    s.src.rdma_cleartext_lanes = src;
+    s.dst.rdma_cleartext_lanes = dst;
+    s.src.handshake_timeout = Duration::from_secs(5);
+    s.dst.incoming_timeout = Some(Duration::from_secs(3));
+}
+
+#[test]
+fn encryption_without_the_cleartext_lanes_opt_in_keeps_rdma_off_and_names_the_flag() {
+    let _deadline = Deadline::secs(120);
+    let len = 8 * MIB;
+    let src = Mem::random(len, 0.1, 31);
+    // `rdma` asked for, the source not opted in (the destination is): a clear error.
+    let dst = Mem::new(len);
+    let mut setup = Setup::new(&src, &dst, len);
+    encrypted(&mut setup, false, true);
+    setup.src.transport = TransportChoice::Rdma;
+    let e = setup.run().0.unwrap_err().to_string();
+    assert!(e.contains("--rdma-cleartext-lanes"), "{e}");
+    // `auto`: TCP, encrypted, and the reason names the flag.
+    let dst = Mem::new(len);
+    let mut setup = Setup::new(&src, &dst, len);
+    encrypted(&mut setup, false, false);
+    let (s, d) = setup.run();
+    let s = s.expect("auto migrates over TCP");
+    let d = d.expect("destination");
+    assert_eq!(
+        (s.transport.as_str(), s.encryption.as_str()),
+        ("tcp", "tls-psk")
+    );
+    assert!(s.data_lanes_encrypted && d.stats.data_lanes_encrypted);
+    let why = s.fallback_reason.expect("a fallback reason");
+    assert!(
+        why.starts_with("source: ") && why.contains("--rdma-cleartext-lanes"),
+        "{why}"
+    );
+    assert_same(src.bytes(), dst.bytes());
+    // Opted in at both ends but no device here (127.0.0.1): TCP, still encrypted, and the
+    // reason is the device.
+    let dst = Mem::new(len);
+    let mut setup = Setup::new(&src, &dst, len);
+    encrypted(&mut setup, true, true);
+    let (s, d) = setup.run();
+    let s = s.expect("auto migrates over TCP");
+    d.expect("destination");
+    assert_eq!(s.transport, "tcp");
+    assert!(s.data_lanes_encrypted);
+    assert!(s.fallback_reason.unwrap().contains("no RDMA device"));
+    assert_same(src.bytes(), dst.bytes());
+}
+
+/// A relay on the RDMA address in front of the destination: forwards every connection and
+/// keeps every byte it saw, both ways.
+struct Tap {
+    addr: SocketAddr,
+    seen: Arc<Mutex<Vec<u8>>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Tap {
+    fn start(target: SocketAddr) -> Tap {
+        let l = TcpListener::bind((target.ip(), 0)).unwrap();
+        l.set_nonblocking(true).unwrap();
+        let addr = l.local_addr().unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (keep, halt) = (seen.clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !halt.load(Ordering::Relaxed) {
+                let Ok((a, _)) = l.accept() else {
+                    std::thread::sleep(Duration::from_millis(5));
+                    continue;
+                };
+                a.set_nonblocking(false).unwrap();
+                let b = TcpStream::connect(target).unwrap();
+                let there = (a.try_clone().unwrap(), b.try_clone().unwrap());
+                for (from, to) in [there, (b, a)] {
+                    pump(from, to, keep.clone());
+                }
+            }
+        });
+        Tap { addr, seen, stop }
+    }
+
+    fn saw(&self, needle: &[u8]) -> bool {
+        let seen = self.seen.lock().unwrap();
+        seen.windows(needle.len()).any(|w| w == needle)
+    }
+}
+
+impl Drop for Tap {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+fn pump(mut from: TcpStream, mut to: TcpStream, keep: Arc<Mutex<Vec<u8>>>) {
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; 64 * 1024];
+        while let Ok(n @ 1..) = from.read(&mut buf) {
+            keep.lock().unwrap().extend_from_slice(&buf[..n]);
+            if to.write_all(&buf[..n]).is_err() {
+                break;
+            }
+        }
+        let _ = to.shutdown(Shutdown::Write);
+    });
+}
+
+/// Runs `s` with the source connecting through a tap; returns both ends' results and the tap.
+fn run_tapped(
+    mut s: Setup,
+) -> (
+    Result<MigrationStats, EngineError>,
+    Result<DestOutcome, EngineError>,
+    Tap,
+) {
+    let l = DestListener::bind(&s.bind, s.dst.clone()).expect("bind");
+    let target = l.local_addr().unwrap();
+    let emb: Box<dyn rmig_engine::DestEmbedder> = match s.dest_guest.take() {
+        Some(g) => g,
+        None => Box::new(s.dest_embedder.clone()),
+    };
+    let (regions, dm) = (s.dst_regions.clone(), s.dst_monitor.clone());
+    let d = std::thread::spawn(move || l.serve(regions, emb, dm));
+    let tap = Tap::start(target);
+    s.src.dest = tap.addr.to_string();
+    let r = rmig_engine::driver::migrate(s.src, s.src_regions, s.dirty, s.embedder, s.src_monitor);
+    (r, d.join().expect("destination thread"), tap)
+}
+
+/// The destination's memory address, as its ACCEPT tells it (pin-all: the region's start).
+fn address_of(m: &Mem) -> [u8; 8] {
+    (m.ptr() as u64).to_le_bytes()
+}
+
+#[test]
+#[ignore = "needs an RDMA device: tests/vm/rdma.sh"]
+fn encrypted_session_with_cleartext_lanes_moves_pages_over_rdma_keys_inside_tls() {
+    let _deadline = Deadline::secs(300);
+    let len = 32 * MIB;
+    let src = Mem::random(len, 0.2, 32);
+    for enc in [Encryption::Off, Encryption::Psk] {
+        let on = enc.is_on();
+        let dst = Mem::new(len);
+        let mut setup = rdma_setup(&src, &dst, len);
+        encrypted(&mut setup, true, true);
+        setup.src.encryption = enc.clone();
+        setup.dst.encryption = enc;
+        let (s, d, tap) = run_tapped(setup);
+        let s = s.expect("source");
+        let d = d.expect("destination");
+        let want = if on { "tls-psk" } else { "off" };
+        for st in [&s, &d.stats] {
+            assert_eq!(
+                (st.transport.as_str(), st.encryption.as_str()),
+                ("rdma", want)
+            );
+            assert!(!st.data_lanes_encrypted, "the pages crossed in clear");
+        }
+        assert_eq!(s.verified, Some(true));
+        assert_same(src.bytes(), dst.bytes());
+        // The destination's ACCEPT names its memory's address (with its rkey): in clear
+        // without encryption (so the tap can see it), never with.
+        assert_eq!(tap.saw(&address_of(&dst)), !on, "encryption {want}");
+    }
+}
+
+#[test]
+#[ignore = "needs an RDMA device: tests/vm/rdma.sh"]
+fn an_encrypted_destination_that_did_not_opt_in_refuses_cleartext_rdma_lanes() {
+    let _deadline = Deadline::secs(300);
+    let len = 16 * MIB;
+    let src = Mem::random(len, 0.2, 33);
+    let dst = Mem::new(len);
+    let mut setup = rdma_setup(&src, &dst, len);
+    encrypted(&mut setup, true, false);
+    setup.dst.transport = TransportChoice::Auto;
+    let e = setup.run().0.unwrap_err().to_string();
+    assert!(e.contains("--rdma-cleartext-lanes"), "{e}");
+    // With `auto`, TCP in TLS, and the reason is the destination's.
+    let mut setup = rdma_setup(&src, &dst, len);
+    encrypted(&mut setup, true, false);
+    setup.src.transport = TransportChoice::Auto;
+    setup.dst.transport = TransportChoice::Auto;
+    let (s, d) = setup.run();
+    let s = s.expect("source");
+    d.expect("destination");
+    assert_eq!(s.transport, "tcp");
+    assert!(s.data_lanes_encrypted);
+    let why = s.fallback_reason.expect("a fallback reason");
+    assert!(
+        why.starts_with("destination: ") && why.contains("--rdma-cleartext-lanes"),
+        "{why}"
+    );
+    assert_same(src.bytes(), dst.bytes());
+}
+
+/// Post-copy over RDMA in an encrypted session with cleartext lanes: the reader's setup on
+/// the fetch lane carries the source's memory keys, inside TLS.
+#[test]
+#[ignore = "needs an RDMA device: tests/vm/rdma.sh"]
+fn encrypted_postcopy_over_rdma_keeps_the_source_keys_inside_tls() {
+    let _deadline = Deadline::secs(300);
+    let len = 16 * MIB;
+    let src = Mem::random(len, 0.2, 34);
+    let dst = Mem::new(len);
+    let log = SharedDirtyLog::new(&[(len / 4096) as u64]);
+    let mut w = Writer::start(&src, log.clone(), 4096, 20);
+    let mut setup = rdma_setup(&src, &dst, len);
+    encrypted(&mut setup, true, true);
+    let guest = rmig_tests::guest::ReadingGuest::new(&dst, 4096, 1000);
+    setup.dest_guest = Some(Box::new(guest.clone()));
+    setup.dirty = Box::new(log);
+    setup.embedder = w.embedder(b"device".to_vec());
+    setup.src.policy.downtime_limit = Duration::from_millis(1);
+    setup.src.policy.auto_converge = false;
+    setup.src.policy.postcopy = rmig_engine::Postcopy::AfterRounds(1);
+    let (s, d, tap) = run_tapped(setup);
+    let s = s.expect("source");
+    let d = d.expect("destination");
+    w.stop();
+    assert_eq!((s.transport.as_str(), s.verified), ("rdma", Some(true)));
+    assert!(d.stats.postcopy.expect("post-copy").pages_at_switch > 0);
+    assert!(!s.data_lanes_encrypted);
+    assert_same(src.bytes(), dst.bytes());
+    assert!(
+        !tap.saw(&address_of(&src)),
+        "the source's exposure in clear"
+    );
+    assert!(
+        !tap.saw(&address_of(&dst)),
+        "the destination's ACCEPT in clear"
+    );
+    // Also waits for the guest's reads: its thread reads `dst` until then.
+    guest.check_reads(&src);
+}
+
+/// The only cleartext RDMA lane of an encrypted session fails: the TCP lanes that take over
+/// join in TLS, and the statistics still say that pages crossed in clear.
+#[test]
+#[ignore = "needs an RDMA device: tests/vm/rdma.sh"]
+fn encrypted_session_whose_rdma_lane_fails_hands_over_to_tls_tcp_lanes() {
+    let _deadline = Deadline::secs(300);
+    let len = 32 * MIB;
+    let src = Mem::random(len, 0.1, 35);
+    let dst = Mem::new(len);
+    let mut setup = rdma_setup(&src, &dst, len);
+    encrypted(&mut setup, true, true);
+    setup.src.transport = TransportChoice::Auto;
+    setup.dst.transport = TransportChoice::Auto;
+    setup.src.lanes = 1;
+    setup.src.lane_faults = vec![fail_after(8 * MIB as u64)];
+    let (s, d) = setup.run();
+    let s = s.expect("source");
+    let d = d.expect("destination");
+    assert_eq!((s.transport.as_str(), s.lanes_failed), ("tcp", 1));
+    assert_eq!(
+        (s.encryption.as_str(), d.stats.encryption.as_str()),
+        ("tls-psk", "tls-psk")
+    );
+    assert!(!s.data_lanes_encrypted && !d.stats.data_lanes_encrypted);
+    assert_eq!(s.verified, Some(true));
     assert_same(src.bytes(), dst.bytes());
 }

@@ -90,8 +90,8 @@ fn connect(
     let wait = Duration::from_secs(30);
     let (exp, reader) = std::thread::scope(|s| {
         let m = mem.clone();
-        let e = s.spawn(move || serve_reader(&src_sock, &m, wait));
-        let r = RdmaPageReader::connect(&dst_sock, &dev_d, cfg, wait);
+        let e = s.spawn(move || serve_reader(&src_sock, None, &m, wait));
+        let r = RdmaPageReader::connect(&dst_sock, None, &dev_d, cfg, wait);
         (e.join().unwrap(), r)
     });
     (mem, exp.expect("exposure"), reader.expect("reader"))
@@ -323,6 +323,7 @@ fn a_refusal_reaches_the_reader_with_its_reason_and_a_stranger_is_refused() {
     });
     let e = RdmaPageReader::connect(
         &dst_sock,
+        None,
         &dev,
         ReaderConfig::default(),
         Duration::from_secs(30),
@@ -335,7 +336,7 @@ fn a_refusal_reaches_the_reader_with_its_reason_and_a_stranger_is_refused() {
     let mem = ExposedMemory::register(&dev, &src.map()).unwrap();
     let (src_sock, dst_sock) = pair();
     (&dst_sock).write_all(&[1, 0, 0, 0, 1]).unwrap();
-    let e = serve_reader(&src_sock, &mem, Duration::from_secs(10)).unwrap_err();
+    let e = serve_reader(&src_sock, None, &mem, Duration::from_secs(10)).unwrap_err();
     assert!(e.to_string().contains("unknown kind"), "{e}");
     let mut len = [0u8; 4];
     std::io::Read::read_exact(&mut &dst_sock, &mut len).unwrap();
@@ -349,7 +350,7 @@ fn a_refusal_reaches_the_reader_with_its_reason_and_a_stranger_is_refused() {
     // Silence is bounded too.
     let (src_sock, _dst_sock) = pair();
     let t0 = Instant::now();
-    let e = serve_reader(&src_sock, &mem, Duration::from_millis(300)).unwrap_err();
+    let e = serve_reader(&src_sock, None, &mem, Duration::from_millis(300)).unwrap_err();
     assert!(e.to_string().contains("in time"), "{e}");
     assert!(t0.elapsed() < Duration::from_secs(5));
 }

@@ -80,8 +80,8 @@ fn rdma_read_latency_and_throughput() {
     let wait = Duration::from_secs(30);
     let (exp, mut reader) = std::thread::scope(|s| {
         let m = mem.clone();
-        let e = s.spawn(move || serve_reader(&b, &m, wait).unwrap());
-        let r = RdmaPageReader::connect(&a, &dev_d, cfg, wait).unwrap();
+        let e = s.spawn(move || serve_reader(&b, None, &m, wait).unwrap());
+        let r = RdmaPageReader::connect(&a, None, &dev_d, cfg, wait).unwrap();
         (e.join().unwrap(), r)
     });
     let pages = (buf.len() / PAGE) as u64;

@@ -82,6 +82,7 @@ pub unsafe extern "C" fn rmig_config_default(out: *mut RmigConfig) -> RmigStatus
             tls_hostname: std::ptr::null(),
             postcopy: 0,
             postcopy_after_rounds: 0,
+            rdma_cleartext_lanes: 0,
         };
         // SAFETY: checked non-null and aligned above; writable by the caller's contract.
         unsafe { out.write(c) };
@@ -249,6 +250,7 @@ pub unsafe extern "C" fn rmig_source_new(
         }
         s.transport = p.transport;
         s.encryption = p.encryption;
+        s.rdma_cleartext_lanes = c.rdma_cleartext_lanes != 0;
         s.max_bandwidth = c.max_bandwidth;
         s.verify = p.verify;
         s.policy = ConvergePolicy {
@@ -287,7 +289,7 @@ pub unsafe extern "C" fn rmig_dest_new(
 ) -> RmigStatus {
     guard(|| {
         // SAFETY: the caller's contract.
-        let (_, p) = unsafe { parse(config)? };
+        let (c, p) = unsafe { parse(config)? };
         // SAFETY: as above.
         let cb = *unsafe { borrow(callbacks, "callbacks")? };
         // SAFETY: as above.
@@ -295,6 +297,7 @@ pub unsafe extern "C" fn rmig_dest_new(
         let mut d = DestConfig::new(p.key);
         d.transport = p.transport;
         d.encryption = p.encryption;
+        d.rdma_cleartext_lanes = c.rdma_cleartext_lanes != 0;
         let l = DestListener::bind(&p.address, d).map_err(|e| from_engine(&e))?;
         // SAFETY: `out` was checked above.
         unsafe {
@@ -799,6 +802,7 @@ pub unsafe extern "C" fn rmig_get_stats(session: RmigSession, out: *mut RmigStat
             postcopy_fault_p50_us: pc.as_ref().map_or(0.0, |p| p.fault_p50_us),
             postcopy_fault_p99_us: pc.as_ref().map_or(0.0, |p| p.fault_p99_us),
             postcopy_fault_max_us: pc.as_ref().map_or(0.0, |p| p.fault_max_us),
+            data_lanes_encrypted: u32::from(s.data_lanes_encrypted),
         };
         // SAFETY: checked above.
         unsafe { out.write(st) };

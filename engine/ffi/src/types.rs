@@ -228,7 +228,7 @@ pub struct RmigConfig {
     pub verify: u32,
     /// Encryption: one of the `RMIG_ENCRYPTION_*` values of `rmig_encryption` (default
     /// `RMIG_ENCRYPTION_TLS_PSK`). RDMA lanes cannot be encrypted: with encryption on,
-    /// `RMIG_TRANSPORT_AUTO` uses TCP.
+    /// `RMIG_TRANSPORT_AUTO` uses TCP unless both ends set `rdma_cleartext_lanes`.
     pub encryption: u32,
     /// With `RMIG_ENCRYPTION_TLS_X509`: a directory laid out as QEMU's tls-creds-x509
     /// (`ca-cert.pem`, `server-cert.pem`, `server-key.pem`, `client-cert.pem`,
@@ -245,6 +245,11 @@ pub struct RmigConfig {
     /// Source: with `postcopy`, switch at the latest after this many rounds (0: no such
     /// limit). Non-zero turns `postcopy` on.
     pub postcopy_after_rounds: u32,
+    /// With encryption on: 1 allows RDMA data lanes, whose guest pages cross the network in
+    /// clear (one-sided WRITEs cannot be encrypted); the control connection and each lane's
+    /// queue pair and memory key exchange stay TLS, and `rmig_stats.data_lanes_encrypted` is
+    /// 0. Both ends must set it; a destination that does not offers TCP only. Default 0.
+    pub rdma_cleartext_lanes: u32,
 }
 
 /// Growable bytes owned by the library, filled by a callback with `rmig_bytes_append`.
@@ -360,7 +365,8 @@ pub struct RmigStats {
     /// Dirty-log syncs.
     pub dirty_sync_count: u64,
     /// How the session's connections were protected: one of the `RMIG_ENCRYPTION_*` values
-    /// (meaningful once the migration is past its setup).
+    /// (meaningful once the migration is past its setup). That is the control connection;
+    /// `data_lanes_encrypted` says whether the pages were too.
     pub encryption: u32,
     /// 1 if the migration switched to post-copy, else 0.
     pub postcopy: u32,
@@ -380,4 +386,8 @@ pub struct RmigStats {
     pub postcopy_fault_p99_us: f64,
     /// Post-copy, destination: longest wait, in microseconds.
     pub postcopy_fault_max_us: f64,
+    /// 1 if every guest page crossed inside TLS (encrypted, TCP lanes); 0 with encryption
+    /// off, or when an encrypted session moved pages over RDMA lanes in clear
+    /// (`rdma_cleartext_lanes`). Meaningful once the migration is past its setup.
+    pub data_lanes_encrypted: u32,
 }

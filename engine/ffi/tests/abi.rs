@@ -415,6 +415,11 @@ fn a_whole_migration_through_the_abi() {
     assert_eq!(st.state, RmigState::RmigStateCompleted);
     assert_eq!(st.verified, 1);
     assert_eq!(st.ram_total, len as u64);
+    assert_eq!(
+        (st.encryption, st.data_lanes_encrypted),
+        (RmigEncryption::RmigEncryptionTlsPsk as u32, 1),
+        "encrypted by default, pages included (TCP lanes)"
+    );
     let mut need = 0usize;
     let mut small = [0i8; 4];
     // SAFETY: valid buffers of the stated sizes.
@@ -442,6 +447,33 @@ fn a_whole_migration_through_the_abi() {
     }
     assert_eq!(rmig_free(s), RmigOk);
     assert_eq!(rmig_free(d), RmigOk);
+}
+
+/// RDMA under encryption needs `rdma_cleartext_lanes`: without it the source refuses with
+/// the flag's name; with it the engine goes on to look for a device (none for 127.0.0.1).
+#[test]
+fn rdma_under_encryption_needs_the_cleartext_lanes_field() {
+    let _deadline = Deadline::secs(60);
+    let mut v = mem(1 << 20);
+    let p = aligned(&mut v);
+    let cases = [
+        (0, RmigErrConfig, "rdma_cleartext_lanes"),
+        (1, RmigErrIo, "no RDMA device"),
+    ];
+    for (flag, status, want) in cases {
+        // The source decides before its TLS handshake: a listener that never accepts will do.
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = std::ffi::CString::new(l.local_addr().unwrap().to_string()).unwrap();
+        let mut c = config(&addr);
+        assert_eq!(c.rdma_cleartext_lanes, 0, "off by default");
+        c.transport = RmigTransport::RmigTransportRdma as u32;
+        c.rdma_cleartext_lanes = flag;
+        let s = source_session(&c, p, 1 << 20);
+        assert_eq!(rmig_migrate(s), status, "{}", last_error());
+        let e = last_error();
+        assert!(e.contains(want), "flag {flag}: {e}");
+        assert_eq!(rmig_free(s), RmigOk);
+    }
 }
 
 #[test]

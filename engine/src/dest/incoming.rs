@@ -381,17 +381,16 @@ async fn handshake_one(
 }
 
 /// Fills in the transports this destination can serve for a connection that reached it on
-/// `local`: RDMA when a device serves that address (unless TCP only), TCP unless RDMA only.
+/// `local`: RDMA when a device serves that address (unless TCP only, or encrypted without
+/// the cleartext-lanes opt-in), TCP unless RDMA only.
 fn offer_transports(
     cfg: &DestConfig,
     accept: &mut DestAccept,
     local: IpAddr,
 ) -> Option<Arc<RdmaDevice>> {
     let mut device = None;
-    if cfg.encryption.is_on() {
-        accept.note = "encryption is on and RDMA lanes cannot be encrypted (one-sided \
-                       WRITEs); use --encryption off for RDMA"
-            .into();
+    if cfg.encryption.is_on() && !cfg.rdma_cleartext_lanes {
+        accept.note = crate::source::connect::RDMA_CLEAR.into();
     } else if cfg.transport != TransportChoice::Tcp {
         match RdmaDevice::open(cfg.rdma.device.as_deref(), local) {
             Ok(d) => {
@@ -407,4 +406,43 @@ fn offer_transports(
         accept.transports.push(TransportKind::Tcp);
     }
     device
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Encryption;
+    use crate::control::auth::Key;
+
+    fn accept() -> DestAccept {
+        DestAccept {
+            versions: (1, 1),
+            key: Key::new(b"a test key of 16+ bytes").unwrap(),
+            regions: Vec::new(),
+            transports: Vec::new(),
+            max_lanes: 2,
+            note: String::new(),
+        }
+    }
+
+    #[test]
+    fn an_encrypted_destination_offers_rdma_only_when_it_opted_into_cleartext_lanes() {
+        let mut cfg = DestConfig::new(Key::new(b"a test key of 16+ bytes").unwrap());
+        cfg.encryption = Encryption::Psk;
+        let local = IpAddr::from([127, 0, 0, 1]);
+        let mut a = accept();
+        assert!(offer_transports(&cfg, &mut a, local).is_none());
+        assert_eq!(a.transports, vec![TransportKind::Tcp]);
+        assert!(a.note.contains("--rdma-cleartext-lanes"), "{}", a.note);
+        // Opted in, it looks for a device (127.0.0.1 has none anywhere) like a cleartext one.
+        cfg.rdma_cleartext_lanes = true;
+        let mut a = accept();
+        assert!(offer_transports(&cfg, &mut a, local).is_none());
+        assert_eq!(a.transports, vec![TransportKind::Tcp]);
+        assert!(a.note.contains("no RDMA device"), "{}", a.note);
+        cfg.encryption = Encryption::Off;
+        let mut b = accept();
+        assert!(offer_transports(&cfg, &mut b, local).is_none());
+        assert_eq!(b.note, a.note);
+    }
 }

@@ -51,6 +51,30 @@ impl LaneSocket {
 }
 
 impl LaneSocket {
+    /// The RDMA lane on this socket: the transport's queue pair exchange (which carries this
+    /// end's memory addresses and keys) runs inside the lane's TLS session when it has one,
+    /// then the lane runs on the socket and the queue pair. `wait` bounds the source's part.
+    pub fn accept_rdma(
+        &mut self,
+        dev: &Arc<rmig_transport::rdma::RdmaDevice>,
+        mem: &Arc<rmig_transport::rdma::LocalMemory>,
+        wait: Duration,
+    ) -> Result<rmig_transport::rdma::RdmaDestLane, rmig_transport::rdma::RdmaError> {
+        rmig_transport::rdma::accept_dest_lane(&self.sock, self.tls.as_mut(), dev, mem, wait)
+    }
+
+    /// Post-copy over RDMA: connects a reader of the source's memory through this fetch lane
+    /// (the exchange inside the lane's TLS session when it has one: the source's answer
+    /// carries its memory keys), the answer within `wait`.
+    pub fn connect_reader(
+        &mut self,
+        dev: &Arc<rmig_transport::rdma::RdmaDevice>,
+        cfg: rmig_transport::rdma::ReaderConfig,
+        wait: Duration,
+    ) -> Result<rmig_transport::rdma::RdmaPageReader, rmig_transport::rdma::RdmaError> {
+        rmig_transport::rdma::RdmaPageReader::connect(&self.sock, self.tls.as_mut(), dev, cfg, wait)
+    }
+
     /// The post-copy fetch lane on this socket (inside its TLS session, if it has one).
     /// An answer that takes longer than `answer_within` ends the lane (the fault thread then
     /// waits for the lane of a reconnect, and the session decides), so a source that froze

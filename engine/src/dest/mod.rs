@@ -334,7 +334,7 @@ impl DestListener {
         &self,
         regions: &[Region],
         agreed: &Agreed,
-        sockets: Vec<LaneSocket>,
+        mut sockets: Vec<LaneSocket>,
         door: Door,
         device: Option<Arc<RdmaDevice>>,
         monitor: &Arc<Monitor>,
@@ -353,7 +353,7 @@ impl DestListener {
                 dev,
                 sink.map(),
                 &cfg.rdma,
-                &sockets,
+                &mut sockets,
                 cfg.handshake_timeout,
             )?),
             _ => None,
@@ -365,6 +365,7 @@ impl DestListener {
             }
             s.transport = agreed.transport.name().into();
             s.encryption = self.cfg.encryption.name().into();
+            s.data_lanes_encrypted = self.cfg.encryption.is_on() && rdma.is_none();
             s.lanes = sockets.len();
             s.setup_time_ms = connected.elapsed().as_secs_f64() * 1e3;
             s.ram.total = regions.iter().map(Region::len).sum();
@@ -524,18 +525,19 @@ fn collect_lanes(
 }
 
 /// Registers the destination's memory and connects one queue pair per lane socket (the
-/// transport's own exchange on each socket, bounded by `timeout`).
+/// transport's own exchange on each socket, inside its TLS session when it has one, bounded
+/// by `timeout`).
 fn rdma_setup(
     dev: &Arc<RdmaDevice>,
     map: &MemoryMap,
     cfg: &RdmaConfig,
-    sockets: &[LaneSocket],
+    sockets: &mut [LaneSocket],
     timeout: Duration,
 ) -> Result<(Arc<LocalMemory>, Vec<RdmaDestLane>), EngineError> {
     let mem = Arc::new(LocalMemory::register(dev, map, cfg.registration, true)?);
     let lanes = sockets
-        .iter()
-        .map(|s| rmig_transport::rdma::accept_dest_lane(s, dev, &mem, timeout))
+        .iter_mut()
+        .map(|s| s.accept_rdma(dev, &mem, timeout))
         .collect::<Result<Vec<_>, _>>()?;
     Ok((mem, lanes))
 }

@@ -9,7 +9,6 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rmig_transport::rdma::RdmaPageReader;
 use rmig_transport::tcp::fetch::FetchClient;
 
 use super::faults::{percentiles, FaultThread, Fetcher};
@@ -186,13 +185,13 @@ impl Receiving<'_> {
     /// reconnect.
     pub(super) fn fetch_lane_joined(
         &mut self,
-        sock: super::lanes::LaneSocket,
+        mut sock: super::lanes::LaneSocket,
     ) -> Result<(), EngineError> {
         if let Some((dev, wait)) = &self.postcopy.rdma {
             // The source answers on this socket at once; the queue pair is ready before the
             // pause, so the switch costs no RDMA setup.
             let cfg = rmig_transport::rdma::ReaderConfig::default();
-            let reader = RdmaPageReader::connect(&sock, dev, cfg, *wait)?;
+            let reader = sock.connect_reader(dev, cfg, *wait)?;
             self.postcopy.reader = Some((reader, sock));
             return Ok(());
         }

@@ -1,5 +1,7 @@
 //! Opening a source session's data lanes: each joins the session over TCP and proves that it
-//! belongs; an RDMA lane then exchanges queue pair addresses on that same socket.
+//! belongs; an RDMA lane then exchanges queue pair addresses and memory keys on that same
+//! socket, inside its TLS session when the session is encrypted (only an encrypted session that
+//! opted into cleartext RDMA lanes gets here: its pages cross in clear, its keys do not).
 
 use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::sync::Arc;
@@ -23,15 +25,20 @@ pub(crate) struct Offer {
     pub fallback: Option<String>,
 }
 
-/// Why an encrypted session does not use RDMA.
-const RDMA_CLEAR: &str = "encryption is on and RDMA lanes cannot be encrypted (one-sided \
-     WRITEs); use --encryption off for RDMA";
+/// Why an encrypted session does not use RDMA unless both ends opted in (the destination
+/// says the same in its note).
+pub(crate) const RDMA_CLEAR: &str =
+    "encryption is on and RDMA lanes cannot be encrypted (one-sided \
+     WRITEs); to move pages over RDMA in clear (the control connection and the lanes' key \
+     exchange stay TLS) set --rdma-cleartext-lanes (rdma_cleartext_lanes) on both ends, or \
+     use --encryption off";
 
 /// Decides what to offer for a control connection from `local`. An encrypted session offers
-/// TCP only: with `auto` the fallback reason says why, with `rdma` it is an error.
+/// TCP only unless it opted into cleartext RDMA lanes: with `auto` the fallback reason says
+/// why, with `rdma` it is an error.
 pub(crate) fn offer(cfg: &SourceConfig, local: IpAddr) -> Result<Offer, EngineError> {
     let (choice, rdma) = (cfg.transport, &cfg.rdma);
-    if cfg.encryption.is_on() && choice != TransportChoice::Tcp {
+    if cfg.encryption.is_on() && !cfg.rdma_cleartext_lanes && choice != TransportChoice::Tcp {
         if choice == TransportChoice::Rdma {
             return Err(EngineError::Config(RDMA_CLEAR.into()));
         }
@@ -174,8 +181,9 @@ pub(crate) fn tcp_lane(
 }
 
 /// An RDMA lane on a joined socket: the transport exchanges queue pair addresses and the
-/// destination's memory keys on it. `wait` bounds the destination's answer (it registers its
-/// memory first).
+/// destination's memory keys on it, inside the lane's TLS session when it has one (only the
+/// pages then cross in clear, on the queue pair). `wait` bounds the destination's answer (it
+/// registers its memory first).
 pub(crate) fn rdma_lane(
     s: JoinedLane,
     dev: &Arc<RdmaDevice>,
@@ -184,7 +192,22 @@ pub(crate) fn rdma_lane(
     wait: Duration,
 ) -> Result<RdmaSourceLane, EngineError> {
     Ok(rmig_transport::rdma::connect_source_lane(
-        s.sock, dev, mem, pacer, wait,
+        s.sock, s.tls, dev, mem, pacer, wait,
+    )?)
+}
+
+/// Post-copy over RDMA: answers the destination's reader on the fetch lane `s` (inside its
+/// TLS session when it has one: the answer carries this end's memory keys), within `wait`.
+pub(crate) fn serve_reader(
+    s: &mut JoinedLane,
+    mem: &Arc<rmig_transport::rdma::ExposedMemory>,
+    wait: Duration,
+) -> Result<rmig_transport::rdma::ReadExposure, EngineError> {
+    Ok(rmig_transport::rdma::serve_reader(
+        &s.sock,
+        s.tls.as_mut(),
+        mem,
+        wait,
     )?)
 }
 

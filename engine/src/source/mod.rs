@@ -6,7 +6,7 @@
 //! `save_live_iterate` and `save_live_complete_precopy` handlers in the same order. Any
 //! failure leaves the source's memory untouched and, past the pause, resumes the guest.
 
-mod connect;
+pub(crate) mod connect;
 mod lanes;
 mod placement;
 mod postcopy;

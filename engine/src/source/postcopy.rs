@@ -141,8 +141,8 @@ impl SourceSession {
         let mem = rmig_transport::rdma::ExposedMemory::register(&dev, &self.shared.map)?;
         let kit = self.lanes.kit();
         let timeout = self.cfg.handshake_timeout;
-        let sock = connect::join_lane(kit.peer, &kit.auth, 2 * kit.lanes, timeout)?;
-        let exposure = rmig_transport::rdma::serve_reader(&sock, &mem, timeout)?;
+        let mut sock = connect::join_lane(kit.peer, &kit.auth, 2 * kit.lanes, timeout)?;
+        let exposure = connect::serve_reader(&mut sock, &mem, timeout)?;
         Ok(PageServer::Exposed {
             exposure,
             _sock: Box::new(sock),

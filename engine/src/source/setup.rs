@@ -87,7 +87,8 @@ pub(super) fn connect_control(
         let peer = s.peer_addr()?;
         let local = s.local_addr()?;
         // RDMA is offered when a device serves the address this connection uses (and the
-        // session is not encrypted: RDMA WRITEs cannot be).
+        // session is not encrypted, RDMA WRITEs cannot be, unless it opted into cleartext
+        // RDMA lanes).
         let offered = connect::offer(cfg, local.ip())?;
         offer.transports = offered.kinds.clone();
         let (mut s, binding) = secure(s, tls.as_deref(), timeout).await?;
@@ -236,6 +237,7 @@ impl super::SourceSession {
             s.setup_time_ms = setup_ms;
             s.transport = self.lanes.transport().name().into();
             s.encryption = self.cfg.encryption.name().into();
+            s.data_lanes_encrypted = self.cfg.encryption.is_on() && rdma.is_none();
             s.fallback_reason = fallback;
             if let Some(r) = rdma {
                 s.rdma = Some(crate::stats::RdmaReport::of(&r.dev, &r.mem));

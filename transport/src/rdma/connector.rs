@@ -13,6 +13,13 @@
 //!
 //! Frames are `u32 body length (LE) | u8 kind | body`, integers little-endian. Every read has
 //! a deadline and every length is checked before anything is allocated.
+//!
+//! In an encrypted session (whose RDMA lanes carry pages in clear, by the operator's explicit
+//! choice) the exchange runs inside the lane's TLS session: ACCEPT hands out where the
+//! destination's memory is and the keys that write it, and those only ever cross in TLS. The
+//! frame I/O is generic over `Read + Write` for that; the deadline stays the socket's read
+//! timeout, which bounds every socket read `rustls::Stream` makes. Afterwards the lane leaves
+//! TLS: nothing more goes through the session.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -51,62 +58,92 @@ pub enum Setup {
 }
 
 /// Source side: creates the lane's queue pair, sends its address, and connects to the
-/// destination's answer. `wait` bounds the answer (the destination may be registering its
-/// memory first).
+/// destination's answer. The exchange runs inside the lane's TLS session `tls` when the
+/// session is encrypted (the answer carries the destination's memory addresses and keys), and
+/// on the bare socket otherwise; the lane itself then runs on the socket. `wait` bounds the
+/// answer (the destination may be registering its memory first): it is the socket's read
+/// timeout, which bounds reads under TLS too.
 pub fn connect_source_lane(
-    mut sock: TcpStream,
+    sock: TcpStream,
+    tls: Option<rustls::ClientConnection>,
     dev: &Arc<RdmaDevice>,
     mem: &Arc<LocalMemory>,
     pacer: Arc<Pacer>,
     wait: Duration,
 ) -> Result<RdmaSourceLane, RdmaError> {
     let prep = SourcePrepared::new(dev.clone(), mem.clone())?;
-    write_frame(&mut sock, &Setup::Connect(prep.endpoint()))?;
     sock.set_read_timeout(Some(wait)).map_err(exchange)?;
-    let (peer, remote) = match read_frame(&mut sock)? {
-        Setup::Accept(endpoint, memory) => (endpoint, memory),
-        Setup::Refuse(why) => return Err(RdmaError::Setup(format!("destination: {why}"))),
-        Setup::Connect(_) => return Err(RdmaError::Setup("expected ACCEPT, got CONNECT".into())),
+    let answer = match tls {
+        None => ask(&mut &sock, prep.endpoint()),
+        Some(mut conn) => ask(
+            &mut rustls::Stream::new(&mut conn, &mut &sock),
+            prep.endpoint(),
+        ),
     };
     sock.set_read_timeout(None).map_err(exchange)?;
+    let (peer, remote) = answer?;
     prep.connect(&peer, remote, sock, pacer)
 }
 
+/// Sends our queue pair's address on `ch` and reads the destination's answer: its queue pair
+/// and where its memory is.
+fn ask(
+    ch: &mut (impl Read + Write),
+    ours: QpEndpoint,
+) -> Result<(QpEndpoint, RemoteMemory), RdmaError> {
+    write_frame(ch, &Setup::Connect(ours))?;
+    match read_frame(ch)? {
+        Setup::Accept(endpoint, memory) => Ok((endpoint, memory)),
+        Setup::Refuse(why) => Err(RdmaError::Setup(format!("destination: {why}"))),
+        Setup::Connect(_) => Err(RdmaError::Setup("expected ACCEPT, got CONNECT".into())),
+    }
+}
+
 /// Destination side: reads the source's queue pair address within `wait`, creates and
-/// connects ours, and answers with it and `mem`'s keys. A failure after the source's address
-/// came is told to the source (REFUSE) before it is returned.
+/// connects ours, and answers with it and `mem`'s keys, inside the lane's TLS session `tls`
+/// when the session is encrypted (the keys never cross in clear then). The lane runs on
+/// `sock` afterwards. A failure after the source's address came is told to the source
+/// (REFUSE) before it is returned.
 pub fn accept_dest_lane(
     sock: &TcpStream,
+    mut tls: Option<&mut rustls::ServerConnection>,
     dev: &Arc<RdmaDevice>,
     mem: &Arc<LocalMemory>,
     wait: Duration,
 ) -> Result<RdmaDestLane, RdmaError> {
-    let mut s = sock.try_clone().map_err(exchange)?;
-    s.set_read_timeout(Some(wait)).map_err(exchange)?;
-    let peer = match read_frame(&mut s)? {
-        Setup::Connect(endpoint) => endpoint,
-        other => {
-            return Err(RdmaError::Setup(format!(
-                "expected CONNECT, got {}",
-                other.name()
-            )))
-        }
+    sock.set_read_timeout(Some(wait)).map_err(exchange)?;
+    let peer = match tls {
+        None => read_connect(&mut &*sock),
+        Some(ref mut conn) => read_connect(&mut rustls::Stream::new(&mut **conn, &mut &*sock)),
     };
-    s.set_read_timeout(None).map_err(exchange)?;
+    sock.set_read_timeout(None).map_err(exchange)?;
+    let peer = peer?;
     let lane = DestPrepared::new(dev.clone(), mem.clone()).and_then(|prep| {
         let endpoint = prep.endpoint();
-        let stream = s.try_clone().map_err(exchange)?;
+        let stream = sock.try_clone().map_err(exchange)?;
         Ok((endpoint, prep.connect(&peer, stream)?))
     });
-    match lane {
-        Ok((endpoint, lane)) => {
-            write_frame(&mut s, &Setup::Accept(endpoint, mem.remote()))?;
-            Ok(lane)
-        }
-        Err(e) => {
-            let _ = write_frame(&mut s, &Setup::Refuse(e.to_string()));
-            Err(e)
-        }
+    let (answer, result) = match lane {
+        Ok((endpoint, lane)) => (Setup::Accept(endpoint, mem.remote()), Ok(lane)),
+        Err(e) => (Setup::Refuse(e.to_string()), Err(e)),
+    };
+    let sent = match tls {
+        None => write_frame(&mut &*sock, &answer),
+        Some(conn) => write_frame(&mut rustls::Stream::new(conn, &mut &*sock), &answer),
+    };
+    // A refusal that could not be sent is still the refusal's error.
+    let lane = result?;
+    sent.map(|()| lane)
+}
+
+/// Reads the source's CONNECT from `ch`.
+fn read_connect(ch: &mut impl Read) -> Result<QpEndpoint, RdmaError> {
+    match read_frame(ch)? {
+        Setup::Connect(endpoint) => Ok(endpoint),
+        other => Err(RdmaError::Setup(format!(
+            "expected CONNECT, got {}",
+            other.name()
+        ))),
     }
 }
 
@@ -244,17 +281,19 @@ fn exchange(e: std::io::Error) -> RdmaError {
     RdmaError::Setup(format!("lane socket: {e}"))
 }
 
-/// Writes one frame.
-fn write_frame(s: &mut TcpStream, m: &Setup) -> Result<(), RdmaError> {
+/// Writes one frame on `s` (a socket, or a TLS stream over one) and flushes it.
+fn write_frame(s: &mut impl Write, m: &Setup) -> Result<(), RdmaError> {
     let body = m.encode();
     let mut frame = (body.len() as u32).to_le_bytes().to_vec();
     frame.extend_from_slice(&body);
-    s.write_all(&frame).map_err(exchange)
+    s.write_all(&frame).map_err(exchange)?;
+    s.flush().map_err(exchange)
 }
 
-/// Reads one frame, its length checked before the body is allocated. A read that times out
-/// or a socket that ends says so.
-fn read_frame(s: &mut TcpStream) -> Result<Setup, RdmaError> {
+/// Reads one frame from `s` (a socket, or a TLS stream over one), its length checked before
+/// the body is allocated. A read that times out (the socket's read timeout) or a socket that
+/// ends says so.
+fn read_frame(s: &mut impl Read) -> Result<Setup, RdmaError> {
     let mut len = [0u8; 4];
     s.read_exact(&mut len).map_err(timed)?;
     let len = u32::from_le_bytes(len) as usize;
@@ -281,6 +320,7 @@ fn timed(e: std::io::Error) -> RdmaError {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Mutex;
 
     fn endpoint() -> QpEndpoint {
         QpEndpoint {
@@ -353,6 +393,151 @@ mod tests {
         let b = Setup::Refuse(why).encode();
         assert!(b.len() <= 1 + MAX_WHY);
         assert!(matches!(Setup::decode(&b).unwrap(), Setup::Refuse(s) if !s.is_empty()));
+    }
+
+    /// A relay that forwards one connection both ways and keeps every byte it saw.
+    fn tap(target: std::net::SocketAddr) -> (std::net::SocketAddr, Arc<Mutex<Vec<u8>>>) {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let keep = seen.clone();
+        std::thread::spawn(move || {
+            let (a, _) = l.accept().unwrap();
+            let b = TcpStream::connect(target).unwrap();
+            for (mut from, mut to) in [(a.try_clone().unwrap(), b.try_clone().unwrap()), (b, a)] {
+                let keep = keep.clone();
+                std::thread::spawn(move || {
+                    let mut buf = [0u8; 4096];
+                    while let Ok(n @ 1..) = from.read(&mut buf) {
+                        keep.lock().unwrap().extend_from_slice(&buf[..n]);
+                        if to.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                    }
+                    let _ = to.shutdown(std::net::Shutdown::Write);
+                });
+            }
+        });
+        (addr, seen)
+    }
+
+    /// A TLS 1.3 client and server configuration around a throwaway certificate.
+    fn tls_configs() -> (Arc<rustls::ClientConfig>, Arc<rustls::ServerConfig>) {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let cert = rcgen::generate_simple_self_signed(vec!["lane.test".into()]).unwrap();
+        let der = cert.cert.der().clone();
+        let key = rustls::pki_types::PrivateKeyDer::Pkcs8(cert.key_pair.serialize_der().into());
+        let server = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![der.clone()], key)
+            .unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(der).unwrap();
+        let client = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        (Arc::new(client), Arc::new(server))
+    }
+
+    /// What a destination's ACCEPT carries that an observer must not learn.
+    const SECRET: RemoteRegion = RemoteRegion {
+        addr: 0x7e57_5ec2_e7ad_d2e5,
+        rkey: 0x5ec2_e7f0,
+    };
+
+    /// Runs the exchange (`ask` on the source, `read_connect` and an ACCEPT on the
+    /// destination) through a tap, in TLS or not; returns what the source learnt and what the
+    /// tap saw. The destination answers after `answer_after` (or never), the source's socket
+    /// reads time out after `wait`.
+    fn exchange_through_tap(
+        tls: bool,
+        answer_after: Option<Duration>,
+        wait: Duration,
+    ) -> (Result<(QpEndpoint, RemoteMemory), RdmaError>, Vec<u8>) {
+        let (client, server) = tls_configs();
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let (via, seen) = tap(l.local_addr().unwrap());
+        let dest = std::thread::spawn(move || {
+            let (s, _) = l.accept().unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            let answer = Setup::Accept(endpoint(), RemoteMemory::PinAll(vec![SECRET]));
+            let mut conn = rustls::ServerConnection::new(server).unwrap();
+            let mut plain = &s;
+            let mut sealed = rustls::Stream::new(&mut conn, &mut plain);
+            let ch: &mut dyn ReadWrite = if tls { &mut sealed } else { &mut &s };
+            let peer = read_connect(&mut &mut *ch).unwrap();
+            assert_eq!(peer, endpoint());
+            match answer_after {
+                Some(d) => {
+                    std::thread::sleep(d);
+                    write_frame(&mut &mut *ch, &answer).unwrap();
+                }
+                // Holds the connection open, silent, until the source gives up.
+                None => while ch.read(&mut [0u8; 64]).is_ok_and(|n| n > 0) {},
+            }
+        });
+        let sock = TcpStream::connect(via).unwrap();
+        sock.set_read_timeout(Some(wait)).unwrap();
+        let name = rustls::pki_types::ServerName::try_from("lane.test").unwrap();
+        let got = if tls {
+            let mut conn = rustls::ClientConnection::new(client, name).unwrap();
+            ask(&mut rustls::Stream::new(&mut conn, &mut &sock), endpoint())
+        } else {
+            ask(&mut &sock, endpoint())
+        };
+        drop(sock);
+        dest.join().unwrap();
+        let seen = seen.lock().unwrap().clone();
+        (got, seen)
+    }
+
+    trait ReadWrite: Read + Write {}
+    impl<T: Read + Write> ReadWrite for T {}
+
+    fn saw(seen: &[u8], needle: &[u8]) -> bool {
+        seen.windows(needle.len()).any(|w| w == needle)
+    }
+
+    #[test]
+    fn the_key_exchange_inside_tls_never_shows_the_addresses_or_keys() {
+        let quick = Some(Duration::ZERO);
+        let wait = Duration::from_secs(10);
+        for tls in [false, true] {
+            let (got, seen) = exchange_through_tap(tls, quick, wait);
+            let (peer, memory) = got.expect("the exchange completes");
+            assert_eq!(peer, endpoint());
+            assert_eq!(memory, RemoteMemory::PinAll(vec![SECRET]));
+            let visible = !tls;
+            let what = if tls { "in TLS" } else { "in clear" };
+            assert_eq!(
+                saw(&seen, &SECRET.addr.to_le_bytes()),
+                visible,
+                "{what}: address"
+            );
+            assert_eq!(
+                saw(&seen, &SECRET.rkey.to_le_bytes()),
+                visible,
+                "{what}: rkey"
+            );
+            assert_eq!(saw(&seen, &endpoint().gid), visible, "{what}: gid");
+        }
+    }
+
+    #[test]
+    fn under_tls_the_sockets_read_timeout_still_bounds_the_answer() {
+        let t = std::time::Instant::now();
+        let (got, _) = exchange_through_tap(true, None, Duration::from_millis(200));
+        let e = got.unwrap_err();
+        assert!(e.to_string().contains("in time"), "{e}");
+        assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+        // And an answer that comes in time is read through TLS.
+        let slow = Some(Duration::from_millis(100));
+        let (got, _) = exchange_through_tap(true, slow, Duration::from_secs(5));
+        assert!(got.is_ok(), "{got:?}");
     }
 
     #[test]

@@ -128,36 +128,54 @@ impl std::fmt::Debug for ReadExposure {
     }
 }
 
-/// Answers one reader on `sock` (a lane socket the engine has authenticated): reads its
-/// CONNECT within `wait`, creates and connects a queue pair that allows remote reads of
-/// `mem`, and answers ACCEPT with it and the region table. A failure (a frame that is not a
-/// CONNECT, a queue pair that cannot be made) is told to the reader (REFUSE, with the reason)
-/// before it is returned. The socket is free
-/// for other use afterwards: nothing more is read from or written to it.
+/// Answers one reader on `sock` (a lane socket the engine has authenticated; the frames go
+/// inside the lane's TLS session `tls` when the session is encrypted, since the answer carries
+/// this end's memory keys): reads its CONNECT within `wait`, creates and connects a queue pair
+/// that allows remote reads of `mem`, and answers ACCEPT with it and the region table. A
+/// failure (a frame that is not a CONNECT, a queue pair that cannot be made) is told to the
+/// reader (REFUSE, with the reason) before it is returned. The socket is free for other use
+/// afterwards: nothing more is read from or written to it.
 pub fn serve_reader(
     sock: &TcpStream,
+    tls: Option<&mut rustls::ClientConnection>,
     mem: &Arc<ExposedMemory>,
     wait: Duration,
 ) -> Result<ReadExposure, RdmaError> {
-    let refuse = |e: RdmaError| {
-        let _ = read_wire::write_frame(sock, &ReadSetup::Refuse(e.to_string()));
-        e
-    };
-    let (peer, want) = match read_wire::read_frame(sock, wait).map_err(refuse)? {
-        ReadSetup::Connect(endpoint, depth) => (endpoint, depth),
-        other => {
+    match tls {
+        None => serve_on(sock, &mut &*sock, mem, wait),
+        Some(conn) => serve_on(sock, &mut rustls::Stream::new(conn, &mut &*sock), mem, wait),
+    }
+}
+
+/// [`serve_reader`] on `ch`: `sock` itself or its TLS session.
+fn serve_on(
+    sock: &TcpStream,
+    ch: &mut (impl std::io::Read + std::io::Write),
+    mem: &Arc<ExposedMemory>,
+    wait: Duration,
+) -> Result<ReadExposure, RdmaError> {
+    let (peer, want) = match read_wire::read_frame(sock, ch, wait) {
+        Ok(ReadSetup::Connect(endpoint, depth)) => (endpoint, depth),
+        Ok(other) => {
             let e = RdmaError::Setup(format!("expected CONNECT, got {}", other.name()));
-            return Err(refuse(e));
+            return Err(refuse(ch, e));
         }
+        Err(e) => return Err(refuse(ch, e)),
     };
     match expose_to(mem, &peer, want) {
         Ok(exp) => {
             let answer = ReadSetup::Accept(exp.queue.endpoint(), exp.depth, mem.table.clone());
-            read_wire::write_frame(sock, &answer)?;
+            read_wire::write_frame(ch, &answer)?;
             Ok(exp)
         }
-        Err(e) => Err(refuse(e)),
+        Err(e) => Err(refuse(ch, e)),
     }
+}
+
+/// Tells the reader on `ch` why it is refused; returns the reason.
+fn refuse(ch: &mut impl std::io::Write, e: RdmaError) -> RdmaError {
+    let _ = read_wire::write_frame(ch, &ReadSetup::Refuse(e.to_string()));
+    e
 }
 
 /// Creates and connects the queue pair that answers `peer`'s READs, at most `want` at once

@@ -1,4 +1,5 @@
-//! The frames that set up post-copy's RDMA READs, on an authenticated lane socket.
+//! The frames that set up post-copy's RDMA READs, on an authenticated lane socket (inside
+//! its TLS session when the session is encrypted: the ACCEPT carries the source's memory keys).
 //!
 //! After the switch to post-copy the destination fetches the pages it still lacks itself, with
 //! one-sided RDMA READs from the source's registered memory. Before it can, the two queue pairs
@@ -225,26 +226,36 @@ fn sock_err(e: std::io::Error) -> RdmaError {
     }
 }
 
-/// Writes one frame on `s`.
-pub(crate) fn write_frame(mut s: &TcpStream, m: &ReadSetup) -> Result<(), RdmaError> {
+/// Writes one frame on `s` (the lane socket, or its TLS session over it) and flushes it.
+pub(crate) fn write_frame(s: &mut impl Write, m: &ReadSetup) -> Result<(), RdmaError> {
     let body = m.encode();
     let mut frame = (body.len() as u32).to_le_bytes().to_vec();
     frame.extend_from_slice(&body);
-    s.write_all(&frame).map_err(sock_err)
+    s.write_all(&frame).map_err(sock_err)?;
+    s.flush().map_err(sock_err)
 }
 
-/// Reads one frame from `s` within `wait` (the whole frame, however it is split), its length
-/// checked before the body is allocated. The socket's own read timeout is put back after.
-pub(crate) fn read_frame(s: &TcpStream, wait: Duration) -> Result<ReadSetup, RdmaError> {
-    let before = s.read_timeout().map_err(sock_err)?;
-    let r = read_frame_by(s, std::time::Instant::now() + wait);
-    s.set_read_timeout(before).map_err(sock_err)?;
+/// Reads one frame from `ch` (`sock` itself, or its TLS session over it) within `wait` (the
+/// whole frame, however it is split), its length checked before the body is allocated. The
+/// deadline is enforced through `sock`'s read timeout, whose own value is put back after.
+pub(crate) fn read_frame(
+    sock: &TcpStream,
+    ch: &mut impl Read,
+    wait: Duration,
+) -> Result<ReadSetup, RdmaError> {
+    let before = sock.read_timeout().map_err(sock_err)?;
+    let r = read_frame_by(sock, ch, std::time::Instant::now() + wait);
+    sock.set_read_timeout(before).map_err(sock_err)?;
     r
 }
 
-fn read_frame_by(s: &TcpStream, deadline: std::time::Instant) -> Result<ReadSetup, RdmaError> {
+fn read_frame_by(
+    sock: &TcpStream,
+    ch: &mut impl Read,
+    deadline: std::time::Instant,
+) -> Result<ReadSetup, RdmaError> {
     let mut len = [0u8; 4];
-    read_by(s, &mut len, deadline)?;
+    read_by(sock, ch, &mut len, deadline)?;
     let len = u32::from_le_bytes(len) as usize;
     if len > MAX_BODY {
         return Err(bad(&format!(
@@ -252,13 +263,14 @@ fn read_frame_by(s: &TcpStream, deadline: std::time::Instant) -> Result<ReadSetu
         )));
     }
     let mut body = vec![0u8; len];
-    read_by(s, &mut body, deadline)?;
+    read_by(sock, ch, &mut body, deadline)?;
     ReadSetup::decode(&body)
 }
 
-/// Fills `buf` from `s` before `deadline`.
+/// Fills `buf` from `ch` before `deadline` (each read of `sock` gets what is left of it).
 fn read_by(
-    mut s: &TcpStream,
+    sock: &TcpStream,
+    ch: &mut impl Read,
     buf: &mut [u8],
     deadline: std::time::Instant,
 ) -> Result<(), RdmaError> {
@@ -268,8 +280,8 @@ fn read_by(
         if left.is_zero() {
             return Err(sock_err(std::io::ErrorKind::TimedOut.into()));
         }
-        s.set_read_timeout(Some(left)).map_err(sock_err)?;
-        match s.read(&mut buf[got..]) {
+        sock.set_read_timeout(Some(left)).map_err(sock_err)?;
+        match ch.read(&mut buf[got..]) {
             Ok(0) => return Err(sock_err(std::io::ErrorKind::UnexpectedEof.into())),
             Ok(n) => got += n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
@@ -364,7 +376,7 @@ mod tests {
         let c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
         let (s, _) = l.accept().unwrap();
         let t = std::time::Instant::now();
-        let e = read_frame(&s, Duration::from_millis(100)).unwrap_err();
+        let e = read_frame(&s, &mut &s, Duration::from_millis(100)).unwrap_err();
         assert!(e.to_string().contains("in time"), "{e}");
         assert!(t.elapsed() < Duration::from_secs(2));
         assert_eq!(
@@ -374,15 +386,15 @@ mod tests {
         );
         (&c).write_all(&(MAX_BODY as u32 + 1).to_le_bytes())
             .unwrap();
-        let e = read_frame(&s, Duration::from_secs(5)).unwrap_err();
+        let e = read_frame(&s, &mut &s, Duration::from_secs(5)).unwrap_err();
         assert!(e.to_string().contains("exceed"), "{e}");
-        write_frame(&c, &ReadSetup::Refuse("no".into())).unwrap();
+        write_frame(&mut &c, &ReadSetup::Refuse("no".into())).unwrap();
         assert_eq!(
-            read_frame(&s, Duration::from_secs(5)).unwrap(),
+            read_frame(&s, &mut &s, Duration::from_secs(5)).unwrap(),
             ReadSetup::Refuse("no".into())
         );
         drop(c);
-        let e = read_frame(&s, Duration::from_secs(5)).unwrap_err();
+        let e = read_frame(&s, &mut &s, Duration::from_secs(5)).unwrap_err();
         assert!(e.to_string().contains("closed"), "{e}");
     }
 }

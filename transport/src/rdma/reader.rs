@@ -41,7 +41,7 @@ use sideway::ibverbs::queue_pair::{
 use sideway::ibverbs::AccessFlags;
 
 use super::memory::register_with;
-use super::queue::{Completion, Queue};
+use super::queue::{Completion, QpEndpoint, Queue};
 use super::read_wire::{self, ExposedRegion, ReadSetup};
 use super::{RdmaDevice, RdmaError};
 
@@ -256,13 +256,34 @@ impl std::fmt::Debug for RdmaPageReader {
     }
 }
 
+/// Sends `connect` on `ch` (`sock` itself or its TLS session) and reads the source's ACCEPT
+/// within `wait`: its queue pair, the READs it answers at once, its regions.
+fn ask(
+    sock: &TcpStream,
+    ch: &mut (impl std::io::Read + std::io::Write),
+    connect: &ReadSetup,
+    wait: Duration,
+) -> Result<(QpEndpoint, u8, Vec<ExposedRegion>), RdmaError> {
+    read_wire::write_frame(ch, connect)?;
+    match read_wire::read_frame(sock, ch, wait)? {
+        ReadSetup::Accept(e, depth, regions) => Ok((e, depth, regions)),
+        ReadSetup::Refuse(why) => Err(RdmaError::Setup(format!("source: {why}"))),
+        other => Err(RdmaError::Setup(format!(
+            "expected ACCEPT, got {}",
+            other.name()
+        ))),
+    }
+}
+
 impl RdmaPageReader {
     /// Connects to the source's exposure over `sock` (a lane socket the engine has
     /// authenticated; `exposure::serve_reader` answers on the other end): registers the landing
-    /// buffer, sends CONNECT and connects to the ACCEPT that comes within `wait`. A REFUSE is
-    /// returned as an error with the source's reason.
+    /// buffer, sends CONNECT and connects to the ACCEPT that comes within `wait`. The frames go
+    /// inside the lane's TLS session `tls` when the session is encrypted (the ACCEPT carries
+    /// the source's memory keys). A REFUSE is returned as an error with the source's reason.
     pub fn connect(
         sock: &TcpStream,
+        tls: Option<&mut rustls::ServerConnection>,
         dev: &Arc<RdmaDevice>,
         cfg: ReaderConfig,
         wait: Duration,
@@ -295,17 +316,16 @@ impl RdmaPageReader {
             .max_init_rd_atom
             .min(u8::try_from(nslots).unwrap_or(u8::MAX))
             .max(1);
-        read_wire::write_frame(sock, &ReadSetup::Connect(queue.endpoint(), want))?;
-        let (peer, granted, regions) = match read_wire::read_frame(sock, wait)? {
-            ReadSetup::Accept(e, depth, regions) => (e, depth, regions),
-            ReadSetup::Refuse(why) => return Err(RdmaError::Setup(format!("source: {why}"))),
-            other => {
-                return Err(RdmaError::Setup(format!(
-                    "expected ACCEPT, got {}",
-                    other.name()
-                )))
-            }
-        };
+        let connect = ReadSetup::Connect(queue.endpoint(), want);
+        let (peer, granted, regions) = match tls {
+            None => ask(sock, &mut &*sock, &connect, wait),
+            Some(c) => ask(
+                sock,
+                &mut rustls::Stream::new(c, &mut &*sock),
+                &connect,
+                wait,
+            ),
+        }?;
         if granted == 0 {
             return Err(RdmaError::Setup(
                 "the source answers no READs (depth 0)".into(),
