@@ -82,14 +82,23 @@ pub(super) fn connect_control(
     let timeout = cfg.handshake_timeout;
     let dest = cfg.dest.as_str();
     let tls = ClientTls::new(&cfg.encryption, dest)?;
+    // RDMA is offered when a device serves the address this connection uses (and the session
+    // is not encrypted, RDMA WRITEs cannot be, unless it opted into cleartext RDMA lanes).
+    // The device is opened before connecting, for the address the route gives: opening it can
+    // take seconds (soft-RoCE in an emulated guest), which must not count against the
+    // destination's deadline for our first frame.
+    let early = match route_local_ip(dest) {
+        Some(ip) => Some((ip, connect::offer(cfg, ip)?)),
+        None => None,
+    };
     let (stream, peer, local, agreed, offered) = rt.block_on(async {
         let s = tcp_connect(dest, timeout).await?;
         let peer = s.peer_addr()?;
         let local = s.local_addr()?;
-        // RDMA is offered when a device serves the address this connection uses (and the
-        // session is not encrypted, RDMA WRITEs cannot be, unless it opted into cleartext
-        // RDMA lanes).
-        let offered = connect::offer(cfg, local.ip())?;
+        let offered = match early {
+            Some((ip, o)) if ip == local.ip() => o,
+            _ => connect::offer(cfg, local.ip())?,
+        };
         offer.transports = offered.kinds.clone();
         let (mut s, binding) = secure(s, tls.as_deref(), timeout).await?;
         let a = handshake::source_bound(&mut s, &offer, binding, timeout)
@@ -115,6 +124,21 @@ pub(super) fn connect_control(
         agreed,
         offered,
     })
+}
+
+/// The address this host would use towards `dest`: connecting a UDP socket only picks the
+/// route, it sends nothing. `None` when `dest` does not resolve or has no route.
+fn route_local_ip(dest: &str) -> Option<std::net::IpAddr> {
+    use std::net::ToSocketAddrs;
+    let addr = dest.to_socket_addrs().ok()?.next()?;
+    let any = if addr.is_ipv4() {
+        "0.0.0.0:0"
+    } else {
+        "[::]:0"
+    };
+    let probe = std::net::UdpSocket::bind(any).ok()?;
+    probe.connect(addr).ok()?;
+    Some(probe.local_addr().ok()?.ip())
 }
 
 /// Connects to `dest` within `timeout`.
