@@ -7,134 +7,18 @@
 //! carry the migration.
 
 use std::io::{Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use rmig_engine::control::handshake::{self, Agreed, SourceOffer};
 use rmig_engine::protocol::{codec, Message, TransportKind, PROTOCOL_MAX, PROTOCOL_MIN};
 use rmig_engine::{DestListener, EngineError, Monitor, NullDest, SharedDirtyLog};
+use rmig_tests::capture::{lane_join, refusal, send_and_read, Capture};
 use rmig_tests::{assert_same, key, Deadline, Mem, Setup, Writer};
 
 const MIB: usize = 1 << 20;
-
-/// A relay that forwards every connection to `target` unchanged and keeps the first frame
-/// each client sent: the source's own `LaneJoin`s, for a hostile peer to replay or forge.
-struct Capture {
-    addr: SocketAddr,
-    first_frames: Arc<Mutex<Vec<Vec<u8>>>>,
-    stop: Arc<AtomicBool>,
-    accept: Option<JoinHandle<()>>,
-}
-
-impl Capture {
-    fn start(target: SocketAddr) -> Capture {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        listener.set_nonblocking(true).unwrap();
-        let addr = listener.local_addr().unwrap();
-        let first_frames = Arc::new(Mutex::new(Vec::new()));
-        let stop = Arc::new(AtomicBool::new(false));
-        let (frames, halt) = (first_frames.clone(), stop.clone());
-        let accept = std::thread::spawn(move || {
-            while !halt.load(Ordering::Acquire) {
-                match listener.accept() {
-                    Ok((c, _)) => {
-                        c.set_nonblocking(false).unwrap();
-                        relay(c, target, &frames);
-                    }
-                    Err(_) => std::thread::sleep(Duration::from_millis(2)),
-                }
-            }
-        });
-        Capture {
-            addr,
-            first_frames,
-            stop,
-            accept: Some(accept),
-        }
-    }
-
-    /// The captured `LaneJoin` frames (raw bytes and decoded), waiting up to 10 s for `n`.
-    fn lane_joins(&self, n: usize) -> Vec<(Vec<u8>, Message)> {
-        let until = Instant::now() + Duration::from_secs(10);
-        loop {
-            let joins: Vec<_> = self
-                .first_frames
-                .lock()
-                .unwrap()
-                .iter()
-                .filter_map(|f| match codec::decode(&f[4..]) {
-                    Ok(m @ Message::LaneJoin { .. }) => Some((f.clone(), m)),
-                    _ => None,
-                })
-                .collect();
-            if joins.len() >= n || Instant::now() > until {
-                return joins;
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    }
-}
-
-impl Drop for Capture {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Release);
-        if let Some(j) = self.accept.take() {
-            let _ = j.join();
-        }
-    }
-}
-
-/// Reads the client's first frame, keeps it, and forwards both ways until either end closes.
-fn relay(mut c: TcpStream, target: SocketAddr, frames: &Mutex<Vec<Vec<u8>>>) {
-    let mut len = [0u8; 4];
-    if c.read_exact(&mut len).is_err() {
-        return;
-    }
-    let mut frame = len.to_vec();
-    frame.resize(4 + u32::from_le_bytes(len) as usize, 0);
-    if c.read_exact(&mut frame[4..]).is_err() {
-        return;
-    }
-    let Ok(mut up) = TcpStream::connect(target) else {
-        return;
-    };
-    up.write_all(&frame).unwrap();
-    frames.lock().unwrap().push(frame);
-    let pipe = |mut from: TcpStream, mut to: TcpStream| {
-        std::thread::spawn(move || {
-            let _ = std::io::copy(&mut from, &mut to);
-            let _ = to.shutdown(Shutdown::Write);
-        })
-    };
-    pipe(c.try_clone().unwrap(), up.try_clone().unwrap());
-    pipe(up, c);
-}
-
-/// Sends `bytes` on a new connection to `addr` and returns what comes back before it closes.
-fn send_and_read(addr: SocketAddr, bytes: &[u8]) -> Vec<u8> {
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    s.write_all(bytes).unwrap();
-    let mut back = Vec::new();
-    let _ = s.read_to_end(&mut back);
-    back
-}
-
-/// The message of the `Error` frame a refused connection was sent.
-fn refusal(back: &[u8]) -> String {
-    match codec::read_sync(&mut &back[..]) {
-        Ok(Message::Error { message }) => message,
-        other => panic!("expected an Error frame, got {other:?}"),
-    }
-}
-
-/// A `LaneJoin` frame.
-fn lane_join(session: [u8; 16], lane: u16, mac: [u8; 32]) -> Vec<u8> {
-    codec::encode(&Message::LaneJoin { session, lane, mac })
-}
 
 /// A second source that holds the key and completes its own handshake while a migration
 /// runs: returns what it was told.
@@ -196,7 +80,7 @@ fn hostile_joins_during_a_live_migration_are_refused_and_it_completes() {
     let (d, port) = setup.spawn_dest("127.0.0.1:0").unwrap();
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let cap = Capture::start(addr);
-    setup.src.dest = cap.addr.to_string();
+    setup.src.dest = cap.addr().to_string();
     let (cfg, sr, dirty, emb, sm) = (
         setup.src,
         setup.src_regions,

@@ -12,6 +12,7 @@ use rmig_engine::{
     bad_rkey_after, fail_after, DestListener, DestOutcome, Encryption, EngineError, MigrationStats,
     Registration, SharedDirtyLog, TransportChoice,
 };
+use rmig_tests::capture::{lane_join, refusal, send_and_read, Capture};
 use rmig_tests::{assert_same, Deadline, Mem, Setup, Writer};
 
 const MIB: usize = 1 << 20;
@@ -503,4 +504,239 @@ fn encrypted_session_whose_rdma_lane_fails_hands_over_to_tls_tcp_lanes() {
     assert!(!s.data_lanes_encrypted && !d.stats.data_lanes_encrypted);
     assert_eq!(s.verified, Some(true));
     assert_same(src.bytes(), dst.bytes());
+}
+
+/// Chunked registration with a cache of 4 chunks of 256 KiB a lane, on both ends.
+const FOUR_CHUNKS: Registration = Registration::Chunked {
+    chunk_bytes: 256 << 10,
+    max_chunks: 4,
+};
+
+/// An RDMA session of one lane with [`FOUR_CHUNKS`], whose lane keeps one chunk more
+/// than the destination advertised: its fifth request names no chunk to drop, which the
+/// destination must refuse.
+fn asking_beyond_the_chunk_limit(src: &Mem, dst: &Mem, len: usize) -> Setup {
+    let mut setup = rdma_setup(src, dst, len);
+    setup.src.rdma.registration = FOUR_CHUNKS;
+    setup.dst.rdma.registration = FOUR_CHUNKS;
+    setup.src.lanes = 1;
+    setup.src.lane_faults = vec![rmig_transport::FaultPlan {
+        chunks_beyond_limit: Some(1),
+        ..Default::default()
+    }];
+    setup
+}
+
+/// The refusal as the source reports it: the chunk the destination would not register, and
+/// why (ENOSPC: its cache for the lane is full).
+fn names_the_chunk_refusal(text: &str) -> bool {
+    text.contains("the destination could not register chunk") && text.contains("os error 28")
+}
+
+/// A source that asks for more chunk registrations than the destination advertised (only a
+/// broken or hostile one can: an honest source sizes its cache from the advertised limit)
+/// is refused. Over RDMA alone with one lane, the migration fails with that refusal named, the
+/// source's guest was never paused (it runs on), and the destination neither resumes nor
+/// reports success.
+#[test]
+#[ignore = "needs an RDMA device: tests/vm/rdma.sh"]
+fn chunk_registration_beyond_the_limit_is_refused_and_the_migration_fails_cleanly() {
+    let _deadline = Deadline::secs(300);
+    let len = 32 * MIB;
+    let src = Mem::random(len, 0.0, 31);
+    let dst = Mem::new(len);
+    let mut setup = asking_beyond_the_chunk_limit(&src, &dst, len);
+    let guest = rmig_tests::Scripted::default();
+    let (pauses, resumes) = (guest.pauses.clone(), guest.resumes.clone());
+    setup.embedder = Box::new(guest);
+    let dest = setup.dest_embedder.clone();
+    let (s, d) = setup.run();
+    let e = s
+        .expect_err("the only lane was refused a chunk")
+        .to_string();
+    eprintln!("source: {e}");
+    assert!(e.contains("all data lanes failed"), "{e}");
+    assert!(names_the_chunk_refusal(&e), "the refusal is named: {e}");
+    let de = d.expect_err("the destination does not complete");
+    eprintln!("destination: {de}");
+    use std::sync::atomic::Ordering::Relaxed;
+    assert_eq!(pauses.load(Relaxed), 0, "the source guest was never paused");
+    assert_eq!(resumes.load(Relaxed), 0);
+    assert_eq!(dest.resume_calls.load(Relaxed), 0, "no second guest");
+    assert!(dest.device_state.lock().unwrap().is_none());
+}
+
+/// The same refusal with `auto` on both ends: the refused lane is written off and TCP lanes
+/// take its place; the migration completes verified with the memories equal, and the fallback
+/// reason names the refusal.
+#[test]
+#[ignore = "needs an RDMA device: tests/vm/rdma.sh"]
+fn chunk_registration_refused_hands_the_lane_over_to_tcp() {
+    let _deadline = Deadline::secs(300);
+    let len = 32 * MIB;
+    let src = Mem::random(len, 0.1, 32);
+    let dst = Mem::new(len);
+    let mut setup = asking_beyond_the_chunk_limit(&src, &dst, len);
+    setup.src.transport = TransportChoice::Auto;
+    setup.dst.transport = TransportChoice::Auto;
+    let dest = setup.dest_embedder.clone();
+    let (s, d) = setup.run();
+    let s = s.expect("source");
+    let d = d.expect("destination");
+    assert_eq!((s.transport.as_str(), s.lanes_failed), ("tcp", 1));
+    let why = s.fallback_reason.expect("a fallback reason");
+    assert!(
+        why.contains("every RDMA lane failed") && names_the_chunk_refusal(&why),
+        "{why}"
+    );
+    assert_eq!(d.stats.transport, "tcp");
+    assert_eq!(s.verified, Some(true));
+    assert_eq!(
+        dest.resume_calls.load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    assert_same(src.bytes(), dst.bytes());
+}
+
+/// A frame of a known type, within its size limit, whose body only the decoder can refuse
+/// (an `Error` whose text is not UTF-8).
+fn garbage_for_the_decoder() -> Vec<u8> {
+    let body = [21u8, 3, 0, 0, 0, 0xff, 0xfe, 0xfd];
+    let mut f = (body.len() as u32).to_le_bytes().to_vec();
+    f.extend_from_slice(&body);
+    f
+}
+
+/// The session id, lane number and MAC of a captured `LaneJoin`.
+fn join_parts(m: &rmig_engine::protocol::Message) -> ([u8; 16], u16, [u8; 32]) {
+    match m {
+        rmig_engine::protocol::Message::LaneJoin { session, lane, mac } => (*session, *lane, *mac),
+        other => unreachable!("filtered to LaneJoin: {other:?}"),
+    }
+}
+
+/// Sends each hostile join to `addr` and checks the destination's answer names the refusal.
+fn refused_each(addr: std::net::SocketAddr, cases: &[(Vec<u8>, &str)]) {
+    for (bytes, why) in cases {
+        let said = refusal(&send_and_read(addr, bytes));
+        assert!(
+            said.contains(why),
+            "expected a refusal with {why:?}, got {said:?}"
+        );
+    }
+}
+
+/// The only RDMA lane fails mid-round, so the source opens a TCP lane in its place (lane 1,
+/// a slot the destination keeps open for the session). Hostile joins arrive before that
+/// fallback lane (a forged MAC on its slot, a real join on a wrong session id, garbage for the
+/// decoder, a replay of the RDMA lane's join) and after it (a replay of the fallback lane's
+/// join, which now takes a closed slot; its join on a wrong session id; its MAC on the next
+/// lane number). Each is refused with its reason and counted; the honest fallback lane is
+/// admitted and the migration completes over it, verified, with the memories equal.
+#[test]
+#[ignore = "needs an RDMA device: tests/vm/rdma.sh"]
+fn fallback_tcp_lane_joins_mid_session_while_hostile_joins_are_refused() {
+    use std::time::Duration;
+    let _deadline = Deadline::secs(300);
+    let ip = std::env::var("RMIG_RDMA_IP").expect("RMIG_RDMA_IP (tests/vm/rdma.sh sets it)");
+    let len = 64 * MIB;
+    let src = Mem::random(len, 0.1, 33);
+    let dst = Mem::new(len);
+    let mut setup = rdma_setup(&src, &dst, len);
+    setup.src.transport = TransportChoice::Auto;
+    setup.dst.transport = TransportChoice::Auto;
+    setup.src.lanes = 1;
+    // 8 MB/s: the RDMA lane fails about 2 s in, the TCP lane then runs about 6 s.
+    setup.src.max_bandwidth = 8_000_000;
+    setup.src.lane_faults = vec![fail_after(16 * MIB as u64)];
+    let dm = setup.dst_monitor.clone();
+    let dest_emb = setup.dest_embedder.clone();
+    let (d, port) = setup.spawn_dest(&format!("{ip}:0")).unwrap();
+    let addr: std::net::SocketAddr = format!("{ip}:{port}").parse().unwrap();
+    // The relay listens on the RDMA address, so the source's connections leave from it and
+    // the source opens the device that serves it.
+    let cap = Capture::start_on(&format!("{ip}:0"), addr);
+    setup.src.dest = cap.addr().to_string();
+    let (cfg, sr, dirty, emb, sm) = (
+        setup.src,
+        setup.src_regions,
+        setup.dirty,
+        setup.embedder,
+        setup.src_monitor,
+    );
+    let watch = sm.clone();
+    let s = std::thread::spawn(move || rmig_engine::driver::migrate(cfg, sr, dirty, emb, sm));
+    // Data moving: lane 0 was admitted, the session runs over RDMA.
+    let until = std::time::Instant::now() + Duration::from_secs(120);
+    while watch.progress().transferred == 0 && std::time::Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(watch.progress().transferred > 0, "the session started");
+    let joins = cap.lane_joins(1);
+    let (rdma_join, m) = joins
+        .first()
+        .expect("the RDMA lane joined through the relay");
+    let (session, lane0, mac0) = join_parts(m);
+    assert_eq!(lane0, 0);
+    let mut other_session = session;
+    other_session[0] ^= 1;
+    let mut forged = mac0;
+    forged[0] ^= 1;
+
+    refused_each(
+        addr,
+        &[
+            (lane_join(session, 1, forged), "could not prove"),
+            (lane_join(other_session, 0, mac0), "could not prove"),
+            (garbage_for_the_decoder(), "invalid UTF-8"),
+            (rdma_join.clone(), "lane 0 is not expected"),
+        ],
+    );
+    assert_eq!(
+        (
+            cap.lane_joins_within(2, Duration::ZERO).len(),
+            watch.stats().transport.as_str()
+        ),
+        (1, "rdma"),
+        "the hostile joins came before the fallback lane"
+    );
+
+    let joins = cap.lane_joins_within(2, Duration::from_secs(120));
+    let (tcp_join, m) = joins.get(1).expect("a fallback lane joined");
+    let (fb_session, lane1, mac1) = join_parts(m);
+    assert_eq!(
+        (fb_session, lane1),
+        (session, 1),
+        "the fallback lane is lane n = 1"
+    );
+    refused_each(
+        addr,
+        &[
+            (tcp_join.clone(), "lane 1 is not expected"),
+            (lane_join(other_session, 1, mac1), "could not prove"),
+            (lane_join(session, 2, mac1), "could not prove"),
+        ],
+    );
+    assert!(
+        !s.is_finished(),
+        "the hostile joins after the fallback came while the migration ran"
+    );
+
+    let stats = s.join().unwrap().expect("the source migrates");
+    let out = d.join().unwrap().expect("the destination completes");
+    drop(cap);
+    assert_eq!((stats.transport.as_str(), stats.lanes_failed), ("tcp", 1));
+    let why = stats.fallback_reason.expect("a fallback reason");
+    assert!(why.contains("every RDMA lane failed"), "{why}");
+    assert_eq!(out.stats.transport, "tcp");
+    assert_eq!(stats.verified, Some(true));
+    assert_eq!(
+        dest_emb
+            .resume_calls
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    assert_same(src.bytes(), dst.bytes());
+    let refused = dm.stats().connections_refused;
+    assert!(refused >= 7, "each hostile join is counted: {refused}");
 }

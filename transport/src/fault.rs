@@ -32,6 +32,11 @@ pub struct FaultPlan {
     /// its data pages: use it with regions of one page size. A batch whose payload is not a
     /// whole number of equal pages is left alone, and the fault strikes in the next one.
     pub zero_a_page_after_bytes: Option<u64>,
+    /// RDMA with chunked registration: the lane keeps this many more of the destination's
+    /// chunks than the destination advertised (`max_chunks`), so once it holds that many it
+    /// asks for one more without naming one to drop, which the destination must refuse. An
+    /// honest source never does this: it sizes its cache from the advertised limit.
+    pub chunks_beyond_limit: Option<u32>,
 }
 
 /// A source lane that can be broken from inside, for [`FaultyLane`].
@@ -42,6 +47,9 @@ pub trait Breakable: SourceLane {
     /// From now on, writes to the destination's memory with a wrong remote key. A lane that
     /// has no remote keys (TCP) ignores this.
     fn corrupt_remote_keys(&mut self) {}
+    /// From now on, keeps `extra` more of the destination's chunks than it advertised (see
+    /// [`FaultPlan::chunks_beyond_limit`]). A lane without chunked registration ignores this.
+    fn ignore_chunk_limit(&mut self, _extra: u32) {}
 }
 
 /// A lane with a [`FaultPlan`]: it behaves as the lane it wraps until the plan says to break.
@@ -56,7 +64,10 @@ pub struct FaultyLane<L> {
 
 impl<L: Breakable> FaultyLane<L> {
     /// Wraps `lane`, to break it as `plan` says.
-    pub fn new(lane: L, plan: FaultPlan) -> Self {
+    pub fn new(mut lane: L, plan: FaultPlan) -> Self {
+        if let Some(extra) = plan.chunks_beyond_limit {
+            lane.ignore_chunk_limit(extra);
+        }
         FaultyLane {
             lane,
             plan,

@@ -660,4 +660,98 @@ mod tests {
         assert!(Limits::default().check(tag::CANCEL, body.len()).is_err());
         assert!(decode(&body).is_err());
     }
+
+    #[test]
+    fn a_frame_of_exactly_the_largest_size_is_accepted() {
+        assert_eq!(
+            body_len((MAX_FRAME as u32).to_le_bytes()).unwrap(),
+            MAX_FRAME
+        );
+        assert_eq!(body_len(1u32.to_le_bytes()).unwrap(), 1);
+    }
+
+    #[test]
+    fn lowered_limits_hold_checksums_and_digests_frames_only() {
+        let l = Limits::for_chunks([3, 0, 5]);
+        for (t, max) in [(tag::CHECKSUMS, l.checksums), (tag::DIGESTS, l.digests)] {
+            assert!(max < MAX_FRAME, "{}", tag::name(t));
+            assert_eq!(l.max_body(t), Some(max), "{}", tag::name(t));
+            assert!(l.check(t, max).is_ok(), "{}", tag::name(t));
+            assert!(l.check(t, max + 1).is_err(), "{}", tag::name(t));
+        }
+        // Other types keep the limits of their layouts.
+        for t in [tag::HELLO, tag::VERIFIED, tag::DEVICE_STATE] {
+            assert_eq!(l.max_body(t), Limits::default().max_body(t));
+        }
+    }
+
+    /// Runs `f` to completion on a current-thread runtime.
+    fn block_on<F: std::future::Future>(f: F) -> F::Output {
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap()
+            .block_on(f)
+    }
+
+    #[test]
+    fn streams_carry_every_message_in_order_and_end_cleanly() {
+        let msgs = all_messages();
+        let mut sync = Vec::new();
+        for m in &msgs {
+            write_sync(&mut sync, m).unwrap();
+        }
+        let mut r = &sync[..];
+        for m in &msgs {
+            assert_eq!(&read_sync(&mut r).unwrap(), m);
+        }
+        block_on(async {
+            let mut written = Vec::new();
+            for m in &msgs {
+                write_async(&mut written, m).await.unwrap();
+            }
+            assert_eq!(written, sync, "both writers put the same bytes");
+            let mut r = &written[..];
+            for m in &msgs {
+                assert_eq!(read_async(&mut r).await.unwrap().as_ref(), Some(m));
+            }
+            assert_eq!(read_async(&mut r).await.unwrap(), None, "a clean end");
+        });
+    }
+
+    /// A stream whose every read fails as a reset connection does.
+    struct Reset;
+
+    impl tokio::io::AsyncRead for Reset {
+        fn poll_read(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            _: &mut tokio::io::ReadBuf<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::task::Poll::Ready(Err(std::io::ErrorKind::ConnectionReset.into()))
+        }
+    }
+
+    #[test]
+    fn a_stream_cut_inside_a_frame_or_failing_is_an_error_not_a_clean_end() {
+        let f = encode(&Message::Cancel {
+            reason: "operator".into(),
+        });
+        block_on(async {
+            for cut in [4, f.len() - 1] {
+                let mut r = &f[..cut];
+                let e = read_async(&mut r).await.unwrap_err();
+                assert!(e.to_string().contains("truncated"), "cut at {cut}: {e}");
+            }
+            let e = read_async(&mut Reset).await.unwrap_err();
+            assert!(matches!(e, EngineError::Io(_)), "{e}");
+            // Over a lowered limit: refused on the head, before the body is read.
+            let l = Limits::for_chunks([1]);
+            let sums = encode(&Message::Checksums {
+                regions: vec![vec![1, 2]],
+            });
+            let mut r = &sums[..5];
+            let e = read_async_limited(&mut r, &l).await.unwrap_err();
+            assert!(e.to_string().contains("exceeds its limit"), "{e}");
+        });
+    }
 }

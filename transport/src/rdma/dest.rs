@@ -15,7 +15,7 @@ use std::time::Duration;
 use sideway::ibverbs::memory_region::MemoryRegion;
 use sideway::ibverbs::queue_pair::{QueuePair, SetScatterGatherEntry};
 
-use super::memory::{chunk_span, register, ChunkCache, LocalMemory, Registration};
+use super::memory::{chunk_span, register, Admission, ChunkCache, LocalMemory, Registration};
 use super::queue::{QpEndpoint, Queue};
 use super::source::SLOTS;
 use super::wire::{self, Reply, Request, SLOT_BYTES};
@@ -234,9 +234,6 @@ impl RdmaDestLane {
                 "chunk request while all memory is registered".into(),
             ));
         };
-        if let Some(v) = evict {
-            self.chunks.remove(v);
-        }
         let span = self
             .mem
             .map
@@ -247,14 +244,15 @@ impl RdmaDestLane {
                 "no chunk {chunk} in region {ri}"
             )));
         };
-        if let Some(m) = self.chunks.get((ri, chunk)) {
-            return Ok(Reply::Key {
-                addr: m.get_ptr() as u64,
-                rkey: m.rkey(),
-            });
-        }
-        if self.chunks.is_full() {
-            return Ok(Reply::Refused(libc::ENOSPC as u32));
+        match self.chunks.admit((ri, chunk), evict) {
+            Admission::Held(m) => {
+                return Ok(Reply::Key {
+                    addr: m.get_ptr() as u64,
+                    rkey: m.rkey(),
+                })
+            }
+            Admission::Refuse => return Ok(Reply::Refused(libc::ENOSPC as u32)),
+            Admission::Register => {}
         }
         match register(&self.queue.dev, ptr, len, true) {
             Ok(m) => {

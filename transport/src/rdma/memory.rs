@@ -206,6 +206,20 @@ pub(crate) fn chunk_span(
     Some((unsafe { region.as_ptr().add(off as usize) }, len))
 }
 
+/// What the destination does with a source's request for a chunk's key.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Admission<'a, V> {
+    /// The chunk is registered already: its registration.
+    Held(&'a V),
+    /// There is room: register it.
+    Register,
+    /// The cache is full even after the chunk the source gave up left it: refuse. A source
+    /// that sizes its cache from the advertised limit never meets this; one that does not
+    /// cannot make the destination pin more than its limit (naming a chunk it never held
+    /// frees nothing).
+    Refuse,
+}
+
 /// A bounded cache of chunk registrations, least recently used first out.
 pub(crate) struct ChunkCache<V> {
     cap: usize,
@@ -249,6 +263,20 @@ impl<V> ChunkCache<V> {
         self.entries.remove(&key).map(|(v, _)| v)
     }
 
+    /// Drops `evict` (the chunk the source gave up, if it names one) and decides on `key`.
+    pub(crate) fn admit(&mut self, key: (u32, u64), evict: Option<(u32, u64)>) -> Admission<'_, V> {
+        if let Some(v) = evict {
+            self.remove(v);
+        }
+        if self.entries.contains_key(&key) {
+            return Admission::Held(self.get(key).expect("present"));
+        }
+        if self.is_full() {
+            return Admission::Refuse;
+        }
+        Admission::Register
+    }
+
     pub(crate) fn insert(&mut self, key: (u32, u64), v: V) {
         self.tick += 1;
         self.entries.insert(key, (v, self.tick));
@@ -274,5 +302,26 @@ mod tests {
         assert_eq!(c.victim(), Some((0, 2)));
         assert_eq!(c.remove((0, 2)), Some('b'));
         assert_eq!(c.len(), 1);
+    }
+
+    #[test]
+    fn a_request_beyond_the_limit_is_refused_and_pins_nothing() {
+        let mut c = ChunkCache::new(2);
+        assert_eq!(c.admit((0, 1), None), Admission::Register);
+        c.insert((0, 1), 'a');
+        assert_eq!(c.admit((0, 2), None), Admission::Register);
+        c.insert((0, 2), 'b');
+        // Full: a third chunk without one given up is refused, and nothing is dropped.
+        assert_eq!(c.admit((0, 3), None), Admission::Refuse);
+        assert_eq!(c.len(), 2);
+        // Naming a chunk it never held frees nothing either.
+        assert_eq!(c.admit((0, 3), Some((1, 9))), Admission::Refuse);
+        assert_eq!(c.len(), 2);
+        // A chunk held already is answered even when full.
+        assert_eq!(c.admit((0, 2), None), Admission::Held(&'b'));
+        // Giving one up makes room for exactly one.
+        assert_eq!(c.admit((0, 3), Some((0, 1))), Admission::Register);
+        assert_eq!(c.len(), 1);
+        assert_eq!(c.get((0, 1)), None);
     }
 }

@@ -643,6 +643,14 @@ impl crate::fault::Breakable for RdmaSourceLane {
     fn corrupt_remote_keys(&mut self) {
         self.rkey_flip = 0x5a;
     }
+
+    /// Sizes the cache of the destination's chunks beyond its limit (called as the plan wraps
+    /// the lane, before any chunk is cached).
+    fn ignore_chunk_limit(&mut self, extra: u32) {
+        if let RemoteMemory::Chunked { max_chunks, .. } = self.remote {
+            self.remote_chunks = ChunkCache::new(max_chunks as usize + extra as usize);
+        }
+    }
 }
 
 impl Drop for RdmaSourceLane {
