@@ -519,8 +519,9 @@ impl SourceSession {
     fn as_local_cancel(&self, e: EngineError) -> EngineError {
         let cancel = &self.monitor.cancel;
         match e {
-            EngineError::HandoverUnknown(_) | EngineError::GuestLost(_) => e,
-            EngineError::Cancelled(_) => e,
+            EngineError::HandoverUnknown(_)
+            | EngineError::GuestLost(_)
+            | EngineError::Cancelled(_) => e,
             _ if cancel.is_cancelled() => EngineError::Cancelled(cancel.reason()),
             _ => e,
         }

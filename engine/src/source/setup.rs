@@ -127,10 +127,10 @@ pub(super) fn connect_control(
 }
 
 /// The address this host would use towards `dest`: connecting a UDP socket only picks the
-/// route, it sends nothing. `None` when `dest` does not resolve or has no route.
+/// route, it sends nothing. `None` when `dest` is a name (resolving it here would be a wait
+/// without a deadline; `tcp_connect` resolves it under one) or has no route.
 fn route_local_ip(dest: &str) -> Option<std::net::IpAddr> {
-    use std::net::ToSocketAddrs;
-    let addr = dest.to_socket_addrs().ok()?.next()?;
+    let addr: std::net::SocketAddr = dest.parse().ok()?;
     let any = if addr.is_ipv4() {
         "0.0.0.0:0"
     } else {

@@ -50,8 +50,8 @@ impl Conn {
 /// is given; fed from this buffer, that is a copy in cache instead of a system call (measured
 /// on the 2-core host: reading the socket 4 KiB at a time, through rustls's `StreamOwned`,
 /// held TLS lanes to a fifth of the cleartext rate). Four records: small enough to stay in
-/// L1/L2 between the kernel's copy and rustls's (256 KiB cost about 15 % more CPU per GiB in
-/// alternated loopback runs, 32 KiB no less than 64).
+/// L1/L2 between the kernel's copy and rustls's (256 KiB looked about 15 % dearer in
+/// alternated runs on a host loaded by builds; on a quiet host the difference is a few %).
 const TLS_READ: usize = 64 * 1024;
 
 /// A TLS session over a lane socket, read in large pieces.
@@ -86,9 +86,7 @@ impl TlsIn {
             .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
         Ok(())
     }
-}
 
-impl TlsIn {
     /// The opened plaintext of the next record (what is left of it), opening records as
     /// needed: ordinary memory inside rustls, read in place instead of copied out. The peer
     /// closing the session is `UnexpectedEof`.
@@ -231,13 +229,7 @@ impl Incoming {
         self.start += have;
         let rest = &mut dst[have..];
         if !rest.is_empty() {
-            self.stream.read_exact(rest).map_err(|e| {
-                if e.kind() == std::io::ErrorKind::UnexpectedEof {
-                    LaneError::Closed
-                } else {
-                    e.into()
-                }
-            })?;
+            self.stream.read_exact(rest).map_err(ended_is_closed)?;
         }
         Ok(())
     }
@@ -279,6 +271,15 @@ impl Incoming {
             }
         }
         Ok(())
+    }
+}
+
+/// A stream that ended inside a run is a closed lane; any other error is itself.
+fn ended_is_closed(e: std::io::Error) -> LaneError {
+    if e.kind() == std::io::ErrorKind::UnexpectedEof {
+        LaneError::Closed
+    } else {
+        e.into()
     }
 }
 
@@ -398,10 +399,7 @@ impl TcpDestLane {
             let Conn::Tls(tls) = &mut self.rx.stream else {
                 unreachable!("a TLS lane")
             };
-            let chunk = tls.chunk().map_err(|e| match e.kind() {
-                std::io::ErrorKind::UnexpectedEof => LaneError::Closed,
-                _ => e.into(),
-            })?;
+            let chunk = tls.chunk().map_err(ended_is_closed)?;
             let n = (chunk.len() as u64 / psize).min(first + count - p);
             if n == 0 {
                 self.land_staged(sink, idx, region, p, 1)?;
@@ -432,10 +430,11 @@ impl TcpDestLane {
             sum.zero_pages += h.count;
             return Ok(());
         }
-        let tls = matches!(self.rx.stream, Conn::Tls(_));
-        if tls && self.rx.start == self.rx.end {
+        if matches!(self.rx.stream, Conn::Tls(_)) {
+            // A TLS lane's read-ahead holds no payload (`Incoming::fill` reads only headers).
+            debug_assert_eq!(self.rx.start, self.rx.end);
             self.land_in_place(sink, idx, region, h.first_page, h.count)?;
-        } else if sink.reads_landed() || sink.places() || tls {
+        } else if sink.reads_landed() || sink.places() {
             self.land_staged(sink, idx, region, h.first_page, h.count)?;
         } else {
             let dst = region.guest_pages(h.first_page, h.count);
