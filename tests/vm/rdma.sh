@@ -7,7 +7,8 @@
 # with a veth pair on 198.18.0.1/24 and an rxe device on it, removed again at the end.
 # Otherwise (this project's CI machines: no RDMA, no module loading) it runs in a QEMU guest
 # booted by tests/vm/vm.sh --rxe. Installs what is missing (rdma-core, perftest, QEMU, kernel).
-# RMIG_RDMA_ONLY=NAME runs only the tests whose names contain NAME, and no bench (development).
+# RMIG_RDMA_ONLY=NAME runs only the tests whose names contain NAME, and no bench (development);
+# RMIG_RDMA_REPEAT=N runs the tests N times over (to catch a rare failure).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 root=$PWD
@@ -26,9 +27,11 @@ trap 'rm -rf "$out"' EXIT
 cat > "$out/body.sh" <<BODY
 set -e
 ulimit -l unlimited
+for i in \$(seq ${RMIG_RDMA_REPEAT:-1}); do
 for b in $(echo $bins); do
   echo "== \$b" >&2
   \$b --ignored --test-threads 1 ${RMIG_RDMA_ONLY:+--nocapture $RMIG_RDMA_ONLY}
+done
 done
 [ -z "${RMIG_RDMA_ONLY:-}" ] || exit 0
 echo "== rmig-bench loopback --transport rdma" >&2

@@ -177,8 +177,7 @@ fn fetch(
                 w.page, w.region, f.first_page, f.region
             )));
         }
-        placer
-            .place(w.region, w.page, 1, buf, Arrival::Fetched)
+        sink.place_as(w.region, w.page, 1, buf, Arrival::Fetched)
             .map_err(FetchFailed::Fatal)?;
         sink.data_landed_from(w.region, w.page, 1, buf);
         figures

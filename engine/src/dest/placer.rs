@@ -477,6 +477,40 @@ mod tests {
         assert_eq!(placer.left(), 0);
     }
 
+    /// Placing the last missing page lets the session's end compare digests, so each page's
+    /// hash must be recorded by the placing itself (before it counts as landed), whoever
+    /// places it: a fault thread, a lane, or a zero run.
+    #[test]
+    fn placing_through_the_sink_records_the_hashes_of_what_it_placed() {
+        use crate::dest::sink::{Crash, DestSink};
+        use crate::verify::{hash_page, RegionHashes};
+        let map = memory(8, libc::MAP_PRIVATE);
+        let region = crate::region::Region {
+            id: 0,
+            name: "ram".into(),
+            gpa: None,
+            mem: *map.get(0).unwrap(),
+            known_zero: false,
+        };
+        let sink = DestSink::new(&[region], true, Crash::default());
+        let placer = Arc::new(Placer::switch(&map, &[(0, 2, 2), (0, 6, 1)]).expect("switch"));
+        let _ = sink.placer.set(placer.clone());
+        let run: Vec<u8> = (0..2 * BASE_PAGE)
+            .map(|i| (i / BASE_PAGE) as u8 + 3)
+            .collect();
+        sink.place_as(0, 2, 2, &run, Arrival::Fetched)
+            .expect("placed");
+        rmig_transport::PageSink::zero_pages(&sink, 0, 6, 1);
+        assert_eq!(placer.left(), 0);
+        let expected = RegionHashes::new(8, BASE_PAGE as u64);
+        expected.set(2, hash_page(&run[..BASE_PAGE]));
+        expected.set(3, hash_page(&run[BASE_PAGE..]));
+        let ours = &sink.hashes.as_ref().expect("verifying")[0];
+        assert_eq!(ours.chunk_digest(0), expected.chunk_digest(0));
+        assert_eq!(read_page(&map, 3), vec![4u8; BASE_PAGE]);
+        assert_eq!(read_page(&map, 6), vec![0u8; BASE_PAGE]);
+    }
+
     #[test]
     fn zero_runs_and_the_wait_for_the_rest() {
         let map = memory(8, libc::MAP_PRIVATE);

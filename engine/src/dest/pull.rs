@@ -121,7 +121,6 @@ impl Puller {
         &mut self,
         done: &[usize],
         reader: &RdmaPageReader,
-        placer: &Placer,
         sink: &DestSink,
     ) -> Result<(), String> {
         for &slot in done {
@@ -129,7 +128,7 @@ impl Puller {
                 continue;
             };
             let bytes = reader.bytes(slot).ok_or("a finished slot without bytes")?;
-            placer.place(r, first, n, bytes, Arrival::Background)?;
+            sink.place_as(r, first, n, bytes, Arrival::Background)?;
             sink.data_landed_from(r, first, n, bytes);
         }
         Ok(())
@@ -186,7 +185,7 @@ fn step(
         let bytes = reader
             .read(w.region as u32, w.page, 1)
             .map_err(|e| format!("RDMA READ of a faulting page: {e}"))?;
-        placer.place(w.region, w.page, 1, bytes, Arrival::Fetched)?;
+        sink.place_as(w.region, w.page, 1, bytes, Arrival::Fetched)?;
         sink.data_landed_from(w.region, w.page, 1, bytes);
         figures
             .latencies_us
@@ -203,5 +202,5 @@ fn step(
         reader.poll()
     }
     .map_err(|e| format!("RDMA READ: {e}"))?;
-    pull.landed(&done, reader, placer, sink)
+    pull.landed(&done, reader, sink)
 }

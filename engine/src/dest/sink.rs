@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use rmig_transport::{MemoryMap, PageSink};
 
+use super::placer::Arrival;
 use crate::bitmap::AtomicBitmap;
 use crate::region::Region;
 use crate::verify::{hash_page, HashScratch, RegionHashes};
@@ -174,6 +175,40 @@ impl DestSink {
         *g
     }
 
+    /// Post-copy: puts `bytes` (pages `first..first+n` of `region`) in place as `how`,
+    /// recording their hashes first (when verifying). The order matters: placing the last
+    /// missing page is what lets the session's end go on to compare digests
+    /// ([`Placer::wait_all_landed`](super::placer::Placer::wait_all_landed)), so a hash
+    /// recorded after placing could be compared before it is there (an RDMA post-copy failed
+    /// its verification 1 run in 10 that way, with both memories equal).
+    pub fn place_as(
+        &self,
+        region: usize,
+        first: u64,
+        n: u64,
+        bytes: &[u8],
+        how: Arrival,
+    ) -> Result<(), String> {
+        let placer = self.placer.get().ok_or("not in post-copy")?;
+        self.record_hashes(region, first, n, bytes);
+        placer.place(region, first, n, bytes, how)
+    }
+
+    /// Sets the hashes of pages `first..first+n` of `region` from `bytes`, their staged copy
+    /// (ordinary memory, hashed as it is), when verifying.
+    fn record_hashes(&self, region: usize, first: u64, n: u64, bytes: &[u8]) {
+        let Some(h) = &self.hashes else { return };
+        let ps = self
+            .map
+            .get(region)
+            .expect("lane checked the region")
+            .page_size();
+        debug_assert_eq!(bytes.len(), n as usize * ps, "the staged bytes of the run");
+        for (i, page) in bytes.chunks_exact(ps).take(n as usize).enumerate() {
+            h[region].set(first + i as u64, hash_page(page));
+        }
+    }
+
     /// Records that pages `first..first+n` of `region` hold new data (their hashes are the
     /// caller's to set).
     fn landed(&self, region: usize, first: u64, n: u64) {
@@ -213,8 +248,7 @@ impl PageSink for DestSink {
     }
 
     fn place(&self, region: usize, first: u64, n: u64, bytes: &[u8]) -> Result<(), String> {
-        let placer = self.placer.get().ok_or("not in post-copy")?;
-        placer.place(region, first, n, bytes, super::placer::Arrival::Background)
+        self.place_as(region, first, n, bytes, Arrival::Background)
     }
 
     fn data_landed(&self, region: usize, first: u64, n: u64) {
@@ -237,17 +271,9 @@ impl PageSink for DestSink {
     }
 
     fn data_landed_from(&self, region: usize, first: u64, n: u64, bytes: &[u8]) {
-        if let Some(h) = &self.hashes {
-            // The lane's staging buffer: ordinary memory, hashed as it is.
-            let ps = self
-                .map
-                .get(region)
-                .expect("lane checked the region")
-                .page_size();
-            debug_assert_eq!(bytes.len(), n as usize * ps, "the staged bytes of the run");
-            for (i, page) in bytes.chunks_exact(ps).take(n as usize).enumerate() {
-                h[region].set(first + i as u64, hash_page(page));
-            }
+        // In post-copy the hashes were recorded before the pages were placed (`place_as`).
+        if self.placer.get().is_none() {
+            self.record_hashes(region, first, n, bytes);
         }
         self.landed(region, first, n);
     }
@@ -257,10 +283,11 @@ impl PageSink for DestSink {
             // Post-copy: the guest runs, so a missing page is never read or written here;
             // a page the zero page cannot be mapped at stays missing, and the phase's end
             // reports it.
-            let _ = placer.zero(region, first, n, super::placer::Arrival::Background);
+            // Hashes first, for the reason `place_as` gives.
             if let Some(h) = &self.hashes {
                 h[region].set_zero(first, n);
             }
+            let _ = placer.zero(region, first, n, Arrival::Background);
             return;
         }
         let r = self.map.get(region).expect("lane checked the region");
