@@ -342,6 +342,31 @@ fn conclude(report: &Report, errors: &[(Side, &EngineError)]) -> i32 {
     }
 }
 
+/// How long the loopback's destination gets to end on its own after its source failed in
+/// the middle of a session: it notices a peer that went away within twice its peer timeout.
+const DEST_ENDS_WITHIN: Duration = Duration::from_secs(12);
+
+/// Joins the loopback's destination thread. After a failed source it is cancelled when no
+/// session is under way (the source failed before it got there: no RDMA device, say, and the
+/// destination would listen for ever), or when it has not ended within [`DEST_ENDS_WITHIN`].
+fn join_dest<T>(
+    dest: std::thread::JoinHandle<std::result::Result<T, EngineError>>,
+    monitor: &Monitor,
+    source_failed: bool,
+) -> Result<std::result::Result<T, EngineError>> {
+    let until = Instant::now() + DEST_ENDS_WITHIN;
+    while source_failed && !dest.is_finished() {
+        let no_session = monitor.stats().status == MigrationStatus::Setup;
+        if no_session || Instant::now() >= until {
+            monitor.cancel("the source failed (its reason is above)");
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    dest.join()
+        .map_err(|_| anyhow!("destination thread panicked"))
+}
+
 fn loopback(a: LoopbackArgs) -> Result<i32> {
     a.out.start_metrics()?;
     let key = Key::random()?;
@@ -380,9 +405,7 @@ fn loopback(a: LoopbackArgs) -> Result<i32> {
     // No operator between two ends of one process: an unknown handover stays unknown.
     let on_unknown = OnHandoverUnknown::Ask;
     let run = run_source(&mut src, cfg, &a.guest, dev.clone(), &a.out, on_unknown)?;
-    let dest_result = dest
-        .join()
-        .map_err(|_| anyhow!("destination thread panicked"))?;
+    let dest_result = join_dest(dest, &dest_monitor, run.result.is_err())?;
     let lost = [run.result.as_ref().err(), dest_result.as_ref().err()]
         .iter()
         .any(|e| matches!(e, Some(EngineError::GuestLost(_))));

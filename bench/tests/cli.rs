@@ -218,6 +218,34 @@ fn verify_off_and_no_prealloc() {
     assert_eq!(j["run"]["prealloc"], false);
 }
 
+/// A source that fails before it reaches its destination (RDMA asked for on 127.0.0.1, which
+/// no RDMA device serves) ends the whole run with its reason, instead of leaving the
+/// destination in the same process listening for ever.
+#[test]
+fn loopback_whose_source_fails_before_connecting_ends_with_its_reason() {
+    let t0 = Instant::now();
+    let mut cmd = bench();
+    cmd.args([
+        "loopback",
+        "--addr",
+        "127.0.0.1",
+        "--transport",
+        "rdma",
+        "--size",
+        "8MiB",
+        "--json",
+    ]);
+    let out = output_within(&mut cmd, Duration::from_secs(30));
+    assert_eq!(out.status.code(), Some(1), "{}", stderr_of(&out));
+    let err = stderr_of(&out);
+    assert!(
+        err.lines()
+            .any(|l| l.starts_with("rmig-bench: source:") && l.contains("no RDMA device")),
+        "{err}"
+    );
+    assert!(t0.elapsed() < Duration::from_secs(20), "{:?}", t0.elapsed());
+}
+
 #[test]
 fn human_table_by_default() {
     let mut cmd = bench();
