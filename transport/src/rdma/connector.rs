@@ -30,7 +30,7 @@ use super::dest::{DestPrepared, RdmaDestLane};
 use super::memory::{LocalMemory, RemoteMemory, RemoteRegion};
 use super::queue::QpEndpoint;
 use super::source::{RdmaSourceLane, SourcePrepared};
-use super::{RdmaDevice, RdmaError};
+use super::{on_setup_channel, RdmaDevice, RdmaError};
 use crate::Pacer;
 
 /// Most regions a destination's memory may list.
@@ -65,7 +65,7 @@ pub enum Setup {
 /// timeout, which bounds reads under TLS too.
 pub fn connect_source_lane(
     sock: TcpStream,
-    tls: Option<rustls::ClientConnection>,
+    mut tls: Option<rustls::ClientConnection>,
     dev: &Arc<RdmaDevice>,
     mem: &Arc<LocalMemory>,
     pacer: Arc<Pacer>,
@@ -73,13 +73,7 @@ pub fn connect_source_lane(
 ) -> Result<RdmaSourceLane, RdmaError> {
     let prep = SourcePrepared::new(dev.clone(), mem.clone())?;
     sock.set_read_timeout(Some(wait)).map_err(exchange)?;
-    let answer = match tls {
-        None => ask(&mut &sock, prep.endpoint()),
-        Some(mut conn) => ask(
-            &mut rustls::Stream::new(&mut conn, &mut &sock),
-            prep.endpoint(),
-        ),
-    };
+    let answer = on_setup_channel(&sock, tls.as_mut(), |mut ch| ask(&mut ch, prep.endpoint()));
     sock.set_read_timeout(None).map_err(exchange)?;
     let (peer, remote) = answer?;
     prep.connect(&peer, remote, sock, pacer)
@@ -112,10 +106,7 @@ pub fn accept_dest_lane(
     wait: Duration,
 ) -> Result<RdmaDestLane, RdmaError> {
     sock.set_read_timeout(Some(wait)).map_err(exchange)?;
-    let peer = match tls {
-        None => read_connect(&mut &*sock),
-        Some(ref mut conn) => read_connect(&mut rustls::Stream::new(&mut **conn, &mut &*sock)),
-    };
+    let peer = on_setup_channel(sock, tls.as_deref_mut(), |mut ch| read_connect(&mut ch));
     sock.set_read_timeout(None).map_err(exchange)?;
     let peer = peer?;
     let lane = DestPrepared::new(dev.clone(), mem.clone()).and_then(|prep| {
@@ -127,10 +118,7 @@ pub fn accept_dest_lane(
         Ok((endpoint, lane)) => (Setup::Accept(endpoint, mem.remote()), Ok(lane)),
         Err(e) => (Setup::Refuse(e.to_string()), Err(e)),
     };
-    let sent = match tls {
-        None => write_frame(&mut &*sock, &answer),
-        Some(conn) => write_frame(&mut rustls::Stream::new(conn, &mut &*sock), &answer),
-    };
+    let sent = on_setup_channel(sock, tls, |mut ch| write_frame(&mut ch, &answer));
     // A refusal that could not be sent is still the refusal's error.
     let lane = result?;
     sent.map(|()| lane)
@@ -495,8 +483,7 @@ mod tests {
         (got, seen)
     }
 
-    trait ReadWrite: Read + Write {}
-    impl<T: Read + Write> ReadWrite for T {}
+    use crate::rdma::SetupChannel as ReadWrite;
 
     fn saw(seen: &[u8], needle: &[u8]) -> bool {
         seen.windows(needle.len()).any(|w| w == needle)

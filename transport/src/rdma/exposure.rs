@@ -141,10 +141,7 @@ pub fn serve_reader(
     mem: &Arc<ExposedMemory>,
     wait: Duration,
 ) -> Result<ReadExposure, RdmaError> {
-    match tls {
-        None => serve_on(sock, &mut &*sock, mem, wait),
-        Some(conn) => serve_on(sock, &mut rustls::Stream::new(conn, &mut &*sock), mem, wait),
-    }
+    super::on_setup_channel(sock, tls, |mut ch| serve_on(sock, &mut ch, mem, wait))
 }
 
 /// [`serve_reader`] on `ch`: `sock` itself or its TLS session.

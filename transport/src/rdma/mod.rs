@@ -60,3 +60,25 @@ pub(crate) const CLOSE_WAIT: std::time::Duration = std::time::Duration::from_sec
 /// How long a destination whose lane socket ended without [`wire::CLOSING`] (the source is
 /// gone) still polls for a receive already on its way.
 pub(crate) const EOF_GRACE: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// A lane's setup channel: its bare socket, or the lane's TLS session over it.
+pub(crate) trait SetupChannel: std::io::Read + std::io::Write {}
+impl<T: std::io::Read + std::io::Write> SetupChannel for T {}
+
+/// Runs `f` on the channel a lane's setup exchange takes: the lane's TLS session `tls` over
+/// `sock` when the session is encrypted (queue pair addresses and memory keys then cross only
+/// inside TLS), `sock` itself otherwise. Either way the socket's read timeout bounds every read.
+pub(crate) fn on_setup_channel<C, S, T>(
+    sock: &std::net::TcpStream,
+    tls: Option<&mut C>,
+    f: impl FnOnce(&mut dyn SetupChannel) -> T,
+) -> T
+where
+    C: std::ops::DerefMut + std::ops::Deref<Target = rustls::ConnectionCommon<S>>,
+    S: rustls::SideData,
+{
+    match tls {
+        None => f(&mut &*sock),
+        Some(conn) => f(&mut rustls::Stream::new(conn, &mut &*sock)),
+    }
+}

@@ -317,15 +317,8 @@ impl RdmaPageReader {
             .min(u8::try_from(nslots).unwrap_or(u8::MAX))
             .max(1);
         let connect = ReadSetup::Connect(queue.endpoint(), want);
-        let (peer, granted, regions) = match tls {
-            None => ask(sock, &mut &*sock, &connect, wait),
-            Some(c) => ask(
-                sock,
-                &mut rustls::Stream::new(c, &mut &*sock),
-                &connect,
-                wait,
-            ),
-        }?;
+        let (peer, granted, regions) =
+            super::on_setup_channel(sock, tls, |mut ch| ask(sock, &mut ch, &connect, wait))?;
         if granted == 0 {
             return Err(RdmaError::Setup(
                 "the source answers no READs (depth 0)".into(),
