@@ -362,6 +362,10 @@ typedef struct {
   // off, or when an encrypted session moved pages over RDMA lanes in clear
   // (`rdma_cleartext_lanes`). Meaningful once the migration is past its setup.
   uint32_t data_lanes_encrypted;
+  // The transport the pages took: `RMIG_TRANSPORT_RDMA` or `RMIG_TRANSPORT_TCP` (also
+  // after a fallback from RDMA, whose reason `rmig_stats_json` gives), or 0 while the
+  // setup has not decided yet.
+  uint32_t transport;
 } rmig_stats;
 
 #ifdef __cplusplus

@@ -39,6 +39,21 @@ pub fn line(side: Side, e: &EngineError) -> String {
 /// The flag that lets an encrypted session move pages over RDMA in clear.
 const CLEARTEXT_FLAG: &str = "--rdma-cleartext-lanes";
 
+/// The hint after a migration that did not converge.
+const NOT_CONVERGED: &str = "the guest dirties memory faster than it can be sent: raise \
+    --downtime-limit, use --on-no-convergence switchover, keep --auto-converge on, lift or \
+    raise --max-bandwidth, or lower --dirty-rate";
+
+/// The hint after a post-copy that broke once the destination ran the guest.
+const GUEST_LOST: &str = "post-copy broke after the destination resumed the guest: neither \
+    host holds all of its memory, so it cannot run on either; restart it from a backup or a \
+    fresh boot";
+
+/// The hint after a handover whose outcome this end does not know.
+const HANDOVER_UNKNOWN: &str = "this end's guest stays paused: check the other end, then run \
+    the guest on exactly one of them (rmig-bench decides with --on-handover-unknown run-here \
+    or run-there, or asks when run on a terminal)";
+
 /// What to change after `e`.
 pub fn hint(side: Side, e: &EngineError) -> String {
     use EngineError as E;
@@ -47,10 +62,7 @@ pub fn hint(side: Side, e: &EngineError) -> String {
         _ => "",
     };
     match e {
-        E::NotConverged(_) => "the guest dirties memory faster than it can be sent: raise \
-            --downtime-limit, use --on-no-convergence switchover, keep --auto-converge on, \
-            lift or raise --max-bandwidth, or lower --dirty-rate"
-            .into(),
+        E::NotConverged(_) => NOT_CONVERGED.into(),
         E::RegionMismatch(_) => same_guest(),
         _ if peer_text.starts_with("region table mismatch") => same_guest(),
         E::Auth(_) => same_key(),
@@ -61,14 +73,8 @@ pub fn hint(side: Side, e: &EngineError) -> String {
             "the {} cancelled the migration; the source guest keeps running",
             other(side)
         ),
-        E::GuestLost(_) => "post-copy broke after the destination resumed the guest: neither \
-            host holds all of its memory, so it cannot run on either; restart it from a \
-            backup or a fresh boot"
-            .into(),
-        E::HandoverUnknown(_) => "this end's guest stays paused: check the other end, then run \
-            the guest on exactly one of them (rmig-bench decides with --on-handover-unknown \
-            run-here or run-there, or asks when run on a terminal)"
-            .into(),
+        E::GuestLost(_) => GUEST_LOST.into(),
+        E::HandoverUnknown(_) => HANDOVER_UNKNOWN.into(),
         E::NoSource {
             last: Some(last), ..
         } if !matches!(**last, E::Io(_) | E::PeerClosed) => {

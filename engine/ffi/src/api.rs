@@ -803,6 +803,11 @@ pub unsafe extern "C" fn rmig_get_stats(session: RmigSession, out: *mut RmigStat
             postcopy_fault_p99_us: pc.as_ref().map_or(0.0, |p| p.fault_p99_us),
             postcopy_fault_max_us: pc.as_ref().map_or(0.0, |p| p.fault_max_us),
             data_lanes_encrypted: u32::from(s.data_lanes_encrypted),
+            transport: match s.transport.as_str() {
+                "rdma" => RmigTransport::RmigTransportRdma as u32,
+                "tcp" => RmigTransport::RmigTransportTcp as u32,
+                _ => 0,
+            },
         };
         // SAFETY: checked above.
         unsafe { out.write(st) };

@@ -390,4 +390,8 @@ pub struct RmigStats {
     /// off, or when an encrypted session moved pages over RDMA lanes in clear
     /// (`rdma_cleartext_lanes`). Meaningful once the migration is past its setup.
     pub data_lanes_encrypted: u32,
+    /// The transport the pages took: `RMIG_TRANSPORT_RDMA` or `RMIG_TRANSPORT_TCP` (also
+    /// after a fallback from RDMA, whose reason `rmig_stats_json` gives), or 0 while the
+    /// setup has not decided yet.
+    pub transport: u32,
 }

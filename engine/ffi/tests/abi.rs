@@ -420,6 +420,7 @@ fn a_whole_migration_through_the_abi() {
         (RmigEncryption::RmigEncryptionTlsPsk as u32, 1),
         "encrypted by default, pages included (TCP lanes)"
     );
+    assert_eq!(st.transport, RmigTransport::RmigTransportTcp as u32);
     let mut need = 0usize;
     let mut small = [0i8; 4];
     // SAFETY: valid buffers of the stated sizes.
