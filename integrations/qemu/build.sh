@@ -74,7 +74,10 @@ hash_of() { (cd "$root" && find "$@" -type f -print0 | sort -z | xargs -0 sha256
 
 ensure_packages
 ensure_source
-key="$(hash_of integrations/qemu/patches)-$(hash_of engine/src engine/ffi/src engine/ffi/Cargo.toml engine/Cargo.toml Cargo.lock include/rmig.h)"
+# librmig is the engine and every crate it links (the transport's lanes, NUMA placement).
+key="$(hash_of integrations/qemu/patches)-$(hash_of engine/src engine/ffi/src engine/ffi/Cargo.toml \
+  engine/Cargo.toml transport/src transport/Cargo.toml numa/src numa/Cargo.toml Cargo.toml \
+  Cargo.lock include/rmig.h)"
 tree="$cache/qemu-$version"
 bin="$tree/build/qemu-system-x86_64"
 stamp="$tree/built-$key"

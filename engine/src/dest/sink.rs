@@ -180,7 +180,7 @@ impl DestSink {
     /// missing page is what lets the session's end go on to compare digests
     /// ([`Placer::wait_all_landed`](super::placer::Placer::wait_all_landed)), so a hash
     /// recorded after placing could be compared before it is there (an RDMA post-copy failed
-    /// its verification 1 run in 10 that way, with both memories equal).
+    /// its verification in 2 runs of 13 that way, with both memories equal).
     pub fn place_as(
         &self,
         region: usize,
