@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Measures QEMU migrations of the self-checking guest between two QEMU processes on 127.0.0.1
 # with the same self-built binary, and prints one JSON line per run: query-migrate's figures, both
-# processes' CPU seconds over the migration, and the guest's longest gap between two ticks (the
-# serial lines are stamped with the host's clock as they arrive; source and destination merged).
+# processes' CPU seconds over the migration, the guest's longest gap between two ticks (the
+# serial lines are stamped with the host's clock as they arrive; source and destination merged),
+# and the rate the guest really wrote before the migration (it may fall short of the one asked).
 # Modes: rmig (x-rmig, 2 lanes, librmig's defaults: verify received, TLS-PSK), rmig-off (x-rmig,
 # 2 lanes, x-rmig-verify off, x-rmig-encryption off), multifd (2 channels), precopy (QEMU's plain
 # stream).
@@ -119,6 +120,16 @@ ticks.sort()
 before = [t for t in ticks if t < t0]
 win = before[-1:] + [t for t in ticks if t >= t0]
 print(round(max((b - a for a, b in zip(win, win[1:])), default=0) * 1000))
+# The rate the guest really wrote before the migration (written_mb over the source's last ticks).
+w = []
+for l in open(f"{work}/src.serial", errors="replace"):
+    f = l.split()
+    if len(f) > 2 and f[1] == "rmig-guest" and float(f[0]) < t0:
+        mb = [x for x in f if x.startswith("written_mb=")]
+        if mb:
+            w.append((float(f[0]), int(mb[0].split("=")[1])))
+w = w[-4:]
+print(round((w[-1][1] - w[0][1]) / (w[-1][0] - w[0][0])) if len(w) > 1 and w[-1][0] > w[0][0] else 0)
 PY
   python3 -c "
 import json
@@ -128,7 +139,8 @@ print(json.dumps({'mode': '$mode', 'run': $run, 'mib': $mib, 'rate': $rate, 'hot
   'status': m.get('status'), 'total_time_ms': m.get('total-time'), 'setup_time_ms': m.get('setup-time'),
   'downtime_ms': m.get('downtime'), 'transferred': r.get('transferred'),
   'cpu_src_s': round($c1s - $c0s, 2), 'cpu_dst_s': round($c1d - $c0d, 2),
-  'max_tick_gap_ms': int(open('$work/gap').read()), 'error': m.get('error-desc')}))"
+  'max_tick_gap_ms': int(open('$work/gap').read().split()[0]),
+  'guest_write_mbps': int(open('$work/gap').read().split()[1]), 'error': m.get('error-desc')}))"
   for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null || true; done; pids=()
   sleep 0.5; rm -f "$work"/*.qmp "$work"/*.pid "$work"/*.serial
  done

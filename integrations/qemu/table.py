@@ -18,6 +18,7 @@ COLUMNS = [
     ("CPU s src", "cpu_src_s", 1, 2),
     ("CPU s dst", "cpu_dst_s", 1, 2),
     ("longest tick gap ms", "max_tick_gap_ms", 1, 0),
+    ("guest wrote MB/s", "guest_write_mbps", 1, 0),
 ]
 
 
