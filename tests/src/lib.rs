@@ -440,6 +440,19 @@ impl Setup {
         Ok((std::thread::spawn(move || l.serve(regions, emb, dm)), port))
     }
 
+    /// Starts the source alone on a thread, towards `src.dest`, for tests that start the
+    /// destination themselves ([`spawn_dest`](Self::spawn_dest)) and act while it runs.
+    pub fn spawn_source(self) -> std::thread::JoinHandle<Result<MigrationStats, EngineError>> {
+        let (cfg, regions, dirty, emb, monitor) = (
+            self.src,
+            self.src_regions,
+            self.dirty,
+            self.embedder,
+            self.src_monitor,
+        );
+        std::thread::spawn(move || driver::migrate(cfg, regions, dirty, emb, monitor))
+    }
+
     /// Runs both ends; returns the source's and the destination's results.
     pub fn run(
         mut self,

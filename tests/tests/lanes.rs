@@ -81,14 +81,7 @@ fn hostile_joins_during_a_live_migration_are_refused_and_it_completes() {
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let cap = Capture::start(addr);
     setup.src.dest = cap.addr().to_string();
-    let (cfg, sr, dirty, emb, sm) = (
-        setup.src,
-        setup.src_regions,
-        setup.dirty,
-        setup.embedder,
-        setup.src_monitor,
-    );
-    let s = std::thread::spawn(move || rmig_engine::driver::migrate(cfg, sr, dirty, emb, sm));
+    let s = setup.spawn_source();
     let (replay, session, mac) = captured_joins(&cap);
     let before = dm.stats().connections_refused;
 

@@ -657,15 +657,8 @@ fn fallback_tcp_lane_joins_mid_session_while_hostile_joins_are_refused() {
     // the source opens the device that serves it.
     let cap = Capture::start_on(&format!("{ip}:0"), addr);
     setup.src.dest = cap.addr().to_string();
-    let (cfg, sr, dirty, emb, sm) = (
-        setup.src,
-        setup.src_regions,
-        setup.dirty,
-        setup.embedder,
-        setup.src_monitor,
-    );
-    let watch = sm.clone();
-    let s = std::thread::spawn(move || rmig_engine::driver::migrate(cfg, sr, dirty, emb, sm));
+    let watch = setup.src_monitor.clone();
+    let s = setup.spawn_source();
     // Data moving: lane 0 was admitted, the session runs over RDMA.
     let until = std::time::Instant::now() + Duration::from_secs(120);
     while watch.progress().transferred == 0 && std::time::Instant::now() < until {

@@ -95,17 +95,10 @@ fn a_listener_serves_a_source_that_connected_between_two_migrations() {
     assert!(d.join().unwrap().is_ok());
 
     // The next source connects before anyone serves: it waits in the backlog.
-    let second = Setup::new(&src, &dst, len);
+    let mut second = Setup::new(&src, &dst, len);
     let serve_second = serve(&second);
-    let mut cfg = second.src;
-    cfg.dest = addr;
-    let (regions, dirty, emb, m) = (
-        second.src_regions,
-        second.dirty,
-        second.embedder,
-        second.src_monitor,
-    );
-    let s = std::thread::spawn(move || driver::migrate(cfg, regions, dirty, emb, m));
+    second.src.dest = addr;
+    let s = second.spawn_source();
     std::thread::sleep(Duration::from_millis(300));
     let d = std::thread::spawn(serve_second);
     let s = s.join().unwrap().expect("second source");
