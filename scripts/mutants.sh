@@ -7,7 +7,7 @@
 #
 # Each mutant is built in a copy of the tree and judged by the engine's unit tests (`--lib`:
 # the doctests and the whole end-to-end suite are too slow to run hundreds of times), or by the
-# tests named in MUTANTS_TESTS. Results go to $MUTANTS_OUT (default target/mutants):
+# tests named in MUTANTS_TESTS. Results go to $MUTANTS_OUT (default target/mutants-out):
 # mutants.out/{caught,missed,timeout,unviable}.txt.
 # Knobs: MUTANTS_JOBS (default 1), MUTANTS_TIMEOUT (seconds per test run, default 120),
 # MUTANTS_ITERATE=1 (test again only what the previous run in $MUTANTS_OUT did not catch),
@@ -21,6 +21,9 @@
 # file after its mutant; do not edit or build here meanwhile) and builds in ./target's release
 # profile, so a tree whose release build is done rebuilds only the engine and its tests
 # (measured on the codec, loaded 2-core host: baseline 2 min, then 0.5-2 min a mutant).
+# MUTANTS_PROFILE=mutants (Cargo.toml: release dependencies, rmig's crates at opt-level 1,
+# incremental) builds a mutant of the destination session with its four test targets in about
+# 10 s once the profile's first build (5 min) is done.
 # (A copied ./target does not help: cargo sees every dependency as changed, and a C
 # dependency's CMake cache refuses the new path.)
 #
@@ -55,7 +58,7 @@ if [ -n "${MUTANTS_RE:-}" ]; then
     args+=(--re "$MUTANTS_RE")
 fi
 read -r -a tests <<<"${MUTANTS_TESTS:---lib}"
-out="${MUTANTS_OUT:-target/mutants}"
+out="${MUTANTS_OUT:-target/mutants-out}"
 mkdir -p "$out"
 # Exit status 2 means some mutants were missed: report it, but let the summary print.
 profile=(--cargo-arg=--config='profile.dev.package."*".opt-level=2')
