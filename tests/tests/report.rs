@@ -32,7 +32,9 @@ fn both_ends_hold_each_other_s_figures() {
     let (src_facts, dst_facts) = (facts(true, 2 * MIB as u64, "src"), facts(false, 0, "dst"));
     setup.src_monitor.set_memory_facts(src_facts.clone());
     setup.dst_monitor.set_memory_facts(dst_facts.clone());
+    let started = std::time::Instant::now();
     let (s, d) = setup.run();
+    let wall_ms = started.elapsed().as_secs_f64() * 1e3;
     let (s, d) = (s.expect("source"), d.expect("destination").stats);
     assert_eq!(s.status, MigrationStatus::Completed);
     assert_eq!(d.status, MigrationStatus::Completed);
@@ -63,6 +65,30 @@ fn both_ends_hold_each_other_s_figures() {
         "{d:?}"
     );
     assert_eq!(d.memory, Some(dst_facts));
+    // Each end's whole time, in milliseconds: inside the run, and longer than its pause and
+    // than the other end's setup.
+    for (end, total, pause) in [
+        ("source", s.total_time_ms, s.downtime_ms),
+        ("destination", d.total_time_ms, d.downtime_ms),
+    ] {
+        assert!(
+            total > pause && total <= wall_ms,
+            "{end}: total {total} ms, pause {pause} ms, run {wall_ms} ms"
+        );
+    }
+    assert!(d.total_time_ms * 1e3 > theirs.setup_us as f64, "{d:?}");
+    // The destination's setup (handshake to lanes open), in milliseconds as its figures say.
+    // (A handshake and lanes joining take well over 10 µs, even on loopback.)
+    assert!(
+        d.setup_time_ms > 0.01 && d.setup_time_ms < d.total_time_ms,
+        "{d:?}"
+    );
+    assert!(
+        theirs.setup_us.abs_diff((d.setup_time_ms * 1e3) as u64) <= 1,
+        "{theirs:?}"
+    );
+    // Cleartext TCP: neither end claims encrypted data lanes.
+    assert!(!s.data_lanes_encrypted && !d.data_lanes_encrypted);
 }
 
 #[test]

@@ -207,6 +207,7 @@ fn psk_migration_verifies_and_reports_encryption() {
     assert_eq!(s.verified, Some(true));
     assert_eq!(s.encryption, "tls-psk");
     assert_eq!(d.stats.encryption, "tls-psk");
+    assert!(s.data_lanes_encrypted && d.stats.data_lanes_encrypted);
     // `auto` over TLS: why not RDMA is in the statistics (the library prints nothing).
     let why = s.fallback_reason.as_deref().unwrap_or_default();
     assert!(why.contains("encryption is on"), "{why:?}");

@@ -89,7 +89,9 @@ fn a_page_corrupted_in_the_stop_and_copy_fails_verification_and_resumes_the_sour
     setup.src.lane_faults = vec![zero_a_page_after(len as u64)];
     let rec = setup.dest_embedder.clone();
     let (dm, sm) = (setup.dst_monitor.clone(), setup.src_monitor.clone());
+    let started = std::time::Instant::now();
     let (s, d) = setup.run();
+    let wall_ms = started.elapsed().as_secs_f64() * 1e3;
     let se = s.unwrap_err();
     assert!(matches!(se, EngineError::VerifyFailed(_)), "{se}");
     let de = d.unwrap_err();
@@ -97,6 +99,15 @@ fn a_page_corrupted_in_the_stop_and_copy_fails_verification_and_resumes_the_sour
     assert_eq!(sm.stats().verified, Some(false));
     assert_eq!(sm.stats().status, MigrationStatus::Failed);
     assert_eq!(dm.stats().verified, Some(false));
+    // The failed destination still reports its pause (from the stop-and-copy to the failure)
+    // and its whole time, in milliseconds: a pause of at least 10 µs, inside the run.
+    let ds = dm.stats();
+    assert!(
+        ds.downtime_ms > 0.01 && ds.downtime_ms <= ds.total_time_ms && ds.total_time_ms <= wall_ms,
+        "downtime {} ms, total {} ms, run {wall_ms} ms",
+        ds.downtime_ms,
+        ds.total_time_ms
+    );
     assert_eq!(emb.pauses.load(Ordering::Relaxed), 1);
     assert_eq!(
         emb.resumes.load(Ordering::Relaxed),
