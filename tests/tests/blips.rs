@@ -95,7 +95,13 @@ fn assert_completed_after_reconnecting(o: Outcome, wire: Wire) {
     let s = o.source.expect("the migration completes after the blip");
     let name = if wire == Wire::Tls { "tls-psk" } else { "off" };
     assert_eq!(s.encryption, name, "the session kept its encryption");
-    o.dest.expect("the destination completes after the blip");
+    let d = o
+        .dest
+        .expect("the destination completes after the blip")
+        .stats;
+    // Lanes that joined again after the reconnect are the same lanes, not fallback ones.
+    assert_eq!(d.fallback_reason, None, "{d:?}");
+    assert_eq!(d.lanes, s.lanes, "{d:?}");
     assert_eq!(s.verified, Some(true));
     assert!(
         o.source_reconnects >= 1 && o.dest_reconnects >= 1,

@@ -431,8 +431,10 @@ fn a_lane_whose_peer_closes_is_survived() {
     };
     let (s, d) = setup.run_via(|dest| Proxy::with_lane_fault(dest, fault));
     let s = s.expect("completes over the other lanes");
-    d.expect("destination");
+    let d = d.expect("destination");
     assert_eq!(s.lanes_failed, 1);
+    // The destination saw its end of that lane break too, and counts it.
+    assert_eq!(d.stats.lanes_failed, 1, "{:?}", d.stats);
     assert_eq!(s.verified, Some(true));
     assert_same(src.bytes(), dst.bytes());
 }

@@ -133,6 +133,21 @@ fn authenticated_with(
     Mem,
     tokio::runtime::Runtime,
 ) {
+    authenticated_offering(rmig_engine::VerifyMode::Received, edit)
+}
+
+/// As [`authenticated_with`], the source offering `verify`.
+fn authenticated_offering(
+    verify: rmig_engine::VerifyMode,
+    edit: impl FnOnce(&mut rmig_engine::DestConfig),
+) -> (
+    std::net::SocketAddr,
+    std::thread::JoinHandle<Result<rmig_engine::DestOutcome, EngineError>>,
+    tokio::net::TcpStream,
+    rmig_engine::control::handshake::Agreed,
+    Mem,
+    tokio::runtime::Runtime,
+) {
     let dst = Mem::new(4 * MIB);
     let setup = Setup::new(&dst, &dst, 4 * MIB);
     let mut cfg = setup.dst.clone();
@@ -147,7 +162,7 @@ fn authenticated_with(
         regions: setup.src_regions.iter().map(|r| r.desc()).collect(),
         transports: vec![rmig_engine::protocol::TransportKind::Tcp],
         lanes: 1,
-        verify: rmig_engine::VerifyMode::Received,
+        verify,
     };
     drop(setup);
     let d =
@@ -418,7 +433,16 @@ fn after_the_handshake(
     edit: impl FnOnce(&mut rmig_engine::DestConfig),
     script: &[Message],
 ) -> (EngineError, Vec<Message>) {
-    let (addr, d, mut ctl, agreed, dst, rt) = authenticated_with(edit);
+    after_offering(rmig_engine::VerifyMode::Received, edit, script)
+}
+
+/// As [`after_the_handshake`], the source offering `verify`.
+fn after_offering(
+    verify: rmig_engine::VerifyMode,
+    edit: impl FnOnce(&mut rmig_engine::DestConfig),
+    script: &[Message],
+) -> (EngineError, Vec<Message>) {
+    let (addr, d, mut ctl, agreed, dst, rt) = authenticated_offering(verify, edit);
     let _lane = join_lane_0(addr, &agreed);
     let back = rt.block_on(async {
         for m in script {
@@ -476,11 +500,24 @@ fn a_round_end_without_its_start_is_refused() {
 #[test]
 fn a_round_out_of_sequence_is_refused() {
     let _deadline = Deadline::secs(30);
+    // The error names the phase it came in, so an operator can tell where the peer strayed.
     let (e, back) = after_the_handshake(|_| {}, &[round_start(3, false)]);
-    refused(&e, &back, "RoundStart is not expected");
+    refused(
+        &e,
+        &back,
+        "RoundStart is not expected between rounds (next 0)",
+    );
     let script = [round_start(0, false), round_end(1)];
     let (e, back) = after_the_handshake(|_| {}, &script);
-    refused(&e, &back, "RoundEnd is not expected");
+    refused(&e, &back, "RoundEnd is not expected in round 0");
+    // After the stop-and-copy round, only the next round may start (a further last round).
+    let script = [round_start(0, true), round_end(0), round_start(5, true)];
+    let (e, back) = after_the_handshake(|_| {}, &script);
+    refused(
+        &e,
+        &back,
+        "RoundStart is not expected after the stop-and-copy round",
+    );
 }
 
 #[test]
@@ -488,7 +525,26 @@ fn device_state_before_the_stop_and_copy_is_refused() {
     let _deadline = Deadline::secs(30);
     let script = [round_start(0, false), round_end(0), device(10, true)];
     let (e, back) = after_the_handshake(|_| {}, &script);
-    refused(&e, &back, "DeviceState is not expected");
+    refused(
+        &e,
+        &back,
+        "DeviceState is not expected between rounds (next 1)",
+    );
+}
+
+#[test]
+fn checksums_in_a_session_without_verification_are_refused() {
+    let _deadline = Deadline::secs(30);
+    let checksums = Message::Checksums {
+        regions: vec![vec![0; 1]],
+    };
+    let script = [round_start(0, false), round_end(0), checksums];
+    let (e, back) = after_offering(rmig_engine::VerifyMode::Off, |_| {}, &script);
+    refused(
+        &e,
+        &back,
+        "Checksums is not expected between rounds (next 1)",
+    );
 }
 
 #[test]
@@ -505,6 +561,21 @@ fn device_state_over_its_cap_is_refused_even_in_pieces() {
         &e,
         &back,
         "device state larger than the limit of 1000 bytes",
+    );
+    // Exactly the limit is taken: the session moves on to verification, where a Commit is
+    // then out of order.
+    let script = [
+        round_start(0, true),
+        round_end(0),
+        device(500, false),
+        device(500, true),
+        Message::Commit,
+    ];
+    let (e, back) = after_the_handshake(|c| c.max_device_state = 1000, &script);
+    refused(
+        &e,
+        &back,
+        "Commit is not expected while waiting for checksums",
     );
 }
 

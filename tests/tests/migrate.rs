@@ -1,9 +1,12 @@
 //! Migrations that must succeed, each checked byte for byte.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rmig_engine::{NoConvergence, SharedDirtyLog, PAGE_2M};
-use rmig_tests::{assert_same, Deadline, Mem, Setup, Writer};
+use rmig_engine::bitmap::AtomicBitmap;
+use rmig_engine::{DirtySource, EngineError, NoConvergence, SharedDirtyLog, PAGE_2M};
+use rmig_tests::{assert_same, Deadline, Mem, Scripted, Setup, Writer};
 
 const MIB: usize = 1 << 20;
 
@@ -312,4 +315,49 @@ fn device_state_larger_than_a_frame_arrives_in_pieces_intact() {
         got.len(),
         state.len()
     );
+}
+
+/// A dirty log that, once the guest is paused, still reports one page at its first `late`
+/// syncs (as KVM's log can report a write made just before the pause one sync late).
+struct LateDirty {
+    log: SharedDirtyLog,
+    pauses: Arc<AtomicU64>,
+    late: u64,
+}
+
+impl DirtySource for LateDirty {
+    fn sync(&mut self, region: usize, into: &AtomicBitmap) -> Result<u64, EngineError> {
+        if self.pauses.load(Ordering::Relaxed) > 0 && self.late > 0 {
+            self.late -= 1;
+            self.log.mark(region, 7);
+        }
+        self.log.sync(region, into)
+    }
+}
+
+#[test]
+fn a_dirty_log_that_reports_late_after_the_pause_gets_another_final_round() {
+    let _deadline = Deadline::secs(60);
+    let len = 8 * MIB;
+    let src = Mem::random(len, 0.0, 17);
+    let dst = Mem::new(len);
+    let mut setup = Setup::new(&src, &dst, len);
+    let emb = Scripted::default();
+    setup.dirty = Box::new(LateDirty {
+        log: SharedDirtyLog::new(&[(len / 4096) as u64]),
+        pauses: emb.pauses.clone(),
+        late: 2,
+    });
+    setup.embedder = Box::new(emb);
+    let (s, d) = setup.run();
+    let s = s.expect("source");
+    assert_eq!(s.status, rmig_engine::MigrationStatus::Completed);
+    assert_eq!(
+        d.expect("destination").stats.status,
+        rmig_engine::MigrationStatus::Completed
+    );
+    // The pause copied twice: the destination took a second stop-and-copy round.
+    let finals = s.rounds.iter().filter(|r| r.last).count();
+    assert!(finals >= 2, "{finals} final rounds: {:?}", s.rounds);
+    assert_same(src.bytes(), dst.bytes());
 }

@@ -74,6 +74,24 @@ fn a_guest_that_outruns_its_link_moves_with_postcopy_and_reads_the_source_bytes(
         s.postcopy, s.downtime_ms, d.stats.downtime_ms
     );
     assert!(s.postcopy.is_some(), "the source reports post-copy too");
+    // The destination's pause ended at its resume, before post-copy ran: it is what the
+    // source hears in the destination's figures, and a short time, not the whole transfer.
+    let theirs = s
+        .peer
+        .clone()
+        .expect("the destination's figures reach the source");
+    assert!(
+        theirs
+            .downtime_us
+            .abs_diff((d.stats.downtime_ms * 1e3) as u64)
+            <= 1,
+        "{theirs:?}"
+    );
+    assert!(
+        d.stats.downtime_ms > 0.0 && d.stats.downtime_ms < d.stats.total_time_ms,
+        "{:?}",
+        d.stats
+    );
     assert_eq!(guest.resumed.load(Ordering::Relaxed), 1);
     // The destination's guest ran before all its memory was there, and read what the
     // source held at the pause on every page it touched.

@@ -135,3 +135,37 @@ fn a_listener_serves_a_source_that_connected_between_two_migrations() {
     );
     assert_same(src.bytes(), dst.bytes());
 }
+
+#[test]
+fn the_destination_shows_its_progress_within_round_0() {
+    let _deadline = Deadline::secs(120);
+    let len = 32 * MIB;
+    let src = Mem::random(len, 0.0, 5);
+    let dst = Mem::new(len);
+    let mut setup = Setup::new(&src, &dst, len);
+    // Round 0 at 32 MB/s takes about a second: its first 700 ms are all inside it.
+    setup.src.max_bandwidth = 32_000_000;
+    let dm = setup.dst_monitor.clone();
+    let watch = std::thread::spawn(move || {
+        let started = std::time::Instant::now();
+        let mut seen = Vec::new();
+        while started.elapsed() < Duration::from_millis(700) {
+            seen.push(dm.progress().transferred);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        seen
+    });
+    let (s, d) = setup.run();
+    let seen = watch.join().unwrap();
+    assert_eq!(s.expect("source").status, MigrationStatus::Completed);
+    assert_eq!(
+        d.expect("destination").stats.status,
+        MigrationStatus::Completed
+    );
+    // What landed shows while the round still runs, not only when it closes.
+    assert!(
+        seen.iter().any(|&b| b > 0 && b < len as u64),
+        "the destination's progress during round 0: {seen:?}"
+    );
+    assert_same(src.bytes(), dst.bytes());
+}
