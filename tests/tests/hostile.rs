@@ -427,6 +427,88 @@ fn lane_data_outside_an_open_round_is_refused_and_never_lands() {
     assert!(d.join().unwrap().is_err());
 }
 
+#[test]
+fn without_a_reconnect_window_a_source_that_vanishes_mid_round_is_a_closed_peer() {
+    let _deadline = Deadline::secs(30);
+    // No window: the destination does not wait for the source to come back, and says the
+    // peer closed (not "source gone after a window of 0 ms").
+    let (addr, d, mut ctl, agreed, _dst, rt) =
+        authenticated_with(|c| c.reconnect_window = Duration::ZERO);
+    let _lane = join_lane_0(addr, &agreed);
+    rt.block_on(codec::write_async(&mut ctl, &round_start(0, false)))
+        .unwrap();
+    drop(ctl);
+    let e = d.join().unwrap().unwrap_err();
+    // (Closed or reset, as the kernel tells it.)
+    assert!(
+        matches!(e, EngineError::PeerClosed | EngineError::Io(_)),
+        "{e}"
+    );
+}
+
+/// Claims the session back on a new connection with reconnect attempt `attempt` and a
+/// genuine proof, as a source whose control connection broke would; returns the round the
+/// destination asks for next if it took the claim (answered `RejoinOk`), and the connection.
+fn rejoin(
+    addr: std::net::SocketAddr,
+    agreed: &rmig_engine::control::handshake::Agreed,
+    attempt: u32,
+) -> (Option<u32>, TcpStream) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    let claim = Message::Rejoin {
+        session: agreed.auth.session_id(),
+        attempt,
+        mac: agreed.auth.rejoin_proof(attempt, None),
+    };
+    codec::write_sync(&mut s, &claim).unwrap();
+    let next = match codec::read_sync(&mut s) {
+        Ok(Message::RejoinOk { next_round, .. }) => Some(next_round),
+        _ => None,
+    };
+    (next, s)
+}
+
+#[test]
+fn a_reconnect_is_taken_once_per_attempt_and_never_without_a_window() {
+    let _deadline = Deadline::secs(60);
+    // With a window: a fresh attempt is taken even while the old link still lives (the
+    // source saw it break first), and the round it broke in starts again as the next one;
+    // the same attempt again (a replay) is not taken; a later one is.
+    let (addr, d, mut ctl, agreed, _dst, rt) = authenticated();
+    let _lane = join_lane_0(addr, &agreed);
+    rt.block_on(codec::write_async(&mut ctl, &round_start(0, false)))
+        .unwrap();
+    // (Nothing answers a RoundStart: give the destination time to take it first.)
+    std::thread::sleep(Duration::from_millis(500));
+    let (first, mut c1) = rejoin(addr, &agreed, 1);
+    assert_eq!(
+        first,
+        Some(1),
+        "a fresh, proven reconnect mid-round 0 goes on at 1"
+    );
+    let (replay, _) = rejoin(addr, &agreed, 1);
+    assert_eq!(replay, None, "the same attempt twice is a replay");
+    codec::write_sync(&mut c1, &round_start(1, false)).unwrap();
+    // (Nothing answers a RoundStart: give the destination time to take it first.)
+    std::thread::sleep(Duration::from_millis(500));
+    let (later, c2) = rejoin(addr, &agreed, 2);
+    assert_eq!(later, Some(2), "a later attempt mid-round 1 goes on at 2");
+    drop((ctl, c1, c2));
+    assert!(d.join().unwrap().is_err());
+
+    // Without a window, the destination never takes its source back.
+    let (addr, d, mut ctl, agreed, _dst, rt) =
+        authenticated_with(|c| c.reconnect_window = Duration::ZERO);
+    let _lane = join_lane_0(addr, &agreed);
+    rt.block_on(codec::write_async(&mut ctl, &round_start(0, false)))
+        .unwrap();
+    let (taken, _) = rejoin(addr, &agreed, 1);
+    assert_eq!(taken, None, "no window: no reconnect");
+    drop(ctl);
+    assert!(d.join().unwrap().is_err());
+}
+
 /// An authenticated source (its one lane joined) sends `script` on the control connection;
 /// returns the destination's error and what it sent back.
 fn after_the_handshake(
