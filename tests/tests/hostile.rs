@@ -109,30 +109,26 @@ fn a_forged_auth_proof_is_refused() {
     assert!(error_text(&back).contains("pre-shared key"));
 }
 
-/// A destination for 4 MiB and a genuine source that has passed the handshake (one lane
-/// agreed), for tests of what comes after.
-fn authenticated() -> (
+/// A session past its handshake: the destination's address and serving thread, the source's
+/// control connection and what it agreed, destination memory, and the runtime that drives
+/// the connection.
+type Authenticated = (
     std::net::SocketAddr,
     std::thread::JoinHandle<Result<rmig_engine::DestOutcome, EngineError>>,
     tokio::net::TcpStream,
     rmig_engine::control::handshake::Agreed,
     Mem,
     tokio::runtime::Runtime,
-) {
+);
+
+/// A destination for 4 MiB and a genuine source that has passed the handshake (one lane
+/// agreed), for tests of what comes after.
+fn authenticated() -> Authenticated {
     authenticated_with(|_| {})
 }
 
 /// As [`authenticated`], with the destination's configuration edited by `edit`.
-fn authenticated_with(
-    edit: impl FnOnce(&mut rmig_engine::DestConfig),
-) -> (
-    std::net::SocketAddr,
-    std::thread::JoinHandle<Result<rmig_engine::DestOutcome, EngineError>>,
-    tokio::net::TcpStream,
-    rmig_engine::control::handshake::Agreed,
-    Mem,
-    tokio::runtime::Runtime,
-) {
+fn authenticated_with(edit: impl FnOnce(&mut rmig_engine::DestConfig)) -> Authenticated {
     authenticated_offering(rmig_engine::VerifyMode::Received, edit)
 }
 
@@ -140,14 +136,7 @@ fn authenticated_with(
 fn authenticated_offering(
     verify: rmig_engine::VerifyMode,
     edit: impl FnOnce(&mut rmig_engine::DestConfig),
-) -> (
-    std::net::SocketAddr,
-    std::thread::JoinHandle<Result<rmig_engine::DestOutcome, EngineError>>,
-    tokio::net::TcpStream,
-    rmig_engine::control::handshake::Agreed,
-    Mem,
-    tokio::runtime::Runtime,
-) {
+) -> Authenticated {
     let dst = Mem::new(4 * MIB);
     let setup = Setup::new(&dst, &dst, 4 * MIB);
     let mut cfg = setup.dst.clone();
