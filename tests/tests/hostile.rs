@@ -175,18 +175,60 @@ fn join_lane_0(
     addr: std::net::SocketAddr,
     agreed: &rmig_engine::control::handshake::Agreed,
 ) -> TcpStream {
-    let mut lane = TcpStream::connect(addr).unwrap();
+    join_lane(addr, agreed, 0)
+}
+
+/// Joins lane `lane` of an authenticated session as its source would.
+fn join_lane(
+    addr: std::net::SocketAddr,
+    agreed: &rmig_engine::control::handshake::Agreed,
+    lane: u16,
+) -> TcpStream {
+    let (answer, sock) = claim_lane(addr, agreed, lane);
+    assert_eq!(answer, Message::LaneAccepted, "lane {lane}");
+    sock
+}
+
+/// Claims lane `lane` with a genuine proof; returns the destination's answer and the socket.
+fn claim_lane(
+    addr: std::net::SocketAddr,
+    agreed: &rmig_engine::control::handshake::Agreed,
+    lane: u16,
+) -> (Message, TcpStream) {
+    let mut sock = TcpStream::connect(addr).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
     codec::write_sync(
-        &mut lane,
+        &mut sock,
         &Message::LaneJoin {
             session: agreed.auth.session_id(),
-            lane: 0,
-            mac: agreed.auth.lane_proof(0),
+            lane,
+            mac: agreed.auth.lane_proof(lane),
         },
     )
     .unwrap();
-    assert_eq!(codec::read_sync(&mut lane).unwrap(), Message::LaneAccepted);
-    lane
+    (codec::read_sync(&mut sock).unwrap(), sock)
+}
+
+#[test]
+fn a_tcp_session_takes_no_lane_beyond_its_own_but_one_fetch_lane() {
+    let _deadline = Deadline::secs(30);
+    // One lane agreed. Lane 1 would be a TCP lane replacing a failed RDMA lane: a TCP session
+    // has none to replace, so even a genuine proof for it is refused. Lane 2 is post-copy's
+    // fetch lane: taken once. A lane number taken already is refused too.
+    let (addr, d, ctl, agreed, _dst, _rt) = authenticated();
+    let _lane = join_lane_0(addr, &agreed);
+    let not_expected = |lane: u16| {
+        let (answer, _) = claim_lane(addr, &agreed, lane);
+        let why = format!("lane {lane} is not expected");
+        assert_eq!(answer, Message::Error { message: why });
+    };
+    not_expected(1);
+    not_expected(0);
+    let _fetch = join_lane(addr, &agreed, 2);
+    not_expected(2);
+    not_expected(3);
+    drop(ctl);
+    assert!(d.join().unwrap().is_err());
 }
 
 #[test]
@@ -513,8 +555,21 @@ fn after_offering(
     edit: impl FnOnce(&mut rmig_engine::DestConfig),
     script: &[Message],
 ) -> (EngineError, Vec<Message>) {
+    let (e, back, dst) = scripted(verify, edit, &[0], script);
+    assert!(dst.bytes().iter().all(|&b| b == 0), "nothing may land");
+    (e, back)
+}
+
+/// As [`after_offering`], the source joining the lanes `lanes` before its script; hands
+/// destination memory back unread (after post-copy, reading a page that never came blocks).
+fn scripted(
+    verify: rmig_engine::VerifyMode,
+    edit: impl FnOnce(&mut rmig_engine::DestConfig),
+    lanes: &[u16],
+    script: &[Message],
+) -> (EngineError, Vec<Message>, Mem) {
     let (addr, d, mut ctl, agreed, dst, rt) = authenticated_offering(verify, edit);
-    let _lane = join_lane_0(addr, &agreed);
+    let _lanes: Vec<TcpStream> = lanes.iter().map(|&l| join_lane(addr, &agreed, l)).collect();
     let back = rt.block_on(async {
         for m in script {
             codec::write_async(&mut ctl, m).await.unwrap();
@@ -528,9 +583,7 @@ fn after_offering(
         let _ = tokio::time::timeout(Duration::from_secs(5), read).await;
         back
     });
-    let e = d.join().unwrap().unwrap_err();
-    assert!(dst.bytes().iter().all(|&b| b == 0), "nothing may land");
-    (e, back)
+    (d.join().unwrap().unwrap_err(), back, dst)
 }
 
 fn round_start(round: u32, last: bool) -> Message {
@@ -670,4 +723,39 @@ fn a_commit_before_verification_is_refused() {
     ];
     let (e, back) = after_the_handshake(|_| {}, &script);
     refused(&e, &back, "Digests is not expected");
+}
+
+#[test]
+fn a_round_out_of_sequence_in_post_copy_is_refused() {
+    let _deadline = Deadline::secs(60);
+    // A source switches to post-copy after round 0 (every page still to come, its one lane
+    // and its fetch lane, lane 2, joined) and has the destination's guest resumed; it must
+    // then start round 1, and round 7 is refused. The guest already runs here, so that
+    // failure loses it (its missing pages are on a source that strayed).
+    let pages = (4 * MIB / 4096) as u64;
+    let script = [
+        round_start(0, false),
+        round_end(0),
+        Message::PostcopyPages {
+            runs: vec![(0, 0, pages)],
+            last: true,
+        },
+        device(10, true),
+        Message::Commit,
+        round_start(7, true),
+    ];
+    let (e, back, dst) = scripted(rmig_engine::VerifyMode::Off, |_| {}, &[0, 2], &script);
+    assert!(back.contains(&Message::Resumed), "it switched: {back:?}");
+    let what = "RoundStart is not expected in post-copy (next round 1)";
+    assert!(
+        matches!(&e, EngineError::GuestLost(m) if m.contains(what)),
+        "{e}"
+    );
+    assert!(
+        back.iter()
+            .any(|m| matches!(m, Message::Error { message } if message.contains(what))),
+        "the source is told: {back:?}"
+    );
+    // Its pages never came: a read would block for good.
+    std::mem::forget(dst);
 }

@@ -156,7 +156,9 @@ fn a_two_second_outage_during_postcopy_is_ridden_out_and_verifies() {
     setup.dest_guest = Some(Box::new(guest.clone()));
     // Nothing moves for 2 s once `Resumed` reached the source, then every connection that
     // was open is reset: the source reconnects (control, lanes, fetch lane) and goes on; the
-    // destination's faults wait meanwhile.
+    // destination's faults wait meanwhile. Three lanes: the fetch lane's number follows the
+    // lane count (twice it), and it must be let in again under that number.
+    setup.src.lanes = 3;
     let trigger = Trigger::Frame {
         to_dest: false,
         tag: tag::RESUMED,
@@ -176,6 +178,14 @@ fn a_two_second_outage_during_postcopy_is_ridden_out_and_verifies() {
     assert!(
         s.reconnects >= 1,
         "the source reconnected: {}",
+        s.reconnects
+    );
+    // The destination took back each reconnect (one more at most: a claim it answered that
+    // the outage swallowed).
+    assert!(
+        (1..=s.reconnects + 1).contains(&d.stats.reconnects),
+        "the destination counts {} reconnects, the source {}",
+        d.stats.reconnects,
         s.reconnects
     );
     assert_eq!(d.stats.verified, Some(true));

@@ -129,6 +129,11 @@ fn the_only_rdma_lane_failing_mid_round_hands_over_to_tcp_lanes() {
     let why = s.fallback_reason.expect("a fallback reason");
     assert!(why.contains("every RDMA lane failed"), "{why}");
     assert_eq!(d.stats.transport, "tcp");
+    // The destination counts the TCP lane that replaced the RDMA one as an added lane (not
+    // as a lane rejoining after a reconnect), and says why.
+    assert_eq!((s.lanes, d.stats.lanes), (2, 2));
+    let why = d.stats.fallback_reason.as_deref().unwrap_or("");
+    assert!(why.contains("replaced its failed RDMA lanes"), "{why}");
     assert_eq!(s.verified, Some(true));
     assert_same(src.bytes(), dst.bytes());
 }
