@@ -354,12 +354,9 @@ pub fn rehash_memory(
     limit: usize,
 ) -> Vec<(u32, u64)> {
     let total: u64 = ours.iter().map(|h| h.hashes.len() as u64).sum();
-    let share = total.div_ceil(threads.max(1) as u64).max(1);
     let mut found: Vec<(u32, u64)> = std::thread::scope(|s| {
-        let workers: Vec<_> = (0..total.div_ceil(share))
-            .map(|t| {
-                s.spawn(move || rehash_share(ours, map, t * share..total.min((t + 1) * share)))
-            })
+        let workers: Vec<_> = shares(total, threads)
+            .map(|span| s.spawn(move || rehash_share(ours, map, span)))
             .collect();
         workers
             .into_iter()
@@ -369,6 +366,15 @@ pub fn rehash_memory(
     found.dedup();
     found.truncate(limit);
     found
+}
+
+/// Pages `0..total` cut into at most `threads` (at least one) contiguous shares of nearly
+/// equal size, in order: the re-hash is in the pause, so every thread must get its part.
+fn shares(total: u64, threads: usize) -> impl Iterator<Item = std::ops::Range<u64>> {
+    let share = total.div_ceil(threads.max(1) as u64).max(1);
+    (0..total)
+        .step_by(share as usize)
+        .map(move |first| first..total.min(first + share))
 }
 
 /// [`rehash_memory`]'s work on pages `span` of the concatenation of all regions: the chunks
@@ -658,6 +664,17 @@ mod chunk_tests {
                 .collect(),
         );
         (mem, hashes, map)
+    }
+
+    #[test]
+    fn the_rehash_gives_every_thread_a_contiguous_share() {
+        let cut = |total, threads| shares(total, threads).collect::<Vec<_>>();
+        assert_eq!(cut(10, 2), vec![0..5, 5..10]);
+        assert_eq!(cut(7, 3), vec![0..3, 3..6, 6..7]);
+        // Fewer pages than threads: one page each; no threads asked: one thread.
+        assert_eq!(cut(2, 4), vec![0..1, 1..2]);
+        assert_eq!(cut(5, 0), vec![0..5]);
+        assert!(cut(0, 2).is_empty());
     }
 
     #[test]
