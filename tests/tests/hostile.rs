@@ -170,14 +170,6 @@ fn authenticated_offering(
     (addr, d, ctl, agreed, dst, rt)
 }
 
-/// Joins lane 0 of an authenticated session as its source would.
-fn join_lane_0(
-    addr: std::net::SocketAddr,
-    agreed: &rmig_engine::control::handshake::Agreed,
-) -> TcpStream {
-    join_lane(addr, agreed, 0)
-}
-
 /// Joins lane `lane` of an authenticated session as its source would.
 fn join_lane(
     addr: std::net::SocketAddr,
@@ -195,18 +187,25 @@ fn claim_lane(
     agreed: &rmig_engine::control::handshake::Agreed,
     lane: u16,
 ) -> (Message, TcpStream) {
+    let join = Message::LaneJoin {
+        session: agreed.auth.session_id(),
+        lane,
+        mac: agreed.auth.lane_proof(lane),
+    };
+    let (answer, sock) = first_words(addr, &join);
+    (answer.unwrap(), sock)
+}
+
+/// Opens a new connection to `addr`, sends `m` and reads the answer (waiting at most 3 s);
+/// returns the answer and the connection.
+fn first_words(
+    addr: std::net::SocketAddr,
+    m: &Message,
+) -> (Result<Message, EngineError>, TcpStream) {
     let mut sock = TcpStream::connect(addr).unwrap();
     sock.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
-    codec::write_sync(
-        &mut sock,
-        &Message::LaneJoin {
-            session: agreed.auth.session_id(),
-            lane,
-            mac: agreed.auth.lane_proof(lane),
-        },
-    )
-    .unwrap();
-    (codec::read_sync(&mut sock).unwrap(), sock)
+    codec::write_sync(&mut sock, m).unwrap();
+    (codec::read_sync(&mut sock), sock)
 }
 
 #[test]
@@ -216,7 +215,7 @@ fn a_tcp_session_takes_no_lane_beyond_its_own_but_one_fetch_lane() {
     // has none to replace, so even a genuine proof for it is refused. Lane 2 is post-copy's
     // fetch lane: taken once. A lane number taken already is refused too.
     let (addr, d, ctl, agreed, _dst, _rt) = authenticated();
-    let _lane = join_lane_0(addr, &agreed);
+    let _lane = join_lane(addr, &agreed, 0);
     let not_expected = |lane: u16| {
         let (answer, _) = claim_lane(addr, &agreed, lane);
         let why = format!("lane {lane} is not expected");
@@ -260,7 +259,7 @@ fn an_authenticated_lane_sending_a_run_outside_the_region_ends_the_migration() {
     let _deadline = Deadline::secs(120);
     // A source that passes every check and then writes past the end of guest memory.
     let (addr, d, _ctl, agreed, dst, _rt) = authenticated();
-    let mut lane = join_lane_0(addr, &agreed);
+    let mut lane = join_lane(addr, &agreed, 0);
     let h = rmig_transport::tcp::wire::Header {
         kind: rmig_transport::tcp::wire::KIND_DATA,
         region: 0,
@@ -435,7 +434,7 @@ fn lane_data_outside_an_open_round_is_refused_and_never_lands() {
     // started on the control connection: the destination waits briefly for the round, then
     // refuses the run and ends the lane without writing a byte.
     let (addr, d, ctl, agreed, dst, _rt) = authenticated();
-    let mut lane = join_lane_0(addr, &agreed);
+    let mut lane = join_lane(addr, &agreed, 0);
     let h = rmig_transport::tcp::wire::Header {
         kind: rmig_transport::tcp::wire::KIND_DATA,
         region: 0,
@@ -465,7 +464,7 @@ fn without_a_reconnect_window_a_source_that_vanishes_mid_round_is_a_closed_peer(
     // peer closed (not "source gone after a window of 0 ms").
     let (addr, d, mut ctl, agreed, _dst, rt) =
         authenticated_with(|c| c.reconnect_window = Duration::ZERO);
-    let _lane = join_lane_0(addr, &agreed);
+    let _lane = join_lane(addr, &agreed, 0);
     rt.block_on(codec::write_async(&mut ctl, &round_start(0, false)))
         .unwrap();
     drop(ctl);
@@ -485,15 +484,13 @@ fn rejoin(
     agreed: &rmig_engine::control::handshake::Agreed,
     attempt: u32,
 ) -> (Option<u32>, TcpStream) {
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
     let claim = Message::Rejoin {
         session: agreed.auth.session_id(),
         attempt,
         mac: agreed.auth.rejoin_proof(attempt, None),
     };
-    codec::write_sync(&mut s, &claim).unwrap();
-    let next = match codec::read_sync(&mut s) {
+    let (answer, s) = first_words(addr, &claim);
+    let next = match answer {
         Ok(Message::RejoinOk { next_round, .. }) => Some(next_round),
         _ => None,
     };
@@ -507,7 +504,7 @@ fn a_reconnect_is_taken_once_per_attempt_and_never_without_a_window() {
     // source saw it break first), and the round it broke in starts again as the next one;
     // the same attempt again (a replay) is not taken; a later one is.
     let (addr, d, mut ctl, agreed, _dst, rt) = authenticated();
-    let _lane = join_lane_0(addr, &agreed);
+    let _lane = join_lane(addr, &agreed, 0);
     rt.block_on(codec::write_async(&mut ctl, &round_start(0, false)))
         .unwrap();
     // (Nothing answers a RoundStart: give the destination time to take it first.)
@@ -531,7 +528,7 @@ fn a_reconnect_is_taken_once_per_attempt_and_never_without_a_window() {
     // Without a window, the destination never takes its source back.
     let (addr, d, mut ctl, agreed, _dst, rt) =
         authenticated_with(|c| c.reconnect_window = Duration::ZERO);
-    let _lane = join_lane_0(addr, &agreed);
+    let _lane = join_lane(addr, &agreed, 0);
     rt.block_on(codec::write_async(&mut ctl, &round_start(0, false)))
         .unwrap();
     let (taken, _) = rejoin(addr, &agreed, 1);
@@ -607,6 +604,11 @@ fn refused(e: &EngineError, back: &[Message], what: &str) {
         matches!(e, EngineError::Protocol(m) if m.contains(what)),
         "{what}: {e}"
     );
+    assert_told(back, what);
+}
+
+/// Asserts that the destination sent the source an `Error` naming `what`.
+fn assert_told(back: &[Message], what: &str) {
     assert!(
         back.iter()
             .any(|m| matches!(m, Message::Error { message } if message.contains(what))),
@@ -751,11 +753,7 @@ fn a_round_out_of_sequence_in_post_copy_is_refused() {
         matches!(&e, EngineError::GuestLost(m) if m.contains(what)),
         "{e}"
     );
-    assert!(
-        back.iter()
-            .any(|m| matches!(m, Message::Error { message } if message.contains(what))),
-        "the source is told: {back:?}"
-    );
+    assert_told(&back, what);
     // Its pages never came: a read would block for good.
     std::mem::forget(dst);
 }
