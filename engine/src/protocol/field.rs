@@ -391,3 +391,76 @@ impl Field for EndFigures {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `v`'s encoding.
+    fn encoded<T: Field>(v: &T) -> Vec<u8> {
+        let mut w = Vec::new();
+        v.put(&mut w);
+        w
+    }
+
+    /// `T::MIN` is the length of `small`'s encoding and `T::MAX` of `large`'s, and each reads
+    /// back as itself with nothing left over.
+    fn assert_bounds<T: Field + PartialEq + std::fmt::Debug>(small: T, large: T) {
+        for (v, bound) in [(&small, T::MIN), (&large, T::MAX)] {
+            let w = encoded(v);
+            assert_eq!(w.len(), bound, "{v:?}");
+            let mut r = R(&w);
+            assert_eq!(&T::get(&mut r).expect("reads back"), v);
+            assert!(r.0.is_empty(), "{v:?}: {} bytes left", r.0.len());
+        }
+    }
+
+    /// A composite field's bounds are its smallest and its largest encodings. They are what
+    /// the decoder refuses frames by before reading them (a body shorter than its type's
+    /// fewest bytes) and what bounds a list's count by the bytes left (so a hostile count
+    /// allocates nothing): a bound below the smallest encoding lets those through, one above
+    /// the largest refuses what a peer may send. Only messages' sums were tested before, and
+    /// cargo-mutants found each struct's own bound free to change.
+    #[test]
+    fn each_fields_bounds_are_its_smallest_and_largest_encodings() {
+        assert_eq!(encoded(&0xa5u8), [0xa5]);
+        assert_bounds(0u8, u8::MAX);
+        assert_bounds((0u32, 0u64), (u32::MAX, u64::MAX));
+        assert_bounds((0u32, 0u64, 0u64), (u32::MAX, u64::MAX, u64::MAX));
+        let (small_facts, large_facts) = (
+            MemoryFacts::default(),
+            MemoryFacts {
+                prefaulted: Some(true),
+                huge_bytes: Some(u64::MAX),
+                huge_pages: "h".repeat(MAX_NOTE),
+            },
+        );
+        assert_bounds(small_facts.clone(), large_facts.clone());
+        assert_bounds(
+            EndFigures {
+                memory: small_facts,
+                ..EndFigures::default()
+            },
+            EndFigures {
+                page_bytes: u64::MAX,
+                rounds: u32::MAX,
+                rate: u64::MAX,
+                downtime_us: u64::MAX,
+                setup_us: u64::MAX,
+                total_us: u64::MAX,
+                memory: large_facts,
+            },
+        );
+        let region = |id, name: &str, n: u64, gpa| RegionDesc {
+            id,
+            name: name.to_string(),
+            len: n,
+            page_size: n,
+            gpa,
+        };
+        assert_bounds(
+            region(0, "", 0, None),
+            region(u32::MAX, &"n".repeat(MAX_NAME), u64::MAX, Some(u64::MAX)),
+        );
+    }
+}
