@@ -5,7 +5,8 @@
 # against the installed librmig under valgrind, then network blips between two network
 # namespaces (tests/netns-blips.sh), then a migration in a two-node NUMA
 # guest and the RDMA tests on soft-RoCE (QEMU guests; tests/vm/vm.sh installs what is missing),
-# then a real QEMU migrating a guest through librmig (integrations/qemu/demo.sh).
+# then a real QEMU migrating a guest through librmig (integrations/qemu/demo.sh), and QEMU's own
+# qtest with librmig over TCP and, inside the soft-RoCE guest, over RDMA.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/deps.sh
@@ -30,3 +31,5 @@ bash tests/vm/rdma.sh
 bash integrations/qemu/demo.sh
 # QEMU's own migration qtest, its two x-rmig cases (the patch adds them): ~2 min.
 bash integrations/qemu/qtest.sh
+# Its RDMA case: two QEMU processes inside the soft-RoCE guest, librmig's lanes on RDMA: ~2.5 min.
+bash tests/vm/qemu-rdma.sh

@@ -9,8 +9,10 @@
 #
 # Why the qtest's guest and not integrations/qemu/demo.sh's Linux guest: under TCG inside the
 # TCG guest a Linux kernel did not reach its init within 15 minutes, while a boot sector runs
-# at once. Not in the README's test command (minutes, nested emulation; soft-RoCE says nothing
-# about speed): it shows that one-sided writes move a real QEMU guest, once, for issue 13.
+# at once. In the README's test command (scripts/test.sh; about 2.5 minutes with the guest's
+# boot). Soft-RoCE under emulation says nothing about speed: this shows that one-sided writes
+# move a real QEMU guest and land the right bytes. It always boots the soft-RoCE guest (unlike
+# tests/vm/rdma.sh, it has no native path for hosts with rdma_rxe).
 # Environment: VM_MEM (default 3G), VM_TIMEOUT (seconds, default 1500).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
