@@ -275,6 +275,22 @@ mod tests {
         );
     }
 
+    /// A limit changed mid-migration (QEMU's `downtime-limit`, `rmig_set_downtime_limit`)
+    /// decides the next round: a dirty set that could not stop under the old limit stops
+    /// under the raised one, and one that could no longer does under a lowered one.
+    #[test]
+    fn a_changed_downtime_limit_decides_the_next_round() {
+        let mut c = above_the_limit();
+        // 500 MB left of 800 MB sent, at 1 GB/s: 500 ms, above the default 300 ms, and no
+        // longer shrinking well (so under a limit it meets, it stops).
+        let (sent, left) = (800_000_000, 500_000_000);
+        assert_eq!(c.after_round(0, sent, left, GB), Decision::Iterate);
+        c.set_downtime_limit(Duration::from_secs(1));
+        assert_eq!(c.after_round(1, sent, left, GB), Decision::Switchover);
+        c.set_downtime_limit(Duration::from_millis(100));
+        assert_eq!(c.after_round(2, sent, left, GB), Decision::Iterate);
+    }
+
     #[test]
     fn a_stall_in_round_0_does_not_count() {
         let mut c = above_the_limit();
