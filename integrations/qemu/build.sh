@@ -38,9 +38,11 @@ ensure_backports() {
 ensure_packages() {
   local need=() p
   for p in ninja-build libglib2.0-dev libpixman-1-dev libslirp-dev libfdt-dev flex bison \
-           python3-venv xz-utils gcc make pkg-config rsync curl ipxe-qemu; do
+           python3-venv xz-utils gcc make pkg-config rsync curl ipxe-qemu seabios; do
     have_pkg "$p" || need+=("$p")
   done
+  # The firmware the binary loads from /usr/share/qemu (linuxboot_dma.bin, ...), of its version.
+  have_pkg qemu-system-data || need+=(qemu-system-data/bookworm-backports)
   local meson_ok=0
   if have_pkg meson && dpkg --compare-versions "$(dpkg-query -W -f='${Version}' meson)" ge 1.5; then
     meson_ok=1

@@ -20,11 +20,7 @@ mib=${RMIG_DEMO_MIB:-256}
 rate=${RMIG_DEMO_RATE:-20}
 qemu=$("$here/build.sh")
 initrd=$("$here/guest/build.sh")
-kernel=$(ls /boot/vmlinuz-*-amd64 2>/dev/null | sort -V | tail -1 || true)
-if [ -z "$kernel" ]; then
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends linux-image-amd64 >/dev/null
-  kernel=$(ls /boot/vmlinuz-*-amd64 | sort -V | tail -1)
-fi
+kernel=$("$here/guest/kernel.sh")
 work=$(mktemp -d /tmp/rmig-qemu-demo.XXXXXX)
 pids=()
 cleanup() {

@@ -24,7 +24,7 @@ hot=${RMIG_MEASURE_HOT:-128}
 prealloc=${RMIG_MEASURE_PREALLOC:-0}
 qemu=$("$here/build.sh")
 initrd=$("$here/guest/build.sh")
-kernel=$(ls /boot/vmlinuz-*-amd64 | sort -V | tail -1)
+kernel=$("$here/guest/kernel.sh")
 work=$(mktemp -d /tmp/rmig-qemu-measure.XXXXXX)
 pids=()
 cleanup() { local p; for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null || true; done; rm -rf "$work"; }

@@ -7,6 +7,11 @@ cache=${RMIG_QEMU_CACHE:-/var/cache/rmig-qemu}
 key=$(sha256sum "$here/init.c" "$0" | sha256sum | cut -c1-16)
 out="$cache/guest-$key.cpio.gz"
 if [ ! -s "$out" ]; then
+  if ! command -v cpio >/dev/null; then
+    SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get -o DPkg::Lock::Timeout=600 install -y -qq \
+      --no-install-recommends cpio >/dev/null
+  fi
   mkdir -p "$cache"
   stage=$(mktemp -d)
   trap 'rm -rf "$stage"' EXIT
