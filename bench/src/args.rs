@@ -322,6 +322,12 @@ pub struct TransportArgs {
     /// 0 fails the migration at once.
     #[arg(long, default_value_t = 10.0, value_parser = parse::seconds)]
     pub reconnect_window: f64,
+    /// Destination, TCP: place pre-copy pages that are not in memory yet with userfaultfd's
+    /// UFFDIO_COPY (no page fault, no zeroing); `off` writes every page in place, faulting in
+    /// those not yet in memory. Matters for a destination that is not preallocated; the
+    /// report's `landing` says what was done.
+    #[arg(long, value_enum, default_value_t = OnOff::On)]
+    pub uffd_landing: OnOff,
     /// TLS 1.3 on the control connection and every TCP lane [default: on for source and
     /// dest, off for loopback]. RDMA lanes cannot be encrypted: with it on, `auto` uses TCP
     /// unless both ends give --rdma-cleartext-lanes.
@@ -406,6 +412,7 @@ impl TransportArgs {
         d.transport = self.choice();
         d.rdma = self.rdma();
         d.reconnect_window = Duration::from_secs_f64(self.reconnect_window);
+        d.land_with_userfaultfd = self.uffd_landing == OnOff::On;
         d
     }
 }

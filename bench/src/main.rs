@@ -424,7 +424,9 @@ fn loopback(a: LoopbackArgs) -> Result<i32> {
     info.dest_huge_bytes = Some(dest_huge);
     let mut report = Report::new(run.stats, memory_equal, run.cpu, info);
     report.memory_pages_left_out = left_out;
-    report.dest_postcopy = dest_monitor.stats().postcopy;
+    let dest_stats = dest_monitor.stats();
+    report.dest_postcopy = dest_stats.postcopy;
+    report.dest_landing = dest_stats.landing;
     report.dest_guest = written.as_ref().map(DestGuestFigures::of);
     report.source_guest = Some(if run.guest_running {
         "running"

@@ -8,7 +8,7 @@
 //! ends. A failed run's table says what did not happen (`not reached`) instead of printing
 //! defaults that read like results (`verified off`, `0 Mbit/s`).
 
-use rmig_engine::stats::PostcopyReport;
+use rmig_engine::stats::{LandingReport, PostcopyReport};
 use rmig_engine::{MemoryFacts, MigrationStats, MigrationStatus};
 use serde::Serialize;
 
@@ -114,6 +114,9 @@ pub struct Report {
     /// The destination's post-copy figures (loopback; `postcopy` holds the source's): pages
     /// fetched on fault and in the background, fault latency.
     pub dest_postcopy: Option<PostcopyReport>,
+    /// How the destination put pre-copy pages into its memory (loopback; in dest the stats'
+    /// own `landing` says it).
+    pub dest_landing: Option<LandingReport>,
     /// What the destination's guest did once resumed (dest, loopback; `null` without writers).
     pub dest_guest: Option<DestGuestFigures>,
     /// How the run was set up.
@@ -151,6 +154,7 @@ impl Report {
             source_guest: None,
             dest: None,
             dest_postcopy: None,
+            dest_landing: None,
             dest_guest: None,
             run,
         }
@@ -245,6 +249,9 @@ impl Report {
                     "not preallocated (faulted in during the migration)".into()
                 },
             ));
+        }
+        if let Some(l) = s.landing.as_ref().or(self.dest_landing.as_ref()) {
+            v.push(("landing", landing(l)));
         }
         if s.lanes > 0 {
             v.push((
@@ -505,6 +512,17 @@ impl Report {
 }
 
 /// A post-copy phase's length in words.
+/// How the destination put pre-copy pages into its memory, in words.
+fn landing(l: &LandingReport) -> String {
+    match &l.why_not {
+        None => format!(
+            "{}: {} pages placed without a page fault, {} touched first (zero page)",
+            l.method, l.placed_pages, l.zero_filled_pages
+        ),
+        Some(why) => format!("{} into place ({why})", l.method),
+    }
+}
+
 fn phase(p: &PostcopyReport) -> String {
     format!(
         "{:.1} ms from the destination's resumption to the last page",

@@ -178,6 +178,23 @@ pub struct MigrationStats {
     pub peer: Option<EndFigures>,
     /// The post-copy phase, when the migration switched to it; `null` otherwise.
     pub postcopy: Option<PostcopyReport>,
+    /// Destination: how pre-copy pages were put into guest memory; `null` on the source, and
+    /// over RDMA (the NIC writes them).
+    pub landing: Option<LandingReport>,
+}
+
+/// How a destination put pre-copy pages into its guest memory.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct LandingReport {
+    /// `userfaultfd`: pages not yet in memory were placed with `UFFDIO_COPY`, without a page
+    /// fault; `copy`: every page was copied in place (faulting in those not yet in memory).
+    pub method: String,
+    /// Why `copy` (e.g. every page was resident already, or no userfaultfd for this process).
+    pub why_not: Option<String>,
+    /// Pages placed with `UFFDIO_COPY`.
+    pub placed_pages: u64,
+    /// Pages something touched before they landed, given the zero page.
+    pub zero_filled_pages: u64,
 }
 
 /// The post-copy phase as one end saw it.

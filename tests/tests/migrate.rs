@@ -58,6 +58,42 @@ fn zero_memory_is_sent_as_markers() {
     assert_same(src.bytes(), dst.bytes());
 }
 
+/// A destination whose memory was never touched (a VMM's default) has its pages placed with
+/// userfaultfd instead of faulted in; memory that is all resident is copied into as before.
+/// Either way the destination ends up equal to the source, zero pages included. (Needs root or
+/// `vm.unprivileged_userfaultfd=1`, as the test command has.)
+#[test]
+fn fresh_destination_memory_is_placed_and_resident_memory_copied_over() {
+    let _deadline = Deadline::secs(120);
+    let len = 16 * MIB;
+    let src = Mem::random(len, 0.3, 7);
+    // Fresh, and not declared zero (as a VMM's RAM): its zero runs must not touch it either.
+    let dst = Mem::new(len);
+    let mut setup = Setup::new(&src, &dst, len);
+    setup.dst_regions = vec![dst.region(0, 0, len, 4096)];
+    let (s, d) = setup.run();
+    let s = s.expect("source");
+    let landing = d.expect("destination").stats.landing.expect("reported");
+    assert_eq!(landing.method, "userfaultfd", "{landing:?}");
+    assert!(s.ram.normal > 0 && s.ram.duplicate > 0, "{:?}", s.ram);
+    assert_eq!(landing.placed_pages, s.ram.normal, "every data page, once");
+    assert_eq!(
+        landing.zero_filled_pages, 0,
+        "nothing touched a page before it landed"
+    );
+    assert_same(src.bytes(), dst.bytes());
+    // All resident, holding other bytes: copied over, its zero pages zeroed.
+    let mut resident = Mem::random(len, 0.0, 8);
+    let mut setup = Setup::new(&src, &resident, len);
+    setup.dst_regions = vec![resident.region(0, 0, len, 4096)];
+    let (s, d) = setup.run();
+    assert_eq!(s.expect("source").verified, Some(true));
+    let landing = d.expect("destination").stats.landing.expect("reported");
+    assert_eq!((landing.method.as_str(), landing.placed_pages), ("copy", 0));
+    assert!(landing.why_not.unwrap_or_default().contains("resident"));
+    assert_same(src.bytes(), resident.bytes_mut());
+}
+
 #[test]
 fn mixed_memory() {
     let _deadline = Deadline::secs(120);

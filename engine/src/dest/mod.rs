@@ -7,6 +7,7 @@
 
 mod faults;
 mod incoming;
+mod landing;
 mod lanes;
 mod phase;
 mod placer;
@@ -358,8 +359,13 @@ impl DestListener {
             )?),
             _ => None,
         };
+        if agreed.transport == TransportKind::Tcp {
+            sink.start_landing(cfg.land_with_userfaultfd);
+        }
+        let landing = sink.landing_report();
         monitor.update(|s| {
             s.status = MigrationStatus::Active;
+            s.landing = landing;
             if let (Some((mem, _)), Some(dev)) = (&rdma, &device) {
                 s.rdma = Some(crate::stats::RdmaReport::of(dev, mem));
             }

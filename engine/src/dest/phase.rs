@@ -160,7 +160,15 @@ impl Receiving<'_> {
         embedder: &mut dyn DestEmbedder,
     ) -> Result<(), Failure> {
         let r = self.serve(results, kept, embedder);
+        self.end_landing();
         self.settle_postcopy(r)
+    }
+
+    /// Ends pre-copy landing with `UFFDIO_COPY` (idempotent) and records what it did.
+    pub(super) fn end_landing(&mut self) {
+        self.sink.end_landing();
+        let report = self.sink.landing_report();
+        self.monitor.update(|s| s.landing = report);
     }
 
     /// `run`'s loop.
@@ -269,6 +277,10 @@ impl Receiving<'_> {
             }
             (Phase::InRound { round, last }, Message::RoundEnd { round: r }) if r == round => {
                 self.close_round(round);
+                if last {
+                    // No page lands in pre-copy after the last round.
+                    self.end_landing();
+                }
                 let next = round + 1;
                 Ok(if self.postcopy.resumed() {
                     Phase::Postcopy { next }

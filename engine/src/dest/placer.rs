@@ -268,18 +268,18 @@ impl Placer {
     pub fn keep_blocked(self: &Arc<Self>) {
         std::mem::forget(self.clone());
     }
-
-    /// Where a fault at `addr` is: (region, page).
-    fn locate(&self, addr: usize) -> Option<(usize, u64)> {
-        self.map.regions().iter().enumerate().find_map(|(i, r)| {
-            let start = r.as_ptr() as usize;
-            (addr >= start && addr < start + r.len())
-                .then(|| (i, ((addr - start) / r.page_size()) as u64))
-        })
-    }
 }
 
-fn is_eexist(errno: i32) -> bool {
+/// Where an address in `map` (a fault's) is: (region, page).
+pub(super) fn locate(map: &MemoryMap, addr: usize) -> Option<(usize, u64)> {
+    map.regions().iter().enumerate().find_map(|(i, r)| {
+        let start = r.as_ptr() as usize;
+        (addr >= start && addr < start + r.len())
+            .then(|| (i, ((addr - start) / r.page_size()) as u64))
+    })
+}
+
+pub(super) fn is_eexist(errno: i32) -> bool {
     errno == libc::EEXIST
 }
 
@@ -331,7 +331,7 @@ pub(super) struct Waiting {
 }
 
 /// Whether `fd` became readable within `ms` milliseconds.
-fn wait_readable(fd: i32, ms: i32) -> bool {
+pub(super) fn wait_readable(fd: i32, ms: i32) -> bool {
     let mut p = libc::pollfd {
         fd,
         events: libc::POLLIN,
@@ -354,7 +354,7 @@ pub(super) fn gather(placer: &Placer, waiting: &mut Vec<Waiting>) -> Result<(), 
         let Event::Pagefault { addr, .. } = ev else {
             continue;
         };
-        let Some((region, page)) = placer.locate(addr as usize) else {
+        let Some((region, page)) = locate(&placer.map, addr as usize) else {
             continue;
         };
         if placer.is_missing(region, page) {

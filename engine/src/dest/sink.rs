@@ -7,9 +7,11 @@ use std::time::Duration;
 
 use rmig_transport::{MemoryMap, PageSink};
 
+use super::landing::Landing;
 use super::placer::Arrival;
 use crate::bitmap::AtomicBitmap;
 use crate::region::Region;
+use crate::stats::LandingReport;
 use crate::verify::{hash_page, HashScratch, RegionHashes};
 
 /// How long a lane waits for its round to open: `RoundStart` travels on the control
@@ -38,6 +40,8 @@ pub(crate) struct DestSink {
     pub crash: Crash,
     /// Post-copy, once switched: every page is placed through userfaultfd.
     pub placer: std::sync::OnceLock<std::sync::Arc<super::placer::Placer>>,
+    /// Pre-copy landing with `UFFDIO_COPY`, once the session chose it (`Err`: why not).
+    landing: std::sync::OnceLock<Result<Landing, String>>,
 }
 
 /// An injected crash (tests, the `fault-injection` feature): once this many payload bytes
@@ -145,6 +149,44 @@ impl DestSink {
             landed: AtomicU64::new(0),
             crash,
             placer: std::sync::OnceLock::new(),
+            landing: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// With `on`, lands pre-copy pages that are not in memory yet with `UFFDIO_COPY` from now
+    /// on, where it can (see [`Landing`]); once per session.
+    pub fn start_landing(&self, on: bool) {
+        let _ = self.landing.get_or_init(|| match on {
+            true => Landing::start(&self.map),
+            false => Err("userfaultfd landing turned off".into()),
+        });
+    }
+
+    /// The landing, while it places pages.
+    fn landing(&self) -> Option<&Landing> {
+        match self.landing.get() {
+            Some(Ok(l)) if l.is_on() => Some(l),
+            _ => None,
+        }
+    }
+
+    /// Ends pre-copy landing with `UFFDIO_COPY` (idempotent): from now on pages are written in
+    /// place, and those never sent read as zero.
+    pub fn end_landing(&self) {
+        if let Some(Ok(l)) = self.landing.get() {
+            l.end();
+        }
+    }
+
+    /// How pre-copy pages landed; `None` if the session never chose (RDMA).
+    pub fn landing_report(&self) -> Option<LandingReport> {
+        match self.landing.get()? {
+            Ok(l) => Some(l.report()),
+            Err(why) => Some(LandingReport {
+                method: "copy".into(),
+                why_not: Some(why.clone()),
+                ..LandingReport::default()
+            }),
         }
     }
 
@@ -244,11 +286,21 @@ impl PageSink for DestSink {
     }
 
     fn places(&self) -> bool {
-        self.placer.get().is_some()
+        self.placer.get().is_some() || self.landing().is_some()
     }
 
     fn place(&self, region: usize, first: u64, n: u64, bytes: &[u8]) -> Result<(), String> {
-        self.place_as(region, first, n, bytes, Arrival::Background)
+        if self.placer.get().is_some() {
+            return self.place_as(region, first, n, bytes, Arrival::Background);
+        }
+        match self.landing.get() {
+            // Also once it ended (the run was handed here before): it then copies.
+            Some(Ok(l)) => {
+                l.place(region, first, n, bytes);
+                Ok(())
+            }
+            _ => Err("no pages are placed here".into()),
+        }
     }
 
     fn data_landed(&self, region: usize, first: u64, n: u64) {
@@ -293,8 +345,12 @@ impl PageSink for DestSink {
         let r = self.map.get(region).expect("lane checked the region");
         let kz = &self.known_zero[region];
         if !kz.all_set(first, n) {
+            let landing = self.landing();
             for p in first..first + n {
-                if !kz.test(p) {
+                if landing.is_some_and(|l| l.is_missing(region, p)) {
+                    // Never here: it reads as zero, and reading it would only fault.
+                    kz.set(p);
+                } else if !kz.test(p) {
                     // Read before writing: a page that is zero already stays untouched (and,
                     // if never faulted in, unallocated).
                     let page = r.guest_pages(p, 1);

@@ -54,6 +54,8 @@ impl Receiving<'_> {
     pub(super) fn switch_to_postcopy(&mut self) -> Result<(), Failure> {
         let fetcher = self.await_fetcher().map_err(|e| (e, true))?;
         let runs = std::mem::take(&mut self.postcopy.runs);
+        // Post-copy registers guest memory for itself.
+        self.end_landing();
         let placer = Arc::new(Placer::switch(self.sink.map(), &runs).map_err(|e| (e, true))?);
         let _ = self.sink.placer.set(placer.clone());
         let faults = FaultThread::start(placer.clone(), fetcher, self.sink.clone())
