@@ -316,34 +316,13 @@ fn zero_fill(s: &Shared, region: usize, page: u64) {
 mod tests {
     use super::*;
 
-    /// `pages` pages of fresh private anonymous memory (never touched but for the first
-    /// `touched`, which hold 0xa5), as a one-region map.
-    fn memory(pages: usize, touched: usize) -> MemoryMap {
-        let len = pages * BASE_PAGE;
-        // SAFETY: a fresh anonymous mapping, leaked for the test process (a test that fails
-        // may leave a thread blocked on it).
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        assert_ne!(p, libc::MAP_FAILED);
-        // SAFETY: the mapping is ours, `len` bytes long.
-        unsafe { std::ptr::write_bytes(p.cast::<u8>(), 0xa5, touched * BASE_PAGE) };
-        // SAFETY: mapped for the rest of the process, written only through the map.
-        let r = unsafe { MemRegion::new(p.cast(), len, BASE_PAGE) };
-        MemoryMap::new(vec![r])
-    }
+    use crate::dest::testmem::{read_page, sink_over};
+    use rmig_transport::PageSink;
 
-    fn read_page(map: &MemoryMap, p: u64) -> Vec<u8> {
-        let mut v = vec![0u8; BASE_PAGE];
-        map.get(0).unwrap().guest_pages(p, 1).copy_to(&mut v);
-        v
+    /// `pages` pages of fresh private anonymous memory, never touched but for the first
+    /// `touched`.
+    fn memory(pages: usize, touched: usize) -> MemoryMap {
+        crate::dest::testmem::memory(pages, libc::MAP_PRIVATE, touched)
     }
 
     /// `n` pages, page `i` filled with `base + i`.
@@ -451,17 +430,8 @@ mod tests {
     /// here marks them known zero without touching them (a read would fault, for nothing).
     #[test]
     fn the_sink_places_through_it_and_zero_runs_leave_missing_pages_untouched() {
-        use crate::dest::sink::{Crash, DestSink};
-        use rmig_transport::PageSink;
         let map = memory(8, 0);
-        let region = crate::region::Region {
-            id: 0,
-            name: "ram".into(),
-            gpa: None,
-            mem: *map.get(0).unwrap(),
-            known_zero: false,
-        };
-        let sink = DestSink::new(&[region], false, Crash::default());
+        let sink = sink_over(&map, false);
         assert!(!sink.places() && sink.landing_report().is_none());
         sink.start_landing(true);
         assert!(sink.places());
@@ -481,18 +451,10 @@ mod tests {
 
     #[test]
     fn a_sink_told_not_to_says_why() {
-        use crate::dest::sink::{Crash, DestSink};
         let map = memory(8, 0);
-        let region = crate::region::Region {
-            id: 0,
-            name: "ram".into(),
-            gpa: None,
-            mem: *map.get(0).unwrap(),
-            known_zero: false,
-        };
-        let sink = DestSink::new(&[region], false, Crash::default());
+        let sink = sink_over(&map, false);
         sink.start_landing(false);
-        assert!(!rmig_transport::PageSink::places(&sink));
+        assert!(!sink.places());
         let report = sink.landing_report().expect("chosen");
         assert_eq!(report.method, "copy");
         assert!(report.why_not.expect("why").contains("turned off"));

@@ -15,6 +15,8 @@ mod postcopy;
 mod pull;
 mod sink;
 mod switch;
+#[cfg(test)]
+mod testmem;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

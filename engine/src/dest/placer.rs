@@ -379,34 +379,11 @@ pub(super) fn gather(placer: &Placer, waiting: &mut Vec<Waiting>) -> Result<(), 
 mod tests {
     use super::*;
 
-    /// `pages` pages of fresh memory (`flags`: private or shared), filled with a pattern,
-    /// as a one-region map.
-    fn memory(pages: usize, flags: i32) -> MemoryMap {
-        let len = pages * BASE_PAGE;
-        // SAFETY: a fresh anonymous mapping, leaked for the test process (a test that fails
-        // may leave a thread blocked on it).
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                flags | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        assert_ne!(p, libc::MAP_FAILED);
-        // SAFETY: the mapping is ours, `len` bytes long.
-        unsafe { std::ptr::write_bytes(p.cast::<u8>(), 0xa5, len) };
-        // SAFETY: mapped for the rest of the process, written only through the map.
-        let r = unsafe { MemRegion::new(p.cast(), len, BASE_PAGE) };
-        MemoryMap::new(vec![r])
-    }
+    use crate::dest::testmem::{read_page, sink_over};
 
-    fn read_page(map: &MemoryMap, p: u64) -> Vec<u8> {
-        let mut v = vec![0u8; BASE_PAGE];
-        map.get(0).unwrap().guest_pages(p, 1).copy_to(&mut v);
-        v
+    /// `pages` pages of fresh memory (`flags`: private or shared), all filled with 0xa5.
+    fn memory(pages: usize, flags: i32) -> MemoryMap {
+        crate::dest::testmem::memory(pages, flags, pages)
     }
 
     #[test]
@@ -482,17 +459,9 @@ mod tests {
     /// places it: a fault thread, a lane, or a zero run.
     #[test]
     fn placing_through_the_sink_records_the_hashes_of_what_it_placed() {
-        use crate::dest::sink::{Crash, DestSink};
         use crate::verify::{hash_page, RegionHashes};
         let map = memory(8, libc::MAP_PRIVATE);
-        let region = crate::region::Region {
-            id: 0,
-            name: "ram".into(),
-            gpa: None,
-            mem: *map.get(0).unwrap(),
-            known_zero: false,
-        };
-        let sink = DestSink::new(&[region], true, Crash::default());
+        let sink = sink_over(&map, true);
         let placer = Arc::new(Placer::switch(&map, &[(0, 2, 2), (0, 6, 1)]).expect("switch"));
         let _ = sink.placer.set(placer.clone());
         let run: Vec<u8> = (0..2 * BASE_PAGE)
