@@ -12,7 +12,8 @@
 # the modes alternate, so a drift of the machine spreads over all of them)
 # Environment: RMIG_MEASURE_MIB (guest memory filled, default 716 = 70 % of 1 GiB),
 # RMIG_MEASURE_RATE (MB/s rewritten over the hot set, default 0: idle), RMIG_MEASURE_HOT (hot set
-# in MiB, default 128), RMIG_MEASURE_PREALLOC=1 starts the destination with -mem-prealloc.
+# in MiB, default 128), RMIG_MEASURE_PREALLOC=1 starts the destination with -mem-prealloc,
+# RMIG_MEASURE_DOWNTIME_LIMIT (ms, every mode; default QEMU's 300).
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
@@ -22,6 +23,7 @@ mib=${RMIG_MEASURE_MIB:-716}
 rate=${RMIG_MEASURE_RATE:-0}
 hot=${RMIG_MEASURE_HOT:-128}
 prealloc=${RMIG_MEASURE_PREALLOC:-0}
+downtime_limit=${RMIG_MEASURE_DOWNTIME_LIMIT:-300}
 qemu=$("$here/build.sh")
 initrd=$("$here/guest/build.sh")
 kernel=$("$here/guest/kernel.sh")
@@ -75,7 +77,7 @@ setup_mode() { # SOCK PORT
     precopy) ;;
     *) echo "unknown mode $mode" >&2; exit 2 ;;
   esac >/dev/null
-  qmp "$1" 'migrate-set-parameters {"max-bandwidth":0}' >/dev/null
+  qmp "$1" "migrate-set-parameters {\"max-bandwidth\":0,\"downtime-limit\":$downtime_limit}" >/dev/null
 }
 
 status_of() { qmp "$1" query-migrate | python3 -c 'import json,sys; print(json.load(sys.stdin).get("status"))'; }
@@ -135,7 +137,7 @@ PY
 import json
 m = json.load(open('$work/mig.json'))
 r = m.get('ram', {})
-print(json.dumps({'mode': '$mode', 'run': $run, 'mib': $mib, 'rate': $rate, 'hot': $hot, 'prealloc': $prealloc,
+print(json.dumps({'mode': '$mode', 'run': $run, 'mib': $mib, 'rate': $rate, 'hot': $hot, 'prealloc': $prealloc, 'downtime_limit_ms': $downtime_limit,
   'status': m.get('status'), 'total_time_ms': m.get('total-time'), 'setup_time_ms': m.get('setup-time'),
   'downtime_ms': m.get('downtime'), 'transferred': r.get('transferred'),
   'cpu_src_s': round($c1s - $c0s, 2), 'cpu_dst_s': round($c1d - $c0d, 2),
