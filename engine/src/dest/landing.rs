@@ -376,8 +376,13 @@ mod tests {
         let l = Landing::start(&map).expect("registered");
         // Someone reads page 3 before it lands: the fault thread gives it the zero page.
         let m = map.clone();
-        let reader = std::thread::spawn(move || read_page(&m, 3));
-        assert_eq!(reader.join().unwrap(), vec![0; BASE_PAGE]);
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || tx.send(read_page(&m, 3)));
+        // Bounded: a fault thread that never served it would leave the reader blocked for good.
+        let seen = rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the fault thread served the touch");
+        assert_eq!(seen, vec![0; BASE_PAGE]);
         assert_eq!(placed(&l), (0, 1));
         assert!(!l.is_missing(0, 3));
         // The run 2..5 lands around it: 2 placed, 3 copied over the zero page, 4 placed.
