@@ -358,6 +358,8 @@ fn dropping_a_session_between_rounds_cancels_the_destination() {
     let (d, port) = setup.spawn_dest("127.0.0.1:0").unwrap();
     let mut cfg = setup.src.clone();
     cfg.dest = format!("127.0.0.1:{port}");
+    // However fast round 0 runs, the pages dirtied meanwhile are over this limit.
+    cfg.policy.downtime_limit = Duration::from_micros(1);
     let mut s = rmig_engine::SourceSession::setup(
         cfg,
         setup.src_regions.clone(),
