@@ -23,17 +23,8 @@ log() { echo "rmig-qemu: $*" >&2; }
 
 have_pkg() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
 
-# bookworm-backports, binary and source, once.
-ensure_backports() {
-  local list=/etc/apt/sources.list.d/rmig-bookworm-backports.sources
-  if ! grep -rqs "bookworm-backports" /etc/apt/sources.list /etc/apt/sources.list.d/ ||
-     ! grep -rqs "deb-src" /etc/apt/sources.list.d/rmig-bookworm-backports.sources; then
-    log "adding bookworm-backports (deb and deb-src) to apt"
-    printf 'Types: deb deb-src\nURIs: http://deb.debian.org/debian\nSuites: bookworm-backports\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n' |
-      $SUDO tee "$list" >/dev/null
-    $SUDO apt-get update -qq
-  fi
-}
+# ensure_backports, qemu_release.
+. "$root/scripts/apt-backports.sh"
 
 ensure_packages() {
   local need=() p
@@ -41,8 +32,10 @@ ensure_packages() {
            python3-venv xz-utils gcc make pkg-config rsync curl ipxe-qemu seabios; do
     have_pkg "$p" || need+=("$p")
   done
-  # The firmware the binary loads from /usr/share/qemu (linuxboot_dma.bin, ...), of its version.
-  have_pkg qemu-system-data || need+=(qemu-system-data/bookworm-backports)
+  # The firmware the binary loads from /usr/share/qemu (linuxboot_dma.bin, ...), from the release
+  # tests/vm takes qemu-system-x86 from (it depends on this package's exact version).
+  local rel; rel=$(qemu_release)
+  have_pkg qemu-system-data || need+=("qemu-system-data${rel:+/$rel}")
   local meson_ok=0
   if have_pkg meson && dpkg --compare-versions "$(dpkg-query -W -f='${Version}' meson)" ge 1.5; then
     meson_ok=1

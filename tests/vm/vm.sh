@@ -48,9 +48,12 @@ pick_kernel() {   # newest Debian kernel image with its modules installed (and r
   echo "$best"
 }
 
+# ensure_backports, qemu_release.
+. "$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)/scripts/apt-backports.sh"
+
 ensure() {
   local need=() p
-  local pkgs=(qemu-system-x86 kmod iproute2 python3-venv numactl busybox-static)
+  local pkgs=(kmod iproute2 python3-venv numactl busybox-static)
   # rdma-core's verbs library and providers (rxe), and perftest for ib_write_bw.
   [ $rxe = 1 ] && pkgs+=(rdma-core libibverbs1 ibverbs-providers ibverbs-utils perftest)
   for p in "${pkgs[@]}"; do
@@ -62,6 +65,14 @@ ensure() {
     $SUDO apt-get -o DPkg::Lock::Timeout=600 update -qq >&2
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get -o DPkg::Lock::Timeout=600 install -y -qq \
       --no-install-recommends "${need[@]}" >&2 || die "apt-get install failed"
+  fi
+  # The emulator, with its companions from the release of the installed qemu-utils (if any).
+  if [ "$(dpkg-query -W -f='${Status}' qemu-system-x86 2>/dev/null)" != "install ok installed" ]; then
+    local rel; rel=$(qemu_release)
+    [ -z "$rel" ] || ensure_backports >&2
+    log "installing qemu-system-x86${rel:+ from $rel}"
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get -o DPkg::Lock::Timeout=600 install -y -qq \
+      --no-install-recommends ${rel:+-t "$rel"} qemu-system-x86 >&2 || die "apt-get install qemu-system-x86 failed"
   fi
   if ! "$VENV/bin/vng" --version >/dev/null 2>&1; then
     log "installing $VNG_SPEC into $VENV"
