@@ -298,18 +298,15 @@ fn zero_fill(s: &Shared, region: usize, page: u64) {
     let r = s.map.get(region).expect("located");
     let at = r.guest_pages(page, 1).as_ptr();
     // SAFETY: one page inside a registered region; UFFDIO_ZEROPAGE maps the zero page only
-    // where no page is present, so nothing written is lost.
-    match unsafe { s.uffd.zeropage(at.cast(), r.page_size(), true) } {
-        Ok(_) => {
-            s.zero_filled.fetch_add(1, Ordering::Relaxed);
-        }
-        // Placed meanwhile (that woke the faulting thread), or no longer registered (which
-        // wakes it too); a wake costs nothing if nobody waits.
-        Err(_) => {
-            let _ = s.uffd.wake(at.cast(), r.page_size());
-        }
+    // where no page is present, so nothing written is lost. An error means the page was
+    // placed meanwhile, or is no longer registered: either way it needs nothing more.
+    if unsafe { s.uffd.zeropage(at.cast(), r.page_size(), false) }.is_ok() {
+        s.zero_filled.fetch_add(1, Ordering::Relaxed);
     }
     s.present[region].set(page);
+    // Woken only now, so that whoever touched the page resumes with it counted and known
+    // present (a wake costs nothing if nobody waits, or if the placing already woke it).
+    let _ = s.uffd.wake(at.cast(), r.page_size());
 }
 
 #[cfg(test)]

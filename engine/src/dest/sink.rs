@@ -156,9 +156,12 @@ impl DestSink {
     /// With `on`, lands pre-copy pages that are not in memory yet with `UFFDIO_COPY` from now
     /// on, where it can (see [`Landing`]); once per session.
     pub fn start_landing(&self, on: bool) {
-        let _ = self.landing.get_or_init(|| match on {
-            true => Landing::start(&self.map),
-            false => Err("userfaultfd landing turned off".into()),
+        let _ = self.landing.get_or_init(|| {
+            if on {
+                Landing::start(&self.map)
+            } else {
+                Err("userfaultfd landing turned off".into())
+            }
         });
     }
 
