@@ -5,8 +5,9 @@
 # serial lines are stamped with the host's clock as they arrive; source and destination merged),
 # and the rate the guest really wrote before the migration (it may fall short of the one asked).
 # Modes: rmig (x-rmig, 2 lanes, librmig's defaults: verify received, TLS-PSK), rmig-off (x-rmig,
-# 2 lanes, x-rmig-verify off, x-rmig-encryption off), multifd (2 channels), precopy (QEMU's plain
-# stream).
+# 2 lanes, x-rmig-verify off, x-rmig-encryption off), rmig-verify (x-rmig, 2 lanes, verify
+# received, x-rmig-encryption off: cleartext like multifd), multifd (2 channels), precopy (QEMU's
+# plain stream).
 #
 # Usage: measure.sh MODE[,MODE...] [RUNS]   (run 1 of every mode, then run 2 of every mode, ...:
 # the modes alternate, so a drift of the machine spreads over all of them)
@@ -17,7 +18,7 @@
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
-modes=${1:?usage: measure.sh rmig|rmig-off|multifd|precopy[,...] [RUNS]}
+modes=${1:?usage: measure.sh rmig|rmig-off|rmig-verify|multifd|precopy[,...] [RUNS]}
 runs=${2:-1}
 mib=${RMIG_MEASURE_MIB:-716}
 rate=${RMIG_MEASURE_RATE:-0}
@@ -72,6 +73,8 @@ setup_mode() { # SOCK PORT
             "migrate-set-parameters {\"x-rmig-address\":\"127.0.0.1:$2\",\"x-rmig-key-secret\":\"rmigkey\",\"x-rmig-lanes\":2}" ;;
     rmig-off) qmp "$1" 'migrate-set-capabilities {"capabilities":[{"capability":"x-rmig","state":true}]}' \
             "migrate-set-parameters {\"x-rmig-address\":\"127.0.0.1:$2\",\"x-rmig-key-secret\":\"rmigkey\",\"x-rmig-lanes\":2,\"x-rmig-verify\":\"off\",\"x-rmig-encryption\":\"off\"}" ;;
+    rmig-verify) qmp "$1" 'migrate-set-capabilities {"capabilities":[{"capability":"x-rmig","state":true}]}' \
+            "migrate-set-parameters {\"x-rmig-address\":\"127.0.0.1:$2\",\"x-rmig-key-secret\":\"rmigkey\",\"x-rmig-lanes\":2,\"x-rmig-encryption\":\"off\"}" ;;
     multifd) qmp "$1" 'migrate-set-capabilities {"capabilities":[{"capability":"multifd","state":true}]}' \
             'migrate-set-parameters {"multifd-channels":2}' ;;
     precopy) ;;
